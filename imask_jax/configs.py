@@ -1,0 +1,139 @@
+"""Configuration defaults shared by every experiment, and the `key=value,...` argument parser.
+
+Experiments in `experiments/` start from `default_config()` and change what differs; the
+resolved config is written into the workdir as JSON, and evaluation reads it back from there.
+Fields are grouped by the part of the system that reads them: `data` (data_pipelines and
+input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluate.py).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+KNEE_CLASSES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
+HIP_CLASSES = ('effusion',)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The defaults every experiment starts from (a small knee phantom model)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data -------------------------------------------------------------------------------
+  d = c.data = ml_collections.ConfigDict()
+  d.dataset = 'phantom_knee'        # TFDS builder name: phantom_knee, phantom_hip, oai_zib, nifti_folder
+  d.data_dir = ''                   # TFDS data_dir ('' = <workdir>/../tfds or $IMASK_DATA_DIR)
+  d.manual_dir = ''                 # raw files for oai_zib / nifti_folder
+  d.phantom_preset = 'cpu'          # phantom resolution preset: cpu or full
+  d.num_volumes = 24                # phantom volumes to generate (train+val+test)
+  d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
+  d.plane = 'sagittal'
+  # Label value in the label maps for each class, in class order (class id = position + 1).
+  d.class_names = KNEE_CLASSES
+  d.class_label_values = (1, 2, 3, 4)
+  d.reader = ''                     # label folder suffix for multi-reader data ('' = labelsTr)
+  d.instance_mode = 'per_class'     # per_class or components
+  d.min_instance_pixels = 4
+  d.empty_slice_rate = 0.1          # fraction of slices without any instance that are kept
+  d.context_slices = 0              # 2.5D: this many neighbours on each side as extra channels
+  d.image_size = (128, 128)         # network input (H, W); slices are resized to fit, then padded
+  d.max_instances = 8
+  d.normalize_percentiles = (0.5, 99.5)
+  d.shuffle_buffer = 2048
+  d.augment = ml_collections.ConfigDict(dict(
+      flip_lr=False,                # a sagittal knee slice has no left-right symmetry
+      flip_ud=False,
+      rotate_degrees=10.0,
+      scale_range=(0.9, 1.1),
+      gamma_range=(0.8, 1.25),
+      noise_std=0.03,
+  ))
+
+  # --- model ------------------------------------------------------------------------------
+  m = c.model = ml_collections.ConfigDict()
+  m.backbone = 'resnet50'           # resnet18/50/101, densenet121/169
+  m.norm = 'group'                  # batch, frozen_batch, group
+  m.width = 64                      # backbone base width (64 = published)
+  m.fpn_dim = 256
+  m.dtype = 'float32'               # compute dtype: float32 or bfloat16 (params stay float32)
+  m.num_classes = len(KNEE_CLASSES)  # foreground classes
+  m.anchor_sizes = (16, 32, 64, 128, 256)  # one per level P2-P6, in input pixels
+  m.anchor_ratios = (0.25, 0.5, 1.0, 2.0, 4.0)  # height / width; thin cartilage bands need extremes
+  m.rpn_pre_nms_topk_train = 1000   # per level
+  m.rpn_post_nms_topk_train = 512
+  m.rpn_pre_nms_topk_test = 500
+  m.rpn_post_nms_topk_test = 256
+  m.rpn_nms_threshold = 0.7
+  m.rpn_batch_size = 256
+  m.rpn_positive_fraction = 0.5
+  m.roi_batch_size = 128
+  m.roi_positive_fraction = 0.25
+  m.roi_iou_threshold = 0.5
+  m.roi_level_k0 = 4
+  m.roi_level_canonical = 64.0      # MRI inputs are smaller than COCO's (224 there)
+  m.roi_sampling_ratio = 2
+  m.box_head = 'fc'                 # fc (2 x 1024 fc) or conv (4 conv + 1 fc)
+  m.box_head_dim = 1024
+  m.mask_head = 'imask'             # standard or imask
+  m.mask_head_dim = 256
+  m.imask = ml_collections.ConfigDict(dict(
+      decoder=True,                 # learnable transposed conv 28 -> 56
+      skip=True,                    # second ROIAlign concatenated through the skip connection
+      skip_size=56,                 # 28, 56 or 112
+      skip_level='P2',              # the pyramid level the skip ROIAlign reads
+  ))
+  m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
+  m.test_score_threshold = 0.05
+  m.test_nms_threshold = 0.5
+  m.max_detections = 16
+
+  # --- training ---------------------------------------------------------------------------
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 2000
+  t.batch_size = 8                  # global, split over all devices of all hosts
+  t.optimizer = 'adam'              # adam or sgd
+  t.learning_rate = 1e-3
+  t.momentum = 0.9
+  t.weight_decay = 0.0
+  t.schedule = 'cosine'             # cosine, step or constant
+  t.warmup_steps = 100
+  t.grad_clip_norm = 10.0
+  t.log_every = 20
+  t.checkpoint_every = 500
+  t.eval_every = 500
+  t.keep_checkpoints = 2
+  t.best_metric = 'val/dice_mean'
+  t.max_nonfinite_in_a_row = 10
+
+  # --- evaluation -------------------------------------------------------------------------
+  e = c.eval = ml_collections.ConfigDict()
+  e.split = 'test'
+  e.batch_size = 8
+  e.max_val_slices = 256
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, object]:
+  """Parses a config argument like 'head=standard,backbone=densenet121,smoke'.
+
+  A bare word is a flag set to True. Values are Python literals where they parse as one
+  (numbers, tuples, booleans) and strings otherwise.
+  """
+  out: dict[str, object] = {}
+  if not arg:
+    return out
+  for part in arg.split(','):
+    part = part.strip()
+    if not part:
+      continue
+    key, sep, value = part.partition('=')
+    if not sep:
+      out[key] = True
+      continue
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
