@@ -1,0 +1,39 @@
+"""OA metrics on label maps: overlap, surface distances, volumes and agreement, cartilage
+thickness. Plain NumPy arrays and spacing in mm in, numbers and maps out; nothing here knows
+about models. Definitions and empty-mask rules: docs/metrics.md."""
+
+from __future__ import annotations
+
+from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, OverlapMetrics, Summary,
+                                       case_status, overlap_metrics, overlap_per_label,
+                                       summarize, summarize_values)
+from imask_jax.metrics.surface import (SurfaceMetrics, directed_surface_distances,
+                                       hausdorff_voxels, surface_metrics,
+                                       surface_metrics_per_label, surface_voxels)
+from imask_jax.metrics.thickness import (Cylinder, InterfaceThickness, KneeLabelValues,
+                                         PlateComparison, ThicknessDifference, ThicknessMap,
+                                         compare_thickness, cylinder_coordinates,
+                                         femoral_thickness_map, fit_cylinder,
+                                         interface_thickness, thickness_difference,
+                                         tibial_thickness_map)
+from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation,
+                                      IntraclassCorrelation, PairAgreement, PairedDifference,
+                                      bland_altman, coefficient_of_variation,
+                                      intraclass_correlation, paired_difference,
+                                      pairwise_agreement, plot_bland_altman, volume_ml,
+                                      volumes_ml_per_label)
+
+__all__ = [
+    'KNEE_LABELS', 'CaseStatus', 'OverlapMetrics', 'Summary', 'case_status', 'overlap_metrics',
+    'overlap_per_label', 'summarize', 'summarize_values',
+    'SurfaceMetrics', 'directed_surface_distances', 'hausdorff_voxels', 'surface_metrics',
+    'surface_metrics_per_label', 'surface_voxels',
+    'Cylinder', 'InterfaceThickness', 'KneeLabelValues', 'PlateComparison',
+    'ThicknessDifference', 'ThicknessMap', 'compare_thickness', 'cylinder_coordinates',
+    'femoral_thickness_map', 'fit_cylinder', 'interface_thickness', 'thickness_difference',
+    'tibial_thickness_map',
+    'BlandAltman', 'CoefficientOfVariation', 'IntraclassCorrelation', 'PairAgreement',
+    'PairedDifference', 'bland_altman', 'coefficient_of_variation', 'intraclass_correlation',
+    'paired_difference', 'pairwise_agreement', 'plot_bland_altman', 'volume_ml',
+    'volumes_ml_per_label',
+]

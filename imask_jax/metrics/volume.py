@@ -1,0 +1,277 @@
+"""Volumes in mL from masks, and agreement of volumes between readers or methods.
+
+Agreement statistics take paired measurements: two 1-D arrays `a`, `b` of one value per
+subject, or a table `measurements` of shape [n_subjects, k_raters] (a "rater" is a reader or a
+method). Formulas (docs/metrics.md gives the reasoning for which is used where):
+
+  difference          d_i = a_i - b_i; bias = mean(d), sample SD (ddof=1); also the mean and
+                      SD of |d_i| (the paper's Table 7 "difference in volumes").
+  CoV per subject     CoV_i = SD_i / mean_i over the k measurements of subject i, with SD_i the
+                      sample SD (ddof=1); for k = 2, SD_i = |a_i - b_i| / sqrt(2).
+  RMS CoV             sqrt(mean_i CoV_i^2)  (the usual precision figure; it weighs large
+                      disagreements more).
+  mean CoV            mean_i CoV_i.
+  ICC(2,1)            two-way random effects, absolute agreement, single rater (Shrout & Fleiss
+                      1979; McGraw & Wong's ICC(A,1)):
+                      (BMS - EMS) / (BMS + (k-1) EMS + k (JMS - EMS) / n). Use it to compare a
+                      method with readers: a method that is systematically high is penalised.
+  ICC(3,1)            two-way mixed effects, consistency, single rater (McGraw & Wong's
+                      ICC(C,1)): (BMS - EMS) / (BMS + (k-1) EMS). Use it where a constant
+                      offset between raters does not matter (ranking subjects, test-retest
+                      with a known calibration offset).
+                      BMS, JMS, EMS: between-subjects, between-raters and residual mean squares
+                      of the two-way ANOVA without replication.
+  Bland-Altman        bias = mean(a - b), limits of agreement = bias -+ 1.96 SD(a - b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.atomic import atomic_path
+from imask_jax.metrics.overlap import (KNEE_LABELS, as_label_map, as_labels, as_mask,
+                                       as_spacing)
+
+MM3_PER_ML = 1000.0
+LIMITS_OF_AGREEMENT_Z = 1.96
+
+
+# ----------------------------------------------------------------------------- volumes
+
+
+def volume_ml(mask: Any, spacing: Sequence[float]) -> float:
+  """Volume of a binary mask in mL: voxel count x voxel volume (mm^3) / 1000."""
+  mask = as_mask(mask, 'mask', 'volume_ml')
+  spacing = as_spacing(spacing, mask.ndim, 'volume_ml')
+  return int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML
+
+
+def volumes_ml_per_label(label_map: Any, spacing: Sequence[float],
+                         labels: Iterable[int] | Mapping[int, str] = KNEE_LABELS
+                         ) -> dict[int, float]:
+  """Volume in mL of each label value of an integer label map."""
+  where = 'volumes_ml_per_label'
+  label_map = as_label_map(label_map, 'label_map', where)
+  voxel_mm3 = math.prod(as_spacing(spacing, label_map.ndim, where))
+  return {label: int(np.count_nonzero(label_map == label)) * voxel_mm3 / MM3_PER_ML
+          for label in as_labels(labels, where)}
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _as_pair(a: Any, b: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+  a = np.asarray(a, dtype=float)
+  b = np.asarray(b, dtype=float)
+  if a.ndim != 1 or a.shape != b.shape or a.size < 2:
+    raise ValueError(f'{where}: a {a.shape} and b {b.shape} must be 1-D of the same length '
+                     '(one value per subject, at least 2 subjects).')
+  if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    raise ValueError(f'{where}: a and b must be finite; got a={a}, b={b}.')
+  return a, b
+
+
+def _as_table(measurements: Any, where: str) -> np.ndarray:
+  table = np.asarray(measurements, dtype=float)
+  if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 2:
+    raise ValueError(f'{where}: measurements have shape {table.shape}; expected '
+                     '[n_subjects >= 2, k_raters >= 2].')
+  if not np.all(np.isfinite(table)):
+    raise ValueError(f'{where}: measurements must be finite; got {table}.')
+  return table
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+  """Differences a - b over subjects (units of the inputs, e.g. mL)."""
+  mean_difference: float
+  sd_difference: float
+  mean_abs_difference: float
+  sd_abs_difference: float
+  n: int
+
+
+def paired_difference(a: Any, b: Any) -> PairedDifference:
+  """Bias and spread of a - b, and mean +- SD of |a - b| (sample SDs)."""
+  a, b = _as_pair(a, b, 'paired_difference')
+  difference = a - b
+  return PairedDifference(
+      mean_difference=float(difference.mean()),
+      sd_difference=float(difference.std(ddof=1)),
+      mean_abs_difference=float(np.abs(difference).mean()),
+      sd_abs_difference=float(np.abs(difference).std(ddof=1)),
+      n=int(difference.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class CoefficientOfVariation:
+  """CoV_i = SD_i / mean_i per subject, and its RMS and mean over subjects.
+
+  Subjects whose measurements are all zero (mean 0, e.g. no effusion by every rater) have no
+  CoV: per_subject is NaN there, they are left out of rms_cov and mean_cov, and counted in
+  n_zero_mean.
+  """
+  rms_cov: float
+  mean_cov: float
+  per_subject: np.ndarray
+  n_used: int
+  n_zero_mean: int
+
+
+def coefficient_of_variation(measurements: Any) -> CoefficientOfVariation:
+  """CoV of non-negative measurements [n_subjects, k_raters] (e.g. volumes in mL)."""
+  where = 'coefficient_of_variation'
+  table = _as_table(measurements, where)
+  if np.any(table < 0):
+    raise ValueError(f'{where}: CoV needs non-negative measurements (ratio scale); got '
+                     f'minimum {table.min()}.')
+  means = table.mean(axis=1)
+  sds = table.std(axis=1, ddof=1)
+  used = means > 0
+  per_subject = np.full(means.shape, np.nan)
+  per_subject[used] = sds[used] / means[used]
+  cov = per_subject[used]
+  return CoefficientOfVariation(
+      rms_cov=float(np.sqrt(np.mean(cov**2))) if cov.size else math.nan,
+      mean_cov=float(np.mean(cov)) if cov.size else math.nan,
+      per_subject=per_subject, n_used=int(used.sum()), n_zero_mean=int((~used).sum()))
+
+
+@dataclasses.dataclass(frozen=True)
+class IntraclassCorrelation:
+  """ICC(2,1) (absolute agreement) and ICC(3,1) (consistency), with the ANOVA mean squares.
+
+  Both are NaN when every measurement is equal (no variance to apportion).
+  """
+  icc_2_1: float
+  icc_3_1: float
+  between_subjects_ms: float
+  between_raters_ms: float
+  residual_ms: float
+  n_subjects: int
+  n_raters: int
+
+
+def intraclass_correlation(measurements: Any) -> IntraclassCorrelation:
+  """ICC(2,1) and ICC(3,1) of a table [n_subjects, k_raters] (Shrout & Fleiss 1979)."""
+  table = _as_table(measurements, 'intraclass_correlation')
+  n, k = table.shape
+  grand = table.mean()
+  subject_ss = k * np.sum((table.mean(axis=1) - grand)**2)
+  rater_ss = n * np.sum((table.mean(axis=0) - grand)**2)
+  residual_ss = np.sum((table - grand)**2) - subject_ss - rater_ss
+  bms = subject_ss / (n - 1)
+  jms = rater_ss / (k - 1)
+  ems = residual_ss / ((n - 1) * (k - 1))
+  return IntraclassCorrelation(
+      icc_2_1=_ratio(bms - ems, bms + (k - 1) * ems + k * (jms - ems) / n),
+      icc_3_1=_ratio(bms - ems, bms + (k - 1) * ems),
+      between_subjects_ms=float(bms), between_raters_ms=float(jms), residual_ms=float(ems),
+      n_subjects=n, n_raters=k)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+  return float(numerator / denominator) if denominator != 0 else math.nan
+
+
+# ----------------------------------------------------------------------------- Bland-Altman
+
+
+@dataclasses.dataclass(frozen=True)
+class BlandAltman:
+  """Bland-Altman statistics of a - b: bias, sample SD and 95% limits of agreement, plus the
+  per-subject means (a + b) / 2 and differences a - b that the plot shows."""
+  bias: float
+  sd: float
+  loa_lower: float
+  loa_upper: float
+  means: np.ndarray
+  differences: np.ndarray
+
+
+def bland_altman(a: Any, b: Any) -> BlandAltman:
+  """Bland-Altman statistics of paired measurements a, b (1-D, one per subject)."""
+  a, b = _as_pair(a, b, 'bland_altman')
+  differences = a - b
+  bias = float(differences.mean())
+  sd = float(differences.std(ddof=1))
+  return BlandAltman(bias=bias, sd=sd,
+                     loa_lower=bias - LIMITS_OF_AGREEMENT_Z * sd,
+                     loa_upper=bias + LIMITS_OF_AGREEMENT_Z * sd,
+                     means=(a + b) / 2, differences=differences)
+
+
+def plot_bland_altman(stats: BlandAltman, path: str | os.PathLike, *, name_a: str = 'A',
+                      name_b: str = 'B', unit: str = 'mL', title: str | None = None) -> str:
+  """Writes the Bland-Altman plot of `stats` to the PNG `path` (atomically); returns the path.
+
+  x: mean of the two measurements, y: difference a - b, with the bias and the limits of
+  agreement as labelled horizontal lines.
+  """
+  # The Figure/Agg canvas pair needs no pyplot state or display, so it is safe in workers.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  path = os.fspath(path)
+  if not path.lower().endswith('.png'):
+    raise ValueError(f'plot_bland_altman: path {path!r} must end in .png.')
+  figure = Figure(figsize=(5.0, 4.0), dpi=150)
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  axes.scatter(stats.means, stats.differences, s=18, color='tab:blue', alpha=0.8)
+  lines = [(stats.bias, f'bias {stats.bias:+.2f}', '-'),
+           (stats.loa_upper, f'bias + 1.96 SD {stats.loa_upper:+.2f}', '--'),
+           (stats.loa_lower, f'bias - 1.96 SD {stats.loa_lower:+.2f}', '--')]
+  for value, label, style in lines:
+    axes.axhline(value, color='tab:red', linestyle=style, linewidth=1)
+    axes.annotate(label, xy=(1.0, value), xycoords=('axes fraction', 'data'),
+                  xytext=(-4, 3), textcoords='offset points', ha='right', fontsize=8,
+                  color='tab:red')
+  axes.axhline(0.0, color='grey', linestyle=':', linewidth=0.8)
+  axes.set_xlabel(f'mean of {name_a} and {name_b} ({unit})')
+  axes.set_ylabel(f'{name_a} - {name_b} ({unit})')
+  axes.set_title(title or f'Bland-Altman: {name_a} vs {name_b} (n={stats.means.size})')
+  figure.tight_layout()
+  with atomic_path(path) as tmp:
+    figure.savefig(tmp, format='png')
+  return path
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclasses.dataclass(frozen=True)
+class PairAgreement:
+  """Agreement of rater a with rater b (differences are a - b)."""
+  difference: PairedDifference
+  cov: CoefficientOfVariation
+  icc: IntraclassCorrelation
+  bland_altman: BlandAltman
+
+
+def pairwise_agreement(measurements: Mapping[str, Any]
+                       ) -> dict[tuple[str, str], PairAgreement]:
+  """Agreement for every ordered-by-input pair of raters, e.g. {'reader1': mL per subject,
+  'reader2': ..., 'model': ...} -> {('reader1', 'reader2'): PairAgreement, ...}. The paper's
+  Table 7 is this for readers and methods."""
+  if len(measurements) < 2:
+    raise ValueError(f'pairwise_agreement: got raters {list(measurements)}; expected >= 2.')
+  table = {}
+  for name_a, name_b in itertools.combinations(measurements, 2):
+    a, b = _as_pair(measurements[name_a], measurements[name_b],
+                    f'pairwise_agreement[{name_a!r}, {name_b!r}]')
+    both = np.stack([a, b], axis=1)
+    table[(name_a, name_b)] = PairAgreement(
+        difference=paired_difference(a, b), cov=coefficient_of_variation(both),
+        icc=intraclass_correlation(both), bland_altman=bland_altman(a, b))
+  return table
