@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.phantom_preset = 'cpu'          # phantom resolution preset: cpu or full
   d.num_volumes = 24                # phantom volumes to generate (train+val+test)
   d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
+  d.seed = 0                        # dataset seed (phantoms, empty-slice draw), apart from c.seed
   d.plane = 'sagittal'
   # Label value in the label maps for each class, in class order (class id = position + 1).
   d.class_names = KNEE_CLASSES
@@ -83,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
       skip=True,                    # second ROIAlign concatenated through the skip connection
       skip_size=56,                 # 28, 56 or 112
       skip_level='P2',              # the pyramid level the skip ROIAlign reads
+      fine_dim=64,                  # channels of the 56x56 part (decoder, skip, fusion)
   ))
   m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
   m.test_score_threshold = 0.05
@@ -137,3 +139,25 @@ def parse_arg(arg: str | None) -> dict[str, object]:
     except (ValueError, SyntaxError):
       out[key] = value
   return out
+
+
+def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> None:
+  """Applies the variant keys every experiment understands; unknown keys are an error."""
+  args = dict(args)
+  if 'head' in args:
+    c.model.mask_head = str(args.pop('head'))
+  if 'backbone' in args:
+    c.model.backbone = str(args.pop('backbone'))
+  if 'steps' in args:
+    c.train.steps = int(args.pop('steps'))
+  if 'seed' in args:
+    c.seed = int(args.pop('seed'))
+  if 'decoder' in args:
+    c.model.imask.decoder = bool(args.pop('decoder'))
+  if 'skip' in args:
+    c.model.imask.skip = bool(args.pop('skip'))
+  if 'skip_size' in args:
+    c.model.imask.skip_size = int(args.pop('skip_size'))
+  if args:
+    raise ValueError(f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
+                     'backbone, steps, seed, decoder, skip, skip_size')

@@ -1,0 +1,81 @@
+"""Knee phantom (sagittal DESS-like): the quick start, sized for 2 CPU cores.
+
+  python -m imask_jax.main --config experiments/phantom_knee.py --workdir runs/knee
+  python -m imask_jax.main --config experiments/phantom_knee.py:smoke --workdir /tmp/smoke
+  python -m imask_jax.main --config experiments/phantom_knee.py:full,head=standard --workdir ...
+
+Variants (comma-separated in the config argument):
+  smoke           shrinks images, widths, data and steps: the whole job in about a minute
+  full            a longer run at a larger width (figures in the README)
+  head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, seed=N
+"""
+
+from __future__ import annotations
+
+from imask_jax import configs
+
+
+def get_config(arg: str | None = None):
+  args = configs.parse_arg(arg)
+  c = configs.default_config()
+  c.data.dataset = 'phantom_knee'
+  c.data.num_volumes = 24
+  c.data.image_size = (128, 128)
+  c.data.max_instances = 6
+
+  c.model.backbone = 'resnet18'
+  c.model.norm = 'group'
+  c.model.width = 32
+  c.model.fpn_dim = 64
+  c.model.box_head_dim = 256
+  c.model.mask_head_dim = 64
+  c.model.imask.fine_dim = 32
+  c.model.anchor_sizes = (16, 32, 64, 128, 256)
+  c.model.rpn_pre_nms_topk_train = 500
+  c.model.rpn_post_nms_topk_train = 256
+  c.model.rpn_pre_nms_topk_test = 300
+  c.model.rpn_post_nms_topk_test = 128
+  c.model.roi_batch_size = 64
+
+  c.train.steps = 1500
+  c.train.batch_size = 4
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 100
+  c.train.log_every = 25
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 250
+  c.eval.batch_size = 8
+  c.eval.max_val_slices = 128
+
+  if args.pop('full', False):
+    c.model.width = 64
+    c.model.fpn_dim = 128
+    c.model.mask_head_dim = 128
+    c.data.num_volumes = 40
+    c.train.steps = 6000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
+  if args.pop('smoke', False):
+    c.data.num_volumes = 5
+    c.data.split_fractions = (0.6, 0.2, 0.2)
+    c.data.image_size = (64, 64)
+    c.model.width = 8
+    c.model.fpn_dim = 16
+    c.model.box_head_dim = 32
+    c.model.mask_head_dim = 16
+    c.model.imask.fine_dim = 8
+    c.model.rpn_pre_nms_topk_train = 200
+    c.model.rpn_post_nms_topk_train = 64
+    c.model.rpn_pre_nms_topk_test = 100
+    c.model.rpn_post_nms_topk_test = 32
+    c.model.roi_batch_size = 16
+    c.train.steps = 6
+    c.train.batch_size = 2
+    c.train.warmup_steps = 2
+    c.train.log_every = 2
+    c.train.eval_every = 6
+    c.train.checkpoint_every = 3
+    c.eval.batch_size = 4
+    c.eval.max_val_slices = 8
+  configs.apply_common_args(c, args)
+  return c

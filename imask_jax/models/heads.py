@@ -1,0 +1,199 @@
+"""The heads of Mask R-CNN and iMaskRCNN: RPN, box head and the two mask heads.
+
+Heads are plain Flax modules on feature tensors; the ROIAlign that feeds the box and mask heads
+is done by the model (`mask_rcnn.py`), except the iMaskRCNN's second ROIAlign, which belongs to
+its mask head (the paper's Figure 2b) and therefore receives the pyramid and the ROIs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imask_jax.ops import roi_align as roi_align_ops
+
+Array = jax.Array
+Dtype = Any
+
+HE_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+SMALL_NORMAL = nn.initializers.normal(0.01)
+BOX_NORMAL = nn.initializers.normal(0.001)
+
+
+class RPNHead(nn.Module):
+  """Shared 3x3 conv + ReLU, then per-anchor objectness logits and box deltas on every level.
+
+  Call: `{level: [B, H_l, W_l, D]}` -> (objectness `[B, sum_l H_l W_l A]`, deltas
+  `[B, sum_l H_l W_l A, 4]`), levels concatenated in the order of `levels`, each flattened in
+  (y, x, anchor) order to match `ops.anchors`. Outputs are float32.
+  """
+  num_anchors: int
+  levels: tuple[str, ...] = ('P2', 'P3', 'P4', 'P5', 'P6')
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, Array]) -> tuple[Array, Array]:
+    dim = features[self.levels[0]].shape[-1]
+    shared = nn.Conv(dim, (3, 3), padding='SAME', kernel_init=SMALL_NORMAL, dtype=self.dtype,
+                     name='conv')
+    cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype,
+                  name='objectness')
+    box = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype,
+                  name='deltas')
+    logits, deltas = [], []
+    for level in self.levels:
+      x = nn.relu(shared(features[level]))
+      b = x.shape[0]
+      logits.append(cls(x).reshape(b, -1))
+      deltas.append(box(x).reshape(b, -1, 4))
+    return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
+            jnp.concatenate(deltas, axis=1).astype(jnp.float32))
+
+
+class BoxHead(nn.Module):
+  """Box head on 7x7 ROI features: 2 fc (or 4 conv + 1 fc), softmax classes, per-class deltas.
+
+  Call: `[N, 7, 7, C]` -> (class logits `[N, K + 1]` with 0 = background, deltas `[N, K, 4]`),
+  both float32.
+  """
+  num_classes: int
+  kind: str = 'fc'
+  dim: int = 1024
+  conv_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    if self.kind not in ('fc', 'conv'):
+      raise ValueError(f"model.box_head must be 'fc' or 'conv', got {self.kind!r}")
+    x = x.astype(self.dtype)
+    if self.kind == 'conv':
+      for i in range(4):
+        x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
+                            dtype=self.dtype, name=f'conv{i + 1}')(x))
+      x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc1')(x.reshape(x.shape[0], -1)))
+    else:
+      x = x.reshape(x.shape[0], -1)
+      x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc1')(x))
+      x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc2')(x))
+    logits = nn.Dense(self.num_classes + 1, kernel_init=SMALL_NORMAL, dtype=self.dtype,
+                      name='cls')(x)
+    deltas = nn.Dense(4 * self.num_classes, kernel_init=BOX_NORMAL, dtype=self.dtype,
+                      name='deltas')(x)
+    return (logits.astype(jnp.float32),
+            deltas.reshape(x.shape[0], self.num_classes, 4).astype(jnp.float32))
+
+
+class MaskTrunk(nn.Module):
+  """Four 3x3 conv + ReLU on the 14x14 ROI features, then a 2x transposed conv + ReLU (-> 28)."""
+  dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    for i in range(4):
+      x = nn.relu(nn.Conv(self.dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
+                          dtype=self.dtype, name=f'conv{i + 1}')(x))
+    x = nn.ConvTranspose(self.dim, (2, 2), strides=(2, 2), kernel_init=HE_FAN_OUT,
+                         dtype=self.dtype, name='upsample')(x)
+    return nn.relu(x)
+
+
+class StandardMaskHead(nn.Module):
+  """Mask R-CNN's mask head: trunk on 14x14 features, per-class 28x28 mask logits.
+
+  Call: (roi features `[N, 14, 14, C]`, pyramid, rois `[N, 4]`, batch index `[N]`) ->
+  `[N, 28, 28, K]` float32 logits. The pyramid and ROIs are unused (same call as `IMaskHead`).
+  """
+  num_classes: int
+  dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  output_size: int = 28
+
+  @nn.compact
+  def __call__(self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array,
+               batch_index: Array) -> Array:
+    del pyramid, rois, batch_index
+    x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)
+    logits = nn.Conv(self.num_classes, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                     name='logits')(x)
+    return logits.astype(jnp.float32)
+
+
+class IMaskHead(nn.Module):
+  """The paper's iMaskRCNN mask head (section 2.2, Figure 2b).
+
+  The standard trunk gives 28x28 features. A decoder (learnable stride-2 transposed convs, as
+  many as needed) lifts them to the output size S; a second ROIAlign reads the same ROIs at
+  S x S from a high-resolution pyramid level; the two are concatenated through a skip
+  connection and fused by two 3x3 convs before the per-class 1x1 logits.
+
+  The paper does not give channel widths. Everything at S x S runs at `fine_dim` channels
+  (64 by default, a quarter of the trunk's): a 3x3 conv at 56x56 costs 16x one at 14x14, so
+  full-width fusion convs would make the head several times dearer than the whole standard
+  head, while a quarter width keeps it comparable.
+
+  Ablation switches: `decoder=False` replaces the transposed convs by bilinear upsampling;
+  `skip=False` drops the second ROIAlign (the fusion convs stay, so the comparison isolates
+  the skip features). S = `skip_size` (28, 56 or 112) with the skip, 56 without it.
+
+  Call: (roi features `[N, 14, 14, C]`, pyramid `{level: [B, H, W, C]}`, rois `[N, 4]` in input
+  pixels, batch index `[N]`) -> `[N, S, S, K]` float32 logits.
+  """
+  num_classes: int
+  dim: int = 256
+  decoder: bool = True
+  skip: bool = True
+  skip_size: int = 56
+  skip_level: str = 'P2'
+  fine_dim: int = 64
+  sampling_ratio: int = 2
+  dtype: Dtype = jnp.float32
+
+  @property
+  def output_size(self) -> int:
+    return self.skip_size if self.skip else 56
+
+  @nn.compact
+  def __call__(self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array,
+               batch_index: Array) -> Array:
+    size = self.output_size
+    if size not in (28, 56, 112):
+      raise ValueError(f'model.imask.skip_size must be 28, 56 or 112, got {size}')
+    x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)          # [N, 28, 28, D]
+    if self.decoder:
+      for i in range(int(math.log2(size // 28))):
+        x = nn.relu(nn.ConvTranspose(self.fine_dim, (2, 2), strides=(2, 2),
+                                     kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                                     name=f'decoder{i + 1}')(x))
+      if size == 28:  # nothing to lift: the decoder is a learnable 3x3 conv at 28x28
+        x = nn.relu(nn.Conv(self.fine_dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
+                            dtype=self.dtype, name='decoder1')(x))
+    else:
+      # Fixed upsampling instead of the learnable decoder; a 1x1 conv brings the width down
+      # to fine_dim first, so both variants fuse the same number of channels.
+      x = nn.relu(nn.Conv(self.fine_dim, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                          name='reduce')(x))
+      if size != 28:
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), 'bilinear')
+    if self.skip:
+      level = int(self.skip_level.lstrip('P'))
+      skip = roi_align_ops.multilevel_roi_align(
+          {self.skip_level: pyramid[self.skip_level]}, jax.lax.stop_gradient(rois), size,
+          sampling_ratio=self.sampling_ratio, level=level, batch_index=batch_index)
+      skip = nn.relu(nn.Conv(self.fine_dim, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                             name='skip_proj')(skip.astype(self.dtype)))
+      x = jnp.concatenate([x, skip], axis=-1)
+    for i in range(2):
+      x = nn.relu(nn.Conv(self.fine_dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
+                          dtype=self.dtype, name=f'fuse{i + 1}')(x))
+    logits = nn.Conv(self.num_classes, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                     name='logits')(x)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,413 @@
+"""Mask R-CNN and iMaskRCNN: backbone + FPN, RPN, box head and a standard or iMask mask head.
+
+One Flax module with two entry points, both with static shapes:
+
+* `MaskRCNN.losses(images, targets, key, train)` -> (total loss, per-term metrics): RPN
+  objectness and box terms, box-head classification and box terms, mask BCE at the mask head's
+  own resolution. L = L_rpn_cls + L_rpn_box + L_cls + L_box + L_mask, as in the paper.
+* `MaskRCNN.detect(images)` -> `Detections` padded to `max_detections`, with mask
+  probabilities at the head's resolution; `detections_to_label_map` pastes them into a
+  per-slice label map.
+
+The pure-array work (anchors, proposals, target sampling, ROIAlign, NMS) is done by
+`imask_jax.ops`; this module only wires it to the learnable heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imask_jax.models import heads, losses
+from imask_jax.models.backbones import build_backbone
+from imask_jax.ops import anchors as anchor_ops
+from imask_jax.ops import boxes as box_ops
+from imask_jax.ops import masks as mask_ops
+from imask_jax.ops import nms as nms_ops
+from imask_jax.ops import roi_align as roi_ops
+from imask_jax.ops import sampling
+
+Array = jax.Array
+
+RPN_LEVELS = ('P2', 'P3', 'P4', 'P5', 'P6')
+ROI_MIN_LEVEL, ROI_MAX_LEVEL = 2, 5
+STRIDES = (4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything that fixes the network and its static shapes (hashable, so jit can key on it)."""
+  image_size: tuple[int, int]
+  num_classes: int
+  input_channels: int = 1
+  backbone: str = 'resnet50'
+  norm: str = 'group'
+  width: int | None = None
+  fpn_dim: int = 256
+  dtype: str = 'float32'
+  axis_name: str | None = None
+  anchor_sizes: tuple[float, ...] = (16, 32, 64, 128, 256)
+  anchor_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+  rpn_pre_nms_topk_train: int = 1000
+  rpn_post_nms_topk_train: int = 512
+  rpn_pre_nms_topk_test: int = 500
+  rpn_post_nms_topk_test: int = 256
+  rpn_nms_threshold: float = 0.7
+  rpn_batch_size: int = 256
+  rpn_positive_fraction: float = 0.5
+  roi_batch_size: int = 128
+  roi_positive_fraction: float = 0.25
+  roi_iou_threshold: float = 0.5
+  roi_level_k0: int = 4
+  roi_level_canonical: float = 64.0
+  roi_sampling_ratio: int = 2
+  box_head: str = 'fc'
+  box_head_dim: int = 1024
+  mask_head: str = 'imask'
+  mask_head_dim: int = 256
+  imask_decoder: bool = True
+  imask_skip: bool = True
+  imask_skip_size: int = 56
+  imask_skip_level: str = 'P2'
+  imask_fine_dim: int = 64
+  boundary_loss_weight: float = 0.0
+  test_score_threshold: float = 0.05
+  test_nms_threshold: float = 0.5
+  max_detections: int = 16
+
+  @classmethod
+  def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
+    """Builds the spec from a full experiment config (`config.model` and `config.data`)."""
+    m, d = config.model, config.data
+    return cls(
+        image_size=tuple(int(v) for v in d.image_size),
+        num_classes=int(m.num_classes),
+        input_channels=2 * int(d.context_slices) + 1,
+        backbone=m.backbone, norm=m.norm, width=None if m.width == 64 else int(m.width),
+        fpn_dim=int(m.fpn_dim), dtype=m.dtype, axis_name=axis_name,
+        anchor_sizes=tuple(float(v) for v in m.anchor_sizes),
+        anchor_ratios=tuple(float(v) for v in m.anchor_ratios),
+        rpn_pre_nms_topk_train=int(m.rpn_pre_nms_topk_train),
+        rpn_post_nms_topk_train=int(m.rpn_post_nms_topk_train),
+        rpn_pre_nms_topk_test=int(m.rpn_pre_nms_topk_test),
+        rpn_post_nms_topk_test=int(m.rpn_post_nms_topk_test),
+        rpn_nms_threshold=float(m.rpn_nms_threshold),
+        rpn_batch_size=int(m.rpn_batch_size),
+        rpn_positive_fraction=float(m.rpn_positive_fraction),
+        roi_batch_size=int(m.roi_batch_size),
+        roi_positive_fraction=float(m.roi_positive_fraction),
+        roi_iou_threshold=float(m.roi_iou_threshold),
+        roi_level_k0=int(m.roi_level_k0), roi_level_canonical=float(m.roi_level_canonical),
+        roi_sampling_ratio=int(m.roi_sampling_ratio),
+        box_head=m.box_head, box_head_dim=int(m.box_head_dim),
+        mask_head=m.mask_head, mask_head_dim=int(m.mask_head_dim),
+        imask_decoder=bool(m.imask.decoder), imask_skip=bool(m.imask.skip),
+        imask_skip_size=int(m.imask.skip_size), imask_skip_level=str(m.imask.skip_level),
+        imask_fine_dim=int(m.imask.fine_dim),
+        boundary_loss_weight=float(m.boundary_loss_weight),
+        test_score_threshold=float(m.test_score_threshold),
+        test_nms_threshold=float(m.test_nms_threshold),
+        max_detections=int(m.max_detections),
+    )
+
+  @property
+  def compute_dtype(self) -> Any:
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
+
+  @property
+  def mask_size(self) -> int:
+    """Resolution of the mask head's output (and of its targets)."""
+    if self.mask_head == 'standard':
+      return 28
+    return self.imask_skip_size if self.imask_skip else 56
+
+  @property
+  def num_mask_rois(self) -> int:
+    """Mask-head ROIs per image in training: the positive slots of the ROI sample."""
+    return sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchors(image_size: tuple[int, int], sizes: tuple[float, ...],
+             ratios: tuple[float, ...]) -> anchor_ops.MultilevelAnchors:
+  return anchor_ops.multilevel_anchors(image_size, strides=STRIDES, sizes=sizes,
+                                       aspect_ratios=ratios)
+
+
+class Detections(NamedTuple):
+  """Per-image detections padded to D = `max_detections` (B images).
+
+  boxes: float32 [B, D, 4] (y1, x1, y2, x2) in input pixels; scores: float32 [B, D];
+  classes: int32 [B, D] (1..K, 0 for padding); valid: bool [B, D];
+  mask_probs: float32 [B, D, m, m] probabilities of each detection's own class.
+  """
+  boxes: Array
+  scores: Array
+  classes: Array
+  valid: Array
+  mask_probs: Array
+
+
+class MaskRCNN(nn.Module):
+  """Mask R-CNN (`spec.mask_head='standard'`) or iMaskRCNN (`'imask'`)."""
+  spec: ModelSpec
+
+  def setup(self):
+    s = self.spec
+    dtype = s.compute_dtype
+    if s.mask_head not in ('standard', 'imask'):
+      raise ValueError(f"model.mask_head must be 'standard' or 'imask', got {s.mask_head!r}")
+    self.backbone = build_backbone(s.backbone, norm=s.norm, fpn_dim=s.fpn_dim, width=s.width,
+                                   dtype=dtype, axis_name=s.axis_name)
+    self.rpn_head = heads.RPNHead(num_anchors=len(s.anchor_ratios), levels=RPN_LEVELS,
+                                  dtype=dtype)
+    self.box_head = heads.BoxHead(num_classes=s.num_classes, kind=s.box_head,
+                                  dim=s.box_head_dim, dtype=dtype)
+    if s.mask_head == 'standard':
+      self.mask_head = heads.StandardMaskHead(num_classes=s.num_classes, dim=s.mask_head_dim,
+                                              dtype=dtype)
+    else:
+      self.mask_head = heads.IMaskHead(
+          num_classes=s.num_classes, dim=s.mask_head_dim, decoder=s.imask_decoder,
+          skip=s.imask_skip, skip_size=s.imask_skip_size, skip_level=s.imask_skip_level,
+          fine_dim=s.imask_fine_dim, sampling_ratio=s.roi_sampling_ratio, dtype=dtype)
+
+  # --- shared pieces -------------------------------------------------------------------------
+
+  @property
+  def anchors(self) -> anchor_ops.MultilevelAnchors:
+    s = self.spec
+    return _anchors(s.image_size, s.anchor_sizes, s.anchor_ratios)
+
+  def _pyramid(self, images: Array, train: bool) -> dict[str, Array]:
+    s = self.spec
+    if images.ndim != 4 or tuple(images.shape[1:3]) != s.image_size:
+      raise ValueError(f'MaskRCNN: images must be [B, {s.image_size[0]}, {s.image_size[1]}, C],'
+                       f' got {tuple(images.shape)}')
+    return self.backbone(images.astype(s.compute_dtype), train=train)
+
+  def _rpn(self, pyramid: dict[str, Array]) -> tuple[Array, Array]:
+    logits, deltas = self.rpn_head(pyramid)
+    if logits.shape[1] != self.anchors.boxes.shape[0]:
+      raise ValueError(f'MaskRCNN: the RPN made {logits.shape[1]} anchor outputs but the '
+                       f'anchor grid has {self.anchors.boxes.shape[0]}: feature map sizes '
+                       'differ from ceil(image / stride)')
+    return logits, deltas
+
+  def _roi_features(self, pyramid: dict[str, Array], rois: Array, size: int) -> Array:
+    """ROIAlign of `[B, N, 4]` rois from P2-P5 -> `[B * N, size, size, C]`."""
+    b, n = rois.shape[:2]
+    s = self.spec
+    return roi_ops.multilevel_roi_align(
+        pyramid, rois.reshape(b * n, 4), size, sampling_ratio=s.roi_sampling_ratio,
+        min_level=ROI_MIN_LEVEL, max_level=ROI_MAX_LEVEL, canonical_level=s.roi_level_k0,
+        canonical_size=s.roi_level_canonical,
+        batch_index=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
+
+  def _mask_logits(self, pyramid: dict[str, Array], rois: Array) -> Array:
+    """Mask logits for `[B, N, 4]` rois -> `[B, N, m, m, K]`."""
+    b, n = rois.shape[:2]
+    feats = self._roi_features(pyramid, rois, 14)
+    logits = self.mask_head(feats, pyramid, rois.reshape(b * n, 4),
+                            jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
+    return logits.reshape((b, n) + logits.shape[1:])
+
+  def _proposals(self, logits: Array, deltas: Array, train: bool) -> tuple[Array, Array]:
+    s = self.spec
+    pre = s.rpn_pre_nms_topk_train if train else s.rpn_pre_nms_topk_test
+    post = s.rpn_post_nms_topk_train if train else s.rpn_post_nms_topk_test
+    fn = functools.partial(propose, anchors=self.anchors, image_size=s.image_size,
+                           pre_nms_topk=pre, post_nms_topk=post,
+                           nms_threshold=s.rpn_nms_threshold)
+    boxes, valid = jax.vmap(fn)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
+    return boxes, valid
+
+  # --- training ------------------------------------------------------------------------------
+
+  def losses(self, images: Array, targets: dict[str, Array], keys: Array,
+             train: bool = True) -> tuple[Array, dict[str, Array]]:
+    """Training losses for a batch.
+
+    Args:
+      images: float [B, H, W, C].
+      targets: gt_boxes float32 [B, M, 4], gt_classes int32 [B, M] (1..K, 0 = padding),
+        gt_masks uint8 [B, M, H, W], gt_valid bool [B, M].
+      keys: [B] PRNG keys, one per image, for its anchor and ROI sampling (per image, so that
+        the result does not depend on how a batch is split over devices).
+    Returns:
+      (total loss, {term: value}) in float32, each term averaged over valid entries.
+    """
+    s = self.spec
+    b = images.shape[0]
+    gt_boxes = targets['gt_boxes'].astype(jnp.float32)
+    gt_valid = targets['gt_valid'].astype(bool)
+    gt_classes = targets['gt_classes'].astype(jnp.int32)
+    split = jax.vmap(jax.random.split)(keys)
+    rpn_keys, roi_keys = split[:, 0], split[:, 1]
+
+    pyramid = self._pyramid(images, train)
+    rpn_logits, rpn_deltas = self._rpn(pyramid)
+    rpn_t = jax.vmap(functools.partial(
+        sampling.rpn_targets, jnp.asarray(self.anchors.boxes),
+        num_samples=s.rpn_batch_size, positive_fraction=s.rpn_positive_fraction))(
+            gt_boxes, gt_valid, rpn_keys)
+    rpn_cls = losses.rpn_objectness_loss(rpn_logits, rpn_t.objectness, rpn_t.weight)
+    rpn_box = losses.weighted_l1(rpn_deltas, rpn_t.box_targets, rpn_t.box_weight,
+                                 normaliser=rpn_t.weight)
+
+    proposals, proposal_valid = self._proposals(rpn_logits, rpn_deltas, train=True)
+    roi_t = jax.vmap(functools.partial(
+        sampling.roi_targets, num_samples=s.roi_batch_size,
+        positive_fraction=s.roi_positive_fraction, high=s.roi_iou_threshold,
+        low=s.roi_iou_threshold))(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                                  roi_keys)
+    box_feats = self._roi_features(pyramid, roi_t.rois, 7)
+    cls_logits, box_deltas = self.box_head(box_feats)
+    cls_logits = cls_logits.reshape(b, s.roi_batch_size, -1)
+    box_deltas = box_deltas.reshape(b, s.roi_batch_size, s.num_classes, 4)
+    box_cls = losses.softmax_cross_entropy(cls_logits, roi_t.classes, roi_t.valid)
+    own = losses.take_class(box_deltas, roi_t.classes)                  # [B, S, 4]
+    box_reg = losses.weighted_l1(own, roi_t.box_targets, roi_t.is_positive.astype(jnp.float32),
+                                 normaliser=roi_t.valid.astype(jnp.float32))
+
+    # Positives come first in the sample, so the first P slots hold every positive ROI.
+    p = s.num_mask_rois
+    mask_rois = roi_t.rois[:, :p]
+    mask_pos = roi_t.is_positive[:, :p]
+    mask_logits = losses.take_class(self._mask_logits(pyramid, mask_rois),
+                                    roi_t.classes[:, :p])                # [B, P, m, m]
+    mask_targets = jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size))(
+        targets['gt_masks'], roi_t.gt_index[:, :p], mask_rois)
+    mask_loss = losses.mask_bce(mask_logits, mask_targets, mask_pos,
+                                boundary_weight=s.boundary_loss_weight)
+
+    terms = {'rpn_cls': rpn_cls, 'rpn_box': rpn_box, 'box_cls': box_cls, 'box_reg': box_reg,
+             'mask': mask_loss}
+    total = sum(terms.values())
+    terms['num_positive_rois'] = jnp.mean(jnp.sum(roi_t.is_positive, axis=1).astype(jnp.float32))
+    return total, terms
+
+  def touch_all(self, images: Array) -> Array:
+    """Runs every head once on one whole-image ROI: cheap to compile, so used for `init`."""
+    pyramid = self._pyramid(images, train=False)
+    logits, deltas = self._rpn(pyramid)
+    h, w = self.spec.image_size
+    rois = jnp.broadcast_to(jnp.array([0.0, 0.0, h, w], jnp.float32), (images.shape[0], 1, 4))
+    cls_logits, box_deltas = self.box_head(self._roi_features(pyramid, rois, 7))
+    masks = self._mask_logits(pyramid, rois)
+    return sum(jnp.sum(x) for x in (logits, deltas, cls_logits, box_deltas, masks))
+
+  # --- inference -----------------------------------------------------------------------------
+
+  def detect(self, images: Array) -> Detections:
+    """Detections for a batch of images `[B, H, W, C]` (inference mode)."""
+    s = self.spec
+    b = images.shape[0]
+    pyramid = self._pyramid(images, train=False)
+    rpn_logits, rpn_deltas = self._rpn(pyramid)
+    proposals, proposal_valid = self._proposals(rpn_logits, rpn_deltas, train=False)
+    cls_logits, box_deltas = self.box_head(self._roi_features(pyramid, proposals, 7))
+    n = proposals.shape[1]
+    probs = jax.nn.softmax(cls_logits, axis=-1).reshape(b, n, s.num_classes + 1)[..., 1:]
+    boxes = box_ops.decode(box_deltas.reshape(b, n, s.num_classes, 4), proposals[:, :, None, :])
+    boxes = box_ops.clip(boxes, s.image_size)
+    select = functools.partial(select_detections, max_detections=s.max_detections,
+                               score_threshold=s.test_score_threshold,
+                               nms_threshold=s.test_nms_threshold)
+    det_boxes, det_scores, det_classes, det_valid = jax.vmap(select)(boxes, probs,
+                                                                     proposal_valid)
+    mask_logits = losses.take_class(self._mask_logits(pyramid, det_boxes), det_classes)
+    mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs)
+
+
+def propose(logits: Array, deltas: Array, *, anchors: anchor_ops.MultilevelAnchors,
+            image_size: tuple[int, int], pre_nms_topk: int, post_nms_topk: int,
+            nms_threshold: float) -> tuple[Array, Array]:
+  """RPN proposals for one image: per-level top-k, NMS within each level, global top-k.
+
+  Args:
+    logits: [A] objectness logits; deltas: [A, 4] (RPN coder weights 1, 1, 1, 1).
+  Returns:
+    boxes [post_nms_topk, 4] clipped to the image, highest objectness first, and valid
+    [post_nms_topk] (False in padding slots).
+  """
+  boxes, scores, levels = [], [], []
+  starts = anchors.level_starts
+  for level in range(anchors.num_levels):
+    lo, hi = starts[level], starts[level + 1]
+    k = min(pre_nms_topk, hi - lo)
+    top_scores, top = jax.lax.top_k(logits[lo:hi], k)
+    level_boxes = box_ops.decode(deltas[lo:hi][top], jnp.asarray(anchors.boxes[lo:hi])[top],
+                                 sampling.RPN_WEIGHTS)
+    boxes.append(box_ops.clip(level_boxes, image_size))
+    scores.append(top_scores)
+    levels.append(jnp.full((k,), level, jnp.int32))
+  boxes = jnp.concatenate(boxes)
+  scores = jnp.concatenate(scores)
+  levels = jnp.concatenate(levels)
+  size_ok = (boxes[:, 2] - boxes[:, 0] > 1e-3) & (boxes[:, 3] - boxes[:, 1] > 1e-3)
+  # NMS within each level, then the best `post_nms_topk` over all levels (Detectron2's order).
+  keep, _ = nms_ops.batched_nms(boxes, scores, levels, iou_threshold=nms_threshold,
+                                max_outputs=post_nms_topk, valid=size_ok)
+  valid = keep >= 0
+  return jnp.where(valid[:, None], boxes[jnp.maximum(keep, 0)], 0.0), valid
+
+
+def select_detections(boxes: Array, probs: Array, proposal_valid: Array, *, max_detections: int,
+                      score_threshold: float, nms_threshold: float
+                      ) -> tuple[Array, Array, Array, Array]:
+  """Per-class NMS over one image's class-specific boxes.
+
+  Args:
+    boxes: [N, K, 4] decoded per-class boxes; probs: [N, K] foreground class probabilities;
+    proposal_valid: [N].
+  Returns:
+    boxes [D, 4], scores [D], classes [D] (1..K, 0 in padding), valid [D].
+  """
+  n, k = probs.shape
+  flat_boxes = boxes.reshape(n * k, 4)
+  flat_scores = probs.reshape(n * k)
+  flat_classes = jnp.tile(jnp.arange(1, k + 1, dtype=jnp.int32), n)
+  candidate = jnp.repeat(proposal_valid, k)
+  keep, _ = nms_ops.batched_nms(flat_boxes, flat_scores, flat_classes,
+                                iou_threshold=nms_threshold, max_outputs=max_detections,
+                                score_threshold=score_threshold, valid=candidate)
+  valid = keep >= 0
+  idx = jnp.maximum(keep, 0)
+  return (jnp.where(valid[:, None], flat_boxes[idx], 0.0),
+          jnp.where(valid, flat_scores[idx], 0.0),
+          jnp.where(valid, flat_classes[idx], 0),
+          valid)
+
+
+def detections_to_label_map(det: Detections, image_size: tuple[int, int],
+                            threshold: float = 0.5) -> tuple[Array, Array]:
+  """Pastes detections into a per-image label map of class ids (overlaps go to the best score).
+
+  Returns:
+    label_map int32 [B, H, W] (0 = background, else class id 1..K) and the pasted instance
+    masks bool [B, D, H, W].
+  """
+  paste = functools.partial(mask_ops.paste_masks, image_size=image_size, threshold=threshold)
+  masks = jax.vmap(paste)(det.mask_probs, det.boxes)                    # [B, D, H, W]
+  masks = masks & det.valid[..., None, None]
+  score = jnp.where(masks, det.scores[..., None, None], -1.0)
+  best = jnp.argmax(score, axis=1)                                      # [B, H, W]
+  covered = jnp.any(masks, axis=1)
+  classes = jnp.take_along_axis(det.classes[..., None, None], best[:, None], axis=1)[:, 0]
+  return jnp.where(covered, classes, 0).astype(jnp.int32), masks
+
+
+def init_variables(model: MaskRCNN, key: Array) -> dict[str, Any]:
+  """Initial variables (every parameter and batch statistic of the model)."""
+  s = model.spec
+  images = jnp.zeros((1,) + s.image_size + (s.input_channels,), jnp.float32)
+  return model.init(key, images, method=MaskRCNN.touch_all)
