@@ -1,0 +1,181 @@
+"""What a stored slice dataset depends on, taken from the experiment config, and its splits.
+
+`DatasetParams` holds every setting that changes the stored examples; its `config_name` (a
+readable prefix plus a digest of all fields) names the TFDS builder config, so two settings
+never share a cache. Settings the input pipeline applies on the fly (image size, augmentation,
+normalisation range) are not part of it.
+
+Splits are by subject: `assign_splits` orders the case ids by a stable hash and cuts that order
+by the split fractions, so a case is in exactly one split whatever order cases are listed or
+processed in, and the split does not depend on any seed (runs with different seeds are
+evaluated on the same cases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from data_pipelines import instances, orientation
+
+SPLITS = ('train', 'validation', 'test')
+PHANTOM_DATASETS = {'phantom_knee': 'knee', 'phantom_hip': 'hip'}
+MANUAL_DATASETS = ('oai_zib', 'nifti_folder')
+DATASETS = tuple(PHANTOM_DATASETS) + MANUAL_DATASETS
+_SPLIT_SALT = 'imask-split-v1/'
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetParams:
+  """The settings that determine a stored slice dataset.
+
+  dataset: builder name (DATASETS). plane: anatomical slicing plane. class_label_values: the
+  label value of each class, in class order (class id = position + 1). reader: label reader
+  ('' = the reference labels). instance_mode / min_instance_pixels: instance extraction.
+  empty_slice_rate: fraction of instance-free slices kept. context_slices: 2.5D neighbours per
+  side. seed: phantom generation and empty-slice sampling. split_fractions: train, validation,
+  test. phantom_preset / num_volumes: phantoms only (None otherwise). source_dir: the raw folder
+  of a manual dataset, absolute (None for phantoms, whose folder lives in the data_dir).
+  """
+  dataset: str
+  plane: str
+  class_label_values: tuple[int, ...]
+  reader: str
+  instance_mode: str
+  min_instance_pixels: int
+  empty_slice_rate: float
+  context_slices: int
+  seed: int
+  split_fractions: tuple[float, float, float]
+  phantom_preset: str | None = None
+  num_volumes: int | None = None
+  source_dir: str | None = None
+
+  def __post_init__(self):
+    if self.dataset not in DATASETS:
+      raise ValueError(f'config data.dataset={self.dataset!r}; expected one of {DATASETS}')
+    if self.plane not in orientation.PLANES:
+      raise ValueError(f'config data.plane={self.plane!r}; expected one of {orientation.PLANES}')
+    values = self.class_label_values
+    if not values or len(set(values)) != len(values) or any(not 1 <= v <= 255 for v in values):
+      raise ValueError(f'config data.class_label_values={values}; expected distinct label '
+                       'values in 1..255, one per class')
+    if self.instance_mode not in instances.MODES:
+      raise ValueError(f'config data.instance_mode={self.instance_mode!r}; expected one of '
+                       f'{instances.MODES}')
+    if self.min_instance_pixels < 1:
+      raise ValueError(f'config data.min_instance_pixels={self.min_instance_pixels}; '
+                       'expected >= 1')
+    if not 0.0 <= self.empty_slice_rate <= 1.0:
+      raise ValueError(f'config data.empty_slice_rate={self.empty_slice_rate}; expected a '
+                       'fraction in [0, 1]')
+    if self.context_slices < 0:
+      raise ValueError(f'config data.context_slices={self.context_slices}; expected >= 0')
+    check_fractions(self.split_fractions)
+    if self.is_phantom:
+      if self.phantom_preset is None or self.num_volumes is None or self.num_volumes < 1:
+        raise ValueError(f'{self.dataset}: config data.phantom_preset={self.phantom_preset!r} '
+                         f'and data.num_volumes={self.num_volumes}; expected a preset and >= 1 '
+                         'volumes')
+    elif not self.source_dir:
+      raise ValueError(f'{self.dataset}: no raw data folder; set config data.manual_dir')
+
+  @property
+  def is_phantom(self) -> bool:
+    return self.dataset in PHANTOM_DATASETS
+
+  @property
+  def class_map(self) -> dict[int, int]:
+    """Label value -> class id (1-based, in config order)."""
+    return {int(v): i + 1 for i, v in enumerate(self.class_label_values)}
+
+  @property
+  def channels(self) -> int:
+    return 2 * self.context_slices + 1
+
+  @property
+  def config_name(self) -> str:
+    """A deterministic TFDS config name, e.g. 'sagittal_ctx0_3f9a0c2b51de': a readable prefix
+    and the first 12 hex digits of the SHA-256 of every field."""
+    fields = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    digest = hashlib.sha256(fields.encode('utf-8')).hexdigest()[:12]
+    return f'{self.plane}_ctx{self.context_slices}_{digest}'
+
+  def describe(self) -> str:
+    return ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self).items() if v is not None)
+
+
+def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParams:
+  """The DatasetParams of an experiment config (`config.data`).
+
+  A manual dataset's raw folder is `data.manual_dir`, or by TFDS convention
+  `<data_dir>/downloads/manual` when that is empty.
+  """
+  d = config.data
+  dataset = str(d.dataset)
+  phantom = dataset in PHANTOM_DATASETS
+  source_dir = None
+  if not phantom:
+    source_dir = os.path.abspath(os.fspath(d.manual_dir) if d.manual_dir else
+                                 os.path.join(os.fspath(data_dir), 'downloads', 'manual'))
+  return DatasetParams(
+      dataset=dataset, plane=str(d.plane),
+      class_label_values=tuple(int(v) for v in d.class_label_values),
+      reader=str(d.reader), instance_mode=str(d.instance_mode),
+      min_instance_pixels=int(d.min_instance_pixels),
+      empty_slice_rate=float(d.empty_slice_rate), context_slices=int(d.context_slices),
+      seed=int(d.seed), split_fractions=tuple(float(f) for f in d.split_fractions),
+      phantom_preset=str(d.phantom_preset) if phantom else None,
+      num_volumes=int(d.num_volumes) if phantom else None, source_dir=source_dir)
+
+
+def check_fractions(fractions: Sequence[float]) -> None:
+  if (len(fractions) != len(SPLITS) or any(not 0.0 <= f <= 1.0 for f in fractions)
+      or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
+    raise ValueError(f'config data.split_fractions={tuple(fractions)}; expected three fractions '
+                     f'{SPLITS} in [0, 1] summing to 1')
+
+
+def split_sizes(num_cases: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+  """How many cases each split gets: the largest-remainder rounding of num_cases * fraction,
+  and at least one case for every split with a positive fraction while there are cases enough
+  (taken from the largest split)."""
+  check_fractions(fractions)
+  exact = [num_cases * f for f in fractions]
+  sizes = [math.floor(x) for x in exact]
+  by_remainder = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - sizes[i]), i))
+  for i in by_remainder[:num_cases - sum(sizes)]:
+    sizes[i] += 1
+  wanted = [i for i, f in enumerate(fractions) if f > 0]
+  if num_cases >= len(wanted):
+    for i in wanted:
+      if sizes[i] == 0:
+        sizes[max(range(len(SPLITS)), key=lambda j: sizes[j])] -= 1
+        sizes[i] = 1
+  return tuple(sizes)
+
+
+def assign_splits(case_ids: Iterable[str],
+                  fractions: Sequence[float]) -> dict[str, tuple[str, ...]]:
+  """Split name -> the case ids in it (sorted). Every case lands in exactly one split.
+
+  Cases are ordered by SHA-256 of a fixed salt and the case id, and the order is cut into
+  `split_sizes` pieces: train first, then validation, then test.
+  """
+  case_ids = list(case_ids)
+  if len(set(case_ids)) != len(case_ids):
+    duplicates = sorted({c for c in case_ids if case_ids.count(c) > 1})
+    raise ValueError(f'duplicate case ids {duplicates}; a subject must appear once')
+  order = sorted(case_ids,
+                 key=lambda c: hashlib.sha256((_SPLIT_SALT + c).encode('utf-8')).hexdigest())
+  sizes = split_sizes(len(order), fractions)
+  out, start = {}, 0
+  for name, size in zip(SPLITS, sizes):
+    out[name] = tuple(sorted(order[start:start + size]))
+    start += size
+  return out
