@@ -30,6 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    if os.path.exists(tmp):
+      os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -49,6 +51,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=parent)
   try:
     yield tmp
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', suffix='.old', dir=parent)
       os.replace(path, os.path.join(old, 'x'))
@@ -59,6 +62,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _suffixes(name: str) -> list[str]:

@@ -68,18 +68,6 @@ def _json_bytes(obj: Any, indent: int | None = 1) -> bytes:
           ).encode()
 
 
-def _umask() -> int:
-  """The process umask (read by setting and restoring it)."""
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def _default_mode(path: str, is_dir: bool) -> None:
-  """Gives a file or folder made by mkstemp/mkdtemp (0600/0700) the usual umask mode."""
-  os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
-
-
 def write_case(root: str, case_id: str, ph: scene.Phantom) -> dict[str, str]:
   """Writes one case's files under root; returns their paths relative to root."""
   files = {'image': f'imagesTr/{case_id}_0000.nii.gz', 'label': f'labelsTr/{case_id}.nii.gz',
@@ -150,7 +138,6 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
   cases = []
   readers: list[str] = []
   with atomic_dir(out) as tmp:
-    _default_mode(tmp, is_dir=True)
     for i in range(int(num)):
       ph = generate(kind, int(seed) + i, preset)
       case_id = f'{kind}_{i:04d}'
@@ -252,4 +239,3 @@ def save_preview(phantoms: list[scene.Phantom], path: str) -> None:
       colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
   with atomic_path(path) as tmp:
     picture.save(tmp, format='PNG', optimize=True)
-    _default_mode(tmp, is_dir=False)

@@ -154,7 +154,7 @@ class IMaskHead(nn.Module):
   skip_size: int = 56
   skip_level: str = 'P2'
   fine_dim: int = 64
-  sampling_ratio: int = 2
+  skip_sampling_ratio: int = 1
   dtype: Dtype = jnp.float32
 
   @property
@@ -184,12 +184,17 @@ class IMaskHead(nn.Module):
       if size != 28:
         x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), 'bilinear')
     if self.skip:
+      # The 1x1 projection to fine_dim is applied to the pyramid level before the ROIAlign
+      # (both are linear, so the order only changes the cost): the 56x56 crops are then read
+      # at fine_dim channels instead of the full pyramid width. A 56-bin grid over a box on
+      # P2 makes bins smaller than a map pixel, so one bilinear sample per bin loses nothing.
       level = int(self.skip_level.lstrip('P'))
+      projected = nn.Conv(self.fine_dim, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
+                          name='skip_proj')(pyramid[self.skip_level])
       skip = roi_align_ops.multilevel_roi_align(
-          {self.skip_level: pyramid[self.skip_level]}, jax.lax.stop_gradient(rois), size,
-          sampling_ratio=self.sampling_ratio, level=level, batch_index=batch_index)
-      skip = nn.relu(nn.Conv(self.fine_dim, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
-                             name='skip_proj')(skip.astype(self.dtype)))
+          {self.skip_level: projected}, jax.lax.stop_gradient(rois), size,
+          sampling_ratio=self.skip_sampling_ratio, level=level, batch_index=batch_index)
+      skip = nn.relu(skip.astype(self.dtype))
       x = jnp.concatenate([x, skip], axis=-1)
     for i in range(2):
       x = nn.relu(nn.Conv(self.fine_dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,

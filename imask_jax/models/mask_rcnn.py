@@ -177,7 +177,7 @@ class MaskRCNN(nn.Module):
       self.mask_head = heads.IMaskHead(
           num_classes=s.num_classes, dim=s.mask_head_dim, decoder=s.imask_decoder,
           skip=s.imask_skip, skip_size=s.imask_skip_size, skip_level=s.imask_skip_level,
-          fine_dim=s.imask_fine_dim, sampling_ratio=s.roi_sampling_ratio, dtype=dtype)
+          fine_dim=s.imask_fine_dim, dtype=dtype)
 
   # --- shared pieces -------------------------------------------------------------------------
 
@@ -283,7 +283,8 @@ class MaskRCNN(nn.Module):
     mask_pos = roi_t.is_positive[:, :p]
     mask_logits = losses.take_class(self._mask_logits(pyramid, mask_rois),
                                     roi_t.classes[:, :p])                # [B, P, m, m]
-    mask_targets = jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size))(
+    mask_targets = jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size,
+                                               sampling_ratio=2))(
         targets['gt_masks'], roi_t.gt_index[:, :p], mask_rois)
     mask_loss = losses.mask_bce(mask_logits, mask_targets, mask_pos,
                                 boundary_weight=s.boundary_loss_weight)
