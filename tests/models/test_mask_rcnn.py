@@ -1,0 +1,227 @@
+"""Mask R-CNN / iMaskRCNN: head shapes, dtypes, and an overfit test on two knee phantom slices.
+
+Shapes and dtypes are checked with `jax.eval_shape` (nothing is compiled). The overfit test
+compiles one training step per head and reuses it for the gradient-coverage check and for a
+check that the step compiles exactly once; inference then runs on the trained toy model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imask_jax  # noqa: F401  (sets the PRNG implementation)
+from data_pipelines import instances, orientation
+from data_pipelines.phantoms import generate_knee
+from imask_jax.models import heads
+from imask_jax.models.mask_rcnn import (MaskRCNN, ModelSpec, detections_to_label_map,
+                                        init_variables)
+
+NUM_CLASSES = 4
+MAX_INSTANCES = 6
+TINY = dict(num_classes=NUM_CLASSES, backbone='resnet18', width=16, fpn_dim=32, box_head_dim=128,
+            mask_head_dim=32, imask_fine_dim=16, rpn_pre_nms_topk_train=300,
+            rpn_post_nms_topk_train=64, rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=32,
+            roi_batch_size=32, max_detections=8)
+
+
+# --- shapes, without compiling -----------------------------------------------------------------
+
+def _pyramid(batch: int, size: int, dim: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {f'P{k}': jax.ShapeDtypeStruct((batch, -(-size // 2**k), -(-size // 2**k), dim),
+                                        jnp.float32) for k in range(2, 7)}
+
+
+def _head_output(head: nn.Module, n: int = 5, batch: int = 2, size: int = 64, dim: int = 16):
+  feats = jax.ShapeDtypeStruct((n, 14, 14, dim), jnp.float32)
+  rois = jax.ShapeDtypeStruct((n, 4), jnp.float32)
+  index = jax.ShapeDtypeStruct((n,), jnp.int32)
+  pyramid = _pyramid(batch, size, dim)
+
+  def run(key, feats, pyramid, rois, index):
+    variables = head.init(key, feats, pyramid, rois, index)
+    return head.apply(variables, feats, pyramid, rois, index)
+
+  return jax.eval_shape(run, jax.random.PRNGKey(0), feats, pyramid, rois, index)
+
+
+@pytest.mark.parametrize('decoder,skip,skip_size,level,expected', [
+    (True, True, 56, 'P2', 56),     # the paper's head
+    (True, True, 28, 'P2', 28),
+    (True, True, 112, 'P2', 112),
+    (True, True, 56, 'P3', 56),     # skip reads another level
+    (True, False, 56, 'P2', 56),    # decoder only
+    (False, True, 56, 'P2', 56),    # skip only
+    (False, False, 56, 'P2', 56),   # neither: fixed upsampling + fusion convs
+])
+def test_imask_head_output_sizes(decoder, skip, skip_size, level, expected):
+  head = heads.IMaskHead(num_classes=3, dim=16, decoder=decoder, skip=skip, skip_size=skip_size,
+                         skip_level=level, fine_dim=8)
+  out = _head_output(head)
+  assert out.shape == (5, expected, expected, 3) and out.dtype == jnp.float32
+
+
+def test_standard_mask_head_and_box_heads():
+  out = _head_output(heads.StandardMaskHead(num_classes=3, dim=16))
+  assert out.shape == (5, 28, 28, 3)
+  x = jax.ShapeDtypeStruct((5, 7, 7, 16), jnp.float32)
+  for kind in ('fc', 'conv'):
+    head = heads.BoxHead(num_classes=3, kind=kind, dim=32, conv_dim=8)
+    logits, deltas = jax.eval_shape(
+        lambda k, x: head.apply(head.init(k, x), x), jax.random.PRNGKey(0), x)
+    assert logits.shape == (5, 4) and deltas.shape == (5, 3, 4)
+
+
+def test_rpn_head_outputs_line_up_with_the_anchor_grid():
+  """An odd input size: every level is ceil(size / stride), for the backbone and the anchors."""
+  spec = ModelSpec(image_size=(70, 45), **TINY)
+  model = MaskRCNN(spec)
+  images = jax.ShapeDtypeStruct((2, 70, 45, 1), jnp.float32)
+
+  def rpn_outputs(key, images):
+    variables = model.init(key, images, method=MaskRCNN.touch_all)
+    return model.apply(variables, images, False, method=lambda m, x, t: m._rpn(m._pyramid(x, t)))
+
+  logits, deltas = jax.eval_shape(rpn_outputs, jax.random.PRNGKey(0), images)
+  expected = sum(-(-70 // s) * -(-45 // s) for s in (4, 8, 16, 32, 64)) * len(spec.anchor_ratios)
+  assert model.anchors.boxes.shape == (expected, 4)
+  assert logits.shape == (2, expected) and deltas.shape == (2, expected, 4)
+
+
+@pytest.mark.parametrize('head', ['standard', 'imask'])
+def test_bf16_compute_keeps_float32_params_and_losses(head):
+  spec = ModelSpec(image_size=(64, 64), mask_head=head, dtype='bfloat16', **TINY)
+  model = MaskRCNN(spec)
+  variables = jax.eval_shape(functools.partial(init_variables, model), jax.random.PRNGKey(0))
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  batch = _synthetic_targets(2, 64)
+  loss, terms = jax.eval_shape(
+      lambda v, b, k: model.apply(v, b['image'], b, k, True, method=MaskRCNN.losses),
+      variables, batch, jax.random.split(jax.random.PRNGKey(1), 2))
+  assert loss.dtype == jnp.float32 and all(t.dtype == jnp.float32 for t in terms.values())
+  det = jax.eval_shape(lambda v, x: model.apply(v, x, method=MaskRCNN.detect), variables,
+                       batch['image'])
+  assert det.mask_probs.shape == (2, 8, spec.mask_size, spec.mask_size)
+  assert det.boxes.shape == (2, 8, 4) and det.classes.dtype == jnp.int32
+
+
+def _synthetic_targets(batch: int, size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  m = MAX_INSTANCES
+  return dict(image=jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
+              gt_boxes=jax.ShapeDtypeStruct((batch, m, 4), jnp.float32),
+              gt_classes=jax.ShapeDtypeStruct((batch, m), jnp.int32),
+              gt_masks=jax.ShapeDtypeStruct((batch, m, size, size), jnp.uint8),
+              gt_valid=jax.ShapeDtypeStruct((batch, m), jnp.bool_))
+
+
+# --- overfitting two phantom slices --------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def phantom_batch() -> dict[str, np.ndarray]:
+  """Two sagittal slices of a knee phantom (128 x 128), normalised, with their instances."""
+  ph = generate_knee(0)
+  grid = orientation.SourceGrid.from_affine(ph.image.shape, ph.affine)
+  images = orientation.volume_to_slices(grid.to_canonical(ph.image), 'sagittal')
+  labels = orientation.volume_to_slices(grid.to_canonical(ph.labels), 'sagittal')
+  lo, hi = np.percentile(ph.image, [0.5, 99.5])
+  middle = images.shape[0] // 2
+  out = {k: [] for k in ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')}
+  for i in (middle - 4, middle + 4):
+    padded = instances.pad_instances(
+        instances.extract_instances(labels[i], {1: 1, 2: 2, 3: 3, 4: 4}), MAX_INSTANCES)
+    out['image'].append(np.clip((images[i] - lo) / (hi - lo), 0, 1)[..., None])
+    out['gt_boxes'].append(padded.boxes)
+    out['gt_classes'].append(padded.classes)
+    out['gt_masks'].append(padded.masks)
+    out['gt_valid'].append(padded.valid)
+  return {k: np.stack(v) for k, v in out.items()}
+
+
+def truth_label_map(batch) -> np.ndarray:
+  truth = np.zeros(batch['gt_masks'].shape[:1] + batch['gt_masks'].shape[2:], np.int32)
+  for b in range(truth.shape[0]):
+    for m in range(MAX_INSTANCES):
+      if batch['gt_valid'][b, m]:
+        truth[b][batch['gt_masks'][b, m] > 0] = batch['gt_classes'][b, m]
+  return truth
+
+
+STEPS = 300
+
+
+@pytest.fixture(scope='module', params=['standard', 'imask'])
+def trained(request):
+  batch = phantom_batch()
+  spec = ModelSpec(image_size=batch['image'].shape[1:3], mask_head=request.param, **TINY)
+  model = MaskRCNN(spec)
+  params = jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(0))['params']
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(1e-4, 2e-3, 30, STEPS, 1e-5))
+  data = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  @jax.jit
+  def step(params, opt_state, i):
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), i), 2)
+    loss_fn = lambda p: model.apply({'params': p}, data['image'], data, keys, True,
+                                    method=MaskRCNN.losses)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    grad_norms = jax.tree.map(lambda g: jnp.sqrt(jnp.sum(jnp.square(g))), grads)
+    return optax.apply_updates(params, updates), opt_state, loss, grad_norms
+
+  opt_state = tx.init(params)
+  losses, grad_norms_step2 = [], None
+  for i in range(STEPS):
+    params, opt_state, loss, grad_norms = step(params, opt_state, i)
+    losses.append(float(loss))
+    if i == 2:  # after two updates, zero-initialised residual scales have moved
+      grad_norms_step2 = jax.device_get(grad_norms)
+  return dict(model=model, params=params, batch=batch, losses=losses,
+              grad_norms=grad_norms_step2, compiles=step._cache_size())
+
+
+def test_training_compiles_once_and_losses_are_finite(trained):
+  assert trained['compiles'] == 1
+  assert np.all(np.isfinite(trained['losses']))
+  assert np.mean(trained['losses'][-20:]) < 0.25 * np.mean(trained['losses'][:5])
+
+
+def test_gradient_reaches_every_parameter(trained):
+  flat = jax.tree_util.tree_leaves_with_path(trained['grad_norms'])
+  unreached = [jax.tree_util.keystr(path) for path, norm in flat if not float(norm) > 0]
+  assert not unreached, unreached
+
+
+def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
+  model, params, batch = trained['model'], trained['params'], trained['batch']
+  det = jax.jit(lambda p, x: model.apply({'params': p}, x, method=MaskRCNN.detect))(
+      params, jnp.asarray(batch['image']))
+  label_map, masks = detections_to_label_map(det, model.spec.image_size)
+  det = jax.device_get(det)
+  height, width = model.spec.image_size
+  for b in range(2):
+    valid = det.valid[b]
+    count = int(valid.sum())
+    assert np.all(valid[:count]) and not np.any(valid[count:])       # valid first, then padding
+    assert np.all(np.diff(det.scores[b][:count]) <= 0)               # by descending score
+    assert np.all((det.classes[b][:count] >= 1) & (det.classes[b][:count] <= NUM_CLASSES))
+    assert np.all(det.classes[b][count:] == 0) and np.all(det.scores[b][count:] == 0)
+    boxes = det.boxes[b][:count]
+    assert np.all(boxes[:, 0] >= 0) and np.all(boxes[:, 2] <= height)
+    assert np.all(boxes[:, 1] >= 0) and np.all(boxes[:, 3] <= width)
+  assert np.asarray(masks).shape == (2, 8, height, width)
+  truth = truth_label_map(batch)
+  pred = np.asarray(label_map)
+  dice = {}
+  for c in range(1, NUM_CLASSES + 1):
+    t, p = truth == c, pred == c
+    if t.sum():
+      dice[c] = 2 * np.sum(t & p) / (t.sum() + p.sum())
+  print(model.spec.mask_head, 'dice per class', dice)
+  assert dice[1] >= 0.95 and dice[3] >= 0.95, dice                    # femur, tibia
+  assert np.mean(list(dice.values())) >= 0.9, dice
