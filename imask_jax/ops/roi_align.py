@@ -38,11 +38,14 @@ of a 256 x 256 input with 256 channels, 512 ROIs at 7x7):
 * Memory traffic decides the rest: a fresh buffer above 32 MiB is page-faulted in at about
   2 GB/s on this machine, and the transpose of the gathers is a scatter-add of `(2 g)^2`
   weighted copies of the output gradient (400 MB for this case; building it took ~200 ms).
-  So output rows go through `lax.scan` in chunks of about a million gathered values, and the
-  backward pass (a `custom_vjp`) is a scan whose carry is the table gradient: each step
-  scatter-adds its few thousand rows in place, about 20 ms in all when the machine is quiet.
-  Plain autodiff of the forward scan gave 1.5-3x slower backward passes (per-tap residuals,
-  one scatter per tap). A table of 2x2 pixel patches (4x fewer, wider gathers) was 3x slower.
+  So the backward pass (a `custom_vjp`) is a `lax.scan` over chunks of output rows (about a
+  million gathered values each) whose carry is the table gradient: each step scatter-adds
+  its few thousand rows in place, about 20 ms in all when the machine is quiet. Plain
+  autodiff of a chunked forward scan gave 1.5-3x slower backward passes (per-tap residuals,
+  one scatter per tap). The forward itself is not chunked: it writes only its output, and a
+  scan's zero-filled stacked output made it 15-25% slower (it is chunked only beyond
+  `_MAX_UNROLLED_TAPS`, where a step gathers all taps at once). A table of 2x2 pixel patches
+  (4x fewer, wider gathers and scatters) was 3x slower.
 * The price of `custom_vjp`: reverse mode only (`jax.jvp` / `jacfwd` raise). `jit`, `vmap`
   and `grad` work. Timings against TensorFlow and torchvision: `benchmarks/README.md`.
 """
