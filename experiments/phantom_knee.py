@@ -25,17 +25,17 @@ def get_config(arg: str | None = None):
 
   c.model.backbone = 'resnet18'
   c.model.norm = 'group'
-  c.model.width = 32
-  c.model.fpn_dim = 64
-  c.model.box_head_dim = 256
-  c.model.mask_head_dim = 64
-  c.model.imask.fine_dim = 32
+  c.model.width = 16
+  c.model.fpn_dim = 32
+  c.model.box_head_dim = 128
+  c.model.mask_head_dim = 32
+  c.model.imask.fine_dim = 16
   c.model.anchor_sizes = (16, 32, 64, 128, 256)
   c.model.rpn_pre_nms_topk_train = 500
   c.model.rpn_post_nms_topk_train = 256
   c.model.rpn_pre_nms_topk_test = 300
   c.model.rpn_post_nms_topk_test = 128
-  c.model.roi_batch_size = 64
+  c.model.roi_batch_size = 32
 
   c.train.steps = 1500
   c.train.batch_size = 4
@@ -48,9 +48,11 @@ def get_config(arg: str | None = None):
   c.eval.max_val_slices = 128
 
   if args.pop('full', False):
-    c.model.width = 64
-    c.model.fpn_dim = 128
-    c.model.mask_head_dim = 128
+    c.model.width = 32
+    c.model.fpn_dim = 64
+    c.model.mask_head_dim = 64
+    c.model.imask.fine_dim = 32
+    c.model.roi_batch_size = 64
     c.data.num_volumes = 40
     c.train.steps = 6000
     c.train.eval_every = 1000

@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.rpn_positive_fraction = 0.5
   m.roi_batch_size = 128
   m.roi_positive_fraction = 0.25
+  m.mask_rois_per_image = 32        # cap on mask-head ROIs (the first, positive, slots)
   m.roi_iou_threshold = 0.5
   m.roi_level_k0 = 4
   m.roi_level_canonical = 64.0      # MRI inputs are smaller than COCO's (224 there)
@@ -84,7 +85,8 @@ def default_config() -> ml_collections.ConfigDict:
       skip=True,                    # second ROIAlign concatenated through the skip connection
       skip_size=56,                 # 28, 56 or 112
       skip_level='P2',              # the pyramid level the skip ROIAlign reads
-      fine_dim=64,                  # channels of the 56x56 part (decoder, skip, fusion)
+      fine_dim=32,                  # channels of the 56x56 part (decoder, skip, fusion)
+      fuse_convs=1,                 # 3x3 convs after the skip concatenation
   ))
   m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
   m.test_score_threshold = 0.05
@@ -93,7 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
-  t.steps = 2000
+  t.steps = 2000                    # optimiser steps (ignored when epochs > 0)
+  # > 0: train this many passes over the training slices; the trainer turns it into
+  # steps = ceil(epochs * train slices / batch_size) once the dataset is prepared and writes
+  # that number into the workdir's config.json.
+  t.epochs = 0.0
   t.batch_size = 8                  # global, split over all devices of all hosts
   t.optimizer = 'adam'              # adam or sgd
   t.learning_rate = 1e-3
@@ -148,8 +154,11 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.model.mask_head = str(args.pop('head'))
   if 'backbone' in args:
     c.model.backbone = str(args.pop('backbone'))
-  if 'steps' in args:
+  if 'steps' in args:  # a step count replaces an epoch count
     c.train.steps = int(args.pop('steps'))
+    c.train.epochs = 0.0
+  if 'epochs' in args:
+    c.train.epochs = float(args.pop('epochs'))
   if 'seed' in args:
     c.seed = int(args.pop('seed'))
   if 'decoder' in args:
@@ -160,4 +169,4 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.model.imask.skip_size = int(args.pop('skip_size'))
   if args:
     raise ValueError(f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-                     'backbone, steps, seed, decoder, skip, skip_size')
+                     'backbone, steps, epochs, seed, decoder, skip, skip_size')

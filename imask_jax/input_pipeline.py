@@ -408,7 +408,11 @@ def create_eval_dataset(config: Any, data_dir: str | os.PathLike, split: str, *,
   if split not in builder.info.splits:
     raise ValueError(f'split {split!r} is not stored in {builder.data_dir} (it has no cases); '
                      f'stored splits: {sorted(builder.info.splits)}')
-  source = split if max_examples is None else f'{split}[:{int(max_examples)}]'
+  stored = builder.info.splits[split].num_examples
+  if max_examples is None or int(max_examples) >= stored:
+    source = split
+  else:
+    source = f'{split}[:{int(max_examples)}]'
   shares = tfds.even_splits(source, n=jax.process_count())
   counts = [builder.info.splits[share].num_examples for share in shares]
   num_batches = math.ceil(max(counts) / layout.local_batch)

@@ -62,6 +62,7 @@ class ModelSpec:
   rpn_positive_fraction: float = 0.5
   roi_batch_size: int = 128
   roi_positive_fraction: float = 0.25
+  mask_rois_per_image: int = 32
   roi_iou_threshold: float = 0.5
   roi_level_k0: int = 4
   roi_level_canonical: float = 64.0
@@ -74,7 +75,8 @@ class ModelSpec:
   imask_skip: bool = True
   imask_skip_size: int = 56
   imask_skip_level: str = 'P2'
-  imask_fine_dim: int = 64
+  imask_fine_dim: int = 32
+  imask_fuse_convs: int = 1
   boundary_loss_weight: float = 0.0
   test_score_threshold: float = 0.05
   test_nms_threshold: float = 0.5
@@ -108,7 +110,8 @@ class ModelSpec:
         mask_head=m.mask_head, mask_head_dim=int(m.mask_head_dim),
         imask_decoder=bool(m.imask.decoder), imask_skip=bool(m.imask.skip),
         imask_skip_size=int(m.imask.skip_size), imask_skip_level=str(m.imask.skip_level),
-        imask_fine_dim=int(m.imask.fine_dim),
+        imask_fine_dim=int(m.imask.fine_dim), imask_fuse_convs=int(m.imask.fuse_convs),
+        mask_rois_per_image=int(m.mask_rois_per_image),
         boundary_loss_weight=float(m.boundary_loss_weight),
         test_score_threshold=float(m.test_score_threshold),
         test_nms_threshold=float(m.test_nms_threshold),
@@ -130,8 +133,12 @@ class ModelSpec:
 
   @property
   def num_mask_rois(self) -> int:
-    """Mask-head ROIs per image in training: the positive slots of the ROI sample."""
-    return sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
+    """Mask-head ROIs per image in training: the first slots of the ROI sample, which hold
+    its positives (in random order), capped at `mask_rois_per_image`. The mask head's cost
+    grows with this static count whether or not the slots hold positives, and a slice of
+    MRI has a handful of objects, so a random subset of 32 positives loses little."""
+    positives = sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
+    return min(positives, self.mask_rois_per_image)
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,7 +184,7 @@ class MaskRCNN(nn.Module):
       self.mask_head = heads.IMaskHead(
           num_classes=s.num_classes, dim=s.mask_head_dim, decoder=s.imask_decoder,
           skip=s.imask_skip, skip_size=s.imask_skip_size, skip_level=s.imask_skip_level,
-          fine_dim=s.imask_fine_dim, dtype=dtype)
+          fine_dim=s.imask_fine_dim, fuse_convs=s.imask_fuse_convs, dtype=dtype)
 
   # --- shared pieces -------------------------------------------------------------------------
 
@@ -277,7 +284,7 @@ class MaskRCNN(nn.Module):
     box_reg = losses.weighted_l1(own, roi_t.box_targets, roi_t.is_positive.astype(jnp.float32),
                                  normaliser=roi_t.valid.astype(jnp.float32))
 
-    # Positives come first in the sample, so the first P slots hold every positive ROI.
+    # Positives come first in the sample (in random order): the first P slots hold positives.
     p = s.num_mask_rois
     mask_rois = roi_t.rois[:, :p]
     mask_pos = roi_t.is_positive[:, :p]
