@@ -20,8 +20,13 @@ $(STAMP): requirements.txt setup.cfg
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+DEMO_DIR ?= demo_out/knee
+
+# The quick start: trains the knee phantom model on CPU (resuming if DEMO_DIR has a
+# checkpoint), then evaluates it on held-out phantom volumes and prints the summary tables.
 demo: $(STAMP)
-	$(PY) -m data_pipelines.phantoms knee --num 3 --seed 0 --out demo_out/phantom_knee --preview demo_out/phantom_knee/preview.png
+	$(PY) -m imask_jax.main --config experiments/phantom_knee.py --workdir $(DEMO_DIR)
+	$(PY) -m imask_jax.evaluate --workdir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) demo_out
