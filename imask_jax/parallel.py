@@ -4,36 +4,50 @@ All devices of all hosts form one `data` axis. Train state is replicated; a glob
 split along its leading axis; per-device code averages gradients and batch statistics with
 `lax.pmean(..., DATA_AXIS)`. This is what `jax.pmap` means, and what it now lowers to; writing
 it directly keeps us on the maintained API and lets `jax.jit` see the whole step.
+
+Multi-host: `initialize_distributed` starts `jax.distributed` (gloo collectives on CPU). Every
+process then holds the same replicated state and feeds its own rows of each global batch
+(`shard_batch` / `shard_device_batch`); `host_local_rows` gives back this process's rows of a
+batch-sharded result.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
+# Environment variables that mean "this process is one of a cluster job": jax.distributed
+# reads the coordinator and the process ids from them.
+CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
 
 
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
                            process_id: int = -1) -> None:
-  """Starts multi-host JAX when asked to, by flags or by the cluster's environment.
+  """Starts multi-host JAX when asked to, by arguments or by the cluster's environment.
 
   With no arguments and no cluster environment this is a no-op, so one-machine runs need
-  nothing. On CPU the cross-process collectives need gloo.
+  nothing. Must run before anything touches a JAX device. On CPU the cross-process
+  collectives need gloo.
+
+  Args:
+    coordinator_address: 'host:port' of process 0 ('' = from the cluster environment).
+    num_processes: how many processes take part (0 = from the environment).
+    process_id: this process's index in 0..num_processes-1 (-1 = from the environment).
   """
   explicit = bool(coordinator_address) or num_processes > 1
-  env_cluster = any(k in os.environ for k in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                                               'JAX_COORDINATOR_ADDRESS'))
-  if not explicit and not env_cluster:
+  if not explicit and not any(k in os.environ for k in CLUSTER_ENV):
     return
+  if num_processes > 0 and process_id >= num_processes:
+    raise ValueError(f'--process_id={process_id} with --num_processes={num_processes}; '
+                     'expected 0 <= process_id < num_processes')
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs: dict[str, Any] = {}
   if coordinator_address:
@@ -70,51 +84,66 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Turns this process's part of the batch into one global array per leaf.
+  """This process's examples -> global arrays split over the `data` axis.
 
   Args:
-    local_batch: pytree of arrays shaped [local_devices, per_device_batch, ...] (what the
-      input pipeline yields) or [local_examples, ...].
+    local_batch: pytree of arrays [local_examples, ...]; local_examples must be a multiple of
+      the local device count, the same on every process.
   Returns:
-    pytree of global arrays shaped [global_batch, ...], split over the `data` axis.
+    pytree of global arrays [local_examples * process_count, ...].
   """
   sharding = batch_sharded(mesh)
+  local_devices = jax.local_device_count()
 
   def put(x):
     x = np.asarray(x)
-    if x.ndim >= 2 and x.shape[0] == jax.local_device_count():
-      x = x.reshape((-1,) + x.shape[2:])
+    if x.ndim < 1 or x.shape[0] % local_devices:
+      raise ValueError(f'a batch of shape {x.shape} cannot be split over {local_devices} local '
+                       'devices: expected a leading example axis that is a multiple of it')
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)
 
 
-def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh, *,
-                  batch_argnums: tuple[int, ...], out_batched: Any = False) -> Callable[..., Any]:
-  """Wraps per-device `fn` in shard_map: args in `batch_argnums` are split, the rest replicated.
+def shard_device_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Like `shard_batch` for what the input pipeline yields: arrays shaped
+  [local_devices, per_device_batch, ...] (device-major), flattened to [global_batch, ...]."""
+  local_devices = jax.local_device_count()
 
-  `out_batched` is a pytree prefix of booleans saying which outputs are per-example (split)
-  rather than replicated (already reduced with pmean inside `fn`).
-  """
+  def flatten(x):
+    x = np.asarray(x)
+    if x.ndim < 2 or x.shape[0] != local_devices:
+      raise ValueError(f'a device batch of shape {x.shape}: expected [local_devices='
+                       f'{local_devices}, per_device_batch, ...]')
+    return x.reshape((-1,) + x.shape[2:])
 
-  def specs_for_args(num_args: int):
-    return tuple(P(DATA_AXIS) if i in batch_argnums else P() for i in range(num_args))
-
-  def wrapped(*args):
-    out_specs = jax.tree.map(lambda b: P(DATA_AXIS) if b else P(), out_batched)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs_for_args(len(args)),
-                         out_specs=out_specs, check_vma=False)(*args)
-
-  return wrapped
+  return shard_batch(jax.tree.map(flatten, local_batch), mesh)
 
 
-def pmean_if_bound(tree: Any, axis_name: str = DATA_AXIS) -> Any:
-  """`lax.pmean` over `axis_name` inside shard_map; identity when the axis is not bound."""
-  try:
-    return jax.lax.pmean(tree, axis_name)
-  except NameError:
-    return tree
+def host_local_rows(tree: Any) -> Any:
+  """This process's rows of batch-sharded global arrays, as NumPy, in global row order (the
+  inverse of `shard_batch`). Fully addressable arrays (one process) come back whole."""
+
+  def get(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    shards = {}
+    for shard in x.addressable_shards:  # replicas of one row block appear once
+      shards.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+  return jax.tree.map(get, tree)
 
 
-def global_norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+  """Elementwise sum of a host array over all processes (itself with one process)."""
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+
+
+def sync_processes(name: str) -> None:
+  """Barrier: returns once every process has reached `sync_processes(name)` (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

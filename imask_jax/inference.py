@@ -1,0 +1,369 @@
+"""Whole volume -> label map on the original grid: the inference path of evaluate and predict.
+
+  checkpoint + config.json  --load_model-->  LoadedModel (variables, jitted detect, batch size)
+  Volume (canonical RAS+)   --volume_inputs-->  slices prepared as evaluation prepares them
+                            --detect-->  per-slice detections at network-input resolution
+                            --detections_to_source-->  masks pasted at SOURCE slice resolution
+                            --assemble-->  label values on the canonical grid and on the file's
+                                           own grid (exactly its shape; save with grid.affine)
+
+Back-mapping. The input pipeline resizes a [h, w] slice by `scale` = extent / (h, w) and pads
+bottom/right, so a continuous network-input coordinate y_net is the source coordinate
+y_src = y_net / scale_y (pixel edges at integers in both). Boxes are therefore divided by the
+scale and the detections' m x m mask probabilities are pasted straight into the [h, w] source
+slice (`mask_rcnn.detections_to_label_map` at the source size): no resampling of a
+network-resolution label map, so the output is as sharp as the mask head allows whatever the
+input scale. Overlapping masks go to the highest-scoring detection, as at network resolution.
+
+Class ids (1..K, the model's output) become the config's label values
+(`data.class_label_values`) only at the end, in `LabelScheme.to_label_values`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import readers
+from data_pipelines.errors import DataError
+from imask_jax import input_pipeline, optim, parallel, train
+from imask_jax.metrics.thickness import KneeLabelValues
+from imask_jax.models import mask_rcnn
+
+EFFUSION_CLASS = 'effusion'
+KNEE_CLASS_NAMES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
+MASK_THRESHOLD = 0.5  # a pasted pixel belongs to a detection where its probability is >= this
+# About one degree of arc on a femoral condyle of 23 mm radius (the paper's 1 deg map rows).
+ARC_MM_PER_DEGREE = 0.4
+
+
+# --- what the label values mean ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelScheme:
+  """The classes of a config and their label values: class id c (1..K) is
+  `class_names[c - 1]` and is written as label value `label_values[c - 1]`."""
+  class_names: tuple[str, ...]
+  label_values: tuple[int, ...]
+
+  def __post_init__(self):
+    if len(self.class_names) != len(self.label_values) or not self.class_names:
+      raise ValueError(f'config data.class_names {self.class_names} and '
+                       f'data.class_label_values {self.label_values}: expected one label value '
+                       'per class name')
+    if any(not 1 <= v <= 255 for v in self.label_values):
+      raise ValueError(f'config data.class_label_values {self.label_values}: expected values '
+                       'in 1..255')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> LabelScheme:
+    scheme = cls(tuple(str(n) for n in config.data.class_names),
+                 tuple(int(v) for v in config.data.class_label_values))
+    if len(scheme.class_names) != int(config.model.num_classes):
+      raise ValueError(f'config model.num_classes={config.model.num_classes} but '
+                       f'data.class_names has {len(scheme.class_names)} classes')
+    return scheme
+
+  @property
+  def names_by_value(self) -> dict[int, str]:
+    return dict(zip(self.label_values, self.class_names))
+
+  @property
+  def class_map(self) -> dict[int, int]:
+    """Label value -> class id."""
+    return {v: i + 1 for i, v in enumerate(self.label_values)}
+
+  @property
+  def knee(self) -> KneeLabelValues | None:
+    """The four knee tissues' label values when every one of them is a class, else None."""
+    if not all(n in self.class_names for n in KNEE_CLASS_NAMES):
+      return None
+    value = dict(zip(self.class_names, self.label_values))
+    return KneeLabelValues(*(value[n] for n in KNEE_CLASS_NAMES))
+
+  @property
+  def effusion_value(self) -> int | None:
+    """The label value of class 'effusion', or None for a dataset without it."""
+    value = dict(zip(self.class_names, self.label_values))
+    return value.get(EFFUSION_CLASS)
+
+  def to_label_values(self, class_ids: np.ndarray) -> np.ndarray:
+    """int class ids (0 = background, 1..K) of any shape -> uint8 label values."""
+    class_ids = np.asarray(class_ids)
+    if class_ids.size and (class_ids.min() < 0 or class_ids.max() > len(self.label_values)):
+      raise ValueError(f'class ids in [{class_ids.min()}, {class_ids.max()}]; expected 0..'
+                       f'{len(self.label_values)} for classes {self.class_names}')
+    lookup = np.array((0,) + self.label_values, np.uint8)
+    return lookup[class_ids]
+
+
+def effusion_ml_by_side(label_map: np.ndarray, spacing: Sequence[float],
+                        effusion_value: int) -> dict[str, float]:
+  """Effusion volume (mL) on the patient's right and left and in total, from a canonical RAS+
+  label map [X, Y, Z] (X toward the patient's right) with spacing in mm.
+
+  The sides are split at the plane through the centre of the volume along X (a bilateral hip
+  scan is centred on the midline); a voxel column lying exactly on that plane (odd X) counts
+  half to each side, so right + left = total exactly.
+  """
+  label_map = np.asarray(label_map)
+  if label_map.ndim != 3:
+    raise ValueError(f'effusion_ml_by_side: label_map has shape {label_map.shape}; expected a '
+                     'canonical [X, Y, Z] volume')
+  voxel_ml = float(np.prod(np.asarray(spacing, float))) / 1000.0
+  per_column = np.count_nonzero(label_map == effusion_value, axis=(1, 2)).astype(float)
+  centre = (label_map.shape[0] - 1) / 2.0
+  x = np.arange(label_map.shape[0])
+  weight_right = np.where(x > centre, 1.0, np.where(x == centre, 0.5, 0.0))
+  right = float(np.sum(per_column * weight_right)) * voxel_ml
+  total = float(np.sum(per_column)) * voxel_ml
+  return {'right_ml': right, 'left_ml': total - right, 'total_ml': total}
+
+
+def femoral_angle_bin_deg(spacing: Sequence[float]) -> float:
+  """Row height (degrees) of femoral thickness maps for canonical `spacing` (mm): the paper's
+  1 deg while the sagittal in-plane voxels (axes 1 and 2) are at most ARC_MM_PER_DEGREE, else
+  the whole number of degrees one voxel spans, so that no map row falls between two voxel
+  layers and stays empty."""
+  in_plane = max(float(spacing[1]), float(spacing[2]))
+  # The tolerance keeps float32 spacings such as 0.800000012 from rounding up a whole degree.
+  return float(max(1, math.ceil(in_plane / ARC_MM_PER_DEGREE - 1e-4)))
+
+
+# --- the model from a workdir --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+  """A restored checkpoint ready for inference.
+
+  detect: jit(shard_map) of (variables, images [B, H, W, C]) -> per-example detections
+  (train.make_detect_fn); batch_size: B, the config's eval.batch_size (a multiple of the
+  device count); step: the checkpoint's training step.
+  """
+  workdir: str
+  config: ml_collections.ConfigDict
+  scheme: LabelScheme
+  step: int
+  variables: Any
+  detect: Any
+  mesh: jax.sharding.Mesh
+  batch_size: int
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    return tuple(int(n) for n in self.config.data.image_size)
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps of the checkpoints stored in `workdir`/checkpoints (sorted)."""
+  folder = os.path.join(os.fspath(workdir), 'checkpoints')
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit()
+                and os.path.isdir(os.path.join(folder, name)))
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedModel:
+  """Reads `workdir`/config.json and restores checkpoint `step` (default: the latest).
+
+  One process only: evaluation and prediction read whole volumes on the host that runs them.
+  """
+  workdir = os.fspath(workdir)
+  if jax.process_count() > 1:
+    raise RuntimeError(f'inference runs on one process; this is process {jax.process_index()}'
+                       f' of {jax.process_count()}')
+  config = train.load_config(workdir)
+  scheme = LabelScheme.from_config(config)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train '
+                            f'first with python -m imask_jax.main --workdir {workdir})')
+  if step is None:
+    step = steps[-1]
+  elif int(step) not in steps:
+    raise FileNotFoundError(f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step '
+                            f'{step}; stored steps: {steps}')
+  mesh = parallel.data_mesh()
+  batch_size = int(config.eval.batch_size)
+  if batch_size < 1 or batch_size % jax.device_count():
+    raise ValueError(f'config eval.batch_size={batch_size} must be a positive multiple of the '
+                     f'device count ({jax.device_count()})')
+  model = train.build_model(config, data_parallel=False)
+  tx = optim.make_optimizer(config.train)
+  # The restore template only needs shapes and dtypes: trace the initial state, don't run it.
+  template = jax.eval_shape(lambda: train.init_state(model, tx, int(config.seed)))
+  manager = train.checkpoint_manager(workdir, config)
+  state = train.restore_state(manager, template, mesh, int(step))
+  manager.close()
+  return LoadedModel(workdir=workdir, config=config, scheme=scheme, step=int(step),
+                     variables=train.model_variables(state),
+                     detect=train.make_detect_fn(model, mesh), mesh=mesh,
+                     batch_size=batch_size)
+
+
+# --- detections -> source resolution ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Instance:
+  """One detected instance of one slice at source resolution: class id (1..K), score, and its
+  pasted mask, stored as the crop `mask` bool [hh, ww] of its bounding box whose top-left pixel
+  is (top, left) (an empty mask is stored as a [0, 0] crop)."""
+  class_id: int
+  score: float
+  top: int
+  left: int
+  mask: np.ndarray
+
+  def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+    """bool [h, w]: the mask on the whole slice."""
+    out = np.zeros(shape, bool)
+    hh, ww = self.mask.shape
+    out[self.top:self.top + hh, self.left:self.left + ww] = self.mask
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=('source_size',))
+def _paste_at_source(boxes, scores, classes, valid, mask_probs, scale, source_size):
+  divisor = jnp.tile(scale.astype(jnp.float32), 2)[:, None, :]  # (sy, sx, sy, sx) per example
+  det = mask_rcnn.Detections(boxes / divisor, scores, classes, valid, mask_probs)
+  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD)
+
+
+def detections_to_source(detections: dict[str, np.ndarray], scale: np.ndarray,
+                         source_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Pastes network-resolution detections into their source slices.
+
+  Args:
+    detections: boxes float32 [B, D, 4] (y1, x1, y2, x2 in network-input pixels), scores
+      [B, D], classes int32 [B, D] (1..K), valid bool [B, D], mask_probs float32 [B, D, m, m].
+    scale: float32 [B, 2] network extent / source size per axis (input_pipeline's `scale`).
+    source_size: (h, w) of the source slices.
+  Returns:
+    class ids int32 [B, h, w] (0 = background; overlaps go to the best score) and the pasted
+    instance masks bool [B, D, h, w] (False for invalid detections).
+  """
+  label_map, masks = _paste_at_source(
+      jnp.asarray(detections['boxes'], jnp.float32), jnp.asarray(detections['scores']),
+      jnp.asarray(detections['classes'], jnp.int32), jnp.asarray(detections['valid'], bool),
+      jnp.asarray(detections['mask_probs'], jnp.float32), jnp.asarray(scale, jnp.float32),
+      tuple(int(n) for n in source_size))
+  return np.asarray(label_map), np.asarray(masks)
+
+
+def slice_instances(classes: np.ndarray, scores: np.ndarray, valid: np.ndarray,
+                    masks: np.ndarray) -> tuple[Instance, ...]:
+  """The valid detections of one slice ([D] classes, scores, valid; masks bool [D, h, w]) as
+  `Instance`s, highest score first."""
+  out = []
+  for d in np.flatnonzero(valid):
+    mask = masks[d]
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size:
+      crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy()
+      top, left = int(rows[0]), int(cols[0])
+    else:
+      crop, top, left = np.zeros((0, 0), bool), 0, 0
+    out.append(Instance(int(classes[d]), float(scores[d]), top, left, crop))
+  return tuple(sorted(out, key=lambda inst: -inst.score))
+
+
+# --- whole volumes -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VolumePrediction:
+  """A model's segmentation of one volume.
+
+  class_slices: int32 [n, h, w] class ids per slice at source resolution (slices along
+    `plane`, as `readers.slices` cuts them).
+  canonical: uint8 [X, Y, Z] label values in canonical RAS+ (spacing `spacing`, mm).
+  label_map: uint8 [I, J, K] label values on the file's grid (save with `grid.affine`).
+  instances: per slice, the detected instances (None unless asked for).
+  """
+  case_id: str
+  plane: str
+  class_slices: np.ndarray
+  canonical: np.ndarray
+  label_map: np.ndarray
+  spacing: tuple[float, float, float]
+  grid: Any
+  instances: tuple[tuple[Instance, ...], ...] | None = None
+
+
+def assemble(volume: readers.Volume, class_slices: np.ndarray, scheme: LabelScheme,
+             instances: Sequence[tuple[Instance, ...]] | None = None) -> VolumePrediction:
+  """Per-slice class ids [n, h, w] of `volume` (sliced along volume.plane) -> the prediction
+  on the canonical grid and on the file's grid, in label values."""
+  stack = readers.slices(volume)
+  expected = stack.images.shape
+  if tuple(class_slices.shape) != tuple(expected):
+    raise ValueError(f'case {volume.case_id}: class maps have shape {class_slices.shape}; '
+                     f'expected the slice stack shape {expected}')
+  values = scheme.to_label_values(class_slices)
+  return VolumePrediction(
+      case_id=volume.case_id, plane=stack.plane, class_slices=class_slices,
+      canonical=stack.to_canonical(values), label_map=stack.to_original(values),
+      spacing=tuple(volume.spacing), grid=volume.grid,
+      instances=None if instances is None else tuple(instances))
+
+
+def predict_volume(model: LoadedModel, volume: readers.Volume, *,
+                   keep_instances: bool = False) -> VolumePrediction:
+  """Runs the model over every slice of `volume` and assembles the label map.
+
+  Slices go through `input_pipeline.volume_inputs` (normalised, resized and padded exactly as
+  evaluation prepares stored slices) in batches of `model.batch_size` (the last one padded
+  with blank slices, so every batch has one static shape: one compile per image size).
+  keep_instances: also return each slice's detections as source-resolution `Instance`s (for
+  mask AP).
+  """
+  inputs = input_pipeline.volume_inputs(volume, model.config)
+  images, scale = inputs['image'], inputs['scale']
+  count, source_size = images.shape[0], readers.slices(volume).images.shape[1:3]
+  batch = model.batch_size
+  class_slices = np.zeros((count,) + tuple(source_size), np.int32)
+  instances: list[tuple[Instance, ...]] = []
+  for start in range(0, count, batch):
+    stop = min(start + batch, count)
+    real = stop - start
+    chunk = np.zeros((batch,) + images.shape[1:], np.float32)
+    chunk[:real] = images[start:stop]
+    chunk_scale = np.ones((batch, 2), np.float32)
+    chunk_scale[:real] = scale[start:stop]
+    out = jax.device_get(model.detect(model.variables,
+                                      parallel.shard_batch(chunk, model.mesh)))
+    out = {k: np.asarray(v) for k, v in out.items()}
+    labels, masks = detections_to_source(out, chunk_scale, source_size)
+    class_slices[start:stop] = labels[:real]
+    if keep_instances:
+      for i in range(real):
+        instances.append(slice_instances(out['classes'][i], out['scores'][i], out['valid'][i],
+                                         masks[i]))
+  return assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
+
+
+def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None
+               ) -> readers.Volume:
+  """An unlabelled NIfTI image as a canonical `Volume` to be sliced along `plane`."""
+  path = os.fspath(path)
+  if case_id is None:
+    case_id = os.path.basename(path)
+    for suffix in ('.nii.gz', '.nii'):
+      if case_id.endswith(suffix):
+        case_id = case_id[:-len(suffix)]
+  volume = readers.load_volume(readers.Case(case_id, path), plane=plane, label_values=None)
+  if min(volume.image.shape) < 1:
+    raise DataError(path, 'image has an empty axis', found=volume.image.shape)
+  return volume

@@ -1,0 +1,303 @@
+"""Prediction on new scans: NIfTI in -> label NIfTI on the input's exact grid + JSON report.
+
+  python -m imask_jax.predict --workdir DIR --input IN --output OUT [--checkpoint STEP]
+
+IN is a NIfTI file (.nii / .nii.gz) or a folder of them (hidden and non-NIfTI files are
+skipped). OUT is a folder: each input `<name>.nii.gz` (an nnU-Net channel suffix `_0000` is
+dropped from the name) gets
+  OUT/<name>.nii.gz   the label map: exactly the input's shape and affine, the input's header
+                      otherwise, uint8 label values of the config (data.class_label_values)
+  OUT/<name>.json     the report: tissue volumes in mL; knee: mean and regional cartilage
+                      thickness; hip: effusion volume (right, left, total)
+For a single input file OUT may instead be the label map's own name (ending in .nii or
+.nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
+
+Refused before any work (exit status 2): an output path that is one of the inputs, an OUT
+that is the input folder, two inputs that would write the same output. An input that cannot be
+read, or fails, is reported by its name and the others still run; the exit status is then 1.
+Every file is written atomically (a failure leaves no half-written output).
+
+Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
+cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
+posterior [-180, -45), central [-45, 45) and anterior [45, 180] deg bands, each split into the
+patient's right (axial >= 0) and left half at the mean left-right position of the femoral
+bone-cartilage interface; the tibial map into right and left halves at the mean left-right
+position of its interface. Right/left, not medial/lateral: which is medial depends on the
+knee's side, which a NIfTI file does not record. A region's value is the mean over its filled
+map cells (mm), null where it has none.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any, TextIO  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from data_pipelines import nifti_io  # noqa: E402
+from data_pipelines.atomic import atomic_path  # noqa: E402
+from imask_jax import inference, metrics  # noqa: E402
+from imask_jax.inference import LabelScheme, VolumePrediction  # noqa: E402
+
+NNUNET_CHANNEL_SUFFIX = '_0000'
+FEMORAL_BANDS_DEG = {'posterior': (-180.0, -45.0), 'central': (-45.0, 45.0),
+                     'anterior': (45.0, 180.0)}
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
+
+
+# --- what goes where ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One input scan and the two files it produces (absolute paths)."""
+  input: str
+  label_map: str
+  report: str
+
+
+def list_inputs(path: str) -> tuple[list[str], list[str]]:
+  """(NIfTI inputs, skipped names) of a file or folder; raises ValueError when there is none."""
+  path = os.path.abspath(path)
+  if os.path.isfile(path):
+    if not nifti_io.is_nifti_path(path):
+      raise ValueError(f'--input {path}: not a NIfTI file name (expected '
+                       f'{" or ".join(nifti_io.NIFTI_SUFFIXES)})')
+    return [path], []
+  if not os.path.isdir(path):
+    raise ValueError(f'--input {path}: no such file or folder')
+  names = sorted(n for n in os.listdir(path) if not n.startswith('.'))
+  inputs = [os.path.join(path, n) for n in names
+            if nifti_io.is_nifti_path(n) and os.path.isfile(os.path.join(path, n))]
+  skipped = [n for n in names if os.path.join(path, n) not in inputs]
+  if not inputs:
+    raise ValueError(f'--input {path}: the folder holds no NIfTI file (.nii or .nii.gz)')
+  return inputs, skipped
+
+
+def output_stem(input_path: str) -> str:
+  """'knee_0001_0000.nii.gz' -> 'knee_0001' (nnU-Net channel suffix dropped)."""
+  stem = nifti_io.strip_nifti_suffix(os.path.basename(input_path))
+  if stem.endswith(NNUNET_CHANNEL_SUFFIX) and len(stem) > len(NNUNET_CHANNEL_SUFFIX):
+    stem = stem[:-len(NNUNET_CHANNEL_SUFFIX)]
+  return stem
+
+
+def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
+  """The output files of every input; ValueError (nothing written yet) when an output would
+  overwrite an input, OUT is the input folder, or two inputs would share an output."""
+  output = os.path.abspath(output)
+  single = os.path.isfile(input_path)
+  if single and nifti_io.is_nifti_path(output):
+    jobs = [Job(inputs[0], output, nifti_io.strip_nifti_suffix(output) + '.json')]
+  else:
+    if os.path.isfile(output):
+      raise ValueError(f'--output {output} is a file; expected a folder (or, for a single '
+                       'input file, the label map name ending in .nii.gz)')
+    if not single and os.path.realpath(output) == os.path.realpath(input_path):
+      raise ValueError(f'--output {output} is the input folder; refusing to write label maps '
+                       'among the scans (a later run would read them as inputs)')
+    jobs = [Job(p, os.path.join(output, output_stem(p) + '.nii.gz'),
+                os.path.join(output, output_stem(p) + '.json')) for p in inputs]
+  by_output: dict[str, str] = {}
+  for job in jobs:
+    if job.label_map in by_output:
+      raise ValueError(f'inputs {by_output[job.label_map]} and {job.input} would both write '
+                       f'{job.label_map}; rename one of them')
+    by_output[job.label_map] = job.input
+  sources = {os.path.realpath(p): p for p in inputs}
+  for job in jobs:
+    for path in (job.label_map, job.report):
+      if os.path.realpath(path) in sources:
+        raise ValueError(f'output {path} is the input {sources[os.path.realpath(path)]}; '
+                         'refusing to overwrite an input (choose another --output)')
+  return jobs
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _finite_or_none(value: float) -> float | None:
+  return float(value) if math.isfinite(value) else None
+
+
+def _mean_cells(cells: np.ndarray) -> float | None:
+  filled = cells[np.isfinite(cells)]
+  return float(filled.mean()) if filled.size else None
+
+
+def femoral_thickness(label_map: np.ndarray, spacing: Sequence[float],
+                      knee: metrics.KneeLabelValues) -> dict[str, Any]:
+  """Mean and regional femoral cartilage thickness (mm) of a canonical label map."""
+  try:
+    m = metrics.femoral_thickness_map(label_map, spacing, labels=knee,
+                                      angle_bin_deg=inference.femoral_angle_bin_deg(spacing))
+  except ValueError as error:  # too little cartilage on the femur to fit the cylinder
+    return {'status': 'not_measured', 'reason': str(error)}
+  rows, cols = m.row_centers, m.col_centers
+  regions = {}
+  for band, (low, high) in FEMORAL_BANDS_DEG.items():
+    in_band = (rows >= low) & ((rows < high) if high < 180 else (rows <= high))
+    for side, in_side in (('right', cols >= 0), ('left', cols < 0)):
+      regions[f'{band}_{side}'] = _mean_cells(m.thickness_mm[np.ix_(in_band, in_side)])
+  return {'status': 'measured', 'mean_mm': _finite_or_none(m.mean_thickness_mm),
+          'regions_mm': regions, 'map_cells': int(np.isfinite(m.thickness_mm).sum()),
+          'angle_bin_deg': float(m.row_edges[1] - m.row_edges[0]),
+          'axial_bin_mm': float(m.col_edges[1] - m.col_edges[0]),
+          'cylinder_radius_mm': m.cylinder.radius_mm}
+
+
+def tibial_thickness(label_map: np.ndarray, spacing: Sequence[float],
+                     knee: metrics.KneeLabelValues) -> dict[str, Any]:
+  """Mean and right/left tibial cartilage thickness (mm) of a canonical label map."""
+  m = metrics.tibial_thickness_map(label_map, spacing, labels=knee)
+  if len(m.points.thickness_mm) == 0:
+    return {'status': 'not_measured',
+            'reason': f'no tibial cartilage (label {knee.tibial_cartilage}) touches the tibia '
+                      f'(label {knee.tibia})'}
+  centre = float(m.points.positions_mm[:, 0].mean())
+  cols = m.col_centers
+  regions = {'right': _mean_cells(m.thickness_mm[:, cols >= centre]),
+             'left': _mean_cells(m.thickness_mm[:, cols < centre])}
+  return {'status': 'measured', 'mean_mm': _finite_or_none(m.mean_thickness_mm),
+          'regions_mm': regions, 'map_cells': int(np.isfinite(m.thickness_mm).sum()),
+          'bin_mm': float(m.col_edges[1] - m.col_edges[0])}
+
+
+def volume_report(prediction: VolumePrediction, scheme: LabelScheme, job: Job,
+                  model: inference.LoadedModel) -> dict[str, Any]:
+  """The JSON report of one predicted volume (see the module docstring)."""
+  spacing = prediction.spacing
+  volumes = metrics.volumes_ml_per_label(prediction.canonical, spacing, scheme.label_values)
+  report: dict[str, Any] = {
+      'input': job.input, 'label_map': job.label_map,
+      'workdir': os.path.abspath(model.workdir), 'checkpoint_step': model.step,
+      'plane': prediction.plane, 'shape': list(prediction.label_map.shape),
+      'voxel_size_mm': list(nifti_io.affine_zooms(prediction.grid.affine)),
+      'labels': {name: value for value, name in scheme.names_by_value.items()},
+      'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
+  }
+  if scheme.knee is not None:
+    report['cartilage_thickness'] = {
+        'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee),
+        'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee),
+        'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py'}
+  if scheme.effusion_value is not None:
+    report['effusion_ml'] = inference.effusion_ml_by_side(prediction.canonical, spacing,
+                                                          scheme.effusion_value)
+  return report
+
+
+def write_json(path: str, obj: Any) -> str:
+  with atomic_path(path) as tmp:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(obj, f, indent=1, allow_nan=False)
+      f.write('\n')
+  return path
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+class ProgressBar:
+  """A one-line bar over volumes on a terminal; one line per volume otherwise (logs)."""
+
+  def __init__(self, total: int, stream: TextIO, width: int = 28):
+    self.total, self.stream, self.width = total, stream, width
+    self.live = hasattr(stream, 'isatty') and stream.isatty()
+
+  def show(self, done: int, text: str) -> None:
+    filled = round(self.width * done / max(self.total, 1))
+    line = f'[{"#" * filled}{"." * (self.width - filled)}] {done}/{self.total} {text}'
+    if self.live:
+      self.stream.write('\r' + line + ('\n' if done == self.total else ''))
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def note(self, text: str) -> None:
+    """A message on its own line (errors), leaving the bar intact below it."""
+    self.stream.write(('\n' if self.live else '') + text + '\n')
+    self.stream.flush()
+
+
+def predict_one(model: inference.LoadedModel, job: Job) -> dict[str, Any]:
+  """Reads, segments and writes one scan; returns its report."""
+  volume = inference.load_image(job.input, str(model.config.data.plane),
+                                case_id=output_stem(job.input))
+  prediction = inference.predict_volume(model, volume)
+  if prediction.label_map.shape != volume.grid.shape:
+    raise AssertionError(f'{job.input}: label map shape {prediction.label_map.shape} differs '
+                         f'from the input grid {volume.grid.shape}')
+  nifti_io.save_nifti(prediction.label_map, volume.grid.affine, job.label_map, like=job.input)
+  report = volume_report(prediction, model.scheme, job, model)
+  write_json(job.report, report)
+  return report
+
+
+def predict_command(workdir: str, input_path: str, output: str, *,
+                    checkpoint: int | None = None,
+                    model: inference.LoadedModel | None = None,
+                    stream: TextIO = sys.stderr) -> int:
+  """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
+  2 refused before any work). `model`: an already loaded checkpoint of `workdir`."""
+  try:
+    inputs, skipped = list_inputs(input_path)
+    jobs = plan_jobs(os.path.abspath(input_path), inputs, output)
+  except ValueError as error:
+    stream.write(f'predict: refused: {error}\n')
+    return EXIT_REFUSED
+  for name in skipped:
+    stream.write(f'predict: skipped {name} (not a NIfTI file)\n')
+  if model is None:
+    model = inference.load_model(workdir, checkpoint)
+  bar = ProgressBar(len(jobs), stream)
+  failures: list[tuple[str, str]] = []
+  for done, job in enumerate(jobs, start=1):
+    started = time.time()
+    try:
+      predict_one(model, job)
+      status = f'{os.path.basename(job.input)} ({time.time() - started:.1f} s)'
+    except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
+      message = str(error) if job.input in str(error) else f'{job.input}: {error}'
+      failures.append((job.input, f'{type(error).__name__}: {message}'))
+      bar.note(f'predict: FAILED {failures[-1][1]}')
+      status = f'{os.path.basename(job.input)} FAILED'
+    bar.show(done, status)
+  written = len(jobs) - len(failures)
+  stream.write(f'predict: {written} of {len(jobs)} volumes written to '
+               f'{os.path.dirname(jobs[0].label_map)}\n')
+  if failures:
+    stream.write(f'predict: {len(failures)} failed:\n' +
+                 ''.join(f'  {message}\n' for _, message in failures))
+    return EXIT_FAILED_INPUTS
+  return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m imask_jax.predict',
+      description='Segment NIfTI scans with a trained checkpoint: a label map on each input\'s '
+                  'grid and a JSON report of volumes, cartilage thickness or effusion.')
+  parser.add_argument('--workdir', required=True, help='training workdir (has config.json)')
+  parser.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
+  parser.add_argument('--output', required=True,
+                      help='output folder (or, for one input file, the label map file name)')
+  parser.add_argument('--checkpoint', type=int, default=None,
+                      help='checkpoint step (default: the latest)')
+  args = parser.parse_args(argv)
+  return predict_command(args.workdir, args.input, args.output, checkpoint=args.checkpoint)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,134 @@
+"""Figures of an evaluation as PNG: truth-vs-prediction overlays and cartilage thickness maps.
+
+Colour code of the overlays (the paper's Figures 9-10): green = reader (truth) only, red =
+model only, blue = both; the grey MRI slice elsewhere. Thickness maps: truth and prediction on
+one colour scale (mm), and the prediction - truth difference on a symmetric blue-white-red
+scale (red = the model measures thicker). Cells without cartilage are light grey.
+
+Every figure is drawn on a matplotlib `Figure` with the Agg canvas (no pyplot state, no
+display) and written atomically. Bland-Altman plots come from `metrics.plot_bland_altman`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from data_pipelines.atomic import atomic_path
+from imask_jax.metrics.thickness import PlateComparison, ThicknessMap
+
+TRUTH_ONLY = np.array([0.0, 0.85, 0.0])   # green
+MODEL_ONLY = np.array([0.95, 0.0, 0.0])   # red
+BOTH = np.array([0.1, 0.35, 1.0])         # blue
+MISSING_CELL = '#d9d9d9'
+
+
+def display_range(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
+                  ) -> tuple[float, float]:
+  """Grey-level window (low, high) of an image or volume from its intensity percentiles."""
+  low, high = np.percentile(np.asarray(image, np.float32), percentiles)
+  return float(low), float(max(high, low + 1e-6))
+
+
+def grey(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+  """float [h, w] -> float32 [h, w] in [0, 1] through the window (low, high)."""
+  low, high = window
+  return np.clip((np.asarray(image, np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+                opacity: float = 0.6) -> np.ndarray:
+  """uint8 [h, w, 3]: the grey slice `image` ([h, w] in [0, 1]) with truth-only pixels green,
+  model-only red and shared blue, blended at `opacity`."""
+  image = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
+  truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
+  if image.shape != truth.shape or image.shape != pred.shape:
+    raise ValueError(f'overlay_rgb: image {image.shape}, truth {truth.shape} and pred '
+                     f'{pred.shape} must have one shape [h, w]')
+  rgb = np.repeat(image[..., None], 3, axis=-1)
+  for where, colour in ((truth & ~pred, TRUTH_ONLY), (pred & ~truth, MODEL_ONLY),
+                        (truth & pred, BOTH)):
+    rgb[where] = (1 - opacity) * rgb[where] + opacity * colour
+  return np.round(rgb * 255).astype(np.uint8)
+
+
+def _new_figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(width, height), dpi=120)
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _save(figure, path: str | os.PathLike) -> str:
+  path = os.fspath(path)
+  if not path.lower().endswith('.png'):
+    raise ValueError(f'figure path {path!r} must end in .png')
+  with atomic_path(path) as tmp:
+    figure.savefig(tmp, format='png')
+  return path
+
+
+def save_overlay_figure(path: str | os.PathLike, image: np.ndarray, truth_labels: np.ndarray,
+                        pred_labels: np.ndarray, names_by_value: Mapping[int, str],
+                        title: str) -> str:
+  """One slice: the image, then one overlay panel per tissue (label value -> name), each with
+  its slice Dice. image float [h, w] in [0, 1]; label maps int [h, w]. Returns the path."""
+  panels = len(names_by_value) + 1
+  figure = _new_figure(2.6 * panels, 3.0)
+  axes = figure.subplots(1, panels, squeeze=False)[0]
+  axes[0].imshow(image, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+  axes[0].set_title('image', fontsize=9)
+  for ax, (value, name) in zip(axes[1:], names_by_value.items()):
+    truth, pred = truth_labels == value, pred_labels == value
+    denominator = truth.sum() + pred.sum()
+    dice = 2 * np.sum(truth & pred) / denominator if denominator else math.nan
+    ax.imshow(overlay_rgb(image, truth, pred), interpolation='nearest')
+    ax.set_title(f'{name}\nslice Dice {dice:.3f}', fontsize=9)
+  for ax in axes:
+    ax.set_axis_off()
+  figure.suptitle(f'{title}   green = truth only, red = model only, blue = both', fontsize=9)
+  figure.tight_layout(rect=(0, 0, 1, 0.92))
+  return _save(figure, path)
+
+
+def _draw_map(figure, ax, values: np.ndarray, thickness_map: ThicknessMap, cmap_name: str,
+              vmin: float, vmax: float, title: str, unit_label: str) -> None:
+  import matplotlib
+  cmap = matplotlib.colormaps[cmap_name].with_extremes(bad=MISSING_CELL)
+  extent = (thickness_map.col_edges[0], thickness_map.col_edges[-1],
+            thickness_map.row_edges[0], thickness_map.row_edges[-1])
+  image = ax.imshow(np.ma.masked_invalid(values), origin='lower', extent=extent, aspect='auto',
+                    cmap=cmap, vmin=vmin, vmax=vmax, interpolation='nearest')
+  ax.set_xlabel(thickness_map.col_name, fontsize=8)
+  ax.set_ylabel(thickness_map.row_name, fontsize=8)
+  ax.set_title(title, fontsize=9)
+  ax.tick_params(labelsize=7)
+  figure.colorbar(image, ax=ax, shrink=0.85).set_label(unit_label, fontsize=8)
+
+
+def save_thickness_figure(path: str | os.PathLike, comparison: PlateComparison, plate: str,
+                          title: str) -> str:
+  """Truth map, prediction map (one scale, mm) and prediction - truth difference map of one
+  plate ('femoral' rows = angle around the condylar cylinder, 0 deg inferior, +90 anterior;
+  'tibial' rows = anterior mm, columns = rightward mm). Returns the path."""
+  truth, pred, diff = comparison.truth, comparison.pred, comparison.difference
+  finite = [m[np.isfinite(m)] for m in (truth.thickness_mm, pred.thickness_mm)]
+  top = max([float(v.max()) for v in finite if v.size] + [1e-3])
+  diffs = diff.difference_mm[np.isfinite(diff.difference_mm)]
+  span = float(np.max(np.abs(diffs))) if diffs.size else 1.0
+  figure = _new_figure(13.0, 4.0)
+  axes = figure.subplots(1, 3)
+  _draw_map(figure, axes[0], truth.thickness_mm, truth, 'viridis', 0.0, top,
+            f'truth: mean {truth.mean_thickness_mm:.2f} mm', 'thickness (mm)')
+  _draw_map(figure, axes[1], pred.thickness_mm, truth, 'viridis', 0.0, top,
+            f'prediction: mean {pred.mean_thickness_mm:.2f} mm', 'thickness (mm)')
+  _draw_map(figure, axes[2], diff.difference_mm, truth, 'RdBu_r', -span, span,
+            f'prediction - truth: {diff.mean_mm:.2f} ± {diff.sd_mm:.2f} mm '
+            f'({diff.n_cells} cells)', 'difference (mm)')
+  figure.suptitle(f'{title}: {plate} cartilage thickness ({comparison.status})', fontsize=10)
+  figure.tight_layout(rect=(0, 0, 1, 0.94))
+  return _save(figure, path)

@@ -1,0 +1,47 @@
+"""Session-wide fixtures: one smoke-trained workdir (and its restored model) shared by every test
+module that needs a trained checkpoint.
+
+`smoke_workdir` trains experiments/phantom_knee.py:smoke (5 knee phantoms, 64 x 64 inputs, 6
+steps) once per test session into a temporary folder, its TFDS data beside it; `smoke_model`
+restores its latest checkpoint once, so the detection function compiles once per session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment_config(name: str, arg: str | None = None):
+  """`get_config(arg)` of experiments/<name>.py (the experiments folder is not a package)."""
+  path = os.path.join(REPO, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def smoke_workdir(tmp_path_factory) -> str:
+  """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""
+  from imask_jax import train
+  base = tmp_path_factory.mktemp('smoke')
+  config = experiment_config('phantom_knee', 'smoke')
+  # An explicit data_dir keeps the run independent of $IMASK_DATA_DIR.
+  config.data.data_dir = str(base / 'tfds')
+  workdir = str(base / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def smoke_model(smoke_workdir):
+  """The latest checkpoint of `smoke_workdir`, restored (inference.LoadedModel)."""
+  from imask_jax import inference
+  return inference.load_model(smoke_workdir)

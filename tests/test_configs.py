@@ -1,0 +1,144 @@
+"""Experiment configs: every experiment and variant builds a valid model and training config,
+the paper's settings are where the experiments say they are, variants and `--config.x.y`
+overrides apply, and the resolved config round-trips through the workdir's config.json."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from conftest import REPO, experiment_config
+from data_pipelines.datasets.params import params_from_config
+from data_pipelines.phantoms import hip, knee
+from imask_jax import configs, train
+from imask_jax.models.mask_rcnn import ModelSpec
+
+EXPERIMENTS = ('phantom_knee', 'phantom_hip', 'oai', 'stiho')
+VARIANTS = (None, 'smoke', 'head=standard,backbone=densenet121,steps=7,seed=3')
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+@pytest.mark.parametrize('arg', VARIANTS)
+def test_every_experiment_and_variant_builds_and_round_trips(name, arg, tmp_path):
+  config = experiment_config(name, arg)
+  train.check_train_config(config)
+  spec = ModelSpec.from_config(config)
+  assert spec.num_classes == len(config.data.class_names)
+  train.save_config(config, str(tmp_path))
+  loaded = train.load_config(str(tmp_path))
+  assert loaded.to_dict() == config.to_dict()  # tuples come back as tuples
+  assert ModelSpec.from_config(loaded) == spec
+  assert params_from_config(loaded, tmp_path) == params_from_config(config, tmp_path)
+  if arg and arg.startswith('head='):
+    assert (config.model.mask_head, config.model.backbone) == ('standard', 'densenet121')
+    assert (config.train.steps, config.train.epochs, config.seed) == (7, 0.0, 3)
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_smoke_variants_are_tiny_and_run_on_phantoms(name):
+  """Every smoke variant trains a few steps of a tiny model on generated phantoms of its
+  anatomy (same class names and label values), so it runs anywhere in about a minute."""
+  full, smoke = experiment_config(name), experiment_config(name, 'smoke')
+  assert smoke.data.dataset in ('phantom_knee', 'phantom_hip')
+  labels = knee.LABELS if smoke.data.dataset == 'phantom_knee' else hip.LABELS
+  assert tuple(smoke.data.class_names) == tuple(full.data.class_names)
+  assert tuple(smoke.data.class_label_values) == tuple(labels[n] for n in smoke.data.class_names)
+  assert smoke.data.plane == (knee.PLANE if smoke.data.dataset == 'phantom_knee' else hip.PLANE)
+  assert smoke.train.epochs == 0 and smoke.train.steps <= 10
+  assert smoke.train.batch_size <= 2 and smoke.data.num_volumes <= 5
+  assert max(smoke.data.image_size) <= 64 and smoke.model.width <= 8
+  assert smoke.model.backbone == 'resnet18'
+
+
+def test_phantom_hip_fits_the_hip_phantoms():
+  c = experiment_config('phantom_hip')
+  assert tuple(c.data.class_names) == ('effusion',) == configs.HIP_CLASSES
+  assert tuple(c.data.class_label_values) == (hip.LABELS['effusion'],) == (1,)
+  assert c.data.plane == hip.PLANE == 'coronal'
+  assert c.data.instance_mode == 'components'
+  # Phantom array axes are (I, L, A); a coronal slice has rows along I and columns along L.
+  rows, cols, _ = hip.PRESETS[c.data.phantom_preset]['shape']
+  assert tuple(c.data.image_size) == (rows, cols) == (160, 160)
+  assert c.model.num_classes == 1 and c.data.dataset == 'phantom_hip'
+  assert experiment_config('phantom_hip', 'reader=reader2').data.reader == 'reader2'
+
+
+@pytest.mark.parametrize('name', ('oai', 'stiho'))
+def test_paper_experiments_have_the_papers_settings(name):
+  """Section 2.3: ResNet-101-FPN, 1024 x 1024, Adam at 1e-3, 300 epochs, the iMaskRCNN head."""
+  c = experiment_config(name)
+  assert c.model.backbone == 'resnet101' and tuple(c.data.image_size) == (1024, 1024)
+  assert c.train.optimizer == 'adam' and c.train.learning_rate == 1e-3
+  assert c.train.schedule == 'constant' and c.train.epochs == 300
+  assert c.model.mask_head == 'imask' and c.model.width == 64
+  # The documented default step count: 300 epochs of the estimated training slices.
+  module_slices = {'oai': 470 * 160, 'stiho': 125 * 24}[name]
+  assert c.train.steps == math.ceil(300 * module_slices / c.train.batch_size)
+  # Once the dataset is prepared the trainer uses its real size instead.
+  assert train.resolve_steps(c, 1000) == math.ceil(300 * 1000 / c.train.batch_size)
+
+
+def test_oai_and_stiho_datasets():
+  oai = experiment_config('oai')
+  assert oai.data.dataset == 'oai_zib' and oai.data.plane == 'sagittal'
+  assert tuple(oai.data.class_names) == configs.KNEE_CLASSES
+  assert tuple(oai.data.class_label_values) == (1, 2, 3, 4)  # OAI-ZIB's label values
+  assert experiment_config('oai', 'nifti').data.dataset == 'nifti_folder'
+  stiho = experiment_config('stiho')
+  assert stiho.data.dataset == 'nifti_folder' and stiho.data.plane == 'coronal'
+  assert tuple(stiho.data.class_names) == ('effusion',) and stiho.data.instance_mode == 'components'
+  assert stiho.data.reader == '' and experiment_config('stiho', 'reader=reader1').data.reader == \
+      'reader1'
+
+
+def test_steps_replace_epochs_and_unknown_variants_are_refused():
+  c = experiment_config('oai', 'steps=50')
+  assert (c.train.steps, c.train.epochs) == (50, 0.0)
+  assert train.resolve_steps(c, 10 ** 6) == 50
+  c = experiment_config('phantom_knee', 'epochs=2.5')
+  c.train.batch_size = 4
+  assert train.resolve_steps(c, 10) == 7  # ceil(2.5 * 10 / 4)
+  with pytest.raises(ValueError, match=r"unknown config arguments \['hed'\]; known: .*head"):
+    experiment_config('oai', 'hed=standard')
+
+
+def test_config_flag_takes_a_variant_and_field_overrides(monkeypatch):
+  argv = ['main', '--config=experiments/oai.py:head=standard,backbone=densenet121',
+          '--config.train.learning_rate=0.5', '--config.data.image_size=(512,512)',
+          '--config.data.manual_dir=/data/oai']
+  monkeypatch.chdir(REPO)
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                           sys_argv=argv)
+  flag_values(argv)
+  c = holder.value
+  assert (c.model.mask_head, c.model.backbone) == ('standard', 'densenet121')
+  assert c.train.learning_rate == 0.5 and tuple(c.data.image_size) == (512, 512)
+  assert c.data.manual_dir == '/data/oai' and c.train.epochs == 300
+  train.check_train_config(c)
+
+
+def test_bad_training_settings_name_the_field():
+  def broken(**changes):
+    c = experiment_config('phantom_knee', 'smoke')
+    for path, value in changes.items():
+      group, field = path.split('__')
+      c[group][field] = value
+    return c
+
+  cases = [({'train__best_metric': 'val/loss'}, r'train\.best_metric=.*val/dice_femur'),
+           ({'model__num_classes': 3}, r'model\.num_classes=3'),
+           ({'train__log_every': 0}, r'train\.log_every=0'),
+           ({'train__steps': 0}, r'train\.steps=0'),
+           ({'train__epochs': -1.0}, r'train\.epochs=-1\.0')]
+  for changes, message in cases:
+    with pytest.raises(ValueError, match=message):
+      train.check_train_config(broken(**changes))
+
+
+def test_load_config_outside_a_workdir_says_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no config.json in the workdir'):
+    train.load_config(str(tmp_path))

@@ -1,0 +1,192 @@
+"""Prediction on new scans: outputs on each input's exact grid, report fields and values, refusal
+of outputs that would overwrite inputs, a corrupt input named while the others succeed, and the
+regional cartilage thickness against analytic shapes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_pipelines.phantoms import generate_knee
+from imask_jax import metrics, predict
+
+# Two grids that are neither canonical nor alike: axes P, I, L and axes S, L, P, anisotropic
+# voxels, every entry exact in float32 (so a written affine can be compared bit for bit).
+AFFINE_A = np.array([[0.0, 0.0, -1.5, 20.0],
+                     [-0.5, 0.0, 0.0, 30.0],
+                     [0.0, -0.5, 0.0, 40.0],
+                     [0.0, 0.0, 0.0, 1.0]])
+AFFINE_B = np.array([[0.0, -0.75, 0.0, 12.5],
+                     [0.0, 0.0, -0.75, -8.0],
+                     [2.0, 0.0, 0.0, 3.25],
+                     [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope='module')
+def scans(tmp_path_factory):
+  """A folder with two small knee-like scans (from one phantom) and one corrupt file."""
+  folder = tmp_path_factory.mktemp('scans')
+  image = generate_knee(2).image  # axes I, P, L
+  a = np.transpose(image[40:104, 30:94, 28:36], (1, 0, 2))  # P, I, L: 8 slices of 64 x 64
+  # Axes S, L, P after the transpose (slices along L, rows inferior, columns posterior) with
+  # the affine B voxel sizes: 6 sagittal slices of 48 x 40.
+  b = np.transpose(image[50:98, 40:80, 30:36], (0, 2, 1))[::-1]
+  paths = {'a': str(folder / 'knee_a.nii.gz'), 'b': str(folder / 'knee_b_0000.nii.gz'),
+           'bad': str(folder / 'broken.nii.gz')}
+  nib.save(nib.Nifti1Image(a.astype(np.int16), AFFINE_A), paths['a'])
+  nib.save(nib.Nifti1Image(np.ascontiguousarray(b).astype(np.float32), AFFINE_B), paths['b'])
+  with open(paths['a'], 'rb') as f:
+    truncated = f.read()[:2000]
+  with open(paths['bad'], 'wb') as f:
+    f.write(truncated)
+  with open(folder / 'notes.txt', 'w') as f:
+    f.write('not a scan\n')
+  return folder, paths
+
+
+def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_file(
+    scans, smoke_model, tmp_path):
+  folder, paths = scans
+  out = tmp_path / 'out'
+  stream = io.StringIO()
+  status = predict.predict_command(smoke_model.workdir, str(folder), str(out),
+                                   model=smoke_model, stream=stream)
+  log = stream.getvalue()
+  assert status == predict.EXIT_FAILED_INPUTS
+  assert f'FAILED DataError: {paths["bad"]}: cannot read' in log
+  assert 'skipped notes.txt' in log
+  assert '2 of 3 volumes written' in log
+  assert sorted(os.listdir(out)) == ['knee_a.json', 'knee_a.nii.gz', 'knee_b.json',
+                                     'knee_b.nii.gz']  # no temporaries, nothing for 'broken'
+
+  for name, key in (('knee_a', 'a'), ('knee_b', 'b')):
+    source = nib.load(paths[key])
+    written = nib.load(str(out / f'{name}.nii.gz'))
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+    labels = np.asarray(written.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+    with open(out / f'{name}.json') as f:
+      report = json.load(f)
+    assert report['input'] == paths[key]
+    assert report['label_map'] == str(out / f'{name}.nii.gz')
+    assert report['checkpoint_step'] == smoke_model.step
+    assert report['shape'] == list(source.shape)
+    assert report['labels'] == {'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
+                                'tibial_cartilage': 4}
+    voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
+    for tissue, value in report['labels'].items():
+      assert report['volumes_ml'][tissue] == pytest.approx(
+          np.count_nonzero(labels == value) * voxel_ml, rel=1e-9)
+    thickness = report['cartilage_thickness']
+    for plate in ('femoral', 'tibial'):
+      assert thickness[plate]['status'] in ('measured', 'not_measured')
+      if thickness[plate]['status'] == 'measured':
+        assert thickness[plate]['mean_mm'] > 0
+      else:
+        assert thickness[plate]['reason']
+    assert 'effusion_ml' not in report
+
+
+def test_output_equal_to_an_input_is_refused(scans, tmp_path):
+  folder, paths = scans
+  before = os.path.getmtime(paths['a']), os.path.getsize(paths['a'])
+  stream = io.StringIO()
+  # Refused before the model is needed: the workdir is never read.
+  assert predict.predict_command('/nonexistent', paths['a'], paths['a'],
+                                 stream=stream) == predict.EXIT_REFUSED
+  assert f'output {paths["a"]} is the input {paths["a"]}' in stream.getvalue()
+  assert (os.path.getmtime(paths['a']), os.path.getsize(paths['a'])) == before
+  stream = io.StringIO()
+  assert predict.predict_command('/nonexistent', str(folder), str(folder),
+                                 stream=stream) == predict.EXIT_REFUSED
+  assert 'is the input folder' in stream.getvalue()
+  # The CLI entry point gives the same status.
+  assert predict.main(['--workdir', '/nonexistent', '--input', paths['a'], '--output',
+                       paths['a']]) == predict.EXIT_REFUSED
+
+
+def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
+  inputs = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'y.nii')]
+  for path in inputs:
+    open(path, 'w').close()
+  jobs = predict.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
+  assert [(os.path.basename(j.label_map), os.path.basename(j.report)) for j in jobs] == [
+      ('x.nii.gz', 'x.json'), ('y.nii.gz', 'y.json')]
+  single = predict.plan_jobs(inputs[0], inputs[:1], str(tmp_path / 'o' / 'seg.nii.gz'))
+  assert single[0].report == str(tmp_path / 'o' / 'seg.json')
+  clash = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'x.nii.gz')]
+  with pytest.raises(ValueError, match='would both write'):
+    predict.plan_jobs(str(tmp_path), clash, str(tmp_path / 'out'))
+
+
+# --- regional thickness on analytic shapes -------------------------------------------------------
+
+
+def test_tibial_regions_of_a_flat_plate_are_exact():
+  # Canonical [X (right), Y (anterior), Z (superior)]: bone below, a cartilage layer 4 voxels
+  # thick over the whole plateau (it reaches the array's sides, so there is no rim).
+  spacing = (0.5, 0.5, 0.7)
+  labels = np.zeros((20, 16, 12), np.uint8)
+  labels[:, :, :4] = 3
+  labels[:, :, 4:8] = 4
+  report = predict.tibial_thickness(labels, spacing, metrics.KneeLabelValues())
+  assert report['status'] == 'measured'
+  assert report['mean_mm'] == pytest.approx(4 * 0.7)
+  assert report['regions_mm'] == {'right': pytest.approx(2.8), 'left': pytest.approx(2.8)}
+  labels[:, :, 4:8] = 0
+  assert predict.tibial_thickness(labels, spacing,
+                                  metrics.KneeLabelValues())['status'] == 'not_measured'
+
+
+def _femur_with_shell(angle_range, right_thickness=2.0):
+  """A femur-like cylinder along X (radius 12 mm, through the whole array, so no rim in X)
+  under a cartilage shell covering angles in `angle_range` (deg; 0 inferior, +90 anterior),
+  2 mm thick on the patient's left half (x < 12 mm) and `right_thickness` on the right half.
+  Canonical [X, Y, Z] label map and spacing."""
+  spacing = (1.0, 0.4, 0.4)
+  shape = (24, 80, 80)
+  x, y, z = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing='ij')
+  dy, dz = y - 16.0, z - 16.0
+  radius = np.hypot(dy, dz)
+  angle = np.degrees(np.arctan2(dy, -dz))
+  outer = 12.0 + np.where(x < 12.0, 2.0, right_thickness)
+  labels = np.zeros(shape, np.uint8)
+  labels[radius < 12.0] = 1
+  labels[(radius >= 12.0) & (radius < outer) & (angle > angle_range[0])
+         & (angle < angle_range[1])] = 2
+  return labels, spacing
+
+
+def test_femoral_regions_of_a_cylindrical_shell():
+  # Shell over -150..150 deg: the central band holds no rim (thickness tapers within one
+  # thickness of a rim, by the minimal-distance definition), so it reads the shell's 2 mm.
+  labels, spacing = _femur_with_shell((-150, 150))
+  report = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
+  assert report['status'] == 'measured'
+  assert report['cylinder_radius_mm'] == pytest.approx(12.0, abs=0.2)
+  regions = report['regions_mm']
+  for side in ('left', 'right'):
+    assert regions[f'central_{side}'] == pytest.approx(2.0, abs=0.15)
+    assert regions[f'anterior_{side}'] is not None and regions[f'posterior_{side}'] is not None
+  # 3 mm on the patient's right half: the right regions read it (less within about a
+  # thickness of the step between the halves, the minimal-distance taper again).
+  labels, spacing = _femur_with_shell((-150, 150), right_thickness=3.0)
+  regions = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
+  assert regions['central_left'] == pytest.approx(2.0, abs=0.15)
+  assert regions['central_right'] == pytest.approx(3.0, abs=0.25)
+  # Shell over 50..150 deg only: nothing in the central and posterior bands.
+  labels, spacing = _femur_with_shell((50, 150))
+  regions = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
+  for side in ('left', 'right'):
+    assert regions[f'central_{side}'] is None and regions[f'posterior_{side}'] is None
+    assert regions[f'anterior_{side}'] == pytest.approx(2.0, abs=0.5)
+  # No cartilage on the femur: reported as not measured, with the reason.
+  labels[labels == 2] = 0
+  missing = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
+  assert missing['status'] == 'not_measured' and 'at least 6' in missing['reason']
