@@ -36,9 +36,10 @@ SMOKE = 'experiments/phantom_knee.py:smoke'
 # 1 and 2 devices sum per-image gradients in different orders. With the global 'rbg' PRNG the
 # parameters agreed to about 1e-8 after the smoke run's six Adam steps; since parameter init
 # moved to an rbg key seeded from a threefry key (and sampling stayed threefry), the first-step
-# loss differs by 6e-5 relative and the curves by up to 4e-4: the cause is not yet found, so
-# these tolerances are loose (open question in the session notes).
-PARALLEL_ATOL = 1e-2
+# loss differs by 6e-5 relative and the logged losses by up to 4e-4 (cause not yet found),
+# while the final parameters still agree to 3.8e-6 (measured); a data or key mix-up moves them
+# by the learning rate (1e-3).
+PARALLEL_ATOL = 1e-4
 PARALLEL_LOSS_RTOL = 5e-3
 
 
