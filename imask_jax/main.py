@@ -58,8 +58,7 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (train.DataMissingError, train.NonFiniteLossError, DataError) as e:
-    logging.error('%s', e)
-    sys.exit(f'{type(e).__name__}: {e}')
+    sys.exit(f'{type(e).__name__}: {e}')  # the message, on stderr, with exit status 1
   logging.info('training finished: %s', _WORKDIR.value)
 
 

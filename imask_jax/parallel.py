@@ -136,14 +136,23 @@ def host_local_rows(tree: Any) -> Any:
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:
-  """Elementwise sum of a host array over all processes (itself with one process)."""
+  """Elementwise sum of a host array over all processes (itself with one process); a
+  collective, so every process must call it at the same point."""
   values = np.asarray(values)
   if jax.process_count() == 1:
     return values
   return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
-def sync_processes(name: str) -> None:
-  """Barrier: returns once every process has reached `sync_processes(name)` (no-op alone)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def sync_processes(name: str, timeout_seconds: float = 6 * 3600) -> None:
+  """Barrier: returns once every process has called `sync_processes(name)` (at once alone).
+
+  Uses the jax.distributed coordination service rather than a collective: a CPU (gloo)
+  collective gives up when the processes arrive more than 30 s apart, which one process
+  building a dataset or compiling more slowly easily exceeds. `name` must be unique in a run.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost as orbax_multihost  # the coordination client
+  client = orbax_multihost.get_jax_distributed_client()
+  client.wait_at_barrier(name, int(timeout_seconds * 1000))

@@ -238,9 +238,10 @@ def prepare_dataset(config: ml_collections.ConfigDict, data_dir: str):
   (on separate disks each builds its own copy after the barrier)."""
   from data_pipelines.datasets import builders
   builder = builders.prepare(config, data_dir) if jax.process_index() == 0 else None
-  parallel.sync_processes('imask_jax: dataset prepared')
+  parallel.sync_processes('imask_jax: dataset prepared by process 0')
   if builder is None:
     builder = builders.prepare(config, data_dir)
+  parallel.sync_processes('imask_jax: dataset prepared everywhere')
   return builder
 
 
@@ -355,6 +356,15 @@ def model_variables(state: TrainState) -> dict[str, Any]:
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return variables
+
+
+def compile_together(fn, args: tuple[Any, ...], name: str):
+  """`fn` (jitted) compiled ahead of time for `args` (arrays or ShapeDtypeStructs), after which
+  every process waits for the others: their first collective then starts together (CPU gloo
+  collectives give up when processes arrive more than 30 s apart, and compile times differ)."""
+  compiled = fn.lower(*args).compile()
+  parallel.sync_processes(f'imask_jax: compiled {name}')
+  return compiled
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -531,19 +541,19 @@ def _duration(seconds: float) -> str:
           f'{seconds // 60}m{seconds % 60:02d}s')
 
 
-def summarize_window(window: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Host metrics of the steps since the last log -> what is logged at the window's last
-  step: that step's loss terms and gradient norm (left out if the step was skipped, so
-  a curve is a function of the step alone and a resumed run logs what an uninterrupted one
-  does), its learning rate and counters, and nonfinite_steps = skipped steps in the window."""
-  last = window[-1]
+def summarize_window(last: dict[str, np.ndarray], finite: Sequence[float]) -> dict[str, float]:
+  """What is logged for the steps since the last log, from the last step's host metrics and
+  every step's `finite` flag: the last step's loss terms and gradient norm (left out if it was
+  skipped, so a curve is a function of the step alone and a resumed run logs what an
+  uninterrupted one does), its learning rate and counters, and nonfinite_steps = the skipped
+  steps of the window."""
   counters = ('finite', 'nonfinite_in_a_row', 'nonfinite_total', 'learning_rate')
   out: dict[str, float] = {}
   if float(last['finite']) > 0:
     out.update({k: float(v) for k, v in last.items() if k not in counters})
   if 'learning_rate' in last:
     out['learning_rate'] = float(last['learning_rate'])
-  out['nonfinite_steps'] = float(sum(float(m['finite']) == 0 for m in window))
+  out['nonfinite_steps'] = float(sum(float(f) == 0 for f in finite))
   out['nonfinite_total'] = float(last['nonfinite_total'])
   return out
 
@@ -601,7 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       log.message(f'{builder.data_dir}: no validation split (data.split_fractions='
                   f'{tuple(config.data.split_fractions)}): no validation, and only the latest '
                   'checkpoints are kept')
-    loop = _Loop(config, workdir, mesh, model, tx, schedule, manager, log, val_ds)
+    loop = _Loop(config, mesh, model, tx, schedule, manager, log, val_ds)
     return loop.run(state, train_iter)
   finally:
     log.close()
@@ -611,15 +621,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 class _Loop:
   """The training loop of `train_and_evaluate` (one object so its steps read as methods)."""
 
-  def __init__(self, config, workdir, mesh, model, tx, schedule, manager, log, val_ds):
-    self.config, self.workdir, self.mesh, self.manager, self.log = (config, workdir, mesh,
-                                                                    manager, log)
-    self.val_ds = val_ds
+  def __init__(self, config, mesh, model, tx, schedule, manager, log, val_ds):
+    self.config, self.mesh, self.manager, self.log, self.val_ds = (config, mesh, manager, log,
+                                                                   val_ds)
     self.total = int(config.train.steps)
     self.global_batch = int(config.train.batch_size)
     self.max_in_a_row = int(config.train.max_nonfinite_in_a_row)
     self.train_step = make_train_step(model, tx, mesh, int(config.seed), schedule)
     self.detect_fn = make_detect_fn(build_model(config, data_parallel=False), mesh)
+    self.compiled_step = self.compiled_detect = None
 
   def run(self, state: TrainState, train_iter) -> TrainState:
     t = self.config.train
@@ -634,7 +644,9 @@ class _Loop:
     while step < self.total:
       batch = parallel.shard_device_batch({k: v for k, v in next(train_iter).items()
                                            if k in MODEL_INPUT_KEYS}, self.mesh)
-      state, metrics = self.train_step(state, batch)
+      if self.compiled_step is None:
+        self.compiled_step = compile_together(self.train_step, (state, batch), 'train step')
+      state, metrics = self.compiled_step(state, batch)
       step += 1
       window.append(metrics)
       if step == start + 1:  # the first step includes the compile: time it on its own
@@ -693,7 +705,9 @@ class _Loop:
 
   def _log_window(self, step: int, window, seconds: float | None, steps_timed: int,
                   eta: float | None) -> None:
-    values = summarize_window(jax.device_get(window))
+    # Two transfers: the last step's metrics and every step's finite flag.
+    last, finite = jax.device_get((window[-1], [m['finite'] for m in window]))
+    values = summarize_window(last, finite)
     if seconds is not None:
       values['step_time'] = seconds / steps_timed
       values['slices_per_second'] = steps_timed * self.global_batch / max(seconds, 1e-9)
@@ -707,7 +721,14 @@ class _Loop:
     an overlay written, and returned for the checkpoint's metrics (None: no validation split)."""
     if self.val_ds is None:
       return None
-    dice, example = slice_dice(self.detect_fn, model_variables(state), self.val_ds, self.mesh,
+    variables = model_variables(state)
+    if self.compiled_detect is None:
+      d = self.config.data
+      images = jax.ShapeDtypeStruct(
+          (int(self.config.eval.batch_size), *(int(n) for n in d.image_size),
+           2 * int(d.context_slices) + 1), jnp.float32, sharding=parallel.batch_sharded(self.mesh))
+      self.compiled_detect = compile_together(self.detect_fn, (variables, images), 'detection')
+    dice, example = slice_dice(self.compiled_detect, variables, self.val_ds, self.mesh,
                                int(self.config.model.num_classes))
     names = validation_metric_names(self.config)
     values = dict(zip(names, [float(d) for d in dice] + [float(np.mean(dice))]))

@@ -33,14 +33,13 @@ from conftest import REPO, experiment_config
 from imask_jax import configs, optim, parallel, train
 
 SMOKE = 'experiments/phantom_knee.py:smoke'
-# 1 and 2 devices sum per-image gradients in different orders. With the global 'rbg' PRNG the
-# parameters agreed to about 1e-8 after the smoke run's six Adam steps; since parameter init
-# moved to an rbg key seeded from a threefry key (and sampling stayed threefry), the first-step
-# loss differs by 6e-5 relative and the logged losses by up to 4e-4 (cause not yet found),
-# while the final parameters still agree to 3.8e-6 (measured); a data or key mix-up moves them
-# by the learning rate (1e-3).
-PARALLEL_ATOL = 1e-4
-PARALLEL_LOSS_RTOL = 5e-3
+# 1 and 2 devices (or processes) sum per-image gradients in different orders. After the smoke
+# run's six Adam steps the parameters agreed to 3.8e-6 and the logged losses to 1e-5 relative
+# (measured; compiled with XLA's default flags, as the reference is: other flags, e.g. -O0,
+# change rounding enough to flip discrete proposal choices and move losses by 4e-4). A data or
+# key mix-up moves parameters by about the learning rate (1e-3) per step.
+PARALLEL_ATOL = 5e-5
+PARALLEL_LOSS_RTOL = 1e-4
 
 
 # --- fixtures and helpers ------------------------------------------------------------------------
@@ -485,7 +484,7 @@ def assert_matches_reference(workdir: str, reference: dict) -> None:
                              rtol=PARALLEL_LOSS_RTOL)
   val, expected_val = validation(workdir), validation(reference['workdir'])
   assert val.keys() == expected_val.keys()
-  np.testing.assert_allclose([val[k] for k in val], [expected_val[k] for k in val], atol=0.02)
+  np.testing.assert_allclose([val[k] for k in val], [expected_val[k] for k in val], atol=1e-3)
   state = restore(workdir)  # saved by 2 devices, restored onto this process's 1
   assert len(jax.devices()) == 1 and int(state.step) == reference['config'].train.steps
   difference = max_abs_difference(state.params, reference['state'].params)
