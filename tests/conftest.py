@@ -14,6 +14,13 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs one fixed set of examples (HYPOTHESIS_PROFILE=ci, set by .ci/run) so that a gate never
+# turns on a new random draw; local runs keep exploring new examples each time.
+settings.register_profile('ci', derandomize=True, print_blob=True)
+if os.environ.get('HYPOTHESIS_PROFILE'):
+  settings.load_profile(os.environ['HYPOTHESIS_PROFILE'])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
