@@ -303,7 +303,7 @@ def _summary(results: Sequence[CaseResult], value: int, field: str) -> Summary:
   return metrics.summarize(per_case, field)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
   return lines
@@ -338,7 +338,7 @@ def segmentation_tables(results: Sequence[CaseResult], scheme: LabelScheme,
       ['ASSD (mm)'] + [format_summary(_summary(results, v, 'assd_mm')) for v in names],
       ['Mask AP'] + [ap_cell(v) for v in names],
   ]
-  lines += _table(['Metric'] + list(names.values()), rows)
+  lines += markdown_table(['Metric'] + list(names.values()), rows)
   lines += ['', 'Further metrics (mean ± SD over volumes):', '']
   more = [('Precision', 'precision', 3), ('Recall', 'recall', 3), ('Jaccard', 'jaccard', 3),
           ('Hausdorff (mm)', 'hausdorff_mm', 2), ('HD95 (mm)', 'hd95_mm', 2)]
@@ -346,7 +346,7 @@ def segmentation_tables(results: Sequence[CaseResult], scheme: LabelScheme,
           for label, field, digits in more]
   rows.append(['AP50 (all slices)'] + [f'{ap[class_of[v]].ap50:.3f}' for v in names])
   rows.append(['AP75 (all slices)'] + [f'{ap[class_of[v]].ap75:.3f}' for v in names])
-  lines += _table(['Metric'] + list(names.values()), rows)
+  lines += markdown_table(['Metric'] + list(names.values()), rows)
   return lines
 
 
@@ -361,7 +361,7 @@ def surface_table(results: Sequence[CaseResult], scheme: LabelScheme) -> list[st
   for value, name in scheme.names_by_value.items():
     rows.append([name, format_summary(_summary(results, value, 'signed_mean_mm')),
                  format_summary(_summary(results, value, 'signed_sd_mm'))])
-  return lines + _table(['Tissue', 'average of mean distance (mm)',
+  return lines + markdown_table(['Tissue', 'average of mean distance (mm)',
                          'average of distance SD (mm)'], rows)
 
 
@@ -390,7 +390,7 @@ def thickness_table(results: Sequence[CaseResult]) -> list[str]:
                                          statuses)
     rows.append([plate, format_summary(mean_diff) + note, format_summary(sd_diff),
                  format_summary(truth_mean, 2), format_summary(pred_mean, 2)])
-  return lines + _table(['Plate', 'average of mean differences (mm)',
+  return lines + markdown_table(['Plate', 'average of mean differences (mm)',
                          'average of SD of differences (mm)', 'truth mean thickness (mm)',
                          'predicted mean thickness (mm)'], rows)
 
@@ -403,7 +403,7 @@ def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
   row = [format_summary(_summary(results, value, f)) for f in ('dice', 'precision', 'recall')]
   pooled = ap[scheme.class_map[value]]
   row.append('n/a (no truth instance)' if math.isnan(pooled.ap) else f'{pooled.ap:.3f}')
-  return lines + _table(['Dice', 'Precision (voxels)', 'Recall (voxels)',
+  return lines + markdown_table(['Dice', 'Precision (voxels)', 'Recall (voxels)',
                          'Mask AP (all slices)'], [row])
 
 
@@ -433,7 +433,7 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
       sd = f' ± {np.std(values, ddof=1):.2f}' if values.size > 1 else ''
       cells.append(f'{np.mean(values):.2f}{sd}')
     rows.append([rater] + cells)
-  lines += _table(['Rater', 'Right', 'Left', 'Overall'], rows)
+  lines += markdown_table(['Rater', 'Right', 'Left', 'Overall'], rows)
   if pairs is None:
     return lines + ['', f'Agreement statistics need >= 2 volumes; the split has '
                         f'{len(results)}.']
@@ -453,7 +453,7 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
       d = pair(a, b)[0].difference
       cells.append(f'{d.mean_abs_difference:.2f} ± {d.sd_abs_difference:.2f}')
     rows.append([a] + cells)
-  lines += _table(['Rater'] + raters, rows)
+  lines += markdown_table(['Rater'] + raters, rows)
   lines += ['', 'CoV between two raters: per volume CoV_i = SD_i / mean_i of its two '
             'measurements (SD_i = |a_i - b_i| / sqrt(2), the sample SD); reported as RMS CoV = '
             'sqrt(mean_i CoV_i^2) / mean CoV = mean_i CoV_i. Volumes where both raters measure '
@@ -469,7 +469,7 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
       zero = f' ({cov.n_zero_mean} all-zero)' if cov.n_zero_mean else ''
       cells.append(f'{cov.rms_cov:.2f} / {cov.mean_cov:.2f}{zero}')
     rows.append([a] + cells)
-  lines += _table(['Rater'] + raters, rows)
+  lines += markdown_table(['Rater'] + raters, rows)
   lines += ['', 'ICC of total volumes (two-way ANOVA, Shrout & Fleiss): ICC(2,1) absolute '
             'agreement, ICC(3,1) consistency; Bland-Altman bias a - b and 95% limits of '
             'agreement (mL).', '']
@@ -478,7 +478,7 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
     ba = p.bland_altman
     rows.append([f'{a} vs {b}', f'{p.icc.icc_2_1:.3f}', f'{p.icc.icc_3_1:.3f}',
                  f'{ba.bias:+.2f}', f'[{ba.loa_lower:+.2f}, {ba.loa_upper:+.2f}]'])
-  lines += _table(['Pair', 'ICC(2,1)', 'ICC(3,1)', 'bias (mL)', 'limits of agreement (mL)'],
+  lines += markdown_table(['Pair', 'ICC(2,1)', 'ICC(3,1)', 'bias (mL)', 'limits of agreement (mL)'],
                   rows)
   table = np.array([[res.rater_ml[r]['total_ml'] for r in raters] for res in results])
   icc = metrics.intraclass_correlation(table)

@@ -1,0 +1,496 @@
+"""Ablation sweeps: train and evaluate every variant of a sweep, then one comparison table.
+
+  python -m imask_jax.sweep --config experiments/ablations.py:dataset=phantom_knee --workdir DIR
+  python -m imask_jax.sweep --config ... --workdir DIR --dry_run         # commands, run nothing
+  python -m imask_jax.sweep --config ... --workdir DIR --aggregate_only  # tables from what is done
+
+A sweep config (experiments/ablations.py) names a base experiment, its argument for every run,
+the seeds, and the variants as (name, config arguments, baseline). Each run, a variant at a
+seed, is an ordinary training workdir DIR/<variant>/seed<k>/: `python -m imask_jax.main` trains
+it (resuming from its latest checkpoint) and `python -m imask_jax.evaluate` evaluates its last
+checkpoint on the sweep's split. A run is finished when that evaluation exists, so a sweep
+started again skips finished runs and resumes the others, however it was stopped. A failing run
+is reported with the end of its log and the others still run; the exit status is then 1.
+All runs share one prepared dataset in DIR/tfds (or $IMASK_DATA_DIR, or the experiment's own
+data.data_dir).
+
+Then DIR/summary.csv (a row per variant, seed, test volume and tissue) and DIR/summary.md:
+the paper's Table 3 layout (Dice, Hausdorff in pixels, average symmetric surface distance in mm
+as the boundary measure, mask AP; mean ± SD over volumes and seeds) and paired Wilcoxon
+signed-rank tests of each variant against its baseline over the same volumes and seeds.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from data_pipelines.atomic import atomic_path  # noqa: E402
+
+SUMMARY_COLUMNS = ('variant', 'seed', 'case_id', 'tissue', 'status', 'dice', 'precision',
+                   'recall', 'hausdorff_voxels', 'hausdorff_mm', 'hd95_mm', 'assd_mm',
+                   'signed_mean_mm', 'ap')
+# (column, label, digits) of the Table 3 layout, tissues across within each.
+TABLE3_METRICS = (('dice', 'Dice', 3), ('hausdorff_voxels', 'Hausdorff (px)', 2),
+                  ('assd_mm', 'ASSD (mm)', 3), ('ap', 'AP', 3))
+# (column, label, digits) compared pairwise between a variant and its baseline.
+PAIRED_METRICS = (('dice', 'Dice', 4), ('assd_mm', 'ASSD (mm)', 3),
+                  ('hausdorff_voxels', 'Hausdorff (px)', 2))
+LOG_NAME = 'sweep.log'
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One variant at one seed: the experiment argument and the workdir it trains in."""
+  variant: str
+  seed: int
+  baseline: str
+  arg: str
+  workdir: str
+
+  @property
+  def name(self) -> str:
+    return f'{self.variant}/seed{self.seed}'
+
+
+def load_experiment(path: str, arg: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an experiment file (experiments/ is not a package)."""
+  spec = importlib.util.spec_from_file_location('_sweep_experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+  """What can be checked of a run's config without data: the training settings and the
+  backbone and mask head names."""
+  from imask_jax import train
+  from imask_jax.models.backbones import build_backbone
+  train.check_train_config(config)
+  build_backbone(str(config.model.backbone), norm=str(config.model.norm))
+  if config.model.mask_head not in ('standard', 'imask'):
+    raise ValueError(f'model.mask_head={config.model.mask_head!r}; expected standard or imask')
+
+
+def check_sweep(sweep: ml_collections.ConfigDict) -> None:
+  """Variant names unique and usable as folder names; every baseline a variant of the sweep."""
+  names = [str(v[0]) for v in sweep.variants]
+  if not names:
+    raise ValueError('sweep config: no variants')
+  if len(set(names)) != len(names):
+    raise ValueError(f'sweep config: variant names repeat: {names}')
+  for name, _, baseline in sweep.variants:
+    if not name or any(not (c.isalnum() or c in '-_.') for c in name):
+      raise ValueError(f'sweep config: variant name {name!r} must be letters, digits, - _ .')
+    if baseline and baseline not in names:
+      raise ValueError(f'sweep config: variant {name!r} is compared with {baseline!r}, which is '
+                       f'not a variant of the sweep ({names})')
+  if not sweep.seeds:
+    raise ValueError('sweep config: no seeds')
+
+
+def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
+  """Every run of the sweep, variants in order and seeds within each, with its full argument.
+
+  Each argument is loaded and checked here, so a typo in a variant fails before anything
+  trains."""
+  check_sweep(sweep)
+  runs = []
+  for name, variant_arg, baseline in sweep.variants:
+    for seed in sweep.seeds:
+      arg = ','.join(a for a in (str(sweep.base_arg), str(variant_arg), f'seed={int(seed)}') if a)
+      try:
+        check_run_config(load_experiment(str(sweep.experiment), arg))
+      except Exception as error:  # noqa: BLE001 -- named and re-raised with its cause
+        raise ValueError(f'sweep variant {name!r}: {sweep.experiment}:{arg} does not load: '
+                         f'{error}') from error
+      runs.append(Run(str(name), int(seed), str(baseline), arg,
+                      os.path.join(os.path.abspath(workdir), str(name), f'seed{int(seed)}')))
+  return runs
+
+
+def shared_data_dir(sweep: ml_collections.ConfigDict, run: Run, workdir: str) -> str | None:
+  """The TFDS data_dir to give the run, or None when its experiment sets its own."""
+  if load_experiment(str(sweep.experiment), run.arg).data.data_dir:
+    return None
+  return os.environ.get('IMASK_DATA_DIR') or os.path.join(os.path.abspath(workdir), 'tfds')
+
+
+def train_command(sweep: ml_collections.ConfigDict, run: Run, workdir: str) -> list[str]:
+  command = [sys.executable, '-m', 'imask_jax.main',
+             f'--config={sweep.experiment}:{run.arg}', f'--workdir={run.workdir}']
+  data_dir = shared_data_dir(sweep, run, workdir)
+  if data_dir:
+    command.append(f'--config.data.data_dir={data_dir}')
+  return command
+
+
+def evaluate_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
+  return [sys.executable, '-m', 'imask_jax.evaluate', f'--workdir={run.workdir}',
+          f'--split={sweep.split}']
+
+
+def finished_eval_dir(run: Run, split: str) -> str | None:
+  """The run's evaluation of its last training step on `split`, if it exists (an evaluation
+  folder appears whole or not at all), else None."""
+  path = os.path.join(run.workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  steps = int(config['train']['steps'])
+  name = str(steps) if split == config['eval']['split'] else f'{steps}_{split}'
+  folder = os.path.join(run.workdir, 'eval', name)
+  return folder if os.path.exists(os.path.join(folder, 'metrics.csv')) else None
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class SweepLock:
+  """An exclusive lock on DIR/.sweep.lock for as long as this sweep or a run it started lives:
+  the runs inherit the open lock file, so even after the sweep itself is killed, a second
+  sweep cannot start a second trainer on a workdir still being written."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, '.sweep.lock')
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(self.fd)
+      raise RuntimeError(f'{self.path}: another sweep (or a run it started) is still working '
+                         f'in {workdir}; wait for it or stop it first') from None
+
+  def close(self) -> None:
+    os.close(self.fd)
+
+
+def _run_logged(command: Sequence[str], log_path: str, echo: Callable[[str], None] | None,
+                lock: SweepLock) -> int:
+  """Runs `command`, appending its output to `log_path` (and echoing each line); returns its
+  exit status. Stopping the sweep (SIGTERM, Ctrl-C) stops the command too."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
+  with open(log_path, 'a', encoding='utf-8') as log:
+    log.write(f'$ {shlex.join(command)}\n')
+    log.flush()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, pass_fds=(lock.fd,))
+    try:
+      for line in child.stdout:
+        log.write(line)
+        log.flush()
+        if echo is not None:
+          echo(line.rstrip('\n'))
+      return child.wait()
+    finally:
+      if child.poll() is None:
+        child.terminate()
+        child.wait()
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  with open(path, encoding='utf-8', errors='replace') as f:
+    return ''.join(f.readlines()[-lines:])
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run], *,
+              echo: Callable[[str], None] | None = print) -> list[str]:
+  """Trains and evaluates every unfinished run in turn; returns the names of failed runs."""
+  say = echo or (lambda line: None)
+  lock = SweepLock(workdir)
+  failed = []
+  try:
+    for index, run in enumerate(runs):
+      head = f'[{index + 1}/{len(runs)}] {run.name}'
+      if finished_eval_dir(run, str(sweep.split)):
+        say(f'{head}: finished before, skipped')
+        continue
+      os.makedirs(run.workdir, exist_ok=True)
+      log_path = os.path.join(run.workdir, LOG_NAME)
+      started = time.time()
+      for what, command in (('training', train_command(sweep, run, workdir)),
+                            ('evaluating', evaluate_command(sweep, run))):
+        say(f'{head}: {what} (log: {log_path})')
+        status = _run_logged(command, log_path,
+                             None if echo is None else (lambda line: echo(f'  {line}')), lock)
+        if status != 0:
+          failed.append(run.name)
+          say(f'{head}: {what} failed with exit status {status}; the end of its log:\n'
+              f'{_tail(log_path)}')
+          break
+      else:
+        if not finished_eval_dir(run, str(sweep.split)):
+          failed.append(run.name)
+          say(f'{head}: ran, but its last checkpoint has no evaluation (see {log_path})')
+        else:
+          say(f'{head}: finished in {time.time() - started:.0f} s')
+  finally:
+    lock.close()
+  return failed
+
+
+def dry_run_commands(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run],
+                     sweep_flags: str) -> list[str]:
+  """One shell line per run (train, then evaluate), then the aggregation command."""
+  lines = [f'# {len(runs)} runs; the first one prepares the shared dataset, so start it '
+           'alone or wait until its training has begun']
+  for run in runs:
+    lines.append(shlex.join(train_command(sweep, run, workdir)) + ' && ' +
+                 shlex.join(evaluate_command(sweep, run)))
+  lines.append(f'# when all have finished:\n{shlex.join([sys.executable, "-m", "imask_jax.sweep"])}'
+               f' {sweep_flags} --workdir={shlex.quote(os.path.abspath(workdir))} '
+               '--aggregate_only')
+  return lines
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+
+def _float(text: str) -> float:
+  return float(text) if text != '' else math.nan
+
+
+def run_rows(run: Run, eval_dir: str) -> list[dict[str, Any]]:
+  """The summary.csv rows of one finished run: its metrics.csv rows with the volume's AP."""
+  with open(os.path.join(eval_dir, 'ap.csv'), newline='') as f:
+    ap = {(row['scope'], row['tissue']): _float(row['ap']) for row in csv.DictReader(f)}
+  rows = []
+  with open(os.path.join(eval_dir, 'metrics.csv'), newline='') as f:
+    for row in csv.DictReader(f):
+      out = {'variant': run.variant, 'seed': run.seed, 'case_id': row['case_id'],
+             'tissue': row['tissue'], 'status': row['status'],
+             'ap': ap.get((row['case_id'], row['tissue']), math.nan)}
+      for column in SUMMARY_COLUMNS:
+        if column not in out:
+          out[column] = _float(row[column])
+      rows.append(out)
+  return rows
+
+
+def pooled_ap(eval_dir: str) -> dict[str, float]:
+  """COCO mask AP per tissue over all slices of the run's split (ap.csv scope 'all')."""
+  with open(os.path.join(eval_dir, 'ap.csv'), newline='') as f:
+    return {row['tissue']: _float(row['ap']) for row in csv.DictReader(f)
+            if row['scope'] == 'all'}
+
+
+def tissue_abbreviation(tissue: str) -> str:
+  """femoral_cartilage -> FC, femur -> F (the paper's column names)."""
+  return ''.join(part[0].upper() for part in tissue.split('_') if part)
+
+
+def _mean_sd(values: Sequence[float], digits: int) -> str:
+  values = [v for v in values if math.isfinite(v)]
+  if not values:
+    return 'n/a'
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
+
+
+def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> str:
+  """Mean ± SD over the (volume, seed) rows of one variant and tissue; volumes where the
+  structure is missed or falsely found enter the Dice, and are counted (never averaged away)
+  for the distances, which are infinite there."""
+  from imask_jax import metrics
+  s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
+  if s.n == 0:
+    return 'n/a'
+  if s.n_finite == s.n:
+    return _mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
+  text = _mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
+  return f'{text} ({s.n - s.n_finite} of {s.n} not found)'
+
+
+def wilcoxon(differences: Sequence[float]) -> float:
+  """Two-sided Wilcoxon signed-rank p of paired differences (exact for small n without ties;
+  1.0 when every difference is zero; NaN for fewer than two pairs)."""
+  from scipy import stats
+  d = np.asarray(differences, float)
+  if d.size < 2:
+    return math.nan
+  if np.all(d == 0):
+    return 1.0
+  return float(stats.wilcoxon(d).pvalue)
+
+
+def paired_comparison(rows: Sequence[Mapping[str, Any]], variant: str, baseline: str,
+                      tissue: str, column: str) -> tuple[int, float, float, int]:
+  """Pairs of (seed, case) values of `variant` and `baseline` for one tissue and metric.
+
+  Returns (pairs, mean of variant - baseline, Wilcoxon p, pairs dropped because a value is
+  not finite, e.g. a distance to a structure one of them missed)."""
+  def values(name):
+    return {(r['seed'], r['case_id']): r[column] for r in rows
+            if r['variant'] == name and r['tissue'] == tissue and r['status'] != 'both_empty'}
+  a, b = values(variant), values(baseline)
+  keys = sorted(set(a) & set(b))
+  finite = [k for k in keys if math.isfinite(a[k]) and math.isfinite(b[k])]
+  d = [a[k] - b[k] for k in finite]
+  return len(d), (float(np.mean(d)) if d else math.nan), wilcoxon(d), len(keys) - len(finite)
+
+
+def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
+                     rows: Sequence[Mapping[str, Any]], ap_by_run: Mapping[str, Mapping[str, float]],
+                     missing: Sequence[str]) -> str:
+  from imask_jax.evaluate import markdown_table
+  tissues = list(dict.fromkeys(r['tissue'] for r in rows))
+  variants = [str(v[0]) for v in sweep.variants]
+  seeds = list(sweep.seeds)
+  lines = ['# Sweep summary', '',
+           f'- base experiment: `{sweep.experiment}` with `{sweep.base_arg or "(no argument)"}`',
+           f'- study: {sweep.get("study", "")}; seeds: {", ".join(str(s) for s in seeds)}; '
+           f'split: {sweep.split}',
+           f'- runs finished: {len(runs) - len(missing)} of {len(runs)}'
+           + (f' (not yet: {", ".join(missing)})' if missing else ''), '',
+           '## Segmentation (laid out like the paper\'s Table 3)', '',
+           'Mean ± SD over test volumes and seeds (3D, on each volume\'s grid). Hausdorff in '
+           'pixels (voxels) as in the paper; ASSD, the average symmetric surface distance in mm, '
+           'is the boundary measure (the paper\'s "average Hausdorff"). AP: COCO mask AP '
+           '(IoU 0.50:0.95) over all test slices of a run, mean ± SD over seeds.', '']
+  header = ['Variant'] + [f'{label} {tissue_abbreviation(t)}'
+                          for _, label, _ in TABLE3_METRICS for t in tissues]
+  table = []
+  for variant in variants:
+    own = [r for r in rows if r['variant'] == variant]
+    if not own:
+      continue
+    cells = [variant]
+    for column, _, digits in TABLE3_METRICS:
+      for tissue in tissues:
+        if column == 'ap':
+          cells.append(_mean_sd([ap_by_run[f'{variant}/seed{s}'].get(tissue, math.nan)
+                                 for s in seeds if f'{variant}/seed{s}' in ap_by_run], digits))
+        else:
+          cells.append(table3_cell([r for r in own if r['tissue'] == tissue], column, digits))
+    table.append(cells)
+  lines += markdown_table(header, table)
+  lines += ['', 'Tissues: ' + ', '.join(f'{tissue_abbreviation(t)} = {t}' for t in tissues), '',
+            '## Paired comparisons', '',
+            'Each variant against its baseline over the same test volumes and seeds: the mean '
+            'difference (variant − baseline; Dice higher is better, distances lower) and the '
+            'two-sided Wilcoxon signed-rank p. With n pairs the smallest possible p is '
+            '2 / 2^n (0.0625 for 5), so a handful of volumes cannot reach 0.05 whatever the '
+            'effect: add seeds or volumes for a test with power.', '']
+  header = ['Variant', 'Baseline', 'Tissue', 'n'] + [
+      f'{h} {label}' for _, label, _ in PAIRED_METRICS for h in ('Δ', 'p')]
+  table = []
+  for name, _, baseline in sweep.variants:
+    if not baseline:
+      continue
+    for tissue in tissues:
+      cells, count, dropped = [], 0, 0
+      for column, _, digits in PAIRED_METRICS:
+        n, mean, p, lost = paired_comparison(rows, name, baseline, tissue, column)
+        count, dropped = max(count, n), max(dropped, lost)
+        cells += ['n/a' if not n else f'{mean:+.{digits}f}',
+                  'n/a' if math.isnan(p) else f'{p:.3g}']
+      if count:
+        table.append([name, baseline, tissue_abbreviation(tissue),
+                      f'{count}' + (f' ({dropped} dropped)' if dropped else '')] + cells)
+  lines += markdown_table(header, table) if table else ['No comparison has finished runs on '
+                                                        'both sides yet.']
+  return '\n'.join(lines) + '\n'
+
+
+def aggregate(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+              ) -> tuple[str, list[str]]:
+  """Writes DIR/summary.csv and DIR/summary.md from the finished runs; returns the markdown
+  and the names of runs not finished."""
+  from imask_jax.evaluate import write_csv, write_text
+  rows, ap_by_run, missing = [], {}, []
+  for run in runs:
+    eval_dir = finished_eval_dir(run, str(sweep.split))
+    if eval_dir is None:
+      missing.append(run.name)
+      continue
+    rows += run_rows(run, eval_dir)
+    ap_by_run[run.name] = pooled_ap(eval_dir)
+  text = summary_markdown(sweep, runs, rows, ap_by_run, missing)
+  write_csv(os.path.join(workdir, 'summary.csv'), SUMMARY_COLUMNS, rows)
+  write_text(os.path.join(workdir, 'summary.md'), text)
+  return text, missing
+
+
+# --- the command -----------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Sweep file and argument, e.g. experiments/ablations.py:dataset=phantom_knee '
+    '(fields overridable with --config.base_arg=... and the like).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep folder (one subfolder per run).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False,
+                             'Print one shell command per run (for a scheduler); run nothing.')
+_AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False,
+                                    'Write the summary from the runs finished so far; run nothing.')
+_QUIET = flags.DEFINE_bool('quiet', False,
+                           "Show one line per run and phase, not the runs' own output.")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _flags_without(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+  """argv less the flags `names` (as --name=value, --name value or a bare boolean --name)."""
+  out, skip_value = [], False
+  for arg in argv:
+    if skip_value:
+      skip_value = False
+      continue
+    name = arg.lstrip('-').split('=', 1)[0]
+    if arg.startswith('-') and name in names:
+      skip_value = '=' not in arg and not flags.FLAGS[name.removeprefix('no')].boolean
+      continue
+    out.append(arg)
+  return out
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  sweep, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  runs = plan(sweep, workdir)
+  if _DRY_RUN.value:
+    sweep_flags = shlex.join(_flags_without(sys.argv[1:], ('dry_run', 'nodry_run', 'workdir')))
+    print('\n'.join(dry_run_commands(sweep, workdir, runs, sweep_flags)))
+    return 0
+  os.makedirs(workdir, exist_ok=True)
+  with atomic_path(os.path.join(workdir, 'sweep.json')) as tmp:
+    with open(tmp, 'w') as f:
+      f.write(sweep.to_json(indent=2))
+  failed = []
+  if not _AGGREGATE_ONLY.value:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the current run too
+    quiet = _QUIET.value
+    failed = run_sweep(sweep, workdir, runs, echo=lambda line: None if quiet and line.startswith(
+        '  ') else print(line, flush=True))
+  text, _ = aggregate(sweep, workdir, runs)
+  print(text)
+  print(f'written: {os.path.join(workdir, "summary.md")} and summary.csv beside it')
+  if failed:
+    print(f'failed runs: {", ".join(failed)}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

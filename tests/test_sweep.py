@@ -1,0 +1,234 @@
+"""Ablation sweeps: the variant lists, aggregation against hand-made evaluations, and a tiny
+sweep of two variants that trains, evaluates, is killed, resumes and aggregates end to end."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from imask_jax import evaluate, sweep
+from conftest import REPO, experiment_config
+
+ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
+TISSUES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
+
+
+def test_paper_study_is_two_heads_by_two_backbones_each_head_against_standard():
+  c = experiment_config('ablations', 'dataset=phantom_knee,backbones=resnet50+densenet121')
+  assert c.experiment == os.path.join(REPO, 'experiments', 'phantom_knee.py')
+  assert list(c.variants) == [
+      ('standard-resnet50', 'head=standard,backbone=resnet50', ''),
+      ('imask-resnet50', 'head=imask,backbone=resnet50', 'standard-resnet50'),
+      ('standard-densenet121', 'head=standard,backbone=densenet121', ''),
+      ('imask-densenet121', 'head=imask,backbone=densenet121', 'standard-densenet121')]
+  assert tuple(c.seeds) == (0,)
+  # Every argument loads into the experiment it names, with the settings it says.
+  for name, arg, _ in c.variants:
+    config = sweep.load_experiment(c.experiment, arg)
+    assert (config.model.mask_head, config.model.backbone) == tuple(
+        part.split('=')[1] for part in arg.split(','))
+
+
+def test_head_and_skip_studies_switch_the_parts_they_name():
+  c = experiment_config('ablations', 'study=heads,seeds=0+4,base=smoke+steps=3')
+  assert tuple(c.seeds) == (0, 4) and c.base_arg == 'smoke,steps=3'
+  by_name = {name: (arg, baseline) for name, arg, baseline in c.variants}
+  assert set(by_name) == {'standard', 'imask', 'decoder_only', 'skip_only'}
+  decoder_only = sweep.load_experiment(c.experiment, by_name['decoder_only'][0])
+  skip_only = sweep.load_experiment(c.experiment, by_name['skip_only'][0])
+  assert (decoder_only.model.imask.decoder, decoder_only.model.imask.skip) == (True, False)
+  assert (skip_only.model.imask.decoder, skip_only.model.imask.skip) == (False, True)
+  assert all(b == 'standard' for n, (_, b) in by_name.items() if n != 'standard')
+
+  skips = experiment_config('ablations', 'study=skip_size')
+  sizes = {n: sweep.load_experiment(skips.experiment, a).model.imask.skip_size
+           for n, a, _ in skips.variants if 'skip' in n}
+  assert sizes == {'imask_skip28': 28, 'imask_skip112': 112}
+  assert {b for n, _, b in skips.variants if 'skip' in n} == {'imask'}
+  every = experiment_config('ablations', 'study=all')
+  assert len(every.variants) == 3 * 4 + 2
+
+
+def test_bad_sweep_arguments_are_named():
+  with pytest.raises(ValueError, match='study=.*expected one of'):
+    experiment_config('ablations', 'study=nope')
+  with pytest.raises(ValueError, match='no experiment file'):
+    experiment_config('ablations', 'dataset=nowhere')
+  with pytest.raises(ValueError, match=r"unknown arguments \['colour'\]"):
+    experiment_config('ablations', 'colour=red')
+  c = experiment_config('ablations', 'backbones=resnet50')
+  c.variants = c.variants + (('imask-x', 'head=imask,backbone=resnet9', 'standard-resnet50'),)
+  with pytest.raises(ValueError, match=r"variant 'imask-x'.*does not load"):
+    sweep.plan(c, '/tmp/unused')
+  c.variants = (('a', 'head=imask', 'b'),)
+  with pytest.raises(ValueError, match="compared with 'b', which is not a variant"):
+    sweep.plan(c, '/tmp/unused')
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+  first = sweep.SweepLock(str(tmp_path))
+  with pytest.raises(RuntimeError, match='another sweep'):
+    sweep.SweepLock(str(tmp_path))
+  first.close()
+  sweep.SweepLock(str(tmp_path)).close()
+
+
+# --- aggregation on hand-made evaluations ----------------------------------------------------
+
+
+def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple]],
+              ap_all: dict[str, float]) -> sweep.Run:
+  """A finished run: config.json with 10 steps and eval/10/{metrics,ap}.csv holding
+  per_case[case][tissue] = (status, dice, hausdorff_voxels, assd_mm, ap)."""
+  run = sweep.Run(variant, seed, '', '', os.path.join(root, variant, f'seed{seed}'))
+  folder = os.path.join(run.workdir, 'eval', '10')
+  os.makedirs(folder)
+  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+    f.write('{"train": {"steps": 10}, "eval": {"split": "test"}}')
+  metric_rows, ap_rows = [], []
+  for case, tissues in per_case.items():
+    for tissue, (status, dice, hd_px, assd, ap) in tissues.items():
+      row = {c: 0.0 for c in evaluate.METRICS_COLUMNS}
+      row.update(case_id=case, tissue=tissue, label_value=1, status=status, dice=dice,
+                 hausdorff_voxels=hd_px, assd_mm=assd)
+      metric_rows.append(row)
+      ap_rows.append(dict(scope=case, tissue=tissue, class_id=1, ap=ap, ap50=0, ap75=0,
+                          truth_instances=1, detections=1))
+  for tissue, ap in ap_all.items():
+    ap_rows.append(dict(scope='all', tissue=tissue, class_id=1, ap=ap, ap50=0, ap75=0,
+                        truth_instances=1, detections=1))
+  evaluate.write_csv(os.path.join(folder, 'metrics.csv'), evaluate.METRICS_COLUMNS, metric_rows)
+  evaluate.write_csv(os.path.join(folder, 'ap.csv'), evaluate.AP_COLUMNS, ap_rows)
+  return run
+
+
+def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
+  cases = [f'case{i}' for i in range(5)]
+  base_dice = [0.70, 0.72, 0.74, 0.71, 0.69]
+  gains = [0.01, 0.02, 0.03, 0.04, 0.05]  # all positive: the exact two-sided p is 2 / 2^5
+  standard = _fake_run(tmp_path, 'standard', 0, {
+      c: {'femoral_cartilage': ('ok', d, 10.0 + i, 0.5, 0.2)}
+      for i, (c, d) in enumerate(zip(cases, base_dice))}, {'femoral_cartilage': 0.25})
+  per_case = {c: {'femoral_cartilage': ('ok', d + g, 9.0 + i, 0.4, 0.3)}
+              for i, (c, d, g) in enumerate(zip(cases, base_dice, gains))}
+  per_case['case4']['femoral_cartilage'] = ('missed', 0.0, math.inf, math.inf, 0.0)
+  imask = _fake_run(tmp_path, 'imask', 0, per_case, {'femoral_cartilage': 0.35})
+  imask = sweep.Run('imask', 0, 'standard', '', imask.workdir)
+
+  c = ml_collections.ConfigDict(dict(
+      experiment='x.py', base_arg='', study='heads', seeds=(0,), split='test',
+      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard'))))
+  text, missing = sweep.aggregate(c, str(tmp_path), [standard, imask])
+  assert missing == []
+
+  with open(tmp_path / 'summary.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['variant'], r['case_id']) for r in rows] == [('standard', c) for c in cases] + [
+      ('imask', c) for c in cases]
+  assert float(rows[5]['ap']) == 0.3 and rows[9]['status'] == 'missed'
+
+  table_row = next(line for line in text.splitlines() if line.startswith('| standard |'))
+  dice = np.array(base_dice)
+  assert f'{dice.mean():.3f} ± {dice.std(ddof=1):.3f}' in table_row
+  assert '| 0.250 |' in table_row  # pooled AP of the single seed
+  imask_row = next(line for line in text.splitlines() if line.startswith('| imask |'))
+  # The missed volume enters the Dice as 0 and is counted, not averaged, for the distances.
+  with_miss = np.array([d + g for d, g in zip(base_dice, gains)][:4] + [0.0])
+  assert f'{with_miss.mean():.3f} ± {with_miss.std(ddof=1):.3f}' in imask_row
+  assert '(1 of 5 not found)' in imask_row
+
+  n, mean, p, dropped = sweep.paired_comparison(
+      sweep.run_rows(standard, sweep.finished_eval_dir(standard, 'test')) +
+      sweep.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
+      'imask', 'standard', 'femoral_cartilage', 'assd_mm')
+  assert (n, dropped) == (4, 1) and math.isclose(mean, -0.1)
+  assert math.isclose(p, 2 / 2**4)  # four pairs, all negative
+  assert sweep.wilcoxon(gains) == pytest.approx(2 / 2**5)
+  assert sweep.wilcoxon([0.0, 0.0, 0.0]) == 1.0 and math.isnan(sweep.wilcoxon([0.1]))
+  compare = next(line for line in text.splitlines() if line.startswith('| imask | standard'))
+  assert '| FC | 5 (1 dropped) |' in compare
+
+
+def test_unfinished_runs_are_listed_not_averaged(tmp_path):
+  done = _fake_run(tmp_path, 'a', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.8)}},
+                   {'femur': 0.8})
+  waiting = sweep.Run('b', 0, 'a', '', str(tmp_path / 'b' / 'seed0'))
+  os.makedirs(waiting.workdir)
+  with open(os.path.join(waiting.workdir, 'config.json'), 'w') as f:
+    f.write('{"train": {"steps": 10}, "eval": {"split": "test"}}')
+  c = ml_collections.ConfigDict(dict(
+      experiment='x.py', base_arg='', study='heads', seeds=(0,), split='test',
+      variants=(('a', '', ''), ('b', '', 'a'))))
+  text, missing = sweep.aggregate(c, str(tmp_path), [done, waiting])
+  assert missing == ['b/seed0'] and 'runs finished: 1 of 2 (not yet: b/seed0)' in text
+  assert 'No comparison has finished runs on both sides yet.' in text
+
+
+# --- the tiny sweep, end to end ----------------------------------------------------------------
+
+
+def _sweep_command(workdir: str) -> list[str]:
+  return [sys.executable, '-m', 'imask_jax.sweep',
+          f'--config={ABLATIONS}:dataset=phantom_knee,backbones=resnet18,base=smoke+steps=3',
+          f'--workdir={workdir}']
+
+
+def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, smoke_workdir):
+  # The runs read the smoke dataset the session fixture already built.
+  env = dict(os.environ, IMASK_DATA_DIR=os.path.join(os.path.dirname(smoke_workdir), 'tfds'),
+             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  workdir = str(tmp_path / 'sweep')
+  second_started = os.path.join(workdir, 'imask-resnet18', 'seed0', 'config.json')
+
+  # Start the sweep and kill it (the sweep and its run, SIGKILL) once the second run began.
+  first = subprocess.Popen(_sweep_command(workdir), cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while not os.path.exists(second_started) and first.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert first.poll() is None, first.communicate()[0][-3000:]
+  os.killpg(first.pid, signal.SIGKILL)
+  first.communicate()
+  standard = sweep.Run('standard-resnet18', 0, '', '', os.path.join(
+      workdir, 'standard-resnet18', 'seed0'))
+  standard_eval = sweep.finished_eval_dir(standard, 'test')
+  assert standard_eval is not None
+  assert not os.path.exists(os.path.join(workdir, 'summary.md'))
+
+  # Started again: the finished run is skipped, the killed one runs, both are aggregated.
+  before = os.stat(os.path.join(standard_eval, 'metrics.csv')).st_mtime_ns
+  again = subprocess.run(_sweep_command(workdir), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert '[1/2] standard-resnet18/seed0: finished before, skipped' in again.stdout
+  assert '[2/2] imask-resnet18/seed0: finished in' in again.stdout
+  assert os.stat(os.path.join(standard_eval, 'metrics.csv')).st_mtime_ns == before
+
+  with open(os.path.join(workdir, 'summary.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  imask = sweep.Run('imask-resnet18', 0, '', '', os.path.join(workdir, 'imask-resnet18',
+                                                                'seed0'))
+  for run in (standard, imask):
+    with open(os.path.join(sweep.finished_eval_dir(run, 'test'), 'metrics.csv'),
+              newline='') as f:
+      truth = {(r['case_id'], r['tissue']): r['dice'] for r in csv.DictReader(f)}
+    mine = {(r['case_id'], r['tissue']): r['dice'] for r in rows if r['variant'] == run.variant}
+    assert mine == truth and set(t for _, t in truth) == set(TISSUES)
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    text = f.read()
+  assert 'runs finished: 2 of 2' in text
+  assert [line.startswith('| standard-resnet18 |') for line in text.splitlines()].count(True) == 1
+  assert '| imask-resnet18 | standard-resnet18 | FC |' in text
+  # Both runs read the one shared dataset, and their configs say so.
+  for run in (standard, imask):
+    assert evaluate.train.load_config(run.workdir).data.data_dir == env['IMASK_DATA_DIR']
+    assert evaluate.train.load_config(run.workdir).train.steps == 3
