@@ -46,7 +46,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_poli
 
 from data_pipelines.atomic import atomic_path
 from data_pipelines.datasets import params as dataset_params
-from imask_jax import optim, parallel
+from imask_jax import configs, optim, parallel
 from imask_jax.models import mask_rcnn
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
 
@@ -175,15 +175,27 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                      f'{os.path.join(workdir, "config.json")} or start a new workdir')
 
 
+def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  """`saved` with every field it lacks taken from `defaults` (nested dicts merged)."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    base = defaults.get(key)
+    out[key] = _merged(base, value) if isinstance(value, dict) and isinstance(base, dict) \
+        else value
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote into `workdir`, equal to the one it ran with (JSON
-  lists are turned back into tuples)."""
+  lists are turned back into tuples). Fields added to `configs.default_config()` after the
+  run was made take their defaults, so older workdirs still evaluate and resume."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no config.json in the workdir; is {workdir!r} a '
                             'training workdir (made by python -m imask_jax.main)?')
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_tuples(_merged(configs.default_config().to_dict(), saved)))
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ overrides apply, and the resolved config round-trips through the workdir's confi
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -142,3 +143,17 @@ def test_bad_training_settings_name_the_field():
 def test_load_config_outside_a_workdir_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='no config.json in the workdir'):
     train.load_config(str(tmp_path))
+
+
+def test_a_workdir_saved_before_a_field_existed_loads_with_its_default(tmp_path):
+  config = experiment_config('phantom_knee', 'smoke')
+  config.model.imask.fine_dim = 12
+  saved = json.loads(config.to_json())
+  del saved['model']['imask']['fuse_convs'], saved['model']['boundary_loss_weight']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  loaded = train.load_config(str(tmp_path))
+  defaults = configs.default_config()
+  assert loaded.model.imask.fuse_convs == defaults.model.imask.fuse_convs
+  assert loaded.model.boundary_loss_weight == defaults.model.boundary_loss_weight
+  assert loaded.model.imask.fine_dim == 12 and loaded.data.image_size == (64, 64)
+  assert ModelSpec.from_config(loaded) == ModelSpec.from_config(config)
