@@ -33,10 +33,8 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -73,108 +71,6 @@ REFERENCE_RATER = 'reference'  # the default reader (labelsTr/) of a multi-reade
 PLATES = {'femoral': 'femoral_cartilage', 'tibial': 'tibial_cartilage'}
 AP_RESOLUTION = ('source slice resolution: detections pasted into the original slice, truth '
                  'instances from the original label slice')
-
-
-# --- mask AP (COCO, pycocotools) -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassAP:
-  """COCO mask AP of one class: ap = mean over IoU 0.50:0.05:0.95 and the 101 recall points
-  (COCO's AP), ap50 / ap75 at one IoU; NaN when the scope has no truth instance of the class.
-  Counts are instances over the scope's slices."""
-  ap: float
-  ap50: float
-  ap75: float
-  truth_instances: int
-  detections: int
-
-
-class MaskAP:
-  """Collects slices (truth instances and scored detections) and scores COCO mask AP per class
-  with pycocotools, over all slices or over one group (volume) of them."""
-
-  def __init__(self, class_names: Mapping[int, str]):
-    self.class_names = dict(class_names)
-    self._images: list[dict[str, Any]] = []
-    self._truth: list[dict[str, Any]] = []
-    self._detections: list[dict[str, Any]] = []
-
-  def add_slice(self, truth: Sequence[tuple[int, np.ndarray]],
-                detections: Sequence[inference.Instance], shape: tuple[int, int],
-                group: str = '') -> None:
-    """truth: (class id, bool mask [h, w]) per truth instance; detections: the slice's
-    instances (masks at the same [h, w] resolution)."""
-    from pycocotools import mask as mask_utils
-    image_id = len(self._images) + 1
-    height, width = int(shape[0]), int(shape[1])
-    self._images.append({'id': image_id, 'height': height, 'width': width, 'group': group})
-    for class_id, rle in zip([c for c, _ in truth], _encode([m for _, m in truth], shape)):
-      self._truth.append({
-          'id': len(self._truth) + 1, 'image_id': image_id, 'category_id': int(class_id),
-          'segmentation': rle, 'area': float(mask_utils.area(rle)),
-          'bbox': [float(v) for v in mask_utils.toBbox(rle)], 'iscrowd': 0})
-    full = [d.full_mask((height, width)) for d in detections]
-    for det, rle in zip(detections, _encode(full, shape)):
-      self._detections.append({'image_id': image_id, 'category_id': int(det.class_id),
-                               'segmentation': rle, 'score': float(det.score)})
-
-  def evaluate(self, group: str | None = None) -> dict[int, ClassAP]:
-    """Class id -> ClassAP over every slice (group None) or the slices of one group."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    images = [im for im in self._images if group is None or im['group'] == group]
-    ids = {im['id'] for im in images}
-    truth = [a for a in self._truth if a['image_id'] in ids]
-    detections = [dict(d) for d in self._detections if d['image_id'] in ids]
-    class_ids = sorted(self.class_names)
-    n_truth = {c: sum(a['category_id'] == c for a in truth) for c in class_ids}
-    n_det = {c: sum(d['category_id'] == c for d in detections) for c in class_ids}
-    precision = None
-    if images and detections:
-      coco_truth = COCO()
-      coco_truth.dataset = {
-          'images': [{k: im[k] for k in ('id', 'height', 'width')} for im in images],
-          'annotations': truth,
-          'categories': [{'id': c, 'name': self.class_names[c]} for c in class_ids]}
-      with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco_truth.createIndex()
-        coco_det = coco_truth.loadRes(detections)
-        evaluation = COCOeval(coco_truth, coco_det, 'segm')
-        evaluation.params.imgIds = sorted(ids)
-        evaluation.params.catIds = class_ids
-        evaluation.evaluate()
-        evaluation.accumulate()
-      precision = evaluation.eval['precision']  # [IoU 10, recall 101, class, area, max dets]
-    out = {}
-    for k, c in enumerate(class_ids):
-      if n_truth[c] == 0:
-        out[c] = ClassAP(math.nan, math.nan, math.nan, 0, n_det[c])
-      elif precision is None:  # truth but no detection at all: nothing found
-        out[c] = ClassAP(0.0, 0.0, 0.0, n_truth[c], n_det[c])
-      else:
-        # Area range 'all' (index 0) and the largest max-detections setting (index -1);
-        # IoU thresholds 0.50:0.05:0.95, so index 0 is 0.50 and index 5 is 0.75.
-        p = precision[:, :, k, 0, -1]
-        out[c] = ClassAP(_mean_precision(p), _mean_precision(p[0]), _mean_precision(p[5]),
-                         n_truth[c], n_det[c])
-    return out
-
-
-def _mean_precision(precision: np.ndarray) -> float:
-  """Mean of COCO's interpolated precisions; -1 marks settings without truth, and recall
-  points never reached hold 0 (so they lower the AP, as in COCO)."""
-  defined = precision[precision > -1]
-  return float(defined.mean()) if defined.size else 0.0
-
-
-def _encode(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> list[dict[str, Any]]:
-  from pycocotools import mask as mask_utils
-  if not masks:
-    return []
-  stacked = np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8).reshape(
-      int(shape[0]), int(shape[1]), len(masks)))
-  return mask_utils.encode(stacked)
 
 
 def truth_instances(label_slice: np.ndarray, scheme: LabelScheme, instance_mode: str
@@ -310,7 +206,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
 
 
 def segmentation_tables(results: Sequence[CaseResult], scheme: LabelScheme,
-                        ap: Mapping[int, ClassAP], ap_per_case: Mapping[str, Mapping[int, ClassAP]]
+                        ap: Mapping[int, metrics.ClassAP],
+                        ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]]
                         ) -> list[str]:
   """Table 3 (Dice, Hausdorff in voxels, ASSD, AP; tissues across) and the other overlap and
   distance metrics, mean ± SD over volumes."""
@@ -396,7 +293,7 @@ def thickness_table(results: Sequence[CaseResult]) -> list[str]:
 
 
 def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
-                           ap: Mapping[int, ClassAP]) -> list[str]:
+                           ap: Mapping[int, metrics.ClassAP]) -> list[str]:
   """Table 6: effusion Dice and AP (with precision and recall)."""
   value = scheme.effusion_value
   lines = ['## Effusion segmentation (paper Table 6)', '']
@@ -501,8 +398,8 @@ def missing_structures(results: Sequence[CaseResult], scheme: LabelScheme) -> li
 
 
 def summary_markdown(header: Mapping[str, Any], results: Sequence[CaseResult],
-                     scheme: LabelScheme, ap: Mapping[int, ClassAP],
-                     ap_per_case: Mapping[str, Mapping[int, ClassAP]]) -> str:
+                     scheme: LabelScheme, ap: Mapping[int, metrics.ClassAP],
+                     ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]]) -> str:
   lines = [f'# Evaluation: {header["workdir"]} at step {header["checkpoint_step"]}, '
            f'split {header["split"]!r}', '',
            f'{len(results)} volume{"s" if len(results) != 1 else ""}: '
@@ -572,8 +469,8 @@ class EvaluationReport:
   out_dir: str
   summary: str
   results: tuple[CaseResult, ...]
-  ap: dict[int, ClassAP]
-  ap_per_case: dict[str, dict[int, ClassAP]]
+  ap: dict[int, metrics.ClassAP]
+  ap_per_case: dict[str, dict[int, metrics.ClassAP]]
 
 
 PredictFn = Callable[[readers.Volume], VolumePrediction]
@@ -588,7 +485,7 @@ def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSou
     raise ValueError(f'split {source.split!r} has no cases to evaluate')
   scheme = LabelScheme.from_config(config)
   instance_mode = str(config.data.instance_mode)
-  mask_ap = MaskAP({c: n for c, n in zip(range(1, len(scheme.class_names) + 1),
+  mask_ap = metrics.MaskAP({c: n for c, n in zip(range(1, len(scheme.class_names) + 1),
                                          scheme.class_names)})
   results: list[CaseResult] = []
   started = time.time()
@@ -612,9 +509,11 @@ def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSou
                              reader_maps)
       results.append(result)
       stack = readers.slices(volume)
+      shape = stack.images.shape[1:]
       for i in range(len(stack)):
         mask_ap.add_slice(truth_instances(stack.labels[i], scheme, instance_mode),
-                          prediction.instances[i], stack.images.shape[1:], group=case.case_id)
+                          [(d.class_id, d.score, d.full_mask(shape))
+                           for d in prediction.instances[i]], shape, group=case.case_id)
       _case_figures(os.path.join(tmp, 'figures'), stack, prediction, result, scheme)
       if progress is not None:
         progress(f'[{index + 1}/{len(source.cases)}] {case.case_id} '
@@ -636,7 +535,8 @@ def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSou
 
 
 def _write_tables(folder: str, results: Sequence[CaseResult], scheme: LabelScheme,
-                  ap: Mapping[int, ClassAP], ap_per_case: Mapping[str, Mapping[int, ClassAP]]
+                  ap: Mapping[int, metrics.ClassAP],
+                  ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]]
                   ) -> None:
   write_csv(os.path.join(folder, 'metrics.csv'), METRICS_COLUMNS,
             [row for r in results for row in metrics_rows(r, scheme)])

@@ -4,6 +4,7 @@ about models. Definitions and empty-mask rules: docs/metrics.md."""
 
 from __future__ import annotations
 
+from imask_jax.metrics.detection import ClassAP, MaskAP
 from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, OverlapMetrics, Summary,
                                        case_status, overlap_metrics, overlap_per_label,
                                        summarize, summarize_values)
@@ -24,6 +25,7 @@ from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation,
                                       volumes_ml_per_label)
 
 __all__ = [
+    'ClassAP', 'MaskAP',
     'KNEE_LABELS', 'CaseStatus', 'OverlapMetrics', 'Summary', 'case_status', 'overlap_metrics',
     'overlap_per_label', 'summarize', 'summarize_values',
     'SurfaceMetrics', 'directed_surface_distances', 'hausdorff_voxels', 'surface_metrics',
