@@ -89,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
       fuse_convs=1,                 # 3x3 convs after the skip concatenation
   ))
   m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
+  m.mask_dice_weight = 0.0          # optional soft-Dice term added to the mask BCE (0 = off)
   m.test_score_threshold = 0.05
   m.test_nms_threshold = 0.5
   m.max_detections = 16

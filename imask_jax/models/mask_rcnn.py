@@ -78,6 +78,7 @@ class ModelSpec:
   imask_fine_dim: int = 32
   imask_fuse_convs: int = 1
   boundary_loss_weight: float = 0.0
+  mask_dice_weight: float = 0.0
   test_score_threshold: float = 0.05
   test_nms_threshold: float = 0.5
   max_detections: int = 16
@@ -113,6 +114,7 @@ class ModelSpec:
         imask_fine_dim=int(m.imask.fine_dim), imask_fuse_convs=int(m.imask.fuse_convs),
         mask_rois_per_image=int(m.mask_rois_per_image),
         boundary_loss_weight=float(m.boundary_loss_weight),
+        mask_dice_weight=float(m.mask_dice_weight),
         test_score_threshold=float(m.test_score_threshold),
         test_nms_threshold=float(m.test_nms_threshold),
         max_detections=int(m.max_detections),
@@ -298,6 +300,9 @@ class MaskRCNN(nn.Module):
 
     terms = {'rpn_cls': rpn_cls, 'rpn_box': rpn_box, 'box_cls': box_cls, 'box_reg': box_reg,
              'mask': mask_loss}
+    if s.mask_dice_weight > 0:
+      terms['mask_dice'] = s.mask_dice_weight * losses.mask_dice(mask_logits, mask_targets,
+                                                                 mask_pos)
     total = sum(terms.values())
     terms['num_positive_rois'] = jnp.mean(jnp.sum(roi_t.is_positive, axis=1).astype(jnp.float32))
     return total, terms
