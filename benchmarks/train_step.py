@@ -24,8 +24,9 @@ training (detectron2's defaults), 1000 / 1000 at test time. ROI heads: 512 ROIs 
 "imask" is the same model with the iMaskRCNN mask head (decoder to 56 x 56, skip ROIAlign of
 a 1x1-projected P2 at 56 x 56, two fusion convs, fine_dim 64). Test: score > 0.05, per-class
 NMS 0.5, 100 detections per image. One difference stays, by design: ours always runs the
-mask head on the 128 positive slots of each image's ROI sample (static shapes, unused slots
-weighted zero), torchvision on the positives it actually drew (reported: "pos ROIs").
+mask head on a fixed number of slots per image (`--mask_rois`, 32: the first slots of the
+512-ROI sample, which hold its positives; static shapes, unused slots weighted zero),
+torchvision on all the positives it actually drew (reported: "pos ROIs").
 torchvision's transform still normalises (mean 0, std 1) and resamples at scale 1.
 
 Data: `synthetic_batch` — per image a noisy 3-channel image with 4 ellipses (one per class),
