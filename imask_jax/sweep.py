@@ -436,17 +436,22 @@ def aggregate(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
 
 # --- the command -----------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Sweep file and argument, e.g. experiments/ablations.py:dataset=phantom_knee '
-    '(fields overridable with --config.base_arg=... and the like).', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep folder (one subfolder per run).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False,
-                             'Print one shell command per run (for a scheduler); run nothing.')
-_AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False,
-                                    'Write the summary from the runs finished so far; run nothing.')
-_QUIET = flags.DEFINE_bool('quiet', False,
-                           "Show one line per run and phase, not the runs' own output.")
-flags.mark_flags_as_required(['config', 'workdir'])
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs: `python -m imask_jax.main` defines its own
+  --config, and both modules may be imported into one process (the tests do)."""
+  global _CONFIG, _WORKDIR, _DRY_RUN, _AGGREGATE_ONLY, _QUIET
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Sweep file and argument, e.g. experiments/ablations.py:dataset='
+      'phantom_knee (fields overridable with --config.base_arg=... and the like).',
+      lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep folder (one subfolder per run).')
+  _DRY_RUN = flags.DEFINE_bool('dry_run', False,
+                               'Print one shell command per run (for a scheduler); run nothing.')
+  _AGGREGATE_ONLY = flags.DEFINE_bool(
+      'aggregate_only', False, 'Write the summary from the runs finished so far; run nothing.')
+  _QUIET = flags.DEFINE_bool('quiet', False,
+                             "Show one line per run and phase, not the runs' own output.")
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _flags_without(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -493,4 +498,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
