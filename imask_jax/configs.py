@@ -168,6 +168,8 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.model.imask.skip = bool(args.pop('skip'))
   if 'skip_size' in args:
     c.model.imask.skip_size = int(args.pop('skip_size'))
+  if 'mask_dice' in args:  # weight of the soft-Dice mask loss term (0: the paper's BCE alone)
+    c.model.mask_dice_weight = float(args.pop('mask_dice'))
   if args:
     raise ValueError(f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-                     'backbone, steps, epochs, seed, decoder, skip, skip_size')
+                     'backbone, steps, epochs, seed, decoder, skip, skip_size, mask_dice')

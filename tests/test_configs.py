@@ -157,3 +157,10 @@ def test_a_workdir_saved_before_a_field_existed_loads_with_its_default(tmp_path)
   assert loaded.model.boundary_loss_weight == defaults.model.boundary_loss_weight
   assert loaded.model.imask.fine_dim == 12 and loaded.data.image_size == (64, 64)
   assert ModelSpec.from_config(loaded) == ModelSpec.from_config(config)
+
+
+def test_mask_dice_argument_sets_the_dice_term_weight():
+  assert experiment_config('phantom_knee').model.mask_dice_weight == 1.0  # the quick start's
+  assert experiment_config('phantom_knee', 'mask_dice=0').model.mask_dice_weight == 0.0
+  assert experiment_config('oai').model.mask_dice_weight == 0.0  # the paper's BCE alone
+  assert experiment_config('oai', 'mask_dice=0.5').model.mask_dice_weight == 0.5
