@@ -318,10 +318,9 @@ def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> 
   s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
   if s.n == 0:
     return 'n/a'
-  if s.n_finite == s.n:
-    return _mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
   text = _mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
-  return f'{text} ({s.n - s.n_finite} of {s.n} not found)'
+  missing = s.n - s.n_finite
+  return f'{text} ({missing} of {s.n} not found)' if missing else text
 
 
 def wilcoxon(differences: Sequence[float]) -> float:

@@ -357,11 +357,13 @@ def test_reference_run_writes_its_logs(reference):
   expected_steps = sorted({s for s in range(1, t.steps + 1) if s % t.log_every == 0} | {t.steps})
   assert [r['step'] for r in logged] == expected_steps
   schedule = optim.learning_rate_schedule(t)
+  terms = ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask') + (
+      ('mask_dice',) if config.model.mask_dice_weight > 0 else ())
   for r in logged:
-    for key in ('train/rpn_cls', 'train/rpn_box', 'train/box_cls', 'train/box_reg', 'train/mask',
-                'train/grad_norm', 'train/step_time', 'train/slices_per_second'):
+    for key in [f'train/{k}' for k in terms] + ['train/grad_norm', 'train/step_time',
+                                                 'train/slices_per_second']:
       assert np.isfinite(r[key]) and r[key] >= 0, key
-    parts = sum(r[f'train/{k}'] for k in ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask'))
+    parts = sum(r[f'train/{k}'] for k in terms)
     np.testing.assert_allclose(r['train/loss'], parts, rtol=1e-6)
     # The update of step s uses the schedule at count s - 1 (no skipped step here).
     np.testing.assert_allclose(r['train/learning_rate'], float(schedule(r['step'] - 1)),
