@@ -57,6 +57,7 @@ TABLE3_METRICS = (('dice', 'Dice', 3), ('hausdorff_voxels', 'Hausdorff (px)', 2)
 PAIRED_METRICS = (('dice', 'Dice', 4), ('assd_mm', 'ASSD (mm)', 3),
                   ('hausdorff_voxels', 'Hausdorff (px)', 2))
 LOG_NAME = 'sweep.log'
+PLAN_NAME = 'sweep_plan.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +168,10 @@ def finished_eval_dir(run: Run, split: str) -> str | None:
 # --- running ---------------------------------------------------------------------------------
 
 
+class SweepLockedError(RuntimeError):
+  """Another sweep, or a run it started, still works in the folder."""
+
+
 class SweepLock:
   """An exclusive lock on DIR/.sweep.lock for as long as this sweep or a run it started lives:
   the runs inherit the open lock file, so even after the sweep itself is killed, a second
@@ -180,7 +185,7 @@ class SweepLock:
       fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(self.fd)
-      raise RuntimeError(f'{self.path}: another sweep (or a run it started) is still working '
+      raise SweepLockedError(f'{self.path}: another sweep (or a run it started) is still working '
                          f'in {workdir}; wait for it or stop it first') from None
 
   def close(self) -> None:
@@ -215,17 +220,61 @@ def _tail(path: str, lines: int = 15) -> str:
     return ''.join(f.readlines()[-lines:])
 
 
+class SettingsChangedError(RuntimeError):
+  """A run's settings differ from those the sweep recorded when it first started."""
+
+
+def run_settings(sweep: ml_collections.ConfigDict, run: Run) -> dict[str, Any]:
+  """The experiment config the run trains with, as JSON types (what main.py will load)."""
+  return json.loads(load_experiment(str(sweep.experiment), run.arg).to_json())
+
+
+def check_plan(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+               ) -> dict[str, dict[str, Any]]:
+  """Records every run's settings in DIR/sweep_plan.json at the sweep's first start and
+  refuses to go on if a recorded run's settings have changed since (an edited experiment file,
+  another base_arg): the table would compare runs made with different settings. New variants
+  are added to the record. Returns the settings of `runs`."""
+  from imask_jax import train
+  path = os.path.join(workdir, PLAN_NAME)
+  recorded: dict[str, dict[str, Any]] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+  current = {run.name: run_settings(sweep, run) for run in runs}
+  changed = [f'{name}: {"; ".join(diff)}' for name, settings in current.items()
+             if name in recorded and (diff := train.changed_fields(recorded[name], settings))]
+  if changed:
+    raise SettingsChangedError(
+        f'{path}: the settings of {len(changed)} run(s) changed since this sweep started '
+        f'({" | ".join(changed)}). Use a new --workdir, or delete {path} to accept the new '
+        'settings (finished runs keep the results of the old ones).')
+  with atomic_path(path) as tmp:
+    with open(tmp, 'w') as f:
+      json.dump({**recorded, **current}, f, indent=1)
+  return current
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run], *,
               echo: Callable[[str], None] | None = print) -> list[str]:
-  """Trains and evaluates every unfinished run in turn; returns the names of failed runs."""
+  """Trains and evaluates every unfinished run in turn; returns the names of failed runs.
+
+  Raises SettingsChangedError before anything runs if the recorded plan no longer holds; a run
+  whose experiment file changes while the sweep is going fails (the others still run)."""
   say = echo or (lambda line: None)
   lock = SweepLock(workdir)
   failed = []
   try:
+    planned = check_plan(sweep, workdir, runs)
     for index, run in enumerate(runs):
       head = f'[{index + 1}/{len(runs)}] {run.name}'
       if finished_eval_dir(run, str(sweep.split)):
         say(f'{head}: finished before, skipped')
+        continue
+      if run_settings(sweep, run) != planned[run.name]:
+        failed.append(run.name)
+        say(f'{head}: not started: {sweep.experiment} changed while the sweep was running, '
+            f'so this run would not train with the settings recorded in {PLAN_NAME}')
         continue
       os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, LOG_NAME)
@@ -485,8 +534,11 @@ def main(argv: Sequence[str]) -> int:
   if not _AGGREGATE_ONLY.value:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the current run too
     quiet = _QUIET.value
-    failed = run_sweep(sweep, workdir, runs, echo=lambda line: None if quiet and line.startswith(
-        '  ') else print(line, flush=True))
+    try:
+      failed = run_sweep(sweep, workdir, runs, echo=lambda line: None if quiet and
+                         line.startswith('  ') else print(line, flush=True))
+    except (SettingsChangedError, SweepLockedError) as error:
+      sys.exit(f'{type(error).__name__}: {error}')
   text, _ = aggregate(sweep, workdir, runs)
   print(text)
   print(f'written: {os.path.join(workdir, "summary.md")} and summary.csv beside it')

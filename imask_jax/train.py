@@ -125,7 +125,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    changed = _changed_fields(load_config(workdir).to_dict(), config.to_dict())
+    changed = changed_fields(load_config(workdir).to_dict(), config.to_dict())
     if changed:
       logging.warning('%s: this run changes %s', path, '; '.join(changed))
   with atomic_path(path) as tmp:
@@ -133,12 +133,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json(indent=2))
 
 
-def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
+  """'path: old -> new' for every field of two config dicts that differs (tuples = lists)."""
   out = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _changed_fields(a, b, f'{prefix}{key}.')
+      out += changed_fields(a, b, f'{prefix}{key}.')
     elif _tuples(a) != _tuples(b):
       out.append(f'{prefix}{key}: {a!r} -> {b!r}')
   return out
@@ -166,7 +167,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   for path in STATE_SHAPING_FIELDS:
     a, b = get(old, path), get(new, path)
     if isinstance(a, dict) and isinstance(b, dict):
-      changed += _changed_fields(a, b, path + '.')
+      changed += changed_fields(a, b, path + '.')
     elif _tuples(a) != _tuples(b):
       changed.append(f'{path}: {a!r} -> {b!r}')
   if changed:

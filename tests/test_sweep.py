@@ -4,6 +4,7 @@ sweep of two variants that trains, evaluates, is killed, resumes and aggregates 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -232,3 +233,25 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, sm
   for run in (standard, imask):
     assert evaluate.train.load_config(run.workdir).data.data_dir == env['IMASK_DATA_DIR']
     assert evaluate.train.load_config(run.workdir).train.steps == 3
+
+
+def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):
+  c = experiment_config('ablations', 'backbones=resnet18,base=smoke+steps=3')
+  workdir = str(tmp_path)
+  runs = sweep.plan(c, workdir)
+  first = sweep.check_plan(c, workdir, runs)
+  assert first['imask-resnet18/seed0']['train']['steps'] == 3
+  assert sweep.check_plan(c, workdir, runs) == first  # the same settings: accepted again
+
+  c.base_arg = 'smoke,steps=4'
+  with pytest.raises(sweep.SettingsChangedError,
+                     match=r'standard-resnet18/seed0: train.steps: 3 -> 4.*delete .*sweep_plan'):
+    sweep.check_plan(c, workdir, sweep.plan(c, workdir))
+
+  c.base_arg = 'smoke,steps=3'
+  c.variants = c.variants + (('decoder_only-resnet18', 'head=imask,skip=False,backbone=resnet18',
+                              'standard-resnet18'),)
+  grown = sweep.check_plan(c, workdir, sweep.plan(c, workdir))
+  assert grown['decoder_only-resnet18/seed0']['model']['imask']['skip'] is False
+  with open(tmp_path / 'sweep_plan.json') as f:
+    assert len(json.load(f)) == 3
