@@ -259,7 +259,7 @@ def surface_table(results: Sequence[CaseResult], scheme: LabelScheme) -> list[st
     rows.append([name, format_summary(_summary(results, value, 'signed_mean_mm')),
                  format_summary(_summary(results, value, 'signed_sd_mm'))])
   return lines + markdown_table(['Tissue', 'average of mean distance (mm)',
-                         'average of distance SD (mm)'], rows)
+                                 'average of distance SD (mm)'], rows)
 
 
 def thickness_table(results: Sequence[CaseResult]) -> list[str]:
@@ -288,8 +288,8 @@ def thickness_table(results: Sequence[CaseResult]) -> list[str]:
     rows.append([plate, format_summary(mean_diff) + note, format_summary(sd_diff),
                  format_summary(truth_mean, 2), format_summary(pred_mean, 2)])
   return lines + markdown_table(['Plate', 'average of mean differences (mm)',
-                         'average of SD of differences (mm)', 'truth mean thickness (mm)',
-                         'predicted mean thickness (mm)'], rows)
+                                 'average of SD of differences (mm)', 'truth mean thickness (mm)',
+                                 'predicted mean thickness (mm)'], rows)
 
 
 def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
@@ -301,7 +301,7 @@ def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
   pooled = ap[scheme.class_map[value]]
   row.append('n/a (no truth instance)' if math.isnan(pooled.ap) else f'{pooled.ap:.3f}')
   return lines + markdown_table(['Dice', 'Precision (voxels)', 'Recall (voxels)',
-                         'Mask AP (all slices)'], [row])
+                                 'Mask AP (all slices)'], [row])
 
 
 def agreement(results: Sequence[CaseResult]) -> tuple[list[str],

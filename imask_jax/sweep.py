@@ -68,6 +68,7 @@ class Run:
   baseline: str
   arg: str
   workdir: str
+  data_dir: str | None = None  # TFDS data_dir given to the run; None: the experiment's own
 
   @property
   def name(self) -> str:
@@ -116,33 +117,29 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   Each argument is loaded and checked here, so a typo in a variant fails before anything
   trains."""
   check_sweep(sweep)
+  # Runs whose experiment names no data_dir share one prepared dataset.
+  shared = os.environ.get('IMASK_DATA_DIR') or os.path.join(os.path.abspath(workdir), 'tfds')
   runs = []
   for name, variant_arg, baseline in sweep.variants:
     for seed in sweep.seeds:
       arg = ','.join(a for a in (str(sweep.base_arg), str(variant_arg), f'seed={int(seed)}') if a)
       try:
-        check_run_config(load_experiment(str(sweep.experiment), arg))
+        config = load_experiment(str(sweep.experiment), arg)
+        check_run_config(config)
       except Exception as error:  # noqa: BLE001 -- named and re-raised with its cause
         raise ValueError(f'sweep variant {name!r}: {sweep.experiment}:{arg} does not load: '
                          f'{error}') from error
       runs.append(Run(str(name), int(seed), str(baseline), arg,
-                      os.path.join(os.path.abspath(workdir), str(name), f'seed{int(seed)}')))
+                      os.path.join(os.path.abspath(workdir), str(name), f'seed{int(seed)}'),
+                      None if config.data.data_dir else shared))
   return runs
 
 
-def shared_data_dir(sweep: ml_collections.ConfigDict, run: Run, workdir: str) -> str | None:
-  """The TFDS data_dir to give the run, or None when its experiment sets its own."""
-  if load_experiment(str(sweep.experiment), run.arg).data.data_dir:
-    return None
-  return os.environ.get('IMASK_DATA_DIR') or os.path.join(os.path.abspath(workdir), 'tfds')
-
-
-def train_command(sweep: ml_collections.ConfigDict, run: Run, workdir: str) -> list[str]:
+def train_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
   command = [sys.executable, '-m', 'imask_jax.main',
              f'--config={sweep.experiment}:{run.arg}', f'--workdir={run.workdir}']
-  data_dir = shared_data_dir(sweep, run, workdir)
-  if data_dir:
-    command.append(f'--config.data.data_dir={data_dir}')
+  if run.data_dir:
+    command.append(f'--config.data.data_dir={run.data_dir}')
   return command
 
 
@@ -154,14 +151,11 @@ def evaluate_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
 def finished_eval_dir(run: Run, split: str) -> str | None:
   """The run's evaluation of its last training step on `split`, if it exists (an evaluation
   folder appears whole or not at all), else None."""
-  path = os.path.join(run.workdir, 'config.json')
-  if not os.path.exists(path):
+  from imask_jax import evaluate, train
+  if not os.path.exists(os.path.join(run.workdir, 'config.json')):
     return None
-  with open(path) as f:
-    config = json.load(f)
-  steps = int(config['train']['steps'])
-  name = str(steps) if split == config['eval']['split'] else f'{steps}_{split}'
-  folder = os.path.join(run.workdir, 'eval', name)
+  config = train.load_config(run.workdir)
+  folder = evaluate.eval_dir(run.workdir, int(config.train.steps), split, config)
   return folder if os.path.exists(os.path.join(folder, 'metrics.csv')) else None
 
 
@@ -279,7 +273,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
       os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, LOG_NAME)
       started = time.time()
-      for what, command in (('training', train_command(sweep, run, workdir)),
+      for what, command in (('training', train_command(sweep, run)),
                             ('evaluating', evaluate_command(sweep, run))):
         say(f'{head}: {what} (log: {log_path})')
         status = _run_logged(command, log_path,
@@ -306,7 +300,7 @@ def dry_run_commands(sweep: ml_collections.ConfigDict, workdir: str, runs: Seque
   lines = [f'# {len(runs)} runs; the first one prepares the shared dataset, so start it '
            'alone or wait until its training has begun']
   for run in runs:
-    lines.append(shlex.join(train_command(sweep, run, workdir)) + ' && ' +
+    lines.append(shlex.join(train_command(sweep, run)) + ' && ' +
                  shlex.join(evaluate_command(sweep, run)))
   lines.append(f'# when all have finished:\n{shlex.join([sys.executable, "-m", "imask_jax.sweep"])}'
                f' {sweep_flags} --workdir={shlex.quote(os.path.abspath(workdir))} '
