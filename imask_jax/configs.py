@@ -90,7 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
   m.mask_dice_weight = 0.0          # optional soft-Dice term added to the mask BCE (0 = off)
-  m.test_score_threshold = 0.05
+  m.test_score_threshold = 0.05      # detections kept (mask AP counts them all)
+  # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
+  # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
+  m.label_score_threshold = 0.5
   m.test_nms_threshold = 0.5
   m.max_detections = 16
 

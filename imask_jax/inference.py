@@ -13,7 +13,8 @@ y_src = y_net / scale_y (pixel edges at integers in both). Boxes are therefore d
 scale and the detections' m x m mask probabilities are pasted straight into the [h, w] source
 slice (`mask_rcnn.detections_to_label_map` at the source size): no resampling of a
 network-resolution label map, so the output is as sharp as the mask head allows whatever the
-input scale. Overlapping masks go to the highest-scoring detection, as at network resolution.
+input scale. Overlapping masks and the score cut follow `mask_rcnn.detections_to_label_map`, as
+at network resolution.
 
 Class ids (1..K, the model's output) become the config's label values
 (`data.class_label_values`) only at the end, in `LabelScheme.to_label_values`.
@@ -234,15 +235,16 @@ class Instance:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=('source_size',))
-def _paste_at_source(boxes, scores, classes, valid, mask_probs, scale, source_size):
+@functools.partial(jax.jit, static_argnames=('source_size', 'min_score'))
+def _paste_at_source(boxes, scores, classes, valid, mask_probs, scale, source_size, min_score):
   divisor = jnp.tile(scale.astype(jnp.float32), 2)[:, None, :]  # (sy, sx, sy, sx) per example
   det = mask_rcnn.Detections(boxes / divisor, scores, classes, valid, mask_probs)
-  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD)
+  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD, min_score)
 
 
 def detections_to_source(detections: dict[str, np.ndarray], scale: np.ndarray,
-                         source_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                         source_size: tuple[int, int], min_score: float = 0.0
+                         ) -> tuple[np.ndarray, np.ndarray]:
   """Pastes network-resolution detections into their source slices.
 
   Args:
@@ -250,15 +252,18 @@ def detections_to_source(detections: dict[str, np.ndarray], scale: np.ndarray,
       [B, D], classes int32 [B, D] (1..K), valid bool [B, D], mask_probs float32 [B, D, m, m].
     scale: float32 [B, 2] network extent / source size per axis (input_pipeline's `scale`).
     source_size: (h, w) of the source slices.
+    min_score: detections scoring below this are left out of the class ids (the config's
+      model.label_score_threshold); they stay in the instance masks.
   Returns:
-    class ids int32 [B, h, w] (0 = background; overlaps go to the best score) and the pasted
+    class ids int32 [B, h, w] (0 = background; a pixel several detections claim goes to the
+    highest score x mask probability, `mask_rcnn.detections_to_label_map`) and the pasted
     instance masks bool [B, D, h, w] (False for invalid detections).
   """
   label_map, masks = _paste_at_source(
       jnp.asarray(detections['boxes'], jnp.float32), jnp.asarray(detections['scores']),
       jnp.asarray(detections['classes'], jnp.int32), jnp.asarray(detections['valid'], bool),
       jnp.asarray(detections['mask_probs'], jnp.float32), jnp.asarray(scale, jnp.float32),
-      tuple(int(n) for n in source_size))
+      tuple(int(n) for n in source_size), float(min_score))
   return np.asarray(label_map), np.asarray(masks)
 
 
@@ -345,7 +350,8 @@ def predict_volume(model: LoadedModel, volume: readers.Volume, *,
     out = jax.device_get(model.detect(model.variables,
                                       parallel.shard_batch(chunk, model.mesh)))
     out = {k: np.asarray(v) for k, v in out.items()}
-    labels, masks = detections_to_source(out, chunk_scale, source_size)
+    labels, masks = detections_to_source(out, chunk_scale, source_size,
+                                         float(model.config.model.label_score_threshold))
     class_slices[start:stop] = labels[:real]
     if keep_instances:
       for i in range(real):

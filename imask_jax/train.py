@@ -356,7 +356,8 @@ def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh):
 
   def per_device(variables, images):
     det = model.apply(variables, images, method=MaskRCNN.detect)
-    label_map, _ = mask_rcnn.detections_to_label_map(det, model.spec.image_size)
+    label_map, _ = mask_rcnn.detections_to_label_map(
+        det, model.spec.image_size, min_score=model.spec.label_score_threshold)
     return dict(label_map=label_map, boxes=det.boxes, scores=det.scores, classes=det.classes,
                 valid=det.valid, mask_probs=det.mask_probs)
 

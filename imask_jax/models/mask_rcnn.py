@@ -82,6 +82,7 @@ class ModelSpec:
   test_score_threshold: float = 0.05
   test_nms_threshold: float = 0.5
   max_detections: int = 16
+  label_score_threshold: float = 0.5
 
   @classmethod
   def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
@@ -118,6 +119,7 @@ class ModelSpec:
         test_score_threshold=float(m.test_score_threshold),
         test_nms_threshold=float(m.test_nms_threshold),
         max_detections=int(m.max_detections),
+        label_score_threshold=float(m.label_score_threshold),
     )
 
   @property
@@ -402,19 +404,28 @@ def select_detections(boxes: Array, probs: Array, proposal_valid: Array, *, max_
 
 
 def detections_to_label_map(det: Detections, image_size: tuple[int, int],
-                            threshold: float = 0.5) -> tuple[Array, Array]:
-  """Pastes detections into a per-image label map of class ids (overlaps go to the best score).
+                            threshold: float = 0.5, min_score: float = 0.0
+                            ) -> tuple[Array, Array]:
+  """Pastes detections into a per-image label map of class ids.
+
+  A pixel is claimed by the detections whose pasted mask probability there is >= `threshold`
+  and whose score is >= `min_score`; it takes the class of the claimant with the highest
+  score x mask probability, the detection's estimate that the pixel is its object. (Ranking
+  by score alone lets a confident femur box take every bone-cartilage edge pixel it half
+  believes in; the product leaves such pixels to the cartilage detection that is sure of
+  them.) Detections below `min_score` still come back in the instance masks, for mask AP.
 
   Returns:
     label_map int32 [B, H, W] (0 = background, else class id 1..K) and the pasted instance
-    masks bool [B, D, H, W].
+    masks bool [B, D, H, W] (every valid detection's mask >= `threshold`, whatever its score).
   """
-  paste = functools.partial(mask_ops.paste_masks, image_size=image_size, threshold=threshold)
-  masks = jax.vmap(paste)(det.mask_probs, det.boxes)                    # [B, D, H, W]
-  masks = masks & det.valid[..., None, None]
-  score = jnp.where(masks, det.scores[..., None, None], -1.0)
-  best = jnp.argmax(score, axis=1)                                      # [B, H, W]
-  covered = jnp.any(masks, axis=1)
+  paste = functools.partial(mask_ops.paste_mask_probs, image_size=image_size)
+  probs = jax.vmap(paste)(det.mask_probs, det.boxes)                    # [B, D, H, W]
+  masks = (probs >= threshold) & det.valid[..., None, None]
+  painted = masks & (det.scores >= min_score)[..., None, None]
+  support = jnp.where(painted, probs * det.scores[..., None, None], -1.0)
+  best = jnp.argmax(support, axis=1)                                    # [B, H, W]
+  covered = jnp.any(painted, axis=1)
   classes = jnp.take_along_axis(det.classes[..., None, None], best[:, None], axis=1)[:, 0]
   return jnp.where(covered, classes, 0).astype(jnp.int32), masks
 

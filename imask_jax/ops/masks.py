@@ -3,10 +3,11 @@
 * `mask_targets`: the `m x m` training target of each sampled ROI is its matched ground-truth
   mask cropped and resized into the ROI with ROIAlign (half-pixel aligned, spatial scale 1,
   adaptive sampling) and binarised with `>= 0.5`, as detectron2 does.
-* `paste_masks`: each detection's `m x m` probability map is resampled into its box over the
-  whole image and thresholded. Static shapes: every image pixel is placed in box-normalised
-  coordinates, so the work is two small matmuls per detection (a `[H, m]` row-weight and a
-  `[W, m]` column-weight matrix) and no box-dependent crop size appears.
+* `paste_mask_probs` / `paste_masks`: each detection's `m x m` probability map is resampled
+  into its box over the whole image (and thresholded). Static shapes: every image pixel is
+  placed in box-normalised coordinates, so the work is two small matmuls per detection (a
+  `[H, m]` row-weight and a `[W, m]` column-weight matrix) and no box-dependent crop size
+  appears.
 
 Paste convention: the image pixel with centre `y + 0.5` sits at mask coordinate
 `u = (y + 0.5 - y1) / (y2 - y1) * m - 0.5` (mask cell centres at integers, the half-pixel
@@ -84,17 +85,15 @@ def _paste_weights(lo: Array, hi: Array, pixels: int, m: int) -> tuple[Array, Ar
   return jnp.where(inside[..., None], weight, 0.0), inside
 
 
-def paste_masks(mask_probs: Array, boxes: Array, image_size: Sequence[int],
-                threshold: float = 0.5) -> Array:
-  """Pastes `m x m` mask probabilities into their boxes on the full image.
+def paste_mask_probs(mask_probs: Array, boxes: Array, image_size: Sequence[int]) -> Array:
+  """Resamples `m x m` mask probabilities into their boxes on the full image.
 
   Args:
     mask_probs: `[D, m, m]` per-detection mask probabilities (or any `[D, mh, mw]` grid).
     boxes: `[D, 4]` detection boxes `(y1, x1, y2, x2)` in image pixels.
     image_size: `(H, W)` of the output.
-    threshold: a pixel is True when its interpolated probability is `>= threshold`.
   Returns:
-    `[D, H, W]` bool masks.
+    `[D, H, W]` probabilities (float32, or wider if `mask_probs` is), 0 outside each box.
   """
   mask_probs, boxes = jnp.asarray(mask_probs), jnp.asarray(boxes)
   if mask_probs.ndim != 3:
@@ -110,7 +109,22 @@ def paste_masks(mask_probs: Array, boxes: Array, image_size: Sequence[int],
   height, width = int(image_size[0]), int(image_size[1])
   dtype = jnp.promote_types(mask_probs.dtype, jnp.float32)
   boxes = boxes.astype(dtype)
-  rows, in_y = _paste_weights(boxes[:, 0], boxes[:, 2], height, mask_probs.shape[1])
-  cols, in_x = _paste_weights(boxes[:, 1], boxes[:, 3], width, mask_probs.shape[2])
-  values = jnp.einsum("dhk,dkl,dwl->dhw", rows, mask_probs.astype(dtype), cols)
-  return in_y[:, :, None] & in_x[:, None, :] & (values >= threshold)
+  rows, _ = _paste_weights(boxes[:, 0], boxes[:, 2], height, mask_probs.shape[1])
+  cols, _ = _paste_weights(boxes[:, 1], boxes[:, 3], width, mask_probs.shape[2])
+  # The weights are zero for pixels outside the box, so the product is 0 there.
+  return jnp.einsum("dhk,dkl,dwl->dhw", rows, mask_probs.astype(dtype), cols)
+
+
+def paste_masks(mask_probs: Array, boxes: Array, image_size: Sequence[int],
+                threshold: float = 0.5) -> Array:
+  """Pastes `m x m` mask probabilities into their boxes on the full image and thresholds them.
+
+  Args: as `paste_mask_probs`; threshold (> 0): a pixel is True when its interpolated
+    probability is `>= threshold`.
+  Returns:
+    `[D, H, W]` bool masks (False outside each box).
+  """
+  if not threshold > 0:
+    raise ValueError(f"masks.py: paste_masks: threshold must be > 0 (pixels outside a box "
+                     f"have probability 0), got {threshold!r}")
+  return paste_mask_probs(mask_probs, boxes, image_size) >= threshold

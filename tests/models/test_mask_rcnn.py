@@ -20,8 +20,9 @@ import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import instances, orientation
 from data_pipelines.phantoms import generate_knee
 from imask_jax.models import heads
-from imask_jax.models.mask_rcnn import (MaskRCNN, ModelSpec, detections_to_label_map,
-                                        init_variables)
+from imask_jax.models.mask_rcnn import (Detections, MaskRCNN, ModelSpec,
+                                        detections_to_label_map, init_variables)
+from imask_jax.ops import masks as mask_ops
 
 NUM_CLASSES = 4
 MAX_INSTANCES = 6
@@ -118,6 +119,67 @@ def _synthetic_targets(batch: int, size: int) -> dict[str, jax.ShapeDtypeStruct]
               gt_classes=jax.ShapeDtypeStruct((batch, m), jnp.int32),
               gt_masks=jax.ShapeDtypeStruct((batch, m, size, size), jnp.uint8),
               gt_valid=jax.ShapeDtypeStruct((batch, m), jnp.bool_))
+
+
+# --- label maps from detections -----------------------------------------------------------------
+
+def _uniform_detections(rows):
+  """One image of (class, score, box, uniform mask probability) detections, one padding slot."""
+  d = len(rows) + 1
+  boxes, scores = np.zeros((1, d, 4), np.float32), np.zeros((1, d), np.float32)
+  classes, probs = np.zeros((1, d), np.int32), np.zeros((1, d, 4, 4), np.float32)
+  for i, (cls, score, box, prob) in enumerate(rows):
+    classes[0, i], scores[0, i], boxes[0, i], probs[0, i] = cls, score, box, prob
+  valid = np.arange(d)[None] < len(rows)
+  return Detections(*(jnp.asarray(x) for x in (boxes, scores, classes, valid, probs)))
+
+
+def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scores():
+  det = _uniform_detections([
+      (1, 0.95, (0, 0, 8, 8), 0.6),     # confident box, half-sure mask: support 0.57
+      (2, 0.80, (4, 4, 12, 12), 0.9),   # support 0.72 where they overlap: it wins there
+      (3, 0.30, (0, 8, 8, 16), 1.0),    # below min_score: not painted, still a mask
+      (4, 0.99, (12, 12, 16, 16), 0.4),  # mask below the 0.5 threshold: nothing
+  ])
+  label_map, masks = detections_to_label_map(det, (16, 16), threshold=0.5, min_score=0.5)
+  want = np.zeros((16, 16), np.int32)
+  want[0:8, 0:8] = 1
+  want[4:12, 4:12] = 2
+  np.testing.assert_array_equal(np.asarray(label_map)[0], want)
+  masks = np.asarray(masks)[0]
+  assert masks.shape == (5, 16, 16)
+  np.testing.assert_array_equal(masks[2], np.pad(np.ones((8, 8), bool), ((0, 8), (8, 0))))
+  assert not masks[3].any() and not masks[4].any()
+  # With no score cut the low-scoring detection is painted where nothing else claims a pixel.
+  label_map, _ = detections_to_label_map(det, (16, 16), threshold=0.5)
+  want[0:8, 8:16] = 3
+  want[4:8, 8:12] = 2   # 0.72 against its 0.30
+  np.testing.assert_array_equal(np.asarray(label_map)[0], want)
+
+
+def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections():
+  rng = np.random.default_rng(3)
+  b, d, size = 2, 6, 20
+  y1, x1 = rng.uniform(-2, 14, (b, d)), rng.uniform(-2, 14, (b, d))
+  boxes = np.stack([y1, x1, y1 + rng.uniform(2, 12, (b, d)), x1 + rng.uniform(2, 12, (b, d))],
+                   -1).astype(np.float32)
+  scores = rng.uniform(0.05, 1, (b, d)).astype(np.float32)
+  det = Detections(jnp.asarray(boxes), jnp.asarray(scores),
+                   jnp.asarray(rng.integers(1, 5, (b, d)), jnp.int32),
+                   jnp.asarray(rng.uniform(size=(b, d)) < 0.8),
+                   jnp.asarray(rng.uniform(size=(b, d, 7, 7)), jnp.float32))
+  label_map, _ = detections_to_label_map(det, (size, size), threshold=0.5, min_score=0.3)
+  for i in range(b):
+    probs = np.asarray(mask_ops.paste_mask_probs(det.mask_probs[i], det.boxes[i], (size, size)))
+    want = np.zeros((size, size), np.int32)
+    for r in range(size):
+      for c in range(size):
+        best = -1.0
+        for k in range(d):
+          if det.valid[i, k] and scores[i, k] >= 0.3 and probs[k, r, c] >= 0.5:
+            if probs[k, r, c] * scores[i, k] > best:
+              best, want[r, c] = probs[k, r, c] * scores[i, k], int(det.classes[i, k])
+    np.testing.assert_array_equal(np.asarray(label_map)[i], want)
 
 
 # --- overfitting two phantom slices --------------------------------------------------------------

@@ -128,6 +128,11 @@ def test_paste_matches_numpy_loop():
       decided = np.isnan(value) | (np.abs(np.nan_to_num(value) - threshold) > 1e-5)
       np.testing.assert_array_equal(got[d][decided], want[decided], err_msg=f"det {d}")
   assert not got[0].any()
+  values = np.asarray(jax.jit(mask_ops.paste_mask_probs, static_argnums=2)(probs, boxes,
+                                                                         (24, 28)))
+  for d in range(5):
+    want = np.nan_to_num(reference_paste(probs[d], boxes[d], 24, 28))  # 0 outside the box
+    np.testing.assert_allclose(values[d], want, atol=1e-6, err_msg=f"det {d}")
 
 
 @settings(max_examples=25, deadline=None)
@@ -162,3 +167,5 @@ def test_bad_input_is_named():
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((3, 4)), (8, 8))
   with pytest.raises(ValueError, match=r"masks\.py: paste_masks: image_size"):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 0))
+  with pytest.raises(ValueError, match=r"masks\.py: paste_masks: threshold must be > 0"):
+    mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 8), 0.0)
