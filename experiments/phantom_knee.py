@@ -39,8 +39,8 @@ def get_config(arg: str | None = None):
   c.model.roi_batch_size = 32
   # A 2-3 pixel cartilage band fills a tenth of its box: the soft-Dice term keeps the mask BCE
   # from trading the band's edges for background (test Dice of the femoral / tibial cartilage
-  # 0.715 / 0.760 with BCE alone at 1500 steps, 0.747 / 0.796 with the Dice term, 0.787 /
-  # 0.829 with it at 2500 steps; README).
+  # 0.715 / 0.760 with BCE alone at 1500 steps, 0.747 / 0.796 with the Dice term; 0.811 /
+  # 0.868 with it at 3000 steps; README).
   c.model.mask_dice_weight = 1.0
 
   c.train.steps = 3000
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
 
   if args.pop('full', False):
     # Three times the quick start's steps on two thirds more phantoms, same network: about
-    # 30 min on 2 CPU cores (width 32 ran at 1.1 s per step there, 6x the quick start's).
+    # 30 min on 2 CPU cores (28 min measured; width 32 ran at about 1.1 s per step, 6x slower).
     c.data.num_volumes = 40
     c.train.steps = 7500
     c.train.eval_every = 1500
