@@ -419,6 +419,8 @@ def detections_to_label_map(det: Detections, image_size: tuple[int, int],
     label_map int32 [B, H, W] (0 = background, else class id 1..K) and the pasted instance
     masks bool [B, D, H, W] (every valid detection's mask >= `threshold`, whatever its score).
   """
+  if not threshold > 0:  # pixels outside a box have probability 0
+    raise ValueError(f'detections_to_label_map: threshold must be > 0, got {threshold!r}')
   paste = functools.partial(mask_ops.paste_mask_probs, image_size=image_size)
   probs = jax.vmap(paste)(det.mask_probs, det.boxes)                    # [B, D, H, W]
   masks = (probs >= threshold) & det.valid[..., None, None]

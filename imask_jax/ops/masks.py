@@ -68,11 +68,10 @@ def mask_targets(gt_masks: Array, matched_gt: Array, rois: Array, output_size: i
   return (crops[..., 0] >= 0.5).astype(jnp.float32)
 
 
-def _paste_weights(lo: Array, hi: Array, pixels: int, m: int) -> tuple[Array, Array]:
+def _paste_weights(lo: Array, hi: Array, pixels: int, m: int) -> Array:
   """Bilinear weights of the mask cells for every image pixel along one axis.
 
-  Returns `[D, pixels, m]` weights (zero for pixels whose centre is outside `[lo, hi)`) and
-  the `[D, pixels]` bool of those inside.
+  Returns `[D, pixels, m]` weights, zero for pixels whose centre is outside `[lo, hi)`.
   """
   centre = jnp.arange(pixels, dtype=lo.dtype) + 0.5
   extent = (hi - lo)[:, None]
@@ -82,7 +81,7 @@ def _paste_weights(lo: Array, hi: Array, pixels: int, m: int) -> tuple[Array, Ar
   inside = (centre[None, :] >= lo[:, None]) & (centre[None, :] < hi[:, None])
   # relu(1 - |u - k|) is the bilinear weight of cell k.
   weight = jnp.maximum(1.0 - jnp.abs(u[..., None] - jnp.arange(m, dtype=lo.dtype)), 0.0)
-  return jnp.where(inside[..., None], weight, 0.0), inside
+  return jnp.where(inside[..., None], weight, 0.0)
 
 
 def paste_mask_probs(mask_probs: Array, boxes: Array, image_size: Sequence[int]) -> Array:
@@ -97,20 +96,20 @@ def paste_mask_probs(mask_probs: Array, boxes: Array, image_size: Sequence[int])
   """
   mask_probs, boxes = jnp.asarray(mask_probs), jnp.asarray(boxes)
   if mask_probs.ndim != 3:
-    raise ValueError(f"masks.py: paste_masks: mask_probs must be [D, m, m], got "
+    raise ValueError(f"masks.py: paste_mask_probs: mask_probs must be [D, m, m], got "
                      f"{tuple(mask_probs.shape)}")
   if boxes.shape != (mask_probs.shape[0], 4):
-    raise ValueError(f"masks.py: paste_masks: boxes must be [D, 4] = "
+    raise ValueError(f"masks.py: paste_mask_probs: boxes must be [D, 4] = "
                      f"{(mask_probs.shape[0], 4)} to match mask_probs, got "
                      f"{tuple(boxes.shape)}")
   if len(image_size) != 2 or not all(int(s) == s and s > 0 for s in image_size):
-    raise ValueError(f"masks.py: paste_masks: image_size must be (H, W) positive ints, got "
+    raise ValueError(f"masks.py: paste_mask_probs: image_size must be (H, W) positive ints, got "
                      f"{image_size!r}")
   height, width = int(image_size[0]), int(image_size[1])
   dtype = jnp.promote_types(mask_probs.dtype, jnp.float32)
   boxes = boxes.astype(dtype)
-  rows, _ = _paste_weights(boxes[:, 0], boxes[:, 2], height, mask_probs.shape[1])
-  cols, _ = _paste_weights(boxes[:, 1], boxes[:, 3], width, mask_probs.shape[2])
+  rows = _paste_weights(boxes[:, 0], boxes[:, 2], height, mask_probs.shape[1])
+  cols = _paste_weights(boxes[:, 1], boxes[:, 3], width, mask_probs.shape[2])
   # The weights are zero for pixels outside the box, so the product is 0 there.
   return jnp.einsum("dhk,dkl,dwl->dhw", rows, mask_probs.astype(dtype), cols)
 

@@ -163,9 +163,9 @@ def test_bad_input_is_named():
     mask_ops.mask_targets(np.zeros((4, 4)), np.zeros(2, int), np.zeros((2, 4)), 7)
   with pytest.raises(ValueError, match=r"masks\.py: mask_targets: matched_gt must be"):
     mask_ops.mask_targets(np.zeros((1, 4, 4)), np.zeros(3, int), np.zeros((2, 4)), 7)
-  with pytest.raises(ValueError, match=r"masks\.py: paste_masks: boxes must be"):
+  with pytest.raises(ValueError, match=r"masks\.py: paste_mask_probs: boxes must be"):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((3, 4)), (8, 8))
-  with pytest.raises(ValueError, match=r"masks\.py: paste_masks: image_size"):
+  with pytest.raises(ValueError, match=r"masks\.py: paste_mask_probs: image_size"):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 0))
   with pytest.raises(ValueError, match=r"masks\.py: paste_masks: threshold must be > 0"):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 8), 0.0)
