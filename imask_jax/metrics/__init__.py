@@ -8,7 +8,8 @@ from imask_jax.metrics.detection import ClassAP, MaskAP
 from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, OverlapMetrics, Summary,
                                        case_status, overlap_metrics, overlap_per_label,
                                        summarize, summarize_values)
-from imask_jax.metrics.surface import (SurfaceMetrics, directed_surface_distances,
+from imask_jax.metrics.surface import (SurfaceMetrics, average_hausdorff,
+                                       directed_surface_distances,
                                        hausdorff_voxels, surface_metrics,
                                        surface_metrics_per_label, surface_voxels)
 from imask_jax.metrics.thickness import (Cylinder, InterfaceThickness, KneeLabelValues,
@@ -28,7 +29,7 @@ __all__ = [
     'ClassAP', 'MaskAP',
     'KNEE_LABELS', 'CaseStatus', 'OverlapMetrics', 'Summary', 'case_status', 'overlap_metrics',
     'overlap_per_label', 'summarize', 'summarize_values',
-    'SurfaceMetrics', 'directed_surface_distances', 'hausdorff_voxels', 'surface_metrics',
+    'SurfaceMetrics', 'average_hausdorff', 'directed_surface_distances', 'hausdorff_voxels', 'surface_metrics',
     'surface_metrics_per_label', 'surface_voxels',
     'Cylinder', 'InterfaceThickness', 'KneeLabelValues', 'PlateComparison',
     'ThicknessDifference', 'ThicknessMap', 'compare_thickness', 'cylinder_coordinates',

@@ -1,5 +1,6 @@
 """Surface distances against analytic spheres, a brute-force NumPy reference, medpy and
-SimpleITK, plus the empty-mask rules."""
+SimpleITK, ITK's average Hausdorff distance against SimpleITK and shifted boxes, plus the
+empty-mask rules."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from imask_jax.metrics.overlap import CaseStatus
-from imask_jax.metrics.surface import (directed_surface_distances, hausdorff_voxels,
-                                       surface_metrics, surface_metrics_per_label,
-                                       surface_voxels)
+from imask_jax.metrics.surface import (average_hausdorff, directed_surface_distances,
+                                       hausdorff_voxels, surface_metrics,
+                                       surface_metrics_per_label, surface_voxels)
 
 
 def ball(shape: tuple[int, ...], spacing: tuple[float, ...], center_mm: tuple[float, ...],
@@ -164,6 +165,83 @@ def test_hausdorff_agrees_with_simpleitk_on_offset_balls():
       hausdorff.GetHausdorffDistance())
 
 
+def sitk_image(mask: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:
+  image = sitk.GetImageFromArray(mask.astype(np.uint8))  # SimpleITK axes are reversed
+  image.SetSpacing(spacing[::-1])
+  return image
+
+
+def sitk_average_hausdorff(pred: np.ndarray, truth: np.ndarray,
+                           spacing: tuple[float, ...]) -> float:
+  hausdorff = sitk.HausdorffDistanceImageFilter()
+  hausdorff.Execute(sitk_image(pred, spacing), sitk_image(truth, spacing))
+  return hausdorff.GetAverageHausdorffDistance()
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_average_hausdorff_equals_simpleitk_on_random_blobs(seed):
+  rng = np.random.default_rng(seed)
+  for shape, spacing in [((18, 16, 12), (0.5, 0.9, 1.7)), ((30, 26), (0.4, 1.3))]:
+    pred, truth = blob(rng, shape), blob(rng, shape)
+    unit = (1.0,) * len(shape)
+    metrics = surface_metrics(pred, truth, spacing, voxel_hausdorff=True)
+    # SimpleITK sums float distances in another order: equal to rounding.
+    assert metrics.average_hausdorff_mm == pytest.approx(
+        sitk_average_hausdorff(pred, truth, spacing), rel=1e-12)
+    assert metrics.average_hausdorff_voxels == pytest.approx(
+        sitk_average_hausdorff(pred, truth, unit), rel=1e-12)
+    assert average_hausdorff(pred, truth, spacing) == metrics.average_hausdorff_mm
+    assert average_hausdorff(pred, truth, unit) == metrics.average_hausdorff_voxels
+    # Not the ASSD: these blobs overlap, so most voxels contribute 0.
+    assert metrics.average_hausdorff_mm < metrics.assd_mm
+
+
+def test_average_hausdorff_equals_simpleitk_where_one_mask_holds_the_other():
+  spacing = (0.6, 0.8, 1.1)
+  outer = ball((40, 32, 26), spacing, (12, 13, 14), 9)
+  inner = ball((40, 32, 26), spacing, (12.4, 12.7, 14.2), 5)
+  for pred, truth in [(outer, inner), (inner, outer)]:
+    assert average_hausdorff(pred, truth, spacing) == pytest.approx(
+        sitk_average_hausdorff(pred, truth, spacing), rel=1e-12)
+
+
+@pytest.mark.parametrize('axis', [0, 1, 2])
+def test_average_hausdorff_of_a_box_and_its_shifted_copy(axis):
+  # A box n voxels long along `axis`, and the same box shifted by k voxels along it: the k
+  # layers of each box outside the other lie 1..k spacings from it, the rest at 0, so each
+  # directed mean is s * (1 + ... + k) / n = s k (k + 1) / (2 n), and so is their average.
+  spacing = (0.4, 0.7, 1.5)
+  n, k = 6, 2
+  truth = np.zeros((14, 14, 14), bool)
+  box = [slice(3, 8)] * 3
+  box[axis] = slice(3, 3 + n)
+  truth[tuple(box)] = True
+  pred = np.roll(truth, k, axis=axis)
+  expected = spacing[axis] * k * (k + 1) / (2 * n)
+  metrics = surface_metrics(pred, truth, spacing, voxel_hausdorff=True)
+  assert metrics.average_hausdorff_mm == pytest.approx(expected, rel=1e-12)
+  assert metrics.average_hausdorff_voxels == pytest.approx(k * (k + 1) / (2 * n), rel=1e-12)
+  assert average_hausdorff(truth, truth, spacing) == 0.0
+
+
+def test_average_hausdorff_hand_worked_in_two_dimensions():
+  # truth: 2 x 2 square at rows 0-1, cols 0-1; pred: the pixels (0, 0) and (3, 0).
+  # pred -> truth: (0, 0) is inside (0), (3, 0) is 2 rows below (1, 0): 2 * 0.5 mm = 1 mm;
+  # mean 0.5 mm. truth -> pred: (0, 0) 0, (0, 1) 1 col = 2 mm, (1, 0) 1 row = 0.5 mm,
+  # (1, 1) hypot(0.5, 2) mm from (0, 0) (nearer than (3, 0): hypot(1.0, 2)); mean of the four.
+  # Average Hausdorff: the mean of the two directed means.
+  truth = np.zeros((5, 4), bool)
+  truth[:2, :2] = True
+  pred = np.zeros_like(truth)
+  pred[0, 0] = pred[3, 0] = True
+  spacing = (0.5, 2.0)
+  expected = (0.5 + (0 + 2.0 + 0.5 + math.hypot(0.5, 2.0)) / 4) / 2
+  assert average_hausdorff(pred, truth, spacing) == pytest.approx(expected, rel=1e-12)
+  assert surface_metrics(pred, truth, spacing).average_hausdorff_mm == pytest.approx(
+      expected, rel=1e-12)
+
+
 def test_two_dimensional_masks_in_pixels():
   rng = np.random.default_rng(7)
   pred, truth = blob(rng, (30, 25)), blob(rng, (30, 25))
@@ -195,7 +273,10 @@ def test_both_empty_gives_nan_distances():
   metrics = surface_metrics(empty, empty, (1.0, 1.0, 1.0), voxel_hausdorff=True)
   assert metrics.status is CaseStatus.BOTH_EMPTY
   assert all(math.isnan(v) for v in (metrics.hausdorff_mm, metrics.hd95_mm, metrics.assd_mm,
-                                     metrics.signed_mean_mm, metrics.hausdorff_voxels))
+                                     metrics.signed_mean_mm, metrics.hausdorff_voxels,
+                                     metrics.average_hausdorff_mm,
+                                     metrics.average_hausdorff_voxels))
+  assert math.isnan(average_hausdorff(empty, empty, (1.0, 1.0, 1.0)))
 
 
 def test_missed_structure_gives_infinite_distances_and_under_estimation():
@@ -204,8 +285,10 @@ def test_missed_structure_gives_infinite_distances_and_under_estimation():
   metrics = surface_metrics(np.zeros_like(truth), truth, (1.0, 1.0, 1.0))
   assert metrics.status is CaseStatus.MISSED
   assert metrics.hausdorff_mm == metrics.hd95_mm == metrics.assd_mm == math.inf
+  assert metrics.average_hausdorff_mm == math.inf
   assert metrics.signed_mean_mm == -math.inf and math.isnan(metrics.signed_sd_mm)
-  assert metrics.hausdorff_voxels is None
+  assert metrics.hausdorff_voxels is None and metrics.average_hausdorff_voxels is None
+  assert average_hausdorff(np.zeros_like(truth), truth, (1.0, 1.0, 1.0)) == math.inf
 
 
 def test_false_positive_gives_infinite_distances_and_over_estimation():
@@ -213,8 +296,9 @@ def test_false_positive_gives_infinite_distances_and_over_estimation():
   pred[1, 1, 1] = True
   metrics = surface_metrics(pred, np.zeros_like(pred), (1.0, 1.0, 1.0))
   assert metrics.status is CaseStatus.FALSE_POSITIVE
-  assert metrics.hausdorff_mm == metrics.assd_mm == math.inf
+  assert metrics.hausdorff_mm == metrics.assd_mm == metrics.average_hausdorff_mm == math.inf
   assert metrics.signed_mean_mm == math.inf
+  assert average_hausdorff(pred, np.zeros_like(pred), (1.0, 1.0, 1.0)) == math.inf
 
 
 # ----------------------------------------------------------------------------- bad input
