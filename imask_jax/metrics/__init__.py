@@ -8,6 +8,8 @@ from imask_jax.metrics.detection import ClassAP, MaskAP
 from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, OverlapMetrics, Summary,
                                        case_status, overlap_metrics, overlap_per_label,
                                        summarize, summarize_values)
+from imask_jax.metrics.slicewise import (SLICE_VALUES, SliceMetrics, slice_metrics,
+                                         slice_metrics_per_label)
 from imask_jax.metrics.surface import (SurfaceMetrics, average_hausdorff,
                                        directed_surface_distances,
                                        hausdorff_voxels, surface_metrics,
@@ -29,6 +31,7 @@ __all__ = [
     'ClassAP', 'MaskAP',
     'KNEE_LABELS', 'CaseStatus', 'OverlapMetrics', 'Summary', 'case_status', 'overlap_metrics',
     'overlap_per_label', 'summarize', 'summarize_values',
+    'SLICE_VALUES', 'SliceMetrics', 'slice_metrics', 'slice_metrics_per_label',
     'SurfaceMetrics', 'average_hausdorff', 'directed_surface_distances', 'hausdorff_voxels', 'surface_metrics',
     'surface_metrics_per_label', 'surface_voxels',
     'Cylinder', 'InterfaceThickness', 'KneeLabelValues', 'PlateComparison',
