@@ -4,7 +4,7 @@ about models. Definitions and empty-mask rules: docs/metrics.md."""
 
 from __future__ import annotations
 
-from imask_jax.metrics.detection import ClassAP, MaskAP
+from imask_jax.metrics.detection import ClassAP, MaskAP, image_average_precision, mask_iou
 from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, OverlapMetrics, Summary,
                                        case_status, overlap_metrics, overlap_per_label,
                                        summarize, summarize_values)
@@ -28,7 +28,7 @@ from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation,
                                       volumes_ml_per_label)
 
 __all__ = [
-    'ClassAP', 'MaskAP',
+    'ClassAP', 'MaskAP', 'image_average_precision', 'mask_iou',
     'KNEE_LABELS', 'CaseStatus', 'OverlapMetrics', 'Summary', 'case_status', 'overlap_metrics',
     'overlap_per_label', 'summarize', 'summarize_values',
     'SLICE_VALUES', 'SliceMetrics', 'slice_metrics', 'slice_metrics_per_label',

@@ -1,4 +1,6 @@
-"""COCO-style mask average precision per class over slices, with pycocotools.
+"""Mask average precision per class over slices: COCO's (pycocotools) and the per-image mean
+AP at IoU 0.5 of Matterport's Mask R-CNN (`utils.compute_ap`) that Matterport-based papers
+report as "mAP".
 
     ap = MaskAP({1: 'femur', 2: 'femoral_cartilage'})
     ap.add_slice([(1, truth_mask)], [(1, 0.93, predicted_mask)], (h, w), group='case_7')
@@ -6,6 +8,23 @@
     ap.evaluate('case_7')    # over the slices of one volume
 
 Masks are bool [h, w] arrays of the slice; nothing here knows about models.
+
+Per-image AP at one IoU threshold (`image_average_precision`), Matterport's definition:
+  1. Detections are ranked by score, highest first (equal scores keep their input order).
+  2. Each detection in turn takes the not yet matched truth instance of ITS class with the
+     highest mask IoU, if that IoU is >= the threshold (ties: the first truth in input order);
+     otherwise it is a false positive. A truth instance is matched at most once.
+  3. After the k-th detection: precision_k = TP_k / k, recall_k = TP_k / n_truth.
+  4. The precision envelope p~_k = max over j >= k of precision_j (all-point interpolation,
+     as in PASCAL VOC 2010+); AP = sum over the ranks where recall rises of
+     (recall_k - recall_{k-1}) * p~_k. Recall never reached adds 0, so an image whose truth
+     is not all found loses that share.
+  An image without truth instances has no AP (Matterport divides by zero there): such images
+  are left out and counted. With truth and no detection, AP = 0.
+Per class (`ClassAP.map50_per_image`): the AP of each slice restricted to that class's truth
+and detections, at IoU 0.5, averaged over the slices holding a truth instance of the class.
+Unlike COCO AP, which pools every slice's detections into one ranking and interpolates at 101
+recall points, this weighs every slice equally and ignores detections on slices without truth.
 """
 
 from __future__ import annotations
@@ -20,21 +39,82 @@ from typing import Any
 import numpy as np
 
 
+MATTERPORT_IOU = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassAP:
-  """COCO mask AP of one class: ap = mean over IoU 0.50:0.05:0.95 and the 101 recall points
-  (COCO's AP), ap50 / ap75 at one IoU; NaN when the scope has no truth instance of the class.
-  Counts are instances over the scope's slices."""
+  """Mask AP of one class over a scope of slices.
+
+  ap = COCO's AP, the mean over IoU 0.50:0.05:0.95 and the 101 recall points; ap50 / ap75 the
+  same at one IoU; NaN when the scope has no truth instance of the class. Counts are instances
+  over the scope's slices. map50_per_image: Matterport's per-image AP at IoU 0.5 averaged over
+  the images_with_truth slices that hold a truth instance of the class (module docstring);
+  NaN when there is none.
+  """
   ap: float
   ap50: float
   ap75: float
   truth_instances: int
   detections: int
+  map50_per_image: float = math.nan
+  images_with_truth: int = 0
+
+
+def mask_iou(detection_masks: Sequence[np.ndarray], truth_masks: Sequence[np.ndarray]
+             ) -> np.ndarray:
+  """IoU [n_detections, n_truth] of bool masks of one image (pixel counts)."""
+  if not len(detection_masks) or not len(truth_masks):
+    return np.zeros((len(detection_masks), len(truth_masks)))
+  det = np.stack([np.asarray(m, bool).reshape(-1) for m in detection_masks]).astype(np.float64)
+  truth = np.stack([np.asarray(m, bool).reshape(-1) for m in truth_masks]).astype(np.float64)
+  intersection = det @ truth.T
+  union = det.sum(1)[:, None] + truth.sum(1)[None, :] - intersection
+  return np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+
+
+def image_average_precision(truth: Sequence[tuple[int, np.ndarray]],
+                            detections: Sequence[tuple[int, float, np.ndarray]],
+                            iou_threshold: float = MATTERPORT_IOU) -> float:
+  """Matterport's `compute_ap` of one image (module docstring): truth (class id, bool mask
+  [h, w]) per instance, detections (class id, score, bool mask [h, w]); NaN without truth."""
+  ious = mask_iou([m for _, _, m in detections], [m for _, m in truth])
+  return _matterport_ap(ious, [c for c, _, _ in detections], [s for _, s, _ in detections],
+                        [c for c, _ in truth], iou_threshold)
+
+
+def _matterport_ap(ious: np.ndarray, det_classes: Sequence[int], det_scores: Sequence[float],
+                   truth_classes: Sequence[int], iou_threshold: float) -> float:
+  """AP of one image from its IoU matrix [n_detections, n_truth] (module docstring)."""
+  n_truth = len(truth_classes)
+  if n_truth == 0:
+    return math.nan
+  if not len(det_classes):
+    return 0.0
+  order = np.argsort(-np.asarray(det_scores, dtype=float), kind='stable')
+  det_classes = np.asarray(det_classes)[order]
+  truth_classes = np.asarray(truth_classes)
+  ious = np.asarray(ious, dtype=float)[order]
+  free = np.ones(n_truth, bool)
+  hit = np.zeros(order.size, bool)
+  for k in range(order.size):
+    candidates = free & (truth_classes == det_classes[k]) & (ious[k] >= iou_threshold)
+    if candidates.any():
+      best = int(np.argmax(np.where(candidates, ious[k], -1.0)))  # first of equal IoUs
+      free[best] = False
+      hit[k] = True
+  true_positives = np.cumsum(hit)
+  precision = true_positives / np.arange(1, order.size + 1)
+  recall = true_positives / n_truth
+  envelope = np.maximum.accumulate(precision[::-1])[::-1]
+  rises = np.diff(np.concatenate([[0.0], recall]))
+  return float(np.sum(rises * envelope))
 
 
 class MaskAP:
-  """Collects slices (truth instances and scored detections) and scores COCO mask AP per class
-  with pycocotools, over all slices or over one group (volume) of them."""
+  """Collects slices (truth instances and scored detections) and scores, per class, COCO mask
+  AP with pycocotools and Matterport's per-image mAP at IoU 0.5, over all slices or over one
+  group (volume) of them."""
 
   def __init__(self, class_names: Mapping[int, str]):
     self.class_names = dict(class_names)
@@ -88,18 +168,49 @@ class MaskAP:
         evaluation.evaluate()
         evaluation.accumulate()
       precision = evaluation.eval['precision']  # [IoU 10, recall 101, class, area, max dets]
+    per_image = self._per_image_ap(images, truth, detections, class_ids)
     out = {}
     for k, c in enumerate(class_ids):
+      image_aps = per_image[c]
+      matterport = dict(map50_per_image=float(np.mean(image_aps)) if image_aps else math.nan,
+                        images_with_truth=len(image_aps))
       if n_truth[c] == 0:
-        out[c] = ClassAP(math.nan, math.nan, math.nan, 0, n_det[c])
+        out[c] = ClassAP(math.nan, math.nan, math.nan, 0, n_det[c], **matterport)
       elif precision is None:  # truth but no detection at all: nothing found
-        out[c] = ClassAP(0.0, 0.0, 0.0, n_truth[c], n_det[c])
+        out[c] = ClassAP(0.0, 0.0, 0.0, n_truth[c], n_det[c], **matterport)
       else:
         # Area range 'all' (index 0) and the largest max-detections setting (index -1);
         # IoU thresholds 0.50:0.05:0.95, so index 0 is 0.50 and index 5 is 0.75.
         p = precision[:, :, k, 0, -1]
         out[c] = ClassAP(_mean_precision(p), _mean_precision(p[0]), _mean_precision(p[5]),
-                         n_truth[c], n_det[c])
+                         n_truth[c], n_det[c], **matterport)
+    return out
+
+  def _per_image_ap(self, images: Sequence[dict[str, Any]], truth: Sequence[dict[str, Any]],
+                    detections: Sequence[dict[str, Any]], class_ids: Sequence[int]
+                    ) -> dict[int, list[float]]:
+    """Class id -> Matterport's AP at IoU 0.5 of each image holding a truth instance of it."""
+    from pycocotools import mask as mask_utils
+    truth_by_image: dict[int, list[dict[str, Any]]] = {}
+    for a in truth:
+      truth_by_image.setdefault(a['image_id'], []).append(a)
+    dets_by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in detections:
+      dets_by_image.setdefault(d['image_id'], []).append(d)
+    out: dict[int, list[float]] = {c: [] for c in class_ids}
+    for image in images:
+      for c in class_ids:
+        gts = [a for a in truth_by_image.get(image['id'], []) if a['category_id'] == c]
+        if not gts:
+          continue
+        dets = [d for d in dets_by_image.get(image['id'], []) if d['category_id'] == c]
+        # pycocotools' IoU of RLEs (iscrowd 0) is intersection / union of pixel counts.
+        ious = np.asarray(mask_utils.iou([d['segmentation'] for d in dets],
+                                         [a['segmentation'] for a in gts],
+                                         [0] * len(gts)), dtype=float).reshape(
+                                             len(dets), len(gts))
+        out[c].append(_matterport_ap(ious, [c] * len(dets), [d['score'] for d in dets],
+                                     [c] * len(gts), MATTERPORT_IOU))
     return out
 
 
