@@ -20,12 +20,13 @@ from imask_jax.metrics.thickness import (Cylinder, InterfaceThickness, KneeLabel
                                          femoral_thickness_map, fit_cylinder,
                                          interface_thickness, thickness_difference,
                                          tibial_thickness_map)
-from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation,
-                                      IntraclassCorrelation, PairAgreement, PairedDifference,
-                                      bland_altman, coefficient_of_variation,
-                                      intraclass_correlation, paired_difference,
-                                      pairwise_agreement, plot_bland_altman, volume_ml,
-                                      volumes_ml_per_label)
+from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation, HipAgreement,
+                                      HipVolumeTable, IntraclassCorrelation, MeanSD,
+                                      PairAgreement, PairedDifference, ScanVolumes,
+                                      baseline_scans, bland_altman, coefficient_of_variation,
+                                      hip_volume_table, intraclass_correlation,
+                                      paired_difference, pairwise_agreement,
+                                      plot_bland_altman, volume_ml, volumes_ml_per_label)
 
 __all__ = [
     'ClassAP', 'MaskAP', 'image_average_precision', 'mask_iou',
@@ -38,8 +39,9 @@ __all__ = [
     'ThicknessDifference', 'ThicknessMap', 'compare_thickness', 'cylinder_coordinates',
     'femoral_thickness_map', 'fit_cylinder', 'interface_thickness', 'thickness_difference',
     'tibial_thickness_map',
-    'BlandAltman', 'CoefficientOfVariation', 'IntraclassCorrelation', 'PairAgreement',
-    'PairedDifference', 'bland_altman', 'coefficient_of_variation', 'intraclass_correlation',
-    'paired_difference', 'pairwise_agreement', 'plot_bland_altman', 'volume_ml',
-    'volumes_ml_per_label',
+    'BlandAltman', 'CoefficientOfVariation', 'HipAgreement', 'HipVolumeTable',
+    'IntraclassCorrelation', 'MeanSD', 'PairAgreement', 'PairedDifference', 'ScanVolumes',
+    'baseline_scans', 'bland_altman', 'coefficient_of_variation', 'hip_volume_table',
+    'intraclass_correlation', 'paired_difference', 'pairwise_agreement', 'plot_bland_altman',
+    'volume_ml', 'volumes_ml_per_label',
 ]

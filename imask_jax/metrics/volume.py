@@ -22,6 +22,23 @@ method). Formulas (docs/metrics.md gives the reasoning for which is used where):
                       BMS, JMS, EMS: between-subjects, between-raters and residual mean squares
                       of the two-way ANOVA without replication.
   Bland-Altman        bias = mean(a - b), limits of agreement = bias -+ 1.96 SD(a - b).
+
+The paper's Table 7 layout (`hip_volume_table`), from per-scan (right, left) volumes of every
+rater with subject and time-point ids:
+  scans               one per subject, at baseline when the data name time points: the scan
+                      whose time point is `baseline`, or without it each subject's first time
+                      point in natural order ('v2' before 'v10'); other scans are left out
+                      (and listed). Without time points every scan is used, one per subject.
+  Right, Left         mean +- SD (ddof=1) over the right (left) hips of those scans.
+  Overall             mean +- SD over all their hips pooled, one value per hip: the paper's
+                      "Overall" (its rows: 7.72 right and 6.17 left give 6.94; with 50 scans
+                      the pooled SDs 5.85, 5.62, 3.73, 4.43 of all four rows follow from the
+                      right and left columns, and no per-scan mean of the two hips can have an
+                      SD that large).
+  differences, CoV    between two raters over the hips (unit = one hip of one subject at
+                      baseline): mean +- SD of |a - b| and CoV_i over the raters' values of
+                      hip i, as above.
+  scan total          right + left of each scan, mean +- SD: a named extra, not a paper column.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -275,3 +293,147 @@ def pairwise_agreement(measurements: Mapping[str, Any]
         difference=paired_difference(a, b), cov=coefficient_of_variation(both),
         icc=intraclass_correlation(both), bland_altman=bland_altman(a, b))
   return table
+
+
+# ----------------------------------------------------------------------------- Table 7 per hip
+
+SIDES = ('right', 'left')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanVolumes:
+  """One scan's effusion volumes: rater -> (right mL, left mL). subject: the person scanned;
+  timepoint: the visit, or None when the data name no time points."""
+  scan_id: str
+  subject: str
+  timepoint: str | None
+  volumes: Mapping[str, tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanSD:
+  """Mean +- sample SD (ddof=1; NaN for n < 2) of n values (mL)."""
+  mean: float
+  sd: float
+  n: int
+
+  @classmethod
+  def of(cls, values: Any) -> MeanSD:
+    values = np.asarray(values, dtype=float)
+    return cls(float(values.mean()) if values.size else math.nan,
+               float(values.std(ddof=1)) if values.size > 1 else math.nan, int(values.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class HipAgreement:
+  """Agreement of rater a with rater b over hips (differences a - b, mL)."""
+  difference: PairedDifference
+  cov: CoefficientOfVariation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HipVolumeTable:
+  """The paper's Table 7 from baseline scans (module docstring).
+
+  raters: in input order. scans: the scans used, one per subject (sorted by subject).
+  left_out: scans not used (later time points). subjects_without_baseline: subjects left out
+  because no scan of theirs is at the named baseline. hips: (subject, side) per row of
+  hip_ml [n_hips, k_raters] (each scan's right hip, then its left). right, left, overall,
+  scan_total: rater -> MeanSD. pairs: (a, b) -> HipAgreement for every pair in rater order
+  (empty with fewer than 2 hips).
+  """
+  raters: tuple[str, ...]
+  scans: tuple[str, ...]
+  left_out: tuple[str, ...]
+  subjects_without_baseline: tuple[str, ...]
+  hips: tuple[tuple[str, str], ...]
+  hip_ml: np.ndarray
+  right: dict[str, MeanSD]
+  left: dict[str, MeanSD]
+  overall: dict[str, MeanSD]
+  scan_total: dict[str, MeanSD]
+  pairs: dict[tuple[str, str], HipAgreement]
+
+
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+  """Sort key comparing digit runs as numbers: 'v2' < 'v10', '01' < '2'."""
+  return tuple((0, int(part)) if part.isdigit() else (1, part)
+               for part in re.split(r'(\d+)', text) if part)
+
+
+def baseline_scans(scans: Sequence[ScanVolumes], baseline: str | None = None
+                   ) -> tuple[list[ScanVolumes], list[ScanVolumes], list[str]]:
+  """(the scans used, one per subject, sorted by subject; the scans left out; the subjects
+  without a `baseline` scan). Time points must be named for every scan or for none."""
+  where = 'baseline_scans'
+  named = [s.timepoint not in (None, '') for s in scans]
+  if any(named) and not all(named):
+    unnamed = [s.scan_id for s, n in zip(scans, named) if not n]
+    raise ValueError(f'{where}: scans {unnamed} name no time point but others do; expected '
+                     'every scan id as <subject>_<timepoint> or none.')
+  by_subject: dict[str, list[ScanVolumes]] = {}
+  for scan in scans:
+    by_subject.setdefault(scan.subject, []).append(scan)
+  used, left_out, without = [], [], []
+  for subject in sorted(by_subject, key=natural_key):
+    group = by_subject[subject]
+    if not all(named):
+      if len(group) > 1:
+        raise ValueError(f'{where}: subject {subject!r} has scans '
+                         f'{[s.scan_id for s in group]} and no time points; expected one scan '
+                         'per subject, or time points naming the baseline.')
+      used.append(group[0])
+      continue
+    points = [s.timepoint for s in group]
+    if len(set(points)) != len(points):
+      raise ValueError(f'{where}: subject {subject!r} has two scans at one time point: '
+                       f'{[s.scan_id for s in group]}.')
+    if baseline is None:
+      first = min(group, key=lambda s: natural_key(s.timepoint))
+    else:
+      first = next((s for s in group if s.timepoint == baseline), None)
+      if first is None:
+        without.append(subject)
+    used += [first] if first is not None else []
+    left_out += [s for s in group if s is not first]
+  return used, left_out, without
+
+
+def hip_volume_table(scans: Sequence[ScanVolumes], baseline: str | None = None
+                     ) -> HipVolumeTable:
+  """Table 7 per hip at baseline (module docstring) from every scan's (right, left) volumes
+  in mL of every rater (readers and methods)."""
+  where = 'hip_volume_table'
+  if not scans:
+    raise ValueError(f'{where}: no scans given.')
+  raters = tuple(scans[0].volumes)
+  for scan in scans:
+    if tuple(scan.volumes) != raters:
+      raise ValueError(f'{where}: scan {scan.scan_id!r} has raters {list(scan.volumes)}; '
+                       f'expected {list(raters)} like {scans[0].scan_id!r}.')
+  used, left_out, without = baseline_scans(scans, baseline)
+  if not used:
+    raise ValueError(f'{where}: no scan at baseline {baseline!r} among '
+                     f'{[s.scan_id for s in scans]}.')
+  sides = np.array([[[float(v) for v in scan.volumes[r]] for r in raters] for scan in used])
+  if sides.shape[2:] != (2,) or not np.all(np.isfinite(sides)) or np.any(sides < 0):
+    raise ValueError(f'{where}: volumes must be finite, non-negative (right, left) pairs in mL;'
+                     f' got {sides.tolist()}.')
+  right, left = sides[:, :, 0], sides[:, :, 1]   # [n_scans, k_raters]
+  hip_ml = np.stack([right, left], axis=1).reshape(-1, len(raters))
+  hips = tuple((scan.subject, side) for scan in used for side in SIDES)
+  pairs = {}
+  if hip_ml.shape[0] >= 2:
+    for (i, a), (j, b) in itertools.combinations(enumerate(raters), 2):
+      pair = hip_ml[:, [i, j]]
+      pairs[(a, b)] = HipAgreement(paired_difference(pair[:, 0], pair[:, 1]),
+                                   coefficient_of_variation(pair))
+  return HipVolumeTable(
+      raters=raters, scans=tuple(s.scan_id for s in used),
+      left_out=tuple(s.scan_id for s in left_out), subjects_without_baseline=tuple(without),
+      hips=hips, hip_ml=hip_ml,
+      right={r: MeanSD.of(right[:, k]) for k, r in enumerate(raters)},
+      left={r: MeanSD.of(left[:, k]) for k, r in enumerate(raters)},
+      overall={r: MeanSD.of(hip_ml[:, k]) for k, r in enumerate(raters)},
+      scan_total={r: MeanSD.of(right[:, k] + left[:, k]) for k, r in enumerate(raters)},
+      pairs=pairs)

@@ -1,5 +1,5 @@
-"""Volumes and agreement statistics against analytic shapes, plainly written NumPy formulas and
-Shrout & Fleiss (1979)'s published example."""
+"""Volumes and agreement statistics against analytic shapes, plainly written NumPy formulas,
+Shrout & Fleiss (1979)'s published example, and the paper's own Table 7 arithmetic."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from imask_jax.metrics.volume import (bland_altman, coefficient_of_variation,
-                                      intraclass_correlation, paired_difference,
+from imask_jax.metrics.volume import (ScanVolumes, baseline_scans, bland_altman,
+                                      coefficient_of_variation, hip_volume_table,
+                                      intraclass_correlation, natural_key, paired_difference,
                                       pairwise_agreement, plot_bland_altman, volume_ml,
                                       volumes_ml_per_label)
 
@@ -157,3 +158,104 @@ def test_bad_tables_are_rejected_with_their_shape():
     coefficient_of_variation([[1.0, -1.0], [2.0, 2.0]])
   with pytest.raises(ValueError, match=r'a \(3,\) and b \(2,\) must be 1-D of the same length'):
     bland_altman([1, 2, 3], [1, 2])
+
+
+# ----------------------------------------------------------------------------- Table 7 per hip
+
+# The paper's Table 7, "Fluid volumes (Baseline)": right mean, SD; left mean, SD; overall
+# mean, SD (mL), per rater.
+PAPER_TABLE_7 = {
+    'reader1': (7.72, 5.33, 6.17, 6.28, 6.94, 5.85),
+    'reader2': (8.65, 5.05, 6.63, 6.02, 7.64, 5.62),
+    'mask_rcnn': (10.05, 3.76, 8.49, 3.56, 9.27, 3.73),
+    'imask_rcnn': (11.81, 4.55, 9.72, 4.09, 10.76, 4.43),
+}
+
+
+def with_mean_and_sd(rng: np.random.Generator, n: int, mean: float, sd: float) -> np.ndarray:
+  """n non-negative values with exactly this mean and sample SD (a skewed, volume-like
+  shape: standardised log-normal draws, whose low tail stays above mean - sd)."""
+  draws = rng.lognormal(0.0, 1.2, n)
+  values = mean + sd * (draws - draws.mean()) / draws.std(ddof=1)
+  assert values.min() >= 0
+  return values
+
+
+def test_overall_is_per_hip_as_in_the_papers_own_table_7_rows():
+  # 50 test scans (the paper's STIHO test set), one per subject at baseline, plus a
+  # follow-up scan of each that must be left out. Each rater's right and left hips have the
+  # paper's means and SDs exactly; the per-hip "Overall" must then give the paper's overall
+  # column: the mean of the right and left means (7.72 and 6.17 give 6.94) and the SD of the
+  # 100 pooled hips. Tolerance: the paper rounds to 0.005, and its rounded right/left
+  # inputs move our pooled SD by at most 0.005 * (0.45 + 0.53 + 0.07 + 0.07) < 0.006 (the
+  # partial derivatives at these values), so 0.011.
+  rng = np.random.default_rng(0)
+  n = 50
+  right = {r: with_mean_and_sd(rng, n, row[0], row[1]) for r, row in PAPER_TABLE_7.items()}
+  left = {r: with_mean_and_sd(rng, n, row[2], row[3]) for r, row in PAPER_TABLE_7.items()}
+  scans = []
+  for i in range(n):
+    scans.append(ScanVolumes(f's{i:03d}_v00', f's{i:03d}', 'v00',
+                             {r: (right[r][i], left[r][i]) for r in PAPER_TABLE_7}))
+    scans.append(ScanVolumes(f's{i:03d}_v01', f's{i:03d}', 'v01',
+                             {r: (100.0, 100.0) for r in PAPER_TABLE_7}))
+  table = hip_volume_table(scans)
+  assert len(table.scans) == n and len(table.left_out) == n
+  assert all(s.endswith('_v00') for s in table.scans)
+  for rater, (_, _, _, _, overall_mean, overall_sd) in PAPER_TABLE_7.items():
+    row = PAPER_TABLE_7[rater]
+    assert (table.right[rater].mean, table.right[rater].sd) == pytest.approx(row[0:2])
+    assert (table.left[rater].mean, table.left[rater].sd) == pytest.approx(row[2:4])
+    assert table.overall[rater].n == 2 * n
+    assert table.overall[rater].mean == pytest.approx((row[0] + row[2]) / 2)
+    assert abs(table.overall[rater].mean - overall_mean) <= 0.005 + 1e-9
+    assert abs(table.overall[rater].sd - overall_sd) <= 0.011
+    # The paper's arithmetic rules out a per-scan mean of the two hips: its SD is at most
+    # (SD right + SD left) / 2, below the paper's overall SD in every row.
+    assert (row[1] + row[3]) / 2 < overall_sd - 0.011
+    # The scan total (a named extra) is another quantity: right + left.
+    assert table.scan_total[rater].mean == pytest.approx(row[0] + row[2])
+
+
+def test_hip_table_hand_worked_with_baseline_selection():
+  # Subject a: v1 and v2; b: v1 only; c: v2 only. Raters r1, r2; (right, left) mL.
+  scans = [ScanVolumes('a_v1', 'a', 'v1', {'r1': (4.0, 2.0), 'r2': (6.0, 2.0)}),
+           ScanVolumes('a_v2', 'a', 'v2', {'r1': (9.0, 9.0), 'r2': (9.0, 9.0)}),
+           ScanVolumes('b_v1', 'b', 'v1', {'r1': (0.0, 8.0), 'r2': (0.0, 4.0)}),
+           ScanVolumes('c_v2', 'c', 'v2', {'r1': (1.0, 1.0), 'r2': (3.0, 3.0)})]
+  table = hip_volume_table(scans, baseline='v1')
+  assert table.scans == ('a_v1', 'b_v1') and set(table.left_out) == {'a_v2', 'c_v2'}
+  assert table.subjects_without_baseline == ('c',)
+  assert table.hips == (('a', 'right'), ('a', 'left'), ('b', 'right'), ('b', 'left'))
+  # r1 hips 4, 2, 0, 8: overall 3.5 ± sqrt(35/3); right 4, 0: 2 ± sqrt(8); left 2, 8.
+  assert (table.overall['r1'].mean, table.overall['r1'].sd) == pytest.approx(
+      (3.5, math.sqrt(35 / 3)))
+  assert (table.right['r1'].mean, table.right['r1'].sd) == pytest.approx((2.0, math.sqrt(8)))
+  assert (table.left['r1'].mean, table.left['r1'].sd) == pytest.approx((5.0, math.sqrt(18)))
+  assert (table.overall['r2'].mean, table.overall['r2'].sd) == pytest.approx(
+      (3.0, math.sqrt(20 / 3)))
+  # r1 - r2 per hip: -2, 0, 0, 4: |d| 1.5 ± sqrt(11/3). CoV per hip: |a - b| / sqrt(2) over
+  # the hip's mean: 2/sqrt(2)/5, 0, none (both 0: left out and counted), 4/sqrt(2)/6.
+  pair = table.pairs[('r1', 'r2')]
+  assert pair.difference.mean_abs_difference == pytest.approx(1.5)
+  assert pair.difference.sd_abs_difference == pytest.approx(math.sqrt(11 / 3))
+  covs = [2 / math.sqrt(2) / 5, 0.0, 4 / math.sqrt(2) / 6]
+  assert pair.cov.mean_cov == pytest.approx(np.mean(covs))
+  assert pair.cov.rms_cov == pytest.approx(math.sqrt(np.mean(np.square(covs))))
+  assert pair.cov.n_zero_mean == 1 and pair.cov.n_used == 3
+  # Without a named baseline: each subject's first time point (c's only scan is v2).
+  default = hip_volume_table(scans)
+  assert default.scans == ('a_v1', 'b_v1', 'c_v2') and default.left_out == ('a_v2',)
+
+
+def test_scans_without_time_points_are_one_per_subject():
+  scans = [ScanVolumes('x', 'x', None, {'r1': (1.0, 2.0), 'r2': (1.0, 3.0)}),
+           ScanVolumes('y', 'y', None, {'r1': (2.0, 2.0), 'r2': (2.0, 2.0)})]
+  assert hip_volume_table(scans).scans == ('x', 'y')
+  with pytest.raises(ValueError, match=r"subject 'x' has scans \['x', 'x2'\] and no time"):
+    baseline_scans(scans + [ScanVolumes('x2', 'x', None, scans[0].volumes)])
+  with pytest.raises(ValueError, match=r"scans \['x'\] name no time point but others do"):
+    baseline_scans([scans[0], ScanVolumes('y_v1', 'y', 'v1', scans[1].volumes)])
+  with pytest.raises(ValueError, match=r"scan 'y' has raters \['r1'\]; expected"):
+    hip_volume_table([scans[0], ScanVolumes('y', 'y', None, {'r1': (1.0, 1.0)})])
+  assert sorted(['v10', 'v2', 'v1'], key=natural_key) == ['v1', 'v2', 'v10']
