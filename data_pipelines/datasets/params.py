@@ -5,10 +5,22 @@ readable prefix plus a digest of all fields) names the TFDS builder config, so t
 never share a cache. Settings the input pipeline applies on the fly (image size, augmentation,
 normalisation range) are not part of it.
 
-Splits are by subject: `assign_splits` orders the case ids by a stable hash and cuts that order
-by the split fractions, so a case is in exactly one split whatever order cases are listed or
-processed in, and the split does not depend on any seed (runs with different seeds are
-evaluated on the same cases).
+Splits are by subject: `assign_splits` groups the case ids by subject, orders the subjects by a
+stable hash and cuts that order by the split fractions (of subjects), so all scans of one person
+are in exactly one split, whatever order cases are listed or processed in, and the split does
+not depend on any seed (runs with different seeds are evaluated on the same cases).
+
+Subject ids come from the case ids (the file names, `imagesTr/<case id>_0000.nii.gz`) through
+`DatasetParams.subject_pattern` (config `data.subject_pattern`), a regular expression that must
+match the WHOLE case id and has a named group `subject` and optionally `timepoint`:
+  ''                        (the default) every case is its own subject: one scan per person
+                            (OAI-ZIB, phantoms). The split is then the same as it always was.
+  SUBJECT_TIMEPOINT_PATTERN `<subject>_<timepoint>`: the time point is the text after the LAST
+                            underscore, the subject everything before it ('stiho_017_v2' ->
+                            subject 'stiho_017', time point 'v2'). For STIHO-style cohorts
+                            scanned at several visits.
+A case id the pattern does not match is an error naming it (never silently its own subject:
+that is how two visits of one person would end up on both sides of a split).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +41,8 @@ PHANTOM_DATASETS = {'phantom_knee': 'knee', 'phantom_hip': 'hip'}
 MANUAL_DATASETS = ('oai_zib', 'nifti_folder')
 DATASETS = tuple(PHANTOM_DATASETS) + MANUAL_DATASETS
 _SPLIT_SALT = 'imask-split-v1/'
+# Case ids named <subject>_<timepoint>: the time point is the text after the last underscore.
+SUBJECT_TIMEPOINT_PATTERN = r'(?P<subject>.+)_(?P<timepoint>[^_]+)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +56,8 @@ class DatasetParams:
   side. seed: phantom generation and empty-slice sampling. split_fractions: train, validation,
   test. phantom_preset / num_volumes: phantoms only (None otherwise). source_dir: the raw folder
   of a manual dataset, absolute (None for phantoms, whose folder lives in the data_dir).
+  subject_pattern: how a case id names its subject (module docstring; '' = one case per
+  subject).
   """
   dataset: str
   plane: str
@@ -55,6 +72,7 @@ class DatasetParams:
   phantom_preset: str | None = None
   num_volumes: int | None = None
   source_dir: str | None = None
+  subject_pattern: str = ''
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -77,6 +95,7 @@ class DatasetParams:
     if self.context_slices < 0:
       raise ValueError(f'config data.context_slices={self.context_slices}; expected >= 0')
     check_fractions(self.split_fractions)
+    check_subject_pattern(self.subject_pattern)
     if self.is_phantom:
       if self.phantom_preset is None or self.num_volumes is None or self.num_volumes < 1:
         raise ValueError(f'{self.dataset}: config data.phantom_preset={self.phantom_preset!r} '
@@ -102,12 +121,18 @@ class DatasetParams:
   def config_name(self) -> str:
     """A deterministic TFDS config name, e.g. 'sagittal_ctx0_3f9a0c2b51de': a readable prefix
     and the first 12 hex digits of the SHA-256 of every field."""
-    fields = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    fields = dataclasses.asdict(self)
+    if not fields['subject_pattern']:
+      # One case per subject splits exactly as before the field existed: keep those names
+      # (and their stored datasets) valid.
+      del fields['subject_pattern']
+    fields = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(fields.encode('utf-8')).hexdigest()[:12]
     return f'{self.plane}_ctx{self.context_slices}_{digest}'
 
   def describe(self) -> str:
-    return ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self).items() if v is not None)
+    return ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self).items()
+                     if v is not None and not (k == 'subject_pattern' and not v))
 
 
 def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParams:
@@ -131,7 +156,8 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
       empty_slice_rate=float(d.empty_slice_rate), context_slices=int(d.context_slices),
       seed=int(d.seed), split_fractions=tuple(float(f) for f in d.split_fractions),
       phantom_preset=str(d.phantom_preset) if phantom else None,
-      num_volumes=int(d.num_volumes) if phantom else None, source_dir=source_dir)
+      num_volumes=int(d.num_volumes) if phantom else None, source_dir=source_dir,
+      subject_pattern=str(d.get('subject_pattern', '') or ''))
 
 
 def check_fractions(fractions: Sequence[float]) -> None:
@@ -160,22 +186,55 @@ def split_sizes(num_cases: int, fractions: Sequence[float]) -> tuple[int, int, i
   return tuple(sizes)
 
 
-def assign_splits(case_ids: Iterable[str],
-                  fractions: Sequence[float]) -> dict[str, tuple[str, ...]]:
-  """Split name -> the case ids in it (sorted). Every case lands in exactly one split.
+def check_subject_pattern(pattern: str) -> None:
+  if not pattern:
+    return
+  try:
+    compiled = re.compile(pattern)
+  except re.error as error:
+    raise ValueError(f'config data.subject_pattern={pattern!r} is not a regular expression: '
+                     f'{error}') from error
+  if 'subject' not in compiled.groupindex:
+    raise ValueError(f'config data.subject_pattern={pattern!r} has no named group "subject"; '
+                     f'expected e.g. {SUBJECT_TIMEPOINT_PATTERN!r} for <subject>_<timepoint>')
 
-  Cases are ordered by SHA-256 of a fixed salt and the case id, and the order is cut into
-  `split_sizes` pieces: train first, then validation, then test.
+
+def subject_and_timepoint(case_id: str, pattern: str = '') -> tuple[str, str | None]:
+  """(subject id, time point or None) of a case id under `subject_pattern` (module
+  docstring); with no pattern the case is its own subject with no time point."""
+  if not pattern:
+    return case_id, None
+  check_subject_pattern(pattern)
+  match = re.fullmatch(pattern, case_id)
+  if match is None or not match.group('subject'):
+    raise ValueError(f'case id {case_id!r} does not match config data.subject_pattern='
+                     f'{pattern!r}; expected every case id to name its subject (e.g. '
+                     '<subject>_<timepoint>), so that no subject straddles two splits')
+  timepoint = match.groupdict().get('timepoint')
+  return match.group('subject'), timepoint or None
+
+
+def assign_splits(case_ids: Iterable[str], fractions: Sequence[float],
+                  subject_pattern: str = '') -> dict[str, tuple[str, ...]]:
+  """Split name -> the case ids in it (sorted). Every case lands in exactly one split, and
+  all cases of one subject (`subject_and_timepoint`) in the same one.
+
+  Subjects are ordered by SHA-256 of a fixed salt and the subject id, and the order is cut
+  into `split_sizes` pieces (counted in subjects): train first, then validation, then test.
+  With no pattern each case is its own subject, so the split is that of the case ids.
   """
   case_ids = list(case_ids)
   if len(set(case_ids)) != len(case_ids):
     duplicates = sorted({c for c in case_ids if case_ids.count(c) > 1})
-    raise ValueError(f'duplicate case ids {duplicates}; a subject must appear once')
-  order = sorted(case_ids,
-                 key=lambda c: hashlib.sha256((_SPLIT_SALT + c).encode('utf-8')).hexdigest())
+    raise ValueError(f'duplicate case ids {duplicates}; a case must appear once')
+  by_subject: dict[str, list[str]] = {}
+  for case_id in case_ids:
+    by_subject.setdefault(subject_and_timepoint(case_id, subject_pattern)[0], []).append(case_id)
+  order = sorted(by_subject,
+                 key=lambda s: hashlib.sha256((_SPLIT_SALT + s).encode('utf-8')).hexdigest())
   sizes = split_sizes(len(order), fractions)
   out, start = {}, 0
   for name, size in zip(SPLITS, sizes):
-    out[name] = tuple(sorted(order[start:start + size]))
+    out[name] = tuple(sorted(c for s in order[start:start + size] for c in by_subject[s]))
     start += size
   return out

@@ -100,10 +100,15 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
 
 
 def split_assignment(params: DatasetParams, folder: Folder) -> dict[str, tuple[readers.Case, ...]]:
-  """Split name -> its cases (each labelled case in exactly one split; see `assign_splits`)."""
+  """Split name -> its cases (each labelled case in exactly one split, every scan of a subject
+  in the same one; see `assign_splits` and `DatasetParams.subject_pattern`)."""
   cases = {case.case_id: case for case in labelled_cases(params, folder)}
-  return {split: tuple(cases[i] for i in ids)
-          for split, ids in assign_splits(cases, params.split_fractions).items()}
+  try:
+    splits = assign_splits(cases, params.split_fractions, params.subject_pattern)
+  except ValueError as error:  # a case id that names no subject: say which folder
+    raise DataError(folder.root, 'cannot split the cases by subject', found=str(error),
+                    expected='case ids matching config data.subject_pattern') from error
+  return {split: tuple(cases[i] for i in ids) for split, ids in splits.items()}
 
 
 def volume_sources(params: DatasetParams,
