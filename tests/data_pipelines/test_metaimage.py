@@ -1,4 +1,5 @@
-"""MetaImage reader against files written byte by byte here, and the writer's round trip."""
+"""MetaImage reading (SimpleITK behind our header check) against files written byte by byte
+here, the writer's round trip, and every hostile header refused before any data is read."""
 
 from __future__ import annotations
 
@@ -68,15 +69,18 @@ def test_reads_little_endian_types(tmp_path, element_type, fmt, dtype):
   np.testing.assert_array_equal(image.data, _expected())
 
 
-def test_reads_big_endian_and_element_byte_order_wins(tmp_path):
+def test_reads_big_endian_under_either_byte_order_key(tmp_path):
   big = _payload('>h')
-  path = _write(tmp_path, _header('MET_SHORT', ['BinaryDataByteOrderMSB = True']), big)
-  np.testing.assert_array_equal(read_metaimage(path).data, _expected())
-  # ElementByteOrderMSB overrides BinaryDataByteOrderMSB when both are present.
+  for key in ('BinaryDataByteOrderMSB', 'ElementByteOrderMSB'):
+    path = _write(tmp_path, _header('MET_SHORT', [f'{key} = True']), big)
+    np.testing.assert_array_equal(read_metaimage(path).data, _expected())
+    assert read_metaimage(path).data.dtype.isnative
+  # Both keys, disagreeing: readers differ on which wins (SimpleITK takes
+  # BinaryDataByteOrderMSB), so the file is refused rather than read one way or the other.
   path = _write(tmp_path, _header('MET_SHORT', ['BinaryDataByteOrderMSB = False',
                                                 'ElementByteOrderMSB = True']), big)
-  np.testing.assert_array_equal(read_metaimage(path).data, _expected())
-  assert read_metaimage(path).data.dtype.isnative
+  with pytest.raises(DataError, match=r'mask\.mhd: the byte-order keys contradict each other'):
+    read_metaimage(path)
 
 
 def test_reads_zlib_compressed_data(tmp_path):
@@ -99,13 +103,12 @@ def test_reads_local_data_and_header_size(tmp_path):
   np.testing.assert_array_equal(read_metaimage(at_end).data, _expected())
 
 
-@pytest.mark.parametrize('dtype,compressed,msb', [
-    (np.uint8, False, False), (np.int16, False, True), (np.float32, True, False),
-    (np.uint16, True, True)])
-def test_writer_round_trip(tmp_path, dtype, compressed, msb):
+@pytest.mark.parametrize('dtype,compressed', [
+    (np.uint8, False), (np.int16, False), (np.float32, True), (np.uint16, True)])
+def test_writer_round_trip(tmp_path, dtype, compressed):
   data = np.random.default_rng(3).integers(0, 200, size=(5, 4, 3)).astype(dtype)
   path = write_metaimage(os.path.join(tmp_path, 'out.mhd'), data, (0.5, 0.25, 2.0),
-                         compressed=compressed, msb=msb)
+                         compressed=compressed)
   image = read_metaimage(path)
   assert image.data.dtype == dtype
   np.testing.assert_array_equal(image.data, data)
@@ -163,9 +166,67 @@ def test_several_channels_refused(tmp_path):
 
 
 def test_corrupt_compressed_data(tmp_path):
-  path = _write(tmp_path, _header('MET_UCHAR', ['CompressedData = True']), b'not zlib at all')
+  # SimpleITK alone returns an all-zero image for this (and only prints to stderr).
+  path = _write(tmp_path, _header('MET_UCHAR', ['CompressedData = True',
+                                                'CompressedDataSize = 15']), b'not zlib at all')
   with pytest.raises(DataError, match=r'mask\.raw: cannot decompress the zlib data'):
     read_metaimage(path)
+
+
+def test_compressed_data_must_inflate_to_exactly_the_header_size(tmp_path):
+  def compressed(payload: bytes, declared: int | None = None) -> str:
+    size = len(payload) if declared is None else declared
+    return _write(tmp_path, _header('MET_SHORT', ['CompressedData = True',
+                                                  f'CompressedDataSize = {size}']), payload)
+  packed = zlib.compress(_payload('<h'))
+  with pytest.raises(DataError, match=r'mask\.raw: zlib data does not inflate to the size the '
+                     r'header gives \(found \d+ bytes from an incomplete stream; expected 48'):
+    read_metaimage(compressed(packed[:-12]))  # a truncated stream
+  with pytest.raises(DataError, match=r'\(found 40 bytes; expected 48 bytes\)'):
+    read_metaimage(compressed(zlib.compress(_payload('<h')[:40])))  # a whole, shorter stream
+  # A zip bomb: 10 MB of zeros in a few kB, for a header of 48 bytes. Refused after inflating
+  # at most one bounded chunk past the declared size.
+  with pytest.raises(DataError, match=r'\(found more than 48 bytes \(inflating stopped there\); '
+                     r'expected 48 bytes\)'):
+    read_metaimage(compressed(zlib.compress(bytes(10_000_000))))
+  with pytest.raises(DataError, match=r'mask\.mhd: zlib-compressed data without '
+                     r'CompressedDataSize'):
+    read_metaimage(_write(tmp_path, _header('MET_SHORT', ['CompressedData = True']), packed))
+  with pytest.raises(DataError, match=r'mask\.raw: compressed data size is impossible for this '
+                     rf'file \(found CompressedDataSize = 999; expected 1 to {len(packed)}'):
+    read_metaimage(compressed(packed, declared=999))
+
+
+def test_implausible_sizes_are_refused_before_any_data_is_read(tmp_path):
+  # No data file at all: the header alone is refused.
+  huge = _header('MET_FLOAT')
+  huge[2] = 'DimSize = 2048 2048 2048'
+  with pytest.raises(DataError, match=r'mask\.mhd: DimSize is implausibly large \(found 2048 '
+                     r'2048 2048 of MET_FLOAT = 34359738368 bytes; expected at most 4294967296'):
+    read_metaimage(_write(tmp_path, huge, b'', data_name=None))
+  # 1 GB claimed from 100 compressed bytes: beyond what deflate can do (1032:1).
+  bomb = _header('MET_UCHAR', ['CompressedData = True', 'CompressedDataSize = 100'])
+  bomb[2] = 'DimSize = 1000 1000 1000'
+  with pytest.raises(DataError, match=r'mask\.mhd: CompressedDataSize is too small for DimSize'):
+    read_metaimage(_write(tmp_path, bomb, bytes(100)))
+
+
+@pytest.mark.parametrize('name', ['/etc/passwd', '../secret.raw', 'sub/../../secret.raw', '..'])
+def test_data_file_outside_the_header_folder_is_refused(tmp_path, name):
+  folder = tmp_path / 'masks'
+  folder.mkdir()
+  (tmp_path / 'secret.raw').write_bytes(_payload('<h'))
+  path = _write(folder, _header('MET_SHORT', data_file=name), b'', data_name=None)
+  with pytest.raises(DataError, match=r"mask\.mhd: ElementDataFile points outside the header's "
+                     'folder'):
+    read_metaimage(path)
+
+
+def test_data_file_in_a_subfolder_of_the_header_is_read(tmp_path):
+  (tmp_path / 'data').mkdir()
+  path = _write(tmp_path, _header('MET_SHORT', data_file='data/mask.raw'), _payload('<h'),
+                data_name='data/mask.raw')
+  np.testing.assert_array_equal(read_metaimage(path).data, _expected())
 
 
 def test_header_without_required_keys(tmp_path):
