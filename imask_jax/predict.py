@@ -1,6 +1,7 @@
 """Prediction on new scans: NIfTI in -> label NIfTI on the input's exact grid + JSON report.
 
   python -m imask_jax.predict --workdir DIR --input IN --output OUT [--checkpoint STEP]
+      [--overwrite]
 
 IN is a NIfTI file (.nii / .nii.gz) or a folder of them (hidden and non-NIfTI files are
 skipped). OUT is a folder: each input `<name>.nii.gz` (an nnU-Net channel suffix `_0000` is
@@ -13,9 +14,13 @@ For a single input file OUT may instead be the label map's own name (ending in .
 .nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
 
 Refused before any work (exit status 2): an output path that is one of the inputs, an OUT
-that is the input folder, two inputs that would write the same output. An input that cannot be
-read, or fails, is reported by its name and the others still run; the exit status is then 1.
-Every file is written atomically (a failure leaves no half-written output).
+that is the input folder, two inputs that would write the same output, an output folder that
+cannot be created or written, and an existing file at an output path that predict did not
+write: it is replaced only when the report beside it (OUT/<name>.json) names the same input
+and that label map, i.e. it is an earlier prediction of this scan, or with --overwrite. An
+input that cannot be read, or fails, is reported by its name and the others still run; the exit
+status is then 1. Every file is written atomically (a failure leaves no half-written output);
+hidden temporaries that a killed run left beside this run's outputs are removed first.
 
 Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
 cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
@@ -38,6 +43,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any, TextIO  # noqa: E402
@@ -45,7 +51,7 @@ from typing import Any, TextIO  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_pipelines import nifti_io  # noqa: E402
-from data_pipelines.atomic import atomic_path  # noqa: E402
+from data_pipelines.atomic import atomic_path, remove_stale_temporaries  # noqa: E402
 from imask_jax import inference, metrics  # noqa: E402
 from imask_jax.inference import LabelScheme, VolumePrediction  # noqa: E402
 
@@ -122,6 +128,73 @@ def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
         raise ValueError(f'output {path} is the input {sources[os.path.realpath(path)]}; '
                          'refusing to overwrite an input (choose another --output)')
   return jobs
+
+
+def earlier_prediction(job: Job) -> bool:
+  """Whether the report at `job.report` is predict's report of this very input and label map
+  (so the two files there are an earlier prediction of the same scan, safe to replace)."""
+  try:
+    with open(job.report, encoding='utf-8') as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return False
+  if not isinstance(report, dict) or not all(isinstance(report.get(k), str)
+                                             for k in ('input', 'label_map')):
+    return False
+  return (os.path.realpath(report['input']) == os.path.realpath(job.input)
+          and os.path.realpath(report['label_map']) == os.path.realpath(job.label_map))
+
+
+def check_overwrites(jobs: Sequence[Job], overwrite: bool = False) -> None:
+  """ValueError unless every existing output is an earlier prediction of its own input
+  (`earlier_prediction`); `overwrite` allows replacing any file (never a folder, never an
+  input: plan_jobs refuses those)."""
+  for job in jobs:
+    for path in (job.label_map, job.report):
+      if os.path.isdir(path):
+        raise ValueError(f'output {path} is a folder; refusing to replace it (choose another '
+                         '--output)')
+    existing = [p for p in (job.label_map, job.report) if os.path.lexists(p)]
+    if not existing or overwrite or earlier_prediction(job):
+      continue
+    raise ValueError(
+        f'output {existing[0]} exists and is not an earlier prediction of {job.input} (no '
+        f'report {job.report} naming that input and label map); refusing to overwrite it '
+        '(choose another --output, or pass --overwrite to replace it)')
+
+
+def prepare_output_folders(jobs: Sequence[Job]) -> list[str]:
+  """Creates the output folders and proves each writable by creating and removing a hidden
+  file in it; ValueError naming the folder otherwise. Returns the folders it created
+  (outermost first), so that a run that writes nothing can remove them again."""
+  created: list[str] = []
+  for folder in dict.fromkeys(os.path.dirname(j.label_map) for j in jobs):
+    missing = []
+    parent = folder
+    while not os.path.lexists(parent):
+      missing.append(parent)
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise ValueError(f'--output {folder}: cannot create the output folder, {parent} is a '
+                       'file, not a folder')
+    try:
+      os.makedirs(folder, exist_ok=True)
+      created += missing[::-1]
+      fd, probe = tempfile.mkstemp(prefix=f'.predict-write-test.{os.getpid()}-', dir=folder)
+      os.close(fd)
+      os.remove(probe)
+    except OSError as error:
+      raise ValueError(f'--output {folder}: cannot write into the output folder '
+                       f'({error.strerror or error})') from error
+  return created
+
+
+def _remove_empty_folders(folders: Sequence[str]) -> None:
+  for folder in reversed(folders):
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -246,21 +319,32 @@ def predict_one(model: inference.LoadedModel, job: Job) -> dict[str, Any]:
 
 
 def predict_command(workdir: str, input_path: str, output: str, *,
-                    checkpoint: int | None = None,
+                    checkpoint: int | None = None, overwrite: bool = False,
                     model: inference.LoadedModel | None = None,
                     stream: TextIO = sys.stderr) -> int:
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
-  2 refused before any work). `model`: an already loaded checkpoint of `workdir`."""
+  2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
+  `overwrite`: replace existing files at the output paths even if predict did not write them."""
   try:
     inputs, skipped = list_inputs(input_path)
     jobs = plan_jobs(os.path.abspath(input_path), inputs, output)
+    check_overwrites(jobs, overwrite)
+    created = prepare_output_folders(jobs)
   except ValueError as error:
     stream.write(f'predict: refused: {error}\n')
     return EXIT_REFUSED
   for name in skipped:
     stream.write(f'predict: skipped {name} (not a NIfTI file)\n')
+  for job in jobs:
+    for leftover in (remove_stale_temporaries(job.label_map) +
+                     remove_stale_temporaries(job.report)):
+      stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
-    model = inference.load_model(workdir, checkpoint)
+    try:
+      model = inference.load_model(workdir, checkpoint)
+    except BaseException:
+      _remove_empty_folders(created)
+      raise
   bar = ProgressBar(len(jobs), stream)
   failures: list[tuple[str, str]] = []
   for done, job in enumerate(jobs, start=1):
@@ -295,8 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='output folder (or, for one input file, the label map file name)')
   parser.add_argument('--checkpoint', type=int, default=None,
                       help='checkpoint step (default: the latest)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace files at the output paths even when they are not earlier '
+                           'predictions of the same inputs (inputs are never replaced)')
   args = parser.parse_args(argv)
-  return predict_command(args.workdir, args.input, args.output, checkpoint=args.checkpoint)
+  return predict_command(args.workdir, args.input, args.output, checkpoint=args.checkpoint,
+                         overwrite=args.overwrite)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +17,8 @@ import pytest
 
 from data_pipelines.phantoms import generate_knee
 from imask_jax import metrics, predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Two grids that are neither canonical nor alike: axes P, I, L and axes S, L, P, anisotropic
 # voxels, every entry exact in float32 (so a written affine can be compared bit for bit).
@@ -123,6 +128,118 @@ def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
   clash = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'x.nii.gz')]
   with pytest.raises(ValueError, match='would both write'):
     predict.plan_jobs(str(tmp_path), clash, str(tmp_path / 'out'))
+
+
+# --- never overwrite what predict did not write; refuse an unwritable output up front ----------
+
+
+def _scan(path, value=0.0) -> str:
+  nib.save(nib.Nifti1Image(np.full((6, 5, 4), value, np.float32), np.eye(4)), str(path))
+  return str(path)
+
+
+def _bytes(path) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_path):
+  # Issue 15.1: input scan_0000.nii.gz, --output its own folder, and another scan there whose
+  # name is the prediction's (scan.nii.gz). It was replaced by the label map with exit 0.
+  source = _scan(tmp_path / 'scan_0000.nii.gz', 1.0)
+  neighbour = _scan(tmp_path / 'scan.nii.gz', 7.0)
+  before = _bytes(neighbour)
+  stream = io.StringIO()
+  # Refused before the model is needed: the workdir is never read.
+  status = predict.predict_command('/nonexistent', source, str(tmp_path), stream=stream)
+  assert status == predict.EXIT_REFUSED
+  assert (f'output {neighbour} exists and is not an earlier prediction of {source}'
+          in stream.getvalue())
+  assert '--overwrite' in stream.getvalue()
+  assert _bytes(neighbour) == before
+  assert sorted(os.listdir(tmp_path)) == ['scan.nii.gz', 'scan_0000.nii.gz']
+  # A stray JSON file with the report's name is not predict's either.
+  os.remove(neighbour)
+  (tmp_path / 'scan.json').write_text('{"note": "my own file"}\n')
+  stream = io.StringIO()
+  assert predict.predict_command('/nonexistent', source, str(tmp_path),
+                                 stream=stream) == predict.EXIT_REFUSED
+  assert f'output {tmp_path / "scan.json"} exists' in stream.getvalue()
+  assert (tmp_path / 'scan.json').read_text() == '{"note": "my own file"}\n'
+
+
+def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp_path):
+  source = _scan(tmp_path / 'scan_0000.nii.gz', 1.0)
+  out = tmp_path / 'out'
+  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
+                                 stream=io.StringIO()) == predict.EXIT_OK
+  report = json.loads((out / 'scan.json').read_text())
+  assert report['input'] == source and report['label_map'] == str(out / 'scan.nii.gz')
+  # A second run over its own earlier prediction replaces it.
+  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
+                                 stream=io.StringIO()) == predict.EXIT_OK
+  # The same names, but a report of another input: not this scan's prediction.
+  other = _scan(tmp_path / 'other.nii.gz', 2.0)
+  report['input'] = other
+  (out / 'scan.json').write_text(json.dumps(report))
+  label_before = _bytes(out / 'scan.nii.gz')
+  stream = io.StringIO()
+  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
+                                 stream=stream) == predict.EXIT_REFUSED
+  assert 'is not an earlier prediction' in stream.getvalue()
+  assert _bytes(out / 'scan.nii.gz') == label_before
+  # --overwrite replaces it.
+  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
+                                 overwrite=True, stream=io.StringIO()) == predict.EXIT_OK
+  assert json.loads((out / 'scan.json').read_text())['input'] == source
+  # The flag never lets an input be replaced (refused before the workdir is read).
+  assert predict.main(['--workdir', '/nonexistent', '--input', source, '--output', source,
+                       '--overwrite']) == predict.EXIT_REFUSED
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+  # Issue 15.4: --output under a regular file segmented every scan, then failed each one.
+  source = _scan(tmp_path / 'scan.nii.gz')
+  blocker = tmp_path / 'results'
+  blocker.write_text('a file, not a folder\n')
+  for output in (blocker / 'out', blocker / 'out' / 'seg.nii.gz'):
+    stream = io.StringIO()
+    # '/nonexistent' as the workdir: no model is loaded before the refusal.
+    assert predict.predict_command('/nonexistent', source, str(output),
+                                   stream=stream) == predict.EXIT_REFUSED
+    assert (f'predict: refused: --output {blocker / "out"}: cannot create the output folder, '
+            f'{blocker} is a file' in stream.getvalue())
+  assert blocker.read_text() == 'a file, not a folder\n'
+  # A folder that is created but the model then fails to load is removed again.
+  with pytest.raises(FileNotFoundError):
+    predict.predict_command(str(tmp_path / 'no_workdir'), source, str(tmp_path / 'new' / 'out'),
+                            stream=io.StringIO())
+  assert not (tmp_path / 'new').exists()
+
+
+def test_the_temporary_of_a_killed_predict_is_removed_by_the_next_run(smoke_model, tmp_path):
+  # Issue 15.6: a run killed mid-write (SIGKILL) leaves the hidden temporary of its label map.
+  source = _scan(tmp_path / 'scan.nii.gz', 1.0)
+  out = tmp_path / 'out'
+  out.mkdir()
+  killed = subprocess.run(
+      [sys.executable, '-c',
+       'import os, signal, sys\n'
+       'from data_pipelines.atomic import atomic_path\n'
+       'writer = atomic_path(sys.argv[1])\n'
+       'tmp = writer.__enter__()\n'
+       'open(tmp, "wb").write(b"half a label map")\n'
+       'os.kill(os.getpid(), signal.SIGKILL)\n', str(out / 'scan.nii.gz')],
+      cwd=REPO, check=False)
+  assert killed.returncode == -signal.SIGKILL
+  leftover, = os.listdir(out)
+  assert leftover.startswith('.scan.nii.gz.') and leftover.endswith('.tmp.nii.gz')
+  (out / '.scan.nii.gz.notes').write_text('not ours\n')  # another naming: kept
+  stream = io.StringIO()
+  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
+                                 stream=stream) == predict.EXIT_OK
+  assert f'removed {out / leftover}' in stream.getvalue()
+  assert sorted(os.listdir(out)) == ['.scan.nii.gz.notes', 'scan.json', 'scan.nii.gz']
 
 
 # --- regional thickness on analytic shapes -------------------------------------------------------
