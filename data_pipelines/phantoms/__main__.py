@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--num', type=int, default=1, help='number of volumes (default 1)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the first volume; volume i '
                       'uses seed + i (default 0)')
-  parser.add_argument('--out', help='dataset folder to write (replaced as a whole)')
+  parser.add_argument('--out', help='dataset folder to write: a new or empty folder, or one '
+                      'this command wrote before (replaced as a whole); anything else is refused')
   parser.add_argument('--preset', choices=['cpu', 'full'], default='cpu',
                       help='grid size: cpu (small, default) or full (scanner-like)')
   parser.add_argument('--preview', help='PNG of a few slices of the first volume')
@@ -47,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     writer.save_preview(phantoms, args.preview)
     print(f'wrote {args.preview} ({time.perf_counter() - start:.1f} s)')
     return 0
-  meta = writer.write_dataset(args.kind, args.num, args.seed, args.out, args.preset,
-                              args.preview)
+  try:
+    meta = writer.write_dataset(args.kind, args.num, args.seed, args.out, args.preset,
+                                args.preview)
+  except ValueError as error:  # a refused --out: the message says why, no traceback
+    print(error, file=sys.stderr)
+    return 2
   print(f"wrote {meta['numTraining']} {args.kind} volumes to {args.out} "
         f'({time.perf_counter() - start:.1f} s)' +
         (f'; preview {args.preview}' if args.preview else ''))

@@ -6,6 +6,7 @@ Layout of `out`:
   labelsTr_<reader>/<id>.nii.gz  simulated reader label maps (hip)
   truth/<id>.json             the truth sidecar
   dataset.json                nnU-Net v2 keys plus "plane", "readers", "training"
+  .phantoms_generator.json    the generator's marker: only a folder holding it is ever replaced
 
 Every file's bytes depend only on (kind, seed, preset): gzip headers carry no time or name,
 JSON is written with a fixed key order, and the PNG carries no metadata.
@@ -22,10 +23,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from data_pipelines.atomic import atomic_dir, atomic_path
+from data_pipelines.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from data_pipelines.phantoms import hip, knee, scene
 
 KINDS = {'knee': knee, 'hip': hip}
+# Written into every dataset folder the generator makes; a folder is replaced only if it holds
+# this file, so a user's own dataset (with a dataset.json of its own) is never deleted.
+MARKER = '.phantoms_generator.json'
+MARKER_TEXT = 'written by python -m data_pipelines.phantoms; replaced whole by its next run'
 # Display orientation per acquisition plane: rows run superior -> inferior; columns run
 # anterior -> posterior (sagittal) or patient right -> left (coronal, radiological view).
 DISPLAY = {'sagittal': ('I', 'P'), 'coronal': ('I', 'L')}
@@ -116,10 +121,12 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
                   preview: str | None = None) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
 
-  The folder is assembled beside `out` and moved into place whole, replacing an earlier
-  dataset there; a folder that exists, is not empty and has no dataset.json is refused rather
-  than replaced. `preview`, if given, is a PNG of a few slices of the first volume. Returns the
-  dataset.json content.
+  The folder is assembled beside `out` and moved into place whole. An existing `out` is
+  replaced only when the generator wrote it (it holds the MARKER file) or it is an empty
+  folder; anything else (a user's dataset, any other folder or file) is refused with a
+  ValueError and left as it is. Temporaries of a killed earlier run beside `out` are removed.
+  `preview`, if given, is a PNG of a few slices of the first volume. Returns the dataset.json
+  content.
   """
   if kind not in KINDS:
     raise ValueError(f'phantoms: kind={kind!r}; expected one of {sorted(KINDS)}')
@@ -128,12 +135,8 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
   if preset not in KINDS[kind].PRESETS:
     raise ValueError(f'phantoms: preset={preset!r}; expected one of '
                      f'{sorted(KINDS[kind].PRESETS)}')
-  if (os.path.isdir(out) and os.listdir(out)
-      and not os.path.exists(os.path.join(out, 'dataset.json'))):
-    raise ValueError(f'phantoms: output folder {out!r} exists, is not empty and holds no '
-                     'dataset.json; refusing to replace it (choose a new or empty folder)')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'phantoms: output path {out!r} exists and is not a folder')
+  check_replaceable(out)
+  remove_stale_temporaries(out)
   first = None
   cases = []
   readers: list[str] = []
@@ -147,9 +150,25 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
         first = ph
     meta = dataset_json(kind, cases, seed, preset, readers)
     _write_bytes(os.path.join(tmp, 'dataset.json'), _json_bytes(meta))
+    _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT,
+                                                         'kind': kind}))
   if preview:
     save_preview([first], preview)
   return meta
+
+
+def check_replaceable(out: str) -> None:
+  """ValueError unless `out` is absent, an empty folder, or a folder the generator wrote."""
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise ValueError(f'phantoms: output path {out!r} exists and is not a folder; refusing to '
+                     'replace it (choose a new or empty folder)')
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  if not os.path.isfile(os.path.join(out, MARKER)):
+    what = ('holds a dataset.json the generator did not write'
+            if os.path.exists(os.path.join(out, 'dataset.json')) else 'is not empty')
+    raise ValueError(f'phantoms: output folder {out!r} {what} (no {MARKER}); refusing to '
+                     'replace it (choose a new or empty folder)')
 
 
 # ---- preview -----------------------------------------------------------------------------------
