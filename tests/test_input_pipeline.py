@@ -366,3 +366,57 @@ def test_warp_samples_like_the_tensorflow_projective_transform():
       output_shape=[13, 17], fill_value=0.0, interpolation='NEAREST', fill_mode='CONSTANT')[0]
   np.testing.assert_array_equal(warped_masks.numpy(), reference.numpy().astype(np.uint8))
   assert warped_image.shape == image.shape and warped_masks.numpy().any()
+
+
+def test_two_training_processes_read_disjoint_shares_that_cover_the_split(dataset, monkeypatch,
+                                                                          eval_train_split):
+  """create_train_dataset run as process 0 and as process 1 of 2 (one device each, global
+  batch 4): each yields [1, 2, ...] batches, its first epoch holds each slice of its share
+  once, the shares are disjoint and together the whole 'train' split."""
+  root, data_dir = dataset
+  config = make_config(root, batch_size=4)
+  info = builders.prepare(config, data_dir).info
+  whole = info.splits['train'].num_examples
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  epochs = []
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    share = info.splits[tfds_share(index)].num_examples
+    batches = take(ip.create_train_dataset(config, data_dir, seed=5, augment=False),
+                   -(-share // 2))
+    assert all(b['image'].shape == (1, 2) + IMAGE_SIZE + (3,) for b in batches)
+    first_epoch = [(ex['case_id'].decode(), int(ex['slice_index']))
+                   for ex in examples_of(batches)][:share]
+    assert len(set(first_epoch)) == share, f'process {index} repeated a slice in one epoch'
+    epochs.append(set(first_epoch))
+  everything = set(eval_train_split)
+  assert len(everything) == whole
+  assert not epochs[0] & epochs[1] and epochs[0] | epochs[1] == everything
+  assert abs(len(epochs[0]) - len(epochs[1])) <= 1
+
+
+def tfds_share(index: int) -> str:
+  import tensorflow_datasets as tfds
+  return tfds.split_for_jax_process('train', process_index=index, process_count=2)
+
+
+def test_the_process_index_enters_the_augmentation_seed(dataset, monkeypatch):
+  """Both processes given the whole split (the same examples in the same shuffled order): with
+  the same seed their augmentations differ (each process repeats its own: the determinism
+  test above)."""
+  root, data_dir = dataset
+  config = make_config(root, batch_size=4, rotate_degrees=30.0, scale_range=(0.8, 1.2))
+  monkeypatch.setattr(ip.tfds, 'split_for_jax_process', lambda split, **_: split)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  streams = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    streams.append(examples_of(take(ip.create_train_dataset(config, data_dir, seed=9), 2)))
+  first, second = streams
+  assert [ex['case_id'] for ex in first] == [ex['case_id'] for ex in second]
+  assert [ex['slice_index'] for ex in first] == [ex['slice_index'] for ex in second]
+  assert all(not np.array_equal(a['image'], b['image']) for a, b in zip(first, second))
