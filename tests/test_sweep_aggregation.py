@@ -1,0 +1,169 @@
+"""Sweep aggregation with two seeds, variants whose case sets differ, zero differences and a
+structure empty in both, checked cell by cell against numbers worked out here.
+
+Rows are summary.csv rows (variant, seed, case_id, tissue, status, metrics). Pairs of a variant
+and its baseline are the (seed, case) keys both have, a structure empty in both excluded; the
+Wilcoxon signed-rank test drops zero differences (Wilcoxon's rule, scipy's default
+zero_method='wilcox') and is exact for these small samples without ties: its p is worked out
+below by enumerating all 2^n sign patterns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+from imask_jax import sweep
+
+FC, TC = 'femoral_cartilage', 'tibial_cartilage'
+
+# Dice by (seed, case). The imask runs miss case c3 at seed 1 and have an extra case c9 there:
+# the case sets differ, so only 7 (seed, case) pairs exist. Differences imask - standard:
+#   (0,c0) +0.02  (0,c1) 0  (0,c2) -0.01  (0,c3) +0.03  (1,c0) 0  (1,c1) +0.04  (1,c2) +0.05
+STANDARD = {(0, 'c0'): 0.70, (0, 'c1'): 0.72, (0, 'c2'): 0.74, (0, 'c3'): 0.71,
+            (1, 'c0'): 0.69, (1, 'c1'): 0.73, (1, 'c2'): 0.75, (1, 'c3'): 0.70}
+IMASK = {(0, 'c0'): 0.72, (0, 'c1'): 0.72, (0, 'c2'): 0.73, (0, 'c3'): 0.74,
+         (1, 'c0'): 0.69, (1, 'c1'): 0.77, (1, 'c2'): 0.80, (1, 'c9'): 0.90}
+
+
+def _row(variant, seed, case, tissue, dice, status='ok'):
+  """A summary.csv row; distances follow the Dice so that each metric has its own numbers."""
+  row = {c: math.nan for c in sweep.SUMMARY_COLUMNS}
+  row.update(variant=variant, seed=seed, case_id=case, tissue=tissue, status=status, dice=dice,
+             hausdorff_voxels=round(20 * (1 - dice), 6), assd_mm=round(2 * (1 - dice), 6),
+             ap=0.5)
+  return row
+
+
+def _rows():
+  rows = []
+  for variant, table in (('standard', STANDARD), ('imask', IMASK)):
+    for (seed, case), dice in table.items():
+      rows.append(_row(variant, seed, case, FC, dice))
+      # The tibial cartilage of c0 at seed 0 is empty in truth and prediction for both
+      # variants: no pair, and it stays out of the means.
+      if (seed, case) == (0, 'c0'):
+        rows.append(_row(variant, seed, case, TC, 1.0, status='both_empty'))
+      else:
+        rows.append(_row(variant, seed, case, TC, dice - 0.1))
+  return rows
+
+
+def exact_two_sided_p(differences):
+  """Wilcoxon signed-rank p by enumeration: zeros dropped, ranks of |d| (no ties here), p =
+  P(min(W+, W-) <= observed) under random signs, doubled, at most 1."""
+  d = [x for x in differences if x != 0]
+  magnitudes = sorted(abs(x) for x in d)
+  assert len(set(magnitudes)) == len(magnitudes), 'ties: not the exact table'
+  rank = {m: i + 1 for i, m in enumerate(magnitudes)}
+  w_plus = sum(rank[abs(x)] for x in d if x > 0)
+  total = len(d) * (len(d) + 1) // 2
+  observed = min(w_plus, total - w_plus)
+  ranks = range(1, len(d) + 1)
+  extreme = sum(1 for signs in itertools.product((0, 1), repeat=len(d))
+                if min(s := sum(r for r, b in zip(ranks, signs) if b), total - s) <= observed)
+  return min(1.0, extreme / 2 ** len(d))
+
+
+def test_pairs_are_matched_by_seed_and_case_and_zero_differences_are_dropped():
+  rows = _rows()
+  keys = sorted(set(STANDARD) & set(IMASK))
+  assert len(keys) == 7
+  differences = [IMASK[k] - STANDARD[k] for k in keys]
+  assert differences.count(0.0) == 2
+  # Hand-worked: nonzero |d| 0.01 (-), 0.02, 0.03, 0.04, 0.05 (+) have ranks 1 (-), 2..5 (+):
+  # W- = 1, and of the 32 sign patterns of 5 ranks, 2 have a sum <= 1 ({} and {1}) and 2 more
+  # mirror them: p = 4 / 32.
+  assert exact_two_sided_p(differences) == 4 / 32
+  n, mean, p, dropped = sweep.paired_comparison(rows, 'imask', 'standard', FC, 'dice')
+  assert (n, dropped) == (7, 0)
+  assert mean == pytest.approx(np.mean(differences), abs=1e-12)
+  assert mean == pytest.approx(0.13 / 7, abs=1e-12)
+  assert p == pytest.approx(4 / 32, abs=1e-12)
+  assert p == pytest.approx(stats.wilcoxon(differences, zero_method='wilcox').pvalue, abs=1e-12)
+  # Distances pair the same way; lower is better, so their differences have the other sign.
+  n, mean, p, _ = sweep.paired_comparison(rows, 'imask', 'standard', FC, 'assd_mm')
+  assert n == 7 and mean == pytest.approx(-2 * np.mean(differences), abs=1e-9)
+  assert p == pytest.approx(4 / 32, abs=1e-12)
+  # Tibial cartilage: the pair empty in both is not a pair.
+  n, mean, p, dropped = sweep.paired_comparison(rows, 'imask', 'standard', TC, 'dice')
+  assert (n, dropped) == (6, 0)
+  assert mean == pytest.approx(np.mean(differences[1:]), abs=1e-9)
+
+
+def test_wilcoxon_zero_rules_by_hand_and_scipy():
+  # Zeros only: no evidence either way.
+  assert sweep.wilcoxon([0.0, 0.0, 0.0, 0.0]) == 1.0
+  # One zero among five positives: the zero is dropped, leaving 5 positives: p = 2 / 2^5.
+  assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
+  assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(
+      exact_two_sided_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]))
+  # A single nonzero difference among zeros: p = 1 (one sign pattern of two is as extreme).
+  assert sweep.wilcoxon([0.0, 0.0, 0.3]) == pytest.approx(exact_two_sided_p([0.0, 0.0, 0.3]))
+  assert exact_two_sided_p([0.0, 0.0, 0.3]) == 1.0
+  # Mixed signs, no zeros: |d| ranks 1 (+), 2 (-), 3..6 (+): W- = 2; subsets of 1..6 with sum
+  # <= 2: {}, {1}, {2}: p = 2 * 3 / 64.
+  d = [0.1, -0.2, 0.3, 0.4, 0.5, 0.6]
+  assert sweep.wilcoxon(d) == pytest.approx(6 / 64)
+  assert sweep.wilcoxon(d) == pytest.approx(stats.wilcoxon(d).pvalue)
+  assert math.isnan(sweep.wilcoxon([0.2]))
+
+
+def _cells(text, first, width):
+  """The cells of the markdown table rows of `width` cells that start with `first`."""
+  out = []
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if line.startswith('|') and len(cells) == width and tuple(cells[:len(first)]) == first:
+      out.append(cells)
+  return out
+
+
+def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
+  rows = _rows()
+  config = ml_collections.ConfigDict(dict(
+      experiment='x.py', base_arg='', study='heads', seeds=(0, 1), split='test',
+      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard'))))
+  runs = [sweep.Run(v, s, b, '', f'/nowhere/{v}/seed{s}')
+          for v, _, b in config.variants for s in (0, 1)]
+  ap_by_run = {'standard/seed0': {FC: 0.20, TC: 0.10}, 'standard/seed1': {FC: 0.30, TC: 0.12},
+               'imask/seed0': {FC: 0.40, TC: 0.20}, 'imask/seed1': {FC: 0.45, TC: 0.30}}
+  text = sweep.summary_markdown(config, runs, rows, ap_by_run, [])
+  assert 'runs finished: 4 of 4' in text
+
+  (header,) = _cells(text, ('Variant', 'Dice FC'), 9)
+  assert header == ['Variant', 'Dice FC', 'Dice TC', 'Hausdorff (px) FC', 'Hausdorff (px) TC',
+                    'ASSD (mm) FC', 'ASSD (mm) TC', 'AP FC', 'AP TC']
+
+  def mean_sd(values, digits):
+    return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
+
+  for variant, table in (('standard', STANDARD), ('imask', IMASK)):
+    (cells,) = _cells(text, (variant,), 9)
+    fc = list(table.values())                                         # 8 rows each
+    tc = [d - 0.1 for k, d in table.items() if k != (0, 'c0')]        # both-empty row left out
+    want = [variant, mean_sd(fc, 3), mean_sd(tc, 3),
+            mean_sd([20 * (1 - d) for d in fc], 2), mean_sd([20 * (1 - d) for d in tc], 2),
+            mean_sd([2 * (1 - d) for d in fc], 3), mean_sd([2 * (1 - d) for d in tc], 3),
+            mean_sd([ap_by_run[f'{variant}/seed{s}'][FC] for s in (0, 1)], 3),
+            mean_sd([ap_by_run[f'{variant}/seed{s}'][TC] for s in (0, 1)], 3)]
+    assert cells == want, variant
+
+  keys = sorted(set(STANDARD) & set(IMASK))
+  d_fc = [IMASK[k] - STANDARD[k] for k in keys]
+  d_tc = [IMASK[k] - STANDARD[k] for k in keys if k != (0, 'c0')]
+  for tissue, d in (('FC', d_fc), ('TC', d_tc)):
+    (cells,) = _cells(text, ('imask', 'standard', tissue), 10)
+    p = exact_two_sided_p(d)
+    want = ['imask', 'standard', tissue, str(len(d)),
+            f'{np.mean(d):+.4f}', f'{p:.3g}',                          # Dice
+            f'{-2 * np.mean(d):+.3f}', f'{p:.3g}',                     # ASSD
+            f'{-20 * np.mean(d):+.2f}', f'{p:.3g}']                    # Hausdorff (px)
+    assert cells == want, tissue
+  # Tibial: 4 nonzero, -0.01 the smallest: W- = 1, 2 of 16 patterns as low, p = 2 * 2 / 16.
+  assert exact_two_sided_p(d_tc) == pytest.approx(4 / 16)
