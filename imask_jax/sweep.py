@@ -102,8 +102,12 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
   if len(set(names)) != len(names):
     raise ValueError(f'sweep config: variant names repeat: {names}')
   for name, _, baseline in sweep.variants:
-    if not name or any(not (c.isalnum() or c in '-_.') for c in name):
-      raise ValueError(f'sweep config: variant name {name!r} must be letters, digits, - _ .')
+    # A run's folder is DIR/<name>/seed<k>: '.', '..' or a hidden name would land outside
+    # DIR or out of sight, a path separator in another folder.
+    if (not name or name.startswith('.')
+        or any(not (c.isalnum() or c in '-_.') for c in name)):
+      raise ValueError(f'sweep config: variant name {name!r} must be letters, digits, - _ . '
+                       "and not start with '.' (it names the run's folder)")
     if baseline and baseline not in names:
       raise ValueError(f'sweep config: variant {name!r} is compared with {baseline!r}, which is '
                        f'not a variant of the sweep ({names})')
