@@ -65,14 +65,23 @@ def load_nifti_image(path: str | os.PathLike) -> NiftiVolume:
   if data.dtype.kind not in 'biuf':
     raise DataError(path, 'image has an unsupported data type', found=data.dtype,
                     expected='a real-valued integer or float type')
-  data = data.astype(np.float32)
-  bad = ~np.isfinite(data)
-  if bad.any():
-    raise DataError(path, 'image has non-finite voxels',
-                    found=f'{int(np.isnan(data).sum())} NaN and {int(np.isinf(data).sum())} '
-                          f'infinite of {data.size} voxels',
-                    expected='finite intensities only')
-  return NiftiVolume(path, data, affine, affine_zooms(affine))
+  # Checked before the cast: a float64 value beyond float32's range would turn infinite in it
+  # and be reported as an infinite voxel of the file.
+  if data.dtype.kind == 'f':
+    bad = ~np.isfinite(data)
+    if bad.any():
+      raise DataError(path, 'image has non-finite voxels',
+                      found=f'{int(np.isnan(data).sum())} NaN and {int(np.isinf(data).sum())} '
+                            f'infinite of {data.size} voxels',
+                      expected='finite intensities only')
+    limit = float(np.finfo(np.float32).max)
+    beyond = np.abs(data) > limit
+    if beyond.any():
+      raise DataError(path, 'image has voxels beyond the float32 range',
+                      found=f'{int(beyond.sum())} of {data.size} voxels, largest magnitude '
+                            f'{float(np.abs(data).max()):.4g}',
+                      expected=f'magnitudes up to {limit:.4g}')
+  return NiftiVolume(path, data.astype(np.float32), affine, affine_zooms(affine))
 
 
 def load_nifti_labels(path: str | os.PathLike) -> NiftiVolume:

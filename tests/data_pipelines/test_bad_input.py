@@ -136,6 +136,21 @@ def test_nan_and_inf_voxels(tmp_path):
       'expected finite intensities only)')
 
 
+def test_values_beyond_float32_are_not_called_infinite(tmp_path):
+  # Issue 15.6: float64 voxels of 1e39 became inf in the float32 cast and were reported as
+  # "infinite" voxels of a file that has none.
+  data = np.ones(SHAPE, np.float64)
+  data[0, 0, 0] = 1e39
+  data[1, 1, 1] = -3e40
+  path = _save(tmp_path / 'huge.nii.gz', data)
+  assert _message(lambda: load_nifti_image(path)) == (
+      f'{path}: image has voxels beyond the float32 range (found 2 of 60 voxels, largest '
+      f'magnitude 3e+40; expected magnitudes up to {float(np.finfo(np.float32).max):.4g})')
+  # Just inside the range it loads, as float32.
+  data[0, 0, 0], data[1, 1, 1] = 3.4e38, -3.4e38
+  assert load_nifti_image(_save(tmp_path / 'big.nii.gz', data)).data.dtype == np.float32
+
+
 def test_non_invertible_affine(tmp_path):
   image = nib.Nifti1Image(np.zeros(SHAPE, np.float32), None)
   singular = np.diag([1.0, 1.0, 0.0, 1.0])
