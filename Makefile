@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 2
 export CUDA_VISIBLE_DEVICES ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 install: $(STAMP)
 
@@ -17,8 +17,31 @@ $(STAMP): requirements.txt setup.cfg
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# The whole suite: what CI runs.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The unit tier for the edit-test loop: everything but the end-to-end runs (tests marked e2e,
+# those that train a model).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+# Lint (ruff check) and formatting (ruff format --check); settings in ruff.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# The benchmarks that need nothing beyond .venv (benchmarks/train_step.py and the torchvision
+# columns of roi_align.py need the torch environment described in benchmarks/README.md).
+bench: $(STAMP)
+	$(PY) benchmarks/surface_metrics.py
+	$(PY) benchmarks/nms.py
+	$(PY) benchmarks/roi_align.py --no_torch
+	$(PY) benchmarks/input_pipeline.py
 
 DEMO_DIR ?= demo_out/knee
 

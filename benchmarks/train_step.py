@@ -6,11 +6,11 @@ Run (from the repository root):
 What is timed, for each image size (`--sizes`, 256 and 512) at batch `--batch` (2):
 
 * "train": one training step, forward + backward + Adam update (lr 1e-4, nothing else).
-  Ours: `imask_jax.train.make_train_step` (jit of shard_map over a 1-device mesh, with its
+  Ours: `imask_jax.steps.make_train_step` (jit of shard_map over a 1-device mesh, with its
   non-finite guard), compiled ahead of time. torchvision: `model(images, targets)`, the sum
   of its losses, `backward()`, `Adam.step()`.
 * "infer": one inference pass on the batch, masks pasted into the image. Ours:
-  `imask_jax.train.make_detect_fn` (detect + per-slice label map). torchvision:
+  `imask_jax.steps.make_detect_fn` (detect + per-slice label map). torchvision:
   `model.eval()(images)` under `torch.no_grad()` (detections + `paste_masks_in_image`).
 
 Models, the same settings on both sides (torchvision's Mask R-CNN defaults where it has one):
@@ -159,10 +159,11 @@ def model_spec(size: int, head: str, *, data_parallel: bool,
                fuse_convs: int = FUSE_CONVS) -> Any:
   """Our ModelSpec with the settings of the module docstring."""
   from imask_jax import parallel
+  from imask_jax.models.heads import IMaskSpec
   from imask_jax.models.mask_rcnn import ModelSpec
   return ModelSpec(
       image_size=(size, size), num_classes=NUM_CLASSES, input_channels=CHANNELS,
-      backbone="resnet50", norm="batch", width=None, fpn_dim=256,
+      backbone="resnet50", norm="batch", width=64, fpn_dim=256,
       axis_name=parallel.DATA_AXIS if data_parallel else None,
       anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0), anchor_ratios=(0.5, 1.0, 2.0),
       rpn_pre_nms_topk_train=RPN_PRE_NMS_TRAIN, rpn_post_nms_topk_train=RPN_POST_NMS_TRAIN,
@@ -171,8 +172,9 @@ def model_spec(size: int, head: str, *, data_parallel: bool,
       roi_batch_size=ROI_BATCH_SIZE, roi_positive_fraction=ROI_POSITIVE_FRACTION,
       mask_rois_per_image=mask_rois_per_image, roi_iou_threshold=0.5, roi_level_k0=4, roi_level_canonical=224.0,
       roi_sampling_ratio=2, box_head="fc", box_head_dim=1024, mask_head=head,
-      mask_head_dim=256, imask_decoder=True, imask_skip=True, imask_skip_size=56,
-      imask_skip_level="P2", imask_fine_dim=fine_dim, imask_fuse_convs=fuse_convs,
+      mask_head_dim=256,
+      imask=IMaskSpec(decoder=True, skip=True, skip_size=56, skip_level="P2",
+                      fine_dim=fine_dim, fuse_convs=fuse_convs),
       test_score_threshold=0.05,
       test_nms_threshold=0.5, max_detections=MAX_DETECTIONS)
 
@@ -185,7 +187,7 @@ def jax_worker(data_path: str, head: str, mode: str, warmup: int, repeats: int,
   import jax
   import optax
 
-  from imask_jax import parallel, train
+  from imask_jax import parallel, steps
   from imask_jax.models.mask_rcnn import MaskRCNN
 
   data = dict(np.load(data_path))
@@ -193,14 +195,14 @@ def jax_worker(data_path: str, head: str, mode: str, warmup: int, repeats: int,
   mesh = parallel.data_mesh()
   tx = optax.adam(LEARNING_RATE)
   model = MaskRCNN(model_spec(size, head, data_parallel=True, **spec_kwargs))
-  state = parallel.replicate(train.init_state(model, tx, SEED), mesh)
+  state = parallel.replicate(steps.init_state(model, tx, SEED), mesh)
   if mode == "train":
-    fn = train.make_train_step(model, tx, mesh, SEED)
-    args = [state, parallel.shard_batch({k: data[k] for k in train.MODEL_INPUT_KEYS}, mesh)]
+    fn = steps.make_train_step(model, tx, mesh, SEED)
+    args = [state, parallel.shard_batch({k: data[k] for k in steps.MODEL_INPUT_KEYS}, mesh)]
   else:
-    fn = train.make_detect_fn(
+    fn = steps.make_detect_fn(
         MaskRCNN(model_spec(size, head, data_parallel=False, **spec_kwargs)), mesh)
-    args = [train.model_variables(state), parallel.shard_batch(data["image"], mesh)]
+    args = [steps.model_variables(state), parallel.shard_batch(data["image"], mesh)]
 
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
@@ -254,28 +256,24 @@ def jax_pieces(data_path: str, head: str, warmup: int, repeats: int,
   comparison: the parts' sum differs from it by what fusion across parts saves and by the
   glue (reshapes, gathers) between them.
   """
-  import functools
   import resource
 
   import jax
   import jax.numpy as jnp
   import optax
 
-  from imask_jax import parallel, train
-  from imask_jax.models import losses
+  from imask_jax import parallel, steps
   from imask_jax.models.mask_rcnn import MaskRCNN
-  from imask_jax.ops import masks as mask_ops
-  from imask_jax.ops import sampling
 
   data = {k: jnp.asarray(v) for k, v in np.load(data_path).items()
-          if k in train.MODEL_INPUT_KEYS}
+          if k in steps.MODEL_INPUT_KEYS}
   b, size = data["image"].shape[:2]
   spec = model_spec(size, head, data_parallel=False, **spec_kwargs)
   model = MaskRCNN(spec)
   tx = optax.adam(LEARNING_RATE)
-  state = train.init_state(model, tx, SEED)
+  state = steps.init_state(model, tx, SEED)
   params, stats = state.params, state.batch_stats
-  keys = train.example_keys(SEED, jnp.int32(0), jnp.int32(0), b)
+  keys = steps.example_keys(SEED, jnp.int32(0), jnp.int32(0), b)
   split = jax.vmap(jax.random.split)(keys)
   rpn_keys, roi_keys = split[:, 0], split[:, 1]
   gt_boxes, gt_valid = data["gt_boxes"], data["gt_valid"]
@@ -327,60 +325,29 @@ def jax_pieces(data_path: str, head: str, warmup: int, repeats: int,
 
   def pyramid_fn(bb, images):
     out, _ = model.apply({"params": {**params, "backbone": bb}, "batch_stats": stats}, images,
-                         method=lambda m, x: m._pyramid(x, True), mutable=["batch_stats"])
+                         True, method=MaskRCNN.pyramid, mutable=["batch_stats"])
     return out
 
   pyramid = measure(PIECES[0], pyramid_fn, params["backbone"], data["image"], num_diff=1)
-  rpn_logits, rpn_deltas = measure(PIECES[1], on_model(lambda m, pyr: m._rpn(pyr), "rpn_head"),
+  rpn_logits, rpn_deltas = measure(PIECES[1], on_model(MaskRCNN.rpn, "rpn_head"),
                                    params["rpn_head"], pyramid, num_diff=2)
-
-  def rpn_loss(m, logits, deltas, boxes, valid, keys):
-    t = jax.vmap(functools.partial(
-        sampling.rpn_targets, jnp.asarray(m.anchors.boxes), num_samples=spec.rpn_batch_size,
-        positive_fraction=spec.rpn_positive_fraction))(boxes, valid, keys)
-    return (losses.rpn_objectness_loss(logits, t.objectness, t.weight)
-            + losses.weighted_l1(deltas, t.box_targets, t.box_weight, normaliser=t.weight))
-
-  rpn_loss_fn = on_model(rpn_loss)
-  measure(PIECES[2], rpn_loss_fn, rpn_logits, rpn_deltas, gt_boxes, gt_valid, rpn_keys,
-          num_diff=2)
+  measure(PIECES[2], on_model(lambda m, *a: sum(m.rpn_losses(*a))), rpn_logits, rpn_deltas,
+          gt_boxes, gt_valid, rpn_keys, num_diff=2)
   proposals, proposal_valid = measure(
-      PIECES[3], on_model(lambda m, l, d: m._proposals(l, d, train=True)), rpn_logits,
+      PIECES[3], on_model(lambda m, l, d: m.proposals(l, d, train=True)), rpn_logits,
       rpn_deltas)
-  roi_t = measure(PIECES[4], jax.vmap(functools.partial(
-      sampling.roi_targets, num_samples=spec.roi_batch_size,
-      positive_fraction=spec.roi_positive_fraction, high=spec.roi_iou_threshold,
-      low=spec.roi_iou_threshold)), proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-      roi_keys)
-  box_feats = measure(PIECES[5], on_model(lambda m, pyr, r: m._roi_features(pyr, r, 7)),
+  roi_t = measure(PIECES[4], on_model(MaskRCNN.sample_rois), proposals, proposal_valid,
+                  gt_boxes, gt_classes, gt_valid, roi_keys)
+  box_feats = measure(PIECES[5], on_model(lambda m, pyr, r: m.roi_features(pyr, r, 7)),
                       pyramid, roi_t.rois, num_diff=1)
-
-  def box_loss(m, feats, classes, valid, targets, positive):
-    cls_logits, deltas = m.box_head(feats)
-    cls_logits = cls_logits.reshape(b, spec.roi_batch_size, -1)
-    deltas = deltas.reshape(b, spec.roi_batch_size, spec.num_classes, 4)
-    return (losses.softmax_cross_entropy(cls_logits, classes, valid)
-            + losses.weighted_l1(losses.take_class(deltas, classes), targets,
-                                 positive.astype(jnp.float32),
-                                 normaliser=valid.astype(jnp.float32)))
-
-  measure(PIECES[6], on_model(box_loss, "box_head"), params["box_head"], box_feats,
-          roi_t.classes, roi_t.valid, roi_t.box_targets, roi_t.is_positive, num_diff=2)
-  mask_rois = roi_t.rois[:, :p]
-  mask_feats = measure(PIECES[7], on_model(lambda m, pyr, r: m._roi_features(pyr, r, 14)),
-                       pyramid, mask_rois, num_diff=1)
-  mask_targets = measure(PIECES[8], jax.vmap(functools.partial(
-      mask_ops.mask_targets, output_size=spec.mask_size, sampling_ratio=2)),
-      data["gt_masks"], roi_t.gt_index[:, :p], mask_rois)
-
-  def mask_loss(m, feats, pyr, rois, classes, targets, positive):
-    batch_index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), p)
-    logits = m.mask_head(feats, pyr, rois.reshape(b * p, 4), batch_index)
-    logits = losses.take_class(logits.reshape((b, p) + logits.shape[1:]), classes)
-    return losses.mask_bce(logits, targets, positive)
-
-  measure(PIECES[9], on_model(mask_loss, "mask_head"), params["mask_head"], mask_feats, pyramid,
-          mask_rois, roi_t.classes[:, :p], mask_targets, roi_t.is_positive[:, :p], num_diff=3)
+  measure(PIECES[6], on_model(lambda m, feats, t: sum(m.box_losses(feats, t)), "box_head"),
+          params["box_head"], box_feats, roi_t, num_diff=2)
+  mask_feats = measure(PIECES[7], on_model(lambda m, pyr, r: m.roi_features(pyr, r, 14)),
+                       pyramid, roi_t.rois[:, :p], num_diff=1)
+  mask_targets = measure(PIECES[8], on_model(MaskRCNN.mask_targets), data["gt_masks"], roi_t)
+  measure(PIECES[9], on_model(lambda m, feats, pyr, t, targets: sum(
+      m.mask_losses(pyr, t, targets, feats).values()), "mask_head"),
+          params["mask_head"], mask_feats, pyramid, roi_t, mask_targets, num_diff=3)
 
   def adam(grads, opt_state, values):
     updates, opt_state = tx.update(grads, opt_state, values)
@@ -392,7 +359,7 @@ def jax_pieces(data_path: str, head: str, warmup: int, repeats: int,
   # The whole step, as in jax_worker, for comparison.
   mesh = parallel.data_mesh()
   whole_model = MaskRCNN(model_spec(size, head, data_parallel=True, **spec_kwargs))
-  step = train.make_train_step(whole_model, tx, mesh, SEED)
+  step = steps.make_train_step(whole_model, tx, mesh, SEED)
   args = [parallel.replicate(state, mesh),
           parallel.shard_batch({k: np.asarray(v) for k, v in data.items()}, mesh)]
   compiled = step.lower(*args).compile()

@@ -23,13 +23,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from nibabel import orientations as ornts
 
-from data_pipelines import metaimage, nifti_io, orientation
+from data_pipelines import metaimage, nifti_io, orientation, tissues
 from data_pipelines.errors import DataError
 
 DEFAULT_READER = 'default'  # the reader name of `labelsTr/` (the reference segmentation)
 AFFINE_ATOL_MM = 1e-3       # image/label affines must agree entry-wise to within this (mm)
-OAI_ZIB_LABELS = {'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
-                  'tibial_cartilage': 4}
+OAI_ZIB_LABELS = tissues.OAI_ZIB_LABELS
 OAI_ZIB_MASK_SUFFIX = '.segmentation_masks.mhd'
 
 

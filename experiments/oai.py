@@ -7,9 +7,9 @@
   python -m imask_jax.main --config experiments/oai.py:head=standard,backbone=densenet121 ...
   python -m imask_jax.main --config experiments/oai.py:smoke --workdir /tmp/oai_smoke
 
-The paper's settings (section 2.3): ResNet-101-FPN, inputs resized to 1024 x 1024, Adam at a
-learning rate of 1e-3, 300 epochs, the iMaskRCNN mask head; 470 training and 30 test scans.
-Where the paper is silent or we differ:
+The paper's settings (section 2.3; `configs.use_paper_settings`): ResNet-101-FPN, inputs
+resized to 1024 x 1024, Adam at a learning rate of 1e-3, 300 epochs, the iMaskRCNN mask head;
+470 training and 30 test scans. Where the paper is silent or we differ:
   * no COCO pre-training (none is available offline): group norm instead of frozen batch norm,
     and a 1000-step linear warm-up before the constant rate;
   * an epoch is one pass over the stored training slices (slices without any structure are
@@ -40,97 +40,41 @@ Variants (comma-separated in the config argument):
 
 from __future__ import annotations
 
-import math
-
+from data_pipelines import tissues
 from imask_jax import configs
 
-PAPER_EPOCHS = 300
-# The documented default behind train.steps: 470 training scans x 160 sagittal slices.
+# The documented estimate behind train.steps: 470 training scans x 160 sagittal slices.
 ESTIMATED_TRAIN_SLICES = 470 * 160
-BATCH_SIZE = 8
 
 
 def get_config(arg: str | None = None):
   args = configs.parse_arg(arg)
   c = configs.default_config()
+  configs.use_paper_settings(c, estimated_train_slices=ESTIMATED_TRAIN_SLICES)
   d = c.data
   d.dataset = 'oai_zib'
   d.manual_dir = ''
   d.plane = 'sagittal'
-  d.class_names = configs.KNEE_CLASSES
+  d.class_names = tissues.KNEE_CLASSES
   d.class_label_values = (1, 2, 3, 4)
   d.instance_mode = 'per_class'
   d.split_fractions = (0.90, 0.04, 0.06)
-  d.image_size = (1024, 1024)
   d.max_instances = 4               # per_class: at most one instance per class and slice
-
-  m = c.model
-  m.num_classes = len(configs.KNEE_CLASSES)
-  m.backbone = 'resnet101'
-  m.norm = 'group'
-  m.width = 64
-  m.fpn_dim = 256
-  m.anchor_sizes = (32, 64, 128, 256, 512)
-  m.anchor_ratios = (0.25, 0.5, 1.0, 2.0, 4.0)
-  m.roi_level_canonical = 224.0
-  m.rpn_pre_nms_topk_train = 2000
-  m.rpn_post_nms_topk_train = 1000
-  m.rpn_pre_nms_topk_test = 1000
-  m.rpn_post_nms_topk_test = 500
-  m.roi_batch_size = 128
-  m.mask_head = 'imask'
-  m.max_detections = 16
-
-  t = c.train
-  t.optimizer = 'adam'
-  t.learning_rate = 1e-3
-  t.schedule = 'constant'
-  t.warmup_steps = 1000
-  t.batch_size = BATCH_SIZE
-  t.epochs = float(PAPER_EPOCHS)
-  t.steps = math.ceil(PAPER_EPOCHS * ESTIMATED_TRAIN_SLICES / BATCH_SIZE)
-  t.log_every = 100
-  t.checkpoint_every = 2000
-  t.eval_every = 10000
-  c.eval.batch_size = 8
-  c.eval.max_val_slices = 1024
+  c.model.num_classes = len(tissues.KNEE_CLASSES)
+  c.train.log_every = 100
+  c.train.checkpoint_every = 2000
+  c.train.eval_every = 10000
 
   if args.pop('nifti', False):
     d.dataset = 'nifti_folder'
   if args.pop('smoke', False):
-    _smoke_on_knee_phantoms(c)
+    # The knee phantom has OAI-ZIB's labels and plane.
+    d.dataset = 'phantom_knee'
+    d.phantom_preset = 'cpu'
+    d.max_instances = 6
+    configs.shrink_for_smoke(c)
+    c.model.backbone = 'resnet18'
+    c.model.anchor_sizes = (16, 32, 64, 128, 256)
+    c.model.roi_level_canonical = 64.0
   configs.apply_common_args(c, args)
   return c
-
-
-def _smoke_on_knee_phantoms(c) -> None:
-  """The knee phantom (same labels and plane as OAI-ZIB) and a tiny model: about a minute."""
-  d, m, t = c.data, c.model, c.train
-  d.dataset = 'phantom_knee'
-  d.phantom_preset = 'cpu'
-  d.num_volumes = 5
-  d.split_fractions = (0.6, 0.2, 0.2)
-  d.image_size = (64, 64)
-  d.max_instances = 6
-  m.backbone = 'resnet18'
-  m.width = 8
-  m.fpn_dim = 16
-  m.box_head_dim = 32
-  m.mask_head_dim = 16
-  m.imask.fine_dim = 8
-  m.anchor_sizes = (16, 32, 64, 128, 256)
-  m.roi_level_canonical = 64.0
-  m.rpn_pre_nms_topk_train = 200
-  m.rpn_post_nms_topk_train = 64
-  m.rpn_pre_nms_topk_test = 100
-  m.rpn_post_nms_topk_test = 32
-  m.roi_batch_size = 16
-  t.epochs = 0.0
-  t.steps = 6
-  t.batch_size = 2
-  t.warmup_steps = 2
-  t.log_every = 2
-  t.eval_every = 6
-  t.checkpoint_every = 3
-  c.eval.batch_size = 4
-  c.eval.max_val_slices = 8

@@ -18,6 +18,7 @@ is 160 x 160: slices go in unresized.
 
 from __future__ import annotations
 
+from data_pipelines import tissues
 from imask_jax import configs
 
 
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None):
   d.phantom_preset = 'cpu'
   d.num_volumes = 24
   d.plane = 'coronal'
-  d.class_names = configs.HIP_CLASSES
+  d.class_names = tissues.HIP_CLASSES
   d.class_label_values = (1,)
   d.instance_mode = 'components'   # each effusion pocket (recess) is its own instance
   d.min_instance_pixels = 4
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None):
   d.augment.flip_lr = True         # both hips: a left-right mirror is another plausible scan
 
   m = c.model
-  m.num_classes = len(configs.HIP_CLASSES)
+  m.num_classes = len(tissues.HIP_CLASSES)
   m.backbone = 'resnet18'
   m.norm = 'group'
   m.width = 32
@@ -69,27 +70,7 @@ def get_config(arg: str | None = None):
   if 'reader' in args:
     d.reader = str(args.pop('reader'))
   if args.pop('smoke', False):
-    d.num_volumes = 5
-    d.split_fractions = (0.6, 0.2, 0.2)
-    d.image_size = (64, 64)
-    m.width = 8
-    m.fpn_dim = 16
-    m.box_head_dim = 32
-    m.mask_head_dim = 16
-    m.imask.fine_dim = 8
+    configs.shrink_for_smoke(c)
     m.anchor_sizes = (4, 8, 16, 32, 64)
-    m.rpn_pre_nms_topk_train = 200
-    m.rpn_post_nms_topk_train = 64
-    m.rpn_pre_nms_topk_test = 100
-    m.rpn_post_nms_topk_test = 32
-    m.roi_batch_size = 16
-    t.steps = 6
-    t.batch_size = 2
-    t.warmup_steps = 2
-    t.log_every = 2
-    t.eval_every = 6
-    t.checkpoint_every = 3
-    c.eval.batch_size = 4
-    c.eval.max_val_slices = 8
   configs.apply_common_args(c, args)
   return c

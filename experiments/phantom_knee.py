@@ -38,9 +38,7 @@ def get_config(arg: str | None = None):
   c.model.rpn_post_nms_topk_test = 128
   c.model.roi_batch_size = 32
   # A 2-3 pixel cartilage band fills a tenth of its box: the soft-Dice term keeps the mask BCE
-  # from trading the band's edges for background (test Dice of the femoral / tibial cartilage
-  # 0.715 / 0.760 with BCE alone at 1500 steps, 0.747 / 0.796 with the Dice term; 0.811 /
-  # 0.868 with it at 3000 steps; README).
+  # from trading the band's edges for background (its effect is measured in the README).
   c.model.mask_dice_weight = 1.0
 
   c.train.steps = 3000
@@ -54,36 +52,15 @@ def get_config(arg: str | None = None):
   c.eval.max_val_slices = 128
 
   if args.pop('full', False):
-    # Three times the quick start's steps on two thirds more phantoms, same network: about
-    # 30 min on 2 CPU cores (28 min measured; width 32 ran at about 1.1 s per step, 6x slower).
+    # More steps on two thirds more phantoms, same network (timings in the README).
     c.data.num_volumes = 40
     c.train.steps = 7500
     c.train.eval_every = 1500
     c.train.checkpoint_every = 500
   if args.pop('smoke', False):
-    c.data.num_volumes = 5
-    c.data.split_fractions = (0.6, 0.2, 0.2)
-    c.data.image_size = (64, 64)
-    c.model.width = 8
-    c.model.fpn_dim = 16
-    c.model.box_head_dim = 32
-    c.model.mask_head_dim = 16
-    c.model.imask.fine_dim = 8
-    c.model.rpn_pre_nms_topk_train = 200
-    c.model.rpn_post_nms_topk_train = 64
-    c.model.rpn_pre_nms_topk_test = 100
-    c.model.rpn_post_nms_topk_test = 32
-    c.model.roi_batch_size = 16
+    configs.shrink_for_smoke(c)
     # Six steps leave every score far below 0.5: paint all kept detections so that the rest of
     # the job (metrics, figures, predictions) has something to work on.
     c.model.label_score_threshold = c.model.test_score_threshold
-    c.train.steps = 6
-    c.train.batch_size = 2
-    c.train.warmup_steps = 2
-    c.train.log_every = 2
-    c.train.eval_every = 6
-    c.train.checkpoint_every = 3
-    c.eval.batch_size = 4
-    c.eval.max_val_slices = 8
   configs.apply_common_args(c, args)
   return c

@@ -30,98 +30,43 @@ Variants (comma-separated in the config argument):
 
 from __future__ import annotations
 
-import math
-
+from data_pipelines import tissues
 from imask_jax import configs
 
-PAPER_EPOCHS = 300
-# The documented default behind train.steps: 125 training scans x 24 coronal slices (the
+# The documented estimate behind train.steps: 125 training scans x 24 coronal slices (the
 # slice count is a guess, that of the full hip phantom preset; the run resolves the real one).
 ESTIMATED_TRAIN_SLICES = 125 * 24
-BATCH_SIZE = 8
 
 
 def get_config(arg: str | None = None):
   args = configs.parse_arg(arg)
   c = configs.default_config()
+  configs.use_paper_settings(c, estimated_train_slices=ESTIMATED_TRAIN_SLICES)
   d = c.data
   d.dataset = 'nifti_folder'
   d.manual_dir = ''
   d.plane = 'coronal'
-  d.class_names = configs.HIP_CLASSES
+  d.class_names = tissues.HIP_CLASSES
   d.class_label_values = (1,)
   d.reader = ''
   d.instance_mode = 'components'    # every effusion pocket is an instance
   d.split_fractions = (0.67, 0.05, 0.28)
-  d.image_size = (1024, 1024)
   d.max_instances = 8
   d.augment.flip_lr = True          # both hips in the field of view
-
-  m = c.model
-  m.num_classes = len(configs.HIP_CLASSES)
-  m.backbone = 'resnet101'
-  m.norm = 'group'
-  m.width = 64
-  m.fpn_dim = 256
-  m.anchor_sizes = (32, 64, 128, 256, 512)
-  m.roi_level_canonical = 224.0
-  m.rpn_pre_nms_topk_train = 2000
-  m.rpn_post_nms_topk_train = 1000
-  m.rpn_pre_nms_topk_test = 1000
-  m.rpn_post_nms_topk_test = 500
-  m.roi_batch_size = 128
-  m.mask_head = 'imask'
-  m.max_detections = 16
-
-  t = c.train
-  t.optimizer = 'adam'
-  t.learning_rate = 1e-3
-  t.schedule = 'constant'
-  t.warmup_steps = 1000
-  t.batch_size = BATCH_SIZE
-  t.epochs = float(PAPER_EPOCHS)
-  t.steps = math.ceil(PAPER_EPOCHS * ESTIMATED_TRAIN_SLICES / BATCH_SIZE)
-  t.log_every = 50
-  t.checkpoint_every = 1000
-  t.eval_every = 2000
-  c.eval.batch_size = 8
-  c.eval.max_val_slices = 1024
+  c.model.num_classes = len(tissues.HIP_CLASSES)
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.eval_every = 2000
 
   if 'reader' in args:
     d.reader = str(args.pop('reader'))
   if args.pop('smoke', False):
-    _smoke_on_hip_phantoms(c)
+    # The hip phantom: coronal, effusion label 1, simulated readers.
+    d.dataset = 'phantom_hip'
+    d.phantom_preset = 'cpu'
+    configs.shrink_for_smoke(c)
+    c.model.backbone = 'resnet18'
+    c.model.anchor_sizes = (4, 8, 16, 32, 64)
+    c.model.roi_level_canonical = 64.0
   configs.apply_common_args(c, args)
   return c
-
-
-def _smoke_on_hip_phantoms(c) -> None:
-  """The hip phantom (coronal, effusion label 1, simulated readers) and a tiny model."""
-  d, m, t = c.data, c.model, c.train
-  d.dataset = 'phantom_hip'
-  d.phantom_preset = 'cpu'
-  d.num_volumes = 5
-  d.split_fractions = (0.6, 0.2, 0.2)
-  d.image_size = (64, 64)
-  m.backbone = 'resnet18'
-  m.width = 8
-  m.fpn_dim = 16
-  m.box_head_dim = 32
-  m.mask_head_dim = 16
-  m.imask.fine_dim = 8
-  m.anchor_sizes = (4, 8, 16, 32, 64)
-  m.roi_level_canonical = 64.0
-  m.rpn_pre_nms_topk_train = 200
-  m.rpn_post_nms_topk_train = 64
-  m.rpn_pre_nms_topk_test = 100
-  m.rpn_post_nms_topk_test = 32
-  m.roi_batch_size = 16
-  t.epochs = 0.0
-  t.steps = 6
-  t.batch_size = 2
-  t.warmup_steps = 2
-  t.log_every = 2
-  t.eval_every = 6
-  t.checkpoint_every = 3
-  c.eval.batch_size = 4
-  c.eval.max_val_slices = 8

@@ -9,11 +9,11 @@ input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluate.py).
 from __future__ import annotations
 
 import ast
+import math
 
 import ml_collections
 
-KNEE_CLASSES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
-HIP_CLASSES = ('effusion',)
+from data_pipelines import tissues
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.seed = 0                        # dataset seed (phantoms, empty-slice draw), apart from c.seed
   d.plane = 'sagittal'
   # Label value in the label maps for each class, in class order (class id = position + 1).
-  d.class_names = KNEE_CLASSES
+  d.class_names = tissues.KNEE_CLASSES
   d.class_label_values = (1, 2, 3, 4)
   d.reader = ''                     # label folder suffix for multi-reader data ('' = labelsTr)
   d.instance_mode = 'per_class'     # per_class or components
@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.width = 64                      # backbone base width (64 = published)
   m.fpn_dim = 256
   m.dtype = 'float32'               # compute dtype: float32 or bfloat16 (params stay float32)
-  m.num_classes = len(KNEE_CLASSES)  # foreground classes
+  m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   m.anchor_sizes = (16, 32, 64, 128, 256)  # one per level P2-P6, in input pixels
   m.anchor_ratios = (0.25, 0.5, 1.0, 2.0, 4.0)  # height / width; thin cartilage bands need extremes
   m.rpn_pre_nms_topk_train = 1000   # per level
@@ -127,6 +127,78 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# --- pieces experiments share --------------------------------------------------------------------
+
+PAPER_EPOCHS = 300
+
+
+def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: int) -> None:
+  """The paper's model and training (section 2.3) on 1024 x 1024 inputs, for OAI and STIHO.
+
+  ResNet-101-FPN with the iMask head; Adam at 1e-3 for 300 epochs. Where the paper is silent:
+  group norm (no COCO pre-training offline), a 1000-step linear warm-up before the constant
+  rate, anchors and the FPN level rule scaled to 1024-pixel inputs as in Mask R-CNN.
+  `train.epochs` wins at run time (the trainer turns it into steps once the dataset is
+  prepared); `train.steps` is set to the estimate for `estimated_train_slices` at this batch,
+  which is what the experiment documents.
+  """
+  d, m, t = c.data, c.model, c.train
+  d.image_size = (1024, 1024)
+  m.backbone = 'resnet101'
+  m.norm = 'group'
+  m.width = 64
+  m.fpn_dim = 256
+  m.anchor_sizes = (32, 64, 128, 256, 512)
+  m.roi_level_canonical = 224.0
+  m.rpn_pre_nms_topk_train = 2000
+  m.rpn_post_nms_topk_train = 1000
+  m.rpn_pre_nms_topk_test = 1000
+  m.rpn_post_nms_topk_test = 500
+  m.roi_batch_size = 128
+  m.mask_head = 'imask'
+  m.max_detections = 16
+  t.optimizer = 'adam'
+  t.learning_rate = 1e-3
+  t.schedule = 'constant'
+  t.warmup_steps = 1000
+  t.batch_size = 8
+  t.epochs = float(PAPER_EPOCHS)
+  t.steps = math.ceil(PAPER_EPOCHS * estimated_train_slices / t.batch_size)
+  c.eval.batch_size = 8
+  c.eval.max_val_slices = 1024
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
+  """The `smoke` variant of every experiment: 5 phantoms, 64 x 64 inputs, a tiny network and
+  six steps, so the whole job (data, training, validation, checkpoints) runs in about a minute.
+  The experiment picks the phantom and anything specific to it."""
+  d, m, t = c.data, c.model, c.train
+  d.num_volumes = 5
+  d.split_fractions = (0.6, 0.2, 0.2)
+  d.image_size = (64, 64)
+  m.width = 8
+  m.fpn_dim = 16
+  m.box_head_dim = 32
+  m.mask_head_dim = 16
+  m.imask.fine_dim = 8
+  m.rpn_pre_nms_topk_train = 200
+  m.rpn_post_nms_topk_train = 64
+  m.rpn_pre_nms_topk_test = 100
+  m.rpn_post_nms_topk_test = 32
+  m.roi_batch_size = 16
+  t.epochs = 0.0
+  t.steps = 6
+  t.batch_size = 2
+  t.warmup_steps = 2
+  t.log_every = 2
+  t.eval_every = 6
+  t.checkpoint_every = 3
+  c.eval.batch_size = 4
+  c.eval.max_val_slices = 8
+
+
+# --- config arguments ---------------------------------------------------------------------------
+
 def parse_arg(arg: str | None) -> dict[str, object]:
   """Parses a config argument like 'head=standard,backbone=densenet121,smoke'.
 
@@ -176,3 +248,39 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
   if args:
     raise ValueError(f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
                      'backbone, steps, epochs, seed, decoder, skip, skip_size, mask_dice')
+
+
+# --- checks of a resolved config ---------------------------------------------------------------
+
+def validation_metric_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The keys `validate` reports: 'val/dice_<class name>' per class and 'val/dice_mean'."""
+  return [f'val/dice_{name}' for name in config.data.class_names] + ['val/dice_mean']
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects training settings the loop cannot honour, naming the field and what is expected."""
+  t = config.train
+  for name in ('batch_size', 'log_every', 'checkpoint_every', 'eval_every', 'keep_checkpoints',
+               'max_nonfinite_in_a_row'):
+    if int(t[name]) < 1:
+      raise ValueError(f'config train.{name}={t[name]}; expected an integer >= 1')
+  if float(t.epochs) < 0 or (float(t.epochs) == 0 and int(t.steps) < 1):
+    raise ValueError(f'config train.steps={t.steps}, train.epochs={t.epochs}; expected '
+                     'steps >= 1, or epochs > 0 (steps then follow from the dataset size)')
+  names = list(config.data.class_names)
+  if not len(names) == int(config.model.num_classes) == len(config.data.class_label_values):
+    raise ValueError(f'config data.class_names={tuple(names)}, data.class_label_values='
+                     f'{tuple(config.data.class_label_values)}, model.num_classes='
+                     f'{config.model.num_classes}; expected one label value per class and '
+                     'num_classes = the number of classes')
+  if t.best_metric not in validation_metric_names(config):
+    raise ValueError(f'config train.best_metric={t.best_metric!r}; expected one of '
+                     f'{validation_metric_names(config)}')
+
+
+def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """train.steps, or with train.epochs > 0: ceil(epochs * train slices / global batch)."""
+  epochs = float(config.train.epochs)
+  if epochs <= 0:
+    return int(config.train.steps)
+  return max(1, math.ceil(epochs * num_train_examples / int(config.train.batch_size)))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -36,109 +35,13 @@ import numpy as np
 
 from data_pipelines import readers
 from data_pipelines.errors import DataError
-from imask_jax import input_pipeline, optim, parallel, train
-from imask_jax.metrics.thickness import KneeLabelValues
+from data_pipelines.tissues import LabelScheme
+from imask_jax import input_pipeline, parallel
+from imask_jax import steps as steps_lib
+from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
 
-EFFUSION_CLASS = 'effusion'
-KNEE_CLASS_NAMES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
 MASK_THRESHOLD = 0.5  # a pasted pixel belongs to a detection where its probability is >= this
-# About one degree of arc on a femoral condyle of 23 mm radius (the paper's 1 deg map rows).
-ARC_MM_PER_DEGREE = 0.4
-
-
-# --- what the label values mean ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelScheme:
-  """The classes of a config and their label values: class id c (1..K) is
-  `class_names[c - 1]` and is written as label value `label_values[c - 1]`."""
-  class_names: tuple[str, ...]
-  label_values: tuple[int, ...]
-
-  def __post_init__(self):
-    if len(self.class_names) != len(self.label_values) or not self.class_names:
-      raise ValueError(f'config data.class_names {self.class_names} and '
-                       f'data.class_label_values {self.label_values}: expected one label value '
-                       'per class name')
-    if any(not 1 <= v <= 255 for v in self.label_values):
-      raise ValueError(f'config data.class_label_values {self.label_values}: expected values '
-                       'in 1..255')
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> LabelScheme:
-    scheme = cls(tuple(str(n) for n in config.data.class_names),
-                 tuple(int(v) for v in config.data.class_label_values))
-    if len(scheme.class_names) != int(config.model.num_classes):
-      raise ValueError(f'config model.num_classes={config.model.num_classes} but '
-                       f'data.class_names has {len(scheme.class_names)} classes')
-    return scheme
-
-  @property
-  def names_by_value(self) -> dict[int, str]:
-    return dict(zip(self.label_values, self.class_names))
-
-  @property
-  def class_map(self) -> dict[int, int]:
-    """Label value -> class id."""
-    return {v: i + 1 for i, v in enumerate(self.label_values)}
-
-  @property
-  def knee(self) -> KneeLabelValues | None:
-    """The four knee tissues' label values when every one of them is a class, else None."""
-    if not all(n in self.class_names for n in KNEE_CLASS_NAMES):
-      return None
-    value = dict(zip(self.class_names, self.label_values))
-    return KneeLabelValues(*(value[n] for n in KNEE_CLASS_NAMES))
-
-  @property
-  def effusion_value(self) -> int | None:
-    """The label value of class 'effusion', or None for a dataset without it."""
-    value = dict(zip(self.class_names, self.label_values))
-    return value.get(EFFUSION_CLASS)
-
-  def to_label_values(self, class_ids: np.ndarray) -> np.ndarray:
-    """int class ids (0 = background, 1..K) of any shape -> uint8 label values."""
-    class_ids = np.asarray(class_ids)
-    if class_ids.size and (class_ids.min() < 0 or class_ids.max() > len(self.label_values)):
-      raise ValueError(f'class ids in [{class_ids.min()}, {class_ids.max()}]; expected 0..'
-                       f'{len(self.label_values)} for classes {self.class_names}')
-    lookup = np.array((0,) + self.label_values, np.uint8)
-    return lookup[class_ids]
-
-
-def effusion_ml_by_side(label_map: np.ndarray, spacing: Sequence[float],
-                        effusion_value: int) -> dict[str, float]:
-  """Effusion volume (mL) on the patient's right and left and in total, from a canonical RAS+
-  label map [X, Y, Z] (X toward the patient's right) with spacing in mm.
-
-  The sides are split at the plane through the centre of the volume along X (a bilateral hip
-  scan is centred on the midline); a voxel column lying exactly on that plane (odd X) counts
-  half to each side, so right + left = total exactly.
-  """
-  label_map = np.asarray(label_map)
-  if label_map.ndim != 3:
-    raise ValueError(f'effusion_ml_by_side: label_map has shape {label_map.shape}; expected a '
-                     'canonical [X, Y, Z] volume')
-  voxel_ml = float(np.prod(np.asarray(spacing, float))) / 1000.0
-  per_column = np.count_nonzero(label_map == effusion_value, axis=(1, 2)).astype(float)
-  centre = (label_map.shape[0] - 1) / 2.0
-  x = np.arange(label_map.shape[0])
-  weight_right = np.where(x > centre, 1.0, np.where(x == centre, 0.5, 0.0))
-  right = float(np.sum(per_column * weight_right)) * voxel_ml
-  total = float(np.sum(per_column)) * voxel_ml
-  return {'right_ml': right, 'left_ml': total - right, 'total_ml': total}
-
-
-def femoral_angle_bin_deg(spacing: Sequence[float]) -> float:
-  """Row height (degrees) of femoral thickness maps for canonical `spacing` (mm): the paper's
-  1 deg while the sagittal in-plane voxels (axes 1 and 2) are at most ARC_MM_PER_DEGREE, else
-  the whole number of degrees one voxel spans, so that no map row falls between two voxel
-  layers and stays empty."""
-  in_plane = max(float(spacing[1]), float(spacing[2]))
-  # The tolerance keeps float32 spacings such as 0.800000012 from rounding up a whole degree.
-  return float(max(1, math.ceil(in_plane / ARC_MM_PER_DEGREE - 1e-4)))
 
 
 # --- the model from a workdir --------------------------------------------------------------------
@@ -149,7 +52,7 @@ class LoadedModel:
   """A restored checkpoint ready for inference.
 
   detect: jit(shard_map) of (variables, images [B, H, W, C]) -> per-example detections
-  (train.make_detect_fn); batch_size: B, the config's eval.batch_size (a multiple of the
+  (steps.make_detect_fn); batch_size: B, the config's eval.batch_size (a multiple of the
   device count); step: the checkpoint's training step.
   """
   workdir: str
@@ -184,7 +87,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   if jax.process_count() > 1:
     raise RuntimeError(f'inference runs on one process; this is process {jax.process_index()}'
                        f' of {jax.process_count()}')
-  config = train.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -200,16 +103,15 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   if batch_size < 1 or batch_size % jax.device_count():
     raise ValueError(f'config eval.batch_size={batch_size} must be a positive multiple of the '
                      f'device count ({jax.device_count()})')
-  model = train.build_model(config, data_parallel=False)
-  tx = optim.make_optimizer(config.train)
-  # The restore template only needs shapes and dtypes: trace the initial state, don't run it.
-  template = jax.eval_shape(lambda: train.init_state(model, tx, int(config.seed)))
-  manager = train.checkpoint_manager(workdir, config)
-  state = train.restore_state(manager, template, mesh, int(step))
+  model = steps_lib.build_model(config, data_parallel=False)
+  # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
+  template = jax.eval_shape(functools.partial(mask_rcnn.init_variables, model),
+                            jax.random.PRNGKey(int(config.seed)))
+  manager = workdir_lib.checkpoint_manager(workdir, config)
+  variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
   manager.close()
   return LoadedModel(workdir=workdir, config=config, scheme=scheme, step=int(step),
-                     variables=train.model_variables(state),
-                     detect=train.make_detect_fn(model, mesh), mesh=mesh,
+                     variables=variables, detect=steps_lib.make_detect_fn(model, mesh), mesh=mesh,
                      batch_size=batch_size)
 
 

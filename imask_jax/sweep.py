@@ -24,28 +24,28 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import fcntl  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import csv
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import math
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from data_pipelines.atomic import atomic_path  # noqa: E402
+from data_pipelines.atomic import atomic_path
+from imask_jax import configs
 
 SUMMARY_COLUMNS = ('variant', 'seed', 'case_id', 'tissue', 'status', 'dice', 'precision',
                    'recall', 'hausdorff_voxels', 'hausdorff_mm', 'hd95_mm', 'assd_mm',
@@ -86,12 +86,11 @@ def load_experiment(path: str, arg: str) -> ml_collections.ConfigDict:
 def check_run_config(config: ml_collections.ConfigDict) -> None:
   """What can be checked of a run's config without data: the training settings and the
   backbone and mask head names."""
-  from imask_jax import train
   from imask_jax.models.backbones import build_backbone
-  train.check_train_config(config)
+  from imask_jax.models.mask_rcnn import ModelSpec
+  configs.check_train_config(config)
   build_backbone(str(config.model.backbone), norm=str(config.model.norm))
-  if config.model.mask_head not in ('standard', 'imask'):
-    raise ValueError(f'model.mask_head={config.model.mask_head!r}; expected standard or imask')
+  ModelSpec.from_config(config).mask_size  # every model field present and typed, a known head
 
 
 def check_sweep(sweep: ml_collections.ConfigDict) -> None:
@@ -155,10 +154,11 @@ def evaluate_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
 def finished_eval_dir(run: Run, split: str) -> str | None:
   """The run's evaluation of its last training step on `split`, if it exists (an evaluation
   folder appears whole or not at all), else None."""
-  from imask_jax import evaluate, train
+  from imask_jax import evaluate
+  from imask_jax import workdir as workdir_lib
   if not os.path.exists(os.path.join(run.workdir, 'config.json')):
     return None
-  config = train.load_config(run.workdir)
+  config = workdir_lib.load_config(run.workdir)
   folder = evaluate.eval_dir(run.workdir, int(config.train.steps), split, config)
   return folder if os.path.exists(os.path.join(folder, 'metrics.csv')) else None
 
@@ -233,7 +233,7 @@ def check_plan(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Ru
   refuses to go on if a recorded run's settings have changed since (an edited experiment file,
   another base_arg): the table would compare runs made with different settings. New variants
   are added to the record. Returns the settings of `runs`."""
-  from imask_jax import train
+  from imask_jax import workdir as workdir_lib
   path = os.path.join(workdir, PLAN_NAME)
   recorded: dict[str, dict[str, Any]] = {}
   if os.path.exists(path):
@@ -241,7 +241,8 @@ def check_plan(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Ru
       recorded = json.load(f)
   current = {run.name: run_settings(sweep, run) for run in runs}
   changed = [f'{name}: {"; ".join(diff)}' for name, settings in current.items()
-             if name in recorded and (diff := train.changed_fields(recorded[name], settings))]
+             if name in recorded
+             and (diff := workdir_lib.changed_fields(recorded[name], settings))]
   if changed:
     raise SettingsChangedError(
         f'{path}: the settings of {len(changed)} run(s) changed since this sweep started '
@@ -401,7 +402,7 @@ def paired_comparison(rows: Sequence[Mapping[str, Any]], variant: str, baseline:
 def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
                      rows: Sequence[Mapping[str, Any]], ap_by_run: Mapping[str, Mapping[str, float]],
                      missing: Sequence[str]) -> str:
-  from imask_jax.evaluate import markdown_table
+  from imask_jax.report import markdown_table
   tissues = list(dict.fromkeys(r['tissue'] for r in rows))
   variants = [str(v[0]) for v in sweep.variants]
   seeds = list(sweep.seeds)
@@ -465,7 +466,7 @@ def aggregate(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
               ) -> tuple[str, list[str]]:
   """Writes DIR/summary.csv and DIR/summary.md from the finished runs; returns the markdown
   and the names of runs not finished."""
-  from imask_jax.evaluate import write_csv, write_text
+  from imask_jax.report import write_csv, write_text
   rows, ap_by_run, missing = [], {}, []
   for run in runs:
     eval_dir = finished_eval_dir(run, str(sweep.split))

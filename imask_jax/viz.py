@@ -6,7 +6,7 @@ one colour scale (mm), and the prediction - truth difference on a symmetric blue
 scale (red = the model measures thicker). Cells without cartilage are light grey.
 
 Every figure is drawn on a matplotlib `Figure` with the Agg canvas (no pyplot state, no
-display) and written atomically. Bland-Altman plots come from `metrics.plot_bland_altman`.
+display) and written atomically; so are the Bland-Altman plots of reader agreement.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from data_pipelines.atomic import atomic_path
 from imask_jax.metrics.thickness import PlateComparison, ThicknessMap
+from imask_jax.metrics.volume import BlandAltman
 
 TRUTH_ONLY = np.array([0.0, 0.85, 0.0])   # green
 MODEL_ONLY = np.array([0.95, 0.0, 0.0])   # red
@@ -55,10 +56,11 @@ def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
   return np.round(rgb * 255).astype(np.uint8)
 
 
-def _new_figure(width: float, height: float):
+def _new_figure(width: float, height: float, dpi: int = 120):
+  # The Figure/Agg canvas pair needs no pyplot state or display, so it is safe in workers.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  figure = Figure(figsize=(width, height), dpi=120)
+  figure = Figure(figsize=(width, height), dpi=dpi)
   FigureCanvasAgg(figure)
   return figure
 
@@ -132,3 +134,34 @@ def save_thickness_figure(path: str | os.PathLike, comparison: PlateComparison, 
   figure.suptitle(f'{title}: {plate} cartilage thickness ({comparison.status})', fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.94))
   return _save(figure, path)
+
+
+def save_bland_altman_figure(stats: BlandAltman, path: str | os.PathLike, *, name_a: str = 'A',
+                      name_b: str = 'B', unit: str = 'mL', title: str | None = None) -> str:
+  """Writes the Bland-Altman plot of `stats` to the PNG `path` (atomically); returns the path.
+
+  x: mean of the two measurements, y: difference a - b, with the bias and the limits of
+  agreement as labelled horizontal lines.
+  """
+  path = os.fspath(path)
+  if not path.lower().endswith('.png'):
+    raise ValueError(f'save_bland_altman_figure: path {path!r} must end in .png.')
+  figure = _new_figure(5.0, 4.0, dpi=150)
+  axes = figure.add_subplot()
+  axes.scatter(stats.means, stats.differences, s=18, color='tab:blue', alpha=0.8)
+  lines = [(stats.bias, f'bias {stats.bias:+.2f}', '-'),
+           (stats.loa_upper, f'bias + 1.96 SD {stats.loa_upper:+.2f}', '--'),
+           (stats.loa_lower, f'bias - 1.96 SD {stats.loa_lower:+.2f}', '--')]
+  for value, label, style in lines:
+    axes.axhline(value, color='tab:red', linestyle=style, linewidth=1)
+    axes.annotate(label, xy=(1.0, value), xycoords=('axes fraction', 'data'),
+                  xytext=(-4, 3), textcoords='offset points', ha='right', fontsize=8,
+                  color='tab:red')
+  axes.axhline(0.0, color='grey', linestyle=':', linewidth=0.8)
+  axes.set_xlabel(f'mean of {name_a} and {name_b} ({unit})')
+  axes.set_ylabel(f'{name_a} - {name_b} ({unit})')
+  axes.set_title(title or f'Bland-Altman: {name_a} vs {name_b} (n={stats.means.size})')
+  figure.tight_layout()
+  with atomic_path(path) as tmp:
+    figure.savefig(tmp, format='png')
+  return path

@@ -24,6 +24,16 @@ if os.environ.get('HYPOTHESIS_PROFILE'):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Fixtures that train a model: a test that uses one is an end-to-end run (`-m e2e`), outside the
+# unit tier that `make test-fast` runs.
+TRAINED_FIXTURES = frozenset({'smoke_workdir', 'smoke_model', 'reference', 'parallel_jobs'})
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if TRAINED_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.e2e)
+
 
 def experiment_config(name: str, arg: str | None = None):
   """`get_config(arg)` of experiments/<name>.py (the experiments folder is not a package)."""

@@ -79,12 +79,12 @@ def test_model_spec_matches_the_settings_sent_to_torchvision():
     assert spec.max_detections == int(settings['max_detections'])
     # The mask head's slots per image: the benchmark's cap (32) below 25 % of 512 ROIs.
     assert spec.num_mask_rois == bench.MASK_ROIS_PER_IMAGE == 32
-    assert spec.imask_fine_dim == 64
+    assert spec.imask.fine_dim == 64
     assert spec.axis_name is None
   wide = bench.model_spec(512, 'imask', data_parallel=True, mask_rois_per_image=200,
                           fine_dim=32, fuse_convs=2)
   assert wide.axis_name == 'data' and wide.num_mask_rois == 128  # capped by 25 % of 512
-  assert (wide.imask_fine_dim, wide.imask_fuse_convs) == (32, 2)
+  assert (wide.imask.fine_dim, wide.imask.fuse_convs) == (32, 2)
 
 
 def test_combine_rounds_takes_medians_of_round_medians():

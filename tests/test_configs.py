@@ -9,12 +9,14 @@ import math
 
 import pytest
 from absl import flags
+from conftest import REPO, experiment_config
 from ml_collections import config_flags
 
-from conftest import REPO, experiment_config
+from data_pipelines import tissues
 from data_pipelines.datasets.params import params_from_config
 from data_pipelines.phantoms import hip, knee
-from imask_jax import configs, train
+from imask_jax import configs
+from imask_jax import workdir as workdir_lib
 from imask_jax.models.mask_rcnn import ModelSpec
 
 EXPERIMENTS = ('phantom_knee', 'phantom_hip', 'oai', 'stiho')
@@ -25,11 +27,11 @@ VARIANTS = (None, 'smoke', 'head=standard,backbone=densenet121,steps=7,seed=3')
 @pytest.mark.parametrize('arg', VARIANTS)
 def test_every_experiment_and_variant_builds_and_round_trips(name, arg, tmp_path):
   config = experiment_config(name, arg)
-  train.check_train_config(config)
+  configs.check_train_config(config)
   spec = ModelSpec.from_config(config)
   assert spec.num_classes == len(config.data.class_names)
-  train.save_config(config, str(tmp_path))
-  loaded = train.load_config(str(tmp_path))
+  workdir_lib.save_config(config, str(tmp_path))
+  loaded = workdir_lib.load_config(str(tmp_path))
   assert loaded.to_dict() == config.to_dict()  # tuples come back as tuples
   assert ModelSpec.from_config(loaded) == spec
   assert params_from_config(loaded, tmp_path) == params_from_config(config, tmp_path)
@@ -56,7 +58,7 @@ def test_smoke_variants_are_tiny_and_run_on_phantoms(name):
 
 def test_phantom_hip_fits_the_hip_phantoms():
   c = experiment_config('phantom_hip')
-  assert tuple(c.data.class_names) == ('effusion',) == configs.HIP_CLASSES
+  assert tuple(c.data.class_names) == ('effusion',) == tissues.HIP_CLASSES
   assert tuple(c.data.class_label_values) == (hip.LABELS['effusion'],) == (1,)
   assert c.data.plane == hip.PLANE == 'coronal'
   assert c.data.instance_mode == 'components'
@@ -79,13 +81,13 @@ def test_paper_experiments_have_the_papers_settings(name):
   module_slices = {'oai': 470 * 160, 'stiho': 125 * 24}[name]
   assert c.train.steps == math.ceil(300 * module_slices / c.train.batch_size)
   # Once the dataset is prepared the trainer uses its real size instead.
-  assert train.resolve_steps(c, 1000) == math.ceil(300 * 1000 / c.train.batch_size)
+  assert configs.resolve_steps(c, 1000) == math.ceil(300 * 1000 / c.train.batch_size)
 
 
 def test_oai_and_stiho_datasets():
   oai = experiment_config('oai')
   assert oai.data.dataset == 'oai_zib' and oai.data.plane == 'sagittal'
-  assert tuple(oai.data.class_names) == configs.KNEE_CLASSES
+  assert tuple(oai.data.class_names) == tissues.KNEE_CLASSES
   assert tuple(oai.data.class_label_values) == (1, 2, 3, 4)  # OAI-ZIB's label values
   assert experiment_config('oai', 'nifti').data.dataset == 'nifti_folder'
   stiho = experiment_config('stiho')
@@ -98,10 +100,10 @@ def test_oai_and_stiho_datasets():
 def test_steps_replace_epochs_and_unknown_variants_are_refused():
   c = experiment_config('oai', 'steps=50')
   assert (c.train.steps, c.train.epochs) == (50, 0.0)
-  assert train.resolve_steps(c, 10 ** 6) == 50
+  assert configs.resolve_steps(c, 10 ** 6) == 50
   c = experiment_config('phantom_knee', 'epochs=2.5')
   c.train.batch_size = 4
-  assert train.resolve_steps(c, 10) == 7  # ceil(2.5 * 10 / 4)
+  assert configs.resolve_steps(c, 10) == 7  # ceil(2.5 * 10 / 4)
   with pytest.raises(ValueError, match=r"unknown config arguments \['hed'\]; known: .*head"):
     experiment_config('oai', 'hed=standard')
 
@@ -119,7 +121,7 @@ def test_config_flag_takes_a_variant_and_field_overrides(monkeypatch):
   assert (c.model.mask_head, c.model.backbone) == ('standard', 'densenet121')
   assert c.train.learning_rate == 0.5 and tuple(c.data.image_size) == (512, 512)
   assert c.data.manual_dir == '/data/oai' and c.train.epochs == 300
-  train.check_train_config(c)
+  configs.check_train_config(c)
 
 
 def test_bad_training_settings_name_the_field():
@@ -137,12 +139,12 @@ def test_bad_training_settings_name_the_field():
            ({'train__epochs': -1.0}, r'train\.epochs=-1\.0')]
   for changes, message in cases:
     with pytest.raises(ValueError, match=message):
-      train.check_train_config(broken(**changes))
+      configs.check_train_config(broken(**changes))
 
 
 def test_load_config_outside_a_workdir_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='no config.json in the workdir'):
-    train.load_config(str(tmp_path))
+    workdir_lib.load_config(str(tmp_path))
 
 
 def test_a_workdir_saved_before_a_field_existed_loads_with_its_default(tmp_path):
@@ -151,7 +153,7 @@ def test_a_workdir_saved_before_a_field_existed_loads_with_its_default(tmp_path)
   saved = json.loads(config.to_json())
   del saved['model']['imask']['fuse_convs'], saved['model']['boundary_loss_weight']
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  loaded = train.load_config(str(tmp_path))
+  loaded = workdir_lib.load_config(str(tmp_path))
   defaults = configs.default_config()
   assert loaded.model.imask.fuse_convs == defaults.model.imask.fuse_convs
   assert loaded.model.boundary_loss_weight == defaults.model.boundary_loss_weight

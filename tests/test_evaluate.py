@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_pipelines import instances, readers
+from data_pipelines import instances, readers, tissues
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from imask_jax import configs, evaluate, inference, metrics
+from imask_jax import configs, evaluate, inference, metrics, report
 from imask_jax.metrics import CaseStatus
 
 
@@ -37,12 +37,12 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
   source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir,
                                  'test')
   cases = {c.case_id: c for c in source.cases}
-  tissues = list(configs.KNEE_CLASSES)
+  knee = list(tissues.KNEE_CLASSES)
 
   columns, rows = _read_csv(os.path.join(out, 'metrics.csv'))
-  assert tuple(columns) == evaluate.METRICS_COLUMNS
+  assert tuple(columns) == report.METRICS_COLUMNS
   assert sorted((r['case_id'], r['tissue']) for r in rows) == sorted(
-      (c, t) for c in cases for t in tissues)
+      (c, t) for c in cases for t in knee)
   for name in ('summary.md', 'eval.json', 'ap.csv', 'thickness.csv'):
     assert os.path.getsize(os.path.join(out, name)) > 0
   for case_id in cases:
@@ -90,7 +90,7 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
     spacing = pred.header.get_zooms()[:3]
     plates = metrics.compare_thickness(
         np.asarray(pred.dataobj), np.asarray(truth.dataobj).astype(np.uint8), spacing,
-        angle_bin_deg=inference.femoral_angle_bin_deg(spacing))
+        angle_bin_deg=metrics.femoral_angle_bin_deg(spacing))
     plate = plates[row['plate']]
     assert row['status'] == str(plate.status)
     assert float(row['difference_mean_mm']) == pytest.approx(plate.difference.mean_mm,
@@ -101,9 +101,9 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
                                                         rel=1e-9)
 
   columns, ap_rows = _read_csv(os.path.join(out, 'ap.csv'))
-  assert tuple(columns) == evaluate.AP_COLUMNS
+  assert tuple(columns) == report.AP_COLUMNS
   assert {(r['scope'], r['tissue']) for r in ap_rows} == {
-      (s, t) for s in ['all', *cases] for t in tissues}
+      (s, t) for s in ['all', *cases] for t in knee}
   for r in ap_rows:
     assert 0.0 <= float(r['ap']) <= 1.0 and int(r['truth_instances']) > 0
 
@@ -135,10 +135,10 @@ def _instance(class_id, score, mask):
 def test_format_summary_counts_missing_structures():
   dice = metrics.summarize_values([0.9, 0.0, math.nan],
                                   [CaseStatus.OK, CaseStatus.MISSED, CaseStatus.BOTH_EMPTY])
-  assert evaluate.format_summary(dice) == '0.450 ± 0.636 (n=2); 1 missed, 1 both empty'
+  assert report.format_summary(dice) == '0.450 ± 0.636 (n=2); 1 missed, 1 both empty'
   distance = metrics.summarize_values([1.0, 3.0, math.inf],
                                       [CaseStatus.OK, CaseStatus.OK, CaseStatus.FALSE_POSITIVE])
-  assert evaluate.format_summary(distance, 1) == '2.0 ± 1.4 over 2 of 3; 1 false positive'
+  assert report.format_summary(distance, 1) == '2.0 ± 1.4 over 2 of 3; 1 false positive'
 
 
 # --- effusion: an oracle model on hip phantoms ----------------------------------------------------
@@ -151,7 +151,7 @@ def _hip_config(data_dir):
   c.data.num_volumes = 3
   c.data.split_fractions = (0.0, 0.0, 1.0)
   c.data.plane = 'coronal'
-  c.data.class_names = configs.HIP_CLASSES
+  c.data.class_names = tissues.HIP_CLASSES
   c.data.class_label_values = (1,)
   c.data.instance_mode = 'components'
   c.model.num_classes = 1
@@ -179,7 +179,7 @@ def test_effusion_tables_with_an_oracle_model(tmp_path):
   source = sources.volume_source(params_lib.params_from_config(config, config.data.data_dir),
                                  config.data.data_dir, 'test')
   assert len(source.cases) == 3
-  scheme = inference.LabelScheme.from_config(config)
+  scheme = tissues.LabelScheme.from_config(config)
   header = {'workdir': 'oracle', 'checkpoint_step': 0, 'split': 'test',
             'dataset': 'phantom_hip', 'mask_head': 'none', 'backbone': 'none'}
   out = str(tmp_path / 'eval')
@@ -192,7 +192,7 @@ def test_effusion_tables_with_an_oracle_model(tmp_path):
 
   # volumes.csv: every rater's total from its own label file, sides from the phantom truth.
   columns, volume_rows = _read_csv(os.path.join(out, 'volumes.csv'))
-  assert tuple(columns) == evaluate.VOLUME_COLUMNS
+  assert tuple(columns) == report.VOLUME_COLUMNS
   folder = sources.phantom_dir(params_lib.params_from_config(config, config.data.data_dir),
                                config.data.data_dir)
   files = {'reference': 'labelsTr', 'reader1': 'labelsTr_reader1',

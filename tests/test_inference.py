@@ -1,16 +1,17 @@
 """Whole-volume inference: detections pasted back at source resolution and reassembled on the
 file's own grid (non-canonical orientations), the label-value mapping, effusion sides, and the
-smoke model's predictions against the network-resolution label map of train.make_detect_fn."""
+smoke model's predictions against the network-resolution label map of steps.make_detect_fn."""
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 
-from data_pipelines import instances, orientation, readers
+from data_pipelines import instances, orientation, readers, tissues
 from data_pipelines.phantoms import generate_hip, generate_knee
-from imask_jax import configs, inference, input_pipeline, parallel, train
+from imask_jax import configs, inference, input_pipeline, metrics, parallel
+from imask_jax import workdir as workdir_lib
 from imask_jax.ops import masks as mask_ops
 
 # File axes point Posterior, Inferior, Left (a sagittal series as scanners store it), with
@@ -80,7 +81,7 @@ def test_truth_boxes_round_trip_exactly_onto_a_non_canonical_grid(tmp_path):
   case = _write_case(tmp_path, image, labels, PIL_AFFINE)
   volume = readers.load_volume(case, plane='sagittal', label_values=[2, 5, 7])
   config = _config((32, 32), ('a', 'b', 'c'), (2, 5, 7))
-  scheme = inference.LabelScheme.from_config(config)
+  scheme = tissues.LabelScheme.from_config(config)
   stack = readers.slices(volume)
   scale = input_pipeline.volume_inputs(volume, config)['scale']
   assert stack.images.shape[1:] == (40, 24)  # rows inferior (file axis 1), cols file axis 0
@@ -105,8 +106,8 @@ def test_truth_masks_round_trip_on_a_knee_phantom(tmp_path):
   phantom = generate_knee(3)
   case = _write_case(tmp_path, phantom.image, phantom.labels, phantom.affine)
   volume = readers.load_volume(case, plane='sagittal', label_values=None)
-  config = _config((64, 64), configs.KNEE_CLASSES, (1, 2, 3, 4))
-  scheme = inference.LabelScheme.from_config(config)
+  config = _config((64, 64), tissues.KNEE_CLASSES, (1, 2, 3, 4))
+  scheme = tissues.LabelScheme.from_config(config)
   stack = readers.slices(volume)
   scale = input_pipeline.volume_inputs(volume, config)['scale']
   np.testing.assert_allclose(scale, 0.5)
@@ -124,9 +125,9 @@ def test_truth_masks_round_trip_on_a_knee_phantom(tmp_path):
 
 
 def test_label_scheme_maps_classes_to_label_values():
-  knee = inference.LabelScheme.from_config(_config((8, 8), configs.KNEE_CLASSES, (1, 2, 3, 4)))
+  knee = tissues.LabelScheme.from_config(_config((8, 8), tissues.KNEE_CLASSES, (1, 2, 3, 4)))
   assert knee.knee is not None and knee.effusion_value is None
-  hip = inference.LabelScheme.from_config(_config((8, 8), ('effusion',), (9,)))
+  hip = tissues.LabelScheme.from_config(_config((8, 8), ('effusion',), (9,)))
   assert hip.knee is None and hip.effusion_value == 9
   np.testing.assert_array_equal(hip.to_label_values(np.array([[0, 1], [1, 0]])),
                                 [[0, 9], [9, 0]])
@@ -135,14 +136,14 @@ def test_label_scheme_maps_classes_to_label_values():
   wrong_count = _config((8, 8), ('a', 'b'), (1, 2))
   wrong_count.model.num_classes = 3
   with pytest.raises(ValueError, match='model.num_classes=3'):
-    inference.LabelScheme.from_config(wrong_count)
+    tissues.LabelScheme.from_config(wrong_count)
 
 
 def test_effusion_sides_match_the_hip_phantom_truth():
   phantom = generate_hip(1)
   grid = orientation.SourceGrid.from_affine(phantom.labels.shape, phantom.affine)
   canonical = grid.to_canonical(phantom.labels)
-  sides = inference.effusion_ml_by_side(canonical, grid.canonical_spacing, 1)
+  sides = metrics.effusion_ml_by_side(canonical, grid.canonical_spacing, 1)
   per_side = phantom.truth['effusion']['per_side']
   voxel_ml = float(np.prod(grid.canonical_spacing)) / 1000
   assert per_side['right']['voxels'] > 0 and per_side['left']['voxels'] > 0
@@ -156,7 +157,7 @@ def test_effusion_sides_split_the_middle_column_in_half():
   labels[0] = 1                            # 4 voxels far left
   labels[2, 0, 0] = 1                      # 1 voxel on the mid-plane
   labels[4, :, 0] = 1                      # 2 voxels right
-  sides = inference.effusion_ml_by_side(labels, (10.0, 10.0, 10.0), 1)  # 1 mL voxels
+  sides = metrics.effusion_ml_by_side(labels, (10.0, 10.0, 10.0), 1)  # 1 mL voxels
   assert sides == {'right_ml': 2.5, 'left_ml': 4.5, 'total_ml': 7.0}
 
 
@@ -170,7 +171,7 @@ def test_missing_checkpoint_step_lists_the_stored_ones(smoke_workdir):
 
 def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smoke_model):
   """Slices of exactly the network size (scale 1): the source-resolution paste must equal the
-  label map train.make_detect_fn pastes at network resolution, slice for slice, through the
+  label map steps.make_detect_fn pastes at network resolution, slice for slice, through the
   batching and padding of a slice count (10) that is not a multiple of the batch size (4)."""
   phantom = generate_knee(0)
   # A 10-slice, 64 x 64 sagittal crop of the phantom, stored with the P, I, L axes.
@@ -196,7 +197,7 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   # label threshold, and a pixel no such instance covers is background.
   min_score = float(smoke_model.config.model.label_score_threshold)
   for i, slice_instances in enumerate(prediction.instances):
-    may_be = np.zeros((len(configs.KNEE_CLASSES) + 1, 64, 64), bool)
+    may_be = np.zeros((len(tissues.KNEE_CLASSES) + 1, 64, 64), bool)
     for inst in slice_instances:
       if inst.score >= min_score:
         may_be[inst.class_id] |= inst.full_mask((64, 64))
@@ -205,4 +206,4 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
     assert np.take_along_axis(may_be, got[None], axis=0).all(), f'slice {i}'
   np.testing.assert_array_equal(volume.grid.to_original(prediction.canonical),
                                 prediction.label_map)
-  assert train.load_config(smoke_model.workdir).data.plane == prediction.plane
+  assert workdir_lib.load_config(smoke_model.workdir).data.plane == prediction.plane

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imask_jax import evaluate, sweep
+from imask_jax import report, sweep
+from imask_jax import workdir as workdir_lib
 from conftest import REPO, experiment_config
 
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
@@ -98,7 +99,7 @@ def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple
   metric_rows, ap_rows = [], []
   for case, tissues in per_case.items():
     for tissue, (status, dice, hd_px, assd, ap) in tissues.items():
-      row = {c: 0.0 for c in evaluate.METRICS_COLUMNS}
+      row = {c: 0.0 for c in report.METRICS_COLUMNS}
       row.update(case_id=case, tissue=tissue, label_value=1, status=status, dice=dice,
                  hausdorff_voxels=hd_px, assd_mm=assd)
       metric_rows.append(row)
@@ -107,8 +108,8 @@ def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple
   for tissue, ap in ap_all.items():
     ap_rows.append(dict(scope='all', tissue=tissue, class_id=1, ap=ap, ap50=0, ap75=0,
                         truth_instances=1, detections=1))
-  evaluate.write_csv(os.path.join(folder, 'metrics.csv'), evaluate.METRICS_COLUMNS, metric_rows)
-  evaluate.write_csv(os.path.join(folder, 'ap.csv'), evaluate.AP_COLUMNS, ap_rows)
+  report.write_csv(os.path.join(folder, 'metrics.csv'), report.METRICS_COLUMNS, metric_rows)
+  report.write_csv(os.path.join(folder, 'ap.csv'), report.AP_COLUMNS, ap_rows)
   return run
 
 
@@ -231,8 +232,8 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, sm
   assert '| imask-resnet18 | standard-resnet18 | FC |' in text
   # Both runs read the one shared dataset, and their configs say so.
   for run in (standard, imask):
-    assert evaluate.train.load_config(run.workdir).data.data_dir == env['IMASK_DATA_DIR']
-    assert evaluate.train.load_config(run.workdir).train.steps == 3
+    assert workdir_lib.load_config(run.workdir).data.data_dir == env['IMASK_DATA_DIR']
+    assert workdir_lib.load_config(run.workdir).train.steps == 3
 
 
 def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):

@@ -14,13 +14,16 @@ next build makes a fresh one. Bump VERSION whenever the stored examples change m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from data_pipelines import slice_examples
 from data_pipelines.datasets import sources
@@ -173,6 +176,10 @@ def prepare(config: Any, data_dir: str | os.PathLike) -> SliceDatasetBuilder:
   builder = builder_for(config, data_dir)
   if not builder.is_prepared():
     manual_dir = builder.params.source_dir
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    tfds.disable_progress_bar()  # a bar per split and a line per shard would fill the screen
+    # TFDS prints 'Downloading and preparing dataset ...' (nothing is downloaded): log it.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    logging.info('%s', printed.getvalue().strip())
   return builder

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from data_pipelines import tissues
 from data_pipelines.phantoms import mri, scene, sdf
 from data_pipelines.phantoms import truth as truth_lib
 
@@ -28,7 +29,7 @@ Array = np.ndarray
 GENERATOR_VERSION = '1.0'
 SEQUENCE = 'STIR'
 PLANE = 'coronal'
-LABELS = {'background': 0, 'effusion': 1}
+LABELS = tissues.HIP_LABELS
 READERS = ('reader1', 'reader2')
 
 # Array axes: 0 superior->inferior, 1 right->left, 2 posterior->anterior (codes I, L, A).

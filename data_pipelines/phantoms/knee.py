@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines import tissues
 from data_pipelines.phantoms import mri, scene, sdf
 
 Array = np.ndarray
 GENERATOR_VERSION = '1.0'
 SEQUENCE = 'DESS'
 PLANE = 'sagittal'
-LABELS = {'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
-          'tibial_cartilage': 4, 'effusion': 5}
+LABELS = tissues.KNEE_PHANTOM_LABELS
 
 # Acquisition presets. Array axes: 0 superior->inferior, 1 anterior->posterior, 2 right->left
 # (codes I, P, L), like a sagittal DICOM series stacked along x.

@@ -17,7 +17,7 @@ from imask_jax.metrics.surface import (SurfaceMetrics, average_hausdorff,
 from imask_jax.metrics.thickness import (Cylinder, InterfaceThickness, KneeLabelValues,
                                          PlateComparison, ThicknessDifference, ThicknessMap,
                                          compare_thickness, cylinder_coordinates,
-                                         femoral_thickness_map, fit_cylinder,
+                                         femoral_angle_bin_deg, femoral_thickness_map, fit_cylinder,
                                          interface_thickness, thickness_difference,
                                          tibial_thickness_map)
 from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation, HipAgreement,
@@ -26,7 +26,7 @@ from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation, HipAg
                                       baseline_scans, bland_altman, coefficient_of_variation,
                                       hip_volume_table, intraclass_correlation,
                                       paired_difference, pairwise_agreement,
-                                      plot_bland_altman, volume_ml, volumes_ml_per_label)
+                                      effusion_ml_by_side, volume_ml, volumes_ml_per_label)
 
 __all__ = [
     'ClassAP', 'MaskAP', 'image_average_precision', 'mask_iou',
@@ -37,11 +37,11 @@ __all__ = [
     'surface_metrics_per_label', 'surface_voxels',
     'Cylinder', 'InterfaceThickness', 'KneeLabelValues', 'PlateComparison',
     'ThicknessDifference', 'ThicknessMap', 'compare_thickness', 'cylinder_coordinates',
-    'femoral_thickness_map', 'fit_cylinder', 'interface_thickness', 'thickness_difference',
+    'femoral_angle_bin_deg', 'femoral_thickness_map', 'fit_cylinder', 'interface_thickness', 'thickness_difference',
     'tibial_thickness_map',
     'BlandAltman', 'CoefficientOfVariation', 'HipAgreement', 'HipVolumeTable',
     'IntraclassCorrelation', 'MeanSD', 'PairAgreement', 'PairedDifference', 'ScanVolumes',
     'baseline_scans', 'bland_altman', 'coefficient_of_variation', 'hip_volume_table',
-    'intraclass_correlation', 'paired_difference', 'pairwise_agreement', 'plot_bland_altman',
+    'intraclass_correlation', 'paired_difference', 'pairwise_agreement', 'effusion_ml_by_side',
     'volume_ml', 'volumes_ml_per_label',
 ]

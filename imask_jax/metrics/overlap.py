@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 
-# OAI-ZIB knee labels (the project DESIGN.md); label 0 is background.
-KNEE_LABELS: dict[int, str] = {
-    1: 'femur', 2: 'femoral_cartilage', 3: 'tibia', 4: 'tibial_cartilage'}
+from data_pipelines.tissues import KNEE_LABELS  # the default labels of the per-label metrics
 
 
 class CaseStatus(enum.StrEnum):

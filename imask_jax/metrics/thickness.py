@@ -43,20 +43,13 @@ from typing import Any
 import numpy as np
 from scipy import optimize, spatial
 
+from data_pipelines.tissues import KneeLabelValues
 from imask_jax.metrics.overlap import CaseStatus, as_label_map, as_spacing, case_status
+
 
 # Robust loss scale (mm) for the cylinder fit: trochlear points off the condylar cylinder
 # should not drag the axis.
 _CYLINDER_LOSS_SCALE_MM = 2.0
-
-
-@dataclasses.dataclass(frozen=True)
-class KneeLabelValues:
-  """Label values of the four knee tissues in the label map."""
-  femur: int = 1
-  femoral_cartilage: int = 2
-  tibia: int = 3
-  tibial_cartilage: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,3 +424,17 @@ def _as_volume(label_map: Any, where: str) -> np.ndarray:
                      'map in RAS+ orientation (left->right, posterior->anterior, '
                      'inferior->superior).')
   return label_map
+
+
+# About one degree of arc on a femoral condyle of 23 mm radius (the paper's 1 deg map rows).
+ARC_MM_PER_DEGREE = 0.4
+
+
+def femoral_angle_bin_deg(spacing: Sequence[float]) -> float:
+  """Row height (degrees) of femoral thickness maps for canonical `spacing` (mm): the paper's
+  1 deg while the sagittal in-plane voxels (axes 1 and 2) are at most ARC_MM_PER_DEGREE, else
+  the whole number of degrees one voxel spans, so that no map row falls between two voxel
+  layers and stays empty."""
+  in_plane = max(float(spacing[1]), float(spacing[2]))
+  # The tolerance keeps float32 spacings such as 0.800000012 from rounding up a whole degree.
+  return float(max(1, math.ceil(in_plane / ARC_MM_PER_DEGREE - 1e-4)))

@@ -46,14 +46,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from data_pipelines.atomic import atomic_path
 from imask_jax.metrics.overlap import (KNEE_LABELS, as_label_map, as_labels, as_mask,
                                        as_spacing)
 
@@ -229,42 +227,6 @@ def bland_altman(a: Any, b: Any) -> BlandAltman:
                      means=(a + b) / 2, differences=differences)
 
 
-def plot_bland_altman(stats: BlandAltman, path: str | os.PathLike, *, name_a: str = 'A',
-                      name_b: str = 'B', unit: str = 'mL', title: str | None = None) -> str:
-  """Writes the Bland-Altman plot of `stats` to the PNG `path` (atomically); returns the path.
-
-  x: mean of the two measurements, y: difference a - b, with the bias and the limits of
-  agreement as labelled horizontal lines.
-  """
-  # The Figure/Agg canvas pair needs no pyplot state or display, so it is safe in workers.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  path = os.fspath(path)
-  if not path.lower().endswith('.png'):
-    raise ValueError(f'plot_bland_altman: path {path!r} must end in .png.')
-  figure = Figure(figsize=(5.0, 4.0), dpi=150)
-  FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  axes.scatter(stats.means, stats.differences, s=18, color='tab:blue', alpha=0.8)
-  lines = [(stats.bias, f'bias {stats.bias:+.2f}', '-'),
-           (stats.loa_upper, f'bias + 1.96 SD {stats.loa_upper:+.2f}', '--'),
-           (stats.loa_lower, f'bias - 1.96 SD {stats.loa_lower:+.2f}', '--')]
-  for value, label, style in lines:
-    axes.axhline(value, color='tab:red', linestyle=style, linewidth=1)
-    axes.annotate(label, xy=(1.0, value), xycoords=('axes fraction', 'data'),
-                  xytext=(-4, 3), textcoords='offset points', ha='right', fontsize=8,
-                  color='tab:red')
-  axes.axhline(0.0, color='grey', linestyle=':', linewidth=0.8)
-  axes.set_xlabel(f'mean of {name_a} and {name_b} ({unit})')
-  axes.set_ylabel(f'{name_a} - {name_b} ({unit})')
-  axes.set_title(title or f'Bland-Altman: {name_a} vs {name_b} (n={stats.means.size})')
-  figure.tight_layout()
-  with atomic_path(path) as tmp:
-    figure.savefig(tmp, format='png')
-  return path
-
-
 # ----------------------------------------------------------------------------- tables
 
 
@@ -437,3 +399,26 @@ def hip_volume_table(scans: Sequence[ScanVolumes], baseline: str | None = None
       overall={r: MeanSD.of(hip_ml[:, k]) for k, r in enumerate(raters)},
       scan_total={r: MeanSD.of(right[:, k] + left[:, k]) for k, r in enumerate(raters)},
       pairs=pairs)
+
+
+def effusion_ml_by_side(label_map: np.ndarray, spacing: Sequence[float],
+                        effusion_value: int) -> dict[str, float]:
+  """Effusion volume (mL) on the patient's right and left and in total, from a canonical RAS+
+  label map [X, Y, Z] (X toward the patient's right) with spacing in mm.
+
+  The sides are split at the plane through the centre of the volume along X (a bilateral hip
+  scan is centred on the midline); a voxel column lying exactly on that plane (odd X) counts
+  half to each side, so right + left = total exactly.
+  """
+  label_map = np.asarray(label_map)
+  if label_map.ndim != 3:
+    raise ValueError(f'effusion_ml_by_side: label_map has shape {label_map.shape}; expected a '
+                     'canonical [X, Y, Z] volume')
+  voxel_ml = float(np.prod(np.asarray(spacing, float))) / 1000.0
+  per_column = np.count_nonzero(label_map == effusion_value, axis=(1, 2)).astype(float)
+  centre = (label_map.shape[0] - 1) / 2.0
+  x = np.arange(label_map.shape[0])
+  weight_right = np.where(x > centre, 1.0, np.where(x == centre, 0.5, 0.0))
+  right = float(np.sum(per_column * weight_right)) * voxel_ml
+  total = float(np.sum(per_column)) * voxel_ml
+  return {'right_ml': right, 'left_ml': total - right, 'total_ml': total}

@@ -7,8 +7,9 @@ its mask head (the paper's Figure 2b) and therefore receives the pyramid and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -201,3 +202,37 @@ class IMaskHead(nn.Module):
       x = nn.relu(self._conv(self.fine_dim, 3, f'fuse{i + 1}')(x))
     logits = self._conv(self.num_classes, 1, 'logits')(x)
     return logits.astype(jnp.float32)
+
+
+# --- choosing a mask head by name ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IMaskSpec:
+  """The iMask head's switches (config `model.imask`), named as `IMaskHead`'s fields."""
+  decoder: bool = True
+  skip: bool = True
+  skip_size: int = 56
+  skip_level: str = 'P2'
+  fine_dim: int = 32
+  fuse_convs: int = 1
+
+
+# config `model.mask_head` -> constructor(num_classes, dim, imask spec, dtype, **module kwargs).
+# The model, the config checks and the sweeps all read this one table: a new head is one entry.
+MaskHeadFactory = Callable[..., nn.Module]
+MASK_HEADS: dict[str, MaskHeadFactory] = {
+    'standard': lambda num_classes, dim, imask, dtype, **kw: StandardMaskHead(
+        num_classes=num_classes, dim=dim, dtype=dtype, **kw),
+    'imask': lambda num_classes, dim, imask, dtype, **kw: IMaskHead(
+        num_classes=num_classes, dim=dim, dtype=dtype, **dataclasses.asdict(imask), **kw),
+}
+
+
+def build_mask_head(name: str, *, num_classes: int, dim: int, imask: IMaskSpec,
+                    dtype: Dtype = jnp.float32, **module_kwargs: Any) -> nn.Module:
+  """The mask head called `name` in MASK_HEADS; its `output_size` is the side of the masks it
+  predicts. module_kwargs go to the Flax module (e.g. parent=None for a free-standing one)."""
+  if name not in MASK_HEADS:
+    raise ValueError(f'model.mask_head={name!r}; expected one of {sorted(MASK_HEADS)}')
+  return MASK_HEADS[name](num_classes, dim, imask, dtype, **module_kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -47,7 +48,7 @@ class ModelSpec:
   input_channels: int = 1
   backbone: str = 'resnet50'
   norm: str = 'group'
-  width: int | None = None
+  width: int = 64                 # backbone base width (64 = the published networks)
   fpn_dim: int = 256
   dtype: str = 'float32'
   axis_name: str | None = None
@@ -71,12 +72,7 @@ class ModelSpec:
   box_head_dim: int = 1024
   mask_head: str = 'imask'
   mask_head_dim: int = 256
-  imask_decoder: bool = True
-  imask_skip: bool = True
-  imask_skip_size: int = 56
-  imask_skip_level: str = 'P2'
-  imask_fine_dim: int = 32
-  imask_fuse_convs: int = 1
+  imask: heads.IMaskSpec = heads.IMaskSpec()
   boundary_loss_weight: float = 0.0
   mask_dice_weight: float = 0.0
   test_score_threshold: float = 0.05
@@ -86,41 +82,13 @@ class ModelSpec:
 
   @classmethod
   def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
-    """Builds the spec from a full experiment config (`config.model` and `config.data`)."""
-    m, d = config.model, config.data
-    return cls(
-        image_size=tuple(int(v) for v in d.image_size),
-        num_classes=int(m.num_classes),
-        input_channels=2 * int(d.context_slices) + 1,
-        backbone=m.backbone, norm=m.norm, width=None if m.width == 64 else int(m.width),
-        fpn_dim=int(m.fpn_dim), dtype=m.dtype, axis_name=axis_name,
-        anchor_sizes=tuple(float(v) for v in m.anchor_sizes),
-        anchor_ratios=tuple(float(v) for v in m.anchor_ratios),
-        rpn_pre_nms_topk_train=int(m.rpn_pre_nms_topk_train),
-        rpn_post_nms_topk_train=int(m.rpn_post_nms_topk_train),
-        rpn_pre_nms_topk_test=int(m.rpn_pre_nms_topk_test),
-        rpn_post_nms_topk_test=int(m.rpn_post_nms_topk_test),
-        rpn_nms_threshold=float(m.rpn_nms_threshold),
-        rpn_batch_size=int(m.rpn_batch_size),
-        rpn_positive_fraction=float(m.rpn_positive_fraction),
-        roi_batch_size=int(m.roi_batch_size),
-        roi_positive_fraction=float(m.roi_positive_fraction),
-        roi_iou_threshold=float(m.roi_iou_threshold),
-        roi_level_k0=int(m.roi_level_k0), roi_level_canonical=float(m.roi_level_canonical),
-        roi_sampling_ratio=int(m.roi_sampling_ratio),
-        box_head=m.box_head, box_head_dim=int(m.box_head_dim),
-        mask_head=m.mask_head, mask_head_dim=int(m.mask_head_dim),
-        imask_decoder=bool(m.imask.decoder), imask_skip=bool(m.imask.skip),
-        imask_skip_size=int(m.imask.skip_size), imask_skip_level=str(m.imask.skip_level),
-        imask_fine_dim=int(m.imask.fine_dim), imask_fuse_convs=int(m.imask.fuse_convs),
-        mask_rois_per_image=int(m.mask_rois_per_image),
-        boundary_loss_weight=float(m.boundary_loss_weight),
-        mask_dice_weight=float(m.mask_dice_weight),
-        test_score_threshold=float(m.test_score_threshold),
-        test_nms_threshold=float(m.test_nms_threshold),
-        max_detections=int(m.max_detections),
-        label_score_threshold=float(m.label_score_threshold),
-    )
+    """The spec of a full experiment config: every field is read by its own name from
+    `config.model` (`imask` from the `model.imask` group), converted to the field's type;
+    the input shape comes from `config.data`."""
+    d = config.data
+    fixed = dict(image_size=tuple(int(v) for v in d.image_size),
+                 input_channels=2 * int(d.context_slices) + 1, axis_name=axis_name)
+    return cls(**fixed, **_fields_from(cls, config.model, 'model', exclude=fixed))
 
   @property
   def compute_dtype(self) -> Any:
@@ -131,9 +99,13 @@ class ModelSpec:
   @property
   def mask_size(self) -> int:
     """Resolution of the mask head's output (and of its targets)."""
-    if self.mask_head == 'standard':
-      return 28
-    return self.imask_skip_size if self.imask_skip else 56
+    # A free-standing (parentless) head: the spec may be asked inside the model's methods.
+    return self.build_mask_head(parent=None).output_size
+
+  def build_mask_head(self, **module_kwargs: Any) -> nn.Module:
+    return heads.build_mask_head(self.mask_head, num_classes=self.num_classes,
+                                 dim=self.mask_head_dim, imask=self.imask,
+                                 dtype=self.compute_dtype, **module_kwargs)
 
   @property
   def num_mask_rois(self) -> int:
@@ -143,6 +115,32 @@ class ModelSpec:
     MRI has a handful of objects, so a random subset of 32 positives loses little."""
     positives = sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
     return min(positives, self.mask_rois_per_image)
+
+
+def _fields_from(cls: type, section: Any, where: str, exclude: Any = ()) -> dict[str, Any]:
+  """The fields of dataclass `cls`, each read from `section[name]` (a config group) and converted
+  to the field's annotated type: a nested dataclass from a nested group, a tuple element by
+  element. `where` names the group in errors."""
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for field in dataclasses.fields(cls):
+    if field.name in exclude:
+      continue
+    if field.name not in section:
+      raise ValueError(f'config {where}.{field.name} is missing')
+    out[field.name] = _as_type(hints[field.name], section[field.name], f'{where}.{field.name}')
+  return out
+
+
+def _as_type(hint: Any, value: Any, where: str) -> Any:
+  if dataclasses.is_dataclass(hint):
+    return hint(**_fields_from(hint, value, where))
+  if typing.get_origin(hint) is tuple:
+    element = typing.get_args(hint)[0]
+    return tuple(element(v) for v in value)
+  if hint is bool and not isinstance(value, (bool, int)):
+    raise ValueError(f'config {where}={value!r}; expected True or False')
+  return hint(value)
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,38 +171,32 @@ class MaskRCNN(nn.Module):
   def setup(self):
     s = self.spec
     dtype = s.compute_dtype
-    if s.mask_head not in ('standard', 'imask'):
-      raise ValueError(f"model.mask_head must be 'standard' or 'imask', got {s.mask_head!r}")
     self.backbone = build_backbone(s.backbone, norm=s.norm, fpn_dim=s.fpn_dim, width=s.width,
                                    dtype=dtype, axis_name=s.axis_name)
     self.rpn_head = heads.RPNHead(num_anchors=len(s.anchor_ratios), levels=RPN_LEVELS,
                                   dtype=dtype)
     self.box_head = heads.BoxHead(num_classes=s.num_classes, kind=s.box_head,
                                   dim=s.box_head_dim, dtype=dtype)
-    if s.mask_head == 'standard':
-      self.mask_head = heads.StandardMaskHead(num_classes=s.num_classes, dim=s.mask_head_dim,
-                                              dtype=dtype)
-    else:
-      self.mask_head = heads.IMaskHead(
-          num_classes=s.num_classes, dim=s.mask_head_dim, decoder=s.imask_decoder,
-          skip=s.imask_skip, skip_size=s.imask_skip_size, skip_level=s.imask_skip_level,
-          fine_dim=s.imask_fine_dim, fuse_convs=s.imask_fuse_convs, dtype=dtype)
+    self.mask_head = s.build_mask_head()
 
-  # --- shared pieces -------------------------------------------------------------------------
+  # --- the stages, in the order a training step runs them --------------------------------------
+  # Each is public so that benchmarks and tests time and check the same code the step runs.
 
   @property
   def anchors(self) -> anchor_ops.MultilevelAnchors:
     s = self.spec
     return _anchors(s.image_size, s.anchor_sizes, s.anchor_ratios)
 
-  def _pyramid(self, images: Array, train: bool) -> dict[str, Array]:
+  def pyramid(self, images: Array, train: bool) -> dict[str, Array]:
+    """Backbone + FPN: images `[B, H, W, C]` -> {'P2'..'P6': `[B, h, w, fpn_dim]`}."""
     s = self.spec
     if images.ndim != 4 or tuple(images.shape[1:3]) != s.image_size:
       raise ValueError(f'MaskRCNN: images must be [B, {s.image_size[0]}, {s.image_size[1]}, C],'
                        f' got {tuple(images.shape)}')
     return self.backbone(images.astype(s.compute_dtype), train=train)
 
-  def _rpn(self, pyramid: dict[str, Array]) -> tuple[Array, Array]:
+  def rpn(self, pyramid: dict[str, Array]) -> tuple[Array, Array]:
+    """RPN head: objectness logits `[B, A]` and box deltas `[B, A, 4]` over all anchors."""
     logits, deltas = self.rpn_head(pyramid)
     if logits.shape[1] != self.anchors.boxes.shape[0]:
       raise ValueError(f'MaskRCNN: the RPN made {logits.shape[1]} anchor outputs but the '
@@ -212,7 +204,44 @@ class MaskRCNN(nn.Module):
                        'differ from ceil(image / stride)')
     return logits, deltas
 
-  def _roi_features(self, pyramid: dict[str, Array], rois: Array, size: int) -> Array:
+  def rpn_losses(self, logits: Array, deltas: Array, gt_boxes: Array, gt_valid: Array,
+                 keys: Array) -> tuple[Array, Array]:
+    """(objectness BCE, box L1) of the RPN on `rpn_batch_size` sampled anchors per image;
+    keys: [B] PRNG keys for the anchor sampling."""
+    s = self.spec
+    rpn_t = jax.vmap(functools.partial(
+        sampling.rpn_targets, jnp.asarray(self.anchors.boxes),
+        num_samples=s.rpn_batch_size, positive_fraction=s.rpn_positive_fraction))(
+            gt_boxes, gt_valid, keys)
+    rpn_cls = losses.rpn_objectness_loss(logits, rpn_t.objectness, rpn_t.weight)
+    rpn_box = losses.weighted_l1(deltas, rpn_t.box_targets, rpn_t.box_weight,
+                                 normaliser=rpn_t.weight)
+    return rpn_cls, rpn_box
+
+  def proposals(self, logits: Array, deltas: Array, train: bool) -> tuple[Array, Array]:
+    """Proposal boxes `[B, post_nms_topk, 4]` and their validity `[B, post_nms_topk]`
+    (`propose` per image; no gradient flows into the RPN through them)."""
+    s = self.spec
+    pre = s.rpn_pre_nms_topk_train if train else s.rpn_pre_nms_topk_test
+    post = s.rpn_post_nms_topk_train if train else s.rpn_post_nms_topk_test
+    fn = functools.partial(propose, anchors=self.anchors, image_size=s.image_size,
+                           pre_nms_topk=pre, post_nms_topk=post,
+                           nms_threshold=s.rpn_nms_threshold)
+    boxes, valid = jax.vmap(fn)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
+    return boxes, valid
+
+  def sample_rois(self, proposals: Array, proposal_valid: Array, gt_boxes: Array,
+                  gt_classes: Array, gt_valid: Array, keys: Array) -> sampling.RoiTargets:
+    """`roi_batch_size` ROIs per image with their class, box and mask targets, positives
+    first (in random order); keys: [B] PRNG keys."""
+    s = self.spec
+    return jax.vmap(functools.partial(
+        sampling.roi_targets, num_samples=s.roi_batch_size,
+        positive_fraction=s.roi_positive_fraction, high=s.roi_iou_threshold,
+        low=s.roi_iou_threshold))(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                                  keys)
+
+  def roi_features(self, pyramid: dict[str, Array], rois: Array, size: int) -> Array:
     """ROIAlign of `[B, N, 4]` rois from P2-P5 -> `[B * N, size, size, C]`."""
     b, n = rois.shape[:2]
     s = self.spec
@@ -222,23 +251,54 @@ class MaskRCNN(nn.Module):
         canonical_size=s.roi_level_canonical,
         batch_index=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
 
-  def _mask_logits(self, pyramid: dict[str, Array], rois: Array) -> Array:
-    """Mask logits for `[B, N, 4]` rois -> `[B, N, m, m, K]`."""
+  def box_losses(self, box_features: Array, roi_t: sampling.RoiTargets) -> tuple[Array, Array]:
+    """(classification cross-entropy, box L1 of the positives) of the box head on the 7x7
+    features `[B * S, 7, 7, C]` of the sampled ROIs."""
+    s = self.spec
+    b = roi_t.rois.shape[0]
+    cls_logits, box_deltas = self.box_head(box_features)
+    cls_logits = cls_logits.reshape(b, s.roi_batch_size, -1)
+    box_deltas = box_deltas.reshape(b, s.roi_batch_size, s.num_classes, 4)
+    box_cls = losses.softmax_cross_entropy(cls_logits, roi_t.classes, roi_t.valid)
+    own = losses.take_class(box_deltas, roi_t.classes)                  # [B, S, 4]
+    box_reg = losses.weighted_l1(own, roi_t.box_targets, roi_t.is_positive.astype(jnp.float32),
+                                 normaliser=roi_t.valid.astype(jnp.float32))
+    return box_cls, box_reg
+
+  def mask_logits(self, pyramid: dict[str, Array], rois: Array,
+                  features: Array | None = None) -> Array:
+    """Mask logits for `[B, N, 4]` rois -> `[B, N, m, m, K]`; `features`: their 14x14
+    ROIAlign (`roi_features(pyramid, rois, 14)`), computed here when not given."""
     b, n = rois.shape[:2]
-    feats = self._roi_features(pyramid, rois, 14)
-    logits = self.mask_head(feats, pyramid, rois.reshape(b * n, 4),
+    if features is None:
+      features = self.roi_features(pyramid, rois, 14)
+    logits = self.mask_head(features, pyramid, rois.reshape(b * n, 4),
                             jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
     return logits.reshape((b, n) + logits.shape[1:])
 
-  def _proposals(self, logits: Array, deltas: Array, train: bool) -> tuple[Array, Array]:
+  def mask_targets(self, gt_masks: Array, roi_t: sampling.RoiTargets) -> Array:
+    """The m x m targets `[B, P, m, m]` of the P = `num_mask_rois` first (positive) ROIs."""
     s = self.spec
-    pre = s.rpn_pre_nms_topk_train if train else s.rpn_pre_nms_topk_test
-    post = s.rpn_post_nms_topk_train if train else s.rpn_post_nms_topk_test
-    fn = functools.partial(propose, anchors=self.anchors, image_size=s.image_size,
-                           pre_nms_topk=pre, post_nms_topk=post,
-                           nms_threshold=s.rpn_nms_threshold)
-    boxes, valid = jax.vmap(fn)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
-    return boxes, valid
+    p = s.num_mask_rois
+    return jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size,
+                                      sampling_ratio=2))(
+        gt_masks, roi_t.gt_index[:, :p], roi_t.rois[:, :p])
+
+  def mask_losses(self, pyramid: dict[str, Array], roi_t: sampling.RoiTargets,
+                  targets: Array, features: Array | None = None) -> dict[str, Array]:
+    """{'mask': BCE[, 'mask_dice': weighted soft Dice]} of the mask head on the first
+    `num_mask_rois` sampled ROIs (positives come first, in random order); targets from
+    `mask_targets`, features their 14x14 ROIAlign (optional)."""
+    s = self.spec
+    p = s.num_mask_rois
+    mask_pos = roi_t.is_positive[:, :p]
+    logits = losses.take_class(self.mask_logits(pyramid, roi_t.rois[:, :p], features),
+                               roi_t.classes[:, :p])                    # [B, P, m, m]
+    terms = {'mask': losses.mask_bce(logits, targets, mask_pos,
+                                     boundary_weight=s.boundary_loss_weight)}
+    if s.mask_dice_weight > 0:
+      terms['mask_dice'] = s.mask_dice_weight * losses.mask_dice(logits, targets, mask_pos)
+    return terms
 
   # --- training ------------------------------------------------------------------------------
 
@@ -255,68 +315,35 @@ class MaskRCNN(nn.Module):
     Returns:
       (total loss, {term: value}) in float32, each term averaged over valid entries.
     """
-    s = self.spec
-    b = images.shape[0]
     gt_boxes = targets['gt_boxes'].astype(jnp.float32)
     gt_valid = targets['gt_valid'].astype(bool)
     gt_classes = targets['gt_classes'].astype(jnp.int32)
     split = jax.vmap(jax.random.split)(keys)
     rpn_keys, roi_keys = split[:, 0], split[:, 1]
 
-    pyramid = self._pyramid(images, train)
-    rpn_logits, rpn_deltas = self._rpn(pyramid)
-    rpn_t = jax.vmap(functools.partial(
-        sampling.rpn_targets, jnp.asarray(self.anchors.boxes),
-        num_samples=s.rpn_batch_size, positive_fraction=s.rpn_positive_fraction))(
-            gt_boxes, gt_valid, rpn_keys)
-    rpn_cls = losses.rpn_objectness_loss(rpn_logits, rpn_t.objectness, rpn_t.weight)
-    rpn_box = losses.weighted_l1(rpn_deltas, rpn_t.box_targets, rpn_t.box_weight,
-                                 normaliser=rpn_t.weight)
-
-    proposals, proposal_valid = self._proposals(rpn_logits, rpn_deltas, train=True)
-    roi_t = jax.vmap(functools.partial(
-        sampling.roi_targets, num_samples=s.roi_batch_size,
-        positive_fraction=s.roi_positive_fraction, high=s.roi_iou_threshold,
-        low=s.roi_iou_threshold))(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                                  roi_keys)
-    box_feats = self._roi_features(pyramid, roi_t.rois, 7)
-    cls_logits, box_deltas = self.box_head(box_feats)
-    cls_logits = cls_logits.reshape(b, s.roi_batch_size, -1)
-    box_deltas = box_deltas.reshape(b, s.roi_batch_size, s.num_classes, 4)
-    box_cls = losses.softmax_cross_entropy(cls_logits, roi_t.classes, roi_t.valid)
-    own = losses.take_class(box_deltas, roi_t.classes)                  # [B, S, 4]
-    box_reg = losses.weighted_l1(own, roi_t.box_targets, roi_t.is_positive.astype(jnp.float32),
-                                 normaliser=roi_t.valid.astype(jnp.float32))
-
-    # Positives come first in the sample (in random order): the first P slots hold positives.
-    p = s.num_mask_rois
-    mask_rois = roi_t.rois[:, :p]
-    mask_pos = roi_t.is_positive[:, :p]
-    mask_logits = losses.take_class(self._mask_logits(pyramid, mask_rois),
-                                    roi_t.classes[:, :p])                # [B, P, m, m]
-    mask_targets = jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size,
-                                               sampling_ratio=2))(
-        targets['gt_masks'], roi_t.gt_index[:, :p], mask_rois)
-    mask_loss = losses.mask_bce(mask_logits, mask_targets, mask_pos,
-                                boundary_weight=s.boundary_loss_weight)
+    pyramid = self.pyramid(images, train)
+    rpn_logits, rpn_deltas = self.rpn(pyramid)
+    rpn_cls, rpn_box = self.rpn_losses(rpn_logits, rpn_deltas, gt_boxes, gt_valid, rpn_keys)
+    proposals, proposal_valid = self.proposals(rpn_logits, rpn_deltas, train=True)
+    roi_t = self.sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                             roi_keys)
+    box_cls, box_reg = self.box_losses(self.roi_features(pyramid, roi_t.rois, 7), roi_t)
+    mask_terms = self.mask_losses(pyramid, roi_t, self.mask_targets(targets['gt_masks'], roi_t))
 
     terms = {'rpn_cls': rpn_cls, 'rpn_box': rpn_box, 'box_cls': box_cls, 'box_reg': box_reg,
-             'mask': mask_loss}
-    if s.mask_dice_weight > 0:
-      terms['mask_dice'] = s.mask_dice_weight * losses.mask_dice(mask_logits, mask_targets,
-                                                                 mask_pos)
+             **mask_terms}
     total = sum(terms.values())
     terms['num_positive_rois'] = jnp.mean(jnp.sum(roi_t.is_positive, axis=1).astype(jnp.float32))
     return total, terms
 
   def touch_all(self, images: Array) -> Array:
     """Runs every head once on one whole-image ROI: cheap to compile, so used for `init`."""
-    pyramid = self._pyramid(images, train=False)
-    logits, deltas = self._rpn(pyramid)
+    pyramid = self.pyramid(images, train=False)
+    logits, deltas = self.rpn(pyramid)
     h, w = self.spec.image_size
     rois = jnp.broadcast_to(jnp.array([0.0, 0.0, h, w], jnp.float32), (images.shape[0], 1, 4))
-    cls_logits, box_deltas = self.box_head(self._roi_features(pyramid, rois, 7))
-    masks = self._mask_logits(pyramid, rois)
+    cls_logits, box_deltas = self.box_head(self.roi_features(pyramid, rois, 7))
+    masks = self.mask_logits(pyramid, rois)
     return sum(jnp.sum(x) for x in (logits, deltas, cls_logits, box_deltas, masks))
 
   # --- inference -----------------------------------------------------------------------------
@@ -325,10 +352,10 @@ class MaskRCNN(nn.Module):
     """Detections for a batch of images `[B, H, W, C]` (inference mode)."""
     s = self.spec
     b = images.shape[0]
-    pyramid = self._pyramid(images, train=False)
-    rpn_logits, rpn_deltas = self._rpn(pyramid)
-    proposals, proposal_valid = self._proposals(rpn_logits, rpn_deltas, train=False)
-    cls_logits, box_deltas = self.box_head(self._roi_features(pyramid, proposals, 7))
+    pyramid = self.pyramid(images, train=False)
+    rpn_logits, rpn_deltas = self.rpn(pyramid)
+    proposals, proposal_valid = self.proposals(rpn_logits, rpn_deltas, train=False)
+    cls_logits, box_deltas = self.box_head(self.roi_features(pyramid, proposals, 7))
     n = proposals.shape[1]
     probs = jax.nn.softmax(cls_logits, axis=-1).reshape(b, n, s.num_classes + 1)[..., 1:]
     boxes = box_ops.decode(box_deltas.reshape(b, n, s.num_classes, 4), proposals[:, :, None, :])
@@ -338,8 +365,8 @@ class MaskRCNN(nn.Module):
                                nms_threshold=s.test_nms_threshold)
     det_boxes, det_scores, det_classes, det_valid = jax.vmap(select)(boxes, probs,
                                                                      proposal_valid)
-    mask_logits = losses.take_class(self._mask_logits(pyramid, det_boxes), det_classes)
-    mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    logits = losses.take_class(self.mask_logits(pyramid, det_boxes), det_classes)
+    mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
     return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs)
 
 

@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from imask_jax.metrics.volume import (ScanVolumes, baseline_scans, bland_altman,
-                                      coefficient_of_variation, hip_volume_table,
-                                      intraclass_correlation, natural_key, paired_difference,
-                                      pairwise_agreement, plot_bland_altman, volume_ml,
-                                      volumes_ml_per_label)
+from imask_jax.metrics.volume import (
+  ScanVolumes,
+  baseline_scans,
+  bland_altman,
+  coefficient_of_variation,
+  hip_volume_table,
+  intraclass_correlation,
+  natural_key,
+  paired_difference,
+  pairwise_agreement,
+  volume_ml,
+  volumes_ml_per_label,
+)
+from imask_jax.viz import save_bland_altman_figure
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; published ICC(2,1) = .29,
 # ICC(3,1) = .71, and mean squares BMS = 11.24, JMS = 32.49, EMS = 1.02.
@@ -133,12 +142,12 @@ def test_paired_difference_and_bland_altman_match_plain_formulas(tmp_path):
                                                               mean + 1.96 * sd))
   np.testing.assert_allclose(stats.means, (a + b) / 2)
 
-  path = plot_bland_altman(stats, tmp_path / 'ba.png', name_a='reader 1', name_b='model')
+  path = save_bland_altman_figure(stats, tmp_path / 'ba.png', name_a='reader 1', name_b='model')
   picture = mpimg.imread(path)
   assert picture.ndim == 3 and picture.shape[0] > 300 and picture.shape[1] > 400
   assert [p.name for p in tmp_path.iterdir()] == ['ba.png']  # no temporary file left over
   with pytest.raises(ValueError, match='must end in .png'):
-    plot_bland_altman(stats, tmp_path / 'ba.pdf')
+    save_bland_altman_figure(stats, tmp_path / 'ba.pdf')
 
 
 def test_pairwise_agreement_covers_every_pair():

@@ -27,7 +27,7 @@ from imask_jax.ops import masks as mask_ops
 NUM_CLASSES = 4
 MAX_INSTANCES = 6
 TINY = dict(num_classes=NUM_CLASSES, backbone='resnet18', width=16, fpn_dim=32, box_head_dim=128,
-            mask_head_dim=32, imask_fine_dim=16, rpn_pre_nms_topk_train=300,
+            mask_head_dim=32, imask=heads.IMaskSpec(fine_dim=16), rpn_pre_nms_topk_train=300,
             rpn_post_nms_topk_train=64, rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=32,
             roi_batch_size=32, max_detections=8)
 
@@ -87,7 +87,7 @@ def test_rpn_head_outputs_line_up_with_the_anchor_grid():
 
   def rpn_outputs(key, images):
     variables = model.init(key, images, method=MaskRCNN.touch_all)
-    return model.apply(variables, images, False, method=lambda m, x, t: m._rpn(m._pyramid(x, t)))
+    return model.apply(variables, images, False, method=lambda m, x, t: m.rpn(m.pyramid(x, t)))
 
   logits, deltas = jax.eval_shape(rpn_outputs, jax.random.PRNGKey(0), images)
   expected = sum(-(-70 // s) * -(-45 // s) for s in (4, 8, 16, 32, 64)) * len(spec.anchor_ratios)
@@ -226,8 +226,11 @@ def trained(request):
   tx = optax.adam(optax.warmup_cosine_decay_schedule(1e-4, 2e-3, 30, STEPS, 1e-5))
   data = {k: jnp.asarray(v) for k, v in batch.items()}
 
+  traces = []
+
   @jax.jit
   def step(params, opt_state, i):
+    traces.append(i)  # Python runs here only while JAX traces: one entry per compilation
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), i), 2)
     loss_fn = lambda p: model.apply({'params': p}, data['image'], data, keys, True,
                                     method=MaskRCNN.losses)
@@ -244,21 +247,24 @@ def trained(request):
     if i == 2:  # after two updates, zero-initialised residual scales have moved
       grad_norms_step2 = jax.device_get(grad_norms)
   return dict(model=model, params=params, batch=batch, losses=losses,
-              grad_norms=grad_norms_step2, compiles=step._cache_size())
+              grad_norms=grad_norms_step2, compiles=len(traces))
 
 
+@pytest.mark.e2e  # trains the tiny model for many steps
 def test_training_compiles_once_and_losses_are_finite(trained):
   assert trained['compiles'] == 1
   assert np.all(np.isfinite(trained['losses']))
   assert np.mean(trained['losses'][-20:]) < 0.25 * np.mean(trained['losses'][:5])
 
 
+@pytest.mark.e2e  # trains the tiny model for many steps
 def test_gradient_reaches_every_parameter(trained):
   flat = jax.tree_util.tree_leaves_with_path(trained['grad_norms'])
   unreached = [jax.tree_util.keystr(path) for path, norm in flat if not float(norm) > 0]
   assert not unreached, unreached
 
 
+@pytest.mark.e2e  # trains the tiny model for many steps
 def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
   model, params, batch = trained['model'], trained['params'], trained['batch']
   det = jax.jit(lambda p, x: model.apply({'params': p}, x, method=MaskRCNN.detect))(

@@ -1,0 +1,244 @@
+"""A run's folder: its resolved config, its dataset location and its checkpoints.
+
+Layout of a workdir (written by the trainer, read by evaluation, prediction and sweeps):
+
+  config.json       the resolved config (train.steps made concrete; `load_config` reads it
+                    back with tuples intact, new fields taking their defaults)
+  checkpoints/      orbax CheckpointManager: the latest `train.keep_checkpoints` steps and the
+                    best by `train.best_metric` (validation Dice); `manager.best_step()` names it
+  metrics.jsonl     one JSON object per logged step and per validation (run_log.py)
+  tensorboard/      losses, learning rate, step time, slices/s, validation Dice and overlays
+
+This module knows the folder and nothing of the training loop, so everything that loads a
+trained model goes through it rather than through the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
+
+from data_pipelines import tissues
+from data_pipelines.atomic import atomic_path
+from data_pipelines.datasets import params as dataset_params
+from imask_jax import configs, parallel
+
+DOCS_DATA = 'docs/data.md'
+
+
+class DataMissingError(FileNotFoundError):
+  """An experiment's raw data folder is missing; the message says where and what to do."""
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples configs use (recursively; dicts stay dicts)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config to workdir/config.json (process 0; atomic). A resumed run
+  with different settings overwrites it and says which fields changed."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    changed = changed_fields(load_config(workdir).to_dict(), config.to_dict())
+    if changed:
+      logging.warning('%s: this run changes %s', path, '; '.join(changed))
+  with atomic_path(path) as tmp:
+    with open(tmp, 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
+  """'path: old -> new' for every field of two config dicts that differs (tuples = lists)."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += changed_fields(a, b, f'{prefix}{key}.')
+    elif _tuples(a) != _tuples(b):
+      out.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return out
+
+
+# Settings a checkpoint's arrays depend on: a run may resume only if these are unchanged.
+STATE_SHAPING_FIELDS = ('model', 'data.image_size', 'data.context_slices', 'train.optimizer',
+                        'train.grad_clip_norm', 'train.weight_decay')
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints were made with another model or optimiser
+  (restoring them would fail deep inside orbax, or silently misfit)."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')) or not os.path.exists(
+      os.path.join(workdir, 'config.json')):
+    return
+  old, new = load_config(workdir).to_dict(), config.to_dict()
+
+  def get(tree, path):
+    for part in path.split('.'):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+  changed = []
+  for path in STATE_SHAPING_FIELDS:
+    a, b = get(old, path), get(new, path)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += changed_fields(a, b, path + '.')
+    elif _tuples(a) != _tuples(b):
+      changed.append(f'{path}: {a!r} -> {b!r}')
+  if changed:
+    raise ValueError(f'{workdir}: its checkpoints were trained with other settings '
+                     f'({"; ".join(changed)}); resume with the settings of '
+                     f'{os.path.join(workdir, "config.json")} or start a new workdir')
+
+
+def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  """`saved` with every field it lacks taken from `defaults` (nested dicts merged)."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    base = defaults.get(key)
+    out[key] = _merged(base, value) if isinstance(value, dict) and isinstance(base, dict) \
+        else value
+  return out
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote into `workdir`, equal to the one it ran with (JSON
+  lists are turned back into tuples). Fields added to `configs.default_config()` after the
+  run was made take their defaults, so older workdirs still evaluate and resume."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no config.json in the workdir; is {workdir!r} a '
+                            'training workdir (made by python -m imask_jax.main)?')
+  with open(path) as f:
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_tuples(_merged(configs.default_config().to_dict(), saved)))
+# --- data ----------------------------------------------------------------------------------------
+
+def data_dir_for(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where TFDS datasets live: data.data_dir, else $IMASK_DATA_DIR, else beside the workdir
+  (so the runs of a sweep share one prepared dataset)."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  return os.environ.get('IMASK_DATA_DIR') or os.path.join(
+      os.path.dirname(os.path.abspath(workdir.rstrip('/'))), 'tfds')
+
+
+# What a raw folder must hold before a build is worth starting (the builders check the rest).
+RAW_LAYOUT = {
+    'oai_zib': ('images', 'segmentation_masks'),
+    'nifti_folder': ('dataset.json', 'imagesTr'),
+}
+
+
+def check_raw_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Raises DataMissingError when a manual dataset (oai_zib, nifti_folder) is neither built in
+  `data_dir` nor present in its raw folder; cheap (a few stat calls), so runs first."""
+  params = dataset_params.params_from_config(config, data_dir)
+  if params.is_phantom:
+    return
+  from data_pipelines.datasets import builders  # imports TensorFlow; not needed for phantoms
+  builder = builders.builder_for(config, data_dir)
+  if builder.is_prepared():
+    return
+  missing = [name for name in RAW_LAYOUT[params.dataset]
+             if not os.path.exists(os.path.join(params.source_dir, name))]
+  if not missing:
+    return
+  where = (f'config data.manual_dir={config.data.manual_dir!r}' if config.data.manual_dir else
+           'where an empty config data.manual_dir points: <data_dir>/downloads/manual')
+  phantom = ('phantom_hip' if tissues.EFFUSION in tuple(config.data.class_names) else
+             'phantom_knee')
+  layout = textwrap.dedent(builders.BUILDERS[params.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
+  raise DataMissingError(
+      f'{params.source_dir}: no {params.dataset} data (missing {", ".join(missing)}); this is '
+      f'{where}. Put the data there or name its folder with --config.data.manual_dir=PATH.\n'
+      f'{layout.rstrip()}\n'
+      f'How to obtain and prepare the data: {DOCS_DATA}.\n'
+      f'To try the pipeline without any data, train on generated phantoms:\n'
+      f'  python -m imask_jax.main --config experiments/{phantom}.py --workdir runs/{phantom}\n'
+      f'  (or experiments/{phantom}.py:smoke for a one-minute check)')
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, data_dir: str):
+  """Builds the stored dataset if needed and returns its TFDS builder. Process 0 builds first
+  and the others wait for it, so processes sharing a disk never build the same files at once
+  (on separate disks each builds its own copy after the barrier)."""
+  from data_pipelines.datasets import builders
+  builder = builders.prepare(config, data_dir) if jax.process_index() == 0 else None
+  parallel.sync_processes('imask_jax: dataset prepared by process 0')
+  if builder is None:
+    builder = builders.prepare(config, data_dir)
+  parallel.sync_processes('imask_jax: dataset prepared everywhere')
+  return builder
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """Keeps the latest `train.keep_checkpoints` steps and the best one by `train.best_metric`
+  (higher is better). `best_fn` is set as well as the policy: only then does orbax write each
+  step's metrics to disk, so the best step is still known (and kept) after a restart, and
+  `manager.best_step()` answers."""
+  metric = str(config.train.best_metric)
+
+  def score(metrics: dict[str, Any]) -> float:
+    return float(metrics.get(metric, -math.inf))
+
+  policy = ocp_policy.AnyPreservationPolicy([
+      ocp_policy.LatestN(n=int(config.train.keep_checkpoints)),
+      ocp_policy.BestN(get_metric_fn=score, reverse=False, n=1,
+                       keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=score,
+                                         best_mode='max', create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options, item_names=('state',))
+
+
+def restore_state(manager: ocp.CheckpointManager, template: Any, mesh,
+                  step: int | None = None) -> Any:
+  """Checkpoint `step` (default: the latest) replicated on this run's devices, whatever device
+  count saved it. template: a TrainState of arrays or ShapeDtypeStructs (shapes and dtypes)."""
+  step = manager.latest_step() if step is None else int(step)
+  if step is None:
+    raise FileNotFoundError(f'{manager.directory}: no checkpoint to restore')
+  sharding = parallel.replicated(mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          template)
+  restored = manager.restore(step,
+                             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return restored['state']
+
+
+def restore_variables(manager: ocp.CheckpointManager, template: dict[str, Any], mesh,
+                      step: int) -> dict[str, Any]:
+  """The model variables of checkpoint `step` ({'params'} and, with batch norm,
+  {'batch_stats'}), replicated on this run's devices, without reading the optimiser state: a
+  model for inference needs no optimiser. template: the variables' shapes and dtypes
+  (`jax.eval_shape` of the model's init)."""
+  sharding = parallel.replicated(mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          {k: v for k, v in template.items() if jax.tree.leaves(v)})
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract, restore_args=restore_args, partial_restore=True)))
+  return dict(restored['state'])
