@@ -193,8 +193,6 @@ def test_average_hausdorff_equals_simpleitk_on_random_blobs(seed):
         sitk_average_hausdorff(pred, truth, unit), rel=1e-12)
     assert average_hausdorff(pred, truth, spacing) == metrics.average_hausdorff_mm
     assert average_hausdorff(pred, truth, unit) == metrics.average_hausdorff_voxels
-    # Not the ASSD: these blobs overlap, so most voxels contribute 0.
-    assert metrics.average_hausdorff_mm < metrics.assd_mm
 
 
 def test_average_hausdorff_equals_simpleitk_where_one_mask_holds_the_other():
