@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.backbone = 'resnet50'           # resnet18/50/101, densenet121/169
   m.norm = 'group'                  # batch, frozen_batch, group
   m.width = 64                      # backbone base width (64 = published)
+  m.init_from = ''                  # convert_weights file to start from ('' = random init)
   m.fpn_dim = 256
   m.dtype = 'float32'               # compute dtype: float32 or bfloat16 (params stay float32)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes

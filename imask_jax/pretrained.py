@@ -25,8 +25,8 @@ from typing import Any
 import flax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
+from imask_jax import run_log
 from imask_jax.convert_weights import FORMAT, FORMAT_VERSION
 from imask_jax.models.norm import freeze_batch_norm_variables
 
@@ -161,9 +161,10 @@ def merge(variables: Mapping[str, Any], path: str, *,
 
 def init_from(variables: Mapping[str, Any], path: str, *,
               anchor_ratios: tuple[float, ...] | None = None) -> dict[str, Any]:
-  """`merge` for the trainer: '' returns `variables` unchanged; otherwise logs the summary."""
+  """`merge` for the trainer: '' returns `variables` unchanged; otherwise says the summary
+  (on the screen and in the log)."""
   if not path:
     return dict(variables)
   merged, report = merge(variables, path, anchor_ratios=anchor_ratios)
-  logging.info('%s', report.summary())
+  run_log.say(report.summary())
   return merged

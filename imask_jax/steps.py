@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from imask_jax import parallel
+from imask_jax import parallel, pretrained
 from imask_jax.models import mask_rcnn
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
 
@@ -45,10 +45,13 @@ def build_model(config: ml_collections.ConfigDict, *, data_parallel: bool = True
   return MaskRCNN(ModelSpec.from_config(config, axis_name=axis))
 
 
-def init_state(model: MaskRCNN, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Fresh state on the host (the same on every process: it depends only on the seed)."""
+def init_state(model: MaskRCNN, tx: optax.GradientTransformation, seed: int,
+               init_from: str = '') -> TrainState:
+  """Fresh state on the host (the same on every process: it depends only on the seed and on
+  `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained)."""
   variables = jax.jit(functools.partial(mask_rcnn.init_variables, model))(
       jax.random.PRNGKey(seed))
+  variables = pretrained.init_from(variables, init_from, anchor_ratios=model.spec.anchor_ratios)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}),

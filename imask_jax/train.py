@@ -125,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       log.truncate_after(int(state.step))
       log.message(f'resumed from the checkpoint of step {int(state.step)} in {workdir}')
     else:
-      state = parallel.replicate(init_state(model, tx, seed), mesh)
+      state = parallel.replicate(
+          init_state(model, tx, seed, init_from=str(config.model.init_from)), mesh)
     train_iter = input_pipeline.create_train_dataset(config, data_dir, seed=seed,
                                                      start_step=int(state.step))
     val_ds = None

@@ -482,3 +482,27 @@ def test_converted_file_is_plain_msgpack(resnet18_file):
   assert record['source'] == 'resnet18_w4.pth' and len(record['source_sha256']) == 64
   assert record['input_channels'] == 1 and record['input_normalization'] == 'imagenet'
   assert 'fpn' not in record['params']['backbone']
+
+
+def test_init_state_starts_from_the_file(resnet18_file, capsys):
+  """The trainer's entry: steps.init_state with model.init_from (the config field's default
+  '' is the random initialisation)."""
+  import optax
+
+  from imask_jax import configs, steps
+  assert configs.default_config().model.init_from == ''
+  model = mask_rcnn.MaskRCNN(small_spec(norm='frozen_batch'))
+  tx = optax.adam(1e-3)
+  fresh = jax.eval_shape(lambda: steps.init_state(model, tx, seed=0))  # (one compile only)
+  state = steps.init_state(model, tx, seed=0, init_from=resnet18_file)
+  assert 'init_from' in capsys.readouterr().out  # the loaded / re-initialised counts, on screen
+  expected = pretrained.read(resnet18_file).variables
+  np.testing.assert_array_equal(
+      state.params['backbone']['body']['stage1_block0']['conv1']['kernel'],
+      expected['params']['backbone']['body']['stage1_block0']['conv1']['kernel'])
+  np.testing.assert_array_equal(  # frozen_batch: the file's scale is a batch statistic
+      state.batch_stats['backbone']['body']['stem_norm']['scale'],
+      expected['params']['backbone']['body']['stem_norm']['scale'])
+  assert jax.tree.structure(state) == jax.tree.structure(fresh)
+  assert all(a.shape == b.shape and a.dtype == b.dtype
+             for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(fresh)))
