@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import instances as instances_lib
-from data_pipelines import readers
+from data_pipelines import orientation, readers
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
@@ -78,6 +78,9 @@ def evaluate_case(case_id: str, truth: np.ndarray, prediction: VolumePrediction,
   values = scheme.label_values
   overlap = metrics.overlap_per_label(pred, truth, values)
   surface = metrics.surface_metrics_per_label(pred, truth, spacing, values, voxel_hausdorff=True)
+  # Per-slice 2D metrics in the plane the model segments (the paper's method is 2D).
+  slices = metrics.slice_metrics_per_label(
+      pred, truth, orientation.plane_axes(prediction.plane).slice_axis, spacing, values)
   thickness, note = None, ''
   knee = scheme.knee
   if knee is not None:
@@ -96,7 +99,7 @@ def evaluate_case(case_id: str, truth: np.ndarray, prediction: VolumePrediction,
       case_id=case_id, overlap=overlap, surface=surface,
       truth_ml=metrics.volumes_ml_per_label(truth, spacing, values),
       pred_ml=metrics.volumes_ml_per_label(pred, spacing, values),
-      thickness=thickness, thickness_note=note, rater_ml=rater_ml)
+      thickness=thickness, thickness_note=note, rater_ml=rater_ml, slices=slices)
 
 
 def _safe_name(text: str) -> str:
@@ -235,7 +238,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = 
                                  split)
   header = {'workdir': os.path.abspath(workdir), 'checkpoint_step': model.step, 'split': split,
             'dataset': str(config.data.dataset), 'mask_head': str(config.model.mask_head),
-            'backbone': str(config.model.backbone), 'data_dir': os.path.abspath(data_dir)}
+            'backbone': str(config.model.backbone), 'data_dir': os.path.abspath(data_dir),
+            'subject_pattern': str(config.data.get('subject_pattern', '') or '')}
   return evaluate_source(
       config, source, lambda volume: inference.predict_volume(model, volume,
                                                               keep_instances=True),

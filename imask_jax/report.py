@@ -19,6 +19,7 @@ import numpy as np
 
 from data_pipelines import tissues
 from data_pipelines.atomic import atomic_path
+from data_pipelines.datasets import params as params_lib
 from imask_jax import metrics
 from imask_jax.metrics import CaseStatus, Summary
 
@@ -30,9 +31,17 @@ METRICS_COLUMNS = (
     'dice', 'jaccard', 'precision', 'recall',
     'true_positive_voxels', 'false_positive_voxels', 'false_negative_voxels',
     'hausdorff_mm', 'hd95_mm', 'assd_mm', 'signed_mean_mm', 'signed_sd_mm',
-    'hausdorff_voxels', 'truth_ml', 'pred_ml')
+    'hausdorff_voxels', 'average_hausdorff_mm', 'average_hausdorff_voxels',
+    'dice_2d', 'hausdorff_2d_px', 'hausdorff_2d_mm', 'average_hausdorff_2d_px',
+    'average_hausdorff_2d_mm', 'slices_2d', 'slices_2d_missed', 'slices_2d_false_positive',
+    'truth_ml', 'pred_ml')
+# metrics.csv per-slice columns -> the SliceMetrics aggregate they hold.
+SLICE_COLUMNS = {'dice_2d': 'dice', 'hausdorff_2d_px': 'hausdorff_px',
+                 'hausdorff_2d_mm': 'hausdorff_mm',
+                 'average_hausdorff_2d_px': 'average_hausdorff_px',
+                 'average_hausdorff_2d_mm': 'average_hausdorff_mm'}
 AP_COLUMNS = ('scope', 'tissue', 'class_id', 'ap', 'ap50', 'ap75', 'truth_instances',
-              'detections')
+              'detections', 'map50_per_image', 'images_with_truth')
 THICKNESS_COLUMNS = ('case_id', 'plate', 'status', 'truth_mean_mm', 'pred_mean_mm',
                      'difference_mean_mm', 'difference_sd_mm', 'cells_compared', 'note')
 VOLUME_COLUMNS = ('case_id', 'rater', 'right_ml', 'left_ml', 'total_ml')
@@ -49,7 +58,8 @@ AP_RESOLUTION = ('source slice resolution: detections pasted into the original s
 @dataclasses.dataclass(frozen=True, eq=False)
 class CaseResult:
   """Every measurement of one volume. Dicts are keyed by label value (tissues) or plate name;
-  rater_ml maps a rater (reader or 'model') to its right / left / total effusion in mL."""
+  rater_ml maps a rater (reader or 'model') to its right / left / total effusion in mL; slices
+  holds the per-slice 2D metrics along the slicing plane (empty when not measured)."""
   case_id: str
   overlap: dict[int, metrics.OverlapMetrics]
   surface: dict[int, metrics.SurfaceMetrics]
@@ -58,6 +68,7 @@ class CaseResult:
   thickness: dict[str, metrics.PlateComparison] | None = None
   thickness_note: str = ''
   rater_ml: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  slices: dict[int, metrics.SliceMetrics] = dataclasses.field(default_factory=dict)
 
 
 def metrics_rows(result: CaseResult, scheme: LabelScheme) -> list[dict[str, Any]]:
@@ -73,8 +84,21 @@ def metrics_rows(result: CaseResult, scheme: LabelScheme) -> list[dict[str, Any]
         'hausdorff_mm': s.hausdorff_mm, 'hd95_mm': s.hd95_mm, 'assd_mm': s.assd_mm,
         'signed_mean_mm': s.signed_mean_mm, 'signed_sd_mm': s.signed_sd_mm,
         'hausdorff_voxels': s.hausdorff_voxels,
+        'average_hausdorff_mm': s.average_hausdorff_mm,
+        'average_hausdorff_voxels': s.average_hausdorff_voxels,
+        **_slice_columns(result.slices.get(value)),
         'truth_ml': result.truth_ml[value], 'pred_ml': result.pred_ml[value]})
   return rows
+
+
+def _slice_columns(sliced: metrics.SliceMetrics | None) -> dict[str, Any]:
+  """The per-slice columns of one tissue's metrics.csv row (NaN / blank when not measured)."""
+  if sliced is None:
+    return {**{c: math.nan for c in SLICE_COLUMNS}, 'slices_2d': None,
+            'slices_2d_missed': None, 'slices_2d_false_positive': None}
+  return {**{c: sliced.aggregate(name) for c, name in SLICE_COLUMNS.items()},
+          'slices_2d': sliced.n_slices, 'slices_2d_missed': sliced.n_missed_slices,
+          'slices_2d_false_positive': sliced.n_false_positive_slices}
 
 
 def thickness_rows(result: CaseResult) -> list[dict[str, Any]]:
@@ -129,6 +153,32 @@ def _summary(results: Sequence[CaseResult], value: int, field: str) -> Summary:
   return metrics.summarize(per_case, field)
 
 
+def _slice_summary(results: Sequence[CaseResult], value: int, name: str) -> Summary | None:
+  """Summary over volumes of each volume's per-slice aggregate `name` (SliceMetrics), with
+  the volumes' 3D statuses; None unless every volume was measured per slice."""
+  per_case = [r.slices.get(value) for r in results]
+  if any(p is None for p in per_case):
+    return None
+  return metrics.summarize_values([p.aggregate(name) for p in per_case],
+                                  [p.volume_status for p in per_case])
+
+
+def _per_volume_spread(values: Sequence[float]) -> str:
+  finite = [v for v in values if math.isfinite(v)]
+  if len(finite) > 1:
+    return f' [{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}]'
+  return f' [{finite[0]:.3f}]' if finite else ''
+
+
+def map50_cell(pooled: metrics.ClassAP, per_case: Sequence[metrics.ClassAP]) -> str:
+  """Matterport's per-slice mAP@0.5 over all slices (with the slice count), then the mean ± SD
+  of the per-volume values in brackets."""
+  if math.isnan(pooled.map50_per_image):
+    return 'n/a (no slice with truth)'
+  return (f'{pooled.map50_per_image:.3f} ({pooled.images_with_truth} slices)'
+          + _per_volume_spread([c.map50_per_image for c in per_case]))
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
@@ -139,13 +189,18 @@ def segmentation_tables(results: Sequence[CaseResult], scheme: LabelScheme,
                         ap: Mapping[int, metrics.ClassAP],
                         ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]]
                         ) -> list[str]:
-  """Table 3 (Dice, Hausdorff in voxels, ASSD, AP; tissues across) and the other overlap and
-  distance metrics, mean ± SD over volumes."""
+  """Table 3 (Dice, Hausdorff in voxels, ASSD, AP; tissues across), Table 3 as the paper defines
+  its columns (per-slice 2D metrics, ITK's average Hausdorff, Matterport's mAP@0.5), and the
+  other overlap and distance metrics, mean ± SD over volumes."""
   names = scheme.names_by_value
   class_of = scheme.class_map
   lines = ['## Segmentation (paper Table 3)', '',
-           'Mean ± SD over volumes; tissues across. AP is COCO mask AP (IoU 0.50:0.95) over '
-           'all slices of the split, with the mean ± SD of the per-volume AP in brackets.', '']
+           'Mean ± SD over volumes; tissues across. Dice, Hausdorff and ASSD here are 3D, on '
+           'each volume\'s voxel grid (a slice step counts as one voxel). ASSD is the average '
+           'symmetric surface distance, not a paper column: the paper\'s "Ave. Hausdorff '
+           'distance" is ITK\'s average Hausdorff distance, in the next table with the '
+           'per-slice values. AP is COCO mask AP (IoU 0.50:0.95) over all slices of the split, '
+           'with the mean ± SD of the per-volume AP in brackets.', '']
 
   def ap_cell(value: int) -> str:
     pooled = ap[class_of[value]]
@@ -166,6 +221,48 @@ def segmentation_tables(results: Sequence[CaseResult], scheme: LabelScheme,
       ['Mask AP'] + [ap_cell(v) for v in names],
   ]
   lines += markdown_table(['Metric'] + list(names.values()), rows)
+  lines += ['', 'Table 3 as the paper defines its columns (mean ± SD over volumes). "2D per '
+            'slice": each slice of the slicing plane on its own, pixels = in-plane spacing; per '
+            'volume, Dice is the mean over the slices where truth or prediction has the tissue '
+            '(a slice with it in one only counts 0), distances the mean over the slices where '
+            'both have it (one-sided slices counted in the last row). "3D": the whole volume. '
+            'Ave. Hausdorff = ITK / SimpleITK\'s average Hausdorff distance (mean of the two '
+            'directed means over all voxels of one mask of the distance to the other, 0 inside '
+            'it). mAP@0.5 = Matterport\'s per-image AP at IoU 0.5, averaged over the slices '
+            'holding the tissue (all slices of the split; per-volume mean ± SD in brackets). '
+            'docs/metrics.md has every definition.', '']
+
+  def cell(summary: Summary | None, digits: int) -> str:
+    return 'n/a (not measured per slice)' if summary is None else format_summary(summary,
+                                                                                 digits)
+
+  def one_sided(value: int) -> str:
+    per_case = [r.slices.get(value) for r in results]
+    if any(p is None for p in per_case):
+      return 'n/a (not measured per slice)'
+    counted = sum(p.n_slices for p in per_case)
+    missed = sum(p.n_missed_slices for p in per_case)
+    false_positive = sum(p.n_false_positive_slices for p in per_case)
+    return f'{missed} missed, {false_positive} false positive of {counted}'
+
+  rows = [
+      ['Dice, 2D per slice'] + [cell(_slice_summary(results, v, 'dice'), 3) for v in names],
+      ['Hausdorff (px), 2D per slice'] + [cell(_slice_summary(results, v, 'hausdorff_px'), 2)
+                                          for v in names],
+      ['Ave. Hausdorff (px), 2D per slice'] + [
+          cell(_slice_summary(results, v, 'average_hausdorff_px'), 3) for v in names],
+      ['Ave. Hausdorff (mm), 2D per slice'] + [
+          cell(_slice_summary(results, v, 'average_hausdorff_mm'), 3) for v in names],
+      ['Ave. Hausdorff (voxels), 3D'] + [
+          format_summary(_summary(results, v, 'average_hausdorff_voxels')) for v in names],
+      ['Ave. Hausdorff (mm), 3D'] + [
+          format_summary(_summary(results, v, 'average_hausdorff_mm')) for v in names],
+      ['mAP@0.5, per slice (Matterport)'] + [
+          map50_cell(ap[class_of[v]], [c[class_of[v]] for c in ap_per_case.values()])
+          for v in names],
+      ['Slices with the tissue in one mask only (2D)'] + [one_sided(v) for v in names],
+  ]
+  lines += markdown_table(['As the paper defines it'] + list(names.values()), rows)
   lines += ['', 'Further metrics (mean ± SD over volumes):', '']
   more = [('Precision', 'precision', 3), ('Recall', 'recall', 3), ('Jaccard', 'jaccard', 3),
           ('Hausdorff (mm)', 'hausdorff_mm', 2), ('HD95 (mm)', 'hd95_mm', 2)]
@@ -230,8 +327,11 @@ def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
   row = [format_summary(_summary(results, value, f)) for f in ('dice', 'precision', 'recall')]
   pooled = ap[scheme.class_map[value]]
   row.append('n/a (no truth instance)' if math.isnan(pooled.ap) else f'{pooled.ap:.3f}')
-  return lines + markdown_table(['Dice', 'Precision (voxels)', 'Recall (voxels)',
-                                 'Mask AP (all slices)'], [row])
+  lines += markdown_table(['Dice', 'Precision (voxels)', 'Recall (voxels)',
+                           'Mask AP (all slices)'], [row])
+  return lines + ['', 'Mask AP is COCO\'s (IoU 0.50:0.95). The paper\'s "average precision", '
+                  'Matterport\'s per-slice mAP at IoU 0.5 over the slices holding effusion: '
+                  + map50_cell(pooled, []) + '.']
 
 
 def agreement(results: Sequence[CaseResult]) -> tuple[list[str],
@@ -245,13 +345,69 @@ def agreement(results: Sequence[CaseResult]) -> tuple[list[str],
   return raters, metrics.pairwise_agreement(totals)
 
 
-def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
-  """Table 7: volumes per rater (right, left, overall), |difference| and CoV between raters,
-  plus ICC(2,1), ICC(3,1) and Bland-Altman bias and limits."""
-  raters, pairs = agreement(results)
+def _mean_sd_cell(m: metrics.MeanSD) -> str:
+  return f'{m.mean:.2f}' + ('' if math.isnan(m.sd) else f' ± {m.sd:.2f}')
+
+
+def _rater_matrix(raters: Sequence[str], cell: Any) -> list[list[str]]:
+  """Rows a, columns b of cell(a, b) for a != b, '0' on the diagonal."""
+  return [[a] + ['0' if a == b else cell(a, b) for b in raters] for a in raters]
+
+
+def hip_volume_lines(results: Sequence[CaseResult], raters: Sequence[str],
+                     subject_pattern: str = '', baseline: str | None = None) -> list[str]:
+  """Table 7 as the paper lays it out: per hip, baseline scans only (metrics.hip_volume_table),
+  subjects and time points read from the case ids with `subject_pattern`."""
+  scans = []
+  for res in results:
+    subject, timepoint = params_lib.subject_and_timepoint(res.case_id, subject_pattern)
+    scans.append(metrics.ScanVolumes(
+        res.case_id, subject, timepoint,
+        {r: (res.rater_ml[r]['right_ml'], res.rater_ml[r]['left_ml']) for r in raters}))
+  table = metrics.hip_volume_table(scans, baseline)
+  used = (f'{len(table.scans)} of {len(results)} scans, one per subject'
+          + (f' (left out, not at baseline: {", ".join(table.left_out)})'
+             if table.left_out else ''))
   lines = ['## Effusion volumes (paper Table 7)', '',
-           'Volumes in mL, mean ± SD over volumes. Sides split at the mid-sagittal plane of '
-           'the scan (the centre of the canonical left-right axis).', '']
+           'Per hip, at baseline, as the paper lays it out (mL): ' + used + '. Right / Left: '
+           'mean ± SD over the right (left) hips; Overall: over all their hips pooled, one value '
+           'per hip (the paper\'s 7.72 and 6.17 give 6.94). Sides split at the mid-sagittal '
+           'plane of the scan (the centre of the canonical left-right axis).', '']
+  rows = [[r, _mean_sd_cell(table.right[r]), _mean_sd_cell(table.left[r]),
+           _mean_sd_cell(table.overall[r])] for r in raters]
+  lines += markdown_table(['Rater', 'Right', 'Left', 'Overall'], rows)
+
+  def pair(a: str, b: str) -> metrics.HipAgreement:
+    return table.pairs[(a, b)] if (a, b) in table.pairs else table.pairs[(b, a)]
+
+  def difference(a: str, b: str) -> str:
+    d = pair(a, b).difference
+    return f'{d.mean_abs_difference:.2f} ± {d.sd_abs_difference:.2f}'
+
+  def cov(a: str, b: str) -> str:
+    c = pair(a, b).cov
+    zero = f' ({c.n_zero_mean} all-zero)' if c.n_zero_mean else ''
+    return f'{c.rms_cov:.2f} / {c.mean_cov:.2f}{zero}'
+
+  lines += ['', f'Difference per hip: mean |a - b| ± SD over the {len(table.hips)} hips (mL), '
+            'row a, column b.', '']
+  lines += markdown_table(['Rater'] + list(raters), _rater_matrix(raters, difference))
+  lines += ['', 'CoV per hip between two raters: CoV_i = SD_i / mean_i of hip i\'s two '
+            'measurements (SD_i = |a_i - b_i| / sqrt(2)); RMS CoV / mean CoV over the hips. '
+            'Hips both raters measure 0 have no CoV and are counted.', '']
+  return lines + markdown_table(['Rater'] + list(raters), _rater_matrix(raters, cov))
+
+
+def effusion_volume_table(results: Sequence[CaseResult], subject_pattern: str = '',
+                          baseline: str | None = None) -> list[str]:
+  """Table 7 per hip at baseline (the paper's layout, `hip_volume_lines`), then the scan totals
+  of every volume (a named extra): volumes per rater (right, left, total), |difference| and
+  CoV between raters, ICC(2,1), ICC(3,1) and Bland-Altman bias and limits."""
+  raters, pairs = agreement(results)
+  lines = hip_volume_lines(results, raters, subject_pattern, baseline) + ['']
+  lines += ['## Effusion volumes: scan totals (not a paper column)', '',
+            'Every volume of the split, one value per scan; volumes in mL, mean ± SD over '
+            'volumes. Scan total = right + left.', '']
   rows = []
   for rater in raters:
     cells = []
@@ -260,7 +416,7 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
       sd = f' ± {np.std(values, ddof=1):.2f}' if values.size > 1 else ''
       cells.append(f'{np.mean(values):.2f}{sd}')
     rows.append([rater] + cells)
-  lines += markdown_table(['Rater', 'Right', 'Left', 'Overall'], rows)
+  lines += markdown_table(['Rater', 'Right', 'Left', 'Scan total'], rows)
   if pairs is None:
     return lines + ['', f'Agreement statistics need >= 2 volumes; the split has '
                         f'{len(results)}.']
@@ -268,7 +424,8 @@ def effusion_volume_table(results: Sequence[CaseResult]) -> list[str]:
   def pair(a: str, b: str):
     return (pairs[(a, b)], 1.0) if (a, b) in pairs else (pairs[(b, a)], -1.0)
 
-  lines += ['', 'Difference in volumes: mean |a - b| ± SD over volumes (mL), row a, column b.',
+  lines += ['', 'Difference in volumes (scan totals): mean |a - b| ± SD over volumes (mL), row '
+            'a, column b.',
             '']
   rows = []
   for a in raters:
@@ -346,7 +503,8 @@ def summary_markdown(header: Mapping[str, Any], results: Sequence[CaseResult],
     lines += thickness_table(results) + ['']
   if scheme.effusion_value is not None:
     lines += effusion_overlap_table(results, scheme, ap) + ['']
-    lines += effusion_volume_table(results) + ['']
+    lines += effusion_volume_table(results, str(header.get('subject_pattern') or ''),
+                                   header.get('baseline_timepoint') or None) + ['']
   lines += missing_structures(results, scheme)
   return '\n'.join(lines) + '\n'
 
@@ -390,7 +548,9 @@ def write_tables(folder: str, results: Sequence[CaseResult], scheme: LabelScheme
     for class_id, a in table.items():
       ap_rows.append({'scope': scope, 'tissue': scheme.class_names[class_id - 1],
                       'class_id': class_id, 'ap': a.ap, 'ap50': a.ap50, 'ap75': a.ap75,
-                      'truth_instances': a.truth_instances, 'detections': a.detections})
+                      'truth_instances': a.truth_instances, 'detections': a.detections,
+                      'map50_per_image': a.map50_per_image,
+                      'images_with_truth': a.images_with_truth})
   write_csv(os.path.join(folder, 'ap.csv'), AP_COLUMNS, ap_rows)
   if scheme.knee is not None:
     write_csv(os.path.join(folder, 'thickness.csv'), THICKNESS_COLUMNS,

@@ -44,11 +44,19 @@ from typing import Any
 
 import numpy as np
 
-from imask_jax.metrics.overlap import (KNEE_LABELS, CaseStatus, Summary, as_label_map,
-                                       as_labels, as_mask, as_spacing, case_status,
-                                       check_same_shape, summarize_values)
-from imask_jax.metrics.surface import (_average_hausdorff, _border, _distance_to,
-                                       _union_crop)
+from imask_jax.metrics.overlap import (
+  KNEE_LABELS,
+  CaseStatus,
+  Summary,
+  as_label_map,
+  as_labels,
+  as_mask,
+  as_spacing,
+  case_status,
+  check_same_shape,
+  summarize_values,
+)
+from imask_jax.metrics.surface import _average_hausdorff, _border, _distance_to, _union_crop
 
 # Per-slice value arrays of SliceMetrics, in the order of its fields.
 SLICE_VALUES = ('dice', 'hausdorff_px', 'hausdorff_mm', 'average_hausdorff_px',

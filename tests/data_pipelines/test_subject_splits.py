@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_pipelines.datasets import params as params_lib, sources
+from data_pipelines.datasets import params as params_lib
+from data_pipelines.datasets import sources
 from data_pipelines.errors import DataError
 from imask_jax import configs
 

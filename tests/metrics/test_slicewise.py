@@ -13,8 +13,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from imask_jax.metrics.overlap import CaseStatus
-from imask_jax.metrics.slicewise import (SLICE_VALUES, slice_metrics,
-                                         slice_metrics_per_label)
+from imask_jax.metrics.slicewise import SLICE_VALUES, slice_metrics, slice_metrics_per_label
 
 
 def blob(rng: np.random.Generator, shape: tuple[int, ...], smooth: float = 2.0) -> np.ndarray:
