@@ -415,8 +415,10 @@ def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
            '## Segmentation (laid out like the paper\'s Table 3)', '',
            'Mean ± SD over test volumes and seeds (3D, on each volume\'s grid). Hausdorff in '
            'pixels (voxels) as in the paper; ASSD, the average symmetric surface distance in mm, '
-           'is the boundary measure (the paper\'s "average Hausdorff"). AP: COCO mask AP '
-           '(IoU 0.50:0.95) over all test slices of a run, mean ± SD over seeds.', '']
+           'is our boundary measure, not the paper\'s "Ave. Hausdorff" (ITK\'s average '
+           'Hausdorff distance: each run\'s metrics.csv and summary.md, docs/metrics.md). AP: '
+           'COCO mask AP (IoU 0.50:0.95) over all test slices of a run, mean ± SD over seeds.',
+           '']
   header = ['Variant'] + [f'{label} {tissue_abbreviation(t)}'
                           for _, label, _ in TABLE3_METRICS for t in tissues]
   table = []
