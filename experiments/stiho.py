@@ -12,9 +12,12 @@ Data (config data.manual_dir, else <data_dir>/downloads/manual), an nnU-Net-styl
   imagesTr/<id>_0000.nii.gz
   labelsTr_reader1/<id>.nii.gz, labelsTr_reader2/<id>.nii.gz   (and/or labelsTr/ as reference)
 Training uses one reader's labels: data.reader (variant reader=NAME; '' = labelsTr, or the only
-reader). Splits are drawn per case (image file), so two scans of one subject (the cohort's two
-time points) can land in different splits. Without the data the job stops at once and says
-where to put it (docs/data.md).
+reader). Splits are by subject: case ids are <subject>_<timepoint> (the time point after the
+last underscore, e.g. stiho_017_v2; data.subject_pattern, see data_pipelines/datasets/params.py),
+so both time points of one person land in the same split, and Table 7 uses each subject's
+first time point as baseline. Other naming: --config.data.subject_pattern='<regex with a named
+group subject>'; '' treats every scan as its own subject. Without the data the job stops at
+once and says where to put it (docs/data.md).
 
 Settings as in the paper (section 2.3): ResNet-101-FPN, 1024 x 1024, Adam at 1e-3, 300
 epochs (resolved into steps from the training-set size, see experiments/oai.py), iMaskRCNN
@@ -31,6 +34,7 @@ Variants (comma-separated in the config argument):
 from __future__ import annotations
 
 from data_pipelines import tissues
+from data_pipelines.datasets import params as params_lib
 from imask_jax import configs
 
 # The documented estimate behind train.steps: 125 training scans x 24 coronal slices (the
@@ -51,6 +55,7 @@ def get_config(arg: str | None = None):
   d.reader = ''
   d.instance_mode = 'components'    # every effusion pocket is an instance
   d.split_fractions = (0.67, 0.05, 0.28)
+  d.subject_pattern = params_lib.SUBJECT_TIMEPOINT_PATTERN  # two visits per person
   d.max_instances = 8
   d.augment.flip_lr = True          # both hips in the field of view
   c.model.num_classes = len(tissues.HIP_CLASSES)
@@ -64,6 +69,7 @@ def get_config(arg: str | None = None):
     # The hip phantom: coronal, effusion label 1, simulated readers.
     d.dataset = 'phantom_hip'
     d.phantom_preset = 'cpu'
+    d.subject_pattern = ''  # one scan per phantom ('hip_0003' names no visit)
     configs.shrink_for_smoke(c)
     c.model.backbone = 'resnet18'
     c.model.anchor_sizes = (4, 8, 16, 32, 64)

@@ -144,3 +144,15 @@ def test_a_stiho_style_folder_is_split_by_subject(tmp_path):
            tmp_path / 'raw' / 'labelsTr' / 'odd.nii.gz')
   with pytest.raises(DataError, match=r"cannot split the cases by subject .*case id 'odd'"):
     sources.volume_sources(params_lib.params_from_config(config, tmp_path), tmp_path)
+
+
+def test_the_stiho_experiment_splits_by_subject_and_its_phantom_smoke_by_scan():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), '..', '..', 'experiments', 'stiho.py')
+  spec = importlib.util.spec_from_file_location('stiho_experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.get_config().data.subject_pattern == PATTERN
+  # Phantom ids such as 'hip_0003' name no visit: read as <subject>_<timepoint> they would
+  # all be subject 'hip', one split holding everything.
+  assert module.get_config('smoke').data.subject_pattern == ''
