@@ -9,7 +9,11 @@ dropped from the name) gets
   OUT/<name>.nii.gz   the label map: exactly the input's shape and affine, the input's header
                       otherwise, uint8 label values of the config (data.class_label_values)
   OUT/<name>.json     the report: tissue volumes in mL; knee: mean and regional cartilage
-                      thickness; hip: effusion volume (right, left, total)
+                      thickness; hip: effusion volume (right, left, total); "quality": flags
+                      of a probably wrong prediction (imask_jax/quality.py states the rules:
+                      blank image, no or low-scoring detections, a tissue missing or far
+                      outside the training volumes, spacing or size far from the training
+                      data), also printed as one CHECK line per flagged scan
 For a single input file OUT may instead be the label map's own name (ending in .nii or
 .nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
 
@@ -34,26 +38,26 @@ map cells (mm), null where it has none.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
 import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import numpy as np
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any, TextIO  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from data_pipelines import nifti_io  # noqa: E402
-from data_pipelines.atomic import atomic_path, remove_stale_temporaries  # noqa: E402
-from imask_jax import inference, metrics  # noqa: E402
-from imask_jax.inference import LabelScheme, VolumePrediction  # noqa: E402
+from data_pipelines import nifti_io
+from data_pipelines.atomic import atomic_path, remove_stale_temporaries
+from data_pipelines.errors import DataError
+from data_pipelines.tissues import LabelScheme
+from imask_jax import inference, metrics, quality
+from imask_jax import workdir as workdir_lib
+from imask_jax.inference import VolumePrediction
 
 NNUNET_CHANNEL_SUFFIX = '_0000'
 FEMORAL_BANDS_DEG = {'posterior': (-180.0, -45.0), 'central': (-45.0, 45.0),
@@ -214,7 +218,7 @@ def femoral_thickness(label_map: np.ndarray, spacing: Sequence[float],
   """Mean and regional femoral cartilage thickness (mm) of a canonical label map."""
   try:
     m = metrics.femoral_thickness_map(label_map, spacing, labels=knee,
-                                      angle_bin_deg=inference.femoral_angle_bin_deg(spacing))
+                                      angle_bin_deg=metrics.femoral_angle_bin_deg(spacing))
   except ValueError as error:  # too little cartilage on the femur to fit the cylinder
     return {'status': 'not_measured', 'reason': str(error)}
   rows, cols = m.row_centers, m.col_centers
@@ -248,8 +252,11 @@ def tibial_thickness(label_map: np.ndarray, spacing: Sequence[float],
 
 
 def volume_report(prediction: VolumePrediction, scheme: LabelScheme, job: Job,
-                  model: inference.LoadedModel) -> dict[str, Any]:
-  """The JSON report of one predicted volume (see the module docstring)."""
+                  model: inference.LoadedModel, *, image_constant: bool = False,
+                  reference: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON report of one predicted volume (see the module docstring). `reference`: the
+  training reference of quality.py (None skips the checks that need it); image_constant:
+  whether every voxel of the input has one value."""
   spacing = prediction.spacing
   volumes = metrics.volumes_ml_per_label(prediction.canonical, spacing, scheme.label_values)
   report: dict[str, Any] = {
@@ -266,8 +273,13 @@ def volume_report(prediction: VolumePrediction, scheme: LabelScheme, job: Job,
         'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee),
         'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py'}
   if scheme.effusion_value is not None:
-    report['effusion_ml'] = inference.effusion_ml_by_side(prediction.canonical, spacing,
+    report['effusion_ml'] = metrics.effusion_ml_by_side(prediction.canonical, spacing,
                                                           scheme.effusion_value)
+  scores = [inst.score for slice_ in prediction.instances or () for inst in slice_]
+  report['quality'] = quality.quality_flags(
+      image_constant=image_constant, volumes_ml=report['volumes_ml'], spacing=spacing,
+      shape=prediction.canonical.shape, scores=scores,
+      score_threshold=float(model.config.model.label_score_threshold), reference=reference)
   return report
 
 
@@ -304,18 +316,35 @@ class ProgressBar:
     self.stream.flush()
 
 
-def predict_one(model: inference.LoadedModel, job: Job) -> dict[str, Any]:
+def predict_one(model: inference.LoadedModel, job: Job,
+                reference: dict[str, Any] | None = None) -> dict[str, Any]:
   """Reads, segments and writes one scan; returns its report."""
   volume = inference.load_image(job.input, str(model.config.data.plane),
                                 case_id=output_stem(job.input))
-  prediction = inference.predict_volume(model, volume)
+  prediction = inference.predict_volume(model, volume, keep_instances=True)
   if prediction.label_map.shape != volume.grid.shape:
     raise AssertionError(f'{job.input}: label map shape {prediction.label_map.shape} differs '
                          f'from the input grid {volume.grid.shape}')
   nifti_io.save_nifti(prediction.label_map, volume.grid.affine, job.label_map, like=job.input)
-  report = volume_report(prediction, model.scheme, job, model)
+  report = volume_report(prediction, model.scheme, job, model, reference=reference,
+                         image_constant=bool(volume.image.min() == volume.image.max()))
   write_json(job.report, report)
   return report
+
+
+def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, Any] | None:
+  """The training reference of quality.py for `model`, saying on `stream` where it came from;
+  None (and why) when there is none."""
+  try:
+    data_dir = workdir_lib.data_dir_for(model.config, model.workdir)
+    reference, where = quality.training_reference(model.workdir, model.config, data_dir,
+                                                  model.scheme.names_by_value)
+  except (quality.ReferenceUnavailable, DataError, OSError) as error:
+    stream.write(f'predict: no training reference ({error}); the tissue, spacing and size '
+                 'checks are skipped\n')
+    return None
+  stream.write(f'predict: quality checks against the training reference {where}\n')
+  return reference
 
 
 def predict_command(workdir: str, input_path: str, output: str, *,
@@ -345,13 +374,19 @@ def predict_command(workdir: str, input_path: str, output: str, *,
     except BaseException:
       _remove_empty_folders(created)
       raise
+  reference = load_reference(model, stream)
   bar = ProgressBar(len(jobs), stream)
   failures: list[tuple[str, str]] = []
+  flagged: list[str] = []
   for done, job in enumerate(jobs, start=1):
     started = time.time()
     try:
-      predict_one(model, job)
+      report = predict_one(model, job, reference)
       status = f'{os.path.basename(job.input)} ({time.time() - started:.1f} s)'
+      if report['quality']['review']:
+        flagged.append(os.path.basename(job.input))
+        bar.note(f'predict: CHECK {job.input}: ' +
+                 '; '.join(f'{f["code"]}: {f["message"]}' for f in report['quality']['flags']))
     except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
       message = str(error) if job.input in str(error) else f'{job.input}: {error}'
       failures.append((job.input, f'{type(error).__name__}: {message}'))
@@ -361,6 +396,9 @@ def predict_command(workdir: str, input_path: str, output: str, *,
   written = len(jobs) - len(failures)
   stream.write(f'predict: {written} of {len(jobs)} volumes written to '
                f'{os.path.dirname(jobs[0].label_map)}\n')
+  if flagged:
+    stream.write(f'predict: {len(flagged)} of {written} flagged for review ("quality" in their '
+                 f'reports): {", ".join(flagged)}\n')
   if failures:
     stream.write(f'predict: {len(failures)} failed:\n' +
                  ''.join(f'  {message}\n' for _, message in failures))

@@ -21,7 +21,8 @@ def _sweep(name: str) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize('name', ['..', '.', '.hidden', 'a/b', '../escape', 'a\\b', '', 'x y'])
 def test_names_that_are_not_a_plain_folder_name_are_refused(name, tmp_path):
-  with pytest.raises(ValueError, match=re.escape(f'sweep config: variant name {name!r} must be letters')):
+  message = re.escape(f'sweep config: variant name {name!r} must be letters')
+  with pytest.raises(ValueError, match=message):
     sweep.plan(_sweep(name), str(tmp_path / 'sweep'))
   assert not os.path.exists(tmp_path / 'sweep')
 

@@ -246,7 +246,7 @@ def save_preview(phantoms: list[scene.Phantom], path: str) -> None:
         title = f'{kind} {ph.truth["plane"]} slice {z}'
         if c >= 3:
           title += ' + truth' + (', readers' if readers else '')
-          for (name, rl), col in zip(readers.items(), ('cyan', 'magenta')):
+          for rl, col in zip(readers.values(), ('cyan', 'magenta')):
             if (rl[:, :, z] > 0).any():
               ax.contour(rl[:, :, z], [0.5], colors=col, linewidths=0.6)
         ax.set_title(title, fontsize=8)

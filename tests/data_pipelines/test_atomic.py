@@ -10,8 +10,12 @@ import sys
 
 import pytest
 
-from data_pipelines.atomic import (atomic_dir, atomic_path, remove_stale_temporaries,
-                                   stale_temporaries)
+from data_pipelines.atomic import (
+  atomic_dir,
+  atomic_path,
+  remove_stale_temporaries,
+  stale_temporaries,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
