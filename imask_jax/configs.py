@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.class_names = tissues.KNEE_CLASSES
   d.class_label_values = (1, 2, 3, 4)
   d.reader = ''                     # label folder suffix for multi-reader data ('' = labelsTr)
+  # How a case id names its subject, so that splits never separate one person's scans: a
+  # regex with a named group 'subject' (data_pipelines/datasets/params.py); '' = one per case.
+  d.subject_pattern = ''
   d.instance_mode = 'per_class'     # per_class or components
   d.min_instance_pixels = 4
   d.empty_slice_rate = 0.1          # fraction of slices without any instance that are kept

@@ -29,8 +29,8 @@ def _read_csv(path):
 
 
 def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_model):
-  report = evaluate.evaluate_workdir(smoke_workdir, model=smoke_model)
-  out = report.out_dir
+  result = evaluate.evaluate_workdir(smoke_workdir, model=smoke_model)
+  out = result.out_dir
   assert out == os.path.join(smoke_workdir, 'eval', '6')
   config = smoke_model.config
   data_dir = config.data.data_dir
@@ -109,7 +109,7 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
 
   with open(os.path.join(out, 'summary.md')) as f:
     summary = f.read()
-  assert summary == report.summary
+  assert summary == result.summary
   for heading in ('## Segmentation (paper Table 3)', '## Signed surface distance (paper '
                   'Table 4)', '## Cartilage thickness (paper Table 5)',
                   '## Missed and false-positive structures'):
@@ -183,12 +183,12 @@ def test_effusion_tables_with_an_oracle_model(tmp_path):
   header = {'workdir': 'oracle', 'checkpoint_step': 0, 'split': 'test',
             'dataset': 'phantom_hip', 'mask_head': 'none', 'backbone': 'none'}
   out = str(tmp_path / 'eval')
-  report = evaluate.evaluate_source(config, source, _oracle(scheme, 'components'), out, header)
+  result = evaluate.evaluate_source(config, source, _oracle(scheme, 'components'), out, header)
 
   _, rows = _read_csv(os.path.join(out, 'metrics.csv'))
   assert len(rows) == 3 and all(float(r['dice']) == 1.0 and float(r['hd95_mm']) == 0.0
                                 for r in rows)
-  assert report.ap[1].ap == pytest.approx(1.0) and report.ap[1].truth_instances > 3
+  assert result.ap[1].ap == pytest.approx(1.0) and result.ap[1].truth_instances > 3
 
   # volumes.csv: every rater's total from its own label file, sides from the phantom truth.
   columns, volume_rows = _read_csv(os.path.join(out, 'volumes.csv'))
@@ -214,7 +214,7 @@ def test_effusion_tables_with_an_oracle_model(tmp_path):
 
   # Table 7: the CoV and ICC written equal metrics.pairwise_agreement on those totals.
   pairs = metrics.pairwise_agreement(totals)
-  summary = report.summary
+  summary = result.summary
   assert '## Effusion volumes (paper Table 7)' in summary
   assert '## Effusion segmentation (paper Table 6)' in summary
   r1_r2 = pairs[('reader1', 'reader2')]
