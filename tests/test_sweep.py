@@ -103,11 +103,11 @@ def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple
       row.update(case_id=case, tissue=tissue, label_value=1, status=status, dice=dice,
                  hausdorff_voxels=hd_px, assd_mm=assd)
       metric_rows.append(row)
-      ap_rows.append(dict(scope=case, tissue=tissue, class_id=1, ap=ap, ap50=0, ap75=0,
-                          truth_instances=1, detections=1))
+      ap_rows.append({**{c: 0 for c in report.AP_COLUMNS}, **dict(
+          scope=case, tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1)})
   for tissue, ap in ap_all.items():
-    ap_rows.append(dict(scope='all', tissue=tissue, class_id=1, ap=ap, ap50=0, ap75=0,
-                        truth_instances=1, detections=1))
+    ap_rows.append({**{c: 0 for c in report.AP_COLUMNS}, **dict(
+        scope='all', tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1)})
   report.write_csv(os.path.join(folder, 'metrics.csv'), report.METRICS_COLUMNS, metric_rows)
   report.write_csv(os.path.join(folder, 'ap.csv'), report.AP_COLUMNS, ap_rows)
   return run
@@ -158,6 +158,20 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   assert sweep.wilcoxon([0.0, 0.0, 0.0]) == 1.0 and math.isnan(sweep.wilcoxon([0.1]))
   compare = next(line for line in text.splitlines() if line.startswith('| imask | standard'))
   assert '| FC | 5 (1 dropped) |' in compare
+
+
+def test_evaluations_made_before_the_average_hausdorff_column_read_as_missing(tmp_path):
+  run = _fake_run(tmp_path, 'standard', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.2)}},
+                  {'femur': 0.25})
+  metrics_csv = os.path.join(run.workdir, 'eval', '10', 'metrics.csv')
+  rows = sweep.run_rows(run, os.path.dirname(metrics_csv))
+  assert rows[0]['average_hausdorff_voxels'] == 0.0 and rows[0]['hausdorff_voxels'] == 3.0
+  old = [c for c in report.METRICS_COLUMNS if c != 'average_hausdorff_voxels']
+  with open(metrics_csv, newline='') as f:
+    kept = [{c: r[c] for c in old} for r in csv.DictReader(f)]
+  report.write_csv(metrics_csv, old, kept)
+  (row,) = sweep.run_rows(run, os.path.dirname(metrics_csv))
+  assert math.isnan(row['average_hausdorff_voxels']) and row['dice'] == 0.9
 
 
 def test_unfinished_runs_are_listed_not_averaged(tmp_path):

@@ -36,7 +36,7 @@ def _row(variant, seed, case, tissue, dice, status='ok'):
   row = {c: math.nan for c in sweep.SUMMARY_COLUMNS}
   row.update(variant=variant, seed=seed, case_id=case, tissue=tissue, status=status, dice=dice,
              hausdorff_voxels=round(20 * (1 - dice), 6), assd_mm=round(2 * (1 - dice), 6),
-             ap=0.5)
+             average_hausdorff_voxels=round(5 * (1 - dice), 6), ap=0.5)
   return row
 
 
@@ -136,19 +136,21 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
   text = sweep.summary_markdown(config, runs, rows, ap_by_run, [])
   assert 'runs finished: 4 of 4' in text
 
-  (header,) = _cells(text, ('Variant', 'Dice FC'), 9)
+  (header,) = _cells(text, ('Variant', 'Dice FC'), 11)
   assert header == ['Variant', 'Dice FC', 'Dice TC', 'Hausdorff (px) FC', 'Hausdorff (px) TC',
+                    'Ave. Hausdorff (px) FC', 'Ave. Hausdorff (px) TC',
                     'ASSD (mm) FC', 'ASSD (mm) TC', 'AP FC', 'AP TC']
 
   def mean_sd(values, digits):
     return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
 
   for variant, table in (('standard', STANDARD), ('imask', IMASK)):
-    (cells,) = _cells(text, (variant,), 9)
+    (cells,) = _cells(text, (variant,), 11)
     fc = list(table.values())                                         # 8 rows each
     tc = [d - 0.1 for k, d in table.items() if k != (0, 'c0')]        # both-empty row left out
     want = [variant, mean_sd(fc, 3), mean_sd(tc, 3),
             mean_sd([20 * (1 - d) for d in fc], 2), mean_sd([20 * (1 - d) for d in tc], 2),
+            mean_sd([5 * (1 - d) for d in fc], 3), mean_sd([5 * (1 - d) for d in tc], 3),
             mean_sd([2 * (1 - d) for d in fc], 3), mean_sd([2 * (1 - d) for d in tc], 3),
             mean_sd([ap_by_run[f'{variant}/seed{s}'][FC] for s in (0, 1)], 3),
             mean_sd([ap_by_run[f'{variant}/seed{s}'][TC] for s in (0, 1)], 3)]
