@@ -103,6 +103,11 @@ def test_wilcoxon_zero_rules_by_hand_and_scipy():
   assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
   assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(
       exact_two_sided_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]))
+  # Three zeros dropped (Wilcoxon), not ranked (Pratt, which gives 0.0625 here): seven left,
+  # -0.3 with rank 3; subsets of 1..7 with sum <= 3: {}, {1}, {2}, {3}, {1, 2}: p = 2 * 5 / 128.
+  d = [0.0, 0.0, 0.0, 0.1, 0.2, -0.3, 0.4, 0.5, 0.6, 0.7]
+  assert exact_two_sided_p(d) == 10 / 128
+  assert sweep.wilcoxon(d) == pytest.approx(10 / 128)
   # A single nonzero difference among zeros: p = 1 (one sign pattern of two is as extreme).
   assert sweep.wilcoxon([0.0, 0.0, 0.3]) == pytest.approx(exact_two_sided_p([0.0, 0.0, 0.3]))
   assert exact_two_sided_p([0.0, 0.0, 0.3]) == 1.0
