@@ -10,8 +10,10 @@
 The paper's settings (section 2.3; `configs.use_paper_settings`): ResNet-101-FPN, inputs
 resized to 1024 x 1024, Adam at a learning rate of 1e-3, 300 epochs, the iMaskRCNN mask head;
 470 training and 30 test scans. Where the paper is silent or we differ:
-  * no COCO pre-training (none is available offline): group norm instead of frozen batch norm,
-    and a 1000-step linear warm-up before the constant rate;
+  * no COCO pre-training by default: group norm instead of frozen batch norm, and a 1000-step
+    linear warm-up before the constant rate. To start from converted torchvision weights, add
+    --config.model.init_from=FILE --config.model.norm=frozen_batch (docs/pretrained.md,
+    docs/reproducing.md);
   * an epoch is one pass over the stored training slices (slices without any structure are
     mostly dropped, see data.empty_slice_rate). The trainer turns train.epochs into
     train.steps = ceil(300 x training slices / batch) once the dataset is prepared and writes
