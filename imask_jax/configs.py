@@ -91,6 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
       skip_level='P2',              # the pyramid level the skip ROIAlign reads
       fine_dim=32,                  # channels of the 56x56 part (decoder, skip, fusion)
       fuse_convs=1,                 # 3x3 convs after the skip concatenation
+      skip_sampling_ratio=0,        # samples per bin axis of the skip ROIAlign; 0 = adaptive:
+                                    # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
   ))
   m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
   m.mask_dice_weight = 0.0          # optional soft-Dice term added to the mask BCE (0 = off)

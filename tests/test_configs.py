@@ -166,3 +166,15 @@ def test_mask_dice_argument_sets_the_dice_term_weight():
   assert experiment_config('phantom_knee', 'mask_dice=0').model.mask_dice_weight == 0.0
   assert experiment_config('oai').model.mask_dice_weight == 0.0  # the paper's BCE alone
   assert experiment_config('oai', 'mask_dice=0.5').model.mask_dice_weight == 0.5
+
+
+def test_the_skip_sampling_ratio_is_adaptive_unless_set():
+  oai = ModelSpec.from_config(experiment_config('oai'))
+  knee = ModelSpec.from_config(experiment_config('phantom_knee'))
+  assert oai.imask.skip_sampling_ratio == knee.imask.skip_sampling_ratio == 0
+  assert oai.resolved_imask.skip_sampling_ratio == 3   # 1024 px: ceil(1024 / 2 / 4 / 56)
+  assert knee.resolved_imask.skip_sampling_ratio == 1  # 128 px
+  assert oai.build_mask_head(parent=None).skip_sampling_ratio == 3
+  config = experiment_config('oai')
+  config.model.imask.skip_sampling_ratio = 2
+  assert ModelSpec.from_config(config).build_mask_head(parent=None).skip_sampling_ratio == 2

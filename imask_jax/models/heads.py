@@ -174,6 +174,9 @@ class IMaskHead(nn.Module):
     size = self.output_size
     if size not in (28, 56, 112):
       raise ValueError(f'model.imask.skip_size must be 28, 56 or 112, got {size}')
+    if self.skip and self.skip_sampling_ratio < 1:
+      raise ValueError(f'IMaskHead: skip_sampling_ratio={self.skip_sampling_ratio}; expected >= 1 '
+                       '(0, adaptive, is resolved by ModelSpec from the input size)')
     x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)          # [N, 28, 28, D]
     x = nn.relu(self._conv(self.fine_dim, 1, 'reduce')(x))                   # [N, 28, 28, F]
     if self.decoder:
@@ -189,8 +192,8 @@ class IMaskHead(nn.Module):
     if self.skip:
       # The 1x1 projection to fine_dim is applied to the pyramid level before the ROIAlign
       # (both are linear, so the order only changes the cost): the 56x56 crops are then read
-      # at fine_dim channels instead of the full pyramid width. A 56-bin grid over a box on
-      # P2 makes bins smaller than a map pixel, so one bilinear sample per bin loses nothing.
+      # at fine_dim channels instead of the full pyramid width. skip_sampling_ratio samples
+      # per bin axis (adaptive_sampling_ratio: 1 where bins are smaller than a map pixel).
       level = int(self.skip_level.lstrip('P'))
       projected = self._conv(self.fine_dim, 1, 'skip_proj')(pyramid[self.skip_level])
       skip = roi_align_ops.multilevel_roi_align(
@@ -216,6 +219,19 @@ class IMaskSpec:
   skip_level: str = 'P2'
   fine_dim: int = 32
   fuse_convs: int = 1
+  # Bilinear samples per bin axis of the skip ROIAlign; 0 = adaptive (`adaptive_sampling_ratio`,
+  # resolved by the model, which knows the input size).
+  skip_sampling_ratio: int = 0
+
+
+def adaptive_sampling_ratio(image_size: tuple[int, int], skip_level: str, skip_size: int) -> int:
+  """Samples per bin axis of the skip ROIAlign such that a box half the input wide (a femur on
+  a knee slice) still gets a sample for every pixel of the level it reads, so the S x S crop
+  does not alias: ceil(max(H, W) / 2 / stride / S), at least 1. 1 on 128-pixel inputs at P2
+  and S = 56 (bins smaller than a map pixel); 3 on the paper's 1024-pixel inputs, where a
+  600-pixel femur box is 150 P2 pixels, 2.7 per 56-bin cell."""
+  stride = 2 ** int(skip_level.lstrip('P'))
+  return max(1, math.ceil(max(image_size) / 2 / stride / skip_size))
 
 
 # config `model.mask_head` -> constructor(num_classes, dim, imask spec, dtype, **module kwargs).

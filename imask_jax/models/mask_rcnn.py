@@ -102,9 +102,17 @@ class ModelSpec:
     # A free-standing (parentless) head: the spec may be asked inside the model's methods.
     return self.build_mask_head(parent=None).output_size
 
+  @property
+  def resolved_imask(self) -> heads.IMaskSpec:
+    """`imask` with an adaptive (0) skip sampling ratio turned into samples per bin axis."""
+    if self.imask.skip_sampling_ratio:
+      return self.imask
+    return dataclasses.replace(self.imask, skip_sampling_ratio=heads.adaptive_sampling_ratio(
+        self.image_size, self.imask.skip_level, self.imask.skip_size))
+
   def build_mask_head(self, **module_kwargs: Any) -> nn.Module:
     return heads.build_mask_head(self.mask_head, num_classes=self.num_classes,
-                                 dim=self.mask_head_dim, imask=self.imask,
+                                 dim=self.mask_head_dim, imask=self.resolved_imask,
                                  dtype=self.compute_dtype, **module_kwargs)
 
   @property

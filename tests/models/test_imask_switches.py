@@ -192,3 +192,64 @@ def test_output_depends_on_the_skip_level_inside_the_roi_only_with_the_skip():
   params, feats, index = init(head, pyramid)
   for level in ('P2', 'P3', 'P4', 'P5', 'P6'):
     assert not changed(head, params, feats, index, level, np.s_[:, :])
+
+
+def roi_align_reference(level_map, roi, stride, size, ratio):
+  """NumPy ROIAlign (half-pixel aligned) of one ROI on one [h, w, C] map: bin (i, j) is the mean
+  of ratio x ratio bilinear samples at ((i + (a + 0.5) / ratio) * bin height) from the box's top
+  (and likewise across), in map pixels whose centres sit at integer + 0.5 in box units."""
+  y1, x1, y2, x2 = np.asarray(roi, np.float64) / stride
+  h, w = level_map.shape[:2]
+  out = np.zeros((size, size, level_map.shape[-1]))
+  for i in range(size):
+    for j in range(size):
+      acc = 0.0
+      for a in range(ratio):
+        for b in range(ratio):
+          y = y1 + (i + (a + 0.5) / ratio) * (y2 - y1) / size - 0.5
+          x = x1 + (j + (b + 0.5) / ratio) * (x2 - x1) / size - 0.5
+          r0, c0 = int(np.floor(y)), int(np.floor(x))
+          ty, tx = y - r0, x - c0
+          pick = lambda r, c: level_map[min(max(r, 0), h - 1), min(max(c, 0), w - 1)]
+          acc = acc + ((1 - ty) * (1 - tx) * pick(r0, c0) + (1 - ty) * tx * pick(r0, c0 + 1)
+                       + ty * (1 - tx) * pick(r0 + 1, c0) + ty * tx * pick(r0 + 1, c0 + 1))
+      out[i, j] = acc / ratio**2
+  return out
+
+
+@pytest.mark.parametrize('ratio', [1, 3])
+def test_skip_takes_its_sampling_ratio_samples_per_bin(ratio):
+  """Bins wider than a map pixel (a 200-pixel box on a 64 x 64 P2 read at 28 x 28: 1.8 P2
+  pixels per bin) on a map that is not linear: the skip features are the ROIAlign mean of
+  `skip_sampling_ratio`^2 samples per bin, and another count gives other features."""
+  pyramid = coordinate_pyramid()
+  rows, cols = np.meshgrid(np.arange(64), np.arange(64), indexing='ij')
+  # Positive (the skip features pass a ReLU) and varying from pixel to pixel.
+  pyramid['P2'] = 2.0 + np.stack([np.sin(2.1 * rows) * np.cos(1.7 * cols),
+                                  np.cos(2.3 * rows + 0.9 * cols)], -1)[None].astype(np.float32)
+  rois = np.array([[20.0, 30.0, 230.0, 220.0], [8.0, 4.0, 200.0, 250.0]], np.float32)
+  size = 28
+  head = make_head(skip=True, skip_level='P2', skip_size=size, skip_sampling_ratio=ratio)
+  params, feats, index = init(head, pyramid)
+  params = pass_through(params, [FINE + c for c in range(FINE)])
+  _, state = head.apply({'params': params}, feats, pyramid, rois, index,
+                        capture_intermediates=True, mutable=['intermediates'])
+  fused = np.asarray(state['intermediates']['fuse1']['__call__'][0])
+  for k, roi in enumerate(rois):
+    want = roi_align_reference(pyramid['P2'][0], roi, 4, size, ratio)
+    np.testing.assert_allclose(fused[k, :, :, :2], want, atol=1e-4)
+  other = roi_align_reference(pyramid['P2'][0], rois[0], 4, size, 4 - ratio)
+  assert np.abs(fused[0, :, :, :2] - other).max() > 1e-2  # the count is not ignored
+
+
+def test_adaptive_sampling_ratio_follows_the_input_size():
+  # ceil(max(H, W) / 2 / stride / S): a box half the input wide gets a sample per map pixel.
+  assert heads.adaptive_sampling_ratio((128, 128), 'P2', 56) == 1    # 0.29
+  assert heads.adaptive_sampling_ratio((512, 384), 'P2', 56) == 2    # 1.14
+  assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 56) == 3  # 2.29: the paper's input
+  assert heads.adaptive_sampling_ratio((1024, 1024), 'P3', 28) == 3  # 2.29
+  assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 112) == 2  # 1.14
+  with pytest.raises(ValueError, match='skip_sampling_ratio=0'):
+    pyramid = coordinate_pyramid()
+    head = make_head(skip=True, skip_sampling_ratio=0)
+    init(head, pyramid)
