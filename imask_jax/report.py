@@ -427,33 +427,21 @@ def effusion_volume_table(results: Sequence[CaseResult], subject_pattern: str = 
   lines += ['', 'Difference in volumes (scan totals): mean |a - b| ± SD over volumes (mL), row '
             'a, column b.',
             '']
-  rows = []
-  for a in raters:
-    cells = []
-    for b in raters:
-      if a == b:
-        cells.append('0')
-        continue
-      d = pair(a, b)[0].difference
-      cells.append(f'{d.mean_abs_difference:.2f} ± {d.sd_abs_difference:.2f}')
-    rows.append([a] + cells)
-  lines += markdown_table(['Rater'] + raters, rows)
+  def difference_cell(a: str, b: str) -> str:
+    d = pair(a, b)[0].difference
+    return f'{d.mean_abs_difference:.2f} ± {d.sd_abs_difference:.2f}'
+
+  lines += markdown_table(['Rater'] + raters, _rater_matrix(raters, difference_cell))
   lines += ['', 'CoV between two raters: per volume CoV_i = SD_i / mean_i of its two '
             'measurements (SD_i = |a_i - b_i| / sqrt(2), the sample SD); reported as RMS CoV = '
             'sqrt(mean_i CoV_i^2) / mean CoV = mean_i CoV_i. Volumes where both raters measure '
             '0 have no CoV and are counted.', '']
-  rows = []
-  for a in raters:
-    cells = []
-    for b in raters:
-      if a == b:
-        cells.append('0')
-        continue
-      cov = pair(a, b)[0].cov
-      zero = f' ({cov.n_zero_mean} all-zero)' if cov.n_zero_mean else ''
-      cells.append(f'{cov.rms_cov:.2f} / {cov.mean_cov:.2f}{zero}')
-    rows.append([a] + cells)
-  lines += markdown_table(['Rater'] + raters, rows)
+  def cov_cell(a: str, b: str) -> str:
+    cov = pair(a, b)[0].cov
+    zero = f' ({cov.n_zero_mean} all-zero)' if cov.n_zero_mean else ''
+    return f'{cov.rms_cov:.2f} / {cov.mean_cov:.2f}{zero}'
+
+  lines += markdown_table(['Rater'] + raters, _rater_matrix(raters, cov_cell))
   lines += ['', 'ICC of total volumes (two-way ANOVA, Shrout & Fleiss): ICC(2,1) absolute '
             'agreement, ICC(3,1) consistency; Bland-Altman bias a - b and 95% limits of '
             'agreement (mL).', '']
