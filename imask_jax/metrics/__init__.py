@@ -20,6 +20,7 @@ from imask_jax.metrics.thickness import (Cylinder, InterfaceThickness, KneeLabel
                                          femoral_angle_bin_deg, femoral_thickness_map, fit_cylinder,
                                          interface_thickness, thickness_difference,
                                          tibial_thickness_map)
+from imask_jax.metrics.thickness import THICKNESS_METHODS, ThicknessCoverage, default_smoothing_mm  # noqa: F401, E501
 from imask_jax.metrics.volume import (BlandAltman, CoefficientOfVariation, HipAgreement,
                                       HipVolumeTable, IntraclassCorrelation, MeanSD,
                                       PairAgreement, PairedDifference, ScanVolumes,
