@@ -43,7 +43,9 @@ SLICE_COLUMNS = {'dice_2d': 'dice', 'hausdorff_2d_px': 'hausdorff_px',
 AP_COLUMNS = ('scope', 'tissue', 'class_id', 'ap', 'ap50', 'ap75', 'truth_instances',
               'detections', 'map50_per_image', 'images_with_truth')
 THICKNESS_COLUMNS = ('case_id', 'plate', 'status', 'truth_mean_mm', 'pred_mean_mm',
-                     'difference_mean_mm', 'difference_sd_mm', 'cells_compared', 'note')
+                     'difference_mean_mm', 'difference_sd_mm', 'cells_compared',
+                     'cells_truth_only', 'cells_pred_only', 'fraction_compared',
+                     'fraction_truth_only', 'fraction_pred_only', 'note')
 VOLUME_COLUMNS = ('case_id', 'rater', 'right_ml', 'left_ml', 'total_ml')
 MODEL_RATER = 'model'
 PLATES = tuple(tissues.PLATES)  # 'femoral', 'tibial'
@@ -109,7 +111,8 @@ def thickness_rows(result: CaseResult) -> list[dict[str, Any]]:
       rows.append({'case_id': result.case_id, 'plate': plate, 'status': 'not_measured',
                    'truth_mean_mm': math.nan, 'pred_mean_mm': math.nan,
                    'difference_mean_mm': math.nan, 'difference_sd_mm': math.nan,
-                   'cells_compared': 0, 'note': result.thickness_note})
+                   'cells_compared': 0, **_coverage_columns(None),
+                   'note': result.thickness_note})
       continue
     c = result.thickness[plate]
     rows.append({'case_id': result.case_id, 'plate': plate, 'status': str(c.status),
@@ -117,8 +120,22 @@ def thickness_rows(result: CaseResult) -> list[dict[str, Any]]:
                  'pred_mean_mm': c.pred.mean_thickness_mm,
                  'difference_mean_mm': c.difference.mean_mm,
                  'difference_sd_mm': c.difference.sd_mm,
-                 'cells_compared': c.difference.n_cells, 'note': ''})
+                 'cells_compared': c.difference.n_cells,
+                 **_coverage_columns(c.difference.coverage), 'note': ''})
   return rows
+
+
+def _coverage_columns(coverage: metrics.ThicknessCoverage | None) -> dict[str, Any]:
+  """thickness.csv's coverage columns: map cells only the truth / only the prediction has
+  cartilage in, and the compared / truth-only / prediction-only cells as fractions of the
+  truth's cells (blank / NaN when not measured)."""
+  if coverage is None:
+    return {'cells_truth_only': None, 'cells_pred_only': None, 'fraction_compared': math.nan,
+            'fraction_truth_only': math.nan, 'fraction_pred_only': math.nan}
+  return {'cells_truth_only': coverage.truth_only, 'cells_pred_only': coverage.pred_only,
+          'fraction_compared': coverage.both_fraction,
+          'fraction_truth_only': coverage.truth_only_fraction,
+          'fraction_pred_only': coverage.pred_only_fraction}
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -316,7 +333,33 @@ def thickness_table(results: Sequence[CaseResult]) -> list[str]:
                  format_summary(truth_mean, 2), format_summary(pred_mean, 2)])
   return lines + markdown_table(['Plate', 'average of mean differences (mm)',
                                  'average of SD of differences (mm)', 'truth mean thickness (mm)',
-                                 'predicted mean thickness (mm)'], rows)
+                                 'predicted mean thickness (mm)'], rows) + \
+      [''] + thickness_coverage_table(results)
+
+
+def thickness_coverage_table(results: Sequence[CaseResult]) -> list[str]:
+  """Coverage of Table 5's maps: a region the prediction misses has no difference, so the
+  mean difference alone can never show it."""
+  lines = ['### Coverage of the thickness maps', '',
+           'Per volume and plate, the map cells with cartilage in both maps (the cells Table 5 '
+           'compares), in the truth only (missed by the prediction) and in the prediction only, '
+           "as fractions of the truth's cells; mean over volumes (± SD).", '']
+  rows = []
+  for plate in PLATES:
+    comparisons = [r.thickness[plate] for r in results if r.thickness is not None]
+    if not comparisons:
+      rows.append([plate, 'n/a', 'n/a', 'n/a', 'n/a'])
+      continue
+    statuses = [c.status for c in comparisons]
+    cells = []
+    for field, digits in (('both_fraction', 3), ('truth_only_fraction', 3),
+                          ('pred_only_fraction', 3), ('truth_cells', 0)):
+      values = [math.nan if c.difference.coverage is None else
+                getattr(c.difference.coverage, field) for c in comparisons]
+      cells.append(format_summary(metrics.summarize_values(values, statuses), digits))
+    rows.append([plate] + cells)
+  return lines + markdown_table(['Plate', 'compared (both)', 'truth only (missed)',
+                                 'prediction only', 'truth cells'], rows)
 
 
 def effusion_overlap_table(results: Sequence[CaseResult], scheme: LabelScheme,
