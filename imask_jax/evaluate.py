@@ -47,6 +47,7 @@ from data_pipelines import orientation, readers
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
+from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
 from imask_jax import inference, metrics, report, viz
 from imask_jax import workdir as workdir_lib
@@ -256,9 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='checkpoint step (default: the latest)')
   parser.add_argument('--split', default=None, choices=params_lib.SPLITS,
                       help="split to evaluate (default: the config's eval.split, 'test')")
+  parser.add_argument('--verbose', action='store_true',
+                      help='show the traceback of a user mistake, not only its message')
   args = parser.parse_args(argv)
-  report = evaluate_workdir(args.workdir, args.checkpoint, args.split,
-                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+  try:
+    report = evaluate_workdir(args.workdir, args.checkpoint, args.split,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+  except workdir_lib.USER_ERRORS + (DataError,) as error:
+    if args.verbose:
+      raise
+    # One line (no workdir, no such checkpoint, one that cannot be restored, bad data).
+    print(f'{parser.prog}: {type(error).__name__}: {error}', file=sys.stderr)
+    return 1
   print(report.summary)
   print(f'written to {report.out_dir}')
   return 0

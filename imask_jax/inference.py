@@ -91,13 +91,15 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   scheme = LabelScheme.from_config(config)
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train '
-                            f'first with python -m imask_jax.main --workdir {workdir})')
+    raise workdir_lib.MissingCheckpointError(
+        f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train first with python -m '
+        f'imask_jax.main --workdir {workdir})')
   if step is None:
     step = steps[-1]
   elif int(step) not in steps:
-    raise FileNotFoundError(f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step '
-                            f'{step}; stored steps: {steps}')
+    raise workdir_lib.MissingCheckpointError(
+        f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: '
+        f'{steps}')
   mesh = parallel.data_mesh()
   batch_size = int(config.eval.batch_size)
   if batch_size < 1 or batch_size % jax.device_count():
@@ -108,8 +110,15 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   template = jax.eval_shape(functools.partial(mask_rcnn.init_variables, model),
                             jax.random.PRNGKey(int(config.seed)))
   manager = workdir_lib.checkpoint_manager(workdir, config)
-  variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
-  manager.close()
+  try:
+    variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
+  except workdir_lib.CheckpointError as error:
+    others = [s for s in steps if s != int(step)]
+    raise workdir_lib.CheckpointError(
+        f'{error}' + (f' (other stored steps: {others}; choose one with --checkpoint STEP)'
+                      if others else '')) from error
+  finally:
+    manager.close()
   return LoadedModel(workdir=workdir, config=config, scheme=scheme, step=int(step),
                      variables=variables, detect=steps_lib.make_detect_fn(model, mesh), mesh=mesh,
                      batch_size=batch_size)

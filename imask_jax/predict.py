@@ -17,14 +17,16 @@ dropped from the name) gets
 For a single input file OUT may instead be the label map's own name (ending in .nii or
 .nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
 
-Refused before any work (exit status 2): an output path that is one of the inputs, an OUT
-that is the input folder, two inputs that would write the same output, an output folder that
-cannot be created or written, and an existing file at an output path that predict did not
-write: it is replaced only when the report beside it (OUT/<name>.json) names the same input
-and that label map, i.e. it is an earlier prediction of this scan, or with --overwrite. An
-input that cannot be read, or fails, is reported by its name and the others still run; the exit
-status is then 1. Every file is written atomically (a failure leaves no half-written output);
-hidden temporaries that a killed run left beside this run's outputs are removed first.
+Refused before any work, in one line with exit status 2: a workdir without config.json, a
+--checkpoint that is not stored, a checkpoint that cannot be restored (--verbose adds the
+traceback of these three), an output path that is one of the inputs, an OUT that is the input
+folder, two inputs that would write the same output, an output folder that cannot be created
+or written, and an existing file at an output path that predict did not write: that is
+replaced only when the report beside it (OUT/<name>.json) names the same input and that label
+map, i.e. it is an earlier prediction of this scan, or with --overwrite. An input that cannot
+be read, or fails, is reported by its name and the others still run; the exit status is then 1.
+Every file is written atomically (a failure leaves no half-written output); hidden temporaries
+that a killed run left beside this run's outputs are removed first.
 
 Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
 cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
@@ -350,10 +352,13 @@ def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, An
 def predict_command(workdir: str, input_path: str, output: str, *,
                     checkpoint: int | None = None, overwrite: bool = False,
                     model: inference.LoadedModel | None = None,
-                    stream: TextIO = sys.stderr) -> int:
+                    stream: TextIO | None = None, verbose: bool = False) -> int:
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
   2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
-  `overwrite`: replace existing files at the output paths even if predict did not write them."""
+  `overwrite`: replace existing files at the output paths even if predict did not write them.
+  `verbose`: raise a workdir or checkpoint mistake (with its traceback) instead of the
+  one-line refusal. `stream`: where progress and messages go (default: sys.stderr)."""
+  stream = sys.stderr if stream is None else stream
   try:
     inputs, skipped = list_inputs(input_path)
     jobs = plan_jobs(os.path.abspath(input_path), inputs, output)
@@ -371,6 +376,14 @@ def predict_command(workdir: str, input_path: str, output: str, *,
   if model is None:
     try:
       model = inference.load_model(workdir, checkpoint)
+    except workdir_lib.USER_ERRORS as error:
+      # No workdir there, no such checkpoint, or one that cannot be restored: refused, in one
+      # line (predict's main shows the traceback with --verbose).
+      _remove_empty_folders(created)
+      if verbose:
+        raise
+      stream.write(f'predict: refused: {type(error).__name__}: {error}\n')
+      return EXIT_REFUSED
     except BaseException:
       _remove_empty_folders(created)
       raise
@@ -420,9 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--overwrite', action='store_true',
                       help='replace files at the output paths even when they are not earlier '
                            'predictions of the same inputs (inputs are never replaced)')
+  parser.add_argument('--verbose', action='store_true',
+                      help='show the traceback of a workdir or checkpoint mistake')
   args = parser.parse_args(argv)
   return predict_command(args.workdir, args.input, args.output, checkpoint=args.checkpoint,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, verbose=args.verbose)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,29 @@ class DataMissingError(FileNotFoundError):
   """An experiment's raw data folder is missing; the message says where and what to do."""
 
 
+class NotAWorkdirError(FileNotFoundError):
+  """The folder given as a workdir has no config.json (it was not made by a training run)."""
+
+
+class SettingsChangedError(ValueError):
+  """A run would resume checkpoints made with settings they cannot take."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """No checkpoint at the requested step (or none at all); the message lists what there is."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be restored (a truncated or corrupt file); the message names its
+  folder and the first problem found."""
+
+
+# The mistakes the command-line tools report as one line (the traceback only with --verbose).
+USER_ERRORS = (DataMissingError, NotAWorkdirError, SettingsChangedError,
+               MissingCheckpointError, CheckpointError)
+UNRESTORABLE_DIR = 'checkpoints_unrestorable'  # where training sets a broken checkpoint aside
+
+
 # --- config --------------------------------------------------------------------------------------
 
 def _tuples(value: Any) -> Any:
@@ -104,7 +127,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     elif _tuples(a) != _tuples(b):
       changed.append(f'{path}: {a!r} -> {b!r}')
   if changed:
-    raise ValueError(f'{workdir}: its checkpoints were trained with other settings '
+    raise SettingsChangedError(f'{workdir}: its checkpoints were trained with other settings '
                      f'({"; ".join(changed)}); resume with the settings of '
                      f'{os.path.join(workdir, "config.json")} or start a new workdir')
 
@@ -125,8 +148,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   run was made take their defaults, so older workdirs still evaluate and resume."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no config.json in the workdir; is {workdir!r} a '
-                            'training workdir (made by python -m imask_jax.main)?')
+    raise NotAWorkdirError(f'{path}: no config.json in the workdir; is {workdir!r} a '
+                           'training workdir (made by python -m imask_jax.main)?')
   with open(path) as f:
     saved = json.load(f)
   return ml_collections.ConfigDict(_tuples(_merged(configs.default_config().to_dict(), saved)))
@@ -214,19 +237,110 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
                                options=options, item_names=('state',))
 
 
+def checkpoint_folder(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(int(step)))
+
+
+def _metadata_problem(folder: str) -> str | None:
+  """The first JSON metadata file of a checkpoint folder that does not parse, if any (orbax
+  would fail on it with a JSON error that names no file)."""
+  for name in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA')):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+      return f'{name} is not valid JSON ({error})'
+  return None
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost cause's first line (orbax wraps TensorStore's precise message in a
+  generic one that prints the whole array spec), at most 300 characters."""
+  while error.__cause__ is not None or (error.__context__ is not None
+                                        and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  line = lines[0]
+  return line if len(line) <= 300 else line[:297] + '...'
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, restore) -> Any:
+  """`restore(step)`, or a CheckpointError whose one line names the step's folder and the
+  problem: a metadata file that is not valid JSON, or the innermost error of the restore (a
+  truncated data file shows as TensorStore's "byte range ... is not valid for value of size")."""
+  folder = checkpoint_folder(manager, step)
+  problem = _metadata_problem(folder)
+  if problem is None:
+    try:
+      return restore(int(step))
+    except Exception as error:  # noqa: BLE001 -- named in one line; the cause is chained
+      raise CheckpointError(f'checkpoint {folder}: cannot be restored: '
+                            f'{_root_cause(error)}') from error
+  raise CheckpointError(f'checkpoint {folder}: cannot be restored: {problem}')
+
+
+def set_aside(folder: str, workdir: str) -> str:
+  """Moves a checkpoint folder to <workdir>/checkpoints_unrestorable/<step>[.<n>] (never
+  deletes it: it may still be repaired or inspected); returns the new path."""
+  target_dir = os.path.join(workdir, UNRESTORABLE_DIR)
+  os.makedirs(target_dir, exist_ok=True)
+  target = os.path.join(target_dir, os.path.basename(folder))
+  n = 0
+  while os.path.lexists(target):
+    n += 1
+    target = os.path.join(target_dir, f'{os.path.basename(folder)}.{n}')
+  os.replace(folder, target)
+  return target
+
+
 def restore_state(manager: ocp.CheckpointManager, template: Any, mesh,
                   step: int | None = None) -> Any:
-  """Checkpoint `step` (default: the latest) replicated on this run's devices, whatever device
-  count saved it. template: a TrainState of arrays or ShapeDtypeStructs (shapes and dtypes)."""
-  step = manager.latest_step() if step is None else int(step)
-  if step is None:
-    raise FileNotFoundError(f'{manager.directory}: no checkpoint to restore')
+  """Checkpoint `step` replicated on this run's devices, whatever device count saved it.
+  template: a TrainState of arrays or ShapeDtypeStructs (shapes and dtypes).
+
+  step None (resuming training): the newest checkpoint that restores. Newer ones that cannot
+  be restored (a truncated or corrupt file) are moved to <workdir>/checkpoints_unrestorable/
+  and named in a warning; if none restores, nothing is moved and the newest one's problem is
+  raised (CheckpointError), since then the cause is more likely the settings than the files.
+  With several processes a broken checkpoint is reported, not moved (the processes would have
+  to agree on it): move it yourself and start again.
+  """
   sharding = parallel.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           template)
-  restored = manager.restore(step,
-                             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return restored['state']
+
+  def restore(s: int) -> Any:
+    return manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+
+  if step is not None:
+    return restore_checkpoint(manager, int(step), restore)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise MissingCheckpointError(f'{manager.directory}: no checkpoint to restore')
+  failed: list[CheckpointError] = []
+  for candidate in steps:
+    try:
+      state = restore_checkpoint(manager, candidate, restore)
+    except CheckpointError as error:
+      if jax.process_count() > 1:
+        raise CheckpointError(f'{error} (with several processes it is not set aside: move it '
+                              f'out of {manager.directory} and start again)') from error
+      failed.append(error)
+      continue
+    if failed:
+      workdir = os.path.dirname(os.fspath(manager.directory).rstrip(os.sep))
+      for bad_step, error in zip(steps, failed):
+        moved = set_aside(checkpoint_folder(manager, bad_step), workdir)
+        logging.warning('%s; moved to %s; resuming from the checkpoint of step %d', error,
+                        moved, candidate)
+      manager.reload()
+    return state
+  raise CheckpointError(f'{failed[0]} (no older checkpoint restores either: '
+                        f'{steps[1:] or "none"}; nothing was moved)') from failed[0]
 
 
 def restore_variables(manager: ocp.CheckpointManager, template: dict[str, Any], mesh,
@@ -239,6 +353,9 @@ def restore_variables(manager: ocp.CheckpointManager, template: dict[str, Any], 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           {k: v for k, v in template.items() if jax.tree.leaves(v)})
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      abstract, restore_args=restore_args, partial_restore=True)))
-  return dict(restored['state'])
+
+  def restore(s: int) -> dict[str, Any]:
+    return dict(manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=restore_args, partial_restore=True)))['state'])
+
+  return restore_checkpoint(manager, int(step), restore)

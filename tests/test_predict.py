@@ -211,9 +211,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
             f'{blocker} is a file' in stream.getvalue())
   assert blocker.read_text() == 'a file, not a folder\n'
   # A folder that is created but the model then fails to load is removed again.
-  with pytest.raises(FileNotFoundError):
-    predict.predict_command(str(tmp_path / 'no_workdir'), source, str(tmp_path / 'new' / 'out'),
-                            stream=io.StringIO())
+  stream = io.StringIO()
+  assert predict.predict_command(str(tmp_path / 'no_workdir'), source,
+                                 str(tmp_path / 'new' / 'out'),
+                                 stream=stream) == predict.EXIT_REFUSED
+  assert stream.getvalue() == (f'predict: refused: NotAWorkdirError: '
+                               f'{tmp_path / "no_workdir" / "config.json"}: no config.json in the '
+                               f"workdir; is '{tmp_path / 'no_workdir'}' a training workdir (made "
+                               'by python -m imask_jax.main)?\n')
   assert not (tmp_path / 'new').exists()
 
 
