@@ -18,11 +18,14 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from data_pipelines import readers
+from data_pipelines import readers, tissues
 from data_pipelines.datasets.params import PHANTOM_DATASETS, SPLITS, DatasetParams, assign_splits
 from data_pipelines.errors import DataError
 
 Folder = readers.NnunetFolder | readers.OaiZibFolder
+# Tissue names a dataset may declare without the config training them (their voxels are then
+# background): the tissues of the vocabulary, data_pipelines/tissues.py.
+KNOWN_TISSUES = frozenset(tissues.KNEE_CLASSES + tissues.HIP_CLASSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,21 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
     raise DataError(where, 'config data.class_label_values has values the dataset does not '
                     'declare', found=f'{missing} (declared labels {folder.labels})',
                     expected=f'values among {sorted(declared - {0})}')
+  # A declared value the config does not train becomes background. That is right for a tissue
+  # of our vocabulary the config leaves out (the knee phantoms' effusion, 5, for a knee
+  # config) and silently wrong for anything else (a dataset that splits tibial cartilage into
+  # medial 4 and lateral 5 would teach the lateral half as background): refuse those.
+  untrained = {name: int(v) for name, v in folder.labels.items()
+               if int(v) != 0 and int(v) not in params.class_label_values
+               and name not in KNOWN_TISSUES}
+  if untrained:
+    raise DataError(where, 'the dataset declares label values that config '
+                    f'data.class_label_values={tuple(params.class_label_values)} does not '
+                    'train; their voxels would silently become background',
+                    found=untrained,
+                    expected='every declared value trained as a class (data.class_names, '
+                             'data.class_label_values, model.num_classes), or relabelled in '
+                             'the label files and dropped from dataset.json')
   if params.reader and params.reader not in folder.readers:
     raise DataError(where, f'config data.reader={params.reader!r} is not a reader of this dataset',
                     expected=f'one of {list(folder.readers)} '

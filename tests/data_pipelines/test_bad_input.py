@@ -248,3 +248,49 @@ def test_too_many_instances_for_the_static_maximum():
     instances.pad_instances(found, 3, source='case hip_0001 slice 12')
   assert str(info.value).startswith('case hip_0001 slice 12: more instances than the static '
                                     'maximum (found 5; expected at most max_instances = 3')
+
+
+def _knee_folder(root, labels: dict[str, int]):
+  """An nnU-Net knee folder with two cases whose label maps hold every declared value."""
+  from data_pipelines.datasets import params as params_lib
+  (root / 'imagesTr').mkdir(parents=True)
+  (root / 'labelsTr').mkdir()
+  (root / 'dataset.json').write_text(json.dumps({'labels': labels, 'channel_names': {'0': 'MR'},
+                                                 'file_ending': '.nii.gz'}))
+  values = np.zeros(SHAPE, np.uint8)
+  values.flat[:len(labels)] = sorted(labels.values())
+  for case in ('knee_0000', 'knee_0001'):
+    _save(root / 'imagesTr' / f'{case}_0000.nii.gz', np.ones(SHAPE, np.float32))
+    _save(root / 'labelsTr' / f'{case}.nii.gz', values)
+  params = params_lib.DatasetParams(
+      dataset='nifti_folder', plane='sagittal', class_label_values=KNEE_VALUES, reader='',
+      instance_mode='per_class', min_instance_pixels=1, empty_slice_rate=1.0, context_slices=0,
+      seed=0, split_fractions=(0.5, 0.0, 0.5), source_dir=str(root))
+  return params, readers.NnunetFolder(root)
+
+
+def test_declared_label_values_the_config_does_not_train_are_refused(tmp_path):
+  # Issue 15.6: values were checked against dataset.json only, so a knee dataset that splits
+  # tibial cartilage into medial (4) and lateral (5) passed with a config training 1-4, and
+  # the lateral half was learnt as background.
+  from data_pipelines.datasets import sources
+  split = {'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
+           'medial_tibial_cartilage': 4, 'lateral_tibial_cartilage': 5}
+  params, folder = _knee_folder(tmp_path / 'split', split)
+  message = _message(lambda: sources.labelled_cases(params, folder))
+  assert message == (
+      f'{tmp_path / "split" / "dataset.json"}: the dataset declares label values that config '
+      'data.class_label_values=(1, 2, 3, 4) does not train; their voxels would silently become '
+      "background (found {'lateral_tibial_cartilage': 5}; expected every declared value trained "
+      'as a class (data.class_names, data.class_label_values, model.num_classes), or relabelled '
+      'in the label files and dropped from dataset.json)')
+  # A tissue of the vocabulary that the config leaves out is background on purpose (the knee
+  # phantoms' effusion, 5), and is read.
+  phantom_like = {'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
+                  'tibial_cartilage': 4, 'effusion': 5}
+  params, folder = _knee_folder(tmp_path / 'phantom_like', phantom_like)
+  cases = sources.labelled_cases(params, folder)
+  assert [c.case_id for c in cases] == ['knee_0000', 'knee_0001']
+  volume = sources.VolumeSource('train', tuple(cases), 'sagittal', dict(folder.labels),
+                                params.class_map, None).load(cases[0])
+  assert set(np.unique(volume.labels)) == {0, 1, 2, 3, 4, 5}
