@@ -26,7 +26,7 @@ from data_pipelines.phantoms import mri, scene, sdf
 from data_pipelines.phantoms import truth as truth_lib
 
 Array = np.ndarray
-GENERATOR_VERSION = '1.0'
+GENERATOR_VERSION = '1.1'  # 1.1: each hip's joint fluid film is its own (1.0 drew the last side's twice)
 SEQUENCE = 'STIR'
 PLANE = 'coronal'
 LABELS = tissues.HIP_LABELS
@@ -310,7 +310,8 @@ def build_layers(model: HipModel, sc: scene.Scene) -> tuple[list[scene.Layer], l
     film = model.joint_film(s)
     box = _box_around([s.head], s.cup_in + 4.)
 
-    def film_sample(scn, sl, xyz, s=s):
+    # Both bound now: the layer is sampled after the loop (a free `film` would be the last side's).
+    def film_sample(scn, sl, xyz, s=s, film=film):
       r = sdf.sphere(*xyz, s.head, 0.)
       inner = s.head_r + s.cart_head
       cover = scene.shell_coverage(r - inner, np.float32(s.gap), h)
