@@ -92,6 +92,6 @@ def test_batches_on_two_forced_host_devices():
   for name in parallel.CLUSTER_ENV:
     env.pop(name, None)
   result = subprocess.run([sys.executable, '-c', TWO_DEVICE_CHECKS], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'two-device checks passed' in result.stdout
