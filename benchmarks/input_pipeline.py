@@ -26,8 +26,9 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(config, data_dir: str, *, augment: bool, batches: int,
-            warmup: int) -> tuple[float, float]:
+def measure(
+  config, data_dir: str, *, augment: bool, batches: int, warmup: int
+) -> tuple[float, float]:
   """(slices per second, CPU milliseconds per slice) drawn from `create_train_dataset` as numpy
   batches, as training sees them. The CPU cost does not depend on how busy the machine is."""
   iterator = input_pipeline.create_train_dataset(config, data_dir, seed=0, augment=augment)
@@ -43,9 +44,12 @@ def measure(config, data_dir: str, *, augment: bool, batches: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--data_dir', default=os.environ.get('IMASK_DATA_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'imask_jax', 'tfds'),
-                      help='TFDS data_dir (default: $IMASK_DATA_DIR or ~/.cache/imask_jax/tfds)')
+  parser.add_argument(
+    '--data_dir',
+    default=os.environ.get('IMASK_DATA_DIR')
+    or os.path.join(os.path.expanduser('~'), '.cache', 'imask_jax', 'tfds'),
+    help='TFDS data_dir (default: $IMASK_DATA_DIR or ~/.cache/imask_jax/tfds)',
+  )
   parser.add_argument('--image_size', type=int, default=128)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--context_slices', type=int, default=0)
@@ -59,18 +63,25 @@ def main() -> None:
   config.train.batch_size = args.batch
   start = time.perf_counter()
   builder = builders.prepare(config, args.data_dir)
-  print(f'dataset {builder.name}/{builder.builder_config.name}: '
-        f'{builder.info.splits["train"].num_examples} train slices, ready in '
-        f'{time.perf_counter() - start:.1f} s ({builder.data_dir})')
-  print(f'cpu cores: {os.cpu_count()}, image {args.image_size} x {args.image_size}, '
-        f'batch {args.batch}, context slices {args.context_slices}')
+  print(
+    f'dataset {builder.name}/{builder.builder_config.name}: '
+    f'{builder.info.splits["train"].num_examples} train slices, ready in '
+    f'{time.perf_counter() - start:.1f} s ({builder.data_dir})'
+  )
+  print(
+    f'cpu cores: {os.cpu_count()}, image {args.image_size} x {args.image_size}, '
+    f'batch {args.batch}, context slices {args.context_slices}'
+  )
   print(f'load average before: {os.getloadavg()[0]:.1f}')
   for augment in (True, False):
-    rate, cpu_ms = measure(config, args.data_dir, augment=augment, batches=args.batches,
-                           warmup=args.warmup)
-    print(f'augmentation {"on " if augment else "off"}: {rate:7.1f} slices/s, '
-          f'{cpu_ms:.2f} CPU ms per slice (= {1e3 * os.cpu_count() / cpu_ms:.0f} slices/s on '
-          f'{os.cpu_count()} idle cores)')
+    rate, cpu_ms = measure(
+      config, args.data_dir, augment=augment, batches=args.batches, warmup=args.warmup
+    )
+    print(
+      f'augmentation {"on " if augment else "off"}: {rate:7.1f} slices/s, '
+      f'{cpu_ms:.2f} CPU ms per slice (= {1e3 * os.cpu_count() / cpu_ms:.0f} slices/s on '
+      f'{os.cpu_count()} idle cores)'
+    )
 
 
 if __name__ == '__main__':

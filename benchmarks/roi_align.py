@@ -50,10 +50,10 @@ from pathlib import Path
 
 THREADS = 2
 # Pin before any numerical library starts its thread pools.
-if hasattr(os, "sched_setaffinity"):
+if hasattr(os, 'sched_setaffinity'):
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -67,21 +67,25 @@ tf.config.threading.set_intra_op_parallelism_threads(THREADS)
 tf.config.threading.set_inter_op_parallelism_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_PYTHON = REPO / ".benchvenv" / "bin" / "python"
+TORCH_PYTHON = REPO / '.benchvenv' / 'bin' / 'python'
 IMAGE_SIZE = 256
 CHANNELS = 256
 LEVELS = (2, 3, 4, 5)
 SAMPLING_RATIO = 2
 # (name, ROIs, output size, fixed level or None for the assigned level)
-CASES = (("512 ROIs 7x7", 512, 7, None),
-         ("512 ROIs 14x14", 512, 14, None),
-         ("128 ROIs 56x56 (P2)", 128, 56, 2))
+CASES = (
+  ('512 ROIs 7x7', 512, 7, None),
+  ('512 ROIs 14x14', 512, 14, None),
+  ('128 ROIs 56x56 (P2)', 128, 56, 2),
+)
 
 
 def make_pyramid(seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {f"P{k}": rng.standard_normal((IMAGE_SIZE >> k, IMAGE_SIZE >> k, CHANNELS))
-          .astype(np.float32) for k in LEVELS}
+  return {
+    f'P{k}': rng.standard_normal((IMAGE_SIZE >> k, IMAGE_SIZE >> k, CHANNELS)).astype(np.float32)
+    for k in LEVELS
+  }
 
 
 def make_boxes(n: int, seed: int) -> np.ndarray:
@@ -98,8 +102,9 @@ def make_boxes(n: int, seed: int) -> np.ndarray:
   return boxes.astype(np.float32)
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], warmup: int,
-                   repeats: int) -> dict[str, float]:
+def median_seconds(
+  fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, float]:
   """Median wall time of each zero-argument call; the calls alternate within each round."""
   for fn in fns.values():
     for _ in range(warmup):
@@ -114,14 +119,14 @@ def median_seconds(fns: dict[str, Callable[[], object]], warmup: int,
 
 
 # ----------------------------------------------------------------------------------- JAX
-def jax_calls(pyramid: dict[str, np.ndarray], boxes: np.ndarray, cot: np.ndarray,
-              out: int, level: int | None) -> tuple[Callable, Callable, np.ndarray]:
+def jax_calls(
+  pyramid: dict[str, np.ndarray], boxes: np.ndarray, cot: np.ndarray, out: int, level: int | None
+) -> tuple[Callable, Callable, np.ndarray]:
   feats = {k: jnp.asarray(v) for k, v in pyramid.items()}
   rois, cot_j = jnp.asarray(boxes), jnp.asarray(cot)
 
   def forward(f, r):
-    return roi_ops.multilevel_roi_align(f, r, out, sampling_ratio=SAMPLING_RATIO,
-                                        level=level)
+    return roi_ops.multilevel_roi_align(f, r, out, sampling_ratio=SAMPLING_RATIO, level=level)
 
   fwd = jax.jit(forward)
 
@@ -131,13 +136,17 @@ def jax_calls(pyramid: dict[str, np.ndarray], boxes: np.ndarray, cot: np.ndarray
     return out, pullback(c)[0]
 
   result = np.asarray(fwd(feats, rois))
-  return (lambda: jax.block_until_ready(fwd(feats, rois)),
-          lambda: jax.block_until_ready(fwd_bwd(feats, rois, cot_j)), result)
+  return (
+    lambda: jax.block_until_ready(fwd(feats, rois)),
+    lambda: jax.block_until_ready(fwd_bwd(feats, rois, cot_j)),
+    result,
+  )
 
 
 # ------------------------------------------------------------------------------------ TF
-def tf_crop_and_resize_roi_align(maps: list[tf.Tensor], strides: list[int], boxes: tf.Tensor,
-                                 level_index: tf.Tensor, out: int) -> tf.Tensor:
+def tf_crop_and_resize_roi_align(
+  maps: list[tf.Tensor], strides: list[int], boxes: tf.Tensor, level_index: tf.Tensor, out: int
+) -> tf.Tensor:
   """ROIAlign with sampling ratio 2 built from crop_and_resize + average pooling."""
   samples = out * SAMPLING_RATIO
   pieces, positions = [], []
@@ -150,18 +159,31 @@ def tf_crop_and_resize_roi_align(maps: list[tf.Tensor], strides: list[int], boxe
     # size - 1); ROIAlign's samples are at start + (i + 0.5) * extent / samples.
     half_y = (b[:, 2] - b[:, 0]) / (2 * samples)
     half_x = (b[:, 3] - b[:, 1]) / (2 * samples)
-    norm = tf.stack([(b[:, 0] + half_y) / height, (b[:, 1] + half_x) / width,
-                     (b[:, 2] - half_y) / height, (b[:, 3] - half_x) / width], axis=1)
-    crops = tf.image.crop_and_resize(fmap[None], norm, tf.zeros_like(picked, tf.int32),
-                                     (samples, samples))
-    pieces.append(tf.nn.avg_pool2d(crops, SAMPLING_RATIO, SAMPLING_RATIO, "VALID"))
+    norm = tf.stack(
+      [
+        (b[:, 0] + half_y) / height,
+        (b[:, 1] + half_x) / width,
+        (b[:, 2] - half_y) / height,
+        (b[:, 3] - half_x) / width,
+      ],
+      axis=1,
+    )
+    crops = tf.image.crop_and_resize(
+      fmap[None], norm, tf.zeros_like(picked, tf.int32), (samples, samples)
+    )
+    pieces.append(tf.nn.avg_pool2d(crops, SAMPLING_RATIO, SAMPLING_RATIO, 'VALID'))
     positions.append(tf.cast(picked, tf.int32))
   return tf.dynamic_stitch(positions, pieces)
 
 
-def tf_calls(pyramid: dict[str, np.ndarray], boxes: np.ndarray, cot: np.ndarray,
-             level_index: np.ndarray, level_keys: list[str],
-             out: int) -> tuple[Callable, Callable, np.ndarray]:
+def tf_calls(
+  pyramid: dict[str, np.ndarray],
+  boxes: np.ndarray,
+  cot: np.ndarray,
+  level_index: np.ndarray,
+  level_keys: list[str],
+  out: int,
+) -> tuple[Callable, Callable, np.ndarray]:
   maps = [tf.constant(pyramid[k]) for k in level_keys]
   strides = [2 ** int(k[1:]) for k in level_keys]
   tb, tl, tc = tf.constant(boxes), tf.constant(level_index), tf.constant(cot)
@@ -236,44 +258,62 @@ for case in range(int(d["cases"])):
 """
 
 
-def torch_times(inputs: list[dict], warmup: int, repeats: int,
-                workdir: Path) -> tuple[dict[tuple[int, str], float], list[np.ndarray]] | None:
+def torch_times(
+  inputs: list[dict], warmup: int, repeats: int, workdir: Path
+) -> tuple[dict[tuple[int, str], float], list[np.ndarray]] | None:
   if not TORCH_PYTHON.exists():
-    print(f"[torchvision skipped: {TORCH_PYTHON} not found]")
+    print(f'[torchvision skipped: {TORCH_PYTHON} not found]')
     return None
-  path = workdir / "inputs.npz"
-  arrays: dict[str, np.ndarray] = {"warmup": np.array(warmup), "repeats": np.array(repeats),
-                                   "ratio": np.array(SAMPLING_RATIO),
-                                   "cases": np.array(len(inputs))}
+  path = workdir / 'inputs.npz'
+  arrays: dict[str, np.ndarray] = {
+    'warmup': np.array(warmup),
+    'repeats': np.array(repeats),
+    'ratio': np.array(SAMPLING_RATIO),
+    'cases': np.array(len(inputs)),
+  }
   for i, case in enumerate(inputs):
-    arrays.update({f"boxes{i}": case["boxes"], f"level{i}": case["level_index"],
-                   f"cot{i}": case["cot"], f"out{i}": np.array(case["out"]),
-                   f"keys{i}": np.array(case["keys"])})
-  arrays.update(inputs[0]["pyramid"])
+    arrays.update(
+      {
+        f'boxes{i}': case['boxes'],
+        f'level{i}': case['level_index'],
+        f'cot{i}': case['cot'],
+        f'out{i}': np.array(case['out']),
+        f'keys{i}': np.array(case['keys']),
+      }
+    )
+  arrays.update(inputs[0]['pyramid'])
   np.savez(path, **arrays)
-  script = workdir / "torch_roi_align.py"
+  script = workdir / 'torch_roi_align.py'
   script.write_text(TORCH_SCRIPT)
-  proc = subprocess.run([str(TORCH_PYTHON), str(script), str(path), str(THREADS)],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [str(TORCH_PYTHON), str(script), str(path), str(THREADS)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if proc.returncode != 0:
-    print(f"[torchvision failed, column left out]\n{proc.stderr[-2000:]}")
+    print(f'[torchvision failed, column left out]\n{proc.stderr[-2000:]}')
     return None
   times = {}
   for line in proc.stdout.splitlines():
     case, name, seconds = line.split()
     times[(int(case), name)] = float(seconds)
-  outputs = [np.load(f"{path}.out{i}.npy") for i in range(len(inputs))]
+  outputs = [np.load(f'{path}.out{i}.npy') for i in range(len(inputs))]
   return times, outputs
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--torch_repeats", type=int, default=5,
-                      help="torchvision is 10-30x slower; fewer repeats keep the run short")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no_torch", action="store_true", help="leave torchvision out")
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument(
+    '--torch_repeats',
+    type=int,
+    default=5,
+    help='torchvision is 10-30x slower; fewer repeats keep the run short',
+  )
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--no_torch', action='store_true', help='leave torchvision out')
   args = parser.parse_args()
 
   pyramid = make_pyramid(args.seed)
@@ -281,53 +321,77 @@ def main() -> None:
   for case_id, (name, n, out, level) in enumerate(CASES):
     boxes = make_boxes(n, args.seed + 1 + case_id)
     if level is None:
-      keys = [f"P{k}" for k in LEVELS]
+      keys = [f'P{k}' for k in LEVELS]
       level_index = np.asarray(roi_ops.assign_levels(jnp.asarray(boxes))) - LEVELS[0]
     else:
-      keys = [f"P{level}"]
+      keys = [f'P{level}']
       level_index = np.zeros(n, np.int32)
-    cot = np.random.default_rng(args.seed + 100 + case_id).standard_normal(
-        (n, out, out, CHANNELS)).astype(np.float32)
-    inputs.append(dict(name=name, out=out, level=level, boxes=boxes, cot=cot, keys=keys,
-                       level_index=level_index.astype(np.int32), pyramid=pyramid))
+    cot = (
+      np.random.default_rng(args.seed + 100 + case_id)
+      .standard_normal((n, out, out, CHANNELS))
+      .astype(np.float32)
+    )
+    inputs.append(
+      dict(
+        name=name,
+        out=out,
+        level=level,
+        boxes=boxes,
+        cot=cot,
+        keys=keys,
+        level_index=level_index.astype(np.int32),
+        pyramid=pyramid,
+      )
+    )
 
   torch_result = None
   if not args.no_torch:
     with tempfile.TemporaryDirectory() as tmp:
       torch_result = torch_times(inputs, 1, args.torch_repeats, Path(tmp))
 
-  print(f"# {datetime.date.today()}  jax {jax.__version__}  tf {tf.__version__}  "
-        f"{THREADS} threads  sampling_ratio {SAMPLING_RATIO}  median of {args.repeats} "
-        f"(torchvision: {args.torch_repeats})")
-  header = (f"{'case':<22}{'pass':<9}{'JAX ms':>9}{'TF ms':>9}{'torch ms':>10}"
-            f"{'JAX/TF':>8}{'JAX/torch':>11}")
+  print(
+    f'# {datetime.date.today()}  jax {jax.__version__}  tf {tf.__version__}  '
+    f'{THREADS} threads  sampling_ratio {SAMPLING_RATIO}  median of {args.repeats} '
+    f'(torchvision: {args.torch_repeats})'
+  )
+  header = (
+    f'{"case":<22}{"pass":<9}{"JAX ms":>9}{"TF ms":>9}{"torch ms":>10}'
+    f'{"JAX/TF":>8}{"JAX/torch":>11}'
+  )
   print(header)
-  print("-" * len(header))
+  print('-' * len(header))
   checks = []
   for i, case in enumerate(inputs):
-    j_fwd, j_fb, j_out = jax_calls(case["pyramid"], case["boxes"], case["cot"], case["out"],
-                                   case["level"])
-    t_fwd, t_fb, t_out = tf_calls(case["pyramid"], case["boxes"], case["cot"],
-                                  case["level_index"], case["keys"], case["out"])
-    for pass_name, jf, tfn in (("fwd", j_fwd, t_fwd), ("fwd+bwd", j_fb, t_fb)):
-      med = median_seconds({"jax": jf, "tf": tfn}, args.warmup, args.repeats)
+    j_fwd, j_fb, j_out = jax_calls(
+      case['pyramid'], case['boxes'], case['cot'], case['out'], case['level']
+    )
+    t_fwd, t_fb, t_out = tf_calls(
+      case['pyramid'], case['boxes'], case['cot'], case['level_index'], case['keys'], case['out']
+    )
+    for pass_name, jf, tfn in (('fwd', j_fwd, t_fwd), ('fwd+bwd', j_fb, t_fb)):
+      med = median_seconds({'jax': jf, 'tf': tfn}, args.warmup, args.repeats)
       torch_s = torch_result[0].get((i, pass_name)) if torch_result else None
-      torch_ms = f"{torch_s * 1e3:10.1f}" if torch_s else f"{'-':>10}"
-      vs_torch = f"{med['jax'] / torch_s:11.2f}" if torch_s else f"{'-':>11}"
-      print(f"{case['name']:<22}{pass_name:<9}{med['jax'] * 1e3:9.1f}{med['tf'] * 1e3:9.1f}"
-            f"{torch_ms}{med['jax'] / med['tf']:8.2f}{vs_torch}")
+      torch_ms = f'{torch_s * 1e3:10.1f}' if torch_s else f'{"-":>10}'
+      vs_torch = f'{med["jax"] / torch_s:11.2f}' if torch_s else f'{"-":>11}'
+      print(
+        f'{case["name"]:<22}{pass_name:<9}{med["jax"] * 1e3:9.1f}{med["tf"] * 1e3:9.1f}'
+        f'{torch_ms}{med["jax"] / med["tf"]:8.2f}{vs_torch}'
+      )
     # crop_and_resize zeroes out-of-map samples where ROIAlign clamps: compare ROIs at least
     # one stride of their level away from the border, whose samples all lie inside the map.
-    stride = np.array([2 ** int(k[1:]) for k in case["keys"]])[case["level_index"]][:, None]
-    interior = np.all((case["boxes"][:, :2] >= stride)
-                      & (case["boxes"][:, 2:] <= IMAGE_SIZE - stride), axis=1)
-    line = (f"{case['name']}: max |JAX - TF| on {int(interior.sum())} interior ROIs "
-            f"{np.abs(j_out - t_out)[interior].max():.1e}")
+    stride = np.array([2 ** int(k[1:]) for k in case['keys']])[case['level_index']][:, None]
+    interior = np.all(
+      (case['boxes'][:, :2] >= stride) & (case['boxes'][:, 2:] <= IMAGE_SIZE - stride), axis=1
+    )
+    line = (
+      f'{case["name"]}: max |JAX - TF| on {int(interior.sum())} interior ROIs '
+      f'{np.abs(j_out - t_out)[interior].max():.1e}'
+    )
     if torch_result:
-      line += f", max |JAX - torchvision| {np.abs(j_out - torch_result[1][i]).max():.1e}"
+      line += f', max |JAX - torchvision| {np.abs(j_out - torch_result[1][i]).max():.1e}'
     checks.append(line)
-  print("\n".join(checks))
+  print('\n'.join(checks))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

@@ -39,8 +39,12 @@ SEMI_AXES_MM = (35.0, 30.0, 40.0)
 INNER_SCALE = 0.6
 
 
-def shell(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-          wobble_mm: float, shift_mm: float) -> np.ndarray:
+def shell(
+  shape: tuple[int, int, int],
+  spacing: tuple[float, float, float],
+  wobble_mm: float,
+  shift_mm: float,
+) -> np.ndarray:
   """Ellipsoidal shell centred in the volume; its outer and inner surfaces are moved outward
   by wobble_mm * (smooth angular field) and the whole shell by shift_mm along axis 0."""
   axes = [(np.arange(n) - n / 2) * s for n, s in zip(shape, spacing)]
@@ -48,15 +52,17 @@ def shell(shape: tuple[int, int, int], spacing: tuple[float, float, float],
   y = axes[1][None, :, None]
   z = axes[2][None, None, :]
   # Normalised ellipsoidal radius: 1 on the outer surface.
-  rho = np.sqrt((x / SEMI_AXES_MM[0])**2 + (y / SEMI_AXES_MM[1])**2
-                + (z / SEMI_AXES_MM[2])**2)
+  rho = np.sqrt(
+    (x / SEMI_AXES_MM[0]) ** 2 + (y / SEMI_AXES_MM[1]) ** 2 + (z / SEMI_AXES_MM[2]) ** 2
+  )
   field = np.sin(3 * np.arctan2(y, x)) * np.cos(2 * np.arctan2(z, np.hypot(x, y)))
   scale = 1 + wobble_mm * field / SEMI_AXES_MM[1]
   return (rho < scale) & (rho >= INNER_SCALE * scale)
 
 
-def median_seconds(function: Callable[[], object], repeats: int
-                   ) -> tuple[tuple[float, float], object]:
+def median_seconds(
+  function: Callable[[], object], repeats: int
+) -> tuple[tuple[float, float], object]:
   """((median wall s, median CPU s of this process), the last result) over `repeats` calls."""
   wall, cpu, result = [], [], None
   for _ in range(repeats):
@@ -74,17 +80,22 @@ def main() -> None:
 
   truth = shell(SHAPE, SPACING, wobble_mm=0.0, shift_mm=0.0)
   pred = shell(SHAPE, SPACING, wobble_mm=1.0, shift_mm=0.5)
-  print(f'volume {SHAPE}, spacing {SPACING} mm, truth {int(truth.sum())} voxels, '
-        f'prediction {int(pred.sum())} voxels, {args.repeats} repeats (median)')
+  print(
+    f'volume {SHAPE}, spacing {SPACING} mm, truth {int(truth.sum())} voxels, '
+    f'prediction {int(pred.sum())} voxels, {args.repeats} repeats (median)'
+  )
 
   rows = []
   ours_s, ours = median_seconds(lambda: surface_metrics(pred, truth, SPACING), args.repeats)
   rows.append(('ours: HD, HD95, ASSD, signed mean/SD (mm)', ours_s))
   ours_vox_s, _ = median_seconds(
-      lambda: surface_metrics(pred, truth, SPACING, voxel_hausdorff=True), args.repeats)
+    lambda: surface_metrics(pred, truth, SPACING, voxel_hausdorff=True), args.repeats
+  )
   rows.append(('ours: the same + Hausdorff in voxels', ours_vox_s))
-  print(f'ours: HD {ours.hausdorff_mm:.3f}, HD95 {ours.hd95_mm:.3f}, ASSD {ours.assd_mm:.3f}, '
-        f'signed {ours.signed_mean_mm:+.3f} +- {ours.signed_sd_mm:.3f} mm')
+  print(
+    f'ours: HD {ours.hausdorff_mm:.3f}, HD95 {ours.hd95_mm:.3f}, ASSD {ours.assd_mm:.3f}, '
+    f'signed {ours.signed_mean_mm:+.3f} +- {ours.signed_sd_mm:.3f} mm'
+  )
 
   try:
     import medpy
@@ -104,8 +115,10 @@ def main() -> None:
     rows.append((f'medpy {medpy.__version__}: hd + hd95 + assd (3 calls)', medpy_s))
     hd_s, _ = median_seconds(lambda: medpy_binary.hd(pred, truth, SPACING), 1)
     rows.append((f'medpy {medpy.__version__}: hd alone (1 repeat)', hd_s))
-    print(f'medpy: hd {values["hd"]:.3f}, hd95 (pooled) {values["hd95"]:.3f}, '
-          f'assd {values["assd"]:.3f} mm')
+    print(
+      f'medpy: hd {values["hd"]:.3f}, hd95 (pooled) {values["hd95"]:.3f}, '
+      f'assd {values["assd"]:.3f} mm'
+    )
 
   try:
     import SimpleITK as sitk
@@ -125,8 +138,7 @@ def main() -> None:
       return hausdorff.GetHausdorffDistance(), hausdorff.GetAverageHausdorffDistance()
 
     sitk_s, (sitk_hd, sitk_average) = median_seconds(run_sitk, args.repeats)
-    rows.append((f'SimpleITK {sitk.Version.VersionString()}: HausdorffDistance, 1 thread',
-                 sitk_s))
+    rows.append((f'SimpleITK {sitk.Version.VersionString()}: HausdorffDistance, 1 thread', sitk_s))
     print(f'SimpleITK: Hausdorff {sitk_hd:.3f}, average (all voxels) {sitk_average:.3f} mm')
 
   print()

@@ -14,8 +14,9 @@ class DataError(ValueError):
   `path` may also name a dataset item that is not a file on its own, e.g. `case knee_0001`.
   """
 
-  def __init__(self, path: str | os.PathLike, problem: str, *, found: Any = None,
-               expected: Any = None):
+  def __init__(
+    self, path: str | os.PathLike, problem: str, *, found: Any = None, expected: Any = None
+  ):
     self.path = os.fspath(path)
     self.problem = problem
     self.found = found

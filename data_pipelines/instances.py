@@ -24,6 +24,7 @@ class Instances:
   """N instances of one slice. classes: int32 [N] (>= 1); boxes: float32 [N, 4] (y1, x1, y2, x2);
   masks: bool [N, H, W]. Ordered by class id, then (components mode) by the raster position of
   each component's first pixel."""
+
   classes: np.ndarray
   boxes: np.ndarray
   masks: np.ndarray
@@ -42,6 +43,7 @@ class PaddedInstances:
   """Static-shape instances. classes: int32 [M] (0 = padding); boxes: float32 [M, 4] (zeros for
   padding); masks: uint8 [M, H, W]; valid: bool [M]; num_dropped: instances left out by the
   'keep_largest' overflow policy."""
+
   classes: np.ndarray
   boxes: np.ndarray
   masks: np.ndarray
@@ -58,9 +60,14 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
   return np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1], dtype=np.float32)
 
 
-def extract_instances(label_slice: np.ndarray, class_map: Mapping[int, int], *,
-                      mode: str = 'per_class', connectivity: int = 8,
-                      min_pixels: int = 1) -> Instances:
+def extract_instances(
+  label_slice: np.ndarray,
+  class_map: Mapping[int, int],
+  *,
+  mode: str = 'per_class',
+  connectivity: int = 8,
+  min_pixels: int = 1,
+) -> Instances:
   """Instances of one label slice [H, W].
 
   class_map: label value -> class id (>= 1), e.g. knee {1: 1, 2: 2, 3: 3, 4: 4}, hip effusion
@@ -97,13 +104,15 @@ def extract_instances(label_slice: np.ndarray, class_map: Mapping[int, int], *,
         masks.append(piece)
   height, width = label_slice.shape
   return Instances(
-      classes=np.array(classes, dtype=np.int32),
-      boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
-      masks=np.array(masks, dtype=bool).reshape(-1, height, width))
+    classes=np.array(classes, dtype=np.int32),
+    boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
+    masks=np.array(masks, dtype=bool).reshape(-1, height, width),
+  )
 
 
-def pad_instances(instances: Instances, max_instances: int, *, overflow: str = 'error',
-                  source: str = 'slice') -> PaddedInstances:
+def pad_instances(
+  instances: Instances, max_instances: int, *, overflow: str = 'error', source: str = 'slice'
+) -> PaddedInstances:
   """Pads (or trims) `instances` to exactly `max_instances` rows.
 
   overflow: what to do with more than `max_instances` instances. 'error' raises a DataError
@@ -118,9 +127,13 @@ def pad_instances(instances: Instances, max_instances: int, *, overflow: str = '
   keep = np.arange(count)
   if count > max_instances:
     if overflow == 'error':
-      raise DataError(source, 'more instances than the static maximum', found=count,
-                      expected=f'at most max_instances = {max_instances} (raise it, or use '
-                               "overflow='keep_largest')")
+      raise DataError(
+        source,
+        'more instances than the static maximum',
+        found=count,
+        expected=f'at most max_instances = {max_instances} (raise it, or use '
+        "overflow='keep_largest')",
+      )
     by_size = np.argsort(-instances.areas, kind='stable')[:max_instances]
     keep = np.sort(by_size)
   kept = len(keep)
@@ -136,8 +149,9 @@ def pad_instances(instances: Instances, max_instances: int, *, overflow: str = '
   return PaddedInstances(classes, boxes, masks, valid, num_dropped=count - kept)
 
 
-def select_slices(has_instances: np.ndarray, empty_keep_rate: float, seed: int,
-                  key: str = '') -> np.ndarray:
+def select_slices(
+  has_instances: np.ndarray, empty_keep_rate: float, seed: int, key: str = ''
+) -> np.ndarray:
   """Which slices of one volume to keep, bool [n]: every slice with instances, plus
   round(empty_keep_rate * number of empty slices) empty ones drawn without replacement.
 

@@ -25,8 +25,16 @@ from data_pipelines.errors import DataError
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 
 # What nibabel, gzip and numpy raise for a truncated or corrupt file (header or voxel data).
-_READ_ERRORS = (ImageFileError, HeaderDataError, ImageDataError, OSError, EOFError, ValueError,
-                zlib.error, struct.error)
+_READ_ERRORS = (
+  ImageFileError,
+  HeaderDataError,
+  ImageDataError,
+  OSError,
+  EOFError,
+  ValueError,
+  zlib.error,
+  struct.error,
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,6 +45,7 @@ class NiftiVolume:
   affine: [4, 4] float64, voxel index -> RAS+ world coordinates in mm.
   zooms: voxel size in mm along X, Y, Z (the lengths of the affine's columns).
   """
+
   path: str
   data: np.ndarray
   affine: np.ndarray
@@ -55,7 +64,7 @@ def strip_nifti_suffix(name: str) -> str:
   """'knee_0001_0000.nii.gz' -> 'knee_0001_0000'."""
   for suffix in NIFTI_SUFFIXES:
     if name.endswith(suffix):
-      return name[:-len(suffix)]
+      return name[: -len(suffix)]
   return name
 
 
@@ -63,24 +72,34 @@ def load_nifti_image(path: str | os.PathLike) -> NiftiVolume:
   """Loads an image volume as float32 [X, Y, Z]; NaN or infinite voxels are an error."""
   path, data, affine = _load_3d(path)
   if data.dtype.kind not in 'biuf':
-    raise DataError(path, 'image has an unsupported data type', found=data.dtype,
-                    expected='a real-valued integer or float type')
+    raise DataError(
+      path,
+      'image has an unsupported data type',
+      found=data.dtype,
+      expected='a real-valued integer or float type',
+    )
   # Checked before the cast: a float64 value beyond float32's range would turn infinite in it
   # and be reported as an infinite voxel of the file.
   if data.dtype.kind == 'f':
     bad = ~np.isfinite(data)
     if bad.any():
-      raise DataError(path, 'image has non-finite voxels',
-                      found=f'{int(np.isnan(data).sum())} NaN and {int(np.isinf(data).sum())} '
-                            f'infinite of {data.size} voxels',
-                      expected='finite intensities only')
+      raise DataError(
+        path,
+        'image has non-finite voxels',
+        found=f'{int(np.isnan(data).sum())} NaN and {int(np.isinf(data).sum())} '
+        f'infinite of {data.size} voxels',
+        expected='finite intensities only',
+      )
     limit = float(np.finfo(np.float32).max)
     beyond = np.abs(data) > limit
     if beyond.any():
-      raise DataError(path, 'image has voxels beyond the float32 range',
-                      found=f'{int(beyond.sum())} of {data.size} voxels, largest magnitude '
-                            f'{float(np.abs(data).max()):.4g}',
-                      expected=f'magnitudes up to {limit:.4g}')
+      raise DataError(
+        path,
+        'image has voxels beyond the float32 range',
+        found=f'{int(beyond.sum())} of {data.size} voxels, largest magnitude '
+        f'{float(np.abs(data).max()):.4g}',
+        expected=f'magnitudes up to {limit:.4g}',
+      )
   return NiftiVolume(path, data.astype(np.float32), affine, affine_zooms(affine))
 
 
@@ -94,21 +113,35 @@ def load_nifti_labels(path: str | os.PathLike) -> NiftiVolume:
 def labels_to_uint8(data: np.ndarray, path: str) -> np.ndarray:
   """Checks that a label array holds whole numbers in 0..255 and returns it as uint8."""
   if data.dtype.kind not in 'biuf':
-    raise DataError(path, 'label map has an unsupported data type', found=data.dtype,
-                    expected='an integer or float type')
+    raise DataError(
+      path,
+      'label map has an unsupported data type',
+      found=data.dtype,
+      expected='an integer or float type',
+    )
   if data.dtype.kind == 'f':
     if not np.isfinite(data).all():
-      raise DataError(path, 'label map has non-finite values',
-                      found=f'{int((~np.isfinite(data)).sum())} NaN/inf voxels',
-                      expected='whole numbers 0..255')
+      raise DataError(
+        path,
+        'label map has non-finite values',
+        found=f'{int((~np.isfinite(data)).sum())} NaN/inf voxels',
+        expected='whole numbers 0..255',
+      )
     fractional = data != np.round(data)
     if fractional.any():
-      raise DataError(path, 'label map has fractional values',
-                      found=f'{int(fractional.sum())} voxels, e.g. {data[fractional][0]!r}',
-                      expected='whole numbers 0..255')
+      raise DataError(
+        path,
+        'label map has fractional values',
+        found=f'{int(fractional.sum())} voxels, e.g. {data[fractional][0]!r}',
+        expected='whole numbers 0..255',
+      )
   if data.size and (data.min() < 0 or data.max() > 255):
-    raise DataError(path, 'label values out of range', found=f'min {data.min()}, max {data.max()}',
-                    expected='0..255')
+    raise DataError(
+      path,
+      'label values out of range',
+      found=f'min {data.min()}, max {data.max()}',
+      expected='0..255',
+    )
   return data.astype(np.uint8)
 
 
@@ -123,18 +156,29 @@ def check_affine(affine: Any, path: str) -> np.ndarray:
   if affine.shape != (4, 4):
     raise DataError(path, 'affine has the wrong shape', found=affine.shape, expected=(4, 4))
   if not np.isfinite(affine).all():
-    raise DataError(path, 'affine has non-finite entries', found=np.array2string(affine),
-                    expected='a finite voxel -> mm matrix')
+    raise DataError(
+      path,
+      'affine has non-finite entries',
+      found=np.array2string(affine),
+      expected='a finite voxel -> mm matrix',
+    )
   det = float(np.linalg.det(affine[:3, :3]))
   if abs(det) < 1e-12 or not np.array_equal(affine[3], [0, 0, 0, 1]):
-    raise DataError(path, 'affine is not invertible',
-                    found=f'determinant {det:.3g} of\n{np.array2string(affine, precision=4)}',
-                    expected='a non-zero voxel volume and last row [0, 0, 0, 1]')
+    raise DataError(
+      path,
+      'affine is not invertible',
+      found=f'determinant {det:.3g} of\n{np.array2string(affine, precision=4)}',
+      expected='a non-zero voxel volume and last row [0, 0, 0, 1]',
+    )
   return affine
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-               like: str | os.PathLike | nib.Nifti1Image | None = None) -> str:
+def save_nifti(
+  array: np.ndarray,
+  affine: np.ndarray,
+  path: str | os.PathLike,
+  like: str | os.PathLike | nib.Nifti1Image | None = None,
+) -> str:
   """Writes `array` ([X, Y, Z] or [X, Y, Z, C]) with `affine` to `path` (.nii / .nii.gz) atomically.
 
   `like` (a path or an image) supplies the header template (units, description, intent...);
@@ -144,12 +188,20 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
   """
   path = os.fspath(path)
   if not is_nifti_path(path):
-    raise DataError(path, 'output name has the wrong extension', found=os.path.basename(path),
-                    expected=' or '.join(NIFTI_SUFFIXES))
+    raise DataError(
+      path,
+      'output name has the wrong extension',
+      found=os.path.basename(path),
+      expected=' or '.join(NIFTI_SUFFIXES),
+    )
   array = np.asarray(array)
   if array.ndim not in (3, 4):
-    raise DataError(path, 'array to save has the wrong number of dimensions', found=array.shape,
-                    expected='[X, Y, Z] or [X, Y, Z, C]')
+    raise DataError(
+      path,
+      'array to save has the wrong number of dimensions',
+      found=array.shape,
+      expected='[X, Y, Z] or [X, Y, Z, C]',
+    )
   if array.dtype == bool:
     array = array.astype(np.uint8)
   affine = check_affine(affine, path)
@@ -175,19 +227,28 @@ def _load_3d(path: str | os.PathLike) -> tuple[str, np.ndarray, np.ndarray]:
   if os.path.isdir(path):
     raise DataError(path, 'is a folder', expected='a NIfTI file')
   if not is_nifti_path(path):
-    raise DataError(path, 'not a NIfTI file name', found=os.path.basename(path),
-                    expected=' or '.join(NIFTI_SUFFIXES))
+    raise DataError(
+      path,
+      'not a NIfTI file name',
+      found=os.path.basename(path),
+      expected=' or '.join(NIFTI_SUFFIXES),
+    )
   try:
     image = nib.load(path)
   except _READ_ERRORS as e:
     raise DataError(path, f'cannot read the NIfTI header (truncated or corrupt file?): {e}') from e
   if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-    raise DataError(path, 'not a NIfTI image', found=type(image).__name__,
-                    expected='NIfTI-1 or NIfTI-2')
+    raise DataError(
+      path, 'not a NIfTI image', found=type(image).__name__, expected='NIfTI-1 or NIfTI-2'
+    )
   shape = tuple(int(n) for n in image.shape)
   if len(shape) < 3 or any(n != 1 for n in shape[3:]):
-    raise DataError(path, f'not a 3D volume ({len(shape)}D)', found=f'shape {shape}',
-                    expected='shape [X, Y, Z] (a trailing 4th dimension of size 1 is allowed)')
+    raise DataError(
+      path,
+      f'not a 3D volume ({len(shape)}D)',
+      found=f'shape {shape}',
+      expected='shape [X, Y, Z] (a trailing 4th dimension of size 1 is allowed)',
+    )
   affine = check_affine(image.affine, path)
   try:
     data = np.asanyarray(image.dataobj)

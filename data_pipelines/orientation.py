@@ -34,6 +34,7 @@ PLANES = ('sagittal', 'coronal', 'axial')
 class PlaneAxes:
   """Which canonical axis is the slice axis, the row axis and the column axis of a plane, and
   whether rows / columns run against the canonical axis direction."""
+
   slice_axis: int
   row_axis: int
   row_flip: bool
@@ -42,12 +43,12 @@ class PlaneAxes:
 
 
 PLANE_AXES = {
-    # Rows run S -> I, i.e. against +Z; columns A -> P, against +Y.
-    'sagittal': PlaneAxes(slice_axis=0, row_axis=2, row_flip=True, col_axis=1, col_flip=True),
-    # Rows S -> I; columns patient right -> left, against +X.
-    'coronal': PlaneAxes(slice_axis=1, row_axis=2, row_flip=True, col_axis=0, col_flip=True),
-    # Rows A -> P, against +Y; columns right -> left, against +X.
-    'axial': PlaneAxes(slice_axis=2, row_axis=1, row_flip=True, col_axis=0, col_flip=True),
+  # Rows run S -> I, i.e. against +Z; columns A -> P, against +Y.
+  'sagittal': PlaneAxes(slice_axis=0, row_axis=2, row_flip=True, col_axis=1, col_flip=True),
+  # Rows S -> I; columns patient right -> left, against +X.
+  'coronal': PlaneAxes(slice_axis=1, row_axis=2, row_flip=True, col_axis=0, col_flip=True),
+  # Rows A -> P, against +Y; columns right -> left, against +X.
+  'axial': PlaneAxes(slice_axis=2, row_axis=1, row_flip=True, col_axis=0, col_flip=True),
 }
 
 
@@ -64,6 +65,7 @@ class SourceGrid:
   shape: the original spatial shape [I, J, K]; affine: original voxel -> RAS+ mm [4, 4];
   to_canonical_ornt / to_original_ornt: nibabel orientation arrays [3, 2] for each direction.
   """
+
   shape: tuple[int, int, int]
   affine: np.ndarray
   to_canonical_ornt: np.ndarray
@@ -112,8 +114,9 @@ class SourceGrid:
     """[X, Y, Z, ...] canonical -> [I, J, K, ...] on the original grid, exactly."""
     array = np.asarray(array)
     if tuple(array.shape[:3]) != self.canonical_shape:
-      raise ValueError(f'array shape {array.shape[:3]} does not match the canonical shape '
-                       f'{self.canonical_shape}')
+      raise ValueError(
+        f'array shape {array.shape[:3]} does not match the canonical shape {self.canonical_shape}'
+      )
     return np.ascontiguousarray(ornts.apply_orientation(array, self.to_original_ornt))
 
 

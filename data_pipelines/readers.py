@@ -27,7 +27,7 @@ from data_pipelines import metaimage, nifti_io, orientation, tissues
 from data_pipelines.errors import DataError
 
 DEFAULT_READER = 'default'  # the reader name of `labelsTr/` (the reference segmentation)
-AFFINE_ATOL_MM = 1e-3       # image/label affines must agree entry-wise to within this (mm)
+AFFINE_ATOL_MM = 1e-3  # image/label affines must agree entry-wise to within this (mm)
 OAI_ZIB_LABELS = tissues.OAI_ZIB_LABELS
 OAI_ZIB_MASK_SUFFIX = '.segmentation_masks.mhd'
 
@@ -42,6 +42,7 @@ class MaskAlignment:
   ornt: an explicit nibabel orientation array, row i = (image axis that mask axis i becomes,
   +1 or -1 for a flip); when given it is applied as is and the image affine is not consulted.
   """
+
   axcodes: tuple[str, str, str] = ('L', 'P', 'S')
   ornt: tuple[tuple[int, int], ...] | None = None
 
@@ -49,8 +50,9 @@ class MaskAlignment:
     """The orientation transform [3, 2] from mask array axes to image array axes."""
     if self.ornt is not None:
       return np.asarray(self.ornt, dtype=np.float64)
-    return ornts.ornt_transform(ornts.axcodes2ornt(self.axcodes),
-                                ornts.io_orientation(image_affine))
+    return ornts.ornt_transform(
+      ornts.axcodes2ornt(self.axcodes), ornts.io_orientation(image_affine)
+    )
 
   def describe(self) -> str:
     return f'ornt={self.ornt}' if self.ornt is not None else f'axcodes={self.axcodes}'
@@ -59,6 +61,7 @@ class MaskAlignment:
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One scan: its image file and its label files by reader name (empty when unlabelled)."""
+
   case_id: str
   image: str
   labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -73,6 +76,7 @@ class Volume:
   grid: the original grid (to write predictions back exactly); plane: the anatomical plane the
   volume is meant to be sliced along; image_path / label_path / reader: where it came from.
   """
+
   case_id: str
   image: np.ndarray
   labels: np.ndarray | None
@@ -88,6 +92,7 @@ class Volume:
 class Slice:
   """One 2D slice. image: float32 [H, W]; labels: uint8 [H, W] or None; index: position along
   the plane's slice axis in the canonical volume; pixel_spacing: (row_mm, col_mm)."""
+
   case_id: str
   index: int
   image: np.ndarray
@@ -103,6 +108,7 @@ class SliceStack:
   images: float32 [n, H, W]; labels: uint8 [n, H, W] or None. `to_original` turns a stack of
   per-slice predictions [n, H, W, ...] into an array on the file's grid, for `grid.affine`.
   """
+
   case_id: str
   plane: str
   images: np.ndarray
@@ -117,8 +123,9 @@ class SliceStack:
   def __getitem__(self, index: int) -> Slice:
     index = range(len(self))[index]
     labels = None if self.labels is None else self.labels[index]
-    return Slice(self.case_id, index, self.images[index], labels, self.pixel_spacing,
-                 self.thickness)
+    return Slice(
+      self.case_id, index, self.images[index], labels, self.pixel_spacing, self.thickness
+    )
 
   def __iter__(self) -> Iterator[Slice]:
     return (self[i] for i in range(len(self)))
@@ -137,10 +144,14 @@ def slices(volume: Volume, plane: str | None = None) -> SliceStack:
   plane = plane or volume.plane
   labels = None if volume.labels is None else orientation.volume_to_slices(volume.labels, plane)
   return SliceStack(
-      case_id=volume.case_id, plane=plane,
-      images=orientation.volume_to_slices(volume.image, plane), labels=labels,
-      pixel_spacing=orientation.pixel_spacing(volume.spacing, plane),
-      thickness=orientation.slice_thickness(volume.spacing, plane), grid=volume.grid)
+    case_id=volume.case_id,
+    plane=plane,
+    images=orientation.volume_to_slices(volume.image, plane),
+    labels=labels,
+    pixel_spacing=orientation.pixel_spacing(volume.spacing, plane),
+    thickness=orientation.slice_thickness(volume.spacing, plane),
+    grid=volume.grid,
+  )
 
 
 class NnunetFolder:
@@ -164,12 +175,20 @@ class NnunetFolder:
       raise DataError(json_path, 'unknown "plane"', found=self.plane, expected=orientation.PLANES)
     self.file_ending = meta.get('file_ending', '.nii.gz')
     if self.file_ending not in nifti_io.NIFTI_SUFFIXES:
-      raise DataError(json_path, 'unsupported "file_ending"', found=self.file_ending,
-                      expected=nifti_io.NIFTI_SUFFIXES)
+      raise DataError(
+        json_path,
+        'unsupported "file_ending"',
+        found=self.file_ending,
+        expected=nifti_io.NIFTI_SUFFIXES,
+      )
     channels = meta.get('channel_names', meta.get('modality', {'0': 'image'}))
     if len(channels) != 1:
-      raise DataError(json_path, 'only single-channel datasets are supported',
-                      found=f'{len(channels)} channels {channels}', expected='1 channel')
+      raise DataError(
+        json_path,
+        'only single-channel datasets are supported',
+        found=f'{len(channels)} channels {channels}',
+        expected='1 channel',
+      )
     self._reader_dirs = self._find_reader_dirs(meta.get('readers'), json_path)
     self.readers = tuple(self._reader_dirs)
 
@@ -187,18 +206,23 @@ class NnunetFolder:
     for reader, folder in reader_dirs.items():
       extra = sorted(set(_list_files(folder, self.file_ending)) - set(images))
       if extra:
-        raise DataError(os.path.join(folder, extra[0] + self.file_ending),
-                        f'label file has no image in {os.path.basename(images_dir)}/',
-                        found=f'{len(extra)} such label file(s) for reader {reader!r}',
-                        expected=f'{os.path.join(images_dir, extra[0])}_0000{self.file_ending}')
+        raise DataError(
+          os.path.join(folder, extra[0] + self.file_ending),
+          f'label file has no image in {os.path.basename(images_dir)}/',
+          found=f'{len(extra)} such label file(s) for reader {reader!r}',
+          expected=f'{os.path.join(images_dir, extra[0])}_0000{self.file_ending}',
+        )
     cases = []
     for case_id, image_path in sorted(images.items()):
       labels = {}
       for reader, folder in reader_dirs.items():
         label_path = os.path.join(folder, case_id + self.file_ending)
         if not os.path.isfile(label_path):
-          raise DataError(label_path, f'label file of reader {reader!r} not found',
-                          expected=f'one label per image in {os.path.basename(images_dir)}/')
+          raise DataError(
+            label_path,
+            f'label file of reader {reader!r} not found',
+            expected=f'one label per image in {os.path.basename(images_dir)}/',
+          )
         labels[reader] = label_path
       cases.append(Case(case_id, image_path, labels))
     return cases
@@ -208,13 +232,18 @@ class NnunetFolder:
     for name in _list_files(images_dir, self.file_ending):
       case_id, sep, channel = name.rpartition('_')
       if not sep or not channel.isdigit() or len(channel) != 4:
-        raise DataError(os.path.join(images_dir, name + self.file_ending),
-                        'image name lacks the nnU-Net channel suffix',
-                        expected=f'<case id>_0000{self.file_ending}')
+        raise DataError(
+          os.path.join(images_dir, name + self.file_ending),
+          'image name lacks the nnU-Net channel suffix',
+          expected=f'<case id>_0000{self.file_ending}',
+        )
       if channel != '0000':
-        raise DataError(os.path.join(images_dir, name + self.file_ending),
-                        'only single-channel datasets are supported', found=f'channel {channel}',
-                        expected='channel 0000 only')
+        raise DataError(
+          os.path.join(images_dir, name + self.file_ending),
+          'only single-channel datasets are supported',
+          found=f'channel {channel}',
+          expected='channel 0000 only',
+        )
       images[case_id] = os.path.join(images_dir, name + self.file_ending)
     return images
 
@@ -224,16 +253,19 @@ class NnunetFolder:
     if os.path.isdir(default_dir):
       dirs[DEFAULT_READER] = default_dir
     if listed is None:
-      listed = sorted(name[len('labelsTr_'):] for name in os.listdir(self.root)
-                      if name.startswith('labelsTr_')
-                      and os.path.isdir(os.path.join(self.root, name)))
+      listed = sorted(
+        name[len('labelsTr_') :]
+        for name in os.listdir(self.root)
+        if name.startswith('labelsTr_') and os.path.isdir(os.path.join(self.root, name))
+      )
     elif isinstance(listed, str) or not all(isinstance(r, str) for r in listed):
       raise DataError(json_path, '"readers" must be a list of names', found=listed)
     for reader in listed:
       folder = os.path.join(self.root, f'labelsTr_{reader}')
       if not os.path.isdir(folder):
-        raise DataError(folder, f'label folder of reader {reader!r} (listed in dataset.json) '
-                        'not found')
+        raise DataError(
+          folder, f'label folder of reader {reader!r} (listed in dataset.json) not found'
+        )
       dirs[reader] = folder
     return dirs
 
@@ -247,8 +279,14 @@ class OaiZibFolder:
   masks without an image are listed in `orphan_masks` (a converted subset is a normal setup).
   """
 
-  def __init__(self, root: str | os.PathLike, *, images: str = 'images',
-               masks: str = 'segmentation_masks', alignment: MaskAlignment = MaskAlignment()):
+  def __init__(
+    self,
+    root: str | os.PathLike,
+    *,
+    images: str = 'images',
+    masks: str = 'segmentation_masks',
+    alignment: MaskAlignment = MaskAlignment(),
+  ):
     self.root = os.fspath(root)
     self.images_dir = os.path.join(self.root, images)
     self.masks_dir = os.path.join(self.root, masks)
@@ -264,12 +302,18 @@ class OaiZibFolder:
       if not name.startswith('.') and nifti_io.is_nifti_path(name):
         case_id = nifti_io.strip_nifti_suffix(name)
         if case_id in self._images:
-          raise DataError(os.path.join(self.images_dir, name), 'two images for one case',
-                          found=f'also {self._images[case_id]}', expected='one file per case')
+          raise DataError(
+            os.path.join(self.images_dir, name),
+            'two images for one case',
+            found=f'also {self._images[case_id]}',
+            expected='one file per case',
+          )
         self._images[case_id] = os.path.join(self.images_dir, name)
-    self._masks = {name[:-len(OAI_ZIB_MASK_SUFFIX)]: os.path.join(self.masks_dir, name)
-                   for name in sorted(os.listdir(self.masks_dir))
-                   if name.endswith(OAI_ZIB_MASK_SUFFIX) and not name.startswith('.')}
+    self._masks = {
+      name[: -len(OAI_ZIB_MASK_SUFFIX)]: os.path.join(self.masks_dir, name)
+      for name in sorted(os.listdir(self.masks_dir))
+      if name.endswith(OAI_ZIB_MASK_SUFFIX) and not name.startswith('.')
+    }
     self.orphan_masks = tuple(self._masks[i] for i in sorted(set(self._masks) - set(self._images)))
 
   def cases(self, split: str = 'train') -> list[Case]:
@@ -277,15 +321,23 @@ class OaiZibFolder:
     if split not in ('train', 'test'):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     labelled = split == 'train'
-    return [Case(case_id, path,
-                 {DEFAULT_READER: self._masks[case_id]} if labelled else {}, self.alignment)
-            for case_id, path in sorted(self._images.items())
-            if (case_id in self._masks) == labelled]
+    return [
+      Case(
+        case_id, path, {DEFAULT_READER: self._masks[case_id]} if labelled else {}, self.alignment
+      )
+      for case_id, path in sorted(self._images.items())
+      if (case_id in self._masks) == labelled
+    ]
 
 
-def load_volume(case: Case, *, plane: str,
-                label_values: Iterable[int] | Mapping[int, int] | Mapping[str, int] | None,
-                reader: str | None = None, affine_atol: float = AFFINE_ATOL_MM) -> Volume:
+def load_volume(
+  case: Case,
+  *,
+  plane: str,
+  label_values: Iterable[int] | Mapping[int, int] | Mapping[str, int] | None,
+  reader: str | None = None,
+  affine_atol: float = AFFINE_ATOL_MM,
+) -> Volume:
   """Reads and checks one case, and returns it in canonical RAS+ orientation.
 
   label_values: the label values the config knows; 0 is always allowed. Either values, a
@@ -310,17 +362,27 @@ def load_volume(case: Case, *, plane: str,
     if label_values is not None:
       _check_label_values(labels, label_path, label_values)
     labels = grid.to_canonical(labels)
-  return Volume(case_id=case.case_id, image=grid.to_canonical(image.data), labels=labels,
-                spacing=grid.canonical_spacing, grid=grid, plane=plane, image_path=image.path,
-                label_path=label_path,
-                reader=None if label_path is None else _reader_name(case, label_path))
+  return Volume(
+    case_id=case.case_id,
+    image=grid.to_canonical(image.data),
+    labels=labels,
+    spacing=grid.canonical_spacing,
+    grid=grid,
+    plane=plane,
+    image_path=image.path,
+    label_path=label_path,
+    reader=None if label_path is None else _reader_name(case, label_path),
+  )
 
 
 def _pick_reader(case: Case, reader: str | None) -> str | None:
   if reader is not None:
     if reader not in case.labels:
-      raise DataError(f'case {case.case_id}', f'no labels from reader {reader!r}',
-                      expected=f'one of {sorted(case.labels)}')
+      raise DataError(
+        f'case {case.case_id}',
+        f'no labels from reader {reader!r}',
+        expected=f'one of {sorted(case.labels)}',
+      )
     return case.labels[reader]
   if not case.labels:
     return None
@@ -328,8 +390,12 @@ def _pick_reader(case: Case, reader: str | None) -> str | None:
     return case.labels[DEFAULT_READER]
   if len(case.labels) == 1:
     return next(iter(case.labels.values()))
-  raise DataError(f'case {case.case_id}', 'several readers and none chosen',
-                  found=sorted(case.labels), expected='reader=<one of them>')
+  raise DataError(
+    f'case {case.case_id}',
+    'several readers and none chosen',
+    found=sorted(case.labels),
+    expected='reader=<one of them>',
+  )
 
 
 def _reader_name(case: Case, label_path: str) -> str:
@@ -339,60 +405,82 @@ def _reader_name(case: Case, label_path: str) -> str:
 def _matching_labels(path: str, image: nifti_io.NiftiVolume, atol: float) -> np.ndarray:
   labels = nifti_io.load_nifti_labels(path)
   if labels.shape != image.shape:
-    raise DataError(path, f'label map shape differs from its image {image.path}',
-                    found=labels.shape, expected=image.shape)
+    raise DataError(
+      path,
+      f'label map shape differs from its image {image.path}',
+      found=labels.shape,
+      expected=image.shape,
+    )
   difference = np.abs(labels.affine - image.affine).max()
   if difference > atol:
-    raise DataError(path, f'label map affine differs from its image {image.path} by up to '
-                    f'{difference:.4g} mm',
-                    found=np.array2string(labels.affine, precision=4),
-                    expected=f'{np.array2string(image.affine, precision=4)} (tolerance {atol} mm)')
+    raise DataError(
+      path,
+      f'label map affine differs from its image {image.path} by up to {difference:.4g} mm',
+      found=np.array2string(labels.affine, precision=4),
+      expected=f'{np.array2string(image.affine, precision=4)} (tolerance {atol} mm)',
+    )
   return labels.data
 
 
 def _aligned_mask(path: str, image: nifti_io.NiftiVolume, alignment: MaskAlignment) -> np.ndarray:
   mask = metaimage.read_metaimage(path)
   if mask.data.ndim != 3:
-    raise DataError(path, 'mask is not a 3D volume', found=f'shape {mask.data.shape}',
-                    expected='3 dimensions')
+    raise DataError(
+      path, 'mask is not a 3D volume', found=f'shape {mask.data.shape}', expected='3 dimensions'
+    )
   data = nifti_io.labels_to_uint8(mask.data, path)
   transform = alignment.mask_to_image(image.affine)
   aligned = ornts.apply_orientation(data, transform)
   if aligned.shape != image.shape:
     image_axes = ''.join(ornts.aff2axcodes(image.affine))
-    raise DataError(path, f'mask does not fit its image {image.path} (image axes {image_axes}) '
-                    f'under the alignment {alignment.describe()}',
-                    found=f'mask shape {mask.data.shape} -> {aligned.shape}',
-                    expected=f'image shape {image.shape}')
+    raise DataError(
+      path,
+      f'mask does not fit its image {image.path} (image axes {image_axes}) '
+      f'under the alignment {alignment.describe()}',
+      found=f'mask shape {mask.data.shape} -> {aligned.shape}',
+      expected=f'image shape {image.shape}',
+    )
   return np.ascontiguousarray(aligned)
 
 
-def _check_label_values(labels: np.ndarray, path: str,
-                        label_values: Iterable[int] | Mapping[int | str, int]) -> None:
+def _check_label_values(
+  labels: np.ndarray, path: str, label_values: Iterable[int] | Mapping[int | str, int]
+) -> None:
   if isinstance(label_values, Mapping) and any(isinstance(k, str) for k in label_values):
     label_values = label_values.values()
   allowed = {0} | {int(v) for v in label_values}
   values, counts = np.unique(labels, return_counts=True)
   bad = [(int(v), int(c)) for v, c in zip(values, counts) if int(v) not in allowed]
   if bad:
-    raise DataError(path, 'label values outside the label map',
-                    found=', '.join(f'value {v}: {c} voxels' for v, c in bad),
-                    expected=f'values in {sorted(allowed)}')
+    raise DataError(
+      path,
+      'label values outside the label map',
+      found=', '.join(f'value {v}: {c} voxels' for v, c in bad),
+      expected=f'values in {sorted(allowed)}',
+    )
 
 
 def _parse_label_names(labels: object, json_path: str) -> dict[str, int]:
   """dataset.json "labels" in v2 style (name -> value) or v1 style ("value" -> name)."""
   if not isinstance(labels, dict) or not labels:
-    raise DataError(json_path, '"labels" missing or empty', found=labels,
-                    expected='{"background": 0, "<name>": <value>, ...}')
+    raise DataError(
+      json_path,
+      '"labels" missing or empty',
+      found=labels,
+      expected='{"background": 0, "<name>": <value>, ...}',
+    )
   try:
     if all(isinstance(v, str) for v in labels.values()):
       parsed = {name: int(value) for value, name in labels.items()}
     else:
       parsed = {name: int(value) for name, value in labels.items()}
   except (TypeError, ValueError) as e:
-    raise DataError(json_path, '"labels" has a value that is not an integer', found=labels,
-                    expected='name -> integer value (region lists are not supported)') from e
+    raise DataError(
+      json_path,
+      '"labels" has a value that is not an integer',
+      found=labels,
+      expected='name -> integer value (region lists are not supported)',
+    ) from e
   if any(not 0 <= v <= 255 for v in parsed.values()):
     raise DataError(json_path, '"labels" value out of range', found=parsed, expected='0..255')
   return parsed
@@ -414,5 +502,8 @@ def _read_json(path: str) -> dict:
 def _list_files(folder: str, ending: str) -> list[str]:
   """Names (without `ending`) of the visible files in `folder` that end in `ending`; hidden
   files are skipped, so half-written temporaries of atomic writes are never read."""
-  return sorted(name[:-len(ending)] for name in os.listdir(folder)
-                if name.endswith(ending) and not name.startswith('.'))
+  return sorted(
+    name[: -len(ending)]
+    for name in os.listdir(folder)
+    if name.endswith(ending) and not name.startswith('.')
+  )

@@ -45,6 +45,7 @@ class SliceSettings:
   context_slices: neighbours on each side stacked as extra channels (2.5D); 0 = single slice.
   seed: for the choice of the kept empty slices (with the case id as key).
   """
+
   class_map: Mapping[int, int]
   instance_mode: str = 'per_class'
   min_pixels: int = 1
@@ -56,8 +57,9 @@ class SliceSettings:
     if self.context_slices < 0:
       raise ValueError(f'context_slices must be >= 0, got {self.context_slices}')
     if self.instance_mode not in instances_lib.MODES:
-      raise ValueError(f'instance_mode must be one of {instances_lib.MODES}, '
-                       f'got {self.instance_mode!r}')
+      raise ValueError(
+        f'instance_mode must be one of {instances_lib.MODES}, got {self.instance_mode!r}'
+      )
     if self.min_pixels < 1:
       raise ValueError(f'min_pixels must be >= 1, got {self.min_pixels}')
     if not 0.0 <= self.empty_slice_rate <= 1.0:
@@ -81,14 +83,16 @@ def context_image(images: np.ndarray, index: int, context_slices: int) -> np.nda
   return np.ascontiguousarray(np.moveaxis(images[picks], 0, -1), dtype=np.float32)
 
 
-def intensity_percentiles(image: np.ndarray,
-                          levels: Sequence[float] = PERCENTILE_LEVELS) -> np.ndarray:
+def intensity_percentiles(
+  image: np.ndarray, levels: Sequence[float] = PERCENTILE_LEVELS
+) -> np.ndarray:
   """float32 [len(levels)]: the intensity of `image` (any shape) at each percent level."""
   return np.percentile(np.asarray(image, np.float32), levels).astype(np.float32)
 
 
-def slice_examples(volume: readers.Volume,
-                   settings: SliceSettings) -> Iterator[tuple[str, dict[str, Any]]]:
+def slice_examples(
+  volume: readers.Volume, settings: SliceSettings
+) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields (key, example) for the kept slices of a labelled `volume`, in slice order.
 
   Slices are cut along `volume.plane`. The key '<case_id>/<slice index, 4 digits>' is unique
@@ -96,20 +100,33 @@ def slice_examples(volume: readers.Volume,
   round(empty_slice_rate * number of empty slices) empty ones (`instances.select_slices`).
   """
   if volume.labels is None:
-    raise DataError(volume.image_path, 'case has no label map; training slices need labels',
-                    expected=f'a label file for case {volume.case_id}')
+    raise DataError(
+      volume.image_path,
+      'case has no label map; training slices need labels',
+      expected=f'a label file for case {volume.case_id}',
+    )
   stack = readers.slices(volume)
-  per_slice = [instances_lib.extract_instances(stack.labels[i], settings.class_map,
-                                               mode=settings.instance_mode,
-                                               min_pixels=settings.min_pixels)
-               for i in range(len(stack))]
-  keep = instances_lib.select_slices(np.array([len(x) > 0 for x in per_slice]),
-                                     settings.empty_slice_rate, settings.seed,
-                                     key=volume.case_id)
+  per_slice = [
+    instances_lib.extract_instances(
+      stack.labels[i],
+      settings.class_map,
+      mode=settings.instance_mode,
+      min_pixels=settings.min_pixels,
+    )
+    for i in range(len(stack))
+  ]
+  keep = instances_lib.select_slices(
+    np.array([len(x) > 0 for x in per_slice]),
+    settings.empty_slice_rate,
+    settings.seed,
+    key=volume.case_id,
+  )
   percentiles = intensity_percentiles(volume.image)
   for index in np.flatnonzero(keep):
     found = per_slice[index]
-    yield f'{volume.case_id}/{index:04d}', {
+    yield (
+      f'{volume.case_id}/{index:04d}',
+      {
         'image': context_image(stack.images, int(index), settings.context_slices),
         'classes': found.classes.astype(np.int32),
         'boxes': found.boxes.astype(np.float32),
@@ -119,4 +136,5 @@ def slice_examples(volume: readers.Volume,
         'pixel_spacing': np.array(stack.pixel_spacing, np.float32),
         'slice_thickness': np.float32(stack.thickness),
         'intensity_percentiles': percentiles,
-    }
+      },
+    )

@@ -38,8 +38,8 @@ HIP_LABELS: dict[str, int] = {BACKGROUND: 0, EFFUSION: 1}
 
 # Cartilage plate -> (the bone it covers, the cartilage tissue).
 PLATES: dict[str, tuple[str, str]] = {
-    'femoral': (FEMUR, FEMORAL_CARTILAGE),
-    'tibial': (TIBIA, TIBIAL_CARTILAGE),
+  'femoral': (FEMUR, FEMORAL_CARTILAGE),
+  'tibial': (TIBIA, TIBIAL_CARTILAGE),
 }
 _KNEE_VALUE = {name: value for value, name in KNEE_LABELS.items()}
 
@@ -47,6 +47,7 @@ _KNEE_VALUE = {name: value for value, name in KNEE_LABELS.items()}
 @dataclasses.dataclass(frozen=True)
 class KneeLabelValues:
   """Label values of the four knee tissues in the label map (OAI-ZIB's by default)."""
+
   femur: int = _KNEE_VALUE[FEMUR]
   femoral_cartilage: int = _KNEE_VALUE[FEMORAL_CARTILAGE]
   tibia: int = _KNEE_VALUE[TIBIA]
@@ -57,26 +58,34 @@ class KneeLabelValues:
 class LabelScheme:
   """The classes of a config and their label values: class id c (1..K) is
   `class_names[c - 1]` and is written as label value `label_values[c - 1]`."""
+
   class_names: tuple[str, ...]
   label_values: tuple[int, ...]
 
   def __post_init__(self):
     if len(self.class_names) != len(self.label_values) or not self.class_names:
-      raise ValueError(f'config data.class_names {self.class_names} and '
-                       f'data.class_label_values {self.label_values}: expected one label value '
-                       'per class name')
+      raise ValueError(
+        f'config data.class_names {self.class_names} and '
+        f'data.class_label_values {self.label_values}: expected one label value '
+        'per class name'
+      )
     if any(not 1 <= v <= 255 for v in self.label_values):
-      raise ValueError(f'config data.class_label_values {self.label_values}: expected values '
-                       'in 1..255')
+      raise ValueError(
+        f'config data.class_label_values {self.label_values}: expected values in 1..255'
+      )
 
   @classmethod
   def from_config(cls, config: Any) -> LabelScheme:
     """The scheme of an experiment config (`data.class_names`, `data.class_label_values`)."""
-    scheme = cls(tuple(str(n) for n in config.data.class_names),
-                 tuple(int(v) for v in config.data.class_label_values))
+    scheme = cls(
+      tuple(str(n) for n in config.data.class_names),
+      tuple(int(v) for v in config.data.class_label_values),
+    )
     if len(scheme.class_names) != int(config.model.num_classes):
-      raise ValueError(f'config model.num_classes={config.model.num_classes} but '
-                       f'data.class_names has {len(scheme.class_names)} classes')
+      raise ValueError(
+        f'config model.num_classes={config.model.num_classes} but '
+        f'data.class_names has {len(scheme.class_names)} classes'
+      )
     return scheme
 
   @property
@@ -106,7 +115,9 @@ class LabelScheme:
     """int class ids (0 = background, 1..K) of any shape -> uint8 label values."""
     class_ids = np.asarray(class_ids)
     if class_ids.size and (class_ids.min() < 0 or class_ids.max() > len(self.label_values)):
-      raise ValueError(f'class ids in [{class_ids.min()}, {class_ids.max()}]; expected 0..'
-                       f'{len(self.label_values)} for classes {self.class_names}')
+      raise ValueError(
+        f'class ids in [{class_ids.min()}, {class_ids.max()}]; expected 0..'
+        f'{len(self.label_values)} for classes {self.class_names}'
+      )
     lookup = np.array((0,) + self.label_values, np.uint8)
     return lookup[class_ids]

@@ -34,10 +34,12 @@ from imask_jax import configs
 
 STUDIES = ('paper', 'heads', 'skip_size', 'all')
 # (variant name prefix, config arguments) of each mask head in the `heads` study.
-HEADS = (('standard', 'head=standard'),
-         ('imask', 'head=imask'),
-         ('decoder_only', 'head=imask,skip=False'),
-         ('skip_only', 'head=imask,decoder=False'))
+HEADS = (
+  ('standard', 'head=standard'),
+  ('imask', 'head=imask'),
+  ('decoder_only', 'head=imask,skip=False'),
+  ('skip_only', 'head=imask,decoder=False'),
+)
 PAPER_BACKBONES = ('resnet101', 'densenet121')
 ALL_BACKBONES = ('resnet50', 'resnet101', 'densenet121')
 SKIP_SIZES = (28, 56, 112)
@@ -57,8 +59,7 @@ def _seeds(value) -> tuple[int, ...]:
   return tuple(int(v) for v in _names(value))
 
 
-def variants(study: str, backbones: tuple[str, ...] | None
-             ) -> list[tuple[str, str, str]]:
+def variants(study: str, backbones: tuple[str, ...] | None) -> list[tuple[str, str, str]]:
   """The variants of `study` as (name, config arguments, baseline name or '').
 
   backbones=None keeps the base experiment's backbone (names carry no backbone then).
@@ -84,9 +85,13 @@ def variants(study: str, backbones: tuple[str, ...] | None
       head_rows(HEADS[:2], backbone)
     for size in SKIP_SIZES:
       if size != 56:
-        out.append((named(f'imask_skip{size}', backbone),
-                    with_backbone(f'head=imask,skip_size={size}', backbone),
-                    named('imask', backbone)))
+        out.append(
+          (
+            named(f'imask_skip{size}', backbone),
+            with_backbone(f'head=imask,skip_size={size}', backbone),
+            named('imask', backbone),
+          )
+        )
 
   if study == 'paper':
     for backbone in backbones or PAPER_BACKBONES:
@@ -114,16 +119,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   seeds = _seeds(args.pop('seeds', 1))
   base_arg = ','.join(_names(args.pop('base', '')))
   if args:
-    raise ValueError(f'ablations: unknown arguments {sorted(args)}; known: dataset, study, '
-                     'backbones, seeds, base')
+    raise ValueError(
+      f'ablations: unknown arguments {sorted(args)}; known: dataset, study, backbones, seeds, base'
+    )
 
   c = ml_collections.ConfigDict()
   c.dataset = dataset
-  c.experiment = experiment      # the base experiment file
-  c.base_arg = base_arg          # its config argument for every run
+  c.experiment = experiment  # the base experiment file
+  c.base_arg = base_arg  # its config argument for every run
   c.study = study
   c.seeds = seeds
   # (name, config arguments, baseline variant name or '') per variant, in run order.
   c.variants = tuple(variants(study, backbones))
-  c.split = 'test'               # the split every run is evaluated on
+  c.split = 'test'  # the split every run is evaluated on
   return c

@@ -32,12 +32,12 @@ def get_config(arg: str | None = None):
   d.plane = 'coronal'
   d.class_names = tissues.HIP_CLASSES
   d.class_label_values = (1,)
-  d.instance_mode = 'components'   # each effusion pocket (recess) is its own instance
+  d.instance_mode = 'components'  # each effusion pocket (recess) is its own instance
   d.min_instance_pixels = 4
   d.empty_slice_rate = 0.1
-  d.image_size = (160, 160)        # the cpu preset's coronal slice, unresized
-  d.max_instances = 8              # up to 3 pockets per hip, both hips in a slice
-  d.augment.flip_lr = True         # both hips: a left-right mirror is another plausible scan
+  d.image_size = (160, 160)  # the cpu preset's coronal slice, unresized
+  d.max_instances = 8  # up to 3 pockets per hip, both hips in a slice
+  d.augment.flip_lr = True  # both hips: a left-right mirror is another plausible scan
 
   m = c.model
   m.num_classes = len(tissues.HIP_CLASSES)

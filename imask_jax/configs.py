@@ -23,50 +23,53 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- data -------------------------------------------------------------------------------
   d = c.data = ml_collections.ConfigDict()
-  d.dataset = 'phantom_knee'        # TFDS builder name: phantom_knee, phantom_hip, oai_zib, nifti_folder
-  d.data_dir = ''                   # TFDS data_dir ('' = <workdir>/../tfds or $IMASK_DATA_DIR)
-  d.manual_dir = ''                 # raw files for oai_zib / nifti_folder
-  d.phantom_preset = 'cpu'          # phantom resolution preset: cpu or full
-  d.num_volumes = 24                # phantom volumes to generate (train+val+test)
+  # TFDS builder name: phantom_knee, phantom_hip, oai_zib, nifti_folder.
+  d.dataset = 'phantom_knee'
+  d.data_dir = ''  # TFDS data_dir ('' = <workdir>/../tfds or $IMASK_DATA_DIR)
+  d.manual_dir = ''  # raw files for oai_zib / nifti_folder
+  d.phantom_preset = 'cpu'  # phantom resolution preset: cpu or full
+  d.num_volumes = 24  # phantom volumes to generate (train+val+test)
   d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
-  d.seed = 0                        # dataset seed (phantoms, empty-slice draw), apart from c.seed
+  d.seed = 0  # dataset seed (phantoms, empty-slice draw), apart from c.seed
   d.plane = 'sagittal'
   # Label value in the label maps for each class, in class order (class id = position + 1).
   d.class_names = tissues.KNEE_CLASSES
   d.class_label_values = (1, 2, 3, 4)
-  d.reader = ''                     # label folder suffix for multi-reader data ('' = labelsTr)
+  d.reader = ''  # label folder suffix for multi-reader data ('' = labelsTr)
   # How a case id names its subject, so that splits never separate one person's scans: a
   # regex with a named group 'subject' (data_pipelines/datasets/params.py); '' = one per case.
   d.subject_pattern = ''
-  d.instance_mode = 'per_class'     # per_class or components
+  d.instance_mode = 'per_class'  # per_class or components
   d.min_instance_pixels = 4
-  d.empty_slice_rate = 0.1          # fraction of slices without any instance that are kept
-  d.context_slices = 0              # 2.5D: this many neighbours on each side as extra channels
-  d.image_size = (128, 128)         # network input (H, W); slices are resized to fit, then padded
+  d.empty_slice_rate = 0.1  # fraction of slices without any instance that are kept
+  d.context_slices = 0  # 2.5D: this many neighbours on each side as extra channels
+  d.image_size = (128, 128)  # network input (H, W); slices are resized to fit, then padded
   d.max_instances = 8
   d.normalize_percentiles = (0.5, 99.5)
   d.shuffle_buffer = 2048
-  d.augment = ml_collections.ConfigDict(dict(
-      flip_lr=False,                # a sagittal knee slice has no left-right symmetry
+  d.augment = ml_collections.ConfigDict(
+    dict(
+      flip_lr=False,  # a sagittal knee slice has no left-right symmetry
       flip_ud=False,
       rotate_degrees=10.0,
       scale_range=(0.9, 1.1),
       gamma_range=(0.8, 1.25),
       noise_std=0.03,
-  ))
+    )
+  )
 
   # --- model ------------------------------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
-  m.backbone = 'resnet50'           # resnet18/50/101, densenet121/169
-  m.norm = 'group'                  # batch, frozen_batch, group
-  m.width = 64                      # backbone base width (64 = published)
-  m.init_from = ''                  # convert_weights file to start from ('' = random init)
+  m.backbone = 'resnet50'  # resnet18/50/101, densenet121/169
+  m.norm = 'group'  # batch, frozen_batch, group
+  m.width = 64  # backbone base width (64 = published)
+  m.init_from = ''  # convert_weights file to start from ('' = random init)
   m.fpn_dim = 256
-  m.dtype = 'float32'               # compute dtype: float32 or bfloat16 (params stay float32)
+  m.dtype = 'float32'  # compute dtype: float32 or bfloat16 (params stay float32)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   m.anchor_sizes = (16, 32, 64, 128, 256)  # one per level P2-P6, in input pixels
   m.anchor_ratios = (0.25, 0.5, 1.0, 2.0, 4.0)  # height / width; thin cartilage bands need extremes
-  m.rpn_pre_nms_topk_train = 1000   # per level
+  m.rpn_pre_nms_topk_train = 1000  # per level
   m.rpn_post_nms_topk_train = 512
   m.rpn_pre_nms_topk_test = 500
   m.rpn_post_nms_topk_test = 256
@@ -75,28 +78,30 @@ def default_config() -> ml_collections.ConfigDict:
   m.rpn_positive_fraction = 0.5
   m.roi_batch_size = 128
   m.roi_positive_fraction = 0.25
-  m.mask_rois_per_image = 32        # cap on mask-head ROIs (the first, positive, slots)
+  m.mask_rois_per_image = 32  # cap on mask-head ROIs (the first, positive, slots)
   m.roi_iou_threshold = 0.5
   m.roi_level_k0 = 4
-  m.roi_level_canonical = 64.0      # MRI inputs are smaller than COCO's (224 there)
+  m.roi_level_canonical = 64.0  # MRI inputs are smaller than COCO's (224 there)
   m.roi_sampling_ratio = 2
-  m.box_head = 'fc'                 # fc (2 x 1024 fc) or conv (4 conv + 1 fc)
+  m.box_head = 'fc'  # fc (2 x 1024 fc) or conv (4 conv + 1 fc)
   m.box_head_dim = 1024
-  m.mask_head = 'imask'             # standard or imask
+  m.mask_head = 'imask'  # standard or imask
   m.mask_head_dim = 256
-  m.imask = ml_collections.ConfigDict(dict(
-      decoder=True,                 # learnable transposed conv 28 -> 56
-      skip=True,                    # second ROIAlign concatenated through the skip connection
-      skip_size=56,                 # 28, 56 or 112
-      skip_level='P2',              # the pyramid level the skip ROIAlign reads
-      fine_dim=32,                  # channels of the 56x56 part (decoder, skip, fusion)
-      fuse_convs=1,                 # 3x3 convs after the skip concatenation
-      skip_sampling_ratio=0,        # samples per bin axis of the skip ROIAlign; 0 = adaptive:
-                                    # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
-  ))
-  m.boundary_loss_weight = 0.0      # optional boundary-weighted mask BCE (0 = off)
-  m.mask_dice_weight = 0.0          # optional soft-Dice term added to the mask BCE (0 = off)
-  m.test_score_threshold = 0.05      # detections kept (mask AP counts them all)
+  m.imask = ml_collections.ConfigDict(
+    dict(
+      decoder=True,  # learnable transposed conv 28 -> 56
+      skip=True,  # second ROIAlign concatenated through the skip connection
+      skip_size=56,  # 28, 56 or 112
+      skip_level='P2',  # the pyramid level the skip ROIAlign reads
+      fine_dim=32,  # channels of the 56x56 part (decoder, skip, fusion)
+      fuse_convs=1,  # 3x3 convs after the skip concatenation
+      skip_sampling_ratio=0,  # samples per bin axis of the skip ROIAlign; 0 = adaptive:
+      # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
+    )
+  )
+  m.boundary_loss_weight = 0.0  # optional boundary-weighted mask BCE (0 = off)
+  m.mask_dice_weight = 0.0  # optional soft-Dice term added to the mask BCE (0 = off)
+  m.test_score_threshold = 0.05  # detections kept (mask AP counts them all)
   # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
   # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
   m.label_score_threshold = 0.5
@@ -105,17 +110,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
-  t.steps = 2000                    # optimiser steps (ignored when epochs > 0)
+  t.steps = 2000  # optimiser steps (ignored when epochs > 0)
   # > 0: train this many passes over the training slices; the trainer turns it into
   # steps = ceil(epochs * train slices / batch_size) once the dataset is prepared and writes
   # that number into the workdir's config.json.
   t.epochs = 0.0
-  t.batch_size = 8                  # global, split over all devices of all hosts
-  t.optimizer = 'adam'              # adam or sgd
+  t.batch_size = 8  # global, split over all devices of all hosts
+  t.optimizer = 'adam'  # adam or sgd
   t.learning_rate = 1e-3
   t.momentum = 0.9
   t.weight_decay = 0.0
-  t.schedule = 'cosine'             # cosine, step or constant
+  t.schedule = 'cosine'  # cosine, step or constant
   t.warmup_steps = 100
   t.grad_clip_norm = 10.0
   t.log_every = 20
@@ -205,6 +210,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
 
 # --- config arguments ---------------------------------------------------------------------------
 
+
 def parse_arg(arg: str | None) -> dict[str, object]:
   """Parses a config argument like 'head=standard,backbone=densenet121,smoke'.
 
@@ -252,11 +258,14 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
   if 'mask_dice' in args:  # weight of the soft-Dice mask loss term (0: the paper's BCE alone)
     c.model.mask_dice_weight = float(args.pop('mask_dice'))
   if args:
-    raise ValueError(f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-                     'backbone, steps, epochs, seed, decoder, skip, skip_size, mask_dice')
+    raise ValueError(
+      f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
+      'backbone, steps, epochs, seed, decoder, skip, skip_size, mask_dice'
+    )
 
 
 # --- checks of a resolved config ---------------------------------------------------------------
+
 
 def validation_metric_names(config: ml_collections.ConfigDict) -> list[str]:
   """The keys `validate` reports: 'val/dice_<class name>' per class and 'val/dice_mean'."""
@@ -266,22 +275,34 @@ def validation_metric_names(config: ml_collections.ConfigDict) -> list[str]:
 def check_train_config(config: ml_collections.ConfigDict) -> None:
   """Rejects training settings the loop cannot honour, naming the field and what is expected."""
   t = config.train
-  for name in ('batch_size', 'log_every', 'checkpoint_every', 'eval_every', 'keep_checkpoints',
-               'max_nonfinite_in_a_row'):
+  for name in (
+    'batch_size',
+    'log_every',
+    'checkpoint_every',
+    'eval_every',
+    'keep_checkpoints',
+    'max_nonfinite_in_a_row',
+  ):
     if int(t[name]) < 1:
       raise ValueError(f'config train.{name}={t[name]}; expected an integer >= 1')
   if float(t.epochs) < 0 or (float(t.epochs) == 0 and int(t.steps) < 1):
-    raise ValueError(f'config train.steps={t.steps}, train.epochs={t.epochs}; expected '
-                     'steps >= 1, or epochs > 0 (steps then follow from the dataset size)')
+    raise ValueError(
+      f'config train.steps={t.steps}, train.epochs={t.epochs}; expected '
+      'steps >= 1, or epochs > 0 (steps then follow from the dataset size)'
+    )
   names = list(config.data.class_names)
   if not len(names) == int(config.model.num_classes) == len(config.data.class_label_values):
-    raise ValueError(f'config data.class_names={tuple(names)}, data.class_label_values='
-                     f'{tuple(config.data.class_label_values)}, model.num_classes='
-                     f'{config.model.num_classes}; expected one label value per class and '
-                     'num_classes = the number of classes')
+    raise ValueError(
+      f'config data.class_names={tuple(names)}, data.class_label_values='
+      f'{tuple(config.data.class_label_values)}, model.num_classes='
+      f'{config.model.num_classes}; expected one label value per class and '
+      'num_classes = the number of classes'
+    )
   if t.best_metric not in validation_metric_names(config):
-    raise ValueError(f'config train.best_metric={t.best_metric!r}; expected one of '
-                     f'{validation_metric_names(config)}')
+    raise ValueError(
+      f'config train.best_metric={t.best_metric!r}; expected one of '
+      f'{validation_metric_names(config)}'
+    )
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

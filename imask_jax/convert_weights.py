@@ -65,7 +65,8 @@ FORMAT = 'imask_jax.pretrained'
 FORMAT_VERSION = 1
 
 CLASSIFIER_ARCHS = tuple(f'resnet{d}' for d in sorted(RESNET_STAGES)) + tuple(
-    f'densenet{d}' for d in sorted(DENSENET_BLOCKS))
+  f'densenet{d}' for d in sorted(DENSENET_BLOCKS)
+)
 DETECTOR_ARCHS = {'maskrcnn_resnet50_fpn': 'resnet50'}
 ARCHS = CLASSIFIER_ARCHS + tuple(DETECTOR_ARCHS)
 
@@ -95,6 +96,7 @@ class Converted:
   covers: '/'-joined subtrees the file provides completely (every array of the model under
   them must come from the file). dropped: torchvision keys deliberately not converted.
   """
+
   arch: str
   backbone: str
   params: dict[Path, np.ndarray]
@@ -195,8 +197,9 @@ def _resnet_body(src: _Source, prefix: str, depth: int, tree: _Tree) -> None:
 # Checkpoints saved before torchvision 0.4 name dense-layer modules 'norm.1', 'conv.2', ...;
 # torchvision renames them on load with this pattern, and so do we.
 _OLD_DENSE_LAYER = re.compile(
-    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|'
-    r'running_var|num_batches_tracked))$')
+  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|'
+  r'running_var|num_batches_tracked))$'
+)
 
 
 def _densenet_body(src: _Source, depth: int, tree: _Tree) -> None:
@@ -228,21 +231,23 @@ def _fpn(src: _Source, tree: _Tree) -> None:
   for i, level in enumerate(range(2, 6)):
     for torch_name, ours in (('inner_blocks', 'lateral'), ('layer_blocks', 'output')):
       base = f'backbone.fpn.{torch_name}.{i}'
-      key = src.first(base + '.0.weight', base + '.weight')[:-len('.weight')]
+      key = src.first(base + '.0.weight', base + '.weight')[: -len('.weight')]
       tree.conv(src, key, ('backbone', 'fpn', f'{ours}{level}'), bias=True)
 
 
 def _rpn_head(src: _Source, tree: _Tree) -> int:
   """torchvision RPNHead -> RPNHead; returns the anchors per location."""
-  key = src.first('rpn.head.conv.0.0.weight', 'rpn.head.conv.weight')[:-len('.weight')]
+  key = src.first('rpn.head.conv.0.0.weight', 'rpn.head.conv.weight')[: -len('.weight')]
   tree.conv(src, key, ('rpn_head', 'conv'), bias=True)
   tree.conv(src, 'rpn.head.cls_logits', ('rpn_head', 'objectness'), bias=True)
   weight = src.take('rpn.head.bbox_pred.weight', 4)
   bias = src.take('rpn.head.bbox_pred.bias', 1)
   anchors = weight.shape[0] // 4
   if weight.shape[0] != 4 * anchors or anchors != src.state['rpn.head.cls_logits.bias'].shape[0]:
-    raise ValueError(f'{src.name}: rpn.head.bbox_pred has {weight.shape[0]} outputs, expected 4 '
-                     'per anchor of cls_logits')
+    raise ValueError(
+      f'{src.name}: rpn.head.bbox_pred has {weight.shape[0]} outputs, expected 4 '
+      'per anchor of cls_logits'
+    )
   weight = weight.reshape((anchors, 4) + weight.shape[1:])[:, DELTA_ORDER].reshape(weight.shape)
   bias = bias.reshape(anchors, 4)[:, DELTA_ORDER].reshape(-1)
   tree.params[('rpn_head', 'deltas', 'kernel')] = weight.transpose(2, 3, 1, 0)
@@ -259,14 +264,18 @@ def _box_head(src: _Source, tree: _Tree, keep_class_layers: bool, pool: int = 7)
   out, flat = weight.shape
   channels = flat // (pool * pool)
   if channels * pool * pool != flat:
-    raise ValueError(f'{src.name}: roi_heads.box_head.fc6 takes {flat} inputs, not a multiple '
-                     f'of {pool}x{pool}')
+    raise ValueError(
+      f'{src.name}: roi_heads.box_head.fc6 takes {flat} inputs, not a multiple of {pool}x{pool}'
+    )
   kernel = weight.reshape(out, channels, pool, pool).transpose(2, 3, 1, 0).reshape(flat, out)
   tree.params[('box_head', 'fc1', 'kernel')] = kernel
   tree.params[('box_head', 'fc1', 'bias')] = src.take('roi_heads.box_head.fc6.bias', 1)
   tree.linear(src, 'roi_heads.box_head.fc7', ('box_head', 'fc2'))
-  class_keys = [f'roi_heads.box_predictor.{n}.{p}' for n in ('cls_score', 'bbox_pred')
-                for p in ('weight', 'bias')]
+  class_keys = [
+    f'roi_heads.box_predictor.{n}.{p}'
+    for n in ('cls_score', 'bbox_pred')
+    for p in ('weight', 'bias')
+  ]
   if not keep_class_layers:
     for key in class_keys:
       src.take(key)  # present (checked), deliberately not converted
@@ -285,11 +294,13 @@ def _mask_head(src: _Source, tree: _Tree, keep_class_layers: bool) -> list[str]:
   """MaskRCNNHeads (4 convs) + MaskRCNNPredictor (conv5_mask, mask_fcn_logits) -> the trunk
   (conv1-4, upsample) shared by both mask heads, and the standard head's logits (if kept)."""
   for i in range(4):
-    key = src.first(f'roi_heads.mask_head.{i}.0.weight',
-                    f'roi_heads.mask_head.mask_fcn{i + 1}.weight')[:-len('.weight')]
+    key = src.first(
+      f'roi_heads.mask_head.{i}.0.weight', f'roi_heads.mask_head.mask_fcn{i + 1}.weight'
+    )[: -len('.weight')]
     tree.conv(src, key, ('mask_head', 'trunk', f'conv{i + 1}'), bias=True)
-  tree.conv_transpose(src, 'roi_heads.mask_predictor.conv5_mask',
-                      ('mask_head', 'trunk', 'upsample'))
+  tree.conv_transpose(
+    src, 'roi_heads.mask_predictor.conv5_mask', ('mask_head', 'trunk', 'upsample')
+  )
   class_keys = [f'roi_heads.mask_predictor.mask_fcn_logits.{p}' for p in ('weight', 'bias')]
   if not keep_class_layers:
     for key in class_keys:
@@ -298,14 +309,15 @@ def _mask_head(src: _Source, tree: _Tree, keep_class_layers: bool) -> list[str]:
   weight = src.take('roi_heads.mask_predictor.mask_fcn_logits.weight', 4)[1:]  # no background
   tree.params[('mask_head', 'logits', 'kernel')] = weight.transpose(2, 3, 1, 0)
   tree.params[('mask_head', 'logits', 'bias')] = src.take(
-      'roi_heads.mask_predictor.mask_fcn_logits.bias', 1)[1:]
+    'roi_heads.mask_predictor.mask_fcn_logits.bias', 1
+  )[1:]
   return []
 
 
 def _adapt_input(tree: _Tree, input_channels: int, normalization: str) -> None:
   """Folds the input normalisation into the stem and gives it `input_channels` channels."""
   path = BODY + ('stem_conv', 'kernel')
-  kernel = tree.params[path].astype(np.float64)               # [kh, kw, 3, O]
+  kernel = tree.params[path].astype(np.float64)  # [kh, kw, 3, O]
   if kernel.shape[2] != 3:
     raise ValueError(f'the stem conv takes {kernel.shape[2]} channels, expected RGB (3)')
   if input_channels < 1:
@@ -329,9 +341,15 @@ def _adapt_input(tree: _Tree, input_channels: int, normalization: str) -> None:
   tree.params[path] = np.ascontiguousarray(kernel, np.float32)
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, *, input_channels: int = 1,
-                       input_normalization: str = 'imagenet', keep_class_layers: bool = False,
-                       source: str = 'state dict') -> Converted:
+def convert_state_dict(
+  state: Mapping[str, np.ndarray],
+  arch: str,
+  *,
+  input_channels: int = 1,
+  input_normalization: str = 'imagenet',
+  keep_class_layers: bool = False,
+  source: str = 'state dict',
+) -> Converted:
   """Maps a torchvision state dict of `arch` onto our variable tree (see the module docstring).
 
   Raises ValueError naming `source` for a missing tensor or for any tensor left unconverted
@@ -351,22 +369,27 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, *, input_chan
     if keep_class_layers:
       raise ValueError('--keep-class-layers applies to maskrcnn_resnet50_fpn only')
     backbone = arch
-    top = ('fc.weight', 'fc.bias') if arch.startswith('resnet') else (
-        'classifier.weight', 'classifier.bias')
+    top = (
+      ('fc.weight', 'fc.bias')
+      if arch.startswith('resnet')
+      else ('classifier.weight', 'classifier.bias')
+    )
     if arch.startswith('resnet'):
-      _resnet_body(src, '', int(arch[len('resnet'):]), tree)
+      _resnet_body(src, '', int(arch[len('resnet') :]), tree)
     else:
-      _densenet_body(src, int(arch[len('densenet'):]), tree)
+      _densenet_body(src, int(arch[len('densenet') :]), tree)
     for key in top:
       if src.has(key):
         src.skip(key)
         dropped.append(key)
     covers = ('backbone/body',)
-    notes.append(f'ImageNet {arch} body; the FPN and heads start from their initialisers. '
-                 "Needs model.norm='frozen_batch' (or 'batch').")
+    notes.append(
+      f'ImageNet {arch} body; the FPN and heads start from their initialisers. '
+      "Needs model.norm='frozen_batch' (or 'batch')."
+    )
   else:
     backbone = DETECTOR_ARCHS[arch]
-    _resnet_body(src, 'backbone.body.', int(backbone[len('resnet'):]), tree)
+    _resnet_body(src, 'backbone.body.', int(backbone[len('resnet') :]), tree)
     _fpn(src, tree)
     anchors = _rpn_head(src, tree)
     if anchors == len(TORCHVISION_ANCHOR_RATIOS):
@@ -377,48 +400,63 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, *, input_chan
     if keep_class_layers:
       covers += ('box_head/cls', 'box_head/deltas', 'mask_head/logits')
     notes.append(
-        "torchvision's COCO Mask R-CNN: set model.norm='frozen_batch', "
-        f'model.anchor_sizes={TORCHVISION_ANCHOR_SIZES}, '
-        f'model.anchor_ratios={TORCHVISION_ANCHOR_RATIOS}, '
-        f'model.roi_level_canonical={TORCHVISION_ROI_CANONICAL}, '
-        "model.box_head='fc', model.box_head_dim=1024, model.mask_head_dim=256, "
-        'model.fpn_dim=256, model.width=64.')
+      "torchvision's COCO Mask R-CNN: set model.norm='frozen_batch', "
+      f'model.anchor_sizes={TORCHVISION_ANCHOR_SIZES}, '
+      f'model.anchor_ratios={TORCHVISION_ANCHOR_RATIOS}, '
+      f'model.roi_level_canonical={TORCHVISION_ROI_CANONICAL}, '
+      "model.box_head='fc', model.box_head_dim=1024, model.mask_head_dim=256, "
+      'model.fpn_dim=256, model.width=64.'
+    )
   leftovers = src.leftovers()
   if leftovers:
-    raise ValueError(f'{source}: {len(leftovers)} tensors have no place in {arch} '
-                     f'(first: {leftovers[:5]}); is this the right --arch?')
+    raise ValueError(
+      f'{source}: {len(leftovers)} tensors have no place in {arch} '
+      f'(first: {leftovers[:5]}); is this the right --arch?'
+    )
   _adapt_input(tree, input_channels, input_normalization)
-  return Converted(arch=arch, backbone=backbone, params=tree.params, batch_stats=tree.stats,
-                   covers=covers, dropped=tuple(dropped), input_channels=input_channels,
-                   input_normalization=input_normalization, anchor_ratios=anchor_ratios,
-                   notes=tuple(notes))
+  return Converted(
+    arch=arch,
+    backbone=backbone,
+    params=tree.params,
+    batch_stats=tree.stats,
+    covers=covers,
+    dropped=tuple(dropped),
+    input_channels=input_channels,
+    input_normalization=input_normalization,
+    anchor_ratios=anchor_ratios,
+    notes=tuple(notes),
+  )
 
 
 def to_variables(converted: Converted) -> dict[str, dict]:
   """{'params': nested, 'batch_stats': nested} with contiguous float32 arrays."""
+
   def nest(flat):
     return flax.traverse_util.unflatten_dict(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()})
+      {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
+    )
+
   return {'params': nest(converted.params), 'batch_stats': nest(converted.batch_stats)}
 
 
-def save(converted: Converted, path: str | os.PathLike, *, source: str = '',
-         source_sha256: str = '') -> None:
+def save(
+  converted: Converted, path: str | os.PathLike, *, source: str = '', source_sha256: str = ''
+) -> None:
   """Writes the converted file (msgpack, see the module docstring) atomically."""
   record = {
-      'format': FORMAT,
-      'version': FORMAT_VERSION,
-      'arch': converted.arch,
-      'backbone': converted.backbone,
-      'source': source,
-      'source_sha256': source_sha256,
-      'input_channels': converted.input_channels,
-      'input_normalization': converted.input_normalization,
-      'covers': list(converted.covers),
-      'dropped': list(converted.dropped),
-      'notes': list(converted.notes),
-      'anchor_ratios': list(converted.anchor_ratios or ()),
-      **to_variables(converted),
+    'format': FORMAT,
+    'version': FORMAT_VERSION,
+    'arch': converted.arch,
+    'backbone': converted.backbone,
+    'source': source,
+    'source_sha256': source_sha256,
+    'input_channels': converted.input_channels,
+    'input_normalization': converted.input_normalization,
+    'covers': list(converted.covers),
+    'dropped': list(converted.dropped),
+    'notes': list(converted.notes),
+    'anchor_ratios': list(converted.anchor_ratios or ()),
+    **to_variables(converted),
   }
   data = flax.serialization.msgpack_serialize(record)
   with atomic_path(path) as tmp:
@@ -436,30 +474,48 @@ def sha256(path: str | os.PathLike) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m imask_jax.convert_weights',
-      description='Convert a torchvision checkpoint (.pth or .npz) into an imask_jax msgpack '
-                  'file for --config.model.init_from.')
+    prog='python -m imask_jax.convert_weights',
+    description='Convert a torchvision checkpoint (.pth or .npz) into an imask_jax msgpack '
+    'file for --config.model.init_from.',
+  )
   parser.add_argument('--from', dest='source', required=True, help='torchvision .pth or .npz')
   parser.add_argument('--arch', required=True, choices=ARCHS)
   parser.add_argument('--out', required=True, help='output .msgpack path')
-  parser.add_argument('--input-channels', type=int, default=1,
-                      help='channels of the model input: 2 * data.context_slices + 1 (default 1)')
-  parser.add_argument('--input-normalization', choices=NORMALIZATIONS, default='imagenet',
-                      help='fold torchvision\'s ImageNet input normalisation into the stem, for '
-                           'inputs in [0, 1] (default); none keeps the stem as it is')
-  parser.add_argument('--keep-class-layers', action='store_true',
-                      help='maskrcnn only: also convert the COCO class layers (90 classes)')
+  parser.add_argument(
+    '--input-channels',
+    type=int,
+    default=1,
+    help='channels of the model input: 2 * data.context_slices + 1 (default 1)',
+  )
+  parser.add_argument(
+    '--input-normalization',
+    choices=NORMALIZATIONS,
+    default='imagenet',
+    help="fold torchvision's ImageNet input normalisation into the stem, for "
+    'inputs in [0, 1] (default); none keeps the stem as it is',
+  )
+  parser.add_argument(
+    '--keep-class-layers',
+    action='store_true',
+    help='maskrcnn only: also convert the COCO class layers (90 classes)',
+  )
   args = parser.parse_args(argv)
   state = torch_checkpoint.read_state_dict(args.source)
-  converted = convert_state_dict(state, args.arch, input_channels=args.input_channels,
-                                 input_normalization=args.input_normalization,
-                                 keep_class_layers=args.keep_class_layers, source=args.source)
-  save(converted, args.out, source=os.path.basename(args.source),
-       source_sha256=sha256(args.source))
+  converted = convert_state_dict(
+    state,
+    args.arch,
+    input_channels=args.input_channels,
+    input_normalization=args.input_normalization,
+    keep_class_layers=args.keep_class_layers,
+    source=args.source,
+  )
+  save(converted, args.out, source=os.path.basename(args.source), source_sha256=sha256(args.source))
   arrays = len(converted.params) + len(converted.batch_stats)
-  print(f'{args.source} ({args.arch}): {arrays} arrays -> {args.out}; covers '
-        f'{", ".join(converted.covers)}; dropped {len(converted.dropped)} tensors '
-        f'({", ".join(converted.dropped) or "none"})')
+  print(
+    f'{args.source} ({args.arch}): {arrays} arrays -> {args.out}; covers '
+    f'{", ".join(converted.covers)}; dropped {len(converted.dropped)} tensors '
+    f'({", ".join(converted.dropped) or "none"})'
+  )
   for note in converted.notes:
     print(note)
   return 0

@@ -28,12 +28,10 @@ Mask AP is computed at SOURCE slice resolution: detections are pasted into the o
 
 from __future__ import annotations
 
-import os
-
-
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,9 +47,9 @@ from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
+from data_pipelines.tissues import LabelScheme
 from imask_jax import inference, metrics, report, viz
 from imask_jax import workdir as workdir_lib
-from data_pipelines.tissues import LabelScheme
 from imask_jax.inference import VolumePrediction
 
 REFERENCE_RATER = 'reference'  # the default reader (labelsTr/) of a multi-reader dataset
@@ -60,18 +58,25 @@ REFERENCE_RATER = 'reference'  # the default reader (labelsTr/) of a multi-reade
 # --- one volume ----------------------------------------------------------------------------------
 
 
-def truth_instances(label_slice: np.ndarray, scheme: LabelScheme, instance_mode: str
-                    ) -> list[tuple[int, np.ndarray]]:
+def truth_instances(
+  label_slice: np.ndarray, scheme: LabelScheme, instance_mode: str
+) -> list[tuple[int, np.ndarray]]:
   """(class id, mask) of every truth instance of a label slice (label values), in the
   config's instance mode; no minimum size (every truth pixel counts)."""
-  found = instances_lib.extract_instances(label_slice, scheme.class_map, mode=instance_mode,
-                                          min_pixels=1)
+  found = instances_lib.extract_instances(
+    label_slice, scheme.class_map, mode=instance_mode, min_pixels=1
+  )
   return [(int(c), m) for c, m in zip(found.classes, found.masks)]
 
 
-def evaluate_case(case_id: str, truth: np.ndarray, prediction: VolumePrediction,
-                  scheme: LabelScheme, spacing: Sequence[float],
-                  reader_maps: Mapping[str, np.ndarray] | None = None) -> report.CaseResult:
+def evaluate_case(
+  case_id: str,
+  truth: np.ndarray,
+  prediction: VolumePrediction,
+  scheme: LabelScheme,
+  spacing: Sequence[float],
+  reader_maps: Mapping[str, np.ndarray] | None = None,
+) -> report.CaseResult:
   """Measures one volume. truth / prediction.canonical: canonical label maps (label values)
   with `spacing` (mm, canonical axis order); reader_maps: each reader's canonical label map,
   for effusion volumes."""
@@ -81,14 +86,15 @@ def evaluate_case(case_id: str, truth: np.ndarray, prediction: VolumePrediction,
   surface = metrics.surface_metrics_per_label(pred, truth, spacing, values, voxel_hausdorff=True)
   # Per-slice 2D metrics in the plane the model segments (the paper's method is 2D).
   slices = metrics.slice_metrics_per_label(
-      pred, truth, orientation.plane_axes(prediction.plane).slice_axis, spacing, values)
+    pred, truth, orientation.plane_axes(prediction.plane).slice_axis, spacing, values
+  )
   thickness, note = None, ''
   knee = scheme.knee
   if knee is not None:
     try:
       thickness = metrics.compare_thickness(
-          pred, truth, spacing, labels=knee,
-          angle_bin_deg=metrics.femoral_angle_bin_deg(spacing))
+        pred, truth, spacing, labels=knee, angle_bin_deg=metrics.femoral_angle_bin_deg(spacing)
+      )
     except ValueError as error:  # the truth lacks a plate, or too little of it to fit
       note = str(error)
   rater_ml = {}
@@ -97,10 +103,16 @@ def evaluate_case(case_id: str, truth: np.ndarray, prediction: VolumePrediction,
       rater_ml[rater] = metrics.effusion_ml_by_side(labels, spacing, scheme.effusion_value)
     rater_ml[report.MODEL_RATER] = metrics.effusion_ml_by_side(pred, spacing, scheme.effusion_value)
   return report.CaseResult(
-      case_id=case_id, overlap=overlap, surface=surface,
-      truth_ml=metrics.volumes_ml_per_label(truth, spacing, values),
-      pred_ml=metrics.volumes_ml_per_label(pred, spacing, values),
-      thickness=thickness, thickness_note=note, rater_ml=rater_ml, slices=slices)
+    case_id=case_id,
+    overlap=overlap,
+    surface=surface,
+    truth_ml=metrics.volumes_ml_per_label(truth, spacing, values),
+    pred_ml=metrics.volumes_ml_per_label(pred, spacing, values),
+    thickness=thickness,
+    thickness_note=note,
+    rater_ml=rater_ml,
+    slices=slices,
+  )
 
 
 def _safe_name(text: str) -> str:
@@ -120,6 +132,7 @@ def rater_name(reader: str) -> str:
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvaluationReport:
   """What an evaluation wrote (out_dir) and measured."""
+
   out_dir: str
   summary: str
   results: tuple[report.CaseResult, ...]
@@ -130,17 +143,24 @@ class EvaluationReport:
 PredictFn = Callable[[readers.Volume], VolumePrediction]
 
 
-def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSource,
-                    predict: PredictFn, out_dir: str, header: Mapping[str, Any], *,
-                    progress: Callable[[str], None] | None = None) -> EvaluationReport:
+def evaluate_source(
+  config: ml_collections.ConfigDict,
+  source: sources.VolumeSource,
+  predict: PredictFn,
+  out_dir: str,
+  header: Mapping[str, Any],
+  *,
+  progress: Callable[[str], None] | None = None,
+) -> EvaluationReport:
   """Evaluates `predict` (volume -> VolumePrediction with instances) on every case of
   `source` and writes the outputs into `out_dir` (replaced as a whole, atomically)."""
   if not source.cases:
     raise ValueError(f'split {source.split!r} has no cases to evaluate')
   scheme = LabelScheme.from_config(config)
   instance_mode = str(config.data.instance_mode)
-  mask_ap = metrics.MaskAP({c: n for c, n in zip(range(1, len(scheme.class_names) + 1),
-                                         scheme.class_names)})
+  mask_ap = metrics.MaskAP(
+    {c: n for c, n in zip(range(1, len(scheme.class_names) + 1), scheme.class_names)}
+  )
   results: list[report.CaseResult] = []
   started = time.time()
   out_dir = os.path.abspath(out_dir)
@@ -149,29 +169,45 @@ def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSou
       volume = source.load(case)
       prediction = predict(volume)
       if prediction.instances is None:
-        raise ValueError(f'case {case.case_id}: the prediction carries no instances; mask AP '
-                         'needs predict_volume(..., keep_instances=True)')
-      save_nifti(prediction.label_map, volume.grid.affine,
-                 os.path.join(tmp, 'labels', f'{case.case_id}.nii.gz'), like=case.image)
+        raise ValueError(
+          f'case {case.case_id}: the prediction carries no instances; mask AP '
+          'needs predict_volume(..., keep_instances=True)'
+        )
+      save_nifti(
+        prediction.label_map,
+        volume.grid.affine,
+        os.path.join(tmp, 'labels', f'{case.case_id}.nii.gz'),
+        like=case.image,
+      )
       reader_maps = {}
       if scheme.effusion_value is not None:
         for reader in case.labels:
-          other = volume if reader == volume.reader else readers.load_volume(
-              case, plane=source.plane, label_values=source.label_values, reader=reader)
+          other = (
+            volume
+            if reader == volume.reader
+            else readers.load_volume(
+              case, plane=source.plane, label_values=source.label_values, reader=reader
+            )
+          )
           reader_maps[rater_name(reader)] = other.labels
-      result = evaluate_case(case.case_id, volume.labels, prediction, scheme, volume.spacing,
-                             reader_maps)
+      result = evaluate_case(
+        case.case_id, volume.labels, prediction, scheme, volume.spacing, reader_maps
+      )
       results.append(result)
       stack = readers.slices(volume)
       shape = stack.images.shape[1:]
       for i in range(len(stack)):
-        mask_ap.add_slice(truth_instances(stack.labels[i], scheme, instance_mode),
-                          [(d.class_id, d.score, d.full_mask(shape))
-                           for d in prediction.instances[i]], shape, group=case.case_id)
+        mask_ap.add_slice(
+          truth_instances(stack.labels[i], scheme, instance_mode),
+          [(d.class_id, d.score, d.full_mask(shape)) for d in prediction.instances[i]],
+          shape,
+          group=case.case_id,
+        )
       _case_figures(os.path.join(tmp, 'figures'), stack, prediction, result, scheme)
       if progress is not None:
-        progress(f'[{index + 1}/{len(source.cases)}] {case.case_id} '
-                 f'({time.time() - started:.0f} s)')
+        progress(
+          f'[{index + 1}/{len(source.cases)}] {case.case_id} ({time.time() - started:.0f} s)'
+        )
 
     ap = mask_ap.evaluate()
     ap_per_case = {r.case_id: mask_ap.evaluate(r.case_id) for r in results}
@@ -180,36 +216,55 @@ def evaluate_source(config: ml_collections.ConfigDict, source: sources.VolumeSou
       _bland_altman_figures(os.path.join(tmp, 'figures'), results)
     summary = report.summary_markdown(header, results, scheme, ap, ap_per_case)
     report.write_text(os.path.join(tmp, 'summary.md'), summary)
-    info = dict(header, cases=[r.case_id for r in results], mask_ap_resolution=report.AP_RESOLUTION,
-                instance_mode=instance_mode, label_values=scheme.names_by_value,
-                seconds=round(time.time() - started, 1))
-    report.write_text(os.path.join(tmp, 'eval.json'),
-               json.dumps(info, indent=1, default=str) + '\n')
+    info = dict(
+      header,
+      cases=[r.case_id for r in results],
+      mask_ap_resolution=report.AP_RESOLUTION,
+      instance_mode=instance_mode,
+      label_values=scheme.names_by_value,
+      seconds=round(time.time() - started, 1),
+    )
+    report.write_text(
+      os.path.join(tmp, 'eval.json'), json.dumps(info, indent=1, default=str) + '\n'
+    )
   return EvaluationReport(out_dir, summary, tuple(results), ap, ap_per_case)
 
 
-def _case_figures(folder: str, stack: readers.SliceStack, prediction: VolumePrediction,
-                  result: report.CaseResult, scheme: LabelScheme) -> None:
+def _case_figures(
+  folder: str,
+  stack: readers.SliceStack,
+  prediction: VolumePrediction,
+  result: report.CaseResult,
+  scheme: LabelScheme,
+) -> None:
   index = overlay_slice(stack.labels)
   window = viz.display_range(stack.images)
   name = _safe_name(result.case_id)
   viz.save_overlay_figure(
-      os.path.join(folder, f'overlay_{name}.png'), viz.grey(stack.images[index], window),
-      stack.labels[index], scheme.to_label_values(prediction.class_slices[index]),
-      scheme.names_by_value, f'{result.case_id} slice {index} ({stack.plane})')
+    os.path.join(folder, f'overlay_{name}.png'),
+    viz.grey(stack.images[index], window),
+    stack.labels[index],
+    scheme.to_label_values(prediction.class_slices[index]),
+    scheme.names_by_value,
+    f'{result.case_id} slice {index} ({stack.plane})',
+  )
   for plate, comparison in (result.thickness or {}).items():
-    viz.save_thickness_figure(os.path.join(folder, f'thickness_{name}_{plate}.png'),
-                              comparison, plate, result.case_id)
+    viz.save_thickness_figure(
+      os.path.join(folder, f'thickness_{name}_{plate}.png'), comparison, plate, result.case_id
+    )
 
 
 def _bland_altman_figures(folder: str, results: Sequence[report.CaseResult]) -> None:
   _, pairs = report.agreement(results)
   for (a, b), p in (pairs or {}).items():
-    viz.save_bland_altman_figure(p.bland_altman,
-                              os.path.join(folder, f'bland_altman_{_safe_name(a)}_vs_'
-                                                   f'{_safe_name(b)}.png'),
-                              name_a=a, name_b=b, unit='mL',
-                              title=f'Effusion volume: {a} vs {b} (n={len(results)})')
+    viz.save_bland_altman_figure(
+      p.bland_altman,
+      os.path.join(folder, f'bland_altman_{_safe_name(a)}_vs_{_safe_name(b)}.png'),
+      name_a=a,
+      name_b=b,
+      unit='mL',
+      title=f'Effusion volume: {a} vs {b} (n={len(results)})',
+    )
 
 
 # --- from a workdir -----------------------------------------------------------------------------
@@ -221,48 +276,76 @@ def eval_dir(workdir: str, step: int, split: str, config: ml_collections.ConfigD
   return os.path.join(os.path.abspath(workdir), 'eval', name)
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, split: str | None = None, *,
-                     model: inference.LoadedModel | None = None,
-                     progress: Callable[[str], None] | None = None) -> EvaluationReport:
+def evaluate_workdir(
+  workdir: str,
+  step: int | None = None,
+  split: str | None = None,
+  *,
+  model: inference.LoadedModel | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> EvaluationReport:
   """Evaluates checkpoint `step` (latest by default) of `workdir` on `split` (default: the
   config's eval.split). `model`: an already loaded checkpoint of this workdir (saves the
   restore and the compile when evaluating twice in one process)."""
   if model is None:
     model = inference.load_model(workdir, step)
   elif step is not None and int(step) != model.step:
-    raise ValueError(f'evaluate_workdir: step {step} requested but the model given is step '
-                     f'{model.step}')
+    raise ValueError(
+      f'evaluate_workdir: step {step} requested but the model given is step {model.step}'
+    )
   config = model.config
   split = split or str(config.eval.split)
   data_dir = workdir_lib.data_dir_for(config, workdir)
-  source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir,
-                                 split)
-  header = {'workdir': os.path.abspath(workdir), 'checkpoint_step': model.step, 'split': split,
-            'dataset': str(config.data.dataset), 'mask_head': str(config.model.mask_head),
-            'backbone': str(config.model.backbone), 'data_dir': os.path.abspath(data_dir),
-            'subject_pattern': str(config.data.get('subject_pattern', '') or '')}
+  source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir, split)
+  header = {
+    'workdir': os.path.abspath(workdir),
+    'checkpoint_step': model.step,
+    'split': split,
+    'dataset': str(config.data.dataset),
+    'mask_head': str(config.model.mask_head),
+    'backbone': str(config.model.backbone),
+    'data_dir': os.path.abspath(data_dir),
+    'subject_pattern': str(config.data.get('subject_pattern', '') or ''),
+  }
   return evaluate_source(
-      config, source, lambda volume: inference.predict_volume(model, volume,
-                                                              keep_instances=True),
-      eval_dir(workdir, model.step, split, config), header, progress=progress)
+    config,
+    source,
+    lambda volume: inference.predict_volume(model, volume, keep_instances=True),
+    eval_dir(workdir, model.step, split, config),
+    header,
+    progress=progress,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m imask_jax.evaluate',
-      description='Evaluate a checkpoint on whole held-out volumes: metrics.csv, summary.md '
-                  'and figures in WORKDIR/eval/<step>/.')
+    prog='python -m imask_jax.evaluate',
+    description='Evaluate a checkpoint on whole held-out volumes: metrics.csv, summary.md '
+    'and figures in WORKDIR/eval/<step>/.',
+  )
   parser.add_argument('--workdir', required=True, help='training workdir (has config.json)')
-  parser.add_argument('--checkpoint', type=int, default=None,
-                      help='checkpoint step (default: the latest)')
-  parser.add_argument('--split', default=None, choices=params_lib.SPLITS,
-                      help="split to evaluate (default: the config's eval.split, 'test')")
-  parser.add_argument('--verbose', action='store_true',
-                      help='show the traceback of a user mistake, not only its message')
+  parser.add_argument(
+    '--checkpoint', type=int, default=None, help='checkpoint step (default: the latest)'
+  )
+  parser.add_argument(
+    '--split',
+    default=None,
+    choices=params_lib.SPLITS,
+    help="split to evaluate (default: the config's eval.split, 'test')",
+  )
+  parser.add_argument(
+    '--verbose',
+    action='store_true',
+    help='show the traceback of a user mistake, not only its message',
+  )
   args = parser.parse_args(argv)
   try:
-    report = evaluate_workdir(args.workdir, args.checkpoint, args.split,
-                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+    report = evaluate_workdir(
+      args.workdir,
+      args.checkpoint,
+      args.split,
+      progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
   except workdir_lib.USER_ERRORS + (DataError,) as error:
     if args.verbose:
       raise

@@ -55,6 +55,7 @@ class LoadedModel:
   (steps.make_detect_fn); batch_size: B, the config's eval.batch_size (a multiple of the
   device count); step: the checkpoint's training step.
   """
+
   workdir: str
   config: ml_collections.ConfigDict
   scheme: LabelScheme
@@ -74,8 +75,11 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   folder = os.path.join(os.fspath(workdir), 'checkpoints')
   if not os.path.isdir(folder):
     return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit()
-                and os.path.isdir(os.path.join(folder, name)))
+  return sorted(
+    int(name)
+    for name in os.listdir(folder)
+    if name.isdigit() and os.path.isdir(os.path.join(folder, name))
+  )
 
 
 def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedModel:
@@ -85,43 +89,57 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   """
   workdir = os.fspath(workdir)
   if jax.process_count() > 1:
-    raise RuntimeError(f'inference runs on one process; this is process {jax.process_index()}'
-                       f' of {jax.process_count()}')
+    raise RuntimeError(
+      f'inference runs on one process; this is process {jax.process_index()}'
+      f' of {jax.process_count()}'
+    )
   config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise workdir_lib.MissingCheckpointError(
-        f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train first with python -m '
-        f'imask_jax.main --workdir {workdir})')
+      f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train first with python -m '
+      f'imask_jax.main --workdir {workdir})'
+    )
   if step is None:
     step = steps[-1]
   elif int(step) not in steps:
     raise workdir_lib.MissingCheckpointError(
-        f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: '
-        f'{steps}')
+      f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: {steps}'
+    )
   mesh = parallel.data_mesh()
   batch_size = int(config.eval.batch_size)
   if batch_size < 1 or batch_size % jax.device_count():
-    raise ValueError(f'config eval.batch_size={batch_size} must be a positive multiple of the '
-                     f'device count ({jax.device_count()})')
+    raise ValueError(
+      f'config eval.batch_size={batch_size} must be a positive multiple of the '
+      f'device count ({jax.device_count()})'
+    )
   model = steps_lib.build_model(config, data_parallel=False)
   # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
-  template = jax.eval_shape(functools.partial(mask_rcnn.init_variables, model),
-                            jax.random.PRNGKey(int(config.seed)))
+  template = jax.eval_shape(
+    functools.partial(mask_rcnn.init_variables, model), jax.random.PRNGKey(int(config.seed))
+  )
   manager = workdir_lib.checkpoint_manager(workdir, config)
   try:
     variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
   except workdir_lib.CheckpointError as error:
     others = [s for s in steps if s != int(step)]
     raise workdir_lib.CheckpointError(
-        f'{error}' + (f' (other stored steps: {others}; choose one with --checkpoint STEP)'
-                      if others else '')) from error
+      f'{error}'
+      + (f' (other stored steps: {others}; choose one with --checkpoint STEP)' if others else '')
+    ) from error
   finally:
     manager.close()
-  return LoadedModel(workdir=workdir, config=config, scheme=scheme, step=int(step),
-                     variables=variables, detect=steps_lib.make_detect_fn(model, mesh), mesh=mesh,
-                     batch_size=batch_size)
+  return LoadedModel(
+    workdir=workdir,
+    config=config,
+    scheme=scheme,
+    step=int(step),
+    variables=variables,
+    detect=steps_lib.make_detect_fn(model, mesh),
+    mesh=mesh,
+    batch_size=batch_size,
+  )
 
 
 # --- detections -> source resolution ------------------------------------------------------------
@@ -132,6 +150,7 @@ class Instance:
   """One detected instance of one slice at source resolution: class id (1..K), score, and its
   pasted mask, stored as the crop `mask` bool [hh, ww] of its bounding box whose top-left pixel
   is (top, left) (an empty mask is stored as a [0, 0] crop)."""
+
   class_id: int
   score: float
   top: int
@@ -142,7 +161,7 @@ class Instance:
     """bool [h, w]: the mask on the whole slice."""
     out = np.zeros(shape, bool)
     hh, ww = self.mask.shape
-    out[self.top:self.top + hh, self.left:self.left + ww] = self.mask
+    out[self.top : self.top + hh, self.left : self.left + ww] = self.mask
     return out
 
 
@@ -153,9 +172,12 @@ def _paste_at_source(boxes, scores, classes, valid, mask_probs, scale, source_si
   return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD, min_score)
 
 
-def detections_to_source(detections: dict[str, np.ndarray], scale: np.ndarray,
-                         source_size: tuple[int, int], min_score: float = 0.0
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def detections_to_source(
+  detections: dict[str, np.ndarray],
+  scale: np.ndarray,
+  source_size: tuple[int, int],
+  min_score: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
   """Pastes network-resolution detections into their source slices.
 
   Args:
@@ -171,15 +193,21 @@ def detections_to_source(detections: dict[str, np.ndarray], scale: np.ndarray,
     instance masks bool [B, D, h, w] (False for invalid detections).
   """
   label_map, masks = _paste_at_source(
-      jnp.asarray(detections['boxes'], jnp.float32), jnp.asarray(detections['scores']),
-      jnp.asarray(detections['classes'], jnp.int32), jnp.asarray(detections['valid'], bool),
-      jnp.asarray(detections['mask_probs'], jnp.float32), jnp.asarray(scale, jnp.float32),
-      tuple(int(n) for n in source_size), float(min_score))
+    jnp.asarray(detections['boxes'], jnp.float32),
+    jnp.asarray(detections['scores']),
+    jnp.asarray(detections['classes'], jnp.int32),
+    jnp.asarray(detections['valid'], bool),
+    jnp.asarray(detections['mask_probs'], jnp.float32),
+    jnp.asarray(scale, jnp.float32),
+    tuple(int(n) for n in source_size),
+    float(min_score),
+  )
   return np.asarray(label_map), np.asarray(masks)
 
 
-def slice_instances(classes: np.ndarray, scores: np.ndarray, valid: np.ndarray,
-                    masks: np.ndarray) -> tuple[Instance, ...]:
+def slice_instances(
+  classes: np.ndarray, scores: np.ndarray, valid: np.ndarray, masks: np.ndarray
+) -> tuple[Instance, ...]:
   """The valid detections of one slice ([D] classes, scores, valid; masks bool [D, h, w]) as
   `Instance`s, highest score first."""
   out = []
@@ -187,7 +215,7 @@ def slice_instances(classes: np.ndarray, scores: np.ndarray, valid: np.ndarray,
     mask = masks[d]
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size:
-      crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy()
+      crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
       top, left = int(rows[0]), int(cols[0])
     else:
       crop, top, left = np.zeros((0, 0), bool), 0, 0
@@ -208,6 +236,7 @@ class VolumePrediction:
   label_map: uint8 [I, J, K] label values on the file's grid (save with `grid.affine`).
   instances: per slice, the detected instances (None unless asked for).
   """
+
   case_id: str
   plane: str
   class_slices: np.ndarray
@@ -218,25 +247,37 @@ class VolumePrediction:
   instances: tuple[tuple[Instance, ...], ...] | None = None
 
 
-def assemble(volume: readers.Volume, class_slices: np.ndarray, scheme: LabelScheme,
-             instances: Sequence[tuple[Instance, ...]] | None = None) -> VolumePrediction:
+def assemble(
+  volume: readers.Volume,
+  class_slices: np.ndarray,
+  scheme: LabelScheme,
+  instances: Sequence[tuple[Instance, ...]] | None = None,
+) -> VolumePrediction:
   """Per-slice class ids [n, h, w] of `volume` (sliced along volume.plane) -> the prediction
   on the canonical grid and on the file's grid, in label values."""
   stack = readers.slices(volume)
   expected = stack.images.shape
   if tuple(class_slices.shape) != tuple(expected):
-    raise ValueError(f'case {volume.case_id}: class maps have shape {class_slices.shape}; '
-                     f'expected the slice stack shape {expected}')
+    raise ValueError(
+      f'case {volume.case_id}: class maps have shape {class_slices.shape}; '
+      f'expected the slice stack shape {expected}'
+    )
   values = scheme.to_label_values(class_slices)
   return VolumePrediction(
-      case_id=volume.case_id, plane=stack.plane, class_slices=class_slices,
-      canonical=stack.to_canonical(values), label_map=stack.to_original(values),
-      spacing=tuple(volume.spacing), grid=volume.grid,
-      instances=None if instances is None else tuple(instances))
+    case_id=volume.case_id,
+    plane=stack.plane,
+    class_slices=class_slices,
+    canonical=stack.to_canonical(values),
+    label_map=stack.to_original(values),
+    spacing=tuple(volume.spacing),
+    grid=volume.grid,
+    instances=None if instances is None else tuple(instances),
+  )
 
 
-def predict_volume(model: LoadedModel, volume: readers.Volume, *,
-                   keep_instances: bool = False) -> VolumePrediction:
+def predict_volume(
+  model: LoadedModel, volume: readers.Volume, *, keep_instances: bool = False
+) -> VolumePrediction:
   """Runs the model over every slice of `volume` and assembles the label map.
 
   Slices go through `input_pipeline.volume_inputs` (normalised, resized and padded exactly as
@@ -258,28 +299,28 @@ def predict_volume(model: LoadedModel, volume: readers.Volume, *,
     chunk[:real] = images[start:stop]
     chunk_scale = np.ones((batch, 2), np.float32)
     chunk_scale[:real] = scale[start:stop]
-    out = jax.device_get(model.detect(model.variables,
-                                      parallel.shard_batch(chunk, model.mesh)))
+    out = jax.device_get(model.detect(model.variables, parallel.shard_batch(chunk, model.mesh)))
     out = {k: np.asarray(v) for k, v in out.items()}
-    labels, masks = detections_to_source(out, chunk_scale, source_size,
-                                         float(model.config.model.label_score_threshold))
+    labels, masks = detections_to_source(
+      out, chunk_scale, source_size, float(model.config.model.label_score_threshold)
+    )
     class_slices[start:stop] = labels[:real]
     if keep_instances:
       for i in range(real):
-        instances.append(slice_instances(out['classes'][i], out['scores'][i], out['valid'][i],
-                                         masks[i]))
+        instances.append(
+          slice_instances(out['classes'][i], out['scores'][i], out['valid'][i], masks[i])
+        )
   return assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
 
 
-def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None
-               ) -> readers.Volume:
+def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None) -> readers.Volume:
   """An unlabelled NIfTI image as a canonical `Volume` to be sliced along `plane`."""
   path = os.fspath(path)
   if case_id is None:
     case_id = os.path.basename(path)
     for suffix in ('.nii.gz', '.nii'):
       if case_id.endswith(suffix):
-        case_id = case_id[:-len(suffix)]
+        case_id = case_id[: -len(suffix)]
   volume = readers.load_volume(readers.Case(case_id, path), plane=plane, label_values=None)
   if min(volume.image.shape) < 1:
     raise DataError(path, 'image has an empty axis', found=volume.image.shape)

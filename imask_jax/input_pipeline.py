@@ -47,14 +47,27 @@ def _hide_gpus_from_tensorflow() -> None:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow was initialised before this module was imported
     if tf.config.get_visible_devices('GPU'):
-      raise RuntimeError('TensorFlow already sees a GPU; import imask_jax.input_pipeline before '
-                         'running any TensorFlow op, so that JAX keeps the GPUs') from None
+      raise RuntimeError(
+        'TensorFlow already sees a GPU; import imask_jax.input_pipeline before '
+        'running any TensorFlow op, so that JAX keeps the GPUs'
+      ) from None
 
 
 _hide_gpus_from_tensorflow()
 
-BATCH_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid', 'case_id',
-              'slice_index', 'scale', 'image_extent', 'pixel_spacing', 'example_valid')
+BATCH_KEYS = (
+  'image',
+  'gt_boxes',
+  'gt_classes',
+  'gt_masks',
+  'gt_valid',
+  'case_id',
+  'slice_index',
+  'scale',
+  'image_extent',
+  'pixel_spacing',
+  'example_valid',
+)
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -64,6 +77,7 @@ BATCH_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid', 'case_i
 class AugmentSettings:
   """Training augmentation. Angles in degrees; scale > 1 enlarges; gamma applies x ** gamma to
   the [0, 1] image (drawn log-uniformly); noise_std in units of the normalised image."""
+
   flip_lr: bool
   flip_ud: bool
   rotate_degrees: float
@@ -74,21 +88,26 @@ class AugmentSettings:
   def __post_init__(self):
     lo, hi = self.scale_range
     if not 0 < lo <= hi:
-      raise ValueError(f'config data.augment.scale_range={self.scale_range}; expected '
-                       '0 < low <= high')
+      raise ValueError(
+        f'config data.augment.scale_range={self.scale_range}; expected 0 < low <= high'
+      )
     lo, hi = self.gamma_range
     if not 0 < lo <= hi:
-      raise ValueError(f'config data.augment.gamma_range={self.gamma_range}; expected '
-                       '0 < low <= high')
+      raise ValueError(
+        f'config data.augment.gamma_range={self.gamma_range}; expected 0 < low <= high'
+      )
     if self.rotate_degrees < 0 or self.noise_std < 0:
-      raise ValueError(f'config data.augment: rotate_degrees={self.rotate_degrees} and '
-                       f'noise_std={self.noise_std}; expected both >= 0')
+      raise ValueError(
+        f'config data.augment: rotate_degrees={self.rotate_degrees} and '
+        f'noise_std={self.noise_std}; expected both >= 0'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
   """image_size: network input (H, W); max_instances: M; percentile_indices: positions in
   `slice_examples.PERCENTILE_LEVELS` of the low and high normalisation percentiles."""
+
   image_size: tuple[int, int]
   max_instances: int
   percentile_indices: tuple[int, int]
@@ -104,22 +123,29 @@ def prepare_settings(config: Any) -> PrepareSettings:
   levels = slice_examples.PERCENTILE_LEVELS
   lo, hi = (float(p) for p in d.normalize_percentiles)
   if lo not in levels or hi not in levels or not lo < hi:
-    raise ValueError(f'config data.normalize_percentiles={tuple(d.normalize_percentiles)}; '
-                     f'expected two increasing levels among the stored ones {levels}')
+    raise ValueError(
+      f'config data.normalize_percentiles={tuple(d.normalize_percentiles)}; '
+      f'expected two increasing levels among the stored ones {levels}'
+    )
   return PrepareSettings(image_size, int(d.max_instances), (levels.index(lo), levels.index(hi)))
 
 
 def augment_settings(config: Any) -> AugmentSettings:
   a = config.data.augment
   return AugmentSettings(
-      flip_lr=bool(a.flip_lr), flip_ud=bool(a.flip_ud), rotate_degrees=float(a.rotate_degrees),
-      scale_range=tuple(float(s) for s in a.scale_range),
-      gamma_range=tuple(float(g) for g in a.gamma_range), noise_std=float(a.noise_std))
+    flip_lr=bool(a.flip_lr),
+    flip_ud=bool(a.flip_ud),
+    rotate_degrees=float(a.rotate_degrees),
+    scale_range=tuple(float(s) for s in a.scale_range),
+    gamma_range=tuple(float(g) for g in a.gamma_range),
+    noise_std=float(a.noise_std),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
   """How a global batch spreads: per_device examples on each of local_devices devices."""
+
   local_devices: int
   per_device: int
 
@@ -128,11 +154,14 @@ class BatchLayout:
     return self.local_devices * self.per_device
 
 
-def batch_layout(global_batch: int, device_count: int, local_device_count: int,
-                 name: str = 'train.batch_size') -> BatchLayout:
+def batch_layout(
+  global_batch: int, device_count: int, local_device_count: int, name: str = 'train.batch_size'
+) -> BatchLayout:
   if global_batch < 1 or global_batch % device_count:
-    raise ValueError(f'config {name}={global_batch} must be a positive multiple of the number '
-                     f'of devices ({device_count}) so every device gets the same batch')
+    raise ValueError(
+      f'config {name}={global_batch} must be a positive multiple of the number '
+      f'of devices ({device_count}) so every device gets the same batch'
+    )
   return BatchLayout(local_device_count, global_batch // device_count)
 
 
@@ -143,8 +172,9 @@ def _device_layout(global_batch: int, name: str) -> BatchLayout:
 # --- per-example transforms (TensorFlow graph code) ----------------------------------------------
 
 
-def fit_extent(height: tf.Tensor, width: tf.Tensor,
-               image_size: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+def fit_extent(
+  height: tf.Tensor, width: tf.Tensor, image_size: tuple[int, int]
+) -> tuple[tf.Tensor, tf.Tensor]:
   """The (H', W') a [height, width] slice is resized to: scaled by min(H / height, W / width)
   and rounded (half to even), at least 1 and at most the target, int32."""
   target_h, target_w = image_size
@@ -156,8 +186,9 @@ def fit_extent(height: tf.Tensor, width: tf.Tensor,
   return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
 
 
-def normalize(image: tf.Tensor, percentiles: tf.Tensor,
-              percentile_indices: tuple[int, int]) -> tf.Tensor:
+def normalize(
+  image: tf.Tensor, percentiles: tf.Tensor, percentile_indices: tuple[int, int]
+) -> tf.Tensor:
   """Clips to [p_low, p_high] of the volume and maps that range linearly onto [0, 1] (a
   constant volume becomes 0)."""
   low = percentiles[percentile_indices[0]]
@@ -166,8 +197,9 @@ def normalize(image: tf.Tensor, percentiles: tf.Tensor,
   return (tf.clip_by_value(image, low, high) - low) / span
 
 
-def select_instances(classes: tf.Tensor, masks: tf.Tensor,
-                     max_instances: int) -> tuple[tf.Tensor, tf.Tensor]:
+def select_instances(
+  classes: tf.Tensor, masks: tf.Tensor, max_instances: int
+) -> tuple[tf.Tensor, tf.Tensor]:
   """[N] classes and [N, H, W] masks -> exactly M rows: the M largest masks (ties: earlier
   first) in their original order, then zero padding."""
   areas = tf.reduce_sum(tf.cast(masks, tf.int32), axis=[1, 2])
@@ -176,8 +208,10 @@ def select_instances(classes: tf.Tensor, masks: tf.Tensor,
   missing = max_instances - count
   classes = tf.pad(tf.gather(classes, keep), [[0, missing]])
   masks = tf.pad(tf.gather(masks, keep), [[0, missing], [0, 0], [0, 0]])
-  return (tf.ensure_shape(classes, [max_instances]),
-          tf.ensure_shape(masks, [max_instances, None, None]))
+  return (
+    tf.ensure_shape(classes, [max_instances]),
+    tf.ensure_shape(masks, [max_instances, None, None]),
+  )
 
 
 def _resize_and_pad(image: tf.Tensor, masks: tf.Tensor, image_size: tuple[int, int]):
@@ -188,9 +222,11 @@ def _resize_and_pad(image: tf.Tensor, masks: tf.Tensor, image_size: tuple[int, i
   channels, count = image.shape[-1], masks.shape[0]
   both = tf.concat([image, tf.transpose(tf.cast(masks, tf.float32), [1, 2, 0])], axis=-1)
   # At scale 1 the resize is the identity (one tap of weight 1 per pixel): skip it.
-  both = tf.cond((new_h == height) & (new_w == width), lambda: both,
-                 lambda: tf.image.resize(both, tf.stack([new_h, new_w]), method='bilinear',
-                                         antialias=True))
+  both = tf.cond(
+    (new_h == height) & (new_w == width),
+    lambda: both,
+    lambda: tf.image.resize(both, tf.stack([new_h, new_w]), method='bilinear', antialias=True),
+  )
   both = tf.image.pad_to_bounding_box(both, 0, 0, image_size[0], image_size[1])
   image = tf.ensure_shape(both[..., :channels], [*image_size, channels])
   masks = tf.ensure_shape(tf.cast(both[..., channels:] >= 0.5, tf.uint8), [*image_size, count])
@@ -199,24 +235,32 @@ def _resize_and_pad(image: tf.Tensor, masks: tf.Tensor, image_size: tuple[int, i
   return image, masks, extent, scale
 
 
-def prepare_example(example: dict[str, tf.Tensor],
-                    settings: PrepareSettings) -> dict[str, tf.Tensor]:
+def prepare_example(
+  example: dict[str, tf.Tensor], settings: PrepareSettings
+) -> dict[str, tf.Tensor]:
   """A stored example -> network-input example (normalised, resized, padded; no randomness).
 
   Masks stay channels-last, 'gt_masks' [Ht, Wt, M], until `finish_batch`.
   """
-  image = normalize(example['image'], example['intensity_percentiles'],
-                    settings.percentile_indices)
+  image = normalize(example['image'], example['intensity_percentiles'], settings.percentile_indices)
   classes, masks = select_instances(example['classes'], example['masks'], settings.max_instances)
   image, masks, extent, scale = _resize_and_pad(image, masks, settings.image_size)
-  return {'image': image, 'gt_classes': classes, 'gt_masks': masks,
-          'case_id': example['case_id'], 'slice_index': example['slice_index'],
-          'scale': scale, 'image_extent': extent, 'pixel_spacing': example['pixel_spacing'],
-          'example_valid': tf.constant(True)}
+  return {
+    'image': image,
+    'gt_classes': classes,
+    'gt_masks': masks,
+    'case_id': example['case_id'],
+    'slice_index': example['slice_index'],
+    'scale': scale,
+    'image_extent': extent,
+    'pixel_spacing': example['pixel_spacing'],
+    'example_valid': tf.constant(True),
+  }
 
 
-def _inverse_warp(extent: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor, flip_x: tf.Tensor,
-                  flip_y: tf.Tensor) -> tf.Tensor:
+def _inverse_warp(
+  extent: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor, flip_x: tf.Tensor, flip_y: tf.Tensor
+) -> tf.Tensor:
   """The projective-transform coefficients [8] (ImageProjectiveTransformV3) mapping an output
   pixel index (x, y) to the input index it samples, x_in = a0 x + a1 y + a2,
   y_in = b0 x + b1 y + b2: flip, rotate by `angle` (radians) and scale by `zoom` about the centre
@@ -234,8 +278,7 @@ def _inverse_warp(extent: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor, flip_x: 
   return tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])
 
 
-def warp(image: tf.Tensor, masks: tf.Tensor,
-         transform: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def warp(image: tf.Tensor, masks: tf.Tensor, transform: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """Resamples image [H, W, C] bilinearly and masks [H, W, M] uint8 at their nearest pixel, at
   the input positions of `transform` (`_inverse_warp`); what falls outside reads 0.
 
@@ -244,23 +287,30 @@ def warp(image: tf.Tensor, masks: tf.Tensor,
   """
   height, width, count = masks.shape
   image = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=tf.constant([height, width]),
-      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),
-                       indexing='ij')
+    images=image[None],
+    transforms=transform[None],
+    output_shape=tf.constant([height, width]),
+    fill_value=0.0,
+    interpolation='BILINEAR',
+    fill_mode='CONSTANT',
+  )[0]
+  ys, xs = tf.meshgrid(
+    tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32), indexing='ij'
+  )
   col = tf.floor(transform[0] * xs + transform[1] * ys + transform[2] + 0.5)
   row = tf.floor(transform[3] * xs + transform[4] * ys + transform[5] + 0.5)
   inside = (row >= 0) & (row <= height - 1) & (col >= 0) & (col <= width - 1)
   # Index height * width is an extra row of zeros: where every outside position reads.
-  index = tf.where(inside, tf.cast(row, tf.int32) * width + tf.cast(col, tf.int32),
-                   height * width)
-  rows = tf.concat([tf.reshape(masks, [height * width, count]), tf.zeros([1, count], tf.uint8)],
-                   axis=0)
+  index = tf.where(inside, tf.cast(row, tf.int32) * width + tf.cast(col, tf.int32), height * width)
+  rows = tf.concat(
+    [tf.reshape(masks, [height * width, count]), tf.zeros([1, count], tf.uint8)], axis=0
+  )
   return image, tf.gather(rows, index)
 
 
-def augment_example(example: dict[str, tf.Tensor], seed: tf.Tensor,
-                    augment: AugmentSettings) -> dict[str, tf.Tensor]:
+def augment_example(
+  example: dict[str, tf.Tensor], seed: tf.Tensor, augment: AugmentSettings
+) -> dict[str, tf.Tensor]:
   """Random flips, rotation, scale (image and masks together), gamma and noise. seed: int32 [2]."""
   seeds = tf.random.experimental.stateless_split(seed, num=6)
 
@@ -282,7 +332,7 @@ def augment_example(example: dict[str, tf.Tensor], seed: tf.Tensor,
   if augment.gamma_range != (1.0, 1.0):
     image = tf.pow(image, gamma)
   if augment.noise_std > 0:
-    inside = ((tf.range(height)[:, None] < extent[0]) & (tf.range(width)[None, :] < extent[1]))
+    inside = (tf.range(height)[:, None] < extent[0]) & (tf.range(width)[None, :] < extent[1])
     noise = tf.random.stateless_normal(tf.shape(image), seeds[5], stddev=augment.noise_std)
     image = tf.clip_by_value(image + noise * tf.cast(inside, tf.float32)[..., None], 0.0, 1.0)
   return dict(example, image=image, gt_masks=masks)
@@ -313,10 +363,13 @@ def finish_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   order = tf.argsort(tf.cast(~valid, tf.int32), axis=-1, stable=True)
   valid = tf.gather(valid, order, batch_dims=1)
   masks = tf.gather(tf.transpose(batch['gt_masks'], [0, 3, 1, 2]), order, batch_dims=1)
-  return dict(batch,
-              gt_classes=tf.where(valid, tf.gather(batch['gt_classes'], order, batch_dims=1), 0),
-              gt_boxes=tf.where(valid[..., None], tf.gather(boxes, order, batch_dims=1), 0.0),
-              gt_masks=masks * tf.cast(valid, tf.uint8)[..., None, None], gt_valid=valid)
+  return dict(
+    batch,
+    gt_classes=tf.where(valid, tf.gather(batch['gt_classes'], order, batch_dims=1), 0),
+    gt_boxes=tf.where(valid[..., None], tf.gather(boxes, order, batch_dims=1), 0.0),
+    gt_masks=masks * tf.cast(valid, tf.uint8)[..., None, None],
+    gt_valid=valid,
+  )
 
 
 # --- datasets --------------------------------------------------------------------------------
@@ -324,10 +377,14 @@ def finish_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 def _to_device_batches(ds: tf.data.Dataset, layout: BatchLayout) -> tf.data.Dataset:
   """Prepared examples -> finished batches [local_devices, per_device, ...]."""
+
   def split(batch):
     batch = finish_batch(batch)
-    return {k: tf.reshape(v, [layout.local_devices, layout.per_device] + v.shape[1:].as_list())
-            for k, v in batch.items()}
+    return {
+      k: tf.reshape(v, [layout.local_devices, layout.per_device] + v.shape[1:].as_list())
+      for k, v in batch.items()
+    }
+
   ds = ds.batch(layout.local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -338,9 +395,9 @@ def _read_options() -> tf.data.Options:
   return options
 
 
-def create_train_dataset(config: Any, data_dir: str | os.PathLike, *, seed: int,
-                         start_step: int = 0,
-                         augment: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def create_train_dataset(
+  config: Any, data_dir: str | os.PathLike, *, seed: int, start_step: int = 0, augment: bool = True
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of training batches of this process (see the module doc for keys).
 
   Reads this process's share of 'train' (`tfds.split_for_jax_process`), shuffles
@@ -358,8 +415,9 @@ def create_train_dataset(config: Any, data_dir: str | os.PathLike, *, seed: int,
   settings = prepare_settings(config)
   augmentation = augment_settings(config) if augment else None
   builder = builders.prepare(config, data_dir)
-  split = tfds.split_for_jax_process('train', process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  split = tfds.split_for_jax_process(
+    'train', process_index=jax.process_index(), process_count=jax.process_count()
+  )
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=_read_options())
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
@@ -386,6 +444,7 @@ class EvalDataset:
   """One deterministic pass over a split (re-iterable). num_examples: this process's real
   examples; num_batches: batches per pass, the same on every process (padding examples have
   example_valid False)."""
+
   dataset: tf.data.Dataset
   num_examples: int
   num_batches: int
@@ -397,8 +456,9 @@ class EvalDataset:
     return self.num_batches
 
 
-def create_eval_dataset(config: Any, data_dir: str | os.PathLike, split: str, *,
-                        max_examples: int | None = None) -> EvalDataset:
+def create_eval_dataset(
+  config: Any, data_dir: str | os.PathLike, split: str, *, max_examples: int | None = None
+) -> EvalDataset:
   """This process's share of `split` (optionally its first `max_examples` slices), in stored
   order, without augmentation, batched eval.batch_size // jax.device_count() per device; the
   final batch is completed with zero examples marked example_valid = False."""
@@ -406,8 +466,10 @@ def create_eval_dataset(config: Any, data_dir: str | os.PathLike, split: str, *,
   settings = prepare_settings(config)
   builder = builders.prepare(config, data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f'split {split!r} is not stored in {builder.data_dir} (it has no cases); '
-                     f'stored splits: {sorted(builder.info.splits)}')
+    raise ValueError(
+      f'split {split!r} is not stored in {builder.data_dir} (it has no cases); '
+      f'stored splits: {sorted(builder.info.splits)}'
+    )
   stored = builder.info.splits[split].num_examples
   if max_examples is None or int(max_examples) >= stored:
     source = split
@@ -417,8 +479,9 @@ def create_eval_dataset(config: Any, data_dir: str | os.PathLike, split: str, *,
   counts = [builder.info.splits[share].num_examples for share in shares]
   num_batches = math.ceil(max(counts) / layout.local_batch)
   mine = shares[jax.process_index()]
-  ds = builder.as_dataset(split=mine, shuffle_files=False,
-                          read_config=tfds.ReadConfig(options=_read_options()))
+  ds = builder.as_dataset(
+    split=mine, shuffle_files=False, read_config=tfds.ReadConfig(options=_read_options())
+  )
   ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
   padding = num_batches * layout.local_batch - counts[jax.process_index()]
   blank = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
@@ -439,18 +502,25 @@ def volume_inputs(volume: readers.Volume, config: Any) -> dict[str, np.ndarray]:
 
   def examples():
     for index in range(len(stack)):
-      yield {'image': slice_examples.context_image(stack.images, index, context),
-             'classes': np.zeros([0], np.int32), 'masks': no_masks,
-             'case_id': volume.case_id, 'slice_index': np.int32(index),
-             'pixel_spacing': np.array(stack.pixel_spacing, np.float32),
-             'intensity_percentiles': percentiles}
+      yield {
+        'image': slice_examples.context_image(stack.images, index, context),
+        'classes': np.zeros([0], np.int32),
+        'masks': no_masks,
+        'case_id': volume.case_id,
+        'slice_index': np.int32(index),
+        'pixel_spacing': np.array(stack.pixel_spacing, np.float32),
+        'intensity_percentiles': percentiles,
+      }
 
-  spec = {'image': tf.TensorSpec([None, None, 2 * context + 1], tf.float32),
-          'classes': tf.TensorSpec([None], tf.int32),
-          'masks': tf.TensorSpec([None, None, None], tf.uint8),
-          'case_id': tf.TensorSpec([], tf.string), 'slice_index': tf.TensorSpec([], tf.int32),
-          'pixel_spacing': tf.TensorSpec([2], tf.float32),
-          'intensity_percentiles': tf.TensorSpec([len(percentiles)], tf.float32)}
+  spec = {
+    'image': tf.TensorSpec([None, None, 2 * context + 1], tf.float32),
+    'classes': tf.TensorSpec([None], tf.int32),
+    'masks': tf.TensorSpec([None, None, None], tf.uint8),
+    'case_id': tf.TensorSpec([], tf.string),
+    'slice_index': tf.TensorSpec([], tf.int32),
+    'pixel_spacing': tf.TensorSpec([2], tf.float32),
+    'intensity_percentiles': tf.TensorSpec([len(percentiles)], tf.float32),
+  }
   ds = tf.data.Dataset.from_generator(examples, output_signature=spec)
   ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
   out = next(iter(tfds.as_numpy(ds.batch(len(stack)))))

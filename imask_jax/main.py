@@ -36,15 +36,18 @@ from imask_jax import parallel, run_log, train, workdir
 
 PROG = 'python -m imask_jax.main'
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
-                                   'Multi-host: host:port of process 0 (else auto-detected).')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', '', 'Multi-host: host:port of process 0 (else auto-detected).'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process index.')
-_VERBOSE = flags.DEFINE_boolean('verbose', False,
-                                'Show the traceback of a user mistake, not only its message.')
+_VERBOSE = flags.DEFINE_boolean(
+  'verbose', False, 'Show the traceback of a user mistake, not only its message.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERRORS = workdir.USER_ERRORS + (train.NonFiniteLossError, DataError)
@@ -68,11 +71,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     text = ' '.join(str(error).replace('\\n', ' ').replace("\\'", "'").split()).strip('\'"')
     if isinstance(error, (AttributeError, KeyError)):  # ml_collections: a field that is not
       key = re.match(r"'?([^' ]*)", text).group(1)
-      flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
-                   and key in a.split('=')[0].split('.')), 'a --config override')
+      flag = next(
+        (
+          a.split('=')[0]
+          for a in argv
+          if a.startswith('--config.') and key in a.split('=')[0].split('.')
+        ),
+        'a --config override',
+      )
       hint = re.search(r'Did you mean "([^"]+)"', text)
       text = f'{flag}: the config has no field {key!r}' + (
-          f' (did you mean {hint.group(1)!r}?)' if hint else '')
+        f' (did you mean {hint.group(1)!r}?)' if hint else ''
+      )
     else:
       text = f'a --config override does not fit the config: {text}'
     print(f'{PROG}: {text}', file=sys.stderr)
@@ -85,12 +95,17 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
   if not given(argv, 'train.steps') or float(config.train.epochs) <= 0:
     return
   if given(argv, 'train.epochs'):
-    print(f'{PROG}: --config.train.steps={config.train.steps} and --config.train.epochs='
-          f'{config.train.epochs} both given; give one (epochs > 0 decides the step count, '
-          'steps alone replaces the epochs)', file=sys.stderr)
+    print(
+      f'{PROG}: --config.train.steps={config.train.steps} and --config.train.epochs='
+      f'{config.train.epochs} both given; give one (epochs > 0 decides the step count, '
+      'steps alone replaces the epochs)',
+      file=sys.stderr,
+    )
     sys.exit(EXIT_REFUSED)
-  run_log.say(f'train.steps={config.train.steps} from the command line: the config\'s '
-              f'train.epochs={config.train.epochs} is not used')
+  run_log.say(
+    f"train.steps={config.train.steps} from the command line: the config's "
+    f'train.epochs={config.train.epochs} is not used'
+  )
   config.train.epochs = 0.0
 
 

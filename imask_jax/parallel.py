@@ -29,8 +29,9 @@ DATA_AXIS = 'data'
 CLUSTER_ENV = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
 
 
-def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
-                           process_id: int = -1) -> None:
+def initialize_distributed(
+  coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+) -> None:
   """Starts multi-host JAX when asked to, by arguments or by the cluster's environment.
 
   With no arguments and no cluster environment this is a no-op, so one-machine runs need
@@ -46,8 +47,10 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = 0
   if not explicit and not any(k in os.environ for k in CLUSTER_ENV):
     return
   if num_processes > 0 and process_id >= num_processes:
-    raise ValueError(f'--process_id={process_id} with --num_processes={num_processes}; '
-                     'expected 0 <= process_id < num_processes')
+    raise ValueError(
+      f'--process_id={process_id} with --num_processes={num_processes}; '
+      'expected 0 <= process_id < num_processes'
+    )
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs: dict[str, Any] = {}
   if coordinator_address:
@@ -57,15 +60,20 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = 0
   if process_id >= 0:
     kwargs['process_id'] = process_id
   jax.distributed.initialize(**kwargs)
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def data_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh over every device of every host, axis `data`."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+  return jax.make_mesh(
+    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,)
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -79,8 +87,9 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places a host pytree (identical on every process) on all devices."""
   sharding = replicated(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+  )
 
 
 def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -98,8 +107,10 @@ def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   def put(x):
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[0] % local_devices:
-      raise ValueError(f'a batch of shape {x.shape} cannot be split over {local_devices} local '
-                       'devices: expected a leading example axis that is a multiple of it')
+      raise ValueError(
+        f'a batch of shape {x.shape} cannot be split over {local_devices} local '
+        'devices: expected a leading example axis that is a multiple of it'
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)
@@ -113,8 +124,10 @@ def shard_device_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   def flatten(x):
     x = np.asarray(x)
     if x.ndim < 2 or x.shape[0] != local_devices:
-      raise ValueError(f'a device batch of shape {x.shape}: expected [local_devices='
-                       f'{local_devices}, per_device_batch, ...]')
+      raise ValueError(
+        f'a device batch of shape {x.shape}: expected [local_devices='
+        f'{local_devices}, per_device_batch, ...]'
+      )
     return x.reshape((-1,) + x.shape[2:])
 
   return shard_batch(jax.tree.map(flatten, local_batch), mesh)
@@ -154,5 +167,6 @@ def sync_processes(name: str, timeout_seconds: float = 6 * 3600) -> None:
   if jax.process_count() == 1:
     return
   from orbax.checkpoint import multihost as orbax_multihost  # the coordination client
+
   client = orbax_multihost.get_jax_distributed_client()
   client.wait_at_barrier(name, int(timeout_seconds * 1000))

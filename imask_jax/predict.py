@@ -62,8 +62,11 @@ from imask_jax import workdir as workdir_lib
 from imask_jax.inference import VolumePrediction
 
 NNUNET_CHANNEL_SUFFIX = '_0000'
-FEMORAL_BANDS_DEG = {'posterior': (-180.0, -45.0), 'central': (-45.0, 45.0),
-                     'anterior': (45.0, 180.0)}
+FEMORAL_BANDS_DEG = {
+  'posterior': (-180.0, -45.0),
+  'central': (-45.0, 45.0),
+  'anterior': (45.0, 180.0),
+}
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
 
 
@@ -73,6 +76,7 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One input scan and the two files it produces (absolute paths)."""
+
   input: str
   label_map: str
   report: str
@@ -83,14 +87,18 @@ def list_inputs(path: str) -> tuple[list[str], list[str]]:
   path = os.path.abspath(path)
   if os.path.isfile(path):
     if not nifti_io.is_nifti_path(path):
-      raise ValueError(f'--input {path}: not a NIfTI file name (expected '
-                       f'{" or ".join(nifti_io.NIFTI_SUFFIXES)})')
+      raise ValueError(
+        f'--input {path}: not a NIfTI file name (expected {" or ".join(nifti_io.NIFTI_SUFFIXES)})'
+      )
     return [path], []
   if not os.path.isdir(path):
     raise ValueError(f'--input {path}: no such file or folder')
   names = sorted(n for n in os.listdir(path) if not n.startswith('.'))
-  inputs = [os.path.join(path, n) for n in names
-            if nifti_io.is_nifti_path(n) and os.path.isfile(os.path.join(path, n))]
+  inputs = [
+    os.path.join(path, n)
+    for n in names
+    if nifti_io.is_nifti_path(n) and os.path.isfile(os.path.join(path, n))
+  ]
   skipped = [n for n in names if os.path.join(path, n) not in inputs]
   if not inputs:
     raise ValueError(f'--input {path}: the folder holds no NIfTI file (.nii or .nii.gz)')
@@ -101,7 +109,7 @@ def output_stem(input_path: str) -> str:
   """'knee_0001_0000.nii.gz' -> 'knee_0001' (nnU-Net channel suffix dropped)."""
   stem = nifti_io.strip_nifti_suffix(os.path.basename(input_path))
   if stem.endswith(NNUNET_CHANNEL_SUFFIX) and len(stem) > len(NNUNET_CHANNEL_SUFFIX):
-    stem = stem[:-len(NNUNET_CHANNEL_SUFFIX)]
+    stem = stem[: -len(NNUNET_CHANNEL_SUFFIX)]
   return stem
 
 
@@ -114,25 +122,39 @@ def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
     jobs = [Job(inputs[0], output, nifti_io.strip_nifti_suffix(output) + '.json')]
   else:
     if os.path.isfile(output):
-      raise ValueError(f'--output {output} is a file; expected a folder (or, for a single '
-                       'input file, the label map name ending in .nii.gz)')
+      raise ValueError(
+        f'--output {output} is a file; expected a folder (or, for a single '
+        'input file, the label map name ending in .nii.gz)'
+      )
     if not single and os.path.realpath(output) == os.path.realpath(input_path):
-      raise ValueError(f'--output {output} is the input folder; refusing to write label maps '
-                       'among the scans (a later run would read them as inputs)')
-    jobs = [Job(p, os.path.join(output, output_stem(p) + '.nii.gz'),
-                os.path.join(output, output_stem(p) + '.json')) for p in inputs]
+      raise ValueError(
+        f'--output {output} is the input folder; refusing to write label maps '
+        'among the scans (a later run would read them as inputs)'
+      )
+    jobs = [
+      Job(
+        p,
+        os.path.join(output, output_stem(p) + '.nii.gz'),
+        os.path.join(output, output_stem(p) + '.json'),
+      )
+      for p in inputs
+    ]
   by_output: dict[str, str] = {}
   for job in jobs:
     if job.label_map in by_output:
-      raise ValueError(f'inputs {by_output[job.label_map]} and {job.input} would both write '
-                       f'{job.label_map}; rename one of them')
+      raise ValueError(
+        f'inputs {by_output[job.label_map]} and {job.input} would both write '
+        f'{job.label_map}; rename one of them'
+      )
     by_output[job.label_map] = job.input
   sources = {os.path.realpath(p): p for p in inputs}
   for job in jobs:
     for path in (job.label_map, job.report):
       if os.path.realpath(path) in sources:
-        raise ValueError(f'output {path} is the input {sources[os.path.realpath(path)]}; '
-                         'refusing to overwrite an input (choose another --output)')
+        raise ValueError(
+          f'output {path} is the input {sources[os.path.realpath(path)]}; '
+          'refusing to overwrite an input (choose another --output)'
+        )
   return jobs
 
 
@@ -144,11 +166,13 @@ def earlier_prediction(job: Job) -> bool:
       report = json.load(f)
   except (OSError, ValueError):
     return False
-  if not isinstance(report, dict) or not all(isinstance(report.get(k), str)
-                                             for k in ('input', 'label_map')):
+  if not isinstance(report, dict) or not all(
+    isinstance(report.get(k), str) for k in ('input', 'label_map')
+  ):
     return False
-  return (os.path.realpath(report['input']) == os.path.realpath(job.input)
-          and os.path.realpath(report['label_map']) == os.path.realpath(job.label_map))
+  return os.path.realpath(report['input']) == os.path.realpath(job.input) and os.path.realpath(
+    report['label_map']
+  ) == os.path.realpath(job.label_map)
 
 
 def check_overwrites(jobs: Sequence[Job], overwrite: bool = False) -> None:
@@ -158,15 +182,17 @@ def check_overwrites(jobs: Sequence[Job], overwrite: bool = False) -> None:
   for job in jobs:
     for path in (job.label_map, job.report):
       if os.path.isdir(path):
-        raise ValueError(f'output {path} is a folder; refusing to replace it (choose another '
-                         '--output)')
+        raise ValueError(
+          f'output {path} is a folder; refusing to replace it (choose another --output)'
+        )
     existing = [p for p in (job.label_map, job.report) if os.path.lexists(p)]
     if not existing or overwrite or earlier_prediction(job):
       continue
     raise ValueError(
-        f'output {existing[0]} exists and is not an earlier prediction of {job.input} (no '
-        f'report {job.report} naming that input and label map); refusing to overwrite it '
-        '(choose another --output, or pass --overwrite to replace it)')
+      f'output {existing[0]} exists and is not an earlier prediction of {job.input} (no '
+      f'report {job.report} naming that input and label map); refusing to overwrite it '
+      '(choose another --output, or pass --overwrite to replace it)'
+    )
 
 
 def prepare_output_folders(jobs: Sequence[Job]) -> list[str]:
@@ -181,8 +207,9 @@ def prepare_output_folders(jobs: Sequence[Job]) -> list[str]:
       missing.append(parent)
       parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-      raise ValueError(f'--output {folder}: cannot create the output folder, {parent} is a '
-                       'file, not a folder')
+      raise ValueError(
+        f'--output {folder}: cannot create the output folder, {parent} is a file, not a folder'
+      )
     try:
       os.makedirs(folder, exist_ok=True)
       created += missing[::-1]
@@ -190,8 +217,9 @@ def prepare_output_folders(jobs: Sequence[Job]) -> list[str]:
       os.close(fd)
       os.remove(probe)
     except OSError as error:
-      raise ValueError(f'--output {folder}: cannot write into the output folder '
-                       f'({error.strerror or error})') from error
+      raise ValueError(
+        f'--output {folder}: cannot write into the output folder ({error.strerror or error})'
+      ) from error
   return created
 
 
@@ -215,12 +243,14 @@ def _mean_cells(cells: np.ndarray) -> float | None:
   return float(filled.mean()) if filled.size else None
 
 
-def femoral_thickness(label_map: np.ndarray, spacing: Sequence[float],
-                      knee: metrics.KneeLabelValues) -> dict[str, Any]:
+def femoral_thickness(
+  label_map: np.ndarray, spacing: Sequence[float], knee: metrics.KneeLabelValues
+) -> dict[str, Any]:
   """Mean and regional femoral cartilage thickness (mm) of a canonical label map."""
   try:
-    m = metrics.femoral_thickness_map(label_map, spacing, labels=knee,
-                                      angle_bin_deg=metrics.femoral_angle_bin_deg(spacing))
+    m = metrics.femoral_thickness_map(
+      label_map, spacing, labels=knee, angle_bin_deg=metrics.femoral_angle_bin_deg(spacing)
+    )
   except ValueError as error:  # too little cartilage on the femur to fit the cylinder
     return {'status': 'not_measured', 'reason': str(error)}
   rows, cols = m.row_centers, m.col_centers
@@ -229,59 +259,88 @@ def femoral_thickness(label_map: np.ndarray, spacing: Sequence[float],
     in_band = (rows >= low) & ((rows < high) if high < 180 else (rows <= high))
     for side, in_side in (('right', cols >= 0), ('left', cols < 0)):
       regions[f'{band}_{side}'] = _mean_cells(m.thickness_mm[np.ix_(in_band, in_side)])
-  return {'status': 'measured', 'mean_mm': _finite_or_none(m.mean_thickness_mm),
-          'regions_mm': regions, 'map_cells': int(np.isfinite(m.thickness_mm).sum()),
-          'angle_bin_deg': float(m.row_edges[1] - m.row_edges[0]),
-          'axial_bin_mm': float(m.col_edges[1] - m.col_edges[0]),
-          'cylinder_radius_mm': m.cylinder.radius_mm}
+  return {
+    'status': 'measured',
+    'mean_mm': _finite_or_none(m.mean_thickness_mm),
+    'regions_mm': regions,
+    'map_cells': int(np.isfinite(m.thickness_mm).sum()),
+    'angle_bin_deg': float(m.row_edges[1] - m.row_edges[0]),
+    'axial_bin_mm': float(m.col_edges[1] - m.col_edges[0]),
+    'cylinder_radius_mm': m.cylinder.radius_mm,
+  }
 
 
-def tibial_thickness(label_map: np.ndarray, spacing: Sequence[float],
-                     knee: metrics.KneeLabelValues) -> dict[str, Any]:
+def tibial_thickness(
+  label_map: np.ndarray, spacing: Sequence[float], knee: metrics.KneeLabelValues
+) -> dict[str, Any]:
   """Mean and right/left tibial cartilage thickness (mm) of a canonical label map."""
   m = metrics.tibial_thickness_map(label_map, spacing, labels=knee)
   if len(m.points.thickness_mm) == 0:
-    return {'status': 'not_measured',
-            'reason': f'no tibial cartilage (label {knee.tibial_cartilage}) touches the tibia '
-                      f'(label {knee.tibia})'}
+    return {
+      'status': 'not_measured',
+      'reason': f'no tibial cartilage (label {knee.tibial_cartilage}) touches the tibia '
+      f'(label {knee.tibia})',
+    }
   centre = float(m.points.positions_mm[:, 0].mean())
   cols = m.col_centers
-  regions = {'right': _mean_cells(m.thickness_mm[:, cols >= centre]),
-             'left': _mean_cells(m.thickness_mm[:, cols < centre])}
-  return {'status': 'measured', 'mean_mm': _finite_or_none(m.mean_thickness_mm),
-          'regions_mm': regions, 'map_cells': int(np.isfinite(m.thickness_mm).sum()),
-          'bin_mm': float(m.col_edges[1] - m.col_edges[0])}
+  regions = {
+    'right': _mean_cells(m.thickness_mm[:, cols >= centre]),
+    'left': _mean_cells(m.thickness_mm[:, cols < centre]),
+  }
+  return {
+    'status': 'measured',
+    'mean_mm': _finite_or_none(m.mean_thickness_mm),
+    'regions_mm': regions,
+    'map_cells': int(np.isfinite(m.thickness_mm).sum()),
+    'bin_mm': float(m.col_edges[1] - m.col_edges[0]),
+  }
 
 
-def volume_report(prediction: VolumePrediction, scheme: LabelScheme, job: Job,
-                  model: inference.LoadedModel, *, image_constant: bool = False,
-                  reference: dict[str, Any] | None = None) -> dict[str, Any]:
+def volume_report(
+  prediction: VolumePrediction,
+  scheme: LabelScheme,
+  job: Job,
+  model: inference.LoadedModel,
+  *,
+  image_constant: bool = False,
+  reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """The JSON report of one predicted volume (see the module docstring). `reference`: the
   training reference of quality.py (None skips the checks that need it); image_constant:
   whether every voxel of the input has one value."""
   spacing = prediction.spacing
   volumes = metrics.volumes_ml_per_label(prediction.canonical, spacing, scheme.label_values)
   report: dict[str, Any] = {
-      'input': job.input, 'label_map': job.label_map,
-      'workdir': os.path.abspath(model.workdir), 'checkpoint_step': model.step,
-      'plane': prediction.plane, 'shape': list(prediction.label_map.shape),
-      'voxel_size_mm': list(nifti_io.affine_zooms(prediction.grid.affine)),
-      'labels': {name: value for value, name in scheme.names_by_value.items()},
-      'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
+    'input': job.input,
+    'label_map': job.label_map,
+    'workdir': os.path.abspath(model.workdir),
+    'checkpoint_step': model.step,
+    'plane': prediction.plane,
+    'shape': list(prediction.label_map.shape),
+    'voxel_size_mm': list(nifti_io.affine_zooms(prediction.grid.affine)),
+    'labels': {name: value for value, name in scheme.names_by_value.items()},
+    'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
   }
   if scheme.knee is not None:
     report['cartilage_thickness'] = {
-        'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee),
-        'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee),
-        'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py'}
+      'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee),
+      'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee),
+      'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py',
+    }
   if scheme.effusion_value is not None:
-    report['effusion_ml'] = metrics.effusion_ml_by_side(prediction.canonical, spacing,
-                                                          scheme.effusion_value)
+    report['effusion_ml'] = metrics.effusion_ml_by_side(
+      prediction.canonical, spacing, scheme.effusion_value
+    )
   scores = [inst.score for slice_ in prediction.instances or () for inst in slice_]
   report['quality'] = quality.quality_flags(
-      image_constant=image_constant, volumes_ml=report['volumes_ml'], spacing=spacing,
-      shape=prediction.canonical.shape, scores=scores,
-      score_threshold=float(model.config.model.label_score_threshold), reference=reference)
+    image_constant=image_constant,
+    volumes_ml=report['volumes_ml'],
+    spacing=spacing,
+    shape=prediction.canonical.shape,
+    scores=scores,
+    score_threshold=float(model.config.model.label_score_threshold),
+    reference=reference,
+  )
   return report
 
 
@@ -318,18 +377,28 @@ class ProgressBar:
     self.stream.flush()
 
 
-def predict_one(model: inference.LoadedModel, job: Job,
-                reference: dict[str, Any] | None = None) -> dict[str, Any]:
+def predict_one(
+  model: inference.LoadedModel, job: Job, reference: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """Reads, segments and writes one scan; returns its report."""
-  volume = inference.load_image(job.input, str(model.config.data.plane),
-                                case_id=output_stem(job.input))
+  volume = inference.load_image(
+    job.input, str(model.config.data.plane), case_id=output_stem(job.input)
+  )
   prediction = inference.predict_volume(model, volume, keep_instances=True)
   if prediction.label_map.shape != volume.grid.shape:
-    raise AssertionError(f'{job.input}: label map shape {prediction.label_map.shape} differs '
-                         f'from the input grid {volume.grid.shape}')
+    raise AssertionError(
+      f'{job.input}: label map shape {prediction.label_map.shape} differs '
+      f'from the input grid {volume.grid.shape}'
+    )
   nifti_io.save_nifti(prediction.label_map, volume.grid.affine, job.label_map, like=job.input)
-  report = volume_report(prediction, model.scheme, job, model, reference=reference,
-                         image_constant=bool(volume.image.min() == volume.image.max()))
+  report = volume_report(
+    prediction,
+    model.scheme,
+    job,
+    model,
+    reference=reference,
+    image_constant=bool(volume.image.min() == volume.image.max()),
+  )
   write_json(job.report, report)
   return report
 
@@ -339,20 +408,29 @@ def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, An
   None (and why) when there is none."""
   try:
     data_dir = workdir_lib.data_dir_for(model.config, model.workdir)
-    reference, where = quality.training_reference(model.workdir, model.config, data_dir,
-                                                  model.scheme.names_by_value)
+    reference, where = quality.training_reference(
+      model.workdir, model.config, data_dir, model.scheme.names_by_value
+    )
   except (quality.ReferenceUnavailable, DataError, OSError) as error:
-    stream.write(f'predict: no training reference ({error}); the tissue, spacing and size '
-                 'checks are skipped\n')
+    stream.write(
+      f'predict: no training reference ({error}); the tissue, spacing and size checks are skipped\n'
+    )
     return None
   stream.write(f'predict: quality checks against the training reference {where}\n')
   return reference
 
 
-def predict_command(workdir: str, input_path: str, output: str, *,
-                    checkpoint: int | None = None, overwrite: bool = False,
-                    model: inference.LoadedModel | None = None,
-                    stream: TextIO | None = None, verbose: bool = False) -> int:
+def predict_command(
+  workdir: str,
+  input_path: str,
+  output: str,
+  *,
+  checkpoint: int | None = None,
+  overwrite: bool = False,
+  model: inference.LoadedModel | None = None,
+  stream: TextIO | None = None,
+  verbose: bool = False,
+) -> int:
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
   2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
   `overwrite`: replace existing files at the output paths even if predict did not write them.
@@ -370,8 +448,7 @@ def predict_command(workdir: str, input_path: str, output: str, *,
   for name in skipped:
     stream.write(f'predict: skipped {name} (not a NIfTI file)\n')
   for job in jobs:
-    for leftover in (remove_stale_temporaries(job.label_map) +
-                     remove_stale_temporaries(job.report)):
+    for leftover in remove_stale_temporaries(job.label_map) + remove_stale_temporaries(job.report):
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
     try:
@@ -398,8 +475,10 @@ def predict_command(workdir: str, input_path: str, output: str, *,
       status = f'{os.path.basename(job.input)} ({time.time() - started:.1f} s)'
       if report['quality']['review']:
         flagged.append(os.path.basename(job.input))
-        bar.note(f'predict: CHECK {job.input}: ' +
-                 '; '.join(f'{f["code"]}: {f["message"]}' for f in report['quality']['flags']))
+        bar.note(
+          f'predict: CHECK {job.input}: '
+          + '; '.join(f'{f["code"]}: {f["message"]}' for f in report['quality']['flags'])
+        )
     except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
       message = str(error) if job.input in str(error) else f'{job.input}: {error}'
       failures.append((job.input, f'{type(error).__name__}: {message}'))
@@ -407,37 +486,56 @@ def predict_command(workdir: str, input_path: str, output: str, *,
       status = f'{os.path.basename(job.input)} FAILED'
     bar.show(done, status)
   written = len(jobs) - len(failures)
-  stream.write(f'predict: {written} of {len(jobs)} volumes written to '
-               f'{os.path.dirname(jobs[0].label_map)}\n')
+  stream.write(
+    f'predict: {written} of {len(jobs)} volumes written to {os.path.dirname(jobs[0].label_map)}\n'
+  )
   if flagged:
-    stream.write(f'predict: {len(flagged)} of {written} flagged for review ("quality" in their '
-                 f'reports): {", ".join(flagged)}\n')
+    stream.write(
+      f'predict: {len(flagged)} of {written} flagged for review ("quality" in their '
+      f'reports): {", ".join(flagged)}\n'
+    )
   if failures:
-    stream.write(f'predict: {len(failures)} failed:\n' +
-                 ''.join(f'  {message}\n' for _, message in failures))
+    stream.write(
+      f'predict: {len(failures)} failed:\n' + ''.join(f'  {message}\n' for _, message in failures)
+    )
     return EXIT_FAILED_INPUTS
   return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m imask_jax.predict',
-      description='Segment NIfTI scans with a trained checkpoint: a label map on each input\'s '
-                  'grid and a JSON report of volumes, cartilage thickness or effusion.')
+    prog='python -m imask_jax.predict',
+    description="Segment NIfTI scans with a trained checkpoint: a label map on each input's "
+    'grid and a JSON report of volumes, cartilage thickness or effusion.',
+  )
   parser.add_argument('--workdir', required=True, help='training workdir (has config.json)')
   parser.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
-  parser.add_argument('--output', required=True,
-                      help='output folder (or, for one input file, the label map file name)')
-  parser.add_argument('--checkpoint', type=int, default=None,
-                      help='checkpoint step (default: the latest)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace files at the output paths even when they are not earlier '
-                           'predictions of the same inputs (inputs are never replaced)')
-  parser.add_argument('--verbose', action='store_true',
-                      help='show the traceback of a workdir or checkpoint mistake')
+  parser.add_argument(
+    '--output',
+    required=True,
+    help='output folder (or, for one input file, the label map file name)',
+  )
+  parser.add_argument(
+    '--checkpoint', type=int, default=None, help='checkpoint step (default: the latest)'
+  )
+  parser.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace files at the output paths even when they are not earlier '
+    'predictions of the same inputs (inputs are never replaced)',
+  )
+  parser.add_argument(
+    '--verbose', action='store_true', help='show the traceback of a workdir or checkpoint mistake'
+  )
   args = parser.parse_args(argv)
-  return predict_command(args.workdir, args.input, args.output, checkpoint=args.checkpoint,
-                         overwrite=args.overwrite, verbose=args.verbose)
+  return predict_command(
+    args.workdir,
+    args.input,
+    args.output,
+    checkpoint=args.checkpoint,
+    overwrite=args.overwrite,
+    verbose=args.verbose,
+  )
 
 
 if __name__ == '__main__':

@@ -37,6 +37,7 @@ Path = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class PretrainedFile:
   """A converted file: its metadata and its variables (nested dicts of float32 arrays)."""
+
   path: str
   meta: dict[str, Any]
   variables: dict[str, Any]
@@ -46,14 +47,17 @@ class PretrainedFile:
 class LoadReport:
   """What `merge` did: '<collection>/<path>' of the arrays taken from the file and of those
   left at their initial values."""
+
   path: str
   loaded: tuple[str, ...]
   reinitialised: tuple[str, ...]
 
   def summary(self) -> str:
     tops = sorted({'/'.join(p.split('/')[1:3]) for p in self.reinitialised})
-    return (f'init_from {self.path}: loaded {len(self.loaded)} arrays, re-initialised '
-            f'{len(self.reinitialised)}' + (f' (under {", ".join(tops)})' if tops else ''))
+    return (
+      f'init_from {self.path}: loaded {len(self.loaded)} arrays, re-initialised '
+      f'{len(self.reinitialised)}' + (f' (under {", ".join(tops)})' if tops else '')
+    )
 
 
 def read(path: str) -> PretrainedFile:
@@ -64,14 +68,20 @@ def read(path: str) -> PretrainedFile:
   except FileNotFoundError:
     raise ValueError(f'model.init_from: {path} does not exist') from None
   except Exception as e:  # msgpack raises several types for a file that is not msgpack
-    raise ValueError(f'model.init_from: {path} is not a converted weights file ({e}); write '
-                     'one with python -m imask_jax.convert_weights') from e
+    raise ValueError(
+      f'model.init_from: {path} is not a converted weights file ({e}); write '
+      'one with python -m imask_jax.convert_weights'
+    ) from e
   if not isinstance(record, dict) or record.get('format') != FORMAT:
-    raise ValueError(f'model.init_from: {path} is not a converted weights file (no '
-                     f'format={FORMAT!r}); write one with python -m imask_jax.convert_weights')
+    raise ValueError(
+      f'model.init_from: {path} is not a converted weights file (no '
+      f'format={FORMAT!r}); write one with python -m imask_jax.convert_weights'
+    )
   if record.get('version') != FORMAT_VERSION:
-    raise ValueError(f'model.init_from: {path} has format version {record.get("version")}, '
-                     f'this code reads {FORMAT_VERSION}')
+    raise ValueError(
+      f'model.init_from: {path} has format version {record.get("version")}, '
+      f'this code reads {FORMAT_VERSION}'
+    )
   variables = {c: record.pop(c, {}) for c in COLLECTIONS}
   return PretrainedFile(path=path, meta=record, variables=variables)
 
@@ -89,9 +99,10 @@ def _norm_layout(file: PretrainedFile, model: Mapping[Path, Any]) -> dict[str, A
   layer = layers[0]
   if ('batch_stats',) + layer + ('mean',) not in model:
     raise ValueError(
-        f'model.init_from: {file.path} holds batch norms (first: {"/".join(layer)}) but the '
-        "model has no running statistics there: use model.norm='frozen_batch' (as torchvision "
-        "and detectron2 fine-tune) or 'batch', not 'group'")
+      f'model.init_from: {file.path} holds batch norms (first: {"/".join(layer)}) but the '
+      "model has no running statistics there: use model.norm='frozen_batch' (as torchvision "
+      "and detectron2 fine-tune) or 'batch', not 'group'"
+    )
   if ('batch_stats',) + layer + ('scale',) in model:
     return freeze_batch_norm_variables(file.variables)
   return file.variables
@@ -99,16 +110,21 @@ def _norm_layout(file: PretrainedFile, model: Mapping[Path, Any]) -> dict[str, A
 
 def _hint(meta: Mapping[str, Any], path: Path) -> str:
   if path[-2:] == ('stem_conv', 'kernel'):
-    return (f'; the file was converted for {meta.get("input_channels")} input channels: rerun '
-            'convert_weights with --input-channels 2 * data.context_slices + 1')
+    return (
+      f'; the file was converted for {meta.get("input_channels")} input channels: rerun '
+      'convert_weights with --input-channels 2 * data.context_slices + 1'
+    )
   if path[0] == 'rpn_head':
-    return (f'; the file\'s RPN has {len(meta.get("anchor_ratios") or ()) or "other"} anchors '
-            f'per location: set model.anchor_ratios={tuple(meta.get("anchor_ratios") or ())}')
-  return (f'; the file holds {meta.get("arch")} ({"; ".join(meta.get("notes") or ())})')
+    return (
+      f"; the file's RPN has {len(meta.get('anchor_ratios') or ()) or 'other'} anchors "
+      f'per location: set model.anchor_ratios={tuple(meta.get("anchor_ratios") or ())}'
+    )
+  return f'; the file holds {meta.get("arch")} ({"; ".join(meta.get("notes") or ())})'
 
 
-def merge(variables: Mapping[str, Any], path: str, *,
-          anchor_ratios: tuple[float, ...] | None = None) -> tuple[dict[str, Any], LoadReport]:
+def merge(
+  variables: Mapping[str, Any], path: str, *, anchor_ratios: tuple[float, ...] | None = None
+) -> tuple[dict[str, Any], LoadReport]:
   """Initialised `variables` ({'params', 'batch_stats', ...}) with the file's arrays put in.
 
   Args:
@@ -127,24 +143,29 @@ def merge(variables: Mapping[str, Any], path: str, *,
   if anchor_ratios is not None and any(p[1] == 'rpn_head' for p in incoming):
     wanted = tuple(float(r) for r in meta.get('anchor_ratios') or ())
     if tuple(float(r) for r in anchor_ratios) != wanted:
-      raise ValueError(f'model.init_from: {path} has an RPN head trained for anchor ratios '
-                       f'{wanted} (in this order); the model has {tuple(anchor_ratios)}: set '
-                       f'model.anchor_ratios={wanted}')
+      raise ValueError(
+        f'model.init_from: {path} has an RPN head trained for anchor ratios '
+        f'{wanted} (in this order); the model has {tuple(anchor_ratios)}: set '
+        f'model.anchor_ratios={wanted}'
+      )
   for key in sorted(incoming):
     name = '/'.join(key)
     if key not in model:
-      raise ValueError(f'model.init_from: {path}: {name} is not in the model'
-                       f'{_hint(meta, key[1:])}')
+      raise ValueError(f'model.init_from: {path}: {name} is not in the model{_hint(meta, key[1:])}')
     want, got = tuple(model[key].shape), tuple(np.shape(incoming[key]))
     if want != got:
-      raise ValueError(f'model.init_from: {path}: {name} has shape {got} in the file but '
-                       f'{want} in the model{_hint(meta, key[1:])}')
+      raise ValueError(
+        f'model.init_from: {path}: {name} has shape {got} in the file but '
+        f'{want} in the model{_hint(meta, key[1:])}'
+      )
   for key in sorted(model):
     inside = '/'.join(key[1:])
     covered = [c for c in meta.get('covers', ()) if inside == c or inside.startswith(c + '/')]
     if covered and key not in incoming:
-      raise ValueError(f'model.init_from: {path} provides {covered[0]} but lacks the model\'s '
-                       f'{"/".join(key)}{_hint(meta, key[1:])}')
+      raise ValueError(
+        f"model.init_from: {path} provides {covered[0]} but lacks the model's "
+        f'{"/".join(key)}{_hint(meta, key[1:])}'
+      )
   merged = dict(variables)
   for collection in COLLECTIONS:
     flat = _flat(variables.get(collection, {}))
@@ -159,8 +180,9 @@ def merge(variables: Mapping[str, Any], path: str, *,
   return merged, LoadReport(path=path, loaded=loaded, reinitialised=reinitialised)
 
 
-def init_from(variables: Mapping[str, Any], path: str, *,
-              anchor_ratios: tuple[float, ...] | None = None) -> dict[str, Any]:
+def init_from(
+  variables: Mapping[str, Any], path: str, *, anchor_ratios: tuple[float, ...] | None = None
+) -> dict[str, Any]:
   """`merge` for the trainer: '' returns `variables` unchanged; otherwise says the summary
   (on the screen and in the log)."""
   if not path:

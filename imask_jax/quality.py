@@ -69,14 +69,16 @@ def _label_path(case: readers.Case, reader: str) -> str:
   return next(iter(case.labels.values()))
 
 
-def _training_cases(config: ml_collections.ConfigDict, data_dir: str
-                    ) -> tuple[dataset_params.DatasetParams, list[readers.Case]]:
+def _training_cases(
+  config: ml_collections.ConfigDict, data_dir: str
+) -> tuple[dataset_params.DatasetParams, list[readers.Case]]:
   """The training split's cases, or ReferenceUnavailable when the raw data is not here (a
   phantom folder is never generated for this)."""
   params = dataset_params.params_from_config(config, data_dir)
   root = sources.phantom_dir(params, data_dir) if params.is_phantom else params.source_dir
-  if not os.path.isdir(root) or (params.is_phantom and
-                                 not os.path.isfile(os.path.join(root, 'dataset.json'))):
+  if not os.path.isdir(root) or (
+    params.is_phantom and not os.path.isfile(os.path.join(root, 'dataset.json'))
+  ):
     raise ReferenceUnavailable(f'{root}: the training data is not on this machine')
   folder = sources.open_folder(params, data_dir)
   cases = list(sources.split_assignment(params, folder).get('train', ()))
@@ -92,8 +94,10 @@ def reference_key(params: dataset_params.DatasetParams, cases: Sequence[readers.
     path = _label_path(case, params.reader)
     stat = os.stat(path)
     files.append([case.case_id, os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
-  text = json.dumps({'format': REFERENCE_FORMAT, 'params': dataclasses.asdict(params),
-                     'files': files}, sort_keys=True)
+  text = json.dumps(
+    {'format': REFERENCE_FORMAT, 'params': dataclasses.asdict(params), 'files': files},
+    sort_keys=True,
+  )
   return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
@@ -102,8 +106,11 @@ def _range(rows: Sequence[Sequence[float]]) -> dict[str, list[float]]:
   return {'min': table.min(axis=0).tolist(), 'max': table.max(axis=0).tolist()}
 
 
-def compute_reference(params: dataset_params.DatasetParams, cases: Sequence[readers.Case],
-                      names_by_value: Mapping[int, str]) -> dict[str, Any]:
+def compute_reference(
+  params: dataset_params.DatasetParams,
+  cases: Sequence[readers.Case],
+  names_by_value: Mapping[int, str],
+) -> dict[str, Any]:
   """The reference (module docstring) of `cases`: image headers and label files only."""
   spacings, shapes, extents = [], [], []
   tissue_ml: dict[str, list[float]] = {name: [] for name in names_by_value.values()}
@@ -117,11 +124,18 @@ def compute_reference(params: dataset_params.DatasetParams, cases: Sequence[read
     shapes.append(shape)
     extents.append(spacing * shape)
     path = _label_path(case, params.reader)
-    labels = (metaimage.read_metaimage(path).data if path.endswith('.mhd')
-              else nifti_io.load_nifti_labels(path).data)
+    labels = (
+      metaimage.read_metaimage(path).data
+      if path.endswith('.mhd')
+      else nifti_io.load_nifti_labels(path).data
+    )
     if labels.size != int(np.prod(shape)):
-      raise DataError(path, f'label map does not match its image {case.image}',
-                      found=labels.shape, expected=tuple(int(n) for n in header.shape[:3]))
+      raise DataError(
+        path,
+        f'label map does not match its image {case.image}',
+        found=labels.shape,
+        expected=tuple(int(n) for n in header.shape[:3]),
+      )
     counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     for value, name in names_by_value.items():
@@ -129,17 +143,27 @@ def compute_reference(params: dataset_params.DatasetParams, cases: Sequence[read
   tissues = {}
   for name, values in tissue_ml.items():
     present = [v for v in values if v > 0]
-    tissues[name] = {'present_in': len(present),
-                     'min_ml': min(present) if present else 0.0,
-                     'max_ml': max(values),
-                     'median_ml': float(np.median(present)) if present else 0.0}
-  return {'format': REFERENCE_FORMAT, 'dataset': params.dataset, 'split': 'train',
-          'volumes': len(cases), 'spacing_mm': _range(spacings), 'shape': _range(shapes),
-          'extent_mm': _range(extents), 'tissues_ml': tissues}
+    tissues[name] = {
+      'present_in': len(present),
+      'min_ml': min(present) if present else 0.0,
+      'max_ml': max(values),
+      'median_ml': float(np.median(present)) if present else 0.0,
+    }
+  return {
+    'format': REFERENCE_FORMAT,
+    'dataset': params.dataset,
+    'split': 'train',
+    'volumes': len(cases),
+    'spacing_mm': _range(spacings),
+    'shape': _range(shapes),
+    'extent_mm': _range(extents),
+    'tissues_ml': tissues,
+  }
 
 
-def training_reference(workdir: str, config: ml_collections.ConfigDict, data_dir: str,
-                       names_by_value: Mapping[int, str]) -> tuple[dict[str, Any], str]:
+def training_reference(
+  workdir: str, config: ml_collections.ConfigDict, data_dir: str, names_by_value: Mapping[int, str]
+) -> tuple[dict[str, Any], str]:
   """(reference, where it came from) for a trained workdir: the stored one when its key still
   matches the data (or the data is not here), else computed and stored (atomically; a
   read-only workdir just keeps it in memory). ReferenceUnavailable when there is neither."""
@@ -168,8 +192,9 @@ def training_reference(workdir: str, config: ml_collections.ConfigDict, data_dir
         json.dump(reference, f, indent=1, allow_nan=False)
         f.write('\n')
   except OSError as error:
-    return reference, (f'computed from {len(cases)} training volumes (not stored: '
-                       f'{error.strerror or error})')
+    return reference, (
+      f'computed from {len(cases)} training volumes (not stored: {error.strerror or error})'
+    )
   return reference, f'{path} (computed from {len(cases)} training volumes)'
 
 
@@ -184,10 +209,16 @@ def _outside(value: float, low: float, high: float) -> bool:
   return value < low / FAR or value > high * FAR
 
 
-def quality_flags(*, image_constant: bool, volumes_ml: Mapping[str, float],
-                  spacing: Sequence[float], shape: Sequence[int], scores: Sequence[float],
-                  score_threshold: float, reference: Mapping[str, Any] | None
-                  ) -> dict[str, Any]:
+def quality_flags(
+  *,
+  image_constant: bool,
+  volumes_ml: Mapping[str, float],
+  spacing: Sequence[float],
+  shape: Sequence[int],
+  scores: Sequence[float],
+  score_threshold: float,
+  reference: Mapping[str, Any] | None,
+) -> dict[str, Any]:
   """The "quality" entry of a report (module docstring for the rules).
 
   volumes_ml: tissue name -> predicted volume (mL); spacing (mm) and shape (voxels): along the
@@ -201,11 +232,16 @@ def quality_flags(*, image_constant: bool, volumes_ml: Mapping[str, float],
   if image_constant:
     flags.append(_flag('blank_image', 'every voxel of the image has the same value'))
   if not painting:
-    flags.append(_flag('no_detections', f'no detection scored >= {score_threshold:g}; the '
-                       'label map is empty'))
+    flags.append(
+      _flag('no_detections', f'no detection scored >= {score_threshold:g}; the label map is empty')
+    )
   elif mean_score < LOW_MEAN_SCORE:
-    flags.append(_flag('low_detection_score', f'mean detection score {mean_score:.3f} < '
-                       f'{LOW_MEAN_SCORE} over {len(painting)} detections'))
+    flags.append(
+      _flag(
+        'low_detection_score',
+        f'mean detection score {mean_score:.3f} < {LOW_MEAN_SCORE} over {len(painting)} detections',
+      )
+    )
   if reference is not None:
     volumes = int(reference['volumes'])
     for name, ml in volumes_ml.items():
@@ -214,25 +250,48 @@ def quality_flags(*, image_constant: bool, volumes_ml: Mapping[str, float],
         continue
       if ml == 0:
         if ref['present_in'] >= PRESENT_FRACTION * volumes:
-          flags.append(_flag('tissue_missing', f'no {name}, which {ref["present_in"]} of '
-                             f'{volumes} training volumes hold'))
+          flags.append(
+            _flag(
+              'tissue_missing',
+              f'no {name}, which {ref["present_in"]} of {volumes} training volumes hold',
+            )
+          )
       elif ref['present_in'] and _outside(ml, ref['min_ml'], ref['max_ml']):
         low, high = ref['min_ml'], ref['max_ml']
-        flags.append(_flag('tissue_volume', f'{name} {ml:.3g} mL, outside '
-                           f'[{low / FAR:.3g}, {high * FAR:.3g}] mL (training {low:.3g} to '
-                           f'{high:.3g} mL, x/{FAR:g} to x{FAR:g})'))
+        flags.append(
+          _flag(
+            'tissue_volume',
+            f'{name} {ml:.3g} mL, outside '
+            f'[{low / FAR:.3g}, {high * FAR:.3g}] mL (training {low:.3g} to '
+            f'{high:.3g} mL, x/{FAR:g} to x{FAR:g})',
+          )
+        )
     extent = [float(s) * int(n) for s, n in zip(spacing, shape)]
-    for code, key, values, unit in (('spacing', 'spacing_mm', spacing, ' mm'),
-                                    ('size', 'shape', shape, ' voxels'),
-                                    ('size', 'extent_mm', extent, ' mm')):
+    for code, key, values, unit in (
+      ('spacing', 'spacing_mm', spacing, ' mm'),
+      ('size', 'shape', shape, ' voxels'),
+      ('size', 'extent_mm', extent, ' mm'),
+    ):
       low, high = reference[key]['min'], reference[key]['max']
       bad = [i for i in range(3) if _outside(float(values[i]), low[i], high[i])]
       if bad:
-        what = 'voxel size' if code == 'spacing' else ('extent' if key == 'extent_mm'
-                                                        else 'voxel count')
-        flags.append(_flag(code, f'{what} ' + ', '.join(
-            f'{AXES[i]} {float(values[i]):.4g}{unit} (training {low[i]:.4g} to '
-            f'{high[i]:.4g})' for i in bad) + f', beyond x/{FAR:g} to x{FAR:g}'))
-  return {'review': bool(flags), 'flags': flags,
-          'mean_detection_score': None if mean_score is None or math.isnan(mean_score)
-          else mean_score, 'painting_detections': len(painting)}
+        what = (
+          'voxel size' if code == 'spacing' else ('extent' if key == 'extent_mm' else 'voxel count')
+        )
+        flags.append(
+          _flag(
+            code,
+            f'{what} '
+            + ', '.join(
+              f'{AXES[i]} {float(values[i]):.4g}{unit} (training {low[i]:.4g} to {high[i]:.4g})'
+              for i in bad
+            )
+            + f', beyond x/{FAR:g} to x{FAR:g}',
+          )
+        )
+  return {
+    'review': bool(flags),
+    'flags': flags,
+    'mean_detection_score': None if mean_score is None or math.isnan(mean_score) else mean_score,
+    'painting_detections': len(painting),
+  }

@@ -32,8 +32,9 @@ class _LibraryChatter(py_logging.Filter):
       return True
     if '/tensorflow_datasets/' in record.pathname:
       return False
-    return not ('/orbax/' in record.pathname
-                and str(record.msg).startswith('Requested `tracked_metric`'))
+    return not (
+      '/orbax/' in record.pathname and str(record.msg).startswith('Requested `tracked_metric`')
+    )
 
 
 def log_to_workdir(workdir: str) -> str:
@@ -72,6 +73,7 @@ class RunLog:
     self.writer = None
     if self.enabled:
       import tensorflow as tf  # TensorBoard summaries only; input_pipeline hid the GPUs.
+
       self.tf = tf
       self.writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
@@ -112,12 +114,21 @@ class RunLog:
         self.tf.summary.image(name, picture[None])
       self.writer.flush()
 
-  def progress(self, step: int, loss: float | None, lr: float, rate: float, step_time: float,
-               eta_seconds: float) -> None:
+  def progress(
+    self,
+    step: int,
+    loss: float | None,
+    lr: float,
+    rate: float,
+    step_time: float,
+    eta_seconds: float,
+  ) -> None:
     if self.enabled:
       loss_text = 'n/a' if loss is None else f'{loss:.4f}'
-      say(f'step {step}/{self.total_steps}  loss {loss_text}  lr {lr:.2e}  '
-          f'{rate:.1f} slices/s  {step_time * 1e3:.0f} ms/step  ETA {_duration(eta_seconds)}')
+      say(
+        f'step {step}/{self.total_steps}  loss {loss_text}  lr {lr:.2e}  '
+        f'{rate:.1f} slices/s  {step_time * 1e3:.0f} ms/step  ETA {_duration(eta_seconds)}'
+      )
 
   def message(self, text: str) -> None:
     if self.enabled:
@@ -131,8 +142,11 @@ class RunLog:
 
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
-  return (f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else
-          f'{seconds // 60}m{seconds % 60:02d}s')
+  return (
+    f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    if seconds >= 3600
+    else f'{seconds // 60}m{seconds % 60:02d}s'
+  )
 
 
 def summarize_window(last: dict[str, np.ndarray], finite: Sequence[float]) -> dict[str, float]:

@@ -31,12 +31,12 @@ MODEL_INPUT_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: updates applied or skipped so far
+  step: jax.Array  # int32 scalar: updates applied or skipped so far
   params: Any
-  batch_stats: Any                # {} unless the backbone uses batch norm
+  batch_stats: Any  # {} unless the backbone uses batch norm
   opt_state: Any
-  nonfinite_in_a_row: jax.Array   # int32: consecutive skipped (non-finite) updates
-  nonfinite_total: jax.Array      # int32
+  nonfinite_in_a_row: jax.Array  # int32: consecutive skipped (non-finite) updates
+  nonfinite_total: jax.Array  # int32
 
 
 def build_model(config: ml_collections.ConfigDict, *, data_parallel: bool = True) -> MaskRCNN:
@@ -45,19 +45,22 @@ def build_model(config: ml_collections.ConfigDict, *, data_parallel: bool = True
   return MaskRCNN(ModelSpec.from_config(config, axis_name=axis))
 
 
-def init_state(model: MaskRCNN, tx: optax.GradientTransformation, seed: int,
-               init_from: str = '') -> TrainState:
+def init_state(
+  model: MaskRCNN, tx: optax.GradientTransformation, seed: int, init_from: str = ''
+) -> TrainState:
   """Fresh state on the host (the same on every process: it depends only on the seed and on
   `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained)."""
-  variables = jax.jit(functools.partial(mask_rcnn.init_variables, model))(
-      jax.random.PRNGKey(seed))
+  variables = jax.jit(functools.partial(mask_rcnn.init_variables, model))(jax.random.PRNGKey(seed))
   variables = pretrained.init_from(variables, init_from, anchor_ratios=model.spec.anchor_ratios)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params),
-                    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
-                    nonfinite_total=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+    nonfinite_total=jnp.zeros((), jnp.int32),
+  )
 
 
 # The sampling keys are threefry keys whatever the default PRNG: jax.vmap of the 'rbg' bit
@@ -72,11 +75,17 @@ def example_keys(seed: int, step: jax.Array, first_index: jax.Array, count: int)
   step's batch (a function of the seed, the step and the global example index only)."""
   step_key = jax.random.fold_in(jax.random.key(seed, impl=SAMPLING_PRNG), step)
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(
-      first_index + jnp.arange(count, dtype=jnp.int32))
+    first_index + jnp.arange(count, dtype=jnp.int32)
+  )
 
 
-def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    seed: int, schedule: optax.Schedule | None = None):
+def make_train_step(
+  model: MaskRCNN,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  seed: int,
+  schedule: optax.Schedule | None = None,
+):
   """jit(shard_map(per-device step)): (state, batch) -> (state, metrics), state donated.
 
   batch: the MODEL_INPUT_KEYS arrays, [global_batch, ...], split over `data`. metrics: float32
@@ -94,15 +103,21 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation, mesh: jax
       variables = {'params': params}
       if state.batch_stats:
         variables['batch_stats'] = state.batch_stats
-      (loss, terms), updates = model.apply(variables, batch['image'], targets, keys, True,
-                                           method=MaskRCNN.losses, mutable=['batch_stats'])
+      (loss, terms), updates = model.apply(
+        variables,
+        batch['image'],
+        targets,
+        keys,
+        True,
+        method=MaskRCNN.losses,
+        mutable=['batch_stats'],
+      )
       return loss, (terms, updates)
 
     (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # Per-image mean losses on equal per-device batches: the mean over devices is the global one.
     grads, loss, terms = jax.lax.pmean((grads, loss, terms), parallel.DATA_AXIS)
-    batch_stats = jax.lax.pmean(updates.get('batch_stats', state.batch_stats),
-                                parallel.DATA_AXIS)
+    batch_stats = jax.lax.pmean(updates.get('batch_stats', state.batch_stats), parallel.DATA_AXIS)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step changes nothing but the counters (the update is computed on zeros so
@@ -113,22 +128,35 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation, mesh: jax
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        batch_stats=keep(batch_stats, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state),
-        nonfinite_in_a_row=in_a_row,
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                   nonfinite_in_a_row=in_a_row, nonfinite_total=new_state.nonfinite_total)
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_in_a_row=in_a_row,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+      terms,
+      loss=loss,
+      grad_norm=grad_norm,
+      finite=finite.astype(jnp.float32),
+      nonfinite_in_a_row=in_a_row,
+      nonfinite_total=new_state.nonfinite_total,
+    )
     if schedule is not None:
       # Skipped steps leave the optimiser's count alone: this is the rate this update used.
       metrics['learning_rate'] = jnp.asarray(
-          schedule(state.step - state.nonfinite_total), jnp.float32)
+        schedule(state.step - state.nonfinite_total), jnp.float32
+      )
     return new_state, metrics
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
-                          out_specs=(P(), P()), check_vma=False)
+  sharded = jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(P(), P(parallel.DATA_AXIS)),
+    out_specs=(P(), P()),
+    check_vma=False,
+  )
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -139,12 +167,26 @@ def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh):
   def per_device(variables, images):
     det = model.apply(variables, images, method=MaskRCNN.detect)
     label_map, _ = mask_rcnn.detections_to_label_map(
-        det, model.spec.image_size, min_score=model.spec.label_score_threshold)
-    return dict(label_map=label_map, boxes=det.boxes, scores=det.scores, classes=det.classes,
-                valid=det.valid, mask_probs=det.mask_probs)
+      det, model.spec.image_size, min_score=model.spec.label_score_threshold
+    )
+    return dict(
+      label_map=label_map,
+      boxes=det.boxes,
+      scores=det.scores,
+      classes=det.classes,
+      valid=det.valid,
+      mask_probs=det.mask_probs,
+    )
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
-                               out_specs=P(parallel.DATA_AXIS), check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P(parallel.DATA_AXIS)),
+      out_specs=P(parallel.DATA_AXIS),
+      check_vma=False,
+    )
+  )
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:

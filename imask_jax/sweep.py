@@ -22,15 +22,13 @@ signed-rank tests of each variant against its baseline over the same volumes and
 
 from __future__ import annotations
 
-import os
-
-
 import csv
 import dataclasses
 import fcntl
 import importlib.util
 import json
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -47,19 +45,40 @@ from ml_collections import config_flags
 from data_pipelines.atomic import atomic_path
 from imask_jax import configs
 
-SUMMARY_COLUMNS = ('variant', 'seed', 'case_id', 'tissue', 'status', 'dice', 'precision',
-                   'recall', 'hausdorff_voxels', 'average_hausdorff_voxels', 'hausdorff_mm',
-                   'hd95_mm', 'assd_mm', 'signed_mean_mm', 'ap')
+SUMMARY_COLUMNS = (
+  'variant',
+  'seed',
+  'case_id',
+  'tissue',
+  'status',
+  'dice',
+  'precision',
+  'recall',
+  'hausdorff_voxels',
+  'average_hausdorff_voxels',
+  'hausdorff_mm',
+  'hd95_mm',
+  'assd_mm',
+  'signed_mean_mm',
+  'ap',
+)
 # Columns that evaluations made before they existed lack: read as NaN ('n/a' in the tables).
 LATER_COLUMNS = ('average_hausdorff_voxels',)
 # (column, label, digits) of the Table 3 layout, tissues across within each: the paper's
 # columns with the paper's definitions (Ave. Hausdorff: ITK's average Hausdorff distance).
-TABLE3_METRICS = (('dice', 'Dice', 3), ('hausdorff_voxels', 'Hausdorff (px)', 2),
-                  ('average_hausdorff_voxels', 'Ave. Hausdorff (px)', 3),
-                  ('assd_mm', 'ASSD (mm)', 3), ('ap', 'AP', 3))
+TABLE3_METRICS = (
+  ('dice', 'Dice', 3),
+  ('hausdorff_voxels', 'Hausdorff (px)', 2),
+  ('average_hausdorff_voxels', 'Ave. Hausdorff (px)', 3),
+  ('assd_mm', 'ASSD (mm)', 3),
+  ('ap', 'AP', 3),
+)
 # (column, label, digits) compared pairwise between a variant and its baseline.
-PAIRED_METRICS = (('dice', 'Dice', 4), ('assd_mm', 'ASSD (mm)', 3),
-                  ('hausdorff_voxels', 'Hausdorff (px)', 2))
+PAIRED_METRICS = (
+  ('dice', 'Dice', 4),
+  ('assd_mm', 'ASSD (mm)', 3),
+  ('hausdorff_voxels', 'Hausdorff (px)', 2),
+)
 LOG_NAME = 'sweep.log'
 PLAN_NAME = 'sweep_plan.json'
 
@@ -67,6 +86,7 @@ PLAN_NAME = 'sweep_plan.json'
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One variant at one seed: the experiment argument and the workdir it trains in."""
+
   variant: str
   seed: int
   baseline: str
@@ -92,9 +112,11 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
   backbone and mask head names."""
   from imask_jax.models.backbones import build_backbone
   from imask_jax.models.mask_rcnn import ModelSpec
+
   configs.check_train_config(config)
   build_backbone(str(config.model.backbone), norm=str(config.model.norm))
-  ModelSpec.from_config(config).mask_size  # every model field present and typed, a known head
+  # Every model field present and typed, and a mask head the registry knows:
+  ModelSpec.from_config(config).build_mask_head(parent=None)
 
 
 def check_sweep(sweep: ml_collections.ConfigDict) -> None:
@@ -107,13 +129,16 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
   for name, _, baseline in sweep.variants:
     # A run's folder is DIR/<name>/seed<k>: '.', '..' or a hidden name would land outside
     # DIR or out of sight, a path separator in another folder.
-    if (not name or name.startswith('.')
-        or any(not (c.isalnum() or c in '-_.') for c in name)):
-      raise ValueError(f'sweep config: variant name {name!r} must be letters, digits, - _ . '
-                       "and not start with '.' (it names the run's folder)")
+    if not name or name.startswith('.') or any(not (c.isalnum() or c in '-_.') for c in name):
+      raise ValueError(
+        f'sweep config: variant name {name!r} must be letters, digits, - _ . '
+        "and not start with '.' (it names the run's folder)"
+      )
     if baseline and baseline not in names:
-      raise ValueError(f'sweep config: variant {name!r} is compared with {baseline!r}, which is '
-                       f'not a variant of the sweep ({names})')
+      raise ValueError(
+        f'sweep config: variant {name!r} is compared with {baseline!r}, which is '
+        f'not a variant of the sweep ({names})'
+      )
   if not sweep.seeds:
     raise ValueError('sweep config: no seeds')
 
@@ -134,25 +159,43 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
         config = load_experiment(str(sweep.experiment), arg)
         check_run_config(config)
       except Exception as error:  # noqa: BLE001 -- named and re-raised with its cause
-        raise ValueError(f'sweep variant {name!r}: {sweep.experiment}:{arg} does not load: '
-                         f'{error}') from error
-      runs.append(Run(str(name), int(seed), str(baseline), arg,
-                      os.path.join(os.path.abspath(workdir), str(name), f'seed{int(seed)}'),
-                      None if config.data.data_dir else shared))
+        raise ValueError(
+          f'sweep variant {name!r}: {sweep.experiment}:{arg} does not load: {error}'
+        ) from error
+      runs.append(
+        Run(
+          str(name),
+          int(seed),
+          str(baseline),
+          arg,
+          os.path.join(os.path.abspath(workdir), str(name), f'seed{int(seed)}'),
+          None if config.data.data_dir else shared,
+        )
+      )
   return runs
 
 
 def train_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
-  command = [sys.executable, '-m', 'imask_jax.main',
-             f'--config={sweep.experiment}:{run.arg}', f'--workdir={run.workdir}']
+  command = [
+    sys.executable,
+    '-m',
+    'imask_jax.main',
+    f'--config={sweep.experiment}:{run.arg}',
+    f'--workdir={run.workdir}',
+  ]
   if run.data_dir:
     command.append(f'--config.data.data_dir={run.data_dir}')
   return command
 
 
 def evaluate_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
-  return [sys.executable, '-m', 'imask_jax.evaluate', f'--workdir={run.workdir}',
-          f'--split={sweep.split}']
+  return [
+    sys.executable,
+    '-m',
+    'imask_jax.evaluate',
+    f'--workdir={run.workdir}',
+    f'--split={sweep.split}',
+  ]
 
 
 def finished_eval_dir(run: Run, split: str) -> str | None:
@@ -160,6 +203,7 @@ def finished_eval_dir(run: Run, split: str) -> str | None:
   folder appears whole or not at all), else None."""
   from imask_jax import evaluate
   from imask_jax import workdir as workdir_lib
+
   if not os.path.exists(os.path.join(run.workdir, 'config.json')):
     return None
   config = workdir_lib.load_config(run.workdir)
@@ -187,23 +231,32 @@ class SweepLock:
       fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(self.fd)
-      raise SweepLockedError(f'{self.path}: another sweep (or a run it started) is still working '
-                         f'in {workdir}; wait for it or stop it first') from None
+      raise SweepLockedError(
+        f'{self.path}: another sweep (or a run it started) is still working '
+        f'in {workdir}; wait for it or stop it first'
+      ) from None
 
   def close(self) -> None:
     os.close(self.fd)
 
 
-def _run_logged(command: Sequence[str], log_path: str, echo: Callable[[str], None] | None,
-                lock: SweepLock) -> int:
+def _run_logged(
+  command: Sequence[str], log_path: str, echo: Callable[[str], None] | None, lock: SweepLock
+) -> int:
   """Runs `command`, appending its output to `log_path` (and echoing each line); returns its
   exit status. Stopping the sweep (SIGTERM, Ctrl-C) stops the command too."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
   with open(log_path, 'a', encoding='utf-8') as log:
     log.write(f'$ {shlex.join(command)}\n')
     log.flush()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=env, pass_fds=(lock.fd,))
+    child = subprocess.Popen(
+      command,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+      pass_fds=(lock.fd,),
+    )
     try:
       for line in child.stdout:
         log.write(line)
@@ -231,35 +284,45 @@ def run_settings(sweep: ml_collections.ConfigDict, run: Run) -> dict[str, Any]:
   return json.loads(load_experiment(str(sweep.experiment), run.arg).to_json())
 
 
-def check_plan(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
-               ) -> dict[str, dict[str, Any]]:
+def check_plan(
+  sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+) -> dict[str, dict[str, Any]]:
   """Records every run's settings in DIR/sweep_plan.json at the sweep's first start and
   refuses to go on if a recorded run's settings have changed since (an edited experiment file,
   another base_arg): the table would compare runs made with different settings. New variants
   are added to the record. Returns the settings of `runs`."""
   from imask_jax import workdir as workdir_lib
+
   path = os.path.join(workdir, PLAN_NAME)
   recorded: dict[str, dict[str, Any]] = {}
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
   current = {run.name: run_settings(sweep, run) for run in runs}
-  changed = [f'{name}: {"; ".join(diff)}' for name, settings in current.items()
-             if name in recorded
-             and (diff := workdir_lib.changed_fields(recorded[name], settings))]
+  changed = [
+    f'{name}: {"; ".join(diff)}'
+    for name, settings in current.items()
+    if name in recorded and (diff := workdir_lib.changed_fields(recorded[name], settings))
+  ]
   if changed:
     raise SettingsChangedError(
-        f'{path}: the settings of {len(changed)} run(s) changed since this sweep started '
-        f'({" | ".join(changed)}). Use a new --workdir, or delete {path} to accept the new '
-        'settings (finished runs keep the results of the old ones).')
+      f'{path}: the settings of {len(changed)} run(s) changed since this sweep started '
+      f'({" | ".join(changed)}). Use a new --workdir, or delete {path} to accept the new '
+      'settings (finished runs keep the results of the old ones).'
+    )
   with atomic_path(path) as tmp:
     with open(tmp, 'w') as f:
       json.dump({**recorded, **current}, f, indent=1)
   return current
 
 
-def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run], *,
-              echo: Callable[[str], None] | None = print) -> list[str]:
+def run_sweep(
+  sweep: ml_collections.ConfigDict,
+  workdir: str,
+  runs: Sequence[Run],
+  *,
+  echo: Callable[[str], None] | None = print,
+) -> list[str]:
   """Trains and evaluates every unfinished run in turn; returns the names of failed runs.
 
   Raises SettingsChangedError before anything runs if the recorded plan no longer holds; a run
@@ -276,21 +339,28 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
         continue
       if run_settings(sweep, run) != planned[run.name]:
         failed.append(run.name)
-        say(f'{head}: not started: {sweep.experiment} changed while the sweep was running, '
-            f'so this run would not train with the settings recorded in {PLAN_NAME}')
+        say(
+          f'{head}: not started: {sweep.experiment} changed while the sweep was running, '
+          f'so this run would not train with the settings recorded in {PLAN_NAME}'
+        )
         continue
       os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, LOG_NAME)
       started = time.time()
-      for what, command in (('training', train_command(sweep, run)),
-                            ('evaluating', evaluate_command(sweep, run))):
+      for what, command in (
+        ('training', train_command(sweep, run)),
+        ('evaluating', evaluate_command(sweep, run)),
+      ):
         say(f'{head}: {what} (log: {log_path})')
-        status = _run_logged(command, log_path,
-                             None if echo is None else (lambda line: echo(f'  {line}')), lock)
+        status = _run_logged(
+          command, log_path, None if echo is None else (lambda line: echo(f'  {line}')), lock
+        )
         if status != 0:
           failed.append(run.name)
-          say(f'{head}: {what} failed with exit status {status}; the end of its log:\n'
-              f'{_tail(log_path)}')
+          say(
+            f'{head}: {what} failed with exit status {status}; the end of its log:\n'
+            f'{_tail(log_path)}'
+          )
           break
       else:
         if not finished_eval_dir(run, str(sweep.split)):
@@ -303,17 +373,23 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
   return failed
 
 
-def dry_run_commands(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run],
-                     sweep_flags: str) -> list[str]:
+def dry_run_commands(
+  sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run], sweep_flags: str
+) -> list[str]:
   """One shell line per run (train, then evaluate), then the aggregation command."""
-  lines = [f'# {len(runs)} runs; the first one prepares the shared dataset, so start it '
-           'alone or wait until its training has begun']
+  lines = [
+    f'# {len(runs)} runs; the first one prepares the shared dataset, so start it '
+    'alone or wait until its training has begun'
+  ]
   for run in runs:
-    lines.append(shlex.join(train_command(sweep, run)) + ' && ' +
-                 shlex.join(evaluate_command(sweep, run)))
-  lines.append(f'# when all have finished:\n{shlex.join([sys.executable, "-m", "imask_jax.sweep"])}'
-               f' {sweep_flags} --workdir={shlex.quote(os.path.abspath(workdir))} '
-               '--aggregate_only')
+    lines.append(
+      shlex.join(train_command(sweep, run)) + ' && ' + shlex.join(evaluate_command(sweep, run))
+    )
+  lines.append(
+    f'# when all have finished:\n{shlex.join([sys.executable, "-m", "imask_jax.sweep"])}'
+    f' {sweep_flags} --workdir={shlex.quote(os.path.abspath(workdir))} '
+    '--aggregate_only'
+  )
   return lines
 
 
@@ -331,9 +407,14 @@ def run_rows(run: Run, eval_dir: str) -> list[dict[str, Any]]:
   rows = []
   with open(os.path.join(eval_dir, 'metrics.csv'), newline='') as f:
     for row in csv.DictReader(f):
-      out = {'variant': run.variant, 'seed': run.seed, 'case_id': row['case_id'],
-             'tissue': row['tissue'], 'status': row['status'],
-             'ap': ap.get((row['case_id'], row['tissue']), math.nan)}
+      out = {
+        'variant': run.variant,
+        'seed': run.seed,
+        'case_id': row['case_id'],
+        'tissue': row['tissue'],
+        'status': row['status'],
+        'ap': ap.get((row['case_id'], row['tissue']), math.nan),
+      }
       for column in SUMMARY_COLUMNS:
         if column not in out:
           out[column] = _float(row.get(column, '') if column in LATER_COLUMNS else row[column])
@@ -344,8 +425,7 @@ def run_rows(run: Run, eval_dir: str) -> list[dict[str, Any]]:
 def pooled_ap(eval_dir: str) -> dict[str, float]:
   """COCO mask AP per tissue over all slices of the run's split (ap.csv scope 'all')."""
   with open(os.path.join(eval_dir, 'ap.csv'), newline='') as f:
-    return {row['tissue']: _float(row['ap']) for row in csv.DictReader(f)
-            if row['scope'] == 'all'}
+    return {row['tissue']: _float(row['ap']) for row in csv.DictReader(f) if row['scope'] == 'all'}
 
 
 def tissue_abbreviation(tissue: str) -> str:
@@ -367,6 +447,7 @@ def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> 
   structure is missed or falsely found enter the Dice, and are counted (never averaged away)
   for the distances, which are infinite there."""
   from imask_jax import metrics
+
   s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
   if s.n == 0:
     return 'n/a'
@@ -379,6 +460,7 @@ def wilcoxon(differences: Sequence[float]) -> float:
   """Two-sided Wilcoxon signed-rank p of paired differences (exact for small n without ties;
   1.0 when every difference is zero; NaN for fewer than two pairs)."""
   from scipy import stats
+
   d = np.asarray(differences, float)
   if d.size < 2:
     return math.nan
@@ -387,15 +469,21 @@ def wilcoxon(differences: Sequence[float]) -> float:
   return float(stats.wilcoxon(d).pvalue)
 
 
-def paired_comparison(rows: Sequence[Mapping[str, Any]], variant: str, baseline: str,
-                      tissue: str, column: str) -> tuple[int, float, float, int]:
+def paired_comparison(
+  rows: Sequence[Mapping[str, Any]], variant: str, baseline: str, tissue: str, column: str
+) -> tuple[int, float, float, int]:
   """Pairs of (seed, case) values of `variant` and `baseline` for one tissue and metric.
 
   Returns (pairs, mean of variant - baseline, Wilcoxon p, pairs dropped because a value is
   not finite, e.g. a distance to a structure one of them missed)."""
+
   def values(name):
-    return {(r['seed'], r['case_id']): r[column] for r in rows
-            if r['variant'] == name and r['tissue'] == tissue and r['status'] != 'both_empty'}
+    return {
+      (r['seed'], r['case_id']): r[column]
+      for r in rows
+      if r['variant'] == name and r['tissue'] == tissue and r['status'] != 'both_empty'
+    }
+
   a, b = values(variant), values(baseline)
   keys = sorted(set(a) & set(b))
   finite = [k for k in keys if math.isfinite(a[k]) and math.isfinite(b[k])]
@@ -403,29 +491,40 @@ def paired_comparison(rows: Sequence[Mapping[str, Any]], variant: str, baseline:
   return len(d), (float(np.mean(d)) if d else math.nan), wilcoxon(d), len(keys) - len(finite)
 
 
-def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
-                     rows: Sequence[Mapping[str, Any]], ap_by_run: Mapping[str, Mapping[str, float]],
-                     missing: Sequence[str]) -> str:
+def summary_markdown(
+  sweep: ml_collections.ConfigDict,
+  runs: Sequence[Run],
+  rows: Sequence[Mapping[str, Any]],
+  ap_by_run: Mapping[str, Mapping[str, float]],
+  missing: Sequence[str],
+) -> str:
   from imask_jax.report import markdown_table
+
   tissues = list(dict.fromkeys(r['tissue'] for r in rows))
   variants = [str(v[0]) for v in sweep.variants]
   seeds = list(sweep.seeds)
-  lines = ['# Sweep summary', '',
-           f'- base experiment: `{sweep.experiment}` with `{sweep.base_arg or "(no argument)"}`',
-           f'- study: {sweep.get("study", "")}; seeds: {", ".join(str(s) for s in seeds)}; '
-           f'split: {sweep.split}',
-           f'- runs finished: {len(runs) - len(missing)} of {len(runs)}'
-           + (f' (not yet: {", ".join(missing)})' if missing else ''), '',
-           '## Segmentation (laid out like the paper\'s Table 3)', '',
-           'Mean ± SD over test volumes and seeds (3D, on each volume\'s grid). Hausdorff and '
-           'Ave. Hausdorff in pixels (voxels, unit spacing) as in the paper; Ave. Hausdorff is '
-           'ITK\'s average Hausdorff distance, the paper\'s definition (docs/metrics.md). ASSD, '
-           'the average symmetric surface distance in mm, is our boundary measure and no paper '
-           'column. Per-slice (2D) figures: each run\'s summary.md. AP: COCO mask AP (IoU '
-           '0.50:0.95) over all test slices of a run, mean ± SD over seeds.',
-           '']
-  header = ['Variant'] + [f'{label} {tissue_abbreviation(t)}'
-                          for _, label, _ in TABLE3_METRICS for t in tissues]
+  lines = [
+    '# Sweep summary',
+    '',
+    f'- base experiment: `{sweep.experiment}` with `{sweep.base_arg or "(no argument)"}`',
+    f'- study: {sweep.get("study", "")}; seeds: {", ".join(str(s) for s in seeds)}; '
+    f'split: {sweep.split}',
+    f'- runs finished: {len(runs) - len(missing)} of {len(runs)}'
+    + (f' (not yet: {", ".join(missing)})' if missing else ''),
+    '',
+    "## Segmentation (laid out like the paper's Table 3)",
+    '',
+    "Mean ± SD over test volumes and seeds (3D, on each volume's grid). Hausdorff and "
+    'Ave. Hausdorff in pixels (voxels, unit spacing) as in the paper; Ave. Hausdorff is '
+    "ITK's average Hausdorff distance, the paper's definition (docs/metrics.md). ASSD, "
+    'the average symmetric surface distance in mm, is our boundary measure and no paper '
+    "column. Per-slice (2D) figures: each run's summary.md. AP: COCO mask AP (IoU "
+    '0.50:0.95) over all test slices of a run, mean ± SD over seeds.',
+    '',
+  ]
+  header = ['Variant'] + [
+    f'{label} {tissue_abbreviation(t)}' for _, label, _ in TABLE3_METRICS for t in tissues
+  ]
   table = []
   for variant in variants:
     own = [r for r in rows if r['variant'] == variant]
@@ -435,21 +534,36 @@ def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
     for column, _, digits in TABLE3_METRICS:
       for tissue in tissues:
         if column == 'ap':
-          cells.append(_mean_sd([ap_by_run[f'{variant}/seed{s}'].get(tissue, math.nan)
-                                 for s in seeds if f'{variant}/seed{s}' in ap_by_run], digits))
+          cells.append(
+            _mean_sd(
+              [
+                ap_by_run[f'{variant}/seed{s}'].get(tissue, math.nan)
+                for s in seeds
+                if f'{variant}/seed{s}' in ap_by_run
+              ],
+              digits,
+            )
+          )
         else:
           cells.append(table3_cell([r for r in own if r['tissue'] == tissue], column, digits))
     table.append(cells)
   lines += markdown_table(header, table)
-  lines += ['', 'Tissues: ' + ', '.join(f'{tissue_abbreviation(t)} = {t}' for t in tissues), '',
-            '## Paired comparisons', '',
-            'Each variant against its baseline over the same test volumes and seeds: the mean '
-            'difference (variant − baseline; Dice higher is better, distances lower) and the '
-            'two-sided Wilcoxon signed-rank p. With n pairs the smallest possible p is '
-            '2 / 2^n (0.0625 for 5), so a handful of volumes cannot reach 0.05 whatever the '
-            'effect: add seeds or volumes for a test with power.', '']
+  lines += [
+    '',
+    'Tissues: ' + ', '.join(f'{tissue_abbreviation(t)} = {t}' for t in tissues),
+    '',
+    '## Paired comparisons',
+    '',
+    'Each variant against its baseline over the same test volumes and seeds: the mean '
+    'difference (variant − baseline; Dice higher is better, distances lower) and the '
+    'two-sided Wilcoxon signed-rank p. With n pairs the smallest possible p is '
+    '2 / 2^n (0.0625 for 5), so a handful of volumes cannot reach 0.05 whatever the '
+    'effect: add seeds or volumes for a test with power.',
+    '',
+  ]
   header = ['Variant', 'Baseline', 'Tissue', 'n'] + [
-      f'{h} {label}' for _, label, _ in PAIRED_METRICS for h in ('Δ', 'p')]
+    f'{h} {label}' for _, label, _ in PAIRED_METRICS for h in ('Δ', 'p')
+  ]
   table = []
   for name, _, baseline in sweep.variants:
     if not baseline:
@@ -459,21 +573,32 @@ def summary_markdown(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
       for column, _, digits in PAIRED_METRICS:
         n, mean, p, lost = paired_comparison(rows, name, baseline, tissue, column)
         count, dropped = max(count, n), max(dropped, lost)
-        cells += ['n/a' if not n else f'{mean:+.{digits}f}',
-                  'n/a' if math.isnan(p) else f'{p:.3g}']
+        cells += ['n/a' if not n else f'{mean:+.{digits}f}', 'n/a' if math.isnan(p) else f'{p:.3g}']
       if count:
-        table.append([name, baseline, tissue_abbreviation(tissue),
-                      f'{count}' + (f' ({dropped} dropped)' if dropped else '')] + cells)
-  lines += markdown_table(header, table) if table else ['No comparison has finished runs on '
-                                                        'both sides yet.']
+        table.append(
+          [
+            name,
+            baseline,
+            tissue_abbreviation(tissue),
+            f'{count}' + (f' ({dropped} dropped)' if dropped else ''),
+          ]
+          + cells
+        )
+  lines += (
+    markdown_table(header, table)
+    if table
+    else ['No comparison has finished runs on both sides yet.']
+  )
   return '\n'.join(lines) + '\n'
 
 
-def aggregate(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
-              ) -> tuple[str, list[str]]:
+def aggregate(
+  sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+) -> tuple[str, list[str]]:
   """Writes DIR/summary.csv and DIR/summary.md from the finished runs; returns the markdown
   and the names of runs not finished."""
   from imask_jax.report import write_csv, write_text
+
   rows, ap_by_run, missing = [], {}, []
   for run in runs:
     eval_dir = finished_eval_dir(run, str(sweep.split))
@@ -490,21 +615,28 @@ def aggregate(sweep: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run
 
 # --- the command -----------------------------------------------------------------------------
 
+
 def _define_flags() -> None:
   """The command's flags, defined only when it runs: `python -m imask_jax.main` defines its own
   --config, and both modules may be imported into one process (the tests do)."""
   global _CONFIG, _WORKDIR, _DRY_RUN, _AGGREGATE_ONLY, _QUIET
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Sweep file and argument, e.g. experiments/ablations.py:dataset='
-      'phantom_knee (fields overridable with --config.base_arg=... and the like).',
-      lock_config=True)
+    'config',
+    None,
+    'Sweep file and argument, e.g. experiments/ablations.py:dataset='
+    'phantom_knee (fields overridable with --config.base_arg=... and the like).',
+    lock_config=True,
+  )
   _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep folder (one subfolder per run).')
-  _DRY_RUN = flags.DEFINE_bool('dry_run', False,
-                               'Print one shell command per run (for a scheduler); run nothing.')
+  _DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print one shell command per run (for a scheduler); run nothing.'
+  )
   _AGGREGATE_ONLY = flags.DEFINE_bool(
-      'aggregate_only', False, 'Write the summary from the runs finished so far; run nothing.')
-  _QUIET = flags.DEFINE_bool('quiet', False,
-                             "Show one line per run and phase, not the runs' own output.")
+    'aggregate_only', False, 'Write the summary from the runs finished so far; run nothing.'
+  )
+  _QUIET = flags.DEFINE_bool(
+    'quiet', False, "Show one line per run and phase, not the runs' own output."
+  )
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -541,8 +673,12 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the current run too
     quiet = _QUIET.value
     try:
-      failed = run_sweep(sweep, workdir, runs, echo=lambda line: None if quiet and
-                         line.startswith('  ') else print(line, flush=True))
+      failed = run_sweep(
+        sweep,
+        workdir,
+        runs,
+        echo=lambda line: None if quiet and line.startswith('  ') else print(line, flush=True),
+      )
     except (SettingsChangedError, SweepLockedError) as error:
       sys.exit(f'{type(error).__name__}: {error}')
   text, _ = aggregate(sweep, workdir, runs)

@@ -37,19 +37,19 @@ import numpy as np
 
 # Storage classes (pickled by name as `torch.<Name>`) -> element type.
 STORAGE_DTYPES = {
-    'DoubleStorage': np.dtype(np.float64),
-    'FloatStorage': np.dtype(np.float32),
-    'HalfStorage': np.dtype(np.float16),
-    'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
-    'LongStorage': np.dtype(np.int64),
-    'IntStorage': np.dtype(np.int32),
-    'ShortStorage': np.dtype(np.int16),
-    'CharStorage': np.dtype(np.int8),
-    'ByteStorage': np.dtype(np.uint8),
-    'BoolStorage': np.dtype(np.bool_),
+  'DoubleStorage': np.dtype(np.float64),
+  'FloatStorage': np.dtype(np.float32),
+  'HalfStorage': np.dtype(np.float16),
+  'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
+  'LongStorage': np.dtype(np.int64),
+  'IntStorage': np.dtype(np.int32),
+  'ShortStorage': np.dtype(np.int16),
+  'CharStorage': np.dtype(np.int8),
+  'ByteStorage': np.dtype(np.uint8),
+  'BoolStorage': np.dtype(np.bool_),
 }
 
-LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 
@@ -66,6 +66,7 @@ class _StorageType:
 @dataclasses.dataclass
 class _Storage:
   """A storage named in the pickle; `data` is filled from the file after unpickling."""
+
   key: str
   dtype: np.dtype
   numel: int
@@ -76,7 +77,7 @@ class _Storage:
   def elements(self) -> np.ndarray:
     if self.view_of is not None:
       root, offset = self.view_of
-      return root.elements()[offset:offset + self.numel]
+      return root.elements()[offset : offset + self.numel]
     if self.data is None:
       raise pickle.UnpicklingError(f'storage {self.key!r} has no data in the file')
     return self.data
@@ -85,6 +86,7 @@ class _Storage:
 @dataclasses.dataclass(frozen=True)
 class _TensorRef:
   """A tensor as the pickle describes it; materialised once the storages are read."""
+
   storage: _Storage
   offset: int
   size: tuple[int, ...]
@@ -96,8 +98,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _TensorRe
   del unused  # requires_grad, backward hooks, metadata: nothing a NumPy array keeps
   if not isinstance(storage, _Storage):
     raise UnsafeCheckpointError(f'tensor rebuilt from {type(storage).__name__}, not a storage')
-  return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size),
-                    tuple(int(s) for s in stride))
+  return _TensorRef(
+    storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  )
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *unused) -> _TensorRef:
@@ -107,11 +110,11 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *unused) -> _TensorR
 
 
 ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    **{('torch', name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
+  ('collections', 'OrderedDict'): collections.OrderedDict,
+  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+  **{('torch', name): _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
 }
 
 
@@ -129,9 +132,10 @@ class _StateDictUnpickler(pickle.Unpickler):
       return ALLOWED_GLOBALS[(module, name)]
     except KeyError:
       raise UnsafeCheckpointError(
-          f'{self.source}: the pickle asks for {module}.{name}, which a state dict of tensors '
-          'never contains; refusing to load it (only OrderedDict, torch tensor rebuilds and '
-          'storage types are admitted)') from None
+        f'{self.source}: the pickle asks for {module}.{name}, which a state dict of tensors '
+        'never contains; refusing to load it (only OrderedDict, torch tensor rebuilds and '
+        'storage types are admitted)'
+      ) from None
 
   def persistent_load(self, pid: Any) -> _Storage:
     if not (isinstance(pid, tuple) and pid and pid[0] in ('storage', b'storage')):
@@ -155,8 +159,9 @@ class _StateDictUnpickler(pickle.Unpickler):
     view_key, offset, view_size = view
     view_key = view_key.decode() if isinstance(view_key, bytes) else str(view_key)
     if view_key not in self.storages:
-      self.storages[view_key] = _Storage(view_key, storage_type.dtype, int(view_size),
-                                         view_of=(self.storages[key], int(offset)))
+      self.storages[view_key] = _Storage(
+        view_key, storage_type.dtype, int(view_size), view_of=(self.storages[key], int(offset))
+      )
     return self.storages[view_key]
 
 
@@ -180,12 +185,16 @@ def _materialise(ref: _TensorRef, source: str, name: str) -> np.ndarray:
   last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
   if ref.offset < 0 or last >= elements.size:
     raise pickle.UnpicklingError(
-        f'{source}: tensor {name!r} (size {ref.size}, stride {ref.stride}, offset '
-        f'{ref.offset}) reads past its storage of {elements.size} elements')
+      f'{source}: tensor {name!r} (size {ref.size}, stride {ref.stride}, offset '
+      f'{ref.offset}) reads past its storage of {elements.size} elements'
+    )
   item = elements.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
-      elements[ref.offset:], shape=ref.size, strides=tuple(s * item for s in ref.stride),
-      writeable=False)
+    elements[ref.offset :],
+    shape=ref.size,
+    strides=tuple(s * item for s in ref.stride),
+    writeable=False,
+  )
   return np.array(view, dtype=elements.dtype.newbyteorder('='), order='C')
 
 
@@ -197,24 +206,28 @@ def _tensors(obj: Any, source: str) -> dict[str, np.ndarray]:
   wrapper are ignored, inside the state dict they are an error.
   """
   if not isinstance(obj, dict):
-    raise ValueError(f'{source}: expected a state dict (a dict of tensors), got '
-                     f'{type(obj).__name__}')
+    raise ValueError(
+      f'{source}: expected a state dict (a dict of tensors), got {type(obj).__name__}'
+    )
   if obj and not all(isinstance(v, _TensorRef) for v in obj.values()):
     for wrapper_key in ('model', 'state_dict'):
       if isinstance(obj.get(wrapper_key), dict):
         return _tensors(obj[wrapper_key], f'{source}[{wrapper_key!r}]')
     bad = next(k for k, v in obj.items() if not isinstance(v, _TensorRef))
-    raise ValueError(f'{source}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor; '
-                     "expected a state dict (or a checkpoint with one under 'model')")
+    raise ValueError(
+      f'{source}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor; '
+      "expected a state dict (or a checkpoint with one under 'model')"
+    )
   return {str(k): _materialise(v, source, str(k)) for k, v in obj.items()}
 
 
 def _read_zip(path: str, archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
   pickles = [n for n in archive.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
   if len(pickles) != 1:
-    raise ValueError(f'{path}: a torch zip checkpoint has exactly one <name>/data.pkl, found '
-                     f'{pickles}')
-  prefix = pickles[0][:-len('data.pkl')]
+    raise ValueError(
+      f'{path}: a torch zip checkpoint has exactly one <name>/data.pkl, found {pickles}'
+    )
+  prefix = pickles[0][: -len('data.pkl')]
   order = '<'
   if prefix + 'byteorder' in archive.namelist():
     order = {'little': '<', 'big': '>'}[archive.read(prefix + 'byteorder').decode().strip()]
@@ -224,8 +237,10 @@ def _read_zip(path: str, archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
     raw = archive.read(f'{prefix}data/{storage.key}')
     dtype = storage.dtype.newbyteorder(order)
     if len(raw) < storage.numel * dtype.itemsize:
-      raise ValueError(f'{path}: storage {storage.key} holds {len(raw)} bytes, expected '
-                       f'{storage.numel} x {dtype.itemsize}')
+      raise ValueError(
+        f'{path}: storage {storage.key} holds {len(raw)} bytes, expected '
+        f'{storage.numel} x {dtype.itemsize}'
+      )
     storage.data = np.frombuffer(raw, dtype, count=storage.numel)
   return _tensors(obj, path)
 
@@ -234,14 +249,14 @@ def _read_legacy(path: str, f: BinaryIO) -> dict[str, np.ndarray]:
   try:
     magic = _PlainUnpickler(f, path).load()
   except (pickle.UnpicklingError, EOFError, ValueError) as e:
-    raise ValueError(f'{path}: neither a torch zip checkpoint, a legacy torch.save file nor an '
-                     f'.npz ({e})') from e
+    raise ValueError(
+      f'{path}: neither a torch zip checkpoint, a legacy torch.save file nor an .npz ({e})'
+    ) from e
   if magic != LEGACY_MAGIC:
     raise ValueError(f'{path}: not a torch.save file (magic number {magic!r:.40})')
   protocol = _PlainUnpickler(f, path).load()
   if protocol != LEGACY_PROTOCOL:
-    raise ValueError(f'{path}: legacy torch.save protocol {protocol}, expected '
-                     f'{LEGACY_PROTOCOL}')
+    raise ValueError(f'{path}: legacy torch.save protocol {protocol}, expected {LEGACY_PROTOCOL}')
   info = _PlainUnpickler(f, path).load()
   if not info.get('little_endian', True):
     raise ValueError(f'{path}: written on a big-endian machine; not supported')

@@ -27,8 +27,16 @@ from absl import logging
 from imask_jax import configs, optim, parallel, viz
 from imask_jax import workdir as workdir_lib
 from imask_jax.run_log import RunLog, say, summarize_window
-from imask_jax.steps import (MODEL_INPUT_KEYS, TrainState, build_model, compile_together,
-                             init_state, make_detect_fn, make_train_step, model_variables)
+from imask_jax.steps import (
+  MODEL_INPUT_KEYS,
+  TrainState,
+  build_model,
+  compile_together,
+  init_state,
+  make_detect_fn,
+  make_train_step,
+  model_variables,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,6 +44,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --- validation ----------------------------------------------------------------------------------
+
 
 def gt_label_map(gt_classes: np.ndarray, gt_masks: np.ndarray, gt_valid: np.ndarray) -> np.ndarray:
   """[N, M] classes, [N, M, H, W] masks, [N, M] valid -> [N, H, W] class-id label maps."""
@@ -54,8 +63,9 @@ def dice_from_counts(counts: np.ndarray) -> np.ndarray:
   return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
 
 
-def slice_dice(detect_fn, variables, eval_ds, mesh, num_classes: int
-               ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+def slice_dice(
+  detect_fn, variables, eval_ds, mesh, num_classes: int
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
   """Pooled mask Dice per class over every valid slice of `eval_ds` on all processes.
 
   Returns (Dice [num_classes], this process's example for an overlay: image [H, W, C], truth
@@ -66,9 +76,12 @@ def slice_dice(detect_fn, variables, eval_ds, mesh, num_classes: int
   example = None
   for batch in eval_ds:
     out = parallel.host_local_rows(
-        detect_fn(variables, parallel.shard_device_batch(batch['image'], mesh)))
-    flat = {k: np.asarray(batch[k]).reshape((-1,) + np.asarray(batch[k]).shape[2:])
-            for k in ('gt_classes', 'gt_masks', 'gt_valid', 'example_valid', 'image')}
+      detect_fn(variables, parallel.shard_device_batch(batch['image'], mesh))
+    )
+    flat = {
+      k: np.asarray(batch[k]).reshape((-1,) + np.asarray(batch[k]).shape[2:])
+      for k in ('gt_classes', 'gt_masks', 'gt_valid', 'example_valid', 'image')
+    }
     ok = flat['example_valid']
     truth = gt_label_map(flat['gt_classes'], flat['gt_masks'], flat['gt_valid'])[ok]
     pred = np.asarray(out['label_map'])[ok]
@@ -83,6 +96,7 @@ def slice_dice(detect_fn, variables, eval_ds, mesh, num_classes: int
 
 # --- the main job --------------------------------------------------------------------------------
 
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -95,19 +109,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   data_dir = workdir_lib.data_dir_for(config, workdir)
   workdir_lib.check_raw_data(config, data_dir)
   from imask_jax import input_pipeline  # imported here: it configures TensorFlow
+
   builder = workdir_lib.prepare_dataset(config, data_dir)
   if 'train' not in builder.info.splits:
-    raise ValueError(f'{builder.data_dir}: the dataset has no training split (config '
-                     f'data.split_fractions={tuple(config.data.split_fractions)})')
+    raise ValueError(
+      f'{builder.data_dir}: the dataset has no training split (config '
+      f'data.split_fractions={tuple(config.data.split_fractions)})'
+    )
   num_train = builder.info.splits['train'].num_examples
-  say(f'dataset {builder.data_dir}: ' + ', '.join(
-      f'{split.num_examples} {name} slices' for name, split in builder.info.splits.items()))
+  say(
+    f'dataset {builder.data_dir}: '
+    + ', '.join(
+      f'{split.num_examples} {name} slices' for name, split in builder.info.splits.items()
+    )
+  )
   config.train.steps = configs.resolve_steps(config, num_train)
   workdir_lib.check_resumable(config, workdir)
   if float(config.train.epochs) > 0:
-    logging.info('train.epochs=%s over %d training slices at batch %d: train.steps=%d',
-                 config.train.epochs, num_train, int(config.train.batch_size),
-                 int(config.train.steps))
+    logging.info(
+      'train.epochs=%s over %d training slices at batch %d: train.steps=%d',
+      config.train.epochs,
+      num_train,
+      int(config.train.batch_size),
+      int(config.train.steps),
+    )
   workdir_lib.save_config(config, workdir)
 
   mesh = parallel.data_mesh()
@@ -126,17 +151,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       log.message(f'resumed from the checkpoint of step {int(state.step)} in {workdir}')
     else:
       state = parallel.replicate(
-          init_state(model, tx, seed, init_from=str(config.model.init_from)), mesh)
-    train_iter = input_pipeline.create_train_dataset(config, data_dir, seed=seed,
-                                                     start_step=int(state.step))
+        init_state(model, tx, seed, init_from=str(config.model.init_from)), mesh
+      )
+    train_iter = input_pipeline.create_train_dataset(
+      config, data_dir, seed=seed, start_step=int(state.step)
+    )
     val_ds = None
     if 'validation' in builder.info.splits:
-      val_ds = input_pipeline.create_eval_dataset(config, data_dir, 'validation',
-                                                  max_examples=int(config.eval.max_val_slices))
+      val_ds = input_pipeline.create_eval_dataset(
+        config, data_dir, 'validation', max_examples=int(config.eval.max_val_slices)
+      )
     else:
-      log.message(f'{builder.data_dir}: no validation split (data.split_fractions='
-                  f'{tuple(config.data.split_fractions)}): no validation, and only the latest '
-                  'checkpoints are kept')
+      log.message(
+        f'{builder.data_dir}: no validation split (data.split_fractions='
+        f'{tuple(config.data.split_fractions)}): no validation, and only the latest '
+        'checkpoints are kept'
+      )
     loop = _Loop(config, mesh, model, tx, schedule, manager, log, val_ds)
     return loop.run(state, train_iter)
   finally:
@@ -148,8 +178,13 @@ class _Loop:
   """The training loop of `train_and_evaluate` (one object so its steps read as methods)."""
 
   def __init__(self, config, mesh, model, tx, schedule, manager, log, val_ds):
-    self.config, self.mesh, self.manager, self.log, self.val_ds = (config, mesh, manager, log,
-                                                                   val_ds)
+    self.config, self.mesh, self.manager, self.log, self.val_ds = (
+      config,
+      mesh,
+      manager,
+      log,
+      val_ds,
+    )
     self.total = int(config.train.steps)
     self.global_batch = int(config.train.batch_size)
     self.max_in_a_row = int(config.train.max_nonfinite_in_a_row)
@@ -163,13 +198,14 @@ class _Loop:
     if start >= self.total:
       self.log.message(f'nothing to do: the checkpoint is at step {start} of {self.total}')
       return state
-    window: list[dict[str, jax.Array]] = []       # metrics of the steps since the last log
+    window: list[dict[str, jax.Array]] = []  # metrics of the steps since the last log
     unchecked: tuple[int, dict[str, jax.Array]] | None = None
     first_seconds = 0.0
     window_start = rate_start = time.time()
     while step < self.total:
-      batch = parallel.shard_device_batch({k: v for k, v in next(train_iter).items()
-                                           if k in MODEL_INPUT_KEYS}, self.mesh)
+      batch = parallel.shard_device_batch(
+        {k: v for k, v in next(train_iter).items() if k in MODEL_INPUT_KEYS}, self.mesh
+      )
       if self.compiled_step is None:
         self.compiled_step = compile_together(self.train_step, (state, batch), 'train step')
       state, metrics = self.compiled_step(state, batch)
@@ -197,40 +233,46 @@ class _Loop:
         seconds = now - window_start
         if timed == 0:  # only the first step: report it, compile included
           seconds, timed = first_seconds, 1
-        per_step = ((now - rate_start) / (step - start - 1) if step > start + 1
-                    else first_seconds)
+        per_step = (now - rate_start) / (step - start - 1) if step > start + 1 else first_seconds
         self._log_window(step, window, seconds, timed, eta=per_step * (self.total - step))
         window, window_start = [], time.time()
       if save_now:
         values = self.validate(state, step) if eval_now else None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                          metrics=values)
+        self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=values
+        )
     self.manager.wait_until_finished()
     return state
 
-  def _check_finite(self, step: int, metrics: dict[str, jax.Array],
-                    window: list[dict[str, jax.Array]]) -> None:
+  def _check_finite(
+    self, step: int, metrics: dict[str, jax.Array], window: list[dict[str, jax.Array]]
+  ) -> None:
     in_a_row = int(metrics['nonfinite_in_a_row'])
     if in_a_row < self.max_in_a_row:
       return
     self.manager.wait_until_finished()
     # Log the steps up to the stop, so the skipped ones are counted in metrics.jsonl too.
     upto = [i for i, m in enumerate(window) if m is metrics]
-    done = window[:upto[0] + 1] if upto else window
+    done = window[: upto[0] + 1] if upto else window
     if done:
       self._log_window(step, done, None, len(done), None)
     last = self.manager.latest_step()
-    kept = (f'the last good checkpoint, step {last}, is kept in '
-            f'{self.manager.directory}' if last is not None else 'no checkpoint had been written')
+    kept = (
+      f'the last good checkpoint, step {last}, is kept in {self.manager.directory}'
+      if last is not None
+      else 'no checkpoint had been written'
+    )
     raise NonFiniteLossError(
-        f'{in_a_row} non-finite losses or gradients in a row (steps {step - in_a_row + 1} to '
-        f'{step}; {int(metrics["nonfinite_total"])} skipped in all; '
-        f'train.max_nonfinite_in_a_row={self.max_in_a_row}): training stopped and {kept}. '
-        'Lower train.learning_rate, raise train.warmup_steps or check the data for NaN or '
-        'infinite intensities.')
+      f'{in_a_row} non-finite losses or gradients in a row (steps {step - in_a_row + 1} to '
+      f'{step}; {int(metrics["nonfinite_total"])} skipped in all; '
+      f'train.max_nonfinite_in_a_row={self.max_in_a_row}): training stopped and {kept}. '
+      'Lower train.learning_rate, raise train.warmup_steps or check the data for NaN or '
+      'infinite intensities.'
+    )
 
-  def _log_window(self, step: int, window, seconds: float | None, steps_timed: int,
-                  eta: float | None) -> None:
+  def _log_window(
+    self, step: int, window, seconds: float | None, steps_timed: int, eta: float | None
+  ) -> None:
     # Two transfers: the last step's metrics and every step's finite flag.
     last, finite = jax.device_get((window[-1], [m['finite'] for m in window]))
     values = summarize_window(last, finite)
@@ -239,8 +281,14 @@ class _Loop:
       values['slices_per_second'] = steps_timed * self.global_batch / max(seconds, 1e-9)
     self.log.scalars(step, {f'train/{k}': v for k, v in values.items()})
     if eta is not None:
-      self.log.progress(step, values.get('loss'), values.get('learning_rate', math.nan),
-                        values['slices_per_second'], values['step_time'], eta)
+      self.log.progress(
+        step,
+        values.get('loss'),
+        values.get('learning_rate', math.nan),
+        values['slices_per_second'],
+        values['step_time'],
+        eta,
+      )
 
   def validate(self, state: TrainState, step: int) -> dict[str, float] | None:
     """Validation Dice of `state` on the (first eval.max_val_slices) validation slices: logged,
@@ -251,18 +299,27 @@ class _Loop:
     if self.compiled_detect is None:
       d = self.config.data
       images = jax.ShapeDtypeStruct(
-          (int(self.config.eval.batch_size), *(int(n) for n in d.image_size),
-           2 * int(d.context_slices) + 1), jnp.float32, sharding=parallel.batch_sharded(self.mesh))
+        (
+          int(self.config.eval.batch_size),
+          *(int(n) for n in d.image_size),
+          2 * int(d.context_slices) + 1,
+        ),
+        jnp.float32,
+        sharding=parallel.batch_sharded(self.mesh),
+      )
       self.compiled_detect = compile_together(self.detect_fn, (variables, images), 'detection')
-    dice, example = slice_dice(self.compiled_detect, variables, self.val_ds, self.mesh,
-                               int(self.config.model.num_classes))
+    dice, example = slice_dice(
+      self.compiled_detect, variables, self.val_ds, self.mesh, int(self.config.model.num_classes)
+    )
     names = configs.validation_metric_names(self.config)
     values = dict(zip(names, [float(d) for d in dice] + [float(np.mean(dice))]))
     self.log.scalars(step, values)
     if example is not None:
       image = example['image'][..., example['image'].shape[-1] // 2]  # the centre slice
-      self.log.image(step, 'val/overlay',
-                     viz.overlay_rgb(image, example['truth'] > 0, example['pred'] > 0))
-    self.log.message(f'validation @ {step}: ' +
-                     '  '.join(f'{k[len("val/"):]} {v:.3f}' for k, v in values.items()))
+      self.log.image(
+        step, 'val/overlay', viz.overlay_rgb(image, example['truth'] > 0, example['pred'] > 0)
+      )
+    self.log.message(
+      f'validation @ {step}: ' + '  '.join(f'{k[len("val/") :]} {v:.3f}' for k, v in values.items())
+    )
     return values

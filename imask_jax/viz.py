@@ -21,14 +21,15 @@ from data_pipelines.atomic import atomic_path
 from imask_jax.metrics.thickness import PlateComparison, ThicknessMap
 from imask_jax.metrics.volume import BlandAltman
 
-TRUTH_ONLY = np.array([0.0, 0.85, 0.0])   # green
-MODEL_ONLY = np.array([0.95, 0.0, 0.0])   # red
-BOTH = np.array([0.1, 0.35, 1.0])         # blue
+TRUTH_ONLY = np.array([0.0, 0.85, 0.0])  # green
+MODEL_ONLY = np.array([0.95, 0.0, 0.0])  # red
+BOTH = np.array([0.1, 0.35, 1.0])  # blue
 MISSING_CELL = '#d9d9d9'
 
 
-def display_range(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
-                  ) -> tuple[float, float]:
+def display_range(
+  image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> tuple[float, float]:
   """Grey-level window (low, high) of an image or volume from its intensity percentiles."""
   low, high = np.percentile(np.asarray(image, np.float32), percentiles)
   return float(low), float(max(high, low + 1e-6))
@@ -40,18 +41,24 @@ def grey(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
   return np.clip((np.asarray(image, np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-                opacity: float = 0.6) -> np.ndarray:
+def overlay_rgb(
+  image: np.ndarray, truth: np.ndarray, pred: np.ndarray, opacity: float = 0.6
+) -> np.ndarray:
   """uint8 [h, w, 3]: the grey slice `image` ([h, w] in [0, 1]) with truth-only pixels green,
   model-only red and shared blue, blended at `opacity`."""
   image = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
   truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
   if image.shape != truth.shape or image.shape != pred.shape:
-    raise ValueError(f'overlay_rgb: image {image.shape}, truth {truth.shape} and pred '
-                     f'{pred.shape} must have one shape [h, w]')
+    raise ValueError(
+      f'overlay_rgb: image {image.shape}, truth {truth.shape} and pred '
+      f'{pred.shape} must have one shape [h, w]'
+    )
   rgb = np.repeat(image[..., None], 3, axis=-1)
-  for where, colour in ((truth & ~pred, TRUTH_ONLY), (pred & ~truth, MODEL_ONLY),
-                        (truth & pred, BOTH)):
+  for where, colour in (
+    (truth & ~pred, TRUTH_ONLY),
+    (pred & ~truth, MODEL_ONLY),
+    (truth & pred, BOTH),
+  ):
     rgb[where] = (1 - opacity) * rgb[where] + opacity * colour
   return np.round(rgb * 255).astype(np.uint8)
 
@@ -60,6 +67,7 @@ def _new_figure(width: float, height: float, dpi: int = 120):
   # The Figure/Agg canvas pair needs no pyplot state or display, so it is safe in workers.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   figure = Figure(figsize=(width, height), dpi=dpi)
   FigureCanvasAgg(figure)
   return figure
@@ -74,9 +82,14 @@ def _save(figure, path: str | os.PathLike) -> str:
   return path
 
 
-def save_overlay_figure(path: str | os.PathLike, image: np.ndarray, truth_labels: np.ndarray,
-                        pred_labels: np.ndarray, names_by_value: Mapping[int, str],
-                        title: str) -> str:
+def save_overlay_figure(
+  path: str | os.PathLike,
+  image: np.ndarray,
+  truth_labels: np.ndarray,
+  pred_labels: np.ndarray,
+  names_by_value: Mapping[int, str],
+  title: str,
+) -> str:
   """One slice: the image, then one overlay panel per tissue (label value -> name), each with
   its slice Dice. image float [h, w] in [0, 1]; label maps int [h, w]. Returns the path."""
   panels = len(names_by_value) + 1
@@ -97,14 +110,36 @@ def save_overlay_figure(path: str | os.PathLike, image: np.ndarray, truth_labels
   return _save(figure, path)
 
 
-def _draw_map(figure, ax, values: np.ndarray, thickness_map: ThicknessMap, cmap_name: str,
-              vmin: float, vmax: float, title: str, unit_label: str) -> None:
+def _draw_map(
+  figure,
+  ax,
+  values: np.ndarray,
+  thickness_map: ThicknessMap,
+  cmap_name: str,
+  vmin: float,
+  vmax: float,
+  title: str,
+  unit_label: str,
+) -> None:
   import matplotlib
+
   cmap = matplotlib.colormaps[cmap_name].with_extremes(bad=MISSING_CELL)
-  extent = (thickness_map.col_edges[0], thickness_map.col_edges[-1],
-            thickness_map.row_edges[0], thickness_map.row_edges[-1])
-  image = ax.imshow(np.ma.masked_invalid(values), origin='lower', extent=extent, aspect='auto',
-                    cmap=cmap, vmin=vmin, vmax=vmax, interpolation='nearest')
+  extent = (
+    thickness_map.col_edges[0],
+    thickness_map.col_edges[-1],
+    thickness_map.row_edges[0],
+    thickness_map.row_edges[-1],
+  )
+  image = ax.imshow(
+    np.ma.masked_invalid(values),
+    origin='lower',
+    extent=extent,
+    aspect='auto',
+    cmap=cmap,
+    vmin=vmin,
+    vmax=vmax,
+    interpolation='nearest',
+  )
   ax.set_xlabel(thickness_map.col_name, fontsize=8)
   ax.set_ylabel(thickness_map.row_name, fontsize=8)
   ax.set_title(title, fontsize=9)
@@ -112,8 +147,9 @@ def _draw_map(figure, ax, values: np.ndarray, thickness_map: ThicknessMap, cmap_
   figure.colorbar(image, ax=ax, shrink=0.85).set_label(unit_label, fontsize=8)
 
 
-def save_thickness_figure(path: str | os.PathLike, comparison: PlateComparison, plate: str,
-                          title: str) -> str:
+def save_thickness_figure(
+  path: str | os.PathLike, comparison: PlateComparison, plate: str, title: str
+) -> str:
   """Truth map, prediction map (one scale, mm) and prediction - truth difference map of one
   plate ('femoral' rows = angle around the condylar cylinder, 0 deg inferior, +90 anterior;
   'tibial' rows = anterior mm, columns = rightward mm). Returns the path."""
@@ -124,20 +160,53 @@ def save_thickness_figure(path: str | os.PathLike, comparison: PlateComparison, 
   span = float(np.max(np.abs(diffs))) if diffs.size else 1.0
   figure = _new_figure(13.0, 4.0)
   axes = figure.subplots(1, 3)
-  _draw_map(figure, axes[0], truth.thickness_mm, truth, 'viridis', 0.0, top,
-            f'truth: mean {truth.mean_thickness_mm:.2f} mm', 'thickness (mm)')
-  _draw_map(figure, axes[1], pred.thickness_mm, truth, 'viridis', 0.0, top,
-            f'prediction: mean {pred.mean_thickness_mm:.2f} mm', 'thickness (mm)')
-  _draw_map(figure, axes[2], diff.difference_mm, truth, 'RdBu_r', -span, span,
-            f'prediction - truth: {diff.mean_mm:.2f} ± {diff.sd_mm:.2f} mm '
-            f'({diff.n_cells} cells)', 'difference (mm)')
+  _draw_map(
+    figure,
+    axes[0],
+    truth.thickness_mm,
+    truth,
+    'viridis',
+    0.0,
+    top,
+    f'truth: mean {truth.mean_thickness_mm:.2f} mm',
+    'thickness (mm)',
+  )
+  _draw_map(
+    figure,
+    axes[1],
+    pred.thickness_mm,
+    truth,
+    'viridis',
+    0.0,
+    top,
+    f'prediction: mean {pred.mean_thickness_mm:.2f} mm',
+    'thickness (mm)',
+  )
+  _draw_map(
+    figure,
+    axes[2],
+    diff.difference_mm,
+    truth,
+    'RdBu_r',
+    -span,
+    span,
+    f'prediction - truth: {diff.mean_mm:.2f} ± {diff.sd_mm:.2f} mm ({diff.n_cells} cells)',
+    'difference (mm)',
+  )
   figure.suptitle(f'{title}: {plate} cartilage thickness ({comparison.status})', fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.94))
   return _save(figure, path)
 
 
-def save_bland_altman_figure(stats: BlandAltman, path: str | os.PathLike, *, name_a: str = 'A',
-                      name_b: str = 'B', unit: str = 'mL', title: str | None = None) -> str:
+def save_bland_altman_figure(
+  stats: BlandAltman,
+  path: str | os.PathLike,
+  *,
+  name_a: str = 'A',
+  name_b: str = 'B',
+  unit: str = 'mL',
+  title: str | None = None,
+) -> str:
   """Writes the Bland-Altman plot of `stats` to the PNG `path` (atomically); returns the path.
 
   x: mean of the two measurements, y: difference a - b, with the bias and the limits of
@@ -149,14 +218,23 @@ def save_bland_altman_figure(stats: BlandAltman, path: str | os.PathLike, *, nam
   figure = _new_figure(5.0, 4.0, dpi=150)
   axes = figure.add_subplot()
   axes.scatter(stats.means, stats.differences, s=18, color='tab:blue', alpha=0.8)
-  lines = [(stats.bias, f'bias {stats.bias:+.2f}', '-'),
-           (stats.loa_upper, f'bias + 1.96 SD {stats.loa_upper:+.2f}', '--'),
-           (stats.loa_lower, f'bias - 1.96 SD {stats.loa_lower:+.2f}', '--')]
+  lines = [
+    (stats.bias, f'bias {stats.bias:+.2f}', '-'),
+    (stats.loa_upper, f'bias + 1.96 SD {stats.loa_upper:+.2f}', '--'),
+    (stats.loa_lower, f'bias - 1.96 SD {stats.loa_lower:+.2f}', '--'),
+  ]
   for value, label, style in lines:
     axes.axhline(value, color='tab:red', linestyle=style, linewidth=1)
-    axes.annotate(label, xy=(1.0, value), xycoords=('axes fraction', 'data'),
-                  xytext=(-4, 3), textcoords='offset points', ha='right', fontsize=8,
-                  color='tab:red')
+    axes.annotate(
+      label,
+      xy=(1.0, value),
+      xycoords=('axes fraction', 'data'),
+      xytext=(-4, 3),
+      textcoords='offset points',
+      ha='right',
+      fontsize=8,
+      color='tab:red',
+    )
   axes.axhline(0.0, color='grey', linestyle=':', linewidth=0.8)
   axes.set_xlabel(f'mean of {name_a} and {name_b} ({unit})')
   axes.set_ylabel(f'{name_a} - {name_b} ({unit})')

@@ -57,12 +57,18 @@ class CheckpointError(RuntimeError):
 
 
 # The mistakes the command-line tools report as one line (the traceback only with --verbose).
-USER_ERRORS = (DataMissingError, NotAWorkdirError, SettingsChangedError,
-               MissingCheckpointError, CheckpointError)
+USER_ERRORS = (
+  DataMissingError,
+  NotAWorkdirError,
+  SettingsChangedError,
+  MissingCheckpointError,
+  CheckpointError,
+)
 UNRESTORABLE_DIR = 'checkpoints_unrestorable'  # where training sets a broken checkpoint aside
 
 
 # --- config --------------------------------------------------------------------------------------
+
 
 def _tuples(value: Any) -> Any:
   """JSON lists back to the tuples configs use (recursively; dicts stay dicts)."""
@@ -102,15 +108,22 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -
 
 
 # Settings a checkpoint's arrays depend on: a run may resume only if these are unchanged.
-STATE_SHAPING_FIELDS = ('model', 'data.image_size', 'data.context_slices', 'train.optimizer',
-                        'train.grad_clip_norm', 'train.weight_decay')
+STATE_SHAPING_FIELDS = (
+  'model',
+  'data.image_size',
+  'data.context_slices',
+  'train.optimizer',
+  'train.grad_clip_norm',
+  'train.weight_decay',
+)
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a workdir whose checkpoints were made with another model or optimiser
   (restoring them would fail deep inside orbax, or silently misfit)."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')) or not os.path.exists(
-      os.path.join(workdir, 'config.json')):
+    os.path.join(workdir, 'config.json')
+  ):
     return
   old, new = load_config(workdir).to_dict(), config.to_dict()
 
@@ -127,9 +140,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     elif _tuples(a) != _tuples(b):
       changed.append(f'{path}: {a!r} -> {b!r}')
   if changed:
-    raise SettingsChangedError(f'{workdir}: its checkpoints were trained with other settings '
-                     f'({"; ".join(changed)}); resume with the settings of '
-                     f'{os.path.join(workdir, "config.json")} or start a new workdir')
+    raise SettingsChangedError(
+      f'{workdir}: its checkpoints were trained with other settings '
+      f'({"; ".join(changed)}); resume with the settings of '
+      f'{os.path.join(workdir, "config.json")} or start a new workdir'
+    )
 
 
 def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +152,7 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
   out = dict(defaults)
   for key, value in saved.items():
     base = defaults.get(key)
-    out[key] = _merged(base, value) if isinstance(value, dict) and isinstance(base, dict) \
-        else value
+    out[key] = _merged(base, value) if isinstance(value, dict) and isinstance(base, dict) else value
   return out
 
 
@@ -148,12 +162,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   run was made take their defaults, so older workdirs still evaluate and resume."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise NotAWorkdirError(f'{path}: no config.json in the workdir; is {workdir!r} a '
-                           'training workdir (made by python -m imask_jax.main)?')
+    raise NotAWorkdirError(
+      f'{path}: no config.json in the workdir; is {workdir!r} a '
+      'training workdir (made by python -m imask_jax.main)?'
+    )
   with open(path) as f:
     saved = json.load(f)
   return ml_collections.ConfigDict(_tuples(_merged(configs.default_config().to_dict(), saved)))
+
+
 # --- data ----------------------------------------------------------------------------------------
+
 
 def data_dir_for(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where TFDS datasets live: data.data_dir, else $IMASK_DATA_DIR, else beside the workdir
@@ -161,13 +180,14 @@ def data_dir_for(config: ml_collections.ConfigDict, workdir: str) -> str:
   if config.data.data_dir:
     return config.data.data_dir
   return os.environ.get('IMASK_DATA_DIR') or os.path.join(
-      os.path.dirname(os.path.abspath(workdir.rstrip('/'))), 'tfds')
+    os.path.dirname(os.path.abspath(workdir.rstrip('/'))), 'tfds'
+  )
 
 
 # What a raw folder must hold before a build is worth starting (the builders check the rest).
 RAW_LAYOUT = {
-    'oai_zib': ('images', 'segmentation_masks'),
-    'nifti_folder': ('dataset.json', 'imagesTr'),
+  'oai_zib': ('images', 'segmentation_masks'),
+  'nifti_folder': ('dataset.json', 'imagesTr'),
 }
 
 
@@ -178,26 +198,33 @@ def check_raw_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
   if params.is_phantom:
     return
   from data_pipelines.datasets import builders  # imports TensorFlow; not needed for phantoms
+
   builder = builders.builder_for(config, data_dir)
   if builder.is_prepared():
     return
-  missing = [name for name in RAW_LAYOUT[params.dataset]
-             if not os.path.exists(os.path.join(params.source_dir, name))]
+  missing = [
+    name
+    for name in RAW_LAYOUT[params.dataset]
+    if not os.path.exists(os.path.join(params.source_dir, name))
+  ]
   if not missing:
     return
-  where = (f'config data.manual_dir={config.data.manual_dir!r}' if config.data.manual_dir else
-           'where an empty config data.manual_dir points: <data_dir>/downloads/manual')
-  phantom = ('phantom_hip' if tissues.EFFUSION in tuple(config.data.class_names) else
-             'phantom_knee')
+  where = (
+    f'config data.manual_dir={config.data.manual_dir!r}'
+    if config.data.manual_dir
+    else 'where an empty config data.manual_dir points: <data_dir>/downloads/manual'
+  )
+  phantom = 'phantom_hip' if tissues.EFFUSION in tuple(config.data.class_names) else 'phantom_knee'
   layout = textwrap.dedent(builders.BUILDERS[params.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
   raise DataMissingError(
-      f'{params.source_dir}: no {params.dataset} data (missing {", ".join(missing)}); this is '
-      f'{where}. Put the data there or name its folder with --config.data.manual_dir=PATH.\n'
-      f'{layout.rstrip()}\n'
-      f'How to obtain and prepare the data: {DOCS_DATA}.\n'
-      f'To try the pipeline without any data, train on generated phantoms:\n'
-      f'  python -m imask_jax.main --config experiments/{phantom}.py --workdir runs/{phantom}\n'
-      f'  (or experiments/{phantom}.py:smoke for a one-minute check)')
+    f'{params.source_dir}: no {params.dataset} data (missing {", ".join(missing)}); this is '
+    f'{where}. Put the data there or name its folder with --config.data.manual_dir=PATH.\n'
+    f'{layout.rstrip()}\n'
+    f'How to obtain and prepare the data: {DOCS_DATA}.\n'
+    f'To try the pipeline without any data, train on generated phantoms:\n'
+    f'  python -m imask_jax.main --config experiments/{phantom}.py --workdir runs/{phantom}\n'
+    f'  (or experiments/{phantom}.py:smoke for a one-minute check)'
+  )
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, data_dir: str):
@@ -205,6 +232,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, data_dir: str):
   and the others wait for it, so processes sharing a disk never build the same files at once
   (on separate disks each builds its own copy after the barrier)."""
   from data_pipelines.datasets import builders
+
   builder = builders.prepare(config, data_dir) if jax.process_index() == 0 else None
   parallel.sync_processes('imask_jax: dataset prepared by process 0')
   if builder is None:
@@ -214,6 +242,7 @@ def prepare_dataset(config: ml_collections.ConfigDict, data_dir: str):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """Keeps the latest `train.keep_checkpoints` steps and the best one by `train.best_metric`
@@ -225,16 +254,24 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   def score(metrics: dict[str, Any]) -> float:
     return float(metrics.get(metric, -math.inf))
 
-  policy = ocp_policy.AnyPreservationPolicy([
+  policy = ocp_policy.AnyPreservationPolicy(
+    [
       ocp_policy.LatestN(n=int(config.train.keep_checkpoints)),
-      ocp_policy.BestN(get_metric_fn=score, reverse=False, n=1,
-                       keep_checkpoints_without_metrics=False),
-  ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=score,
-                                         best_mode='max', create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_names=('state',))
+      ocp_policy.BestN(
+        get_metric_fn=score, reverse=False, n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
+  options = ocp.CheckpointManagerOptions(
+    preservation_policy=policy,
+    best_fn=score,
+    best_mode='max',
+    create=True,
+    enable_async_checkpointing=False,
+  )
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options, item_names=('state',)
+  )
 
 
 def checkpoint_folder(manager: ocp.CheckpointManager, step: int) -> str:
@@ -259,8 +296,9 @@ def _metadata_problem(folder: str) -> str | None:
 def _root_cause(error: BaseException) -> str:
   """The innermost cause's first line (orbax wraps TensorStore's precise message in a
   generic one that prints the whole array spec), at most 300 characters."""
-  while error.__cause__ is not None or (error.__context__ is not None
-                                        and not error.__suppress_context__):
+  while error.__cause__ is not None or (
+    error.__context__ is not None and not error.__suppress_context__
+  ):
     error = error.__cause__ or error.__context__
   lines = str(error).strip().splitlines() or [type(error).__name__]
   line = lines[0]
@@ -277,8 +315,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, restore) -> An
     try:
       return restore(int(step))
     except Exception as error:  # noqa: BLE001 -- named in one line; the cause is chained
-      raise CheckpointError(f'checkpoint {folder}: cannot be restored: '
-                            f'{_root_cause(error)}') from error
+      raise CheckpointError(
+        f'checkpoint {folder}: cannot be restored: {_root_cause(error)}'
+      ) from error
   raise CheckpointError(f'checkpoint {folder}: cannot be restored: {problem}')
 
 
@@ -296,8 +335,9 @@ def set_aside(folder: str, workdir: str) -> str:
   return target
 
 
-def restore_state(manager: ocp.CheckpointManager, template: Any, mesh,
-                  step: int | None = None) -> Any:
+def restore_state(
+  manager: ocp.CheckpointManager, template: Any, mesh, step: int | None = None
+) -> Any:
   """Checkpoint `step` replicated on this run's devices, whatever device count saved it.
   template: a TrainState of arrays or ShapeDtypeStructs (shapes and dtypes).
 
@@ -309,12 +349,14 @@ def restore_state(manager: ocp.CheckpointManager, template: Any, mesh,
   to agree on it): move it yourself and start again.
   """
   sharding = parallel.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          template)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+  )
 
   def restore(s: int) -> Any:
-    return manager.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
+    return manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+      'state'
+    ]
 
   if step is not None:
     return restore_checkpoint(manager, int(step), restore)
@@ -327,35 +369,48 @@ def restore_state(manager: ocp.CheckpointManager, template: Any, mesh,
       state = restore_checkpoint(manager, candidate, restore)
     except CheckpointError as error:
       if jax.process_count() > 1:
-        raise CheckpointError(f'{error} (with several processes it is not set aside: move it '
-                              f'out of {manager.directory} and start again)') from error
+        raise CheckpointError(
+          f'{error} (with several processes it is not set aside: move it '
+          f'out of {manager.directory} and start again)'
+        ) from error
       failed.append(error)
       continue
     if failed:
       workdir = os.path.dirname(os.fspath(manager.directory).rstrip(os.sep))
       for bad_step, error in zip(steps, failed):
         moved = set_aside(checkpoint_folder(manager, bad_step), workdir)
-        logging.warning('%s; moved to %s; resuming from the checkpoint of step %d', error,
-                        moved, candidate)
+        logging.warning(
+          '%s; moved to %s; resuming from the checkpoint of step %d', error, moved, candidate
+        )
       manager.reload()
     return state
-  raise CheckpointError(f'{failed[0]} (no older checkpoint restores either: '
-                        f'{steps[1:] or "none"}; nothing was moved)') from failed[0]
+  raise CheckpointError(
+    f'{failed[0]} (no older checkpoint restores either: {steps[1:] or "none"}; nothing was moved)'
+  ) from failed[0]
 
 
-def restore_variables(manager: ocp.CheckpointManager, template: dict[str, Any], mesh,
-                      step: int) -> dict[str, Any]:
+def restore_variables(
+  manager: ocp.CheckpointManager, template: dict[str, Any], mesh, step: int
+) -> dict[str, Any]:
   """The model variables of checkpoint `step` ({'params'} and, with batch norm,
   {'batch_stats'}), replicated on this run's devices, without reading the optimiser state: a
   model for inference needs no optimiser. template: the variables' shapes and dtypes
   (`jax.eval_shape` of the model's init)."""
   sharding = parallel.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          {k: v for k, v in template.items() if jax.tree.leaves(v)})
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    {k: v for k, v in template.items() if jax.tree.leaves(v)},
+  )
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
 
   def restore(s: int) -> dict[str, Any]:
-    return dict(manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        abstract, restore_args=restore_args, partial_restore=True)))['state'])
+    return dict(
+      manager.restore(
+        s,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+        ),
+      )['state']
+    )
 
   return restore_checkpoint(manager, int(step), restore)

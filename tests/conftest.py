@@ -48,6 +48,7 @@ def experiment_config(name: str, arg: str | None = None):
 def smoke_workdir(tmp_path_factory) -> str:
   """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""
   from imask_jax import train
+
   base = tmp_path_factory.mktemp('smoke')
   config = experiment_config('phantom_knee', 'smoke')
   # An explicit data_dir keeps the run independent of $IMASK_DATA_DIR.
@@ -61,4 +62,5 @@ def smoke_workdir(tmp_path_factory) -> str:
 def smoke_model(smoke_workdir):
   """The latest checkpoint of `smoke_workdir`, restored (inference.LoadedModel)."""
   from imask_jax import inference
+
   return inference.load_model(smoke_workdir)

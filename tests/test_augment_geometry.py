@@ -27,18 +27,18 @@ import tensorflow as tf
 
 from imask_jax import input_pipeline as ip
 
-H, W = 30, 40               # the padded network input
-EXTENT = (26, 32)           # the valid extent (a resized slice), top-left
+H, W = 30, 40  # the padded network input
+EXTENT = (26, 32)  # the valid extent (a resized slice), top-left
 CENTRE = np.array([(EXTENT[1] - 1) / 2, (EXTENT[0] - 1) / 2])  # (x, y)
-SPOT = np.array([19.0, 7.0])      # (x, y) of the image probe
+SPOT = np.array([19.0, 7.0])  # (x, y) of the image probe
 ELLIPSE = np.array([10.0, 16.0])  # (x, y) centre of the mask probe
-AXES = (5.0, 2.5)                 # semi-axes along x and y before the warp
+AXES = (5.0, 2.5)  # semi-axes along x and y before the warp
 
 
 def probes():
   """image [H, W, 1] with a Gaussian spot (sigma 1.3 px), masks [H, W, 1] with an ellipse."""
   ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
-  image = np.exp(-((xs - SPOT[0]) ** 2 + (ys - SPOT[1]) ** 2) / (2 * 1.3 ** 2))
+  image = np.exp(-((xs - SPOT[0]) ** 2 + (ys - SPOT[1]) ** 2) / (2 * 1.3**2))
   ellipse = ((xs - ELLIPSE[0]) / AXES[0]) ** 2 + ((ys - ELLIPSE[1]) / AXES[1]) ** 2 <= 1
   return image[..., None].astype(np.float32), ellipse[..., None].astype(np.uint8)
 
@@ -50,7 +50,7 @@ def expected(point, angle, zoom, flip_x=False, flip_y=False, centre=CENTRE):
 
 
 def centroid(weights):
-  ys, xs = np.mgrid[0:weights.shape[0], 0:weights.shape[1]]
+  ys, xs = np.mgrid[0 : weights.shape[0], 0 : weights.shape[1]]
   total = weights.sum()
   return np.array([(xs * weights).sum() / total, (ys * weights).sum() / total])
 
@@ -71,36 +71,45 @@ def axis_difference(a, b):
 
 def warp(angle, zoom, flip_x=False, flip_y=False):
   image, masks = probes()
-  transform = ip._inverse_warp(tf.constant(EXTENT), tf.constant(angle, tf.float32),
-                               tf.constant(zoom, tf.float32), tf.constant(flip_x),
-                               tf.constant(flip_y))
+  transform = ip._inverse_warp(
+    tf.constant(EXTENT),
+    tf.constant(angle, tf.float32),
+    tf.constant(zoom, tf.float32),
+    tf.constant(flip_x),
+    tf.constant(flip_y),
+  )
   out_image, out_masks = ip.warp(tf.constant(image), tf.constant(masks), transform)
   return out_image.numpy()[..., 0], out_masks.numpy()[..., 0]
 
 
-@pytest.mark.parametrize('angle,zoom,flip_x,flip_y', [
+@pytest.mark.parametrize(
+  'angle,zoom,flip_x,flip_y',
+  [
     (0.5, 1.2, False, False),
     (-0.35, 0.8, False, False),
     (0.3, 1.1, True, False),
     (-0.2, 1.0, False, True),
-])
+  ],
+)
 def test_warp_moves_points_and_shapes_as_the_analytic_similarity(angle, zoom, flip_x, flip_y):
   image, mask = warp(angle, zoom, flip_x, flip_y)
   spot = expected(SPOT, angle, zoom, flip_x, flip_y)
   np.testing.assert_allclose(centroid(image), spot, atol=0.1)
   # What the plausible mistakes would give is far outside that tolerance: the opposite turn,
   # the inverse zoom, the padded image's centre.
-  wrongs = [expected(SPOT, -angle, zoom, flip_x, flip_y),
-            expected(SPOT, angle, zoom, flip_x, flip_y, centre=np.array([(W - 1) / 2,
-                                                                          (H - 1) / 2]))]
+  wrongs = [
+    expected(SPOT, -angle, zoom, flip_x, flip_y),
+    expected(SPOT, angle, zoom, flip_x, flip_y, centre=np.array([(W - 1) / 2, (H - 1) / 2])),
+  ]
   if zoom != 1:
     wrongs.append(expected(SPOT, angle, 1 / zoom, flip_x, flip_y))
   assert min(np.linalg.norm(w - spot) for w in wrongs) > 1.0
 
-  np.testing.assert_allclose(centroid(mask.astype(np.float64)),
-                             expected(ELLIPSE, angle, zoom, flip_x, flip_y), atol=0.25)
+  np.testing.assert_allclose(
+    centroid(mask.astype(np.float64)), expected(ELLIPSE, angle, zoom, flip_x, flip_y), atol=0.25
+  )
   source_area = float(probes()[1].sum())
-  assert abs(mask.sum() - zoom ** 2 * source_area) < 0.08 * zoom ** 2 * source_area
+  assert abs(mask.sum() - zoom**2 * source_area) < 0.08 * zoom**2 * source_area
   # The major axis (along x before the warp) turns by the angle; a flip mirrors it first,
   # which leaves an axis along x unchanged.
   assert axis_difference(major_axis_degrees(mask), math.degrees(angle)) < 3.0
@@ -111,10 +120,11 @@ def test_rotation_is_about_the_valid_extent_not_the_padded_image():
   padded image's centre, 2 and 4 px away, would move it."""
   image = np.zeros((H, W, 1), np.float32)
   ys, xs = np.mgrid[0:H, 0:W]
-  image[..., 0] = np.exp(-((xs - CENTRE[0]) ** 2 + (ys - CENTRE[1]) ** 2) / (2 * 1.3 ** 2))
+  image[..., 0] = np.exp(-((xs - CENTRE[0]) ** 2 + (ys - CENTRE[1]) ** 2) / (2 * 1.3**2))
   masks = np.zeros((H, W, 1), np.uint8)
-  transform = ip._inverse_warp(tf.constant(EXTENT), tf.constant(0.6), tf.constant(1.3),
-                               tf.constant(False), tf.constant(False))
+  transform = ip._inverse_warp(
+    tf.constant(EXTENT), tf.constant(0.6), tf.constant(1.3), tf.constant(False), tf.constant(False)
+  )
   out, _ = ip.warp(tf.constant(image), tf.constant(masks), transform)
   np.testing.assert_allclose(centroid(out.numpy()[..., 0]), CENTRE, atol=0.25)
   padded_centre = np.array([(W - 1) / 2, (H - 1) / 2])
@@ -126,10 +136,19 @@ def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range()
   or noise): the spot's distance from the extent centre grows by exactly the zoom, its turn is
   within the range and differs between seeds, and the ellipse turns by the same angle."""
   image, masks = probes()
-  settings = ip.AugmentSettings(flip_lr=False, flip_ud=False, rotate_degrees=25.0,
-                                scale_range=(1.25, 1.25), gamma_range=(1.0, 1.0), noise_std=0.0)
-  example = {'image': tf.constant(image), 'gt_masks': tf.constant(masks),
-             'image_extent': tf.constant(EXTENT, tf.int32)}
+  settings = ip.AugmentSettings(
+    flip_lr=False,
+    flip_ud=False,
+    rotate_degrees=25.0,
+    scale_range=(1.25, 1.25),
+    gamma_range=(1.0, 1.0),
+    noise_std=0.0,
+  )
+  example = {
+    'image': tf.constant(image),
+    'gt_masks': tf.constant(masks),
+    'image_extent': tf.constant(EXTENT, tf.int32),
+  }
   turns = []
   for seed in range(4):
     out = ip.augment_example(example, tf.constant([seed, 7], tf.int32), settings)
@@ -140,8 +159,9 @@ def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range()
     turn = (turn + 180) % 360 - 180
     assert abs(turn) <= 25.0 + 2.0
     mask = out['gt_masks'].numpy()[..., 0]
-    np.testing.assert_allclose(centroid(mask.astype(np.float64)),
-                               expected(ELLIPSE, math.radians(turn), 1.25), atol=0.35)
+    np.testing.assert_allclose(
+      centroid(mask.astype(np.float64)), expected(ELLIPSE, math.radians(turn), 1.25), atol=0.35
+    )
     assert axis_difference(major_axis_degrees(mask), turn) < 3.0
     turns.append(turn)
   assert max(turns) - min(turns) > 5.0  # the angle is drawn, not fixed

@@ -54,8 +54,9 @@ def test_synthetic_batch_boxes_classes_and_padding():
       # Tight box by scanning rows and columns: first/last occupied index, end exclusive.
       rows = [r for r in range(64) if mask[r].any()]
       cols = [c for c in range(64) if mask[:, c].any()]
-      np.testing.assert_array_equal(batch['gt_boxes'][b, slot],
-                                    [rows[0], cols[0], rows[-1] + 1, cols[-1] + 1])
+      np.testing.assert_array_equal(
+        batch['gt_boxes'][b, slot], [rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]
+      )
   again = bench.synthetic_batch(2, 64, seed=3)
   for key, value in batch.items():
     np.testing.assert_array_equal(value, again[key])
@@ -81,19 +82,28 @@ def test_model_spec_matches_the_settings_sent_to_torchvision():
     assert spec.num_mask_rois == bench.MASK_ROIS_PER_IMAGE == 32
     assert spec.imask.fine_dim == 64
     assert spec.axis_name is None
-  wide = bench.model_spec(512, 'imask', data_parallel=True, mask_rois_per_image=200,
-                          fine_dim=32, fuse_convs=2)
+  wide = bench.model_spec(
+    512, 'imask', data_parallel=True, mask_rois_per_image=200, fine_dim=32, fuse_convs=2
+  )
   assert wide.axis_name == 'data' and wide.num_mask_rois == 128  # capped by 25 % of 512
   assert (wide.imask.fine_dim, wide.imask.fuse_convs) == (32, 2)
 
 
 def test_combine_rounds_takes_medians_of_round_medians():
   def run(median, cpu, rss, positives):
-    return dict(median_s=median, median_cpu_s=cpu, first_s=median, compile_s=None,
-                peak_rss_mb=rss, positive_rois_per_image=positives, versions='v')
+    return dict(
+      median_s=median,
+      median_cpu_s=cpu,
+      first_s=median,
+      compile_s=None,
+      peak_rss_mb=rss,
+      positive_rois_per_image=positives,
+      versions='v',
+    )
 
-  combined = bench.combine_rounds([run(3.0, 6.0, 100.0, [1, 2]), None,
-                                   run(1.0, 2.0, 300.0, [3]), run(2.0, 5.0, 200.0, [4])])
+  combined = bench.combine_rounds(
+    [run(3.0, 6.0, 100.0, [1, 2]), None, run(1.0, 2.0, 300.0, [3]), run(2.0, 5.0, 200.0, [4])]
+  )
   assert combined['median_s'] == 2.0 and combined['median_cpu_s'] == 5.0
   assert combined['compile_s'] is None and combined['peak_rss_mb'] == 300.0
   assert combined['positive_rois_per_image'] == [1, 2, 3, 4] and combined['rounds'] == 3
@@ -101,10 +111,14 @@ def test_combine_rounds_takes_medians_of_round_medians():
 
 
 def test_pieces_rows_sum_the_pieces():
-  pieces = {name: dict(median_s=0.01 * (i + 1), median_cpu_s=0.02 * (i + 1))
-            for i, name in enumerate(bench.PIECES)}
-  results = {(256, 'standard'): dict(pieces=pieces, whole=dict(median_s=1.0, median_cpu_s=1.5)),
-             (256, 'imask'): None}
+  pieces = {
+    name: dict(median_s=0.01 * (i + 1), median_cpu_s=0.02 * (i + 1))
+    for i, name in enumerate(bench.PIECES)
+  }
+  results = {
+    (256, 'standard'): dict(pieces=pieces, whole=dict(median_s=1.0, median_cpu_s=1.5)),
+    (256, 'imask'): None,
+  }
   header, rows = bench.pieces_rows(results, [256], ['standard', 'imask'])
   assert header == ['piece', 'standard 256 ms (CPU)', 'imask 256 ms (CPU)']
   n = len(bench.PIECES)
@@ -116,13 +130,21 @@ def test_pieces_rows_sum_the_pieces():
 
 def test_table_rows_ratios_and_images_per_second():
   def result(median, positives=None):
-    return dict(compile_s=None, first_s=1.0, median_s=median, median_cpu_s=2 * median,
-                peak_rss_mb=1000.0, positive_rois_per_image=positives)
+    return dict(
+      compile_s=None,
+      first_s=1.0,
+      median_s=median,
+      median_cpu_s=2 * median,
+      peak_rss_mb=1000.0,
+      positive_rois_per_image=positives,
+    )
 
-  results = {(256, 'train', 'torchvision', 'standard'): result(2.0, [10, 20, 30]),
-             (256, 'train', 'ours', 'standard'): result(3.0, [5, 7]),
-             (256, 'train', 'ours', 'imask'): result(4.5, [5, 7]),
-             (256, 'infer', 'ours', 'standard'): None}
+  results = {
+    (256, 'train', 'torchvision', 'standard'): result(2.0, [10, 20, 30]),
+    (256, 'train', 'ours', 'standard'): result(3.0, [5, 7]),
+    (256, 'train', 'ours', 'imask'): result(4.5, [5, 7]),
+    (256, 'infer', 'ours', 'standard'): None,
+  }
   rows = bench.table_rows(results, 256, batch=2)
   by_model = {(r[1], r[2]): dict(zip(bench.HEADER, r)) for r in rows}
   torch_row = by_model[('train', 'torchvision')]

@@ -9,9 +9,9 @@ import math
 
 import pytest
 from absl import flags
-from conftest import REPO, experiment_config
 from ml_collections import config_flags
 
+from conftest import REPO, experiment_config
 from data_pipelines import tissues
 from data_pipelines.datasets.params import params_from_config
 from data_pipelines.phantoms import hip, knee
@@ -93,14 +93,16 @@ def test_oai_and_stiho_datasets():
   stiho = experiment_config('stiho')
   assert stiho.data.dataset == 'nifti_folder' and stiho.data.plane == 'coronal'
   assert tuple(stiho.data.class_names) == ('effusion',) and stiho.data.instance_mode == 'components'
-  assert stiho.data.reader == '' and experiment_config('stiho', 'reader=reader1').data.reader == \
-      'reader1'
+  assert (
+    stiho.data.reader == ''
+    and experiment_config('stiho', 'reader=reader1').data.reader == 'reader1'
+  )
 
 
 def test_steps_replace_epochs_and_unknown_variants_are_refused():
   c = experiment_config('oai', 'steps=50')
   assert (c.train.steps, c.train.epochs) == (50, 0.0)
-  assert configs.resolve_steps(c, 10 ** 6) == 50
+  assert configs.resolve_steps(c, 10**6) == 50
   c = experiment_config('phantom_knee', 'epochs=2.5')
   c.train.batch_size = 4
   assert configs.resolve_steps(c, 10) == 7  # ceil(2.5 * 10 / 4)
@@ -109,13 +111,18 @@ def test_steps_replace_epochs_and_unknown_variants_are_refused():
 
 
 def test_config_flag_takes_a_variant_and_field_overrides(monkeypatch):
-  argv = ['main', '--config=experiments/oai.py:head=standard,backbone=densenet121',
-          '--config.train.learning_rate=0.5', '--config.data.image_size=(512,512)',
-          '--config.data.manual_dir=/data/oai']
+  argv = [
+    'main',
+    '--config=experiments/oai.py:head=standard,backbone=densenet121',
+    '--config.train.learning_rate=0.5',
+    '--config.data.image_size=(512,512)',
+    '--config.data.manual_dir=/data/oai',
+  ]
   monkeypatch.chdir(REPO)
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
-                                           sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+    'config', None, 'config', flag_values=flag_values, sys_argv=argv
+  )
   flag_values(argv)
   c = holder.value
   assert (c.model.mask_head, c.model.backbone) == ('standard', 'densenet121')
@@ -132,11 +139,13 @@ def test_bad_training_settings_name_the_field():
       c[group][field] = value
     return c
 
-  cases = [({'train__best_metric': 'val/loss'}, r'train\.best_metric=.*val/dice_femur'),
-           ({'model__num_classes': 3}, r'model\.num_classes=3'),
-           ({'train__log_every': 0}, r'train\.log_every=0'),
-           ({'train__steps': 0}, r'train\.steps=0'),
-           ({'train__epochs': -1.0}, r'train\.epochs=-1\.0')]
+  cases = [
+    ({'train__best_metric': 'val/loss'}, r'train\.best_metric=.*val/dice_femur'),
+    ({'model__num_classes': 3}, r'model\.num_classes=3'),
+    ({'train__log_every': 0}, r'train\.log_every=0'),
+    ({'train__steps': 0}, r'train\.steps=0'),
+    ({'train__epochs': -1.0}, r'train\.epochs=-1\.0'),
+  ]
   for changes, message in cases:
     with pytest.raises(ValueError, match=message):
       configs.check_train_config(broken(**changes))
@@ -172,7 +181,7 @@ def test_the_skip_sampling_ratio_is_adaptive_unless_set():
   oai = ModelSpec.from_config(experiment_config('oai'))
   knee = ModelSpec.from_config(experiment_config('phantom_knee'))
   assert oai.imask.skip_sampling_ratio == knee.imask.skip_sampling_ratio == 0
-  assert oai.resolved_imask.skip_sampling_ratio == 3   # 1024 px: ceil(1024 / 2 / 4 / 56)
+  assert oai.resolved_imask.skip_sampling_ratio == 3  # 1024 px: ceil(1024 / 2 / 4 / 56)
   assert knee.resolved_imask.skip_sampling_ratio == 1  # 128 px
   assert oai.build_mask_head(parent=None).skip_sampling_ratio == 3
   config = experiment_config('oai')

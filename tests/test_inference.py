@@ -16,10 +16,9 @@ from imask_jax.ops import masks as mask_ops
 
 # File axes point Posterior, Inferior, Left (a sagittal series as scanners store it), with
 # three different voxel sizes: nothing about the grid is canonical.
-PIL_AFFINE = np.array([[0.0, 0.0, -1.5, 20.0],
-                       [-0.5, 0.0, 0.0, 30.0],
-                       [0.0, -0.75, 0.0, 40.0],
-                       [0.0, 0.0, 0.0, 1.0]])
+PIL_AFFINE = np.array(
+  [[0.0, 0.0, -1.5, 20.0], [-0.5, 0.0, 0.0, 30.0], [0.0, -0.75, 0.0, 40.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 def _config(image_size, names, values):
@@ -46,11 +45,13 @@ def _truth_detections(stack, scale, scheme, mask_size, max_detections):
   box times the input scale and its mask resampled into the box's m x m grid (ROIAlign, as the
   mask head's targets); scores fall with the instance order."""
   n = len(stack)
-  out = {'boxes': np.zeros((n, max_detections, 4), np.float32),
-         'scores': np.zeros((n, max_detections), np.float32),
-         'classes': np.zeros((n, max_detections), np.int32),
-         'valid': np.zeros((n, max_detections), bool),
-         'mask_probs': np.zeros((n, max_detections, mask_size, mask_size), np.float32)}
+  out = {
+    'boxes': np.zeros((n, max_detections, 4), np.float32),
+    'scores': np.zeros((n, max_detections), np.float32),
+    'classes': np.zeros((n, max_detections), np.int32),
+    'valid': np.zeros((n, max_detections), bool),
+    'mask_probs': np.zeros((n, max_detections, mask_size, mask_size), np.float32),
+  }
   slots, masks, boxes = [], [], []
   for i in range(n):
     found = instances.extract_instances(stack.labels[i], scheme.class_map)
@@ -129,8 +130,7 @@ def test_label_scheme_maps_classes_to_label_values():
   assert knee.knee is not None and knee.effusion_value is None
   hip = tissues.LabelScheme.from_config(_config((8, 8), ('effusion',), (9,)))
   assert hip.knee is None and hip.effusion_value == 9
-  np.testing.assert_array_equal(hip.to_label_values(np.array([[0, 1], [1, 0]])),
-                                [[0, 9], [9, 0]])
+  np.testing.assert_array_equal(hip.to_label_values(np.array([[0, 1], [1, 0]])), [[0, 9], [9, 0]])
   with pytest.raises(ValueError, match=r'class ids in \[0, 2\]; expected 0..1'):
     hip.to_label_values(np.array([0, 2]))
   wrong_count = _config((8, 8), ('a', 'b'), (1, 2))
@@ -153,10 +153,10 @@ def test_effusion_sides_match_the_hip_phantom_truth():
 
 
 def test_effusion_sides_split_the_middle_column_in_half():
-  labels = np.zeros((5, 2, 2), np.uint8)   # X = 5: column 2 lies on the mid-plane
-  labels[0] = 1                            # 4 voxels far left
-  labels[2, 0, 0] = 1                      # 1 voxel on the mid-plane
-  labels[4, :, 0] = 1                      # 2 voxels right
+  labels = np.zeros((5, 2, 2), np.uint8)  # X = 5: column 2 lies on the mid-plane
+  labels[0] = 1  # 4 voxels far left
+  labels[2, 0, 0] = 1  # 1 voxel on the mid-plane
+  labels[4, :, 0] = 1  # 2 voxels right
   sides = metrics.effusion_ml_by_side(labels, (10.0, 10.0, 10.0), 1)  # 1 mL voxels
   assert sides == {'right_ml': 2.5, 'left_ml': 4.5, 'total_ml': 7.0}
 
@@ -164,8 +164,11 @@ def test_effusion_sides_split_the_middle_column_in_half():
 def test_missing_checkpoint_step_lists_the_stored_ones(smoke_workdir):
   steps = inference.checkpoint_steps(smoke_workdir)
   assert steps and steps[-1] == 6
-  with pytest.raises(FileNotFoundError, match=rf'no checkpoint at step 999; stored steps: '
-                                              rf'\[.*{steps[-1]}\]'):
+  with pytest.raises(
+    FileNotFoundError,
+    match=rf'no checkpoint at step 999; stored steps: '
+    rf'\[.*{steps[-1]}\]',
+  ):
     inference.load_model(smoke_workdir, 999)
 
 
@@ -187,8 +190,9 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   images = np.concatenate([inputs['image'], np.zeros((2,) + inputs['image'].shape[1:])])
   expected = []
   for start in range(0, 12, 4):
-    out = smoke_model.detect(smoke_model.variables,
-                             parallel.shard_batch(images[start:start + 4], smoke_model.mesh))
+    out = smoke_model.detect(
+      smoke_model.variables, parallel.shard_batch(images[start : start + 4], smoke_model.mesh)
+    )
     expected.append(np.asarray(out['label_map']))
   expected = np.concatenate(expected)[:10]
   assert expected.any(), 'the smoke model predicts nothing here: the comparison would be empty'
@@ -204,6 +208,5 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
     may_be[0] = ~may_be[1:].any(axis=0)
     got = prediction.class_slices[i]
     assert np.take_along_axis(may_be, got[None], axis=0).all(), f'slice {i}'
-  np.testing.assert_array_equal(volume.grid.to_original(prediction.canonical),
-                                prediction.label_map)
+  np.testing.assert_array_equal(volume.grid.to_original(prediction.canonical), prediction.label_map)
   assert workdir_lib.load_config(smoke_model.workdir).data.plane == prediction.plane

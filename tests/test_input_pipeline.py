@@ -21,10 +21,9 @@ from imask_jax import input_pipeline as ip
 # Volumes stored [column (to posterior), row (to inferior), slice (to left)]; a sagittal slice
 # is [rows, columns] = [shape[1], shape[0]]. Slices 22x30 and 40x12 shrink into 24 x 24,
 # 9x10 and 20x16 grow.
-AFFINE = np.array([[0.0, 0.0, -1.5, 30.0],
-                   [-0.8, 0.0, 0.0, 50.0],
-                   [0.0, -0.7, 0.0, 20.0],
-                   [0.0, 0.0, 0.0, 1.0]])
+AFFINE = np.array(
+  [[0.0, 0.0, -1.5, 30.0], [-0.8, 0.0, 0.0, 50.0], [0.0, -0.7, 0.0, 20.0], [0.0, 0.0, 0.0, 1.0]]
+)
 SHAPES = [(30, 22, 4), (12, 40, 4), (10, 9, 4), (16, 20, 4)]
 IMAGE_SIZE = (24, 24)
 LABELS = {'background': 0, 'a': 1, 'b': 2, 'corner': 3}
@@ -39,15 +38,16 @@ def dataset(tmp_path_factory):
   rng = np.random.default_rng(0)
   os.makedirs(root / 'imagesTr')
   os.makedirs(root / 'labelsTr')
-  (root / 'dataset.json').write_text(json.dumps(
-      {'channel_names': {'0': 'MR'}, 'labels': LABELS, 'plane': 'sagittal'}))
+  (root / 'dataset.json').write_text(
+    json.dumps({'channel_names': {'0': 'MR'}, 'labels': LABELS, 'plane': 'sagittal'})
+  )
   for i, shape in enumerate(SHAPES):
     image = rng.gamma(2.0, 100.0, shape).astype(np.float32)
     labels = np.zeros(shape, np.uint8)
     cols, rows = shape[:2]
-    labels[cols // 3: 2 * cols // 3, rows // 3: 2 * rows // 3, :] = 1     # central block
-    labels[cols // 2:, rows // 2: rows // 2 + 3, 1:3] = 2                 # a band
-    labels[:2, :2, :] = 3                                                 # a corner
+    labels[cols // 3 : 2 * cols // 3, rows // 3 : 2 * rows // 3, :] = 1  # central block
+    labels[cols // 2 :, rows // 2 : rows // 2 + 3, 1:3] = 2  # a band
+    labels[:2, :2, :] = 3  # a corner
     nib.save(nib.Nifti1Image(image, AFFINE), root / 'imagesTr' / f'case_{i}_0000.nii.gz')
     nib.save(nib.Nifti1Image(labels, AFFINE), root / 'labelsTr' / f'case_{i}.nii.gz')
   return root, tmp_path_factory.mktemp('tfds')
@@ -111,8 +111,10 @@ class Reference:
 
   def __init__(self, root):
     folder = readers.NnunetFolder(root)
-    self.volumes = {c.case_id: readers.load_volume(c, plane='sagittal', label_values=LABELS)
-                    for c in folder.cases()}
+    self.volumes = {
+      c.case_id: readers.load_volume(c, plane='sagittal', label_values=LABELS)
+      for c in folder.cases()
+    }
 
   def __call__(self, case_id, index):
     volume = self.volumes[case_id]
@@ -130,8 +132,13 @@ class Reference:
     masks = np.zeros((len(found),) + IMAGE_SIZE)
     for k, mask in enumerate(found.masks):
       masks[k, :new_h, :new_w] = rows @ mask.astype(np.float64) @ cols.T
-    return {'image': canvas, 'classes': found.classes, 'soft_masks': masks,
-            'extent': (new_h, new_w), 'scale': (new_h / height, new_w / width)}
+    return {
+      'image': canvas,
+      'classes': found.classes,
+      'soft_masks': masks,
+      'extent': (new_h, new_w),
+      'scale': (new_h / height, new_w / width),
+    }
 
 
 @pytest.fixture(scope='module')
@@ -144,8 +151,11 @@ def eval_train_split(dataset):
   """Every 'train' slice prepared without augmentation, by (case_id, slice_index)."""
   root, data_dir = dataset
   pass_ = ip.create_eval_dataset(make_config(root), data_dir, 'train')
-  return {(ex['case_id'].decode(), int(ex['slice_index'])): ex
-          for ex in examples_of(list(pass_)) if ex['example_valid']}
+  return {
+    (ex['case_id'].decode(), int(ex['slice_index'])): ex
+    for ex in examples_of(list(pass_))
+    if ex['example_valid']
+  }
 
 
 def test_tensorflow_sees_no_gpu():
@@ -156,12 +166,19 @@ def test_train_batches_have_the_promised_static_shapes_and_dtypes(dataset):
   root, data_dir = dataset
   batch = next(ip.create_train_dataset(make_config(root), data_dir, seed=0))
   d, b, m, (h, w) = 1, 4, 4, IMAGE_SIZE
-  expected = {'image': ((d, b, h, w, 3), np.float32), 'gt_boxes': ((d, b, m, 4), np.float32),
-              'gt_classes': ((d, b, m), np.int32), 'gt_masks': ((d, b, m, h, w), np.uint8),
-              'gt_valid': ((d, b, m), np.bool_), 'case_id': ((d, b), np.object_),
-              'slice_index': ((d, b), np.int32), 'scale': ((d, b, 2), np.float32),
-              'image_extent': ((d, b, 2), np.int32), 'pixel_spacing': ((d, b, 2), np.float32),
-              'example_valid': ((d, b), np.bool_)}
+  expected = {
+    'image': ((d, b, h, w, 3), np.float32),
+    'gt_boxes': ((d, b, m, 4), np.float32),
+    'gt_classes': ((d, b, m), np.int32),
+    'gt_masks': ((d, b, m, h, w), np.uint8),
+    'gt_valid': ((d, b, m), np.bool_),
+    'case_id': ((d, b), np.object_),
+    'slice_index': ((d, b), np.int32),
+    'scale': ((d, b, 2), np.float32),
+    'image_extent': ((d, b, 2), np.int32),
+    'pixel_spacing': ((d, b, 2), np.float32),
+    'example_valid': ((d, b), np.bool_),
+  }
   assert set(batch) == set(ip.BATCH_KEYS) == set(expected)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -171,8 +188,9 @@ def test_train_batches_have_the_promised_static_shapes_and_dtypes(dataset):
 
 def test_boxes_are_the_tight_boxes_of_the_augmented_masks(dataset):
   root, data_dir = dataset
-  config = make_config(root, flip_lr=True, flip_ud=True, rotate_degrees=40.0,
-                       scale_range=(0.7, 1.3))
+  config = make_config(
+    root, flip_lr=True, flip_ud=True, rotate_degrees=40.0, scale_range=(0.7, 1.3)
+  )
   examples = examples_of(take(ip.create_train_dataset(config, data_dir, seed=3), 4))
   checked = 0
   for ex in examples:
@@ -190,10 +208,12 @@ def test_boxes_are_the_tight_boxes_of_the_augmented_masks(dataset):
 
 
 def test_without_augmentation_the_image_is_the_numpy_normalised_resized_slice(
-    dataset, reference, eval_train_split):
+  dataset, reference, eval_train_split
+):
   root, data_dir = dataset
-  unaugmented = examples_of(take(ip.create_train_dataset(
-      make_config(root), data_dir, seed=0, augment=False), 2))
+  unaugmented = examples_of(
+    take(ip.create_train_dataset(make_config(root), data_dir, seed=0, augment=False), 2)
+  )
   for ex in list(eval_train_split.values()) + unaugmented:
     ref = reference(ex['case_id'].decode(), int(ex['slice_index']))
     np.testing.assert_allclose(ex['image'], ref['image'], atol=2e-5)
@@ -214,8 +234,9 @@ def test_without_augmentation_the_image_is_the_numpy_normalised_resized_slice(
 def test_same_seed_gives_the_same_batches_and_resumes_exactly(dataset):
   root, data_dir = dataset
   config = make_config(root, rotate_degrees=20.0)
-  first, again, other = (take(ip.create_train_dataset(config, data_dir, seed=s), n)
-                         for s, n in ((7, 6), (7, 3), (8, 3)))
+  first, again, other = (
+    take(ip.create_train_dataset(config, data_dir, seed=s), n) for s, n in ((7, 6), (7, 3), (8, 3))
+  )
   for a, b in zip(first, again):
     for key in ip.BATCH_KEYS:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -230,8 +251,15 @@ def test_same_seed_gives_the_same_batches_and_resumes_exactly(dataset):
 
 def test_flips_mirror_image_masks_and_boxes_within_the_valid_extent(dataset, eval_train_split):
   root, data_dir = dataset
-  config = make_config(root, flip_lr=True, flip_ud=True, rotate_degrees=0.0,
-                       scale_range=(1.0, 1.0), gamma_range=(1.0, 1.0), noise_std=0.0)
+  config = make_config(
+    root,
+    flip_lr=True,
+    flip_ud=True,
+    rotate_degrees=0.0,
+    scale_range=(1.0, 1.0),
+    gamma_range=(1.0, 1.0),
+    noise_std=0.0,
+  )
   seen = set()
   for ex in examples_of(take(ip.create_train_dataset(config, data_dir, seed=1), 4)):
     plain = eval_train_split[(ex['case_id'].decode(), int(ex['slice_index']))]
@@ -239,6 +267,7 @@ def test_flips_mirror_image_masks_and_boxes_within_the_valid_extent(dataset, eva
     matches = []
     for flip_y in (False, True):
       for flip_x in (False, True):
+
         def mirror(a, axes_from=0):
           a = a.copy()
           region = a[..., :h, :w] if axes_from else a[:h, :w]
@@ -251,12 +280,21 @@ def test_flips_mirror_image_masks_and_boxes_within_the_valid_extent(dataset, eva
           else:
             a[:h, :w] = region
           return a
-        if (np.allclose(ex['image'], mirror(plain['image']), atol=1e-6)
-            and np.array_equal(ex['gt_masks'], mirror(plain['gt_masks'], axes_from=1))):
+
+        if np.allclose(ex['image'], mirror(plain['image']), atol=1e-6) and np.array_equal(
+          ex['gt_masks'], mirror(plain['gt_masks'], axes_from=1)
+        ):
           matches.append((flip_y, flip_x))
           y1, x1, y2, x2 = plain['gt_boxes'].T
-          boxes = np.stack([h - y2 if flip_y else y1, w - x2 if flip_x else x1,
-                            h - y1 if flip_y else y2, w - x1 if flip_x else x2], -1)
+          boxes = np.stack(
+            [
+              h - y2 if flip_y else y1,
+              w - x2 if flip_x else x1,
+              h - y1 if flip_y else y2,
+              w - x1 if flip_x else x2,
+            ],
+            -1,
+          )
           valid = plain['gt_valid']
           np.testing.assert_array_equal(ex['gt_boxes'][valid], boxes[valid])
     assert matches, 'augmented example is no flip of the plain one'
@@ -271,7 +309,7 @@ def test_zoom_pushes_corner_instances_out_and_they_are_dropped(dataset, eval_tra
   for ex in examples_of(take(ip.create_train_dataset(config, data_dir, seed=2), 3)):
     classes = ex['gt_classes'][ex['gt_valid']]
     assert 3 not in classes  # the 2x2 corner block is outside the central half
-    assert 1 in classes      # the central block stays
+    assert 1 in classes  # the central block stays
     assert not ex['gt_masks'][~ex['gt_valid']].any()
 
 
@@ -284,7 +322,8 @@ def test_eval_pass_holds_each_slice_once_and_pads_the_last_batch(dataset, eval_t
   examples = examples_of(batches)
   real = [ex for ex in examples if ex['example_valid']]
   assert sorted((ex['case_id'].decode(), int(ex['slice_index'])) for ex in real) == sorted(
-      eval_train_split)
+    eval_train_split
+  )
   padding = [ex for ex in examples if not ex['example_valid']]
   assert len(padding) == 3 * len(batches) - len(real) and len(padding) < 3
   for ex in padding:
@@ -305,13 +344,21 @@ def test_each_process_reads_its_own_share_and_the_same_number_of_batches(dataset
   for index in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     pass_ = ip.create_eval_dataset(config, data_dir, 'train')
-    shares.append({(ex['case_id'].decode(), int(ex['slice_index']))
-                   for ex in examples_of(list(pass_)) if ex['example_valid']})
+    shares.append(
+      {
+        (ex['case_id'].decode(), int(ex['slice_index']))
+        for ex in examples_of(list(pass_))
+        if ex['example_valid']
+      }
+    )
     lengths.append(len(pass_))
   monkeypatch.undo()
   everything = ip.create_eval_dataset(config, data_dir, 'train')
-  whole = {(ex['case_id'].decode(), int(ex['slice_index']))
-           for ex in examples_of(list(everything)) if ex['example_valid']}
+  whole = {
+    (ex['case_id'].decode(), int(ex['slice_index']))
+    for ex in examples_of(list(everything))
+    if ex['example_valid']
+  }
   assert not shares[0] & shares[1] and shares[0] | shares[1] == whole
   assert lengths[0] == lengths[1]
 
@@ -358,18 +405,29 @@ def test_warp_samples_like_the_tensorflow_projective_transform():
   rng = np.random.default_rng(5)
   image = rng.random((13, 17, 2)).astype(np.float32)
   masks = (rng.random((13, 17, 3)) < 0.4).astype(np.uint8)
-  transform = ip._inverse_warp(tf.constant([11, 15]), tf.constant(0.4), tf.constant(1.17),
-                               tf.constant(True), tf.constant(False))
+  transform = ip._inverse_warp(
+    tf.constant([11, 15]),
+    tf.constant(0.4),
+    tf.constant(1.17),
+    tf.constant(True),
+    tf.constant(False),
+  )
   warped_image, warped_masks = ip.warp(tf.constant(image), tf.constant(masks), transform)
   reference = tf.raw_ops.ImageProjectiveTransformV3(
-      images=masks[None].astype(np.float32), transforms=transform[None],
-      output_shape=[13, 17], fill_value=0.0, interpolation='NEAREST', fill_mode='CONSTANT')[0]
+    images=masks[None].astype(np.float32),
+    transforms=transform[None],
+    output_shape=[13, 17],
+    fill_value=0.0,
+    interpolation='NEAREST',
+    fill_mode='CONSTANT',
+  )[0]
   np.testing.assert_array_equal(warped_masks.numpy(), reference.numpy().astype(np.uint8))
   assert warped_image.shape == image.shape and warped_masks.numpy().any()
 
 
-def test_two_training_processes_read_disjoint_shares_that_cover_the_split(dataset, monkeypatch,
-                                                                          eval_train_split):
+def test_two_training_processes_read_disjoint_shares_that_cover_the_split(
+  dataset, monkeypatch, eval_train_split
+):
   """create_train_dataset run as process 0 and as process 1 of 2 (one device each, global
   batch 4): each yields [1, 2, ...] batches, its first epoch holds each slice of its share
   once, the shares are disjoint and together the whole 'train' split."""
@@ -384,11 +442,11 @@ def test_two_training_processes_read_disjoint_shares_that_cover_the_split(datase
   for index in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     share = info.splits[tfds_share(index)].num_examples
-    batches = take(ip.create_train_dataset(config, data_dir, seed=5, augment=False),
-                   -(-share // 2))
+    batches = take(ip.create_train_dataset(config, data_dir, seed=5, augment=False), -(-share // 2))
     assert all(b['image'].shape == (1, 2) + IMAGE_SIZE + (3,) for b in batches)
-    first_epoch = [(ex['case_id'].decode(), int(ex['slice_index']))
-                   for ex in examples_of(batches)][:share]
+    first_epoch = [(ex['case_id'].decode(), int(ex['slice_index'])) for ex in examples_of(batches)][
+      :share
+    ]
     assert len(set(first_epoch)) == share, f'process {index} repeated a slice in one epoch'
     epochs.append(set(first_epoch))
   everything = set(eval_train_split)
@@ -399,6 +457,7 @@ def test_two_training_processes_read_disjoint_shares_that_cover_the_split(datase
 
 def tfds_share(index: int) -> str:
   import tensorflow_datasets as tfds
+
   return tfds.split_for_jax_process('train', process_index=index, process_count=2)
 
 

@@ -22,14 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Two grids that are neither canonical nor alike: axes P, I, L and axes S, L, P, anisotropic
 # voxels, every entry exact in float32 (so a written affine can be compared bit for bit).
-AFFINE_A = np.array([[0.0, 0.0, -1.5, 20.0],
-                     [-0.5, 0.0, 0.0, 30.0],
-                     [0.0, -0.5, 0.0, 40.0],
-                     [0.0, 0.0, 0.0, 1.0]])
-AFFINE_B = np.array([[0.0, -0.75, 0.0, 12.5],
-                     [0.0, 0.0, -0.75, -8.0],
-                     [2.0, 0.0, 0.0, 3.25],
-                     [0.0, 0.0, 0.0, 1.0]])
+AFFINE_A = np.array(
+  [[0.0, 0.0, -1.5, 20.0], [-0.5, 0.0, 0.0, 30.0], [0.0, -0.5, 0.0, 40.0], [0.0, 0.0, 0.0, 1.0]]
+)
+AFFINE_B = np.array(
+  [[0.0, -0.75, 0.0, 12.5], [0.0, 0.0, -0.75, -8.0], [2.0, 0.0, 0.0, 3.25], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 @pytest.fixture(scope='module')
@@ -41,8 +39,11 @@ def scans(tmp_path_factory):
   # Axes S, L, P after the transpose (slices along L, rows inferior, columns posterior) with
   # the affine B voxel sizes: 6 sagittal slices of 48 x 40.
   b = np.transpose(image[50:98, 40:80, 30:36], (0, 2, 1))[::-1]
-  paths = {'a': str(folder / 'knee_a.nii.gz'), 'b': str(folder / 'knee_b_0000.nii.gz'),
-           'bad': str(folder / 'broken.nii.gz')}
+  paths = {
+    'a': str(folder / 'knee_a.nii.gz'),
+    'b': str(folder / 'knee_b_0000.nii.gz'),
+    'bad': str(folder / 'broken.nii.gz'),
+  }
   nib.save(nib.Nifti1Image(a.astype(np.int16), AFFINE_A), paths['a'])
   nib.save(nib.Nifti1Image(np.ascontiguousarray(b).astype(np.float32), AFFINE_B), paths['b'])
   with open(paths['a'], 'rb') as f:
@@ -55,19 +56,25 @@ def scans(tmp_path_factory):
 
 
 def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_file(
-    scans, smoke_model, tmp_path):
+  scans, smoke_model, tmp_path
+):
   folder, paths = scans
   out = tmp_path / 'out'
   stream = io.StringIO()
-  status = predict.predict_command(smoke_model.workdir, str(folder), str(out),
-                                   model=smoke_model, stream=stream)
+  status = predict.predict_command(
+    smoke_model.workdir, str(folder), str(out), model=smoke_model, stream=stream
+  )
   log = stream.getvalue()
   assert status == predict.EXIT_FAILED_INPUTS
   assert f'FAILED DataError: {paths["bad"]}: cannot read' in log
   assert 'skipped notes.txt' in log
   assert '2 of 3 volumes written' in log
-  assert sorted(os.listdir(out)) == ['knee_a.json', 'knee_a.nii.gz', 'knee_b.json',
-                                     'knee_b.nii.gz']  # no temporaries, nothing for 'broken'
+  assert sorted(os.listdir(out)) == [
+    'knee_a.json',
+    'knee_a.nii.gz',
+    'knee_b.json',
+    'knee_b.nii.gz',
+  ]  # no temporaries, nothing for 'broken'
 
   for name, key in (('knee_a', 'a'), ('knee_b', 'b')):
     source = nib.load(paths[key])
@@ -82,12 +89,17 @@ def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_fil
     assert report['label_map'] == str(out / f'{name}.nii.gz')
     assert report['checkpoint_step'] == smoke_model.step
     assert report['shape'] == list(source.shape)
-    assert report['labels'] == {'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
-                                'tibial_cartilage': 4}
+    assert report['labels'] == {
+      'femur': 1,
+      'femoral_cartilage': 2,
+      'tibia': 3,
+      'tibial_cartilage': 4,
+    }
     voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
     for tissue, value in report['labels'].items():
       assert report['volumes_ml'][tissue] == pytest.approx(
-          np.count_nonzero(labels == value) * voxel_ml, rel=1e-9)
+        np.count_nonzero(labels == value) * voxel_ml, rel=1e-9
+      )
     thickness = report['cartilage_thickness']
     for plate in ('femoral', 'tibial'):
       assert thickness[plate]['status'] in ('measured', 'not_measured')
@@ -103,17 +115,23 @@ def test_output_equal_to_an_input_is_refused(scans, tmp_path):
   before = os.path.getmtime(paths['a']), os.path.getsize(paths['a'])
   stream = io.StringIO()
   # Refused before the model is needed: the workdir is never read.
-  assert predict.predict_command('/nonexistent', paths['a'], paths['a'],
-                                 stream=stream) == predict.EXIT_REFUSED
+  assert (
+    predict.predict_command('/nonexistent', paths['a'], paths['a'], stream=stream)
+    == predict.EXIT_REFUSED
+  )
   assert f'output {paths["a"]} is the input {paths["a"]}' in stream.getvalue()
   assert (os.path.getmtime(paths['a']), os.path.getsize(paths['a'])) == before
   stream = io.StringIO()
-  assert predict.predict_command('/nonexistent', str(folder), str(folder),
-                                 stream=stream) == predict.EXIT_REFUSED
+  assert (
+    predict.predict_command('/nonexistent', str(folder), str(folder), stream=stream)
+    == predict.EXIT_REFUSED
+  )
   assert 'is the input folder' in stream.getvalue()
   # The CLI entry point gives the same status.
-  assert predict.main(['--workdir', '/nonexistent', '--input', paths['a'], '--output',
-                       paths['a']]) == predict.EXIT_REFUSED
+  assert (
+    predict.main(['--workdir', '/nonexistent', '--input', paths['a'], '--output', paths['a']])
+    == predict.EXIT_REFUSED
+  )
 
 
 def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
@@ -122,7 +140,9 @@ def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
     open(path, 'w').close()
   jobs = predict.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
   assert [(os.path.basename(j.label_map), os.path.basename(j.report)) for j in jobs] == [
-      ('x.nii.gz', 'x.json'), ('y.nii.gz', 'y.json')]
+    ('x.nii.gz', 'x.json'),
+    ('y.nii.gz', 'y.json'),
+  ]
   single = predict.plan_jobs(inputs[0], inputs[:1], str(tmp_path / 'o' / 'seg.nii.gz'))
   assert single[0].report == str(tmp_path / 'o' / 'seg.json')
   clash = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'x.nii.gz')]
@@ -153,8 +173,9 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   # Refused before the model is needed: the workdir is never read.
   status = predict.predict_command('/nonexistent', source, str(tmp_path), stream=stream)
   assert status == predict.EXIT_REFUSED
-  assert (f'output {neighbour} exists and is not an earlier prediction of {source}'
-          in stream.getvalue())
+  assert (
+    f'output {neighbour} exists and is not an earlier prediction of {source}' in stream.getvalue()
+  )
   assert '--overwrite' in stream.getvalue()
   assert _bytes(neighbour) == before
   assert sorted(os.listdir(tmp_path)) == ['scan.nii.gz', 'scan_0000.nii.gz']
@@ -162,8 +183,10 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   os.remove(neighbour)
   (tmp_path / 'scan.json').write_text('{"note": "my own file"}\n')
   stream = io.StringIO()
-  assert predict.predict_command('/nonexistent', source, str(tmp_path),
-                                 stream=stream) == predict.EXIT_REFUSED
+  assert (
+    predict.predict_command('/nonexistent', source, str(tmp_path), stream=stream)
+    == predict.EXIT_REFUSED
+  )
   assert f'output {tmp_path / "scan.json"} exists' in stream.getvalue()
   assert (tmp_path / 'scan.json').read_text() == '{"note": "my own file"}\n'
 
@@ -171,30 +194,48 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
 def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp_path):
   source = _scan(tmp_path / 'scan_0000.nii.gz', 1.0)
   out = tmp_path / 'out'
-  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
-                                 stream=io.StringIO()) == predict.EXIT_OK
+  assert (
+    predict.predict_command(
+      smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO()
+    )
+    == predict.EXIT_OK
+  )
   report = json.loads((out / 'scan.json').read_text())
   assert report['input'] == source and report['label_map'] == str(out / 'scan.nii.gz')
   # A second run over its own earlier prediction replaces it.
-  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
-                                 stream=io.StringIO()) == predict.EXIT_OK
+  assert (
+    predict.predict_command(
+      smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO()
+    )
+    == predict.EXIT_OK
+  )
   # The same names, but a report of another input: not this scan's prediction.
   other = _scan(tmp_path / 'other.nii.gz', 2.0)
   report['input'] = other
   (out / 'scan.json').write_text(json.dumps(report))
   label_before = _bytes(out / 'scan.nii.gz')
   stream = io.StringIO()
-  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
-                                 stream=stream) == predict.EXIT_REFUSED
+  assert (
+    predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
+    == predict.EXIT_REFUSED
+  )
   assert 'is not an earlier prediction' in stream.getvalue()
   assert _bytes(out / 'scan.nii.gz') == label_before
   # --overwrite replaces it.
-  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
-                                 overwrite=True, stream=io.StringIO()) == predict.EXIT_OK
+  assert (
+    predict.predict_command(
+      smoke_model.workdir, source, str(out), model=smoke_model, overwrite=True, stream=io.StringIO()
+    )
+    == predict.EXIT_OK
+  )
   assert json.loads((out / 'scan.json').read_text())['input'] == source
   # The flag never lets an input be replaced (refused before the workdir is read).
-  assert predict.main(['--workdir', '/nonexistent', '--input', source, '--output', source,
-                       '--overwrite']) == predict.EXIT_REFUSED
+  assert (
+    predict.main(
+      ['--workdir', '/nonexistent', '--input', source, '--output', source, '--overwrite']
+    )
+    == predict.EXIT_REFUSED
+  )
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -205,20 +246,29 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
   for output in (blocker / 'out', blocker / 'out' / 'seg.nii.gz'):
     stream = io.StringIO()
     # '/nonexistent' as the workdir: no model is loaded before the refusal.
-    assert predict.predict_command('/nonexistent', source, str(output),
-                                   stream=stream) == predict.EXIT_REFUSED
-    assert (f'predict: refused: --output {blocker / "out"}: cannot create the output folder, '
-            f'{blocker} is a file' in stream.getvalue())
+    assert (
+      predict.predict_command('/nonexistent', source, str(output), stream=stream)
+      == predict.EXIT_REFUSED
+    )
+    assert (
+      f'predict: refused: --output {blocker / "out"}: cannot create the output folder, '
+      f'{blocker} is a file' in stream.getvalue()
+    )
   assert blocker.read_text() == 'a file, not a folder\n'
   # A folder that is created but the model then fails to load is removed again.
   stream = io.StringIO()
-  assert predict.predict_command(str(tmp_path / 'no_workdir'), source,
-                                 str(tmp_path / 'new' / 'out'),
-                                 stream=stream) == predict.EXIT_REFUSED
-  assert stream.getvalue() == (f'predict: refused: NotAWorkdirError: '
-                               f'{tmp_path / "no_workdir" / "config.json"}: no config.json in the '
-                               f"workdir; is '{tmp_path / 'no_workdir'}' a training workdir (made "
-                               'by python -m imask_jax.main)?\n')
+  assert (
+    predict.predict_command(
+      str(tmp_path / 'no_workdir'), source, str(tmp_path / 'new' / 'out'), stream=stream
+    )
+    == predict.EXIT_REFUSED
+  )
+  assert stream.getvalue() == (
+    f'predict: refused: NotAWorkdirError: '
+    f'{tmp_path / "no_workdir" / "config.json"}: no config.json in the '
+    f"workdir; is '{tmp_path / 'no_workdir'}' a training workdir (made "
+    'by python -m imask_jax.main)?\n'
+  )
   assert not (tmp_path / 'new').exists()
 
 
@@ -228,21 +278,29 @@ def test_the_temporary_of_a_killed_predict_is_removed_by_the_next_run(smoke_mode
   out = tmp_path / 'out'
   out.mkdir()
   killed = subprocess.run(
-      [sys.executable, '-c',
-       'import os, signal, sys\n'
-       'from data_pipelines.atomic import atomic_path\n'
-       'writer = atomic_path(sys.argv[1])\n'
-       'tmp = writer.__enter__()\n'
-       'open(tmp, "wb").write(b"half a label map")\n'
-       'os.kill(os.getpid(), signal.SIGKILL)\n', str(out / 'scan.nii.gz')],
-      cwd=REPO, check=False)
+    [
+      sys.executable,
+      '-c',
+      'import os, signal, sys\n'
+      'from data_pipelines.atomic import atomic_path\n'
+      'writer = atomic_path(sys.argv[1])\n'
+      'tmp = writer.__enter__()\n'
+      'open(tmp, "wb").write(b"half a label map")\n'
+      'os.kill(os.getpid(), signal.SIGKILL)\n',
+      str(out / 'scan.nii.gz'),
+    ],
+    cwd=REPO,
+    check=False,
+  )
   assert killed.returncode == -signal.SIGKILL
-  leftover, = os.listdir(out)
+  (leftover,) = os.listdir(out)
   assert leftover.startswith('.scan.nii.gz.') and leftover.endswith('.tmp.nii.gz')
   (out / '.scan.nii.gz.notes').write_text('not ours\n')  # another naming: kept
   stream = io.StringIO()
-  assert predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model,
-                                 stream=stream) == predict.EXIT_OK
+  assert (
+    predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
+    == predict.EXIT_OK
+  )
   assert f'removed {out / leftover}' in stream.getvalue()
   assert sorted(os.listdir(out)) == ['.scan.nii.gz.notes', 'scan.json', 'scan.nii.gz']
 
@@ -262,8 +320,9 @@ def test_tibial_regions_of_a_flat_plate_are_exact():
   assert report['mean_mm'] == pytest.approx(4 * 0.7)
   assert report['regions_mm'] == {'right': pytest.approx(2.8), 'left': pytest.approx(2.8)}
   labels[:, :, 4:8] = 0
-  assert predict.tibial_thickness(labels, spacing,
-                                  metrics.KneeLabelValues())['status'] == 'not_measured'
+  assert (
+    predict.tibial_thickness(labels, spacing, metrics.KneeLabelValues())['status'] == 'not_measured'
+  )
 
 
 def _femur_with_shell(angle_range, right_thickness=2.0):
@@ -280,8 +339,9 @@ def _femur_with_shell(angle_range, right_thickness=2.0):
   outer = 12.0 + np.where(x < 12.0, 2.0, right_thickness)
   labels = np.zeros(shape, np.uint8)
   labels[radius < 12.0] = 1
-  labels[(radius >= 12.0) & (radius < outer) & (angle > angle_range[0])
-         & (angle < angle_range[1])] = 2
+  labels[
+    (radius >= 12.0) & (radius < outer) & (angle > angle_range[0]) & (angle < angle_range[1])
+  ] = 2
   return labels, spacing
 
 

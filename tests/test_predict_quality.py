@@ -19,17 +19,25 @@ from imask_jax import workdir as workdir_lib
 
 # A reference as compute_reference writes it: 10 training volumes.
 REFERENCE = {
-    'volumes': 10,
-    'spacing_mm': {'min': [1.0, 0.5, 0.5], 'max': [1.5, 0.8, 0.8]},
-    'shape': {'min': [40, 100, 100], 'max': [64, 128, 128]},
-    'extent_mm': {'min': [60.0, 80.0, 80.0], 'max': [96.0, 102.4, 102.4]},
-    'tissues_ml': {'femur': {'present_in': 10, 'min_ml': 20.0, 'max_ml': 40.0},
-                   'effusion': {'present_in': 4, 'min_ml': 1.0, 'max_ml': 3.0},
-                   'meniscus': {'present_in': 0, 'min_ml': 0.0, 'max_ml': 0.0}},
+  'volumes': 10,
+  'spacing_mm': {'min': [1.0, 0.5, 0.5], 'max': [1.5, 0.8, 0.8]},
+  'shape': {'min': [40, 100, 100], 'max': [64, 128, 128]},
+  'extent_mm': {'min': [60.0, 80.0, 80.0], 'max': [96.0, 102.4, 102.4]},
+  'tissues_ml': {
+    'femur': {'present_in': 10, 'min_ml': 20.0, 'max_ml': 40.0},
+    'effusion': {'present_in': 4, 'min_ml': 1.0, 'max_ml': 3.0},
+    'meniscus': {'present_in': 0, 'min_ml': 0.0, 'max_ml': 0.0},
+  },
 }
-GOOD = dict(image_constant=False, volumes_ml={'femur': 30.0, 'effusion': 0.0},
-            spacing=(1.2, 0.6, 0.6), shape=(50, 120, 120), scores=[0.9, 0.95, 0.3],
-            score_threshold=0.5, reference=REFERENCE)
+GOOD = dict(
+  image_constant=False,
+  volumes_ml={'femur': 30.0, 'effusion': 0.0},
+  spacing=(1.2, 0.6, 0.6),
+  shape=(50, 120, 120),
+  scores=[0.9, 0.95, 0.3],
+  score_threshold=0.5,
+  reference=REFERENCE,
+)
 
 
 def _codes(**changes) -> list[str]:
@@ -38,8 +46,12 @@ def _codes(**changes) -> list[str]:
 
 def test_a_scan_like_the_training_data_raises_no_flag():
   result = quality.quality_flags(**GOOD)
-  assert result == {'review': False, 'flags': [], 'painting_detections': 2,
-                    'mean_detection_score': pytest.approx(0.925)}
+  assert result == {
+    'review': False,
+    'flags': [],
+    'painting_detections': 2,
+    'mean_detection_score': pytest.approx(0.925),
+  }
 
 
 def test_detection_rules():
@@ -102,8 +114,10 @@ def test_training_reference_matches_the_label_files_and_is_stored(smoke_model, t
       ml[name].append(np.count_nonzero(labels == value) * np.prod(spacing[-1]) / 1000)
   np.testing.assert_allclose(reference['spacing_mm']['min'], np.min(spacing, axis=0), rtol=1e-6)
   np.testing.assert_allclose(reference['spacing_mm']['max'], np.max(spacing, axis=0), rtol=1e-6)
-  assert reference['shape'] == {'min': np.min(shape, axis=0).tolist(),
-                                'max': np.max(shape, axis=0).tolist()}
+  assert reference['shape'] == {
+    'min': np.min(shape, axis=0).tolist(),
+    'max': np.max(shape, axis=0).tolist(),
+  }
   for name, values in ml.items():
     entry = reference['tissues_ml'][name]
     present = [v for v in values if v > 0]
@@ -130,14 +144,17 @@ def test_predict_flags_a_blank_and_a_tiny_scan(smoke_model, tmp_path):
   scans = tmp_path / 'scans'
   scans.mkdir()
   affine = np.diag([1.5, 0.8, 0.8, 1.0])
-  nib.save(nib.Nifti1Image(np.zeros((64, 128, 128), np.int16), affine),
-           str(scans / 'blank.nii.gz'))
+  nib.save(nib.Nifti1Image(np.zeros((64, 128, 128), np.int16), affine), str(scans / 'blank.nii.gz'))
   tiny = np.random.default_rng(0).normal(300, 50, (8, 8, 3)).astype(np.float32)
   nib.save(nib.Nifti1Image(tiny, affine), str(scans / 'tiny.nii.gz'))
   out = tmp_path / 'out'
   stream = io.StringIO()
-  assert predict.predict_command(smoke_model.workdir, str(scans), str(out), model=smoke_model,
-                                 stream=stream) == predict.EXIT_OK
+  assert (
+    predict.predict_command(
+      smoke_model.workdir, str(scans), str(out), model=smoke_model, stream=stream
+    )
+    == predict.EXIT_OK
+  )
   log = stream.getvalue()
   blank = json.loads((out / 'blank.json').read_text())['quality']
   tiny_q = json.loads((out / 'tiny.json').read_text())['quality']
@@ -148,6 +165,8 @@ def test_predict_flags_a_blank_and_a_tiny_scan(smoke_model, tmp_path):
   assert tiny_q['review'] and 'size' in tiny_codes and 'blank_image' not in tiny_codes
   assert f'CHECK {scans / "blank.nii.gz"}: blank_image: every voxel' in log
   assert f'CHECK {scans / "tiny.nii.gz"}: ' in log and 'size: voxel count x 8 voxels' in log
-  assert 'predict: 2 of 2 flagged for review ("quality" in their reports): blank.nii.gz, ' \
-         'tiny.nii.gz' in log
+  assert (
+    'predict: 2 of 2 flagged for review ("quality" in their reports): blank.nii.gz, '
+    'tiny.nii.gz' in log
+  )
   assert 'quality checks against the training reference' in log

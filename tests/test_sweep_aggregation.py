@@ -25,18 +25,43 @@ FC, TC = 'femoral_cartilage', 'tibial_cartilage'
 # Dice by (seed, case). The imask runs miss case c3 at seed 1 and have an extra case c9 there:
 # the case sets differ, so only 7 (seed, case) pairs exist. Differences imask - standard:
 #   (0,c0) +0.02  (0,c1) 0  (0,c2) -0.01  (0,c3) +0.03  (1,c0) 0  (1,c1) +0.04  (1,c2) +0.05
-STANDARD = {(0, 'c0'): 0.70, (0, 'c1'): 0.72, (0, 'c2'): 0.74, (0, 'c3'): 0.71,
-            (1, 'c0'): 0.69, (1, 'c1'): 0.73, (1, 'c2'): 0.75, (1, 'c3'): 0.70}
-IMASK = {(0, 'c0'): 0.72, (0, 'c1'): 0.72, (0, 'c2'): 0.73, (0, 'c3'): 0.74,
-         (1, 'c0'): 0.69, (1, 'c1'): 0.77, (1, 'c2'): 0.80, (1, 'c9'): 0.90}
+STANDARD = {
+  (0, 'c0'): 0.70,
+  (0, 'c1'): 0.72,
+  (0, 'c2'): 0.74,
+  (0, 'c3'): 0.71,
+  (1, 'c0'): 0.69,
+  (1, 'c1'): 0.73,
+  (1, 'c2'): 0.75,
+  (1, 'c3'): 0.70,
+}
+IMASK = {
+  (0, 'c0'): 0.72,
+  (0, 'c1'): 0.72,
+  (0, 'c2'): 0.73,
+  (0, 'c3'): 0.74,
+  (1, 'c0'): 0.69,
+  (1, 'c1'): 0.77,
+  (1, 'c2'): 0.80,
+  (1, 'c9'): 0.90,
+}
 
 
 def _row(variant, seed, case, tissue, dice, status='ok'):
   """A summary.csv row; distances follow the Dice so that each metric has its own numbers."""
   row = {c: math.nan for c in sweep.SUMMARY_COLUMNS}
-  row.update(variant=variant, seed=seed, case_id=case, tissue=tissue, status=status, dice=dice,
-             hausdorff_voxels=round(20 * (1 - dice), 6), assd_mm=round(2 * (1 - dice), 6),
-             average_hausdorff_voxels=round(5 * (1 - dice), 6), ap=0.5)
+  row.update(
+    variant=variant,
+    seed=seed,
+    case_id=case,
+    tissue=tissue,
+    status=status,
+    dice=dice,
+    hausdorff_voxels=round(20 * (1 - dice), 6),
+    assd_mm=round(2 * (1 - dice), 6),
+    average_hausdorff_voxels=round(5 * (1 - dice), 6),
+    ap=0.5,
+  )
   return row
 
 
@@ -65,8 +90,11 @@ def exact_two_sided_p(differences):
   total = len(d) * (len(d) + 1) // 2
   observed = min(w_plus, total - w_plus)
   ranks = range(1, len(d) + 1)
-  extreme = sum(1 for signs in itertools.product((0, 1), repeat=len(d))
-                if min(s := sum(r for r, b in zip(ranks, signs) if b), total - s) <= observed)
+  extreme = sum(
+    1
+    for signs in itertools.product((0, 1), repeat=len(d))
+    if min(s := sum(r for r, b in zip(ranks, signs) if b), total - s) <= observed
+  )
   return min(1.0, extreme / 2 ** len(d))
 
 
@@ -102,7 +130,8 @@ def test_wilcoxon_zero_rules_by_hand_and_scipy():
   # One zero among five positives: the zero is dropped, leaving 5 positives: p = 2 / 2^5.
   assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
   assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(
-      exact_two_sided_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]))
+    exact_two_sided_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+  )
   # Three zeros dropped (Wilcoxon), not ranked (Pratt, which gives 0.0625 here): seven left,
   # -0.3 with rank 3; subsets of 1..7 with sum <= 3: {}, {1}, {2}, {3}, {1, 2}: p = 2 * 5 / 128.
   d = [0.0, 0.0, 0.0, 0.1, 0.2, -0.3, 0.4, 0.5, 0.6, 0.7]
@@ -124,41 +153,70 @@ def _cells(text, first, width):
   out = []
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if line.startswith('|') and len(cells) == width and tuple(cells[:len(first)]) == first:
+    if line.startswith('|') and len(cells) == width and tuple(cells[: len(first)]) == first:
       out.append(cells)
   return out
 
 
 def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
   rows = _rows()
-  config = ml_collections.ConfigDict(dict(
-      experiment='x.py', base_arg='', study='heads', seeds=(0, 1), split='test',
-      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard'))))
-  runs = [sweep.Run(v, s, b, '', f'/nowhere/{v}/seed{s}')
-          for v, _, b in config.variants for s in (0, 1)]
-  ap_by_run = {'standard/seed0': {FC: 0.20, TC: 0.10}, 'standard/seed1': {FC: 0.30, TC: 0.12},
-               'imask/seed0': {FC: 0.40, TC: 0.20}, 'imask/seed1': {FC: 0.45, TC: 0.30}}
+  config = ml_collections.ConfigDict(
+    dict(
+      experiment='x.py',
+      base_arg='',
+      study='heads',
+      seeds=(0, 1),
+      split='test',
+      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard')),
+    )
+  )
+  runs = [
+    sweep.Run(v, s, b, '', f'/nowhere/{v}/seed{s}') for v, _, b in config.variants for s in (0, 1)
+  ]
+  ap_by_run = {
+    'standard/seed0': {FC: 0.20, TC: 0.10},
+    'standard/seed1': {FC: 0.30, TC: 0.12},
+    'imask/seed0': {FC: 0.40, TC: 0.20},
+    'imask/seed1': {FC: 0.45, TC: 0.30},
+  }
   text = sweep.summary_markdown(config, runs, rows, ap_by_run, [])
   assert 'runs finished: 4 of 4' in text
 
   (header,) = _cells(text, ('Variant', 'Dice FC'), 11)
-  assert header == ['Variant', 'Dice FC', 'Dice TC', 'Hausdorff (px) FC', 'Hausdorff (px) TC',
-                    'Ave. Hausdorff (px) FC', 'Ave. Hausdorff (px) TC',
-                    'ASSD (mm) FC', 'ASSD (mm) TC', 'AP FC', 'AP TC']
+  assert header == [
+    'Variant',
+    'Dice FC',
+    'Dice TC',
+    'Hausdorff (px) FC',
+    'Hausdorff (px) TC',
+    'Ave. Hausdorff (px) FC',
+    'Ave. Hausdorff (px) TC',
+    'ASSD (mm) FC',
+    'ASSD (mm) TC',
+    'AP FC',
+    'AP TC',
+  ]
 
   def mean_sd(values, digits):
     return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
 
   for variant, table in (('standard', STANDARD), ('imask', IMASK)):
     (cells,) = _cells(text, (variant,), 11)
-    fc = list(table.values())                                         # 8 rows each
-    tc = [d - 0.1 for k, d in table.items() if k != (0, 'c0')]        # both-empty row left out
-    want = [variant, mean_sd(fc, 3), mean_sd(tc, 3),
-            mean_sd([20 * (1 - d) for d in fc], 2), mean_sd([20 * (1 - d) for d in tc], 2),
-            mean_sd([5 * (1 - d) for d in fc], 3), mean_sd([5 * (1 - d) for d in tc], 3),
-            mean_sd([2 * (1 - d) for d in fc], 3), mean_sd([2 * (1 - d) for d in tc], 3),
-            mean_sd([ap_by_run[f'{variant}/seed{s}'][FC] for s in (0, 1)], 3),
-            mean_sd([ap_by_run[f'{variant}/seed{s}'][TC] for s in (0, 1)], 3)]
+    fc = list(table.values())  # 8 rows each
+    tc = [d - 0.1 for k, d in table.items() if k != (0, 'c0')]  # both-empty row left out
+    want = [
+      variant,
+      mean_sd(fc, 3),
+      mean_sd(tc, 3),
+      mean_sd([20 * (1 - d) for d in fc], 2),
+      mean_sd([20 * (1 - d) for d in tc], 2),
+      mean_sd([5 * (1 - d) for d in fc], 3),
+      mean_sd([5 * (1 - d) for d in tc], 3),
+      mean_sd([2 * (1 - d) for d in fc], 3),
+      mean_sd([2 * (1 - d) for d in tc], 3),
+      mean_sd([ap_by_run[f'{variant}/seed{s}'][FC] for s in (0, 1)], 3),
+      mean_sd([ap_by_run[f'{variant}/seed{s}'][TC] for s in (0, 1)], 3),
+    ]
     assert cells == want, variant
 
   keys = sorted(set(STANDARD) & set(IMASK))
@@ -167,10 +225,18 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
   for tissue, d in (('FC', d_fc), ('TC', d_tc)):
     (cells,) = _cells(text, ('imask', 'standard', tissue), 10)
     p = exact_two_sided_p(d)
-    want = ['imask', 'standard', tissue, str(len(d)),
-            f'{np.mean(d):+.4f}', f'{p:.3g}',                          # Dice
-            f'{-2 * np.mean(d):+.3f}', f'{p:.3g}',                     # ASSD
-            f'{-20 * np.mean(d):+.2f}', f'{p:.3g}']                    # Hausdorff (px)
+    want = [
+      'imask',
+      'standard',
+      tissue,
+      str(len(d)),
+      f'{np.mean(d):+.4f}',
+      f'{p:.3g}',  # Dice
+      f'{-2 * np.mean(d):+.3f}',
+      f'{p:.3g}',  # ASSD
+      f'{-20 * np.mean(d):+.2f}',
+      f'{p:.3g}',
+    ]  # Hausdorff (px)
     assert cells == want, tissue
   # Tibial: 4 nonzero, -0.01 the smallest: W- = 1, 2 of 16 patterns as low, p = 2 * 2 / 16.
   assert exact_two_sided_p(d_tc) == pytest.approx(4 / 16)

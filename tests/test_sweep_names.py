@@ -14,9 +14,14 @@ from imask_jax import sweep
 
 
 def _sweep(name: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      'experiment': 'experiments/phantom_knee.py', 'base_arg': 'smoke', 'seeds': (0,),
-      'variants': (('baseline', '', ''), (name, 'head=standard', 'baseline'))})
+  return ml_collections.ConfigDict(
+    {
+      'experiment': 'experiments/phantom_knee.py',
+      'base_arg': 'smoke',
+      'seeds': (0,),
+      'variants': (('baseline', '', ''), (name, 'head=standard', 'baseline')),
+    }
+  )
 
 
 @pytest.mark.parametrize('name', ['..', '.', '.hidden', 'a/b', '../escape', 'a\\b', '', 'x y'])

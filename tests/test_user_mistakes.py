@@ -29,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _copy(smoke_workdir, tmp_path) -> str:
   """A copy of the smoke workdir (checkpoints at steps 3 and 6, the same data_dir)."""
   copy = str(tmp_path / 'run')
-  shutil.copytree(smoke_workdir, copy,
-                  ignore=shutil.ignore_patterns('tensorboard', 'eval', 'predictions'))
+  shutil.copytree(
+    smoke_workdir, copy, ignore=shutil.ignore_patterns('tensorboard', 'eval', 'predictions')
+  )
   return copy
 
 
@@ -55,15 +56,15 @@ def _snapshot(folder: str) -> dict[str, bytes]:
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+  )
 
 
 # --- a corrupt newest checkpoint -----------------------------------------------------------------
 
 
-def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir, tmp_path,
-                                                                  capsys):
+def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir, tmp_path, capsys):
   copy = _copy(smoke_workdir, tmp_path)
   step6 = os.path.join(copy, 'checkpoints', '6')
   metadata = os.path.join(step6, 'state', '_METADATA')
@@ -72,8 +73,9 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   with pytest.raises(workdir_lib.CheckpointError) as info:
     inference.load_model(copy)
   message = str(info.value)
-  assert message.startswith(f'checkpoint {step6}: cannot be restored: state/_METADATA is not '
-                            'valid JSON (')
+  assert message.startswith(
+    f'checkpoint {step6}: cannot be restored: state/_METADATA is not valid JSON ('
+  )
   assert message.endswith('(other stored steps: [3]; choose one with --checkpoint STEP)')
   assert '\n' not in message
   # The other stored step still loads.
@@ -84,25 +86,30 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   _truncate_data_files(step6)
   scan = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.eye(4)), str(scan))
-  status = predict.main(['--workdir', copy, '--input', str(scan), '--output',
-                         str(tmp_path / 'out')])
+  status = predict.main(
+    ['--workdir', copy, '--input', str(scan), '--output', str(tmp_path / 'out')]
+  )
   err = capsys.readouterr().err
   assert status == predict.EXIT_REFUSED
-  line, = [x for x in err.splitlines() if x.startswith('predict: refused')]
-  assert line.startswith(f'predict: refused: CheckpointError: checkpoint {step6}: cannot be '
-                         'restored: OUT_OF_RANGE: ')
+  (line,) = [x for x in err.splitlines() if x.startswith('predict: refused')]
+  assert line.startswith(
+    f'predict: refused: CheckpointError: checkpoint {step6}: cannot be restored: OUT_OF_RANGE: '
+  )
   assert 'is not valid for value of size' in line
   assert not (tmp_path / 'out').exists()
   assert evaluate.main(['--workdir', copy]) == 1
   err = capsys.readouterr().err
-  assert f'python -m imask_jax.evaluate: CheckpointError: checkpoint {step6}: cannot be ' \
-         'restored' in err and 'Traceback' not in err
+  assert (
+    f'python -m imask_jax.evaluate: CheckpointError: checkpoint {step6}: cannot be restored' in err
+    and 'Traceback' not in err
+  )
   with pytest.raises(workdir_lib.CheckpointError):
     evaluate.main(['--workdir', copy, '--verbose'])
 
 
-def test_training_resumes_from_the_newest_checkpoint_that_restores(smoke_workdir, smoke_model,
-                                                                    tmp_path, caplog):
+def test_training_resumes_from_the_newest_checkpoint_that_restores(
+  smoke_workdir, smoke_model, tmp_path, caplog
+):
   copy = _copy(smoke_workdir, tmp_path)
   step6 = os.path.join(copy, 'checkpoints', '6')
   _truncate_data_files(step6)
@@ -113,7 +120,7 @@ def test_training_resumes_from_the_newest_checkpoint_that_restores(smoke_workdir
   # The broken checkpoint is set aside byte for byte, and the run says so in one line.
   aside = os.path.join(copy, workdir_lib.UNRESTORABLE_DIR, '6')
   assert _snapshot(aside) == broken
-  warning, = [r.getMessage() for r in caplog.records if 'moved to' in r.getMessage()]
+  (warning,) = [r.getMessage() for r in caplog.records if 'moved to' in r.getMessage()]
   assert warning.startswith(f'checkpoint {step6}: cannot be restored: OUT_OF_RANGE')
   assert warning.endswith(f'moved to {aside}; resuming from the checkpoint of step 3')
   # Steps 4-6 were trained again from step 3: the same parameters as the uninterrupted run.
@@ -122,13 +129,17 @@ def test_training_resumes_from_the_newest_checkpoint_that_restores(smoke_workdir
   assert recovered.step == 6
   for a, b in zip(jax.tree.leaves(recovered.variables), jax.tree.leaves(smoke_model.variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   # metrics.jsonl was cut back to step 3 and logged again: the same losses and validation
   # Dice as the uninterrupted run's, step by step (timings aside).
   def logged(workdir):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       records = [json.loads(line) for line in f if line.strip()]
-    return [{k: v for k, v in r.items() if k == 'step' or k.endswith('loss') or
-             k.startswith('val/')} for r in records]
+    return [
+      {k: v for k, v in r.items() if k == 'step' or k.endswith('loss') or k.startswith('val/')}
+      for r in records
+    ]
+
   assert logged(copy) == logged(smoke_workdir)
 
 
@@ -139,9 +150,12 @@ def test_when_no_checkpoint_restores_nothing_is_moved(smoke_workdir, tmp_path):
       f.truncate(100)
   before = _snapshot(os.path.join(copy, 'checkpoints'))
   config = workdir_lib.load_config(copy)
-  with pytest.raises(workdir_lib.CheckpointError, match=r'checkpoint .*/checkpoints/6: cannot '
-                     r'be restored: state/_METADATA is not valid JSON .*no older checkpoint '
-                     r'restores either: \[3\]; nothing was moved'):
+  with pytest.raises(
+    workdir_lib.CheckpointError,
+    match=r'checkpoint .*/checkpoints/6: cannot '
+    r'be restored: state/_METADATA is not valid JSON .*no older checkpoint '
+    r'restores either: \[3\]; nothing was moved',
+  ):
     train.train_and_evaluate(config, copy)
   assert _snapshot(os.path.join(copy, 'checkpoints')) == before
   assert not os.path.exists(os.path.join(copy, workdir_lib.UNRESTORABLE_DIR))
@@ -151,14 +165,31 @@ def test_when_no_checkpoint_restores_nothing_is_moved(smoke_workdir, tmp_path):
 
 
 def test_a_config_field_typo_is_one_line(tmp_path):
-  done = _run('-m', 'imask_jax.main', '--config', 'experiments/phantom_knee.py:smoke',
-              '--config.train.stepz=5', '--workdir', str(tmp_path / 'w'))
+  done = _run(
+    '-m',
+    'imask_jax.main',
+    '--config',
+    'experiments/phantom_knee.py:smoke',
+    '--config.train.stepz=5',
+    '--workdir',
+    str(tmp_path / 'w'),
+  )
   assert done.returncode == 2
-  assert done.stderr.strip() == ("python -m imask_jax.main: --config.train.stepz: the config has "
-                                 "no field 'stepz' (did you mean 'steps'?)")
+  assert done.stderr.strip() == (
+    'python -m imask_jax.main: --config.train.stepz: the config has '
+    "no field 'stepz' (did you mean 'steps'?)"
+  )
   assert not (tmp_path / 'w').exists()
-  verbose = _run('-m', 'imask_jax.main', '--config', 'experiments/phantom_knee.py:smoke',
-                 '--config.train.stepz=5', '--workdir', str(tmp_path / 'w'), '--verbose')
+  verbose = _run(
+    '-m',
+    'imask_jax.main',
+    '--config',
+    'experiments/phantom_knee.py:smoke',
+    '--config.train.stepz=5',
+    '--workdir',
+    str(tmp_path / 'w'),
+    '--verbose',
+  )
   assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
 
 
@@ -168,50 +199,89 @@ def test_explicit_steps_win_over_the_experiments_epochs(smoke_workdir, tmp_path)
   # The copy's checkpoint is at step 6, so the job resolves its steps and stops at once.
   copy = _copy(smoke_workdir, tmp_path)
   data_dir = workdir_lib.load_config(copy).data.data_dir
-  done = _run('-m', 'imask_jax.main', '--config', 'experiments/phantom_knee.py:smoke,epochs=1',
-              '--config.train.steps=2', f'--config.data.data_dir={data_dir}', '--workdir', copy)
+  done = _run(
+    '-m',
+    'imask_jax.main',
+    '--config',
+    'experiments/phantom_knee.py:smoke,epochs=1',
+    '--config.train.steps=2',
+    f'--config.data.data_dir={data_dir}',
+    '--workdir',
+    copy,
+  )
   assert done.returncode == 0, done.stderr
-  assert ("train.steps=2 from the command line: the config's train.epochs=1.0 is not used"
-          in done.stdout)
+  assert (
+    "train.steps=2 from the command line: the config's train.epochs=1.0 is not used" in done.stdout
+  )
   assert 'nothing to do: the checkpoint is at step 6 of 2' in done.stdout
   saved = workdir_lib.load_config(copy)
   assert saved.train.steps == 2 and saved.train.epochs == 0
-  both = _run('-m', 'imask_jax.main', '--config', 'experiments/phantom_knee.py:smoke',
-              '--config.train.steps=2', '--config.train.epochs=3', '--workdir', copy)
+  both = _run(
+    '-m',
+    'imask_jax.main',
+    '--config',
+    'experiments/phantom_knee.py:smoke',
+    '--config.train.steps=2',
+    '--config.train.epochs=3',
+    '--workdir',
+    copy,
+  )
   assert both.returncode == 2
-  assert both.stderr.strip().endswith('--config.train.steps=2 and --config.train.epochs=3.0 '
-                                      'both given; give one (epochs > 0 decides the step count, '
-                                      'steps alone replaces the epochs)')
+  assert both.stderr.strip().endswith(
+    '--config.train.steps=2 and --config.train.epochs=3.0 '
+    'both given; give one (epochs > 0 decides the step count, '
+    'steps alone replaces the epochs)'
+  )
 
 
 def test_a_changed_setting_on_resume_is_one_line(smoke_workdir, tmp_path):
   copy = _copy(smoke_workdir, tmp_path)
   data_dir = workdir_lib.load_config(copy).data.data_dir
-  done = _run('-m', 'imask_jax.main', '--config', 'experiments/phantom_knee.py:smoke',
-              '--config.model.width=12', f'--config.data.data_dir={data_dir}', '--workdir', copy)
+  done = _run(
+    '-m',
+    'imask_jax.main',
+    '--config',
+    'experiments/phantom_knee.py:smoke',
+    '--config.model.width=12',
+    f'--config.data.data_dir={data_dir}',
+    '--workdir',
+    copy,
+  )
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1] == (
-      f'SettingsChangedError: {copy}: its checkpoints were trained with other settings '
-      f'(model.width: 8 -> 12); resume with the settings of {copy}/config.json or start a new '
-      'workdir')
+    f'SettingsChangedError: {copy}: its checkpoints were trained with other settings '
+    f'(model.width: 8 -> 12); resume with the settings of {copy}/config.json or start a new '
+    'workdir'
+  )
   assert 'Traceback' not in done.stderr
 
 
-def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(smoke_workdir, tmp_path,
-                                                                       capsys):
+def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(
+  smoke_workdir, tmp_path, capsys
+):
   assert evaluate.main(['--workdir', str(tmp_path)]) == 1
   err = capsys.readouterr().err
-  assert err == (f'python -m imask_jax.evaluate: NotAWorkdirError: {tmp_path}/config.json: no '
-                 f"config.json in the workdir; is '{tmp_path}' a training workdir (made by "
-                 'python -m imask_jax.main)?\n')
+  assert err == (
+    f'python -m imask_jax.evaluate: NotAWorkdirError: {tmp_path}/config.json: no '
+    f"config.json in the workdir; is '{tmp_path}' a training workdir (made by "
+    'python -m imask_jax.main)?\n'
+  )
   assert evaluate.main(['--workdir', smoke_workdir, '--checkpoint', '999']) == 1
   err = capsys.readouterr().err
-  assert err == (f'python -m imask_jax.evaluate: MissingCheckpointError: {smoke_workdir}/'
-                 'checkpoints: no checkpoint at step 999; stored steps: [3, 6]\n')
+  assert err == (
+    f'python -m imask_jax.evaluate: MissingCheckpointError: {smoke_workdir}/'
+    'checkpoints: no checkpoint at step 999; stored steps: [3, 6]\n'
+  )
   stream = io.StringIO()
   scan = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.eye(4)), str(scan))
-  assert predict.predict_command(smoke_workdir, str(scan), str(tmp_path / 'out'),
-                                 checkpoint=999, stream=stream) == predict.EXIT_REFUSED
-  assert stream.getvalue() == (f'predict: refused: MissingCheckpointError: {smoke_workdir}/'
-                               'checkpoints: no checkpoint at step 999; stored steps: [3, 6]\n')
+  assert (
+    predict.predict_command(
+      smoke_workdir, str(scan), str(tmp_path / 'out'), checkpoint=999, stream=stream
+    )
+    == predict.EXIT_REFUSED
+  )
+  assert stream.getvalue() == (
+    f'predict: refused: MissingCheckpointError: {smoke_workdir}/'
+    'checkpoints: no checkpoint at step 999; stored steps: [3, 6]\n'
+  )

@@ -16,7 +16,7 @@ import pytest
 from imask_jax import parallel, train
 
 H = W = 6
-M = 3   # instance slots
+M = 3  # instance slots
 
 
 def _slice(instances, pred):
@@ -26,7 +26,7 @@ def _slice(instances, pred):
   masks = np.zeros((M, H, W), np.uint8)
   valid = np.zeros(M, bool)
   for m, inst in enumerate(instances):
-    if inst is None:    # a padded slot that still carries a mask and class: must not count
+    if inst is None:  # a padded slot that still carries a mask and class: must not count
       classes[m], masks[m, :, :] = 2, 1
       continue
     cls, (r0, r1, c0, c1) = inst
@@ -44,16 +44,18 @@ def _pred(*boxes):
 
 # Classes: 1 found (partly), 2 in the truth only, 3 predicted only, 4 absent from both.
 SLICES = [
-    # truth class 1 rows 0-2 x cols 0-3 (12 px); prediction class 1 rows 1-3 x cols 0-3
-    # (12 px, 8 shared)
-    _slice([(1, (0, 3, 0, 4)), None], _pred((1, (1, 4, 0, 4)))),
-    # truth class 2 (4 px), missed; class 3 predicted where nothing is (2 px)
-    _slice([(2, (4, 6, 4, 6))], _pred((3, (0, 1, 0, 2)))),
-    # two class-1 instances (6 + 4 px) and a later class-2 instance painted over one pixel of
-    # the first (the later slot wins): class 1 = 9 px, class 2 = 1 + 3 px; prediction: the
-    # class-1 pixels exactly
-    _slice([(1, (0, 2, 0, 3)), (1, (4, 6, 0, 2)), (2, (1, 2, 2, 6))],
-           _pred((1, (0, 2, 0, 3)), (1, (4, 6, 0, 2)), (0, (1, 2, 2, 3)))),
+  # truth class 1 rows 0-2 x cols 0-3 (12 px); prediction class 1 rows 1-3 x cols 0-3
+  # (12 px, 8 shared)
+  _slice([(1, (0, 3, 0, 4)), None], _pred((1, (1, 4, 0, 4)))),
+  # truth class 2 (4 px), missed; class 3 predicted where nothing is (2 px)
+  _slice([(2, (4, 6, 4, 6))], _pred((3, (0, 1, 0, 2)))),
+  # two class-1 instances (6 + 4 px) and a later class-2 instance painted over one pixel of
+  # the first (the later slot wins): class 1 = 9 px, class 2 = 1 + 3 px; prediction: the
+  # class-1 pixels exactly
+  _slice(
+    [(1, (0, 2, 0, 3)), (1, (4, 6, 0, 2)), (2, (1, 2, 2, 6))],
+    _pred((1, (0, 2, 0, 3)), (1, (4, 6, 0, 2)), (0, (1, 2, 2, 3))),
+  ),
 ]
 # A padding example: everything would count if example_valid were ignored.
 PADDING = _slice([(4, (0, 6, 0, 6))], _pred((4, (0, 6, 0, 6))))
@@ -77,22 +79,27 @@ def _dataset(batch_size=2):
     chunk = range(start, start + batch_size)
     image = np.zeros((batch_size, H, W, 3), np.float32)
     image[:, 0, 0, 0] = list(chunk)
-    batches.append({
+    batches.append(
+      {
         'image': image[None],
         'gt_classes': np.stack([rows[i][0] for i in chunk])[None],
         'gt_masks': np.stack([rows[i][1] for i in chunk])[None],
         'gt_valid': np.stack([rows[i][2] for i in chunk])[None],
-        'example_valid': np.array([valid[i] for i in chunk])[None]})
+        'example_valid': np.array([valid[i] for i in chunk])[None],
+      }
+    )
   predictions = np.stack([r[3] for r in rows])
   return batches, predictions
 
 
 def _lookup_detect_fn(predictions):
   """Stands in for the compiled detection: batch-sharded label maps, as make_detect_fn gives."""
+
   def detect(variables, images):
     del variables
     rows = np.asarray(images)[:, 0, 0, 0].astype(int)
     return parallel.shard_batch({'label_map': predictions[rows]}, parallel.data_mesh())
+
   return detect
 
 
@@ -116,8 +123,9 @@ def _reference(num_classes=4):
 @pytest.mark.parametrize('batch_size', [2, 4])
 def test_pooled_validation_dice_and_the_absent_class_rule(batch_size):
   batches, predictions = _dataset(batch_size)
-  dice, example = train.slice_dice(_lookup_detect_fn(predictions), None, batches,
-                                   parallel.data_mesh(), num_classes=4)
+  dice, example = train.slice_dice(
+    _lookup_detect_fn(predictions), None, batches, parallel.data_mesh(), num_classes=4
+  )
   np.testing.assert_allclose(dice, HAND, rtol=1e-12)
   np.testing.assert_allclose(dice, _reference(), rtol=1e-12)
   # The overlay example: the slice of the first batch with the most true foreground (slice 0,
@@ -137,7 +145,8 @@ def test_dice_from_counts_rule_by_hand():
 def test_no_valid_slice_gives_no_example():
   batches, predictions = _dataset(2)
   only_padding = [dict(b, example_valid=np.zeros_like(b['example_valid'])) for b in batches]
-  dice, example = train.slice_dice(_lookup_detect_fn(predictions), None, only_padding,
-                                   parallel.data_mesh(), num_classes=4)
+  dice, example = train.slice_dice(
+    _lookup_detect_fn(predictions), None, only_padding, parallel.data_mesh(), num_classes=4
+  )
   assert example is None
   np.testing.assert_array_equal(dice, [1.0, 1.0, 1.0, 1.0])  # nothing anywhere

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from imask_jax import viz
-from imask_jax.metrics.thickness import PlateComparison, ThicknessDifference, ThicknessMap
 from imask_jax.metrics import CaseStatus
+from imask_jax.metrics.thickness import PlateComparison, ThicknessDifference, ThicknessMap
 
 GREY = 0.4
 N = 24  # slice size
@@ -32,6 +32,7 @@ def dominant(rgb) -> str:
 
 # --- overlay_rgb ----------------------------------------------------------------------------------
 
+
 def test_overlay_rgb_blends_the_paper_colours_at_each_pixel():
   image = np.full((2, 3), GREY, np.float32)
   image[1, 2] = 0.9
@@ -39,19 +40,24 @@ def test_overlay_rgb_blends_the_paper_colours_at_each_pixel():
   pred = np.array([[0, 1, 1], [0, 0, 0]], bool)
   rgb = viz.overlay_rgb(image, truth, pred, opacity=0.6)
   assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
-  assert dominant(rgb[0, 0]) == 'green'    # truth only
-  assert dominant(rgb[0, 1]) == 'red'      # model only
-  assert dominant(rgb[0, 2]) == 'blue'     # both
-  assert dominant(rgb[1, 2]) == 'green'    # truth only on a bright pixel
+  assert dominant(rgb[0, 0]) == 'green'  # truth only
+  assert dominant(rgb[0, 1]) == 'red'  # model only
+  assert dominant(rgb[0, 2]) == 'blue'  # both
+  assert dominant(rgb[1, 2]) == 'green'  # truth only on a bright pixel
   np.testing.assert_array_equal(rgb[1, 0], [102, 102, 102])  # round(0.4 * 255): untouched grey
   # The blend: 40% of the grey plus 60% of the colour, per channel.
-  for (r, c), colour in (((0, 0), viz.TRUTH_ONLY), ((0, 1), viz.MODEL_ONLY), ((0, 2), viz.BOTH),
-                         ((1, 2), viz.TRUTH_ONLY)):
+  for (r, c), colour in (
+    ((0, 0), viz.TRUTH_ONLY),
+    ((0, 1), viz.MODEL_ONLY),
+    ((0, 2), viz.BOTH),
+    ((1, 2), viz.TRUTH_ONLY),
+  ):
     want = np.round((0.4 * image[r, c] + 0.6 * np.asarray(colour)) * 255)
     np.testing.assert_array_equal(rgb[r, c], want)
 
 
 # --- the overlay figure ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def captured(monkeypatch):
@@ -94,11 +100,13 @@ def test_overlay_figure_shows_truth_only_green_model_only_red_both_blue(tmp_path
   # tissue 2: the other way round, bottom-left
   pred[14:20, 2:6] = 2
   truth[14:20, 8:12] = 2
-  expected = {1: {(4, 4): 'green', (4, 16): 'blue', (16, 16): 'red', (16, 4): 'grey',
-                  (16, 9): 'grey'},
-              2: {(16, 3): 'red', (16, 9): 'green', (4, 4): 'grey', (16, 16): 'grey'}}
-  path = viz.save_overlay_figure(tmp_path / 'overlay.png', image, truth, pred,
-                                 {1: 'femur', 2: 'tibia'}, 'case 0')
+  expected = {
+    1: {(4, 4): 'green', (4, 16): 'blue', (16, 16): 'red', (16, 4): 'grey', (16, 9): 'grey'},
+    2: {(16, 3): 'red', (16, 9): 'green', (4, 4): 'grey', (16, 16): 'grey'},
+  }
+  path = viz.save_overlay_figure(
+    tmp_path / 'overlay.png', image, truth, pred, {1: 'femur', 2: 'tibia'}, 'case 0'
+  )
   pixels = png_pixels(path)
   (figure,) = captured
   axes = figure.axes
@@ -116,27 +124,41 @@ def test_overlay_figure_shows_truth_only_green_model_only_red_both_blue(tmp_path
 
 # --- the thickness figure -------------------------------------------------------------------------
 
+
 def _map(values, mean):
   rows, cols = values.shape
-  return ThicknessMap(thickness_mm=values, row_edges=np.linspace(0, 40, rows + 1),
-                      col_edges=np.linspace(-30, 30, cols + 1), row_name='angle_deg',
-                      col_name='axial_mm', mean_thickness_mm=mean, points=None)
+  return ThicknessMap(
+    thickness_mm=values,
+    row_edges=np.linspace(0, 40, rows + 1),
+    col_edges=np.linspace(-30, 30, cols + 1),
+    row_name='angle_deg',
+    col_name='axial_mm',
+    mean_thickness_mm=mean,
+    points=None,
+  )
 
 
 def test_difference_map_is_red_where_the_model_is_thicker_blue_where_thinner(tmp_path, captured):
   truth = np.full((4, 6), 2.0)
   pred = truth.copy()
-  pred[:, :3] += 0.8          # left half: the model measures thicker
-  pred[:, 3:] -= 0.8          # right half: thinner
-  truth[0, 0] = pred[0, 0] = np.nan   # no cartilage in one cell
+  pred[:, :3] += 0.8  # left half: the model measures thicker
+  pred[:, 3:] -= 0.8  # right half: thinner
+  truth[0, 0] = pred[0, 0] = np.nan  # no cartilage in one cell
   diff = pred - truth
   finite = diff[np.isfinite(diff)]
   comparison = PlateComparison(
-      truth=_map(truth, float(np.nanmean(truth))), pred=_map(pred, float(np.nanmean(pred))),
-      difference=ThicknessDifference(diff, np.linspace(0, 40, 5), np.linspace(-30, 30, 7),
-                                     float(finite.mean()), float(finite.std(ddof=1)),
-                                     int(finite.size)),
-      status=CaseStatus.OK)
+    truth=_map(truth, float(np.nanmean(truth))),
+    pred=_map(pred, float(np.nanmean(pred))),
+    difference=ThicknessDifference(
+      diff,
+      np.linspace(0, 40, 5),
+      np.linspace(-30, 30, 7),
+      float(finite.mean()),
+      float(finite.std(ddof=1)),
+      int(finite.size),
+    ),
+    status=CaseStatus.OK,
+  )
   path = viz.save_thickness_figure(tmp_path / 'thickness.png', comparison, 'femoral', 'case 0')
   pixels = png_pixels(path)
   (figure,) = captured
@@ -154,7 +176,7 @@ def test_difference_map_is_red_where_the_model_is_thicker_blue_where_thinner(tmp
     for col in range(6):
       if row == 0 and col == 0:
         for ax in (truth_ax, pred_ax, diff_ax):
-          np.testing.assert_array_equal(cell(ax, row, col), [0xd9, 0xd9, 0xd9])
+          np.testing.assert_array_equal(cell(ax, row, col), [0xD9, 0xD9, 0xD9])
         continue
       red, _, blue = cell(diff_ax, row, col).astype(int)
       # RdBu_r: red for +, blue (dark navy at the end of the scale) for -

@@ -160,12 +160,16 @@ def save(out: str, name: str, state: dict, arrays: dict, meta: dict, legacy: boo
   os.makedirs(out, exist_ok=True)
   torch.save(state, os.path.join(out, f'{name}.pth'), _use_new_zipfile_serialization=not legacy)
   meta = dict(meta, torch=torch.__version__, torchvision=torchvision.__version__)
-  np.savez(os.path.join(out, f'{name}.npz'), meta=np.array(json.dumps(meta)),
-           **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+  np.savez(
+    os.path.join(out, f'{name}.npz'),
+    meta=np.array(json.dumps(meta)),
+    **{k: np.asarray(v, np.float32) for k, v in arrays.items()},
+  )
 
 
-def make_resnet(out: str, name: str, block, layers, width: int | None, full_arch: str | None,
-                size=(72, 88)):
+def make_resnet(
+  out: str, name: str, block, layers, width: int | None, full_arch: str | None, size=(72, 88)
+):
   torch.manual_seed(0)
   if width is None:
     model = getattr(tv_resnet, full_arch)(weights=None)
@@ -184,28 +188,49 @@ def make_resnet(out: str, name: str, block, layers, width: int | None, full_arch
 
   arrays, errors = references(model, outputs)
   arrays.update(x=x.numpy(), grey=grey)
-  depth = {(tv_resnet.Bottleneck, (3, 4, 6, 3)): 50, (tv_resnet.Bottleneck, (3, 4, 23, 3)): 101,
-           (tv_resnet.BasicBlock, (2, 2, 2, 2)): 18}[(block, tuple(layers))]
-  save(out, name, model.state_dict(), arrays,
-       {'kind': 'resnet', 'arch': f'resnet{depth}', 'depth': depth, 'width': width,
-        'float32_error': errors})
+  depth = {
+    (tv_resnet.Bottleneck, (3, 4, 6, 3)): 50,
+    (tv_resnet.Bottleneck, (3, 4, 23, 3)): 101,
+    (tv_resnet.BasicBlock, (2, 2, 2, 2)): 18,
+  }[(block, tuple(layers))]
+  save(
+    out,
+    name,
+    model.state_dict(),
+    arrays,
+    {
+      'kind': 'resnet',
+      'arch': f'resnet{depth}',
+      'depth': depth,
+      'width': width,
+      'float32_error': errors,
+    },
+  )
 
 
-def make_densenet(out: str, name: str, growth_rate: int, blocks, init_features: int,
-                  depth: int, size=(64, 64)):
+def make_densenet(
+  out: str, name: str, growth_rate: int, blocks, init_features: int, depth: int, size=(64, 64)
+):
   torch.manual_seed(0)
-  model = tv_densenet.DenseNet(growth_rate=growth_rate, block_config=tuple(blocks),
-                               num_init_features=init_features, bn_size=4,
-                               num_classes=10 if init_features < 64 else 1000)
+  model = tv_densenet.DenseNet(
+    growth_rate=growth_rate,
+    block_config=tuple(blocks),
+    num_init_features=init_features,
+    bn_size=4,
+    num_classes=10 if init_features < 64 else 1000,
+  )
   generator = torch.Generator().manual_seed(2)
   randomise_batch_norms(model, lambda: torch.randn((2, 3) + size, generator=generator))
   x = torch.randn((1, 3) + size, generator=generator)
 
   def outputs(net, dtype):
     captured = {}
-    hooks = [getattr(net.features, f'transition{k}').relu.register_forward_hook(
-        lambda module, args, output, k=k: captured.__setitem__(f'C{k + 1}', output.clone()))
-             for k in (1, 2, 3)]
+    hooks = [
+      getattr(net.features, f'transition{k}').relu.register_forward_hook(
+        lambda module, args, output, k=k: captured.__setitem__(f'C{k + 1}', output.clone())
+      )
+      for k in (1, 2, 3)
+    ]
     features = net.features(x.to(dtype))
     for hook in hooks:
       hook.remove()
@@ -213,19 +238,32 @@ def make_densenet(out: str, name: str, growth_rate: int, blocks, init_features: 
 
   arrays, errors = references(model, outputs)
   arrays['x'] = x.numpy()
-  save(out, name, model.state_dict(), arrays,
-       {'kind': 'densenet', 'arch': f'densenet{depth}', 'depth': depth,
-        'growth_rate': growth_rate, 'num_init_features': init_features, 'bn_size': 4,
-        'float32_error': errors})
+  save(
+    out,
+    name,
+    model.state_dict(),
+    arrays,
+    {
+      'kind': 'densenet',
+      'arch': f'densenet{depth}',
+      'depth': depth,
+      'growth_rate': growth_rate,
+      'num_init_features': init_features,
+      'bn_size': 4,
+      'float32_error': errors,
+    },
+  )
 
 
 # Key renames torchvision applies when loading files saved before its modules gained
 # Conv2dNormActivation wrappers (FPN, RPNHead, MaskRCNNHeads): new -> old.
 OLD_NAMES = (
-    (re.compile(r'^backbone\.fpn\.(inner|layer)_blocks\.(\d)\.0\.'), r'backbone.fpn.\1_blocks.\2.'),
-    (re.compile(r'^rpn\.head\.conv\.0\.0\.'), 'rpn.head.conv.'),
-    (re.compile(r'^roi_heads\.mask_head\.(\d)\.0\.'),
-     lambda m: f'roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.'),
+  (re.compile(r'^backbone\.fpn\.(inner|layer)_blocks\.(\d)\.0\.'), r'backbone.fpn.\1_blocks.\2.'),
+  (re.compile(r'^rpn\.head\.conv\.0\.0\.'), 'rpn.head.conv.'),
+  (
+    re.compile(r'^roi_heads\.mask_head\.(\d)\.0\.'),
+    lambda m: f'roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.',
+  ),
 )
 
 
@@ -238,12 +276,23 @@ def old_names(state: dict) -> collections.OrderedDict:
   return renamed
 
 
-def make_maskrcnn(out: str, name: str, width: int | None, fpn_dim: int, box_dim: int,
-                  mask_dim: int, num_classes: int, size=(72, 88)):
+def make_maskrcnn(
+  out: str,
+  name: str,
+  width: int | None,
+  fpn_dim: int,
+  box_dim: int,
+  mask_dim: int,
+  num_classes: int,
+  size=(72, 88),
+):
   """torchvision's MaskRCNN (as maskrcnn_resnet50_fpn builds it) and its head outputs."""
   torch.manual_seed(0)
-  make = (lambda norm: NarrowResNet(tv_resnet.Bottleneck, [3, 4, 6, 3], width, norm_layer=norm)
-          ) if width else (lambda norm: tv_resnet.resnet50(weights=None, norm_layer=norm))
+  make = (
+    (lambda norm: NarrowResNet(tv_resnet.Bottleneck, [3, 4, 6, 3], width, norm_layer=norm))
+    if width
+    else (lambda norm: tv_resnet.resnet50(weights=None, norm_layer=norm))
+  )
   # Measure BN statistics with BatchNorm2d, then load them into the FrozenBatchNorm2d body.
   trained = make(nn.BatchNorm2d)
   generator = torch.Generator().manual_seed(2)
@@ -252,15 +301,22 @@ def make_maskrcnn(out: str, name: str, width: int | None, fpn_dim: int, box_dim:
   body.load_state_dict(trained.state_dict())
   width = width or 64
   channels = [4 * width * 2**k for k in range(4)]
-  backbone = BackboneWithFPN(body, {f'layer{k + 1}': str(k) for k in range(4)}, channels,
-                             fpn_dim, extra_blocks=LastLevelMaxPool())
+  backbone = BackboneWithFPN(
+    body,
+    {f'layer{k + 1}': str(k) for k in range(4)},
+    channels,
+    fpn_dim,
+    extra_blocks=LastLevelMaxPool(),
+  )
   model = tv_mask_rcnn.MaskRCNN(
-      backbone, num_classes=None,
-      rpn_head=tv_rpn.RPNHead(fpn_dim, 3),
-      box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
-      box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
-      mask_head=tv_mask_rcnn.MaskRCNNHeads(fpn_dim, [mask_dim] * 4, 1),
-      mask_predictor=tv_mask_rcnn.MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1))
+    backbone,
+    num_classes=None,
+    rpn_head=tv_rpn.RPNHead(fpn_dim, 3),
+    box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
+    box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
+    mask_head=tv_mask_rcnn.MaskRCNNHeads(fpn_dim, [mask_dim] * 4, 1),
+    mask_predictor=tv_mask_rcnn.MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1),
+  )
   # Give every bias of the FPN and heads a random value (torchvision initialises them to 0).
   with torch.no_grad():
     for key, param in model.named_parameters():
@@ -272,9 +328,16 @@ def make_maskrcnn(out: str, name: str, width: int | None, fpn_dim: int, box_dim:
   x = torch.randn((2, 3) + size, generator=generator)
   # Boxes (x1, y1, x2, y2) in input pixels over both images; with torchvision's canonical 224
   # the 140 x 130 one reads P3, the others P2. Some reach outside the image on purpose.
-  rois = torch.tensor([[4.0, 6.0, 40.0, 30.0], [10.5, 2.25, 80.0, 70.0],
-                       [-30.0, -30.0, 110.0, 100.0], [0.0, 0.0, 88.0, 72.0],
-                       [30.0, 20.0, 46.0, 28.0], [-20.0, 5.0, 110.0, 60.0]])
+  rois = torch.tensor(
+    [
+      [4.0, 6.0, 40.0, 30.0],
+      [10.5, 2.25, 80.0, 70.0],
+      [-30.0, -30.0, 110.0, 100.0],
+      [0.0, 0.0, 88.0, 72.0],
+      [30.0, 20.0, 46.0, 28.0],
+      [-20.0, 5.0, 110.0, 60.0],
+    ]
+  )
   roi_batch = torch.tensor([0, 0, 0, 1, 1, 1])
 
   def outputs(net, dtype):
@@ -288,39 +351,58 @@ def make_maskrcnn(out: str, name: str, width: int | None, fpn_dim: int, box_dim:
     cls_logits, box_deltas = net.roi_heads.box_predictor(net.roi_heads.box_head(box_features))
     mask_features = net.roi_heads.mask_roi_pool(pyramid, boxes, shapes)
     mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_features))
-    return {**body_levels(net.backbone.body, x.to(dtype)),
-            **{f'P{k + 2}': v.numpy() for k, v in enumerate(feature_list)},
-            'rpn_objectness': objectness.reshape(2, -1).numpy(),
-            'rpn_deltas': deltas.reshape(2, -1, 4).numpy(),
-            'box_features': box_features.numpy(), 'cls_logits': cls_logits.numpy(),
-            'box_deltas': box_deltas.numpy(), 'mask_features': mask_features.numpy(),
-            'mask_logits': mask_logits.numpy()}
+    return {
+      **body_levels(net.backbone.body, x.to(dtype)),
+      **{f'P{k + 2}': v.numpy() for k, v in enumerate(feature_list)},
+      'rpn_objectness': objectness.reshape(2, -1).numpy(),
+      'rpn_deltas': deltas.reshape(2, -1, 4).numpy(),
+      'box_features': box_features.numpy(),
+      'cls_logits': cls_logits.numpy(),
+      'box_deltas': box_deltas.numpy(),
+      'mask_features': mask_features.numpy(),
+      'mask_logits': mask_logits.numpy(),
+    }
 
   arrays, errors = references(model, outputs)
   arrays.update(x=x.numpy(), rois_xyxy=rois.numpy(), roi_batch=roi_batch.numpy())
-  meta = {'kind': 'maskrcnn', 'arch': 'maskrcnn_resnet50_fpn', 'depth': 50, 'width': width,
-          'fpn_dim': fpn_dim, 'box_head_dim': box_dim, 'mask_head_dim': mask_dim,
-          'num_classes': num_classes, 'anchor_ratios': [0.5, 1.0, 2.0],
-          'float32_error': errors}
+  meta = {
+    'kind': 'maskrcnn',
+    'arch': 'maskrcnn_resnet50_fpn',
+    'depth': 50,
+    'width': width,
+    'fpn_dim': fpn_dim,
+    'box_head_dim': box_dim,
+    'mask_head_dim': mask_dim,
+    'num_classes': num_classes,
+    'anchor_ratios': [0.5, 1.0, 2.0],
+    'float32_error': errors,
+  }
   state = model.state_dict()
   save(out, name, state, arrays, meta)
   if width != 64:
     legacy = old_names(state)
     check = tv_mask_rcnn.MaskRCNN(
-        BackboneWithFPN(make(tv_misc.FrozenBatchNorm2d),
-                        {f'layer{k + 1}': str(k) for k in range(4)}, channels, fpn_dim,
-                        extra_blocks=LastLevelMaxPool()),
-        num_classes=None, rpn_head=tv_rpn.RPNHead(fpn_dim, 3),
-        box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
-        box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
-        mask_head=tv_mask_rcnn.MaskRCNNHeads(fpn_dim, [mask_dim] * 4, 1),
-        mask_predictor=tv_mask_rcnn.MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1))
+      BackboneWithFPN(
+        make(tv_misc.FrozenBatchNorm2d),
+        {f'layer{k + 1}': str(k) for k in range(4)},
+        channels,
+        fpn_dim,
+        extra_blocks=LastLevelMaxPool(),
+      ),
+      num_classes=None,
+      rpn_head=tv_rpn.RPNHead(fpn_dim, 3),
+      box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
+      box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
+      mask_head=tv_mask_rcnn.MaskRCNNHeads(fpn_dim, [mask_dim] * 4, 1),
+      mask_predictor=tv_mask_rcnn.MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1),
+    )
     check.load_state_dict(legacy, strict=True)  # torchvision maps the old names back
     for key, value in check.state_dict().items():
       if not torch.equal(value, state[key]):
         raise AssertionError(f'legacy names: {key} did not load back')
-    torch.save(legacy, os.path.join(out, f'{name}_legacy.pth'),
-               _use_new_zipfile_serialization=False)
+    torch.save(
+      legacy, os.path.join(out, f'{name}_legacy.pth'), _use_new_zipfile_serialization=False
+    )
 
 
 def storage_cases(out: str) -> None:
@@ -328,10 +410,11 @@ def storage_cases(out: str) -> None:
   sharing one storage, and every dtype; saved in both formats beside their values."""
   generator = torch.Generator().manual_seed(3)
   base = torch.randn(6, 5, generator=generator)
-  state = collections.OrderedDict([
-      ('transposed', base.t()),                       # strides (1, 5) into base's storage
-      ('row_slice', base[2:4]),                       # storage offset 10
-      ('column_step', base[:, 1::2]),                 # strides (5, 2), offset 1
+  state = collections.OrderedDict(
+    [
+      ('transposed', base.t()),  # strides (1, 5) into base's storage
+      ('row_slice', base[2:4]),  # storage offset 10
+      ('column_step', base[:, 1::2]),  # strides (5, 2), offset 1
       ('scalar', torch.tensor(7, dtype=torch.int64)),
       ('half', torch.randn(3, 2, generator=generator).half()),
       ('bfloat16', torch.randn(4, generator=generator).bfloat16()),
@@ -340,11 +423,13 @@ def storage_cases(out: str) -> None:
       ('uint8', torch.arange(250, 256, dtype=torch.uint8)),
       ('bool', torch.tensor([True, False, True])),
       ('empty', torch.zeros(0, 3)),
-  ])
+    ]
+  )
   expected = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
   torch.save(state, os.path.join(out, 'storage_cases.pth'))
-  torch.save(state, os.path.join(out, 'storage_cases_legacy.pth'),
-             _use_new_zipfile_serialization=False)
+  torch.save(
+    state, os.path.join(out, 'storage_cases_legacy.pth'), _use_new_zipfile_serialization=False
+  )
   np.savez(os.path.join(out, 'storage_cases.npz'), **expected)
 
 
@@ -355,6 +440,7 @@ def full_architectures(out: str) -> None:
     shapes[arch] = {k: list(v.shape) for k, v in model.state_dict().items()}
   body = tv_resnet.resnet50(weights=None, norm_layer=tv_misc.FrozenBatchNorm2d)
   from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
   model = tv_mask_rcnn.MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=91)
   shapes['maskrcnn_resnet50_fpn'] = {k: list(v.shape) for k, v in model.state_dict().items()}
   shapes['_versions'] = {'torch': torch.__version__, 'torchvision': torchvision.__version__}
@@ -366,8 +452,11 @@ def full_architectures(out: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=DEFAULT_OUT)
-  parser.add_argument('--full', action='store_true',
-                      help='published architectures at full width (not stored in the repo)')
+  parser.add_argument(
+    '--full',
+    action='store_true',
+    help='published architectures at full width (not stored in the repo)',
+  )
   args = parser.parse_args()
   torch.set_num_threads(2)
   os.makedirs(args.out, exist_ok=True)

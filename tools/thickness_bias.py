@@ -47,13 +47,12 @@ from imask_jax.metrics import thickness  # noqa: E402
 
 METHODS = thickness.THICKNESS_METHODS
 FINE_SPACING = tuple(knee.PRESETS['full']['spacing'])  # (0.3646, 0.3646, 0.7) along I, P, L
-SHAPE_SPACINGS = [(0.365, 0.365, 0.365), (0.365, 0.365, 0.7), (0.7, 0.365, 0.365),
-                  (1.5, 0.8, 0.8)]
+SHAPE_SPACINGS = [(0.365, 0.365, 0.365), (0.365, 0.365, 0.7), (0.7, 0.365, 0.365), (1.5, 0.8, 0.8)]
 SQRT2, SQRT3, SQRT5, SQRT7 = (math.sqrt(v) for v in (2, 3, 5, 7))
 SLAB_NORMALS = {
-    'slab, oblique to all axes': (1.0, SQRT2, SQRT3),
-    'slab, 14 deg off z': (0.1 * SQRT2, 0.1 * SQRT3, 1.0),
-    'slab, 18 deg off x': (1.0, 0.1 * SQRT5, 0.1 * SQRT7),
+  'slab, oblique to all axes': (1.0, SQRT2, SQRT3),
+  'slab, 14 deg off z': (0.1 * SQRT2, 0.1 * SQRT3, 1.0),
+  'slab, 18 deg off x': (1.0, 0.1 * SQRT5, 0.1 * SQRT7),
 }
 SHELLS = {'shell R 12, T 2 mm': (12.0, 2.0), 'shell R 20, T 1.5 mm': (20.0, 1.5)}
 TILTS_DEG = (3, 6, 10, 14, 20, 30, 45)
@@ -85,7 +84,7 @@ def shell(radius, thickness_mm, spacing):
   shape = tuple(int((2 * (radius + thickness_mm) + 6) / s) for s in spacing)
   x, y, z = _coordinates(shape, spacing)
   centre = [n * s / 2 + f * s for n, s, f in zip(shape, spacing, (0.13, 0.29, 0.41))]
-  r = np.sqrt((x - centre[0])**2 + (y - centre[1])**2 + (z - centre[2])**2)
+  r = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
   labels = np.zeros(shape, np.uint8)
   labels[r < radius] = 1
   labels[(r >= radius) & (r < radius + thickness_mm)] = 2
@@ -99,8 +98,9 @@ def shape_offset(labels, spacing, method, margin_mm=None):
   keep = np.ones(len(points.thickness_mm), bool)
   if margin_mm is not None:
     size = np.asarray(labels.shape) * np.asarray(spacing)
-    keep = np.all((points.positions_mm > margin_mm) & (points.positions_mm < size - margin_mm),
-                  axis=1)
+    keep = np.all(
+      (points.positions_mm > margin_mm) & (points.positions_mm < size - margin_mm), axis=1
+    )
   return float(points.thickness_mm[keep].mean())
 
 
@@ -114,12 +114,16 @@ def shape_table():
   for spacing in SHAPE_SPACINGS:
     for name, normal in SLAB_NORMALS.items():
       labels = slab(2.0, spacing, normal)
-      rows.append([name, str(spacing)] + [
-          _cell(shape_offset(labels, spacing, m, margin_mm=5.0) - 2.0, 2.0) for m in METHODS])
+      rows.append(
+        [name, str(spacing)]
+        + [_cell(shape_offset(labels, spacing, m, margin_mm=5.0) - 2.0, 2.0) for m in METHODS]
+      )
     for name, (radius, width) in SHELLS.items():
       labels = shell(radius, width, spacing)
-      rows.append([name, str(spacing)] + [
-          _cell(shape_offset(labels, spacing, m) - width, width) for m in METHODS])
+      rows.append(
+        [name, str(spacing)]
+        + [_cell(shape_offset(labels, spacing, m) - width, width) for m in METHODS]
+      )
   return header, rows
 
 
@@ -133,8 +137,10 @@ def tilt_table(spacing):
     t = math.radians(tilt)
     normal = (math.sin(t) * math.cos(azimuth), math.sin(t) * math.sin(azimuth), math.cos(t))
     labels = slab(2.0, spacing, normal)
-    rows.append([str(tilt)] + [_cell(shape_offset(labels, spacing, m, margin_mm=5.0) - 2.0, 2.0)
-                               for m in METHODS])
+    rows.append(
+      [str(tilt)]
+      + [_cell(shape_offset(labels, spacing, m, margin_mm=5.0) - 2.0, 2.0) for m in METHODS]
+    )
   return header, rows
 
 
@@ -152,8 +158,10 @@ class Knee:
       phantom = knee.generate_knee(seed, 'cpu')
       labels, affine = phantom.labels, phantom.affine
       model_to_world = np.asarray(phantom.truth['model_to_world'])
-      self.sidecar = {plate: phantom.truth['cartilage_thickness'][f'{plate}_cartilage']
-                      ['mean_thickness_mm'] for plate in PLATES}
+      self.sidecar = {
+        plate: phantom.truth['cartilage_thickness'][f'{plate}_cartilage']['mean_thickness_mm']
+        for plate in PLATES
+      }
     else:
       labels, affine, model_to_world = self._render_fine(anatomy)
       self.sidecar = None
@@ -165,18 +173,18 @@ class Knee:
 
   def _render_fine(self, anatomy):
     cpu = knee.PRESETS['cpu']
-    shape = tuple(int(round(n * s / f)) for n, s, f in zip(cpu['shape'], cpu['spacing'],
-                                                           FINE_SPACING))
+    shape = tuple(
+      int(round(n * s / f)) for n, s, f in zip(cpu['shape'], cpu['spacing'], FINE_SPACING)
+    )
     placed = knee.make_grid(anatomy, 'cpu')  # the knee's pose in the world
     affine = mri.grid_affine(shape, FINE_SPACING, knee.AXIS_DIRECTIONS, np.zeros(3))
     grid = scene.Grid(shape, affine, placed.model_to_world)
     sc = scene.Scene(grid, ramp_mm=float(np.mean(FINE_SPACING[:2])))
     # Textures only shade the image; the labels do not depend on them.
-    sc.textures = {k: np.zeros(shape, np.float32) for k in ('fine', 'coarse', 'striated',
-                                                            'septa')}
+    sc.textures = {k: np.zeros(shape, np.float32) for k in ('fine', 'coarse', 'striated', 'septa')}
     layers, _ = knee.build_layers(self.model, sc)
     last = max(i for i, layer in enumerate(layers) if layer.label in (1, 2, 3, 4))
-    return scene.render(sc, layers[:last + 1]).labels, affine, placed.model_to_world
+    return scene.render(sc, layers[: last + 1]).labels, affine, placed.model_to_world
 
   def analytic(self, bone_name, positions_mm):
     """Analytic thickness (mm) at the foot points of positions [N, 3] (canonical array mm)."""
@@ -206,12 +214,15 @@ def plate_offsets(k, plate, method):
   interior = rim > RIM_MM
   measured_map, truth_map = _maps(k, plate, points, t)
   return {
-      'truth_mm': t.mean(), 'all': points.thickness_mm.mean() - t.mean(),
-      'interior_truth_mm': t[interior].mean(),
-      'interior': points.thickness_mm[interior].mean() - t[interior].mean(),
-      'map_truth_mm': truth_map.mean_thickness_mm,
-      'map': measured_map.mean_thickness_mm - truth_map.mean_thickness_mm,
-      'points': len(t), 'interior_points': int(interior.sum())}
+    'truth_mm': t.mean(),
+    'all': points.thickness_mm.mean() - t.mean(),
+    'interior_truth_mm': t[interior].mean(),
+    'interior': points.thickness_mm[interior].mean() - t[interior].mean(),
+    'map_truth_mm': truth_map.mean_thickness_mm,
+    'map': measured_map.mean_thickness_mm - truth_map.mean_thickness_mm,
+    'points': len(t),
+    'interior_points': int(interior.sum()),
+  }
 
 
 def _maps(k, plate, points, t):
@@ -223,17 +234,27 @@ def _maps(k, plate, points, t):
     cylinder = thickness.fit_cylinder(points.positions_mm)
     axial_bin = thickness._default_bin_mm(k.spacing, axes=(0,), where=where)
     angle_bin = thickness.femoral_angle_bin_deg(k.spacing)
-    axial_range = thickness._extent(thickness.cylinder_coordinates(points.positions_mm,
-                                                                   cylinder)[1])
-    return [thickness._femoral_map(p, cylinder, angle_bin, axial_bin, axial_range, where)
-            for p in (points, analytic)]
+    axial_range = thickness._extent(
+      thickness.cylinder_coordinates(points.positions_mm, cylinder)[1]
+    )
+    return [
+      thickness._femoral_map(p, cylinder, angle_bin, axial_bin, axial_range, where)
+      for p in (points, analytic)
+    ]
   bin_mm = thickness._default_bin_mm(k.spacing, axes=(0, 1), where=where)
   return [thickness._tibial_map(p, bin_mm, None, None, where) for p in (points, analytic)]
 
 
 def phantom_table(grid_kind, seeds):
-  header = ['grid', 'plate', 'method', 'truth t, mm', 'offset, all points',
-            'offset, interior (> 3 mm from rim)', 'offset, map cells']
+  header = [
+    'grid',
+    'plate',
+    'method',
+    'truth t, mm',
+    'offset, all points',
+    'offset, interior (> 3 mm from rim)',
+    'offset, map cells',
+  ]
   results = {}
   for seed in seeds:
     start = time.time()
@@ -241,18 +262,27 @@ def phantom_table(grid_kind, seeds):
     for plate in PLATES:
       for method in METHODS:
         results.setdefault((plate, method), []).append(plate_offsets(k, plate, method))
-    print(f'  {grid_kind} seed {seed}: spacing {[round(float(s), 4) for s in k.spacing]} mm, '
-          f'{time.time() - start:.0f} s', file=sys.stderr, flush=True)
+    print(
+      f'  {grid_kind} seed {seed}: spacing {[round(float(s), 4) for s in k.spacing]} mm, '
+      f'{time.time() - start:.0f} s',
+      file=sys.stderr,
+      flush=True,
+    )
   rows = []
   for (plate, method), values in results.items():
     truth = np.mean([v['truth_mm'] for v in values])
     cells = []
-    for key, reference in (('all', 'truth_mm'), ('interior', 'interior_truth_mm'),
-                           ('map', 'map_truth_mm')):
+    for key, reference in (
+      ('all', 'truth_mm'),
+      ('interior', 'interior_truth_mm'),
+      ('map', 'map_truth_mm'),
+    ):
       offsets = np.array([v[key] for v in values])
       percent = np.array([100 * v[key] / v[reference] for v in values])
-      cells.append(f'{offsets.mean():+.3f} mm ({percent.mean():+.1f} %; '
-                   f'{percent.min():+.1f} to {percent.max():+.1f})')
+      cells.append(
+        f'{offsets.mean():+.3f} mm ({percent.mean():+.1f} %; '
+        f'{percent.min():+.1f} to {percent.max():+.1f})'
+      )
     rows.append([grid_kind, plate, method, f'{truth:.2f}'] + cells)
   return header, rows
 
@@ -266,8 +296,9 @@ def markdown(header, rows):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--cpu-seeds', type=int, default=5, help='phantoms at the cpu preset')
-  parser.add_argument('--fine-seeds', type=int, default=3,
-                      help='phantoms at the full preset spacing')
+  parser.add_argument(
+    '--fine-seeds', type=int, default=3, help='phantoms at the full preset spacing'
+  )
   parser.add_argument('--no-shapes', action='store_true', help='skip the analytic shapes')
   args = parser.parse_args(argv)
   start = time.time()
@@ -283,10 +314,14 @@ def main(argv=None):
       header, part = phantom_table(grid_kind, range(count))
       rows += part
   if rows:
-    print(f'## Phantom truth label maps ({args.cpu_seeds} cpu, {args.fine_seeds} fine volumes, '
-          'seeds from 0)\n')
-    print('Offsets: mean over volumes of (measured - analytic), in mm and % of the analytic '
-          'mean (mean; min to max over volumes).\n')
+    print(
+      f'## Phantom truth label maps ({args.cpu_seeds} cpu, {args.fine_seeds} fine volumes, '
+      'seeds from 0)\n'
+    )
+    print(
+      'Offsets: mean over volumes of (measured - analytic), in mm and % of the analytic '
+      'mean (mean; min to max over volumes).\n'
+    )
     print(markdown(header, rows) + '\n')
   print(f'({time.time() - start:.0f} s)', file=sys.stderr)
 

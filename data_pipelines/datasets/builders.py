@@ -43,6 +43,7 @@ except RuntimeError:
 @dataclasses.dataclass(eq=False, repr=False)
 class SliceBuilderConfig(tfds.core.BuilderConfig):
   """A TFDS builder config carrying the `DatasetParams` it was named after."""
+
   params: DatasetParams | None = None
 
   def __repr__(self) -> str:  # TFDS logs it; the settings are in `description`
@@ -50,15 +51,17 @@ class SliceBuilderConfig(tfds.core.BuilderConfig):
 
 
 def builder_config(params: DatasetParams) -> SliceBuilderConfig:
-  return SliceBuilderConfig(name=params.config_name, version=VERSION,
-                            description=params.describe(), params=params)
+  return SliceBuilderConfig(
+    name=params.config_name, version=VERSION, description=params.describe(), params=params
+  )
 
 
 def features(channels: int) -> tfds.features.FeaturesDict:
   """The stored example (see `slice_examples`); H, W and the instance count N vary."""
   levels = len(slice_examples.PERCENTILE_LEVELS)
   tensor = tfds.features.Tensor
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       # Raw bytes: MR intensities barely compress, and decoding stays cheap.
       'image': tensor(shape=(None, None, channels), dtype=np.float32, encoding='bytes'),
       'classes': tensor(shape=(None,), dtype=np.int32),
@@ -69,7 +72,8 @@ def features(channels: int) -> tfds.features.FeaturesDict:
       'pixel_spacing': tensor(shape=(2,), dtype=np.float32),
       'slice_thickness': tensor(shape=(), dtype=np.float32),
       'intensity_percentiles': tensor(shape=(levels,), dtype=np.float32),
-  })
+    }
+  )
 
 
 class SliceDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -80,11 +84,11 @@ class SliceDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   def __init__(self, *, config: SliceBuilderConfig, **kwargs: Any):
     if not isinstance(config, SliceBuilderConfig) or config.params is None:
-      raise ValueError(f'{type(self).__name__} needs a SliceBuilderConfig made by '
-                       'builder_config(params)')
+      raise ValueError(
+        f'{type(self).__name__} needs a SliceBuilderConfig made by builder_config(params)'
+      )
     if config.params.dataset != self.name:
-      raise ValueError(f'builder {self.name!r} given params of dataset '
-                       f'{config.params.dataset!r}')
+      raise ValueError(f'builder {self.name!r} given params of dataset {config.params.dataset!r}')
     super().__init__(config=config, **kwargs)
 
   @property
@@ -93,36 +97,49 @@ class SliceDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=(f'{self.name}: 2D slices of 3D MRI with instance classes, boxes and masks. '
-                     f'Settings: {self.params.describe()}. Percentile levels: '
-                     f'{slice_examples.PERCENTILE_LEVELS}.'),
-        features=features(self.params.channels),
-        supervised_keys=None)
+      description=(
+        f'{self.name}: 2D slices of 3D MRI with instance classes, boxes and masks. '
+        f'Settings: {self.params.describe()}. Percentile levels: '
+        f'{slice_examples.PERCENTILE_LEVELS}.'
+      ),
+      features=features(self.params.channels),
+      supervised_keys=None,
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     if not self.params.is_phantom:
       dl_manager.manual_dir  # noqa: B018 -- raises TFDS's instructions if the folder is missing
-    return {split: self._generate_examples(source)
-            for split, source in sources.volume_sources(self.params, self.data_dir_root).items()
-            if source.cases}
+    return {
+      split: self._generate_examples(source)
+      for split, source in sources.volume_sources(self.params, self.data_dir_root).items()
+      if source.cases
+    }
 
   def _generate_examples(self, source: sources.VolumeSource):
     p = self.params
     settings = slice_examples.SliceSettings(
-        class_map=p.class_map, instance_mode=p.instance_mode, min_pixels=p.min_instance_pixels,
-        empty_slice_rate=p.empty_slice_rate, context_slices=p.context_slices, seed=p.seed)
+      class_map=p.class_map,
+      instance_mode=p.instance_mode,
+      min_pixels=p.min_instance_pixels,
+      empty_slice_rate=p.empty_slice_rate,
+      context_slices=p.context_slices,
+      seed=p.seed,
+    )
     count = 0
     for case in source.cases:
       for key, example in slice_examples.slice_examples(source.load(case), settings):
         count += 1
         yield key, example
     if not count:  # TFDS cannot store an empty split; say why it is empty
-      raise DataError(f'split {source.split!r} of {self.name}', 'no slice to store',
-                      found=f'{len(source.cases)} case(s) {[c.case_id for c in source.cases]} '
-                            f'without any instance of label values {p.class_label_values} '
-                            f'(min_instance_pixels={p.min_instance_pixels}) and '
-                            f'empty_slice_rate={p.empty_slice_rate}',
-                      expected='a positive data.empty_slice_rate, or other data.split_fractions')
+      raise DataError(
+        f'split {source.split!r} of {self.name}',
+        'no slice to store',
+        found=f'{len(source.cases)} case(s) {[c.case_id for c in source.cases]} '
+        f'without any instance of label values {p.class_label_values} '
+        f'(min_instance_pixels={p.min_instance_pixels}) and '
+        f'empty_slice_rate={p.empty_slice_rate}',
+        expected='a positive data.empty_slice_rate, or other data.split_fractions',
+      )
 
 
 class PhantomKnee(SliceDatasetBuilder):
@@ -180,6 +197,7 @@ def prepare(config: Any, data_dir: str | os.PathLike) -> SliceDatasetBuilder:
     # TFDS prints 'Downloading and preparing dataset ...' (nothing is downloaded): log it.
     with contextlib.redirect_stdout(io.StringIO()) as printed:
       builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+      )
     logging.info('%s', printed.getvalue().strip())
   return builder

@@ -59,6 +59,7 @@ class DatasetParams:
   subject_pattern: how a case id names its subject (module docstring; '' = one case per
   subject).
   """
+
   dataset: str
   plane: str
   class_label_values: tuple[int, ...]
@@ -81,26 +82,31 @@ class DatasetParams:
       raise ValueError(f'config data.plane={self.plane!r}; expected one of {orientation.PLANES}')
     values = self.class_label_values
     if not values or len(set(values)) != len(values) or any(not 1 <= v <= 255 for v in values):
-      raise ValueError(f'config data.class_label_values={values}; expected distinct label '
-                       'values in 1..255, one per class')
+      raise ValueError(
+        f'config data.class_label_values={values}; expected distinct label '
+        'values in 1..255, one per class'
+      )
     if self.instance_mode not in instances.MODES:
-      raise ValueError(f'config data.instance_mode={self.instance_mode!r}; expected one of '
-                       f'{instances.MODES}')
+      raise ValueError(
+        f'config data.instance_mode={self.instance_mode!r}; expected one of {instances.MODES}'
+      )
     if self.min_instance_pixels < 1:
-      raise ValueError(f'config data.min_instance_pixels={self.min_instance_pixels}; '
-                       'expected >= 1')
+      raise ValueError(f'config data.min_instance_pixels={self.min_instance_pixels}; expected >= 1')
     if not 0.0 <= self.empty_slice_rate <= 1.0:
-      raise ValueError(f'config data.empty_slice_rate={self.empty_slice_rate}; expected a '
-                       'fraction in [0, 1]')
+      raise ValueError(
+        f'config data.empty_slice_rate={self.empty_slice_rate}; expected a fraction in [0, 1]'
+      )
     if self.context_slices < 0:
       raise ValueError(f'config data.context_slices={self.context_slices}; expected >= 0')
     check_fractions(self.split_fractions)
     check_subject_pattern(self.subject_pattern)
     if self.is_phantom:
       if self.phantom_preset is None or self.num_volumes is None or self.num_volumes < 1:
-        raise ValueError(f'{self.dataset}: config data.phantom_preset={self.phantom_preset!r} '
-                         f'and data.num_volumes={self.num_volumes}; expected a preset and >= 1 '
-                         'volumes')
+        raise ValueError(
+          f'{self.dataset}: config data.phantom_preset={self.phantom_preset!r} '
+          f'and data.num_volumes={self.num_volumes}; expected a preset and >= 1 '
+          'volumes'
+        )
     elif not self.source_dir:
       raise ValueError(f'{self.dataset}: no raw data folder; set config data.manual_dir')
 
@@ -131,8 +137,11 @@ class DatasetParams:
     return f'{self.plane}_ctx{self.context_slices}_{digest}'
 
   def describe(self) -> str:
-    return ', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self).items()
-                     if v is not None and not (k == 'subject_pattern' and not v))
+    return ', '.join(
+      f'{k}={v!r}'
+      for k, v in dataclasses.asdict(self).items()
+      if v is not None and not (k == 'subject_pattern' and not v)
+    )
 
 
 def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParams:
@@ -146,25 +155,39 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
   phantom = dataset in PHANTOM_DATASETS
   source_dir = None
   if not phantom:
-    source_dir = os.path.abspath(os.fspath(d.manual_dir) if d.manual_dir else
-                                 os.path.join(os.fspath(data_dir), 'downloads', 'manual'))
+    source_dir = os.path.abspath(
+      os.fspath(d.manual_dir)
+      if d.manual_dir
+      else os.path.join(os.fspath(data_dir), 'downloads', 'manual')
+    )
   return DatasetParams(
-      dataset=dataset, plane=str(d.plane),
-      class_label_values=tuple(int(v) for v in d.class_label_values),
-      reader=str(d.reader), instance_mode=str(d.instance_mode),
-      min_instance_pixels=int(d.min_instance_pixels),
-      empty_slice_rate=float(d.empty_slice_rate), context_slices=int(d.context_slices),
-      seed=int(d.seed), split_fractions=tuple(float(f) for f in d.split_fractions),
-      phantom_preset=str(d.phantom_preset) if phantom else None,
-      num_volumes=int(d.num_volumes) if phantom else None, source_dir=source_dir,
-      subject_pattern=str(d.get('subject_pattern', '') or ''))
+    dataset=dataset,
+    plane=str(d.plane),
+    class_label_values=tuple(int(v) for v in d.class_label_values),
+    reader=str(d.reader),
+    instance_mode=str(d.instance_mode),
+    min_instance_pixels=int(d.min_instance_pixels),
+    empty_slice_rate=float(d.empty_slice_rate),
+    context_slices=int(d.context_slices),
+    seed=int(d.seed),
+    split_fractions=tuple(float(f) for f in d.split_fractions),
+    phantom_preset=str(d.phantom_preset) if phantom else None,
+    num_volumes=int(d.num_volumes) if phantom else None,
+    source_dir=source_dir,
+    subject_pattern=str(d.get('subject_pattern', '') or ''),
+  )
 
 
 def check_fractions(fractions: Sequence[float]) -> None:
-  if (len(fractions) != len(SPLITS) or any(not 0.0 <= f <= 1.0 for f in fractions)
-      or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
-    raise ValueError(f'config data.split_fractions={tuple(fractions)}; expected three fractions '
-                     f'{SPLITS} in [0, 1] summing to 1')
+  if (
+    len(fractions) != len(SPLITS)
+    or any(not 0.0 <= f <= 1.0 for f in fractions)
+    or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)
+  ):
+    raise ValueError(
+      f'config data.split_fractions={tuple(fractions)}; expected three fractions '
+      f'{SPLITS} in [0, 1] summing to 1'
+    )
 
 
 def split_sizes(num_cases: int, fractions: Sequence[float]) -> tuple[int, int, int]:
@@ -175,7 +198,7 @@ def split_sizes(num_cases: int, fractions: Sequence[float]) -> tuple[int, int, i
   exact = [num_cases * f for f in fractions]
   sizes = [math.floor(x) for x in exact]
   by_remainder = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - sizes[i]), i))
-  for i in by_remainder[:num_cases - sum(sizes)]:
+  for i in by_remainder[: num_cases - sum(sizes)]:
     sizes[i] += 1
   wanted = [i for i, f in enumerate(fractions) if f > 0]
   if num_cases >= len(wanted):
@@ -192,11 +215,14 @@ def check_subject_pattern(pattern: str) -> None:
   try:
     compiled = re.compile(pattern)
   except re.error as error:
-    raise ValueError(f'config data.subject_pattern={pattern!r} is not a regular expression: '
-                     f'{error}') from error
+    raise ValueError(
+      f'config data.subject_pattern={pattern!r} is not a regular expression: {error}'
+    ) from error
   if 'subject' not in compiled.groupindex:
-    raise ValueError(f'config data.subject_pattern={pattern!r} has no named group "subject"; '
-                     f'expected e.g. {SUBJECT_TIMEPOINT_PATTERN!r} for <subject>_<timepoint>')
+    raise ValueError(
+      f'config data.subject_pattern={pattern!r} has no named group "subject"; '
+      f'expected e.g. {SUBJECT_TIMEPOINT_PATTERN!r} for <subject>_<timepoint>'
+    )
 
 
 def subject_and_timepoint(case_id: str, pattern: str = '') -> tuple[str, str | None]:
@@ -207,15 +233,18 @@ def subject_and_timepoint(case_id: str, pattern: str = '') -> tuple[str, str | N
   check_subject_pattern(pattern)
   match = re.fullmatch(pattern, case_id)
   if match is None or not match.group('subject'):
-    raise ValueError(f'case id {case_id!r} does not match config data.subject_pattern='
-                     f'{pattern!r}; expected every case id to name its subject (e.g. '
-                     '<subject>_<timepoint>), so that no subject straddles two splits')
+    raise ValueError(
+      f'case id {case_id!r} does not match config data.subject_pattern='
+      f'{pattern!r}; expected every case id to name its subject (e.g. '
+      '<subject>_<timepoint>), so that no subject straddles two splits'
+    )
   timepoint = match.groupdict().get('timepoint')
   return match.group('subject'), timepoint or None
 
 
-def assign_splits(case_ids: Iterable[str], fractions: Sequence[float],
-                  subject_pattern: str = '') -> dict[str, tuple[str, ...]]:
+def assign_splits(
+  case_ids: Iterable[str], fractions: Sequence[float], subject_pattern: str = ''
+) -> dict[str, tuple[str, ...]]:
   """Split name -> the case ids in it (sorted). Every case lands in exactly one split, and
   all cases of one subject (`subject_and_timepoint`) in the same one.
 
@@ -230,11 +259,12 @@ def assign_splits(case_ids: Iterable[str], fractions: Sequence[float],
   by_subject: dict[str, list[str]] = {}
   for case_id in case_ids:
     by_subject.setdefault(subject_and_timepoint(case_id, subject_pattern)[0], []).append(case_id)
-  order = sorted(by_subject,
-                 key=lambda s: hashlib.sha256((_SPLIT_SALT + s).encode('utf-8')).hexdigest())
+  order = sorted(
+    by_subject, key=lambda s: hashlib.sha256((_SPLIT_SALT + s).encode('utf-8')).hexdigest()
+  )
   sizes = split_sizes(len(order), fractions)
   out, start = {}, 0
   for name, size in zip(SPLITS, sizes):
-    out[name] = tuple(sorted(c for s in order[start:start + size] for c in by_subject[s]))
+    out[name] = tuple(sorted(c for s in order[start : start + size] for c in by_subject[s]))
     start += size
   return out

@@ -36,6 +36,7 @@ class VolumeSource:
   label file may hold (the dataset's declared labels, name -> value). class_map: label value ->
   class id. reader: the label reader to load (None = the reference labels).
   """
+
   split: str
   cases: tuple[readers.Case, ...]
   plane: str
@@ -45,15 +46,19 @@ class VolumeSource:
 
   def load(self, case: readers.Case) -> readers.Volume:
     """One case as a checked canonical `Volume` (image, labels, spacing, original grid)."""
-    return readers.load_volume(case, plane=self.plane, label_values=self.label_values,
-                               reader=self.reader)
+    return readers.load_volume(
+      case, plane=self.plane, label_values=self.label_values, reader=self.reader
+    )
 
 
 def phantom_dir(params: DatasetParams, data_dir: str | os.PathLike) -> str:
   """The folder the phantoms of `params` are generated into, under the TFDS data_dir."""
   kind = PHANTOM_DATASETS[params.dataset]
-  return os.path.join(os.fspath(data_dir), 'phantom_sources',
-                      f'{kind}_{params.phantom_preset}_n{params.num_volumes}_seed{params.seed}')
+  return os.path.join(
+    os.fspath(data_dir),
+    'phantom_sources',
+    f'{kind}_{params.phantom_preset}_n{params.num_volumes}_seed{params.seed}',
+  )
 
 
 def ensure_phantoms(params: DatasetParams, data_dir: str | os.PathLike) -> str:
@@ -65,8 +70,14 @@ def ensure_phantoms(params: DatasetParams, data_dir: str | os.PathLike) -> str:
   folder = phantom_dir(params, data_dir)
   if not os.path.isfile(os.path.join(folder, 'dataset.json')):
     from data_pipelines import phantoms  # the generator is only needed to make the folder
-    phantoms.write_dataset(PHANTOM_DATASETS[params.dataset], params.num_volumes, params.seed,
-                           folder, preset=params.phantom_preset)
+
+    phantoms.write_dataset(
+      PHANTOM_DATASETS[params.dataset],
+      params.num_volumes,
+      params.seed,
+      folder,
+      preset=params.phantom_preset,
+    )
   return folder
 
 
@@ -75,8 +86,11 @@ def open_folder(params: DatasetParams, data_dir: str | os.PathLike) -> Folder:
   if params.is_phantom:
     return readers.NnunetFolder(ensure_phantoms(params, data_dir))
   if not os.path.isdir(params.source_dir):
-    raise DataError(params.source_dir, f'raw data folder of {params.dataset} not found',
-                    expected='the folder named by config data.manual_dir')
+    raise DataError(
+      params.source_dir,
+      f'raw data folder of {params.dataset} not found',
+      expected='the folder named by config data.manual_dir',
+    )
   if params.dataset == 'oai_zib':
     return readers.OaiZibFolder(params.source_dir)
   return readers.NnunetFolder(params.source_dir)
@@ -86,31 +100,44 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
   """The folder's labelled cases, after checking the config's labels and reader against it."""
   declared = {int(v) for v in folder.labels.values()}
   missing = [v for v in params.class_label_values if v not in declared]
-  where = os.path.join(folder.root, 'dataset.json') if isinstance(
-      folder, readers.NnunetFolder) else folder.root
+  where = (
+    os.path.join(folder.root, 'dataset.json')
+    if isinstance(folder, readers.NnunetFolder)
+    else folder.root
+  )
   if missing:
-    raise DataError(where, 'config data.class_label_values has values the dataset does not '
-                    'declare', found=f'{missing} (declared labels {folder.labels})',
-                    expected=f'values among {sorted(declared - {0})}')
+    raise DataError(
+      where,
+      'config data.class_label_values has values the dataset does not declare',
+      found=f'{missing} (declared labels {folder.labels})',
+      expected=f'values among {sorted(declared - {0})}',
+    )
   # A declared value the config does not train becomes background. That is right for a tissue
   # of our vocabulary the config leaves out (the knee phantoms' effusion, 5, for a knee
   # config) and silently wrong for anything else (a dataset that splits tibial cartilage into
   # medial 4 and lateral 5 would teach the lateral half as background): refuse those.
-  untrained = {name: int(v) for name, v in folder.labels.items()
-               if int(v) != 0 and int(v) not in params.class_label_values
-               and name not in KNOWN_TISSUES}
+  untrained = {
+    name: int(v)
+    for name, v in folder.labels.items()
+    if int(v) != 0 and int(v) not in params.class_label_values and name not in KNOWN_TISSUES
+  }
   if untrained:
-    raise DataError(where, 'the dataset declares label values that config '
-                    f'data.class_label_values={tuple(params.class_label_values)} does not '
-                    'train; their voxels would silently become background',
-                    found=untrained,
-                    expected='every declared value trained as a class (data.class_names, '
-                             'data.class_label_values, model.num_classes), or relabelled in '
-                             'the label files and dropped from dataset.json')
+    raise DataError(
+      where,
+      'the dataset declares label values that config '
+      f'data.class_label_values={tuple(params.class_label_values)} does not '
+      'train; their voxels would silently become background',
+      found=untrained,
+      expected='every declared value trained as a class (data.class_names, '
+      'data.class_label_values, model.num_classes), or relabelled in '
+      'the label files and dropped from dataset.json',
+    )
   if params.reader and params.reader not in folder.readers:
-    raise DataError(where, f'config data.reader={params.reader!r} is not a reader of this dataset',
-                    expected=f'one of {list(folder.readers)} '
-                             f'(or "" for {readers.DEFAULT_READER!r})')
+    raise DataError(
+      where,
+      f'config data.reader={params.reader!r} is not a reader of this dataset',
+      expected=f'one of {list(folder.readers)} (or "" for {readers.DEFAULT_READER!r})',
+    )
   cases = folder.cases('train')
   if not cases:
     raise DataError(folder.root, 'dataset has no labelled cases')
@@ -124,19 +151,29 @@ def split_assignment(params: DatasetParams, folder: Folder) -> dict[str, tuple[r
   try:
     splits = assign_splits(cases, params.split_fractions, params.subject_pattern)
   except ValueError as error:  # a case id that names no subject: say which folder
-    raise DataError(folder.root, 'cannot split the cases by subject', found=str(error),
-                    expected='case ids matching config data.subject_pattern') from error
+    raise DataError(
+      folder.root,
+      'cannot split the cases by subject',
+      found=str(error),
+      expected='case ids matching config data.subject_pattern',
+    ) from error
   return {split: tuple(cases[i] for i in ids) for split, ids in splits.items()}
 
 
-def volume_sources(params: DatasetParams,
-                   data_dir: str | os.PathLike) -> dict[str, VolumeSource]:
+def volume_sources(params: DatasetParams, data_dir: str | os.PathLike) -> dict[str, VolumeSource]:
   """Split name -> the whole volumes of that split, read with the settings of `params`."""
   folder = open_folder(params, data_dir)
-  return {split: VolumeSource(split=split, cases=cases, plane=params.plane,
-                              label_values=dict(folder.labels), class_map=params.class_map,
-                              reader=params.reader or None)
-          for split, cases in split_assignment(params, folder).items()}
+  return {
+    split: VolumeSource(
+      split=split,
+      cases=cases,
+      plane=params.plane,
+      label_values=dict(folder.labels),
+      class_map=params.class_map,
+      reader=params.reader or None,
+    )
+    for split, cases in split_assignment(params, folder).items()
+  }
 
 
 def volume_source(params: DatasetParams, data_dir: str | os.PathLike, split: str) -> VolumeSource:

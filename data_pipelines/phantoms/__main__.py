@@ -16,18 +16,33 @@ from data_pipelines.phantoms import writer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m data_pipelines.phantoms',
-      description='Procedural knee (sagittal DESS-like) and hip (coronal STIR-like) MRI '
-                  'phantoms in the nnU-Net layout.')
-  parser.add_argument('kind', choices=['knee', 'hip', 'preview'],
-                      help="dataset kind, or 'preview' for a knee + hip picture only")
+    prog='python -m data_pipelines.phantoms',
+    description='Procedural knee (sagittal DESS-like) and hip (coronal STIR-like) MRI '
+    'phantoms in the nnU-Net layout.',
+  )
+  parser.add_argument(
+    'kind',
+    choices=['knee', 'hip', 'preview'],
+    help="dataset kind, or 'preview' for a knee + hip picture only",
+  )
   parser.add_argument('--num', type=int, default=1, help='number of volumes (default 1)')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the first volume; volume i '
-                      'uses seed + i (default 0)')
-  parser.add_argument('--out', help='dataset folder to write: a new or empty folder, or one '
-                      'this command wrote before (replaced as a whole); anything else is refused')
-  parser.add_argument('--preset', choices=['cpu', 'full'], default='cpu',
-                      help='grid size: cpu (small, default) or full (scanner-like)')
+  parser.add_argument(
+    '--seed',
+    type=int,
+    default=0,
+    help='seed of the first volume; volume i uses seed + i (default 0)',
+  )
+  parser.add_argument(
+    '--out',
+    help='dataset folder to write: a new or empty folder, or one '
+    'this command wrote before (replaced as a whole); anything else is refused',
+  )
+  parser.add_argument(
+    '--preset',
+    choices=['cpu', 'full'],
+    default='cpu',
+    help='grid size: cpu (small, default) or full (scanner-like)',
+  )
   parser.add_argument('--preview', help='PNG of a few slices of the first volume')
   args = parser.parse_args(argv)
   if args.kind == 'preview':
@@ -49,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f'wrote {args.preview} ({time.perf_counter() - start:.1f} s)')
     return 0
   try:
-    meta = writer.write_dataset(args.kind, args.num, args.seed, args.out, args.preset,
-                                args.preview)
+    meta = writer.write_dataset(args.kind, args.num, args.seed, args.out, args.preset, args.preview)
   except ValueError as error:  # a refused --out: the message says why, no traceback
     print(error, file=sys.stderr)
     return 2
-  print(f"wrote {meta['numTraining']} {args.kind} volumes to {args.out} "
-        f'({time.perf_counter() - start:.1f} s)' +
-        (f'; preview {args.preview}' if args.preview else ''))
+  print(
+    f'wrote {meta["numTraining"]} {args.kind} volumes to {args.out} '
+    f'({time.perf_counter() - start:.1f} s)' + (f'; preview {args.preview}' if args.preview else '')
+  )
   return 0
 
 

@@ -33,20 +33,29 @@ LABELS = tissues.KNEE_PHANTOM_LABELS
 # Acquisition presets. Array axes: 0 superior->inferior, 1 anterior->posterior, 2 right->left
 # (codes I, P, L), like a sagittal DICOM series stacked along x.
 PRESETS = {
-    'cpu': dict(shape=(128, 128, 64), spacing=(0.8, 0.8, 1.5), noise=20., fwhm=(0.9, 0.9, 1.2)),
-    'full': dict(shape=(384, 384, 160), spacing=(0.3646, 0.3646, 0.7), noise=34.,
-                 fwhm=(0.55, 0.55, 0.8)),
+  'cpu': dict(shape=(128, 128, 64), spacing=(0.8, 0.8, 1.5), noise=20.0, fwhm=(0.9, 0.9, 1.2)),
+  'full': dict(
+    shape=(384, 384, 160), spacing=(0.3646, 0.3646, 0.7), noise=34.0, fwhm=(0.55, 0.55, 0.8)
+  ),
 }
-AXIS_DIRECTIONS = np.array([[0., 0., -1.], [0., -1., 0.], [-1., 0., 0.]])  # I, P, L (RAS)
+AXIS_DIRECTIONS = np.array([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])  # I, P, L (RAS)
 AXIS_CODES = ('I', 'P', 'L')
 
-ANATOMY_OPTIONS = ('side', 'scale', 'effusion_ml', 'oa_thinning', 'num_defects', 'joint_gap_mm',
-                   'pose')
+ANATOMY_OPTIONS = (
+  'side',
+  'scale',
+  'effusion_ml',
+  'oa_thinning',
+  'num_defects',
+  'joint_gap_mm',
+  'pose',
+)
 
 
 @dataclasses.dataclass
 class KneeAnatomy:
   """Per-seed anatomy parameters (base-size units are mm at scale 1)."""
+
   side: str
   scale: float
   pose_deg: tuple[float, float, float]
@@ -56,37 +65,50 @@ class KneeAnatomy:
   lateral_oa: float
   defects: list[dict[str, float]]
   effusion_ml: float
-  femur_jitter: Array        # [8] relative size jitters
+  femur_jitter: Array  # [8] relative size jitters
   tibial_slope_deg: float
-  femoral_modes: Array       # [K, 4]: amplitude, f_theta, f_x, phase
-  tibial_modes: Array        # [K, 4]
-  patellar_modes: Array      # [K, 4]
-  pocket_wobble: Array       # [3, 6] wobble phases per pocket
-  effusion_split: Array      # [3] fraction per pocket
+  femoral_modes: Array  # [K, 4]: amplitude, f_theta, f_x, phase
+  tibial_modes: Array  # [K, 4]
+  patellar_modes: Array  # [K, 4]
+  pocket_wobble: Array  # [3, 6] wobble phases per pocket
+  effusion_split: Array  # [3] fraction per pocket
 
 
 def sample_anatomy(rng: np.random.Generator, **options: Any) -> KneeAnatomy:
   """Draws the anatomy for one knee; `options` override single fields (see ANATOMY_OPTIONS)."""
   unknown = sorted(set(options) - set(ANATOMY_OPTIONS))
   if unknown:
-    raise ValueError(f'generate_knee: unknown anatomy option(s) {unknown}; '
-                     f'expected some of {list(ANATOMY_OPTIONS)}')
+    raise ValueError(
+      f'generate_knee: unknown anatomy option(s) {unknown}; '
+      f'expected some of {list(ANATOMY_OPTIONS)}'
+    )
   side = 'right' if rng.random() < 0.8 else 'left'
   scale = float(rng.uniform(0.9, 1.1))
-  pose = tuple(float(v) for v in rng.uniform(-6, 6, 3) * np.array([1., 0.6, 1.]))
+  pose = tuple(float(v) for v in rng.uniform(-6, 6, 3) * np.array([1.0, 0.6, 1.0]))
   shift = tuple(float(v) for v in rng.uniform(-4, 4, 3))
   gap = float(rng.uniform(0.25, 0.7))
-  oa = float(rng.choice([0., 0., rng.uniform(0.1, 0.5), rng.uniform(0.4, 0.85)]))
+  oa = float(rng.choice([0.0, 0.0, rng.uniform(0.1, 0.5), rng.uniform(0.4, 0.85)]))
   lateral_oa = float(rng.uniform(0, 0.5))
   n_def = int(rng.choice([0, 0, 1, 1, 2]))
-  ml = float(0.3 + rng.exponential(1.0) if rng.random() < 0.3 else rng.lognormal(np.log(7.), 0.6))
+  ml = float(0.3 + rng.exponential(1.0) if rng.random() < 0.3 else rng.lognormal(np.log(7.0), 0.6))
   anatomy = KneeAnatomy(
-      side=side, scale=scale, pose_deg=pose, pose_shift_mm=shift, joint_gap_mm=gap,
-      oa_thinning=oa, lateral_oa=lateral_oa, defects=[], effusion_ml=min(ml, 30.),
-      femur_jitter=rng.normal(0, 0.04, 8), tibial_slope_deg=float(rng.uniform(3, 10)),
-      femoral_modes=_modes(rng, 7, 0.16), tibial_modes=_modes(rng, 5, 0.14),
-      patellar_modes=_modes(rng, 4, 0.12), pocket_wobble=rng.uniform(0, 2 * np.pi, (3, 6)),
-      effusion_split=rng.dirichlet([7., 1.5, 1.5]))
+    side=side,
+    scale=scale,
+    pose_deg=pose,
+    pose_shift_mm=shift,
+    joint_gap_mm=gap,
+    oa_thinning=oa,
+    lateral_oa=lateral_oa,
+    defects=[],
+    effusion_ml=min(ml, 30.0),
+    femur_jitter=rng.normal(0, 0.04, 8),
+    tibial_slope_deg=float(rng.uniform(3, 10)),
+    femoral_modes=_modes(rng, 7, 0.16),
+    tibial_modes=_modes(rng, 5, 0.14),
+    patellar_modes=_modes(rng, 4, 0.12),
+    pocket_wobble=rng.uniform(0, 2 * np.pi, (3, 6)),
+    effusion_split=rng.dirichlet([7.0, 1.5, 1.5]),
+  )
   for key, value in options.items():
     if key == 'num_defects':
       n_def = int(value)
@@ -94,7 +116,7 @@ def sample_anatomy(rng: np.random.Generator, **options: Any) -> KneeAnatomy:
         raise ValueError(f'generate_knee: num_defects={value}; expected >= 0')
     elif key == 'pose':
       if not value:
-        anatomy.pose_deg, anatomy.pose_shift_mm = (0., 0., 0.), (0., 0., 0.)
+        anatomy.pose_deg, anatomy.pose_shift_mm = (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
     else:
       setattr(anatomy, key, value)
   if anatomy.side not in ('right', 'left'):
@@ -110,25 +132,39 @@ def sample_anatomy(rng: np.random.Generator, **options: Any) -> KneeAnatomy:
   for _ in range(n_def):
     plate = 'femur' if rng.random() < 0.65 else 'tibia'
     medial = rng.random() < 0.7
-    anatomy.defects.append(dict(
-        plate=plate, medial=medial, radius_mm=float(rng.uniform(2.5, 6.)),
-        depth=float(rng.uniform(0.5, 1.0)), u=float(rng.uniform(-1, 1)),
-        v=float(rng.uniform(-1, 1))))
+    anatomy.defects.append(
+      dict(
+        plate=plate,
+        medial=medial,
+        radius_mm=float(rng.uniform(2.5, 6.0)),
+        depth=float(rng.uniform(0.5, 1.0)),
+        u=float(rng.uniform(-1, 1)),
+        v=float(rng.uniform(-1, 1)),
+      )
+    )
   return anatomy
 
 
 def _modes(rng: np.random.Generator, k: int, amplitude: float) -> Array:
   """Random low-frequency cosine modes [k, 4]: amplitude, two frequencies, phase."""
-  return np.stack([rng.normal(0, amplitude, k), rng.integers(0, 4, k).astype(float),
-                   rng.integers(0, 3, k).astype(float), rng.uniform(0, 2 * np.pi, k)], axis=1)
+  return np.stack(
+    [
+      rng.normal(0, amplitude, k),
+      rng.integers(0, 4, k).astype(float),
+      rng.integers(0, 3, k).astype(float),
+      rng.uniform(0, 2 * np.pi, k),
+    ],
+    axis=1,
+  )
 
 
 def _mode_sum(modes: Array, u: Array, v: Array) -> Array:
   """Sum of a_k cos(2 pi (fu_k u + fv_k v) + phase_k) for u, v in [0, 1]."""
   out = np.zeros(np.broadcast(u, v).shape, np.float32)
   for a, fu, fv, ph in modes:
-    out += np.float32(a) * np.cos(np.float32(2 * np.pi) * (np.float32(fu) * u +
-                                                           np.float32(fv) * v) + np.float32(ph))
+    out += np.float32(a) * np.cos(
+      np.float32(2 * np.pi) * (np.float32(fu) * u + np.float32(fv) * v) + np.float32(ph)
+    )
   return out
 
 
@@ -142,15 +178,15 @@ class KneeModel:
     # Base-size femur pieces: condyle centres and semi-axes; the condyle heights are set by
     # `_fit_joint` so that the cartilage surfaces clear each other by the joint gap.
     self.cond = {
-        'lateral': dict(c=np.array([20., -6., 22.]),
-                        r=np.array([13., 27., 20.]) * (1 + j[:3])),
-        'medial': dict(c=np.array([-21., -7., 21.]),
-                       r=np.array([14., 29.5, 21.]) * (1 + j[3:6])),
+      'lateral': dict(c=np.array([20.0, -6.0, 22.0]), r=np.array([13.0, 27.0, 20.0]) * (1 + j[:3])),
+      'medial': dict(
+        c=np.array([-21.0, -7.0, 21.0]), r=np.array([14.0, 29.5, 21.0]) * (1 + j[3:6])
+      ),
     }
-    self.axis_yz = np.array([-6., 22.])  # femoral theta axis (y, z), base units
+    self.axis_yz = np.array([-6.0, 22.0])  # femoral theta axis (y, z), base units
     self.tib_top = -2.4
-    self.patella_c = np.array([3., 36., 30.])
-    self.patella_r = np.array([22., 12., 20.]) * (1 + j[6])
+    self.patella_c = np.array([3.0, 36.0, 30.0])
+    self.patella_r = np.array([22.0, 12.0, 20.0]) * (1 + j[6])
     self._fit_joint()
 
   # ---- bones (all return SDF in model mm) ---------------------------------------------------
@@ -161,29 +197,32 @@ class KneeModel:
 
   def _femur_base(self, x: Array, y: Array, z: Array) -> Array:
     lat, med = self.cond['lateral'], self.cond['medial']
-    d = sdf.smooth_union(sdf.ellipsoid(x, y, z, lat['c'], lat['r']),
-                         sdf.ellipsoid(x, y, z, med['c'], med['r']), 3.)
+    d = sdf.smooth_union(
+      sdf.ellipsoid(x, y, z, lat['c'], lat['r']), sdf.ellipsoid(x, y, z, med['c'], med['r']), 3.0
+    )
     # Anterior block carrying the trochlea, then the metaphysis and the shaft, which sit
     # anterior to the condyles: the posterior condyles bulge behind the shaft.
-    front = sdf.ellipsoid(x, y, z, (2., 7., 28.), (31., 17., 21.))
-    d = sdf.smooth_union(d, front, 4.)
-    meta = sdf.ellipsoid(x, y, z, (0., 2., 46.), (33., 18., 26.))
-    d = sdf.smooth_union(d, meta, 6.)
-    shaft = sdf.elliptic_rod(x, y, z, (0., 4., 50.), (0., 7., 260.), 16., 13.5)
-    d = sdf.smooth_union(d, shaft, 12.)
-    epi = np.minimum(sdf.ellipsoid(x, y, z, (33., -6., 27.), (7., 12., 11.)),
-                     sdf.ellipsoid(x, y, z, (-35., -6., 29.), (8., 13., 12.)))
-    d = sdf.smooth_union(d, epi, 5.)
+    front = sdf.ellipsoid(x, y, z, (2.0, 7.0, 28.0), (31.0, 17.0, 21.0))
+    d = sdf.smooth_union(d, front, 4.0)
+    meta = sdf.ellipsoid(x, y, z, (0.0, 2.0, 46.0), (33.0, 18.0, 26.0))
+    d = sdf.smooth_union(d, meta, 6.0)
+    shaft = sdf.elliptic_rod(x, y, z, (0.0, 4.0, 50.0), (0.0, 7.0, 260.0), 16.0, 13.5)
+    d = sdf.smooth_union(d, shaft, 12.0)
+    epi = np.minimum(
+      sdf.ellipsoid(x, y, z, (33.0, -6.0, 27.0), (7.0, 12.0, 11.0)),
+      sdf.ellipsoid(x, y, z, (-35.0, -6.0, 29.0), (8.0, 13.0, 12.0)),
+    )
+    d = sdf.smooth_union(d, epi, 5.0)
     # Intercondylar notch: a wedge under Blumensaat's line, open posteriorly and distally.
-    roof = ((z - (8. + 0.5 * (8. - y))) / np.float32(math.sqrt(1.25)))
-    notch = np.maximum(np.abs(x + 1.) - 9.5, roof)
+    roof = (z - (8.0 + 0.5 * (8.0 - y))) / np.float32(math.sqrt(1.25))
+    notch = np.maximum(np.abs(x + 1.0) - 9.5, roof)
     d = sdf.smooth_subtract(d, notch, 2.5)
     # Trochlear groove: a cylinder along the anterior femur, slightly lateral.
-    axis = np.array([0., 0.22, 1.])
+    axis = np.array([0.0, 0.22, 1.0])
     axis /= np.linalg.norm(axis)
-    centre = np.array([2.5, 30., 28.])
+    centre = np.array([2.5, 30.0, 28.0])
     _, dist = sdf.segment_param(x, y, z, centre - 60 * axis, centre + 60 * axis)
-    return sdf.smooth_subtract(d, dist - 10., 4.)
+    return sdf.smooth_subtract(d, dist - 10.0, 4.0)
 
   def tibia(self, x: Array, y: Array, z: Array) -> Array:
     s = np.float32(self.s)
@@ -196,8 +235,12 @@ class KneeModel:
     dzx = np.zeros_like(x + y)
     dzy = slope + dzx
     # Medial plateau concave (a shallow bowl), lateral convex front to back.
-    terms = [(-1.6, -20., -3., 13., 17.), (0.9, 20., -4., 40., 15.),
-             (5.5, -4., -1., 4.5, 8.), (4.5, 4.5, -2., 4.5, 7.)]  # eminence spines last
+    terms = [
+      (-1.6, -20.0, -3.0, 13.0, 17.0),
+      (0.9, 20.0, -4.0, 40.0, 15.0),
+      (5.5, -4.0, -1.0, 4.5, 8.0),
+      (4.5, 4.5, -2.0, 4.5, 7.0),
+    ]  # eminence spines last
     for amp, x0, y0, sx, sy in terms:
       ux, uy = (x - np.float32(x0)) / np.float32(sx), (y - np.float32(y0)) / np.float32(sy)
       g = np.float32(amp) * np.exp(-ux * ux - uy * uy)
@@ -210,31 +253,31 @@ class KneeModel:
     top, dzx, dzy = self.tibial_top(x, y)
     above = (z - top) / np.sqrt(1 + dzx * dzx + dzy * dzy)
     # The epiphysis narrows into the shaft along a concave (waisted) profile.
-    depth = np.maximum(-z - 3., 0) / 22.
+    depth = np.maximum(-z - 3.0, 0) / 22.0
     flare = 0.6 + 0.4 * np.exp(-depth * np.sqrt(depth + 0.01))
-    outline = sdf.ellipse_2d(x, y + 2., 38. * flare, 24. * flare) * np.float32(0.85)
-    outline = sdf.smooth_subtract(outline, np.sqrt(x * x + (y + 27.) ** 2) - 8., 3.)
+    outline = sdf.ellipse_2d(x, y + 2.0, 38.0 * flare, 24.0 * flare) * np.float32(0.85)
+    outline = sdf.smooth_subtract(outline, np.sqrt(x * x + (y + 27.0) ** 2) - 8.0, 3.0)
     body = sdf.smooth_intersect(above, outline, 2.5)
-    shaft = sdf.elliptic_rod(x, y, z, (0., 3., -260.), (0., 0., -25.), 18., 14.)
-    d = sdf.smooth_union(body, shaft, 8.)
-    tub = sdf.ellipsoid(x, y, z, (4., 18., -29.), (11., 8., 14.))
-    return sdf.smooth_union(d, tub, 6.)
+    shaft = sdf.elliptic_rod(x, y, z, (0.0, 3.0, -260.0), (0.0, 0.0, -25.0), 18.0, 14.0)
+    d = sdf.smooth_union(body, shaft, 8.0)
+    tub = sdf.ellipsoid(x, y, z, (4.0, 18.0, -29.0), (11.0, 8.0, 14.0))
+    return sdf.smooth_union(d, tub, 6.0)
 
   def patella(self, x: Array, y: Array, z: Array) -> Array:
     s = np.float32(self.s)
     xb, yb, zb = x / s, y / s, z / s
     c = self.patella_c
-    d = sdf.ellipsoid(xb, yb, zb, c, self.patella_r, sdf.rotation(rx_deg=-8.))
+    d = sdf.ellipsoid(xb, yb, zb, c, self.patella_r, sdf.rotation(rx_deg=-8.0))
     # Posterior surface: a ridge with medial and lateral facets.
-    ridge = (c[1] - 9. + 0.38 * np.abs(xb - c[0] + 2.) - yb) / np.float32(math.sqrt(1.1444))
-    return s * sdf.smooth_intersect(d, ridge, 3.)
+    ridge = (c[1] - 9.0 + 0.38 * np.abs(xb - c[0] + 2.0) - yb) / np.float32(math.sqrt(1.1444))
+    return s * sdf.smooth_intersect(d, ridge, 3.0)
 
   def fibula(self, x: Array, y: Array, z: Array) -> Array:
     s = np.float32(self.s)
     xb, yb, zb = x / s, y / s, z / s
-    head = sdf.ellipsoid(xb, yb, zb, (37., -17., -20.), (10., 10., 11.))
-    shaft = sdf.tapered_capsule(xb, yb, zb, (38., -17., -25.), (41., -15., -260.), 7., 6.)
-    return s * sdf.smooth_union(head, shaft, 5.)
+    head = sdf.ellipsoid(xb, yb, zb, (37.0, -17.0, -20.0), (10.0, 10.0, 11.0))
+    shaft = sdf.tapered_capsule(xb, yb, zb, (38.0, -17.0, -25.0), (41.0, -15.0, -260.0), 7.0, 6.0)
+    return s * sdf.smooth_union(head, shaft, 5.0)
 
   # ---- cartilage ------------------------------------------------------------------------------
 
@@ -248,19 +291,32 @@ class KneeModel:
     """Cartilage thickness (mm) at femoral surface parameters (theta deg, x mm); 0 outside."""
     xb = x / np.float32(self.s)
     lat_c, med_c = self.cond['lateral']['c'][0], self.cond['medial']['c'][0]
-    w_lat = (sdf.smoothstep(11.5, 8.5, np.abs(xb - lat_c)) *
-             sdf.smoothstep(-127., -113., theta) * sdf.smoothstep(80., 62., theta))
-    w_med = (sdf.smoothstep(12.5, 9.5, np.abs(xb - med_c)) *
-             sdf.smoothstep(-129., -115., theta) * sdf.smoothstep(80., 62., theta))
-    top = 140. + 9. * np.clip(xb / 25., -1, 1)
-    w_tro = (sdf.smoothstep(-25., -21., xb) * sdf.smoothstep(29., 25., xb) *
-             sdf.smoothstep(38., 52., theta) * sdf.smoothstep(top + 7., top - 7., theta))
+    w_lat = (
+      sdf.smoothstep(11.5, 8.5, np.abs(xb - lat_c))
+      * sdf.smoothstep(-127.0, -113.0, theta)
+      * sdf.smoothstep(80.0, 62.0, theta)
+    )
+    w_med = (
+      sdf.smoothstep(12.5, 9.5, np.abs(xb - med_c))
+      * sdf.smoothstep(-129.0, -115.0, theta)
+      * sdf.smoothstep(80.0, 62.0, theta)
+    )
+    top = 140.0 + 9.0 * np.clip(xb / 25.0, -1, 1)
+    w_tro = (
+      sdf.smoothstep(-25.0, -21.0, xb)
+      * sdf.smoothstep(29.0, 25.0, xb)
+      * sdf.smoothstep(38.0, 52.0, theta)
+      * sdf.smoothstep(top + 7.0, top - 7.0, theta)
+    )
     weight = np.maximum(np.maximum(w_lat, w_med), w_tro)
-    base = (1.95 + 0.55 * np.exp(-((theta - 5.) / 35.) ** 2) +
-            0.75 * np.exp(-((theta - 100.) / 28.) ** 2) -
-            0.3 * sdf.smoothstep(-60., -115., theta))
-    u = (theta + 130.) / 280.
-    v = (xb + 36.) / 72.
+    base = (
+      1.95
+      + 0.55 * np.exp(-(((theta - 5.0) / 35.0) ** 2))
+      + 0.75 * np.exp(-(((theta - 100.0) / 28.0) ** 2))
+      - 0.3 * sdf.smoothstep(-60.0, -115.0, theta)
+    )
+    u = (theta + 130.0) / 280.0
+    v = (xb + 36.0) / 72.0
     t = np.clip(base * (1 + _mode_sum(self.a.femoral_modes, u, v)), 1.0, 3.5)
     t = t * self._oa_factor('femur', theta, xb)
     return (t * weight).astype(np.float32)
@@ -268,15 +324,15 @@ class KneeModel:
   def tibial_thickness(self, x: Array, y: Array) -> Array:
     """Tibial cartilage thickness (mm) at plateau positions (x, y mm of the surface point)."""
     xb, yb = x / np.float32(self.s), y / np.float32(self.s)
-    r_med = np.sqrt(((xb + 20.) / 13.5) ** 2 + ((yb + 3.) / 19.) ** 2)
-    r_lat = np.sqrt(((xb - 20.) / 12.5) ** 2 + ((yb + 4.) / 16.5) ** 2)
+    r_med = np.sqrt(((xb + 20.0) / 13.5) ** 2 + ((yb + 3.0) / 19.0) ** 2)
+    r_lat = np.sqrt(((xb - 20.0) / 12.5) ** 2 + ((yb + 4.0) / 16.5) ** 2)
     w_med = sdf.smoothstep(1.1, 0.9, r_med)
     w_lat = sdf.smoothstep(1.1, 0.9, r_lat)
     # Thickest in the centre of each plateau, thinner under the menisci at the rim.
     r = np.minimum(r_med, r_lat)
     base = np.where(xb < 0, 2.1, 2.7) * (1 - 0.45 * sdf.smoothstep(0.45, 0.9, r))
-    u = (xb + 36.) / 72.
-    v = (yb + 25.) / 50.
+    u = (xb + 36.0) / 72.0
+    v = (yb + 25.0) / 50.0
     t = np.clip(base * (1 + _mode_sum(self.a.tibial_modes, u, v)), 1.0, 3.5)
     t = t * self._oa_factor('tibia', xb, yb)
     return (t * np.maximum(w_med, w_lat)).astype(np.float32)
@@ -289,13 +345,16 @@ class KneeModel:
     a = self.a
     lat_x, med_x = self.cond['lateral']['c'][0], self.cond['medial']['c'][0]
     if plate == 'femur':
-      arc = 25.  # mm of surface per radian of theta near the weight-bearing zone
+      arc = 25.0  # mm of surface per radian of theta near the weight-bearing zone
+
       def zone(cx):
-        return np.exp(-((u - 8.) / 30.) ** 2 - ((v - cx) / 8.) ** 2)
+        return np.exp(-(((u - 8.0) / 30.0) ** 2) - ((v - cx) / 8.0) ** 2)
     else:
-      arc = 1.
+      arc = 1.0
+
       def zone(cx):
-        return np.exp(-((u - cx) / 8.) ** 2 - ((v + 3.) / 11.) ** 2)
+        return np.exp(-(((u - cx) / 8.0) ** 2) - ((v + 3.0) / 11.0) ** 2)
+
     f = 1 - np.float32(a.oa_thinning) * (zone(med_x) + np.float32(a.lateral_oa) * zone(lat_x))
     f = np.clip(f, 0, 1)
     for dfc in a.defects:
@@ -303,11 +362,11 @@ class KneeModel:
         continue
       cx = med_x if dfc['medial'] else lat_x
       if plate == 'femur':
-        du = np.radians(u - (8. + 28. * dfc['u'])) * arc
-        dv = v - (cx + 5. * dfc['v'])
+        du = np.radians(u - (8.0 + 28.0 * dfc['u'])) * arc
+        dv = v - (cx + 5.0 * dfc['v'])
       else:
-        du = u - (cx + 5. * dfc['u'])
-        dv = v - (-3. + 7. * dfc['v'])
+        du = u - (cx + 5.0 * dfc['u'])
+        dv = v - (-3.0 + 7.0 * dfc['v'])
       dist = np.sqrt(du * du + dv * dv) * np.float32(self.s)
       r = dfc['radius_mm']
       f = f * (1 - np.float32(dfc['depth']) * sdf.smoothstep(r + 0.5, r - 0.5, dist))
@@ -316,13 +375,13 @@ class KneeModel:
   def patellar_thickness(self, x: Array, z: Array) -> Array:
     """Patellar cartilage thickness (mm, 2 to 4.5) at surface positions (x, z mm)."""
     xb, zb = x / np.float32(self.s), z / np.float32(self.s)
-    u = (xb - self.patella_c[0] + 22.) / 44.
-    v = (zb - self.patella_c[2] + 20.) / 40.
-    return np.clip(3.2 * (1 + _mode_sum(self.a.patellar_modes, u, v)), 2.0, 4.5
-                   ).astype(np.float32)
+    u = (xb - self.patella_c[0] + 22.0) / 44.0
+    v = (zb - self.patella_c[2] + 20.0) / 40.0
+    return np.clip(3.2 * (1 + _mode_sum(self.a.patellar_modes, u, v)), 2.0, 4.5).astype(np.float32)
 
-  def shell(self, plate: str, x: Array, y: Array, z: Array, d: Array | None = None,
-            band: float = 4.2) -> tuple[Array, Array]:
+  def shell(
+    self, plate: str, x: Array, y: Array, z: Array, d: Array | None = None, band: float = 4.2
+  ) -> tuple[Array, Array]:
     """Distance to the bone d and cartilage thickness t at the foot point, for points p.
 
     Returns (d, t) with t = 0 where p is farther than `band` mm from the bone or off the
@@ -366,16 +425,16 @@ class KneeModel:
     """Sets each condyle's height so the femoral and tibial cartilage surfaces clear each other
     by the joint gap, then the patella's depth likewise against the trochlea."""
     gap = float(self.a.joint_gap_mm)
-    for name, (xc, yc) in (('lateral', (20., -4.)), ('medial', (-20., -3.))):
+    for name, (xc, yc) in (('lateral', (20.0, -4.0)), ('medial', (-20.0, -3.0))):
       for _ in range(2):
         xs, ys = np.meshgrid(np.linspace(xc - 11, xc + 11, 16), np.linspace(yc - 16, yc + 14, 21))
         xs, ys = xs.ravel() * self.s, ys.ravel() * self.s
         up = np.stack([np.zeros_like(xs), np.zeros_like(xs), np.ones_like(xs)], 1)
-        lo_f, lo_t = -8. * self.s, 12. * self.s
+        lo_f, lo_t = -8.0 * self.s, 12.0 * self.s
         start_f = np.stack([xs, ys, np.full_like(xs, lo_f)], 1)
-        zf = lo_f + sdf.ray_entry(self.femur, start_f, up, 40. * self.s, step=0.4)
+        zf = lo_f + sdf.ray_entry(self.femur, start_f, up, 40.0 * self.s, step=0.4)
         start_t = np.stack([xs, ys, np.full_like(xs, lo_t)], 1)
-        zt = lo_t - sdf.ray_entry(self.tibia, start_t, -up, 25. * self.s, step=0.4)
+        zt = lo_t - sdf.ray_entry(self.tibia, start_t, -up, 25.0 * self.s, step=0.4)
         ok = np.isfinite(zf) & np.isfinite(zt)
         tf = self.femoral_thickness(*self.femoral_params(xs, ys, zf))
         tt = self.tibial_thickness(xs, ys)
@@ -390,15 +449,21 @@ class KneeModel:
       xs, zs = np.meshgrid(np.linspace(-15, 20, 18), np.linspace(18, 42, 18))
       xs, zs = xs.ravel() * self.s, zs.ravel() * self.s
       back = np.stack([np.zeros_like(xs), -np.ones_like(xs), np.zeros_like(xs)], 1)
-      front_p = (self.patella_c[1] + self.patella_r[1] + 3.) * self.s
+      front_p = (self.patella_c[1] + self.patella_r[1] + 3.0) * self.s
       start = np.stack([xs, np.full_like(xs, front_p), zs], 1)
-      yp = front_p - sdf.ray_entry(self.patella, start, back, 2.5 * self.patella_r[1] * self.s,
-                                   step=0.4)
-      yp_back = yp - sdf.ray_exit(self.patella, np.stack([xs, yp - 0.01, zs], 1), back,
-                                  2.5 * self.patella_r[1] * self.s, step=0.4)
-      front_f = 40. * self.s
+      yp = front_p - sdf.ray_entry(
+        self.patella, start, back, 2.5 * self.patella_r[1] * self.s, step=0.4
+      )
+      yp_back = yp - sdf.ray_exit(
+        self.patella,
+        np.stack([xs, yp - 0.01, zs], 1),
+        back,
+        2.5 * self.patella_r[1] * self.s,
+        step=0.4,
+      )
+      front_f = 40.0 * self.s
       start = np.stack([xs, np.full_like(xs, front_f), zs], 1)
-      yf = front_f - sdf.ray_entry(self.femur, start, back, 40. * self.s, step=0.4)
+      yf = front_f - sdf.ray_entry(self.femur, start, back, 40.0 * self.s, step=0.4)
       ok = np.isfinite(yp_back) & np.isfinite(yf)
       tf = self.femoral_thickness(*self.femoral_params(xs, yf, zs))
       tp = self.patellar_thickness(xs, zs)
@@ -412,42 +477,46 @@ class KneeModel:
 
   def femur_wall(self, xb: float, zb: float, anterior: bool) -> float:
     """Base-size y of the anterior (or posterior) femoral surface at base (x, z)."""
-    sign = 1. if anterior else -1.
-    start = np.array([[xb * self.s, sign * 80. * self.s, zb * self.s]])
-    hit = sdf.ray_entry(self.femur, start, np.array([[0., -sign, 0.]]), 80. * self.s)
+    sign = 1.0 if anterior else -1.0
+    start = np.array([[xb * self.s, sign * 80.0 * self.s, zb * self.s]])
+    hit = sdf.ray_entry(self.femur, start, np.array([[0.0, -sign, 0.0]]), 80.0 * self.s)
     if not np.isfinite(hit[0]):
       raise RuntimeError(f'knee phantom: no femoral surface at x={xb}, z={zb}')
-    return float(sign * (80. * self.s - hit[0]) / self.s)
+    return float(sign * (80.0 * self.s - hit[0]) / self.s)
 
   # ---- thickness truth on parameter grids ------------------------------------------------------
 
-  def femoral_grid(self, step_deg: float = 5., step_mm: float = 2.) -> dict[str, Array]:
+  def femoral_grid(self, step_deg: float = 5.0, step_mm: float = 2.0) -> dict[str, Array]:
     """Surface points, normals and thickness on the (theta, x) grid (model frame)."""
-    thetas = np.arange(-130., 150. + 1e-6, step_deg)
-    xs = np.arange(-38., 38. + 1e-6, step_mm) * self.s
+    thetas = np.arange(-130.0, 150.0 + 1e-6, step_deg)
+    xs = np.arange(-38.0, 38.0 + 1e-6, step_mm) * self.s
     th, xx = np.meshgrid(thetas, xs, indexing='ij')
     y0, z0 = self.axis_yz * self.s
     rad = np.radians(th.ravel())
     dirs = np.stack([np.zeros_like(rad), np.sin(rad), -np.cos(rad)], 1)
     origin = np.stack([xx.ravel(), np.full(rad.shape, y0), np.full(rad.shape, z0)], 1)
-    r = sdf.ray_exit(self.femur, origin, dirs, 70. * self.s, step=0.5)
+    r = sdf.ray_exit(self.femur, origin, dirs, 70.0 * self.s, step=0.5)
     pts = origin + r[:, None] * dirs
-    thick = np.where(np.isfinite(r), self.femoral_thickness(th.ravel().astype(np.float32),
-                                                            xx.ravel()), 0.)
+    thick = np.where(
+      np.isfinite(r), self.femoral_thickness(th.ravel().astype(np.float32), xx.ravel()), 0.0
+    )
     return self._grid_out(pts, thick, self.femur, th.shape, theta_deg=thetas, x_mm=xs)
 
-  def tibial_grid(self, step_mm: float = 2.) -> dict[str, Array]:
+  def tibial_grid(self, step_mm: float = 2.0) -> dict[str, Array]:
     """Surface points, normals and thickness on the plateau's (x, y) grid (model frame)."""
-    xs = np.arange(-38., 38. + 1e-6, step_mm) * self.s
-    ys = np.arange(-28., 24. + 1e-6, step_mm) * self.s
+    xs = np.arange(-38.0, 38.0 + 1e-6, step_mm) * self.s
+    ys = np.arange(-28.0, 24.0 + 1e-6, step_mm) * self.s
     xx, yy = np.meshgrid(xs, ys, indexing='ij')
-    origin = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, 12. * self.s)], 1)
-    down = np.tile([0., 0., -1.], (xx.size, 1))
-    r = sdf.ray_entry(self.tibia, origin, down, 40. * self.s, step=0.4)
+    origin = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, 12.0 * self.s)], 1)
+    down = np.tile([0.0, 0.0, -1.0], (xx.size, 1))
+    r = sdf.ray_entry(self.tibia, origin, down, 40.0 * self.s, step=0.4)
     pts = origin + r[:, None] * down
     nz = sdf.gradient(self.tibia, *np.nan_to_num(pts).T)[2]
-    thick = np.where(np.isfinite(r), self.tibial_thickness(xx.ravel(), yy.ravel()) *
-                     sdf.smoothstep(0.55, 0.75, nz), 0.)
+    thick = np.where(
+      np.isfinite(r),
+      self.tibial_thickness(xx.ravel(), yy.ravel()) * sdf.smoothstep(0.55, 0.75, nz),
+      0.0,
+    )
     return self._grid_out(pts, thick, self.tibia, xx.shape, x_mm=xs, y_mm=ys)
 
   @staticmethod
@@ -457,17 +526,20 @@ class KneeModel:
     normals = np.full_like(pts, np.nan)
     if ok.any():
       normals[ok] = np.stack(sdf.gradient(bone, *pts[ok].T, eps=0.02), 1)
-    thick = np.where(ok, thick, 0.)
+    thick = np.where(ok, thick, 0.0)
     out = dict(axes)
-    out.update(points=pts.reshape(*shape, 3), normals=normals.reshape(*shape, 3),
-               thickness=thick.reshape(shape))
+    out.update(
+      points=pts.reshape(*shape, 3),
+      normals=normals.reshape(*shape, 3),
+      thickness=thick.reshape(shape),
+    )
     return out
 
 
 # ---- rendering -------------------------------------------------------------------------------
 
 
-def _box(c, r, s: float, margin: float = 2.) -> scene.Box:
+def _box(c, r, s: float, margin: float = 2.0) -> scene.Box:
   c, r = np.asarray(c, float) * s, np.asarray(r, float) * s + margin
   return (tuple(c - r), tuple(c + r))
 
@@ -501,17 +573,18 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
 
     def sample(scn, sl, xyz):
       d = scn.field(name, sl)
-      return scene.LayerSample(d, intensity(scn, sl, xyz, d) if callable(intensity)
-                               else intensity)
+      return scene.LayerSample(d, intensity(scn, sl, xyz, d) if callable(intensity) else intensity)
+
     return scene.Layer(name, label, box, sample)
 
   def bone_intensity(cortex_of_z, scar_z):
     def fn(scn, sl, xyz, d):
       z = xyz[2] / np.float32(s)
       marrow = np.float32(c['marrow']) * (1 + 0.22 * tex['fine'][sl] + 0.12 * tex['coarse'][sl])
-      scar = np.exp(-((z - scar_z - 2.5 * np.cos(xyz[0] / np.float32(9. * s))) / 0.9) ** 2)
+      scar = np.exp(-(((z - scar_z - 2.5 * np.cos(xyz[0] / np.float32(9.0 * s))) / 0.9) ** 2))
       marrow = marrow * (1 - 0.35 * scar)
       return mri.depth_mix(-d, cortex_of_z(z), c['cortex'], marrow, 0.5)
+
     return fn
 
   def cartilage_layer(name, label, plate, box, max_thickness):
@@ -523,6 +596,7 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
       depth = np.clip(d / np.maximum(t, 1e-3), 0, 1)
       inten = np.float32(c['cartilage']) * (0.86 + 0.2 * depth) * (1 + 0.05 * tex['fine'][sl])
       return scene.LayerSample(shell, inten, cover)
+
     return scene.Layer(name, label, box, sample)
 
   femur_box = ((-48 * s, -45 * s, -8 * s), (48 * s, 35 * s, 120 * s))
@@ -535,11 +609,13 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
   sc.add_field('patella', model.patella, patella_box)
 
   layers = [
-      cartilage_layer('femoral_cartilage', 2, 'femur',
-                      ((-42 * s, -42 * s, -6 * s), (42 * s, 34 * s, 62 * s)), 3.5),
-      cartilage_layer('tibial_cartilage', 4, 'tibia',
-                      ((-40 * s, -30 * s, -12 * s), (40 * s, 24 * s, 12 * s)), 3.5),
-      cartilage_layer('patellar_cartilage', 0, 'patella', patella_box, 4.5),
+    cartilage_layer(
+      'femoral_cartilage', 2, 'femur', ((-42 * s, -42 * s, -6 * s), (42 * s, 34 * s, 62 * s)), 3.5
+    ),
+    cartilage_layer(
+      'tibial_cartilage', 4, 'tibia', ((-40 * s, -30 * s, -12 * s), (40 * s, 24 * s, 12 * s)), 3.5
+    ),
+    cartilage_layer('patellar_cartilage', 0, 'patella', patella_box, 4.5),
   ]
 
   def bone_layer(name, label, box, cortex_of_z, scar_z):
@@ -548,6 +624,7 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
     def sample(scn, sl, xyz):
       d = scn.field(name, sl)
       return scene.LayerSample(d, intensity(scn, sl, xyz, d))
+
     return scene.Layer(name, label, box, sample)
 
   # Cortex thickness (mm) by base-size height: a thin subchondral plate near the joint, a
@@ -555,12 +632,12 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
   no_scar = 1e3
   sc.add_field('fibula', model.fibula, fibula_box)
   layers += [
-      bone_layer('femur', 1, femur_box, lambda z: 0.8 + 2.6 * sdf.smoothstep(38., 80., z), 31.),
-      bone_layer('tibia', 3, tibia_box, lambda z: 0.8 + 2.4 * sdf.smoothstep(-30., -70., z),
-                 -19.),
-      bone_layer('patella', 0, patella_box, lambda z: 1.0, no_scar),
-      bone_layer('fibula', 0, fibula_box, lambda z: 1.2 + 1.5 * sdf.smoothstep(-30., -60., z),
-                 no_scar),
+    bone_layer('femur', 1, femur_box, lambda z: 0.8 + 2.6 * sdf.smoothstep(38.0, 80.0, z), 31.0),
+    bone_layer('tibia', 3, tibia_box, lambda z: 0.8 + 2.4 * sdf.smoothstep(-30.0, -70.0, z), -19.0),
+    bone_layer('patella', 0, patella_box, lambda z: 1.0, no_scar),
+    bone_layer(
+      'fibula', 0, fibula_box, lambda z: 1.2 + 1.5 * sdf.smoothstep(-30.0, -60.0, z), no_scar
+    ),
   ]
 
   # Menisci: wedges on the rim of each plateau, C-shaped medially, almost ring-shaped laterally.
@@ -577,62 +654,98 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
       # Wedge: 1.2 mm over the bone at the inner edge (on the thin cartilage there), rising
       # by `height` to the outer rim.
       upper = (rel - 1.2 - hgt * (re - ri) / (1 - ri)) / np.float32(1.5)
-      ang = np.abs((phi - open_dir + 180.) % 360. - 180.)
-      sector = (np.float32(open_deg) - ang) * np.float32(np.pi / 180.) * re * np.float32(ax)
+      ang = np.abs((phi - open_dir + 180.0) % 360.0 - 180.0)
+      sector = (np.float32(open_deg) - ang) * np.float32(np.pi / 180.0) * re * np.float32(ax)
       return np.maximum(np.maximum(radial, upper), np.maximum(-rel - 1.0, sector))
+
     return fn
 
-  men_med = meniscus(-20., -3., 15.5, 21., 7.5, 0., 38.)
-  men_lat = meniscus(20., -4., 14.5, 18., 7., 180., 14.)
+  men_med = meniscus(-20.0, -3.0, 15.5, 21.0, 7.5, 0.0, 38.0)
+  men_lat = meniscus(20.0, -4.0, 14.5, 18.0, 7.0, 180.0, 14.0)
   layers += [
-      field_layer('medial_meniscus', 0, _box((-20, -3, 3), (17, 23, 9), s),
-                  _scaled(men_med, s), c['fibrous']),
-      field_layer('lateral_meniscus', 0, _box((20, -4, 3), (16, 20, 9), s),
-                  _scaled(men_lat, s), c['fibrous']),
+    field_layer(
+      'medial_meniscus', 0, _box((-20, -3, 3), (17, 23, 9), s), _scaled(men_med, s), c['fibrous']
+    ),
+    field_layer(
+      'lateral_meniscus', 0, _box((20, -4, 3), (16, 20, 9), s), _scaled(men_lat, s), c['fibrous']
+    ),
   ]
 
   # Ligaments and tendons.
-  acl_a, acl_b = (8., -16., 19.), (1., 10., -1.)
-  pcl = [(-7., 7., 17.), (-5., -7., 14.), (-3., -19., 5.), (-1., -27., -11.)]
-  mcl_a, mcl_b = (-41., -4., 30.), (-37., 2., -42.)
-  lcl_a, lcl_b = (39., -8., 27.), (42., -16., -14.)
-  inferior_pole = (pc[0], pc[1] + 1., pc[2] - pr[2] + 2.)
-  superior_pole = (pc[0], pc[1] + 1., pc[2] + pr[2] - 3.)
+  acl_a, acl_b = (8.0, -16.0, 19.0), (1.0, 10.0, -1.0)
+  pcl = [(-7.0, 7.0, 17.0), (-5.0, -7.0, 14.0), (-3.0, -19.0, 5.0), (-1.0, -27.0, -11.0)]
+  mcl_a, mcl_b = (-41.0, -4.0, 30.0), (-37.0, 2.0, -42.0)
+  lcl_a, lcl_b = (39.0, -8.0, 27.0), (42.0, -16.0, -14.0)
+  inferior_pole = (pc[0], pc[1] + 1.0, pc[2] - pr[2] + 2.0)
+  superior_pole = (pc[0], pc[1] + 1.0, pc[2] + pr[2] - 3.0)
   lig = c['ligament']
   layers += [
-      field_layer('acl', 0, _capsule_box(acl_a, acl_b, 5., s),
-                  _scaled(lambda x, y, z: sdf.tapered_capsule(x, y, z, acl_a, acl_b, 4.5, 4.),
-                          s), lambda scn, sl, xyz, d: lig * (1 + 0.3 * tex['striated'][sl])),
-      field_layer('pcl', 0, ((-12 * s, -33 * s, -17 * s), (4 * s, 10 * s, 24 * s)),
-                  _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, pcl, (4., 4., 4.2, 4.)),
-                          s),
-                  c['fibrous']),
-      field_layer('mcl', 0, _capsule_box(mcl_a, mcl_b, 4., s),
-                  _scaled(lambda x, y, z: sdf.flat_capsule(x, y, z, mcl_a, mcl_b, 6., 1.6,
-                                                           (0., 1., 0.)), s), c['fibrous']),
-      field_layer('lcl', 0, _capsule_box(lcl_a, lcl_b, 4., s),
-                  _scaled(lambda x, y, z: sdf.tapered_capsule(x, y, z, lcl_a, lcl_b, 2.5, 2.5),
-                          s), c['fibrous']),
-      field_layer('patellar_tendon', 0, _capsule_box(inferior_pole, (4., 24., -31.), 15., s),
-                  _scaled(lambda x, y, z: sdf.flat_capsule(
-                      x, y, z, inferior_pole, (4., 24., -31.), 13., 3.2, (1., 0., 0.)), s),
-                  c['fibrous']),
-      field_layer('quadriceps_tendon', 0, _capsule_box(superior_pole, (2., 30., 140.), 16., s),
-                  _scaled(lambda x, y, z: sdf.flat_capsule(
-                      x, y, z, superior_pole, (2., 30., 140.), 15., 3.6, (1., 0., 0.)), s),
-                  c['fibrous']),
+    field_layer(
+      'acl',
+      0,
+      _capsule_box(acl_a, acl_b, 5.0, s),
+      _scaled(lambda x, y, z: sdf.tapered_capsule(x, y, z, acl_a, acl_b, 4.5, 4.0), s),
+      lambda scn, sl, xyz, d: lig * (1 + 0.3 * tex['striated'][sl]),
+    ),
+    field_layer(
+      'pcl',
+      0,
+      ((-12 * s, -33 * s, -17 * s), (4 * s, 10 * s, 24 * s)),
+      _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, pcl, (4.0, 4.0, 4.2, 4.0)), s),
+      c['fibrous'],
+    ),
+    field_layer(
+      'mcl',
+      0,
+      _capsule_box(mcl_a, mcl_b, 4.0, s),
+      _scaled(
+        lambda x, y, z: sdf.flat_capsule(x, y, z, mcl_a, mcl_b, 6.0, 1.6, (0.0, 1.0, 0.0)), s
+      ),
+      c['fibrous'],
+    ),
+    field_layer(
+      'lcl',
+      0,
+      _capsule_box(lcl_a, lcl_b, 4.0, s),
+      _scaled(lambda x, y, z: sdf.tapered_capsule(x, y, z, lcl_a, lcl_b, 2.5, 2.5), s),
+      c['fibrous'],
+    ),
+    field_layer(
+      'patellar_tendon',
+      0,
+      _capsule_box(inferior_pole, (4.0, 24.0, -31.0), 15.0, s),
+      _scaled(
+        lambda x, y, z: sdf.flat_capsule(
+          x, y, z, inferior_pole, (4.0, 24.0, -31.0), 13.0, 3.2, (1.0, 0.0, 0.0)
+        ),
+        s,
+      ),
+      c['fibrous'],
+    ),
+    field_layer(
+      'quadriceps_tendon',
+      0,
+      _capsule_box(superior_pole, (2.0, 30.0, 140.0), 16.0, s),
+      _scaled(
+        lambda x, y, z: sdf.flat_capsule(
+          x, y, z, superior_pole, (2.0, 30.0, 140.0), 15.0, 3.6, (1.0, 0.0, 0.0)
+        ),
+        s,
+      ),
+      c['fibrous'],
+    ),
   ]
 
   # Effusion pockets: suprapatellar pouch and the two posterior condylar recesses. Each is an
   # ellipsoid with a wobbly boundary; the bones, cartilage and tendons above carve them.
   pockets = []
-  split = model.a.effusion_split * float(model.a.effusion_ml) * 1000. / s ** 3  # base mm^3
+  split = model.a.effusion_split * float(model.a.effusion_ml) * 1000.0 / s**3  # base mm^3
   lat_c, med_c = model.cond['lateral']['c'], model.cond['medial']['c']
   # (name, x, z, semi-axes along x and z, +1 in front of the femur / -1 behind it)
   shapes = [
-      ('effusion_suprapatellar', 1., 44., 25., 15., 1.),
-      ('effusion_posterior_medial', med_c[0], med_c[2] + 6., 9., 12., -1.),
-      ('effusion_posterior_lateral', lat_c[0], lat_c[2] + 6., 8., 11., -1.),
+    ('effusion_suprapatellar', 1.0, 44.0, 25.0, 15.0, 1.0),
+    ('effusion_posterior_medial', med_c[0], med_c[2] + 6.0, 9.0, 12.0, -1.0),
+    ('effusion_posterior_lateral', lat_c[0], lat_c[2] + 6.0, 8.0, 11.0, -1.0),
   ]
   for k, (name, px, pz, ax, az, side) in enumerate(shapes):
     vol = split[k]
@@ -640,75 +753,113 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
       continue
     # Thickness from the target volume; the pocket sits on the femoral surface, 40 % of it
     # overlapping bone and cartilage (which carve it).
-    half = float(np.clip(3 * vol / (4 * np.pi * ax * az), 0.8, 11.))
+    half = float(np.clip(3 * vol / (4 * np.pi * ax * az), 0.8, 11.0))
     y_wall = model.femur_wall(px, pz, anterior=side > 0)
     cen, rad = (px, y_wall + side * 0.6 * half, pz), (ax, half, az)
     phases = model.a.pocket_wobble[k]
 
     def pocket(x, y, z, cen=cen, rad=rad, ph=phases):
       d = sdf.ellipsoid(x, y, z, cen, rad)
-      wob = (np.sin(x / 7. + ph[0]) * np.cos(z / 6. + ph[1]) +
-             0.6 * np.sin(z / 4. + y / 5. + ph[2]) + 0.4 * np.cos(x / 3.5 + ph[3]))
+      wob = (
+        np.sin(x / 7.0 + ph[0]) * np.cos(z / 6.0 + ph[1])
+        + 0.6 * np.sin(z / 4.0 + y / 5.0 + ph[2])
+        + 0.4 * np.cos(x / 3.5 + ph[3])
+      )
       return d + np.float32(0.35 * min(rad)) * wob.astype(np.float32)
 
     fluid = lambda scn, sl, xyz, d: np.float32(c['fluid']) * (1 + 0.03 * tex['fine'][sl])
-    layers.append(field_layer(name, 5, _box(cen, np.array(rad) * 1.4 + 2, s),
-                              _scaled(pocket, s), fluid))
+    layers.append(
+      field_layer(name, 5, _box(cen, np.array(rad) * 1.4 + 2, s), _scaled(pocket, s), fluid)
+    )
     pockets.append(name)
 
   # Vessels, muscles, skin and subcutaneous fat.
-  artery = [(2., -30., 200.), (1., -33., 20.), (0., -30., -20.), (-2., -27., -200.)]
-  vein = [(p[0] + 5., p[1] - 4., p[2]) for p in artery]
+  artery = [(2.0, -30.0, 200.0), (1.0, -33.0, 20.0), (0.0, -30.0, -20.0), (-2.0, -27.0, -200.0)]
+  vein = [(p[0] + 5.0, p[1] - 4.0, p[2]) for p in artery]
   layers += [
-      field_layer('popliteal_artery', 0, ((-8 * s, -42 * s, -140 * s), (8 * s, -20 * s, 140 * s)),
-                  _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, artery, (2.8,) * 4), s),
-                  c['vessel'] * 0.8),
-      field_layer('popliteal_vein', 0, ((-4 * s, -46 * s, -140 * s), (14 * s, -22 * s, 140 * s)),
-                  _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, vein, (3.5,) * 4), s),
-                  c['vessel']),
+    field_layer(
+      'popliteal_artery',
+      0,
+      ((-8 * s, -42 * s, -140 * s), (8 * s, -20 * s, 140 * s)),
+      _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, artery, (2.8,) * 4), s),
+      c['vessel'] * 0.8,
+    ),
+    field_layer(
+      'popliteal_vein',
+      0,
+      ((-4 * s, -46 * s, -140 * s), (14 * s, -22 * s, 140 * s)),
+      _scaled(lambda x, y, z: sdf.polyline_capsule(x, y, z, vein, (3.5,) * 4), s),
+      c['vessel'],
+    ),
   ]
   # Muscles fill most of the limb around the joint: quadriceps in front of the femoral shaft,
   # hamstrings behind it, gastrocnemius and soleus behind the tibia. Each gets its own tone and
   # a darker rim (epimysium and fascial fat), so neighbouring muscles stay distinguishable.
   muscles = [
-      ('gastrocnemius_medial', (-21., -39., 32.), (-17., -57., -150.), 11., 27.),
-      ('gastrocnemius_lateral', (20., -37., 30.), (15., -54., -150.), 10., 23.),
-      ('soleus', (0., -34., -48.), (0., -38., -220.), 17., 28.),
-      ('tibialis_anterior', (24., 15., -32.), (20., 17., -220.), 11., 15.),
-      ('semimembranosus', (-28., -31., 12.), (-25., -29., 250.), 11., 20.),
-      ('biceps_femoris', (34., -27., 2.), (26., -30., 250.), 8., 19.),
-      ('vastus_medialis', (-31., 6., 30.), (-30., 4., 140.), 13., 23.),
-      ('vastus_lateralis', (38., 0., 48.), (35., 0., 220.), 9., 21.),
-      ('sartorius', (-46., -18., 8.), (-40., -22., 220.), 7., 8.),
+    ('gastrocnemius_medial', (-21.0, -39.0, 32.0), (-17.0, -57.0, -150.0), 11.0, 27.0),
+    ('gastrocnemius_lateral', (20.0, -37.0, 30.0), (15.0, -54.0, -150.0), 10.0, 23.0),
+    ('soleus', (0.0, -34.0, -48.0), (0.0, -38.0, -220.0), 17.0, 28.0),
+    ('tibialis_anterior', (24.0, 15.0, -32.0), (20.0, 17.0, -220.0), 11.0, 15.0),
+    ('semimembranosus', (-28.0, -31.0, 12.0), (-25.0, -29.0, 250.0), 11.0, 20.0),
+    ('biceps_femoris', (34.0, -27.0, 2.0), (26.0, -30.0, 250.0), 8.0, 19.0),
+    ('vastus_medialis', (-31.0, 6.0, 30.0), (-30.0, 4.0, 140.0), 13.0, 23.0),
+    ('vastus_lateralis', (38.0, 0.0, 48.0), (35.0, 0.0, 220.0), 9.0, 21.0),
+    ('sartorius', (-46.0, -18.0, 8.0), (-40.0, -22.0, 220.0), 7.0, 8.0),
   ]
 
   def muscle_intensity(tone):
     def fn(scn, sl, xyz, d):
-      rim = 0.7 + 0.3 * sdf.smoothstep(0., 1.6, -d)
-      return np.float32(c['muscle'] * tone) * rim * (
-          1 + 0.10 * tex['striated'][sl] + 0.05 * tex['fine'][sl])
+      rim = 0.7 + 0.3 * sdf.smoothstep(0.0, 1.6, -d)
+      return (
+        np.float32(c['muscle'] * tone)
+        * rim
+        * (1 + 0.10 * tex['striated'][sl] + 0.05 * tex['fine'][sl])
+      )
+
     return fn
 
   for k, (name, a_, b_, ra, rb) in enumerate(muscles):
-    layers.append(field_layer(name, 0, _capsule_box(a_, b_, max(ra, rb), s),
-                              _scaled(_capsule_fn(a_, b_, ra, rb), s),
-                              muscle_intensity(1 + 0.07 * math.sin(2.3 * k + 1.))))
-  layers.append(field_layer(
-      'popliteus', 0, _box((0, -26, -24), (30, 14, 30), s),
-      _scaled(lambda x, y, z: sdf.ellipsoid(x, y, z, (0., -27., -24.), (26., 7., 12.),
-                                            sdf.rotation(ry_deg=-25.)), s),
-      muscle_intensity(0.95)))
+    layers.append(
+      field_layer(
+        name,
+        0,
+        _capsule_box(a_, b_, max(ra, rb), s),
+        _scaled(_capsule_fn(a_, b_, ra, rb), s),
+        muscle_intensity(1 + 0.07 * math.sin(2.3 * k + 1.0)),
+      )
+    )
+  layers.append(
+    field_layer(
+      'popliteus',
+      0,
+      _box((0, -26, -24), (30, 14, 30), s),
+      _scaled(
+        lambda x, y, z: sdf.ellipsoid(
+          x, y, z, (0.0, -27.0, -24.0), (26.0, 7.0, 12.0), sdf.rotation(ry_deg=-25.0)
+        ),
+        s,
+      ),
+      muscle_intensity(0.95),
+    )
+  )
 
   def quadriceps(x, y, z):
-    rod = sdf.elliptic_rod(x, y, z, (0., 8., 60.), (0., 6., 260.), 44., 34.)
-    return sdf.smooth_intersect(rod, -(y + 2.), 4.)
-  layers.append(field_layer('quadriceps', 0, ((-50 * s, -10 * s, 50 * s), (50 * s, 48 * s,
-                                                                              265 * s)),
-                            _scaled(quadriceps, s), muscle_intensity(1.04)))
+    rod = sdf.elliptic_rod(x, y, z, (0.0, 8.0, 60.0), (0.0, 6.0, 260.0), 44.0, 34.0)
+    return sdf.smooth_intersect(rod, -(y + 2.0), 4.0)
+
+  layers.append(
+    field_layer(
+      'quadriceps',
+      0,
+      ((-50 * s, -10 * s, 50 * s), (50 * s, 48 * s, 265 * s)),
+      _scaled(quadriceps, s),
+      muscle_intensity(1.04),
+    )
+  )
 
   def body(x, y, z):
-    grow = np.clip(z, -150., 150.)
-    return sdf.ellipse_2d(x + 1., y + 1., 62. + 0.06 * grow, 58. + 0.05 * grow)
+    grow = np.clip(z, -150.0, 150.0)
+    return sdf.ellipse_2d(x + 1.0, y + 1.0, 62.0 + 0.06 * grow, 58.0 + 0.05 * grow)
 
   body_box = ((-75 * s, -69 * s, -160 * s), (75 * s, 67 * s, 160 * s))
   sc.add_field('body', _scaled(body, s), body_box)
@@ -720,7 +871,7 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
 
   def fat(scn, sl, xyz):
     d = scn.field('body', sl)
-    septa = np.exp(-(tex['septa'][sl] / 0.1) ** 2)
+    septa = np.exp(-((tex['septa'][sl] / 0.1) ** 2))
     inten = np.float32(c['fat']) * (1 + 0.08 * tex['coarse'][sl] + 0.4 * septa)
     return scene.LayerSample(d, inten)
 
@@ -735,23 +886,22 @@ def make_grid(anatomy: KneeAnatomy, preset: str) -> scene.Grid:
   rot = sdf.rotation(*anatomy.pose_deg)
   # The FOV centre (world origin) sits on a model point a little above and in front of the
   # joint centre, so the cropped cpu FOV holds the patella and both plateaus.
-  focus = np.array([0., 6., 6.]) * anatomy.scale
+  focus = np.array([0.0, 6.0, 6.0]) * anatomy.scale
   mirror = anatomy.side == 'left'
-  lin = rot @ (np.diag([-1., 1., 1.]) if mirror else np.eye(3))
+  lin = rot @ (np.diag([-1.0, 1.0, 1.0]) if mirror else np.eye(3))
   translation = -lin @ focus + np.asarray(anatomy.pose_shift_mm)
-  return scene.Grid(tuple(p['shape']), affine,
-                    mri.pose_matrix(rot, translation, mirror_x=mirror))
+  return scene.Grid(tuple(p['shape']), affine, mri.pose_matrix(rot, translation, mirror_x=mirror))
 
 
 def make_textures(shape, spacing, rng: np.random.Generator) -> dict[str, Array]:
   """Shared random texture fields (unit std) sized in mm so they look alike at any preset."""
   sp = np.asarray(spacing)
   return {
-      'fine': mri.texture(shape, rng, tuple(0.45 / sp)),
-      'coarse': mri.texture(shape, rng, tuple(2.5 / sp)),
-      'striated': mri.texture(shape, rng, tuple(np.array([4.0, 0.5, 0.5]) / sp)),
-      # Fat septa: zero crossings of a field stretched along the limb (array axis 0).
-      'septa': mri.texture(shape, rng, tuple(np.array([9.0, 2.5, 2.5]) / sp)),
+    'fine': mri.texture(shape, rng, tuple(0.45 / sp)),
+    'coarse': mri.texture(shape, rng, tuple(2.5 / sp)),
+    'striated': mri.texture(shape, rng, tuple(np.array([4.0, 0.5, 0.5]) / sp)),
+    # Fat septa: zero crossings of a field stretched along the limb (array axis 0).
+    'septa': mri.texture(shape, rng, tuple(np.array([9.0, 2.5, 2.5]) / sp)),
   }
 
 
@@ -772,19 +922,28 @@ def generate_knee(seed: int, preset: str = 'cpu', **anatomy_options: Any) -> sce
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets = build_layers(model, sc)
-  rendered = scene.render(sc, layers, background=0.)
+  rendered = scene.render(sc, layers, background=0.0)
   image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
   image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
   truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset)
-  return scene.Phantom(image=image, labels=rendered.labels, affine=grid.affine,
-                       reader_labels={}, truth=truth)
+  return scene.Phantom(
+    image=image, labels=rendered.labels, affine=grid.affine, reader_labels={}, truth=truth
+  )
 
 
-def knee_truth(model: KneeModel, grid: scene.Grid, layers, rendered: scene.Rendered,
-               pockets: list[str], seed: int, preset: str) -> dict[str, Any]:
+def knee_truth(
+  model: KneeModel,
+  grid: scene.Grid,
+  layers,
+  rendered: scene.Rendered,
+  pockets: list[str],
+  seed: int,
+  preset: str,
+) -> dict[str, Any]:
   """The sidecar: volumes, effusion, cartilage thickness fields and geometry."""
   from data_pipelines.phantoms import truth as truth_lib
+
   names = [layer.name for layer in layers]
   tissues = truth_lib.tissue_volumes(rendered, layers, grid, LABELS)
   effusion = truth_lib.effusion_pockets(rendered, names, pockets, grid)
@@ -792,27 +951,49 @@ def knee_truth(model: KneeModel, grid: scene.Grid, layers, rendered: scene.Rende
   tib = model.tibial_grid()
   a = model.a
   return {
-      'generator': 'data_pipelines.phantoms.knee', 'generator_version': GENERATOR_VERSION,
-      'kind': 'knee', 'seed': int(seed), 'preset': preset, 'sequence': 'DESS-like',
-      'plane': 'sagittal', 'shape': list(grid.shape), 'spacing_mm': list(grid.spacing),
-      'axis_codes': list(AXIS_CODES), 'affine': grid.affine.tolist(),
-      'model_to_world': grid.model_to_world.tolist(), 'labels': LABELS,
-      'tissues': tissues, 'effusion': effusion,
-      'anatomy': {'side': a.side, 'scale': a.scale, 'pose_deg': list(a.pose_deg),
-                  'pose_shift_mm': list(a.pose_shift_mm), 'joint_gap_mm': a.joint_gap_mm,
-                  'oa_thinning': a.oa_thinning, 'lateral_oa': a.lateral_oa,
-                  'defects': a.defects, 'effusion_target_ml': a.effusion_ml},
-      'cartilage_thickness': {
-          'femoral_cartilage': truth_lib.thickness_entry(
-              fem, grid, ('theta_deg', 'x_mm'),
-              'theta_deg: angle about the model mediolateral axis through (y, z) = '
-              f'{list(np.round(model.axis_yz * model.s, 3))} mm, 0 = distal, positive = '
-              'anterior; x_mm: model mediolateral coordinate, positive = lateral. Surface '
-              'points: where the ray from the axis at angle theta leaves the femur.'),
-          'tibial_cartilage': truth_lib.thickness_entry(
-              tib, grid, ('x_mm', 'y_mm'),
-              'x_mm, y_mm: model mediolateral (positive lateral) and anteroposterior '
-              '(positive anterior) coordinates; surface points: first hit of a vertical ray '
-              'coming down onto the tibia.'),
-      },
+    'generator': 'data_pipelines.phantoms.knee',
+    'generator_version': GENERATOR_VERSION,
+    'kind': 'knee',
+    'seed': int(seed),
+    'preset': preset,
+    'sequence': 'DESS-like',
+    'plane': 'sagittal',
+    'shape': list(grid.shape),
+    'spacing_mm': list(grid.spacing),
+    'axis_codes': list(AXIS_CODES),
+    'affine': grid.affine.tolist(),
+    'model_to_world': grid.model_to_world.tolist(),
+    'labels': LABELS,
+    'tissues': tissues,
+    'effusion': effusion,
+    'anatomy': {
+      'side': a.side,
+      'scale': a.scale,
+      'pose_deg': list(a.pose_deg),
+      'pose_shift_mm': list(a.pose_shift_mm),
+      'joint_gap_mm': a.joint_gap_mm,
+      'oa_thinning': a.oa_thinning,
+      'lateral_oa': a.lateral_oa,
+      'defects': a.defects,
+      'effusion_target_ml': a.effusion_ml,
+    },
+    'cartilage_thickness': {
+      'femoral_cartilage': truth_lib.thickness_entry(
+        fem,
+        grid,
+        ('theta_deg', 'x_mm'),
+        'theta_deg: angle about the model mediolateral axis through (y, z) = '
+        f'{list(np.round(model.axis_yz * model.s, 3))} mm, 0 = distal, positive = '
+        'anterior; x_mm: model mediolateral coordinate, positive = lateral. Surface '
+        'points: where the ray from the axis at angle theta leaves the femur.',
+      ),
+      'tibial_cartilage': truth_lib.thickness_entry(
+        tib,
+        grid,
+        ('x_mm', 'y_mm'),
+        'x_mm, y_mm: model mediolateral (positive lateral) and anteroposterior '
+        '(positive anterior) coordinates; surface points: first hit of a vertical ray '
+        'coming down onto the tibia.',
+      ),
+    },
   }

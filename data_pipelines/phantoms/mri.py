@@ -18,18 +18,41 @@ Array = np.ndarray
 # (partly suppressed), cortex, menisci, tendons and ligaments black. STIR: fat and fatty
 # marrow nulled, red marrow a little brighter, muscle intermediate, fluid very bright.
 DESS = {
-    'fluid': 900., 'cartilage': 560., 'muscle': 270., 'fat': 190., 'marrow': 165.,
-    'cortex': 18., 'fibrous': 28., 'ligament': 70., 'vessel': 420., 'skin': 240.,
+  'fluid': 900.0,
+  'cartilage': 560.0,
+  'muscle': 270.0,
+  'fat': 190.0,
+  'marrow': 165.0,
+  'cortex': 18.0,
+  'fibrous': 28.0,
+  'ligament': 70.0,
+  'vessel': 420.0,
+  'skin': 240.0,
 }
 STIR = {
-    'fluid': 950., 'cartilage': 380., 'muscle': 290., 'fat': 50., 'marrow': 75.,
-    'cortex': 15., 'fibrous': 25., 'ligament': 40., 'vessel': 480., 'skin': 200.,
-    'bowel': 380., 'node': 620., 'red_marrow': 115., 'labrum': 30.,
+  'fluid': 950.0,
+  'cartilage': 380.0,
+  'muscle': 290.0,
+  'fat': 50.0,
+  'marrow': 75.0,
+  'cortex': 15.0,
+  'fibrous': 25.0,
+  'ligament': 40.0,
+  'vessel': 480.0,
+  'skin': 200.0,
+  'bowel': 380.0,
+  'node': 620.0,
+  'red_marrow': 115.0,
+  'labrum': 30.0,
 }
 
 
-def grid_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-                axis_directions: Array, center_world: Array) -> Array:
+def grid_affine(
+  shape: tuple[int, int, int],
+  spacing: tuple[float, float, float],
+  axis_directions: Array,
+  center_world: Array,
+) -> Array:
   """Affine (voxel index -> world RAS mm) of a grid whose axis i points along unit vector
   axis_directions[i] (a signed permutation for scanner-aligned acquisitions) and whose central
   voxel position lies at center_world."""
@@ -47,14 +70,15 @@ def pose_matrix(rot: Array, translation: Array, mirror_x: bool = False) -> Array
   m = np.eye(4)
   lin = np.asarray(rot, np.float64)
   if mirror_x:
-    lin = lin @ np.diag([-1., 1., 1.])
+    lin = lin @ np.diag([-1.0, 1.0, 1.0])
   m[:3, :3] = lin
   m[:3, 3] = translation
   return m
 
 
-def texture(shape: tuple[int, int, int], rng: np.random.Generator,
-            sigma_vox: tuple[float, float, float]) -> Array:
+def texture(
+  shape: tuple[int, int, int], rng: np.random.Generator, sigma_vox: tuple[float, float, float]
+) -> Array:
   """Smooth Gaussian random field, zero mean and unit std, clipped to +-2.5, float32.
 
   Axes with a wide kernel are generated on a coarser grid and linearly upsampled (the field
@@ -63,8 +87,7 @@ def texture(shape: tuple[int, int, int], rng: np.random.Generator,
   factor = [max(1, int(sg // 1.5)) for sg in sigma_vox]
   small = tuple(-(-n // f) + 1 for n, f in zip(shape, factor))
   noise = rng.standard_normal(small, dtype=np.float32)
-  field = ndimage.gaussian_filter(noise, [sg / f for sg, f in zip(sigma_vox, factor)],
-                                  mode='wrap')
+  field = ndimage.gaussian_filter(noise, [sg / f for sg, f in zip(sigma_vox, factor)], mode='wrap')
   if any(f > 1 for f in factor):
     field = _linear_upsample(field, factor, shape)
   field -= field.mean(dtype=np.float64)
@@ -82,12 +105,17 @@ def _linear_upsample(field: Array, factor: list[int], shape: tuple[int, int, int
     pos = np.arange(n, dtype=np.float32) / f
     i0 = np.floor(pos).astype(int)
     w = (pos - i0).reshape([-1 if a == axis else 1 for a in range(3)])
-    field = (np.take(field, i0, axis=axis) * (1 - w) + np.take(field, i0 + 1, axis=axis) * w)
+    field = np.take(field, i0, axis=axis) * (1 - w) + np.take(field, i0 + 1, axis=axis) * w
   return field
 
 
-def bias_field(shape: tuple[int, int, int], rng: np.random.Generator, strength: float,
-               coil_axis: int | None = None, coil_falloff: float = 0.) -> Array:
+def bias_field(
+  shape: tuple[int, int, int],
+  rng: np.random.Generator,
+  strength: float,
+  coil_axis: int | None = None,
+  coil_falloff: float = 0.0,
+) -> Array:
   """Smooth multiplicative coil sensitivity, float32 [X, Y, Z], mean about 1.
 
   exp of a random polynomial of total degree <= 2 over coordinates normalised to [-1, 1]
@@ -107,8 +135,9 @@ def bias_field(shape: tuple[int, int, int], rng: np.random.Generator, strength: 
   return field.astype(np.float32)
 
 
-def psf_blur(image: Array, spacing: tuple[float, float, float],
-             fwhm_mm: tuple[float, float, float]) -> Array:
+def psf_blur(
+  image: Array, spacing: tuple[float, float, float], fwhm_mm: tuple[float, float, float]
+) -> Array:
   """Gaussian point-spread function with the given full widths at half maximum (mm)."""
   sigma = [f / 2.3548 / s for f, s in zip(fwhm_mm, spacing)]
   return ndimage.gaussian_filter(image, sigma, mode='nearest')
@@ -121,14 +150,15 @@ def rician(signal: Array, sigma: float, rng: np.random.Generator) -> Array:
   return np.sqrt(real * real + imag * imag)
 
 
-def quantise(image: Array, max_value: float = 4095.) -> Array:
+def quantise(image: Array, max_value: float = 4095.0) -> Array:
   """Rounds to whole scanner units in [0, max_value] (the image is stored as int16)."""
   return np.clip(np.rint(image), 0, max_value).astype(np.float32)
 
 
-def depth_mix(depth: Array, thickness: Array | float, outer: float, inner: Array | float,
-              width: float) -> Array:
+def depth_mix(
+  depth: Array, thickness: Array | float, outer: float, inner: Array | float, width: float
+) -> Array:
   """Signal that is `outer` in the first `thickness` mm below a surface and `inner` deeper
   (e.g. cortex over marrow), blended over `width` mm."""
-  w = sdf.smoothstep(0., 1., (depth - thickness) / np.float32(width) + np.float32(0.5))
+  w = sdf.smoothstep(0.0, 1.0, (depth - thickness) / np.float32(width) + np.float32(0.5))
   return np.float32(outer) + (inner - np.float32(outer)) * w

@@ -34,6 +34,7 @@ class Phantom:
   reader_labels: name -> uint8 [X, Y, Z] label maps of simulated human readers (hip only).
   truth: the JSON-serialisable sidecar (volumes, thickness fields, geometry, seed, ...).
   """
+
   image: Array
   labels: Array
   affine: Array
@@ -48,6 +49,7 @@ class Grid:
   shape: (X, Y, Z) voxels. affine: voxel index -> world RAS mm. model_to_world: 4x4, model
   frame mm -> world RAS mm.
   """
+
   shape: tuple[int, int, int]
   affine: Array
   model_to_world: Array
@@ -60,7 +62,7 @@ class Grid:
   @property
   def voxel_ml(self) -> float:
     """Volume of one voxel in mL (= cm^3)."""
-    return float(np.prod(self.spacing)) / 1000.
+    return float(np.prod(self.spacing)) / 1000.0
 
   @property
   def index_to_model(self) -> Array:
@@ -98,6 +100,7 @@ class LayerSample:
   coverage: optional explicit partial-volume fraction in [0, 1] (thin shells); None means a
     ramp across the visible SDF.
   """
+
   sdf: Array
   intensity: Array | float
   coverage: Array | None = None
@@ -106,10 +109,11 @@ class LayerSample:
 @dataclasses.dataclass
 class Layer:
   """A tissue. `sample(scene, sl, (x, y, z))` evaluates it on the voxel box sl."""
+
   name: str
   label: int
   box: Box
-  sample: Callable[['Scene', Slices, tuple[Array, Array, Array]], LayerSample]
+  sample: Callable[[Scene, Slices, tuple[Array, Array, Array]], LayerSample]
 
 
 class Scene:
@@ -155,6 +159,7 @@ class Rendered:
   voxels: per layer, number of voxels it owns. fraction_sum: per layer, sum of its
   partial-volume fractions (times the voxel volume: its continuous volume).
   """
+
   image: Array
   labels: Array
   owner: Array
@@ -178,7 +183,7 @@ def shell_coverage(d: Array, thickness: Array, width: float) -> Array:
   return np.clip(overlap / np.float32(width), 0, 1)
 
 
-def render(scene: Scene, layers: list[Layer], background: float = 0.) -> Rendered:
+def render(scene: Scene, layers: list[Layer], background: float = 0.0) -> Rendered:
   """Evaluates the layers (highest priority first) into a clean image and a label map."""
   grid, h = scene.grid, scene.ramp_mm
   image = np.zeros(grid.shape, np.float32)
@@ -190,7 +195,7 @@ def render(scene: Scene, layers: list[Layer], background: float = 0.) -> Rendere
     sl = grid.index_box(layer.box, pad_mm=h)
     if sl is None:
       voxels.append(0)
-      fraction_sum.append(0.)
+      fraction_sum.append(0.0)
       continue
     s = layer.sample(scene, sl, grid.coords(sl))
     above = union[sl]

@@ -18,7 +18,7 @@ Array = np.ndarray
 Vec3 = Sequence[float]
 
 
-def rotation(rx_deg: float = 0., ry_deg: float = 0., rz_deg: float = 0.) -> Array:
+def rotation(rx_deg: float = 0.0, ry_deg: float = 0.0, rz_deg: float = 0.0) -> Array:
   """Rotation matrix R = Rz @ Ry @ Rx (angles in degrees, right-handed), float64 [3, 3]."""
   ax, ay, az = np.deg2rad([rx_deg, ry_deg, rz_deg])
   rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -27,20 +27,24 @@ def rotation(rx_deg: float = 0., ry_deg: float = 0., rz_deg: float = 0.) -> Arra
   return rz @ ry @ rx
 
 
-def to_local(x: Array, y: Array, z: Array, center: Vec3, rot: Array | None = None
-             ) -> tuple[Array, Array, Array]:
+def to_local(
+  x: Array, y: Array, z: Array, center: Vec3, rot: Array | None = None
+) -> tuple[Array, Array, Array]:
   """Coordinates relative to `center` in a frame whose axes are the columns of `rot`."""
   dx, dy, dz = x - np.float32(center[0]), y - np.float32(center[1]), z - np.float32(center[2])
   if rot is None:
     return dx, dy, dz
   r = np.asarray(rot, np.float32)
-  return (r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz,
-          r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz,
-          r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz)
+  return (
+    r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz,
+    r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz,
+    r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz,
+  )
 
 
-def ellipsoid(x: Array, y: Array, z: Array, center: Vec3, radii: Vec3,
-              rot: Array | None = None) -> Array:
+def ellipsoid(
+  x: Array, y: Array, z: Array, center: Vec3, radii: Vec3, rot: Array | None = None
+) -> Array:
   """Ellipsoid with semi-axes `radii` (mm) along the columns of `rot`.
 
   Uses d = k0 (k0 - 1) / k1 with k0 = |q / r|, k1 = |q / r^2|: exact on the surface, with the
@@ -66,8 +70,7 @@ def sphere(x: Array, y: Array, z: Array, center: Vec3, radius: float) -> Array:
   return np.sqrt(lx * lx + ly * ly + lz * lz) - np.float32(radius)
 
 
-def segment_param(x: Array, y: Array, z: Array, a: Vec3, b: Vec3
-                  ) -> tuple[Array, Array]:
+def segment_param(x: Array, y: Array, z: Array, a: Vec3, b: Vec3) -> tuple[Array, Array]:
   """For segment a->b: (h in [0, 1] of the closest point, distance to it in mm)."""
   a = np.asarray(a, np.float32)
   ab = np.asarray(b, np.float32) - a
@@ -77,15 +80,15 @@ def segment_param(x: Array, y: Array, z: Array, a: Vec3, b: Vec3
   return h, np.sqrt(dx * dx + dy * dy + dz * dz)
 
 
-def tapered_capsule(x: Array, y: Array, z: Array, a: Vec3, b: Vec3, ra: float, rb: float
-                    ) -> Array:
+def tapered_capsule(x: Array, y: Array, z: Array, a: Vec3, b: Vec3, ra: float, rb: float) -> Array:
   """Capsule around segment a->b whose radius goes linearly from ra to rb (approximate SDF)."""
   h, dist = segment_param(x, y, z, a, b)
   return dist - (np.float32(ra) + h * np.float32(rb - ra))
 
 
-def polyline_capsule(x: Array, y: Array, z: Array, points: Sequence[Vec3],
-                     radii: Sequence[float]) -> Array:
+def polyline_capsule(
+  x: Array, y: Array, z: Array, points: Sequence[Vec3], radii: Sequence[float]
+) -> Array:
   """Union of tapered capsules along a polyline (e.g. a curved ligament or vessel)."""
   d = None
   for i in range(len(points) - 1):
@@ -94,8 +97,16 @@ def polyline_capsule(x: Array, y: Array, z: Array, points: Sequence[Vec3],
   return d
 
 
-def flat_capsule(x: Array, y: Array, z: Array, a: Vec3, b: Vec3, half_width: float,
-                 half_thickness: float, width_axis: Vec3) -> Array:
+def flat_capsule(
+  x: Array,
+  y: Array,
+  z: Array,
+  a: Vec3,
+  b: Vec3,
+  half_width: float,
+  half_thickness: float,
+  width_axis: Vec3,
+) -> Array:
   """A flat band (tendon-like) from a to b: elliptical cross-section, wide along `width_axis`.
 
   Approximate SDF: the cross-section ellipse is handled like `ellipsoid`'s bound.
@@ -132,8 +143,9 @@ def ellipse_2d(x: Array, y: Array, ax: Array | float, ay: Array | float) -> Arra
   return (k0 - 1) * _bound_ratio(k0, k1, np.minimum(ax, ay))
 
 
-def elliptic_rod(x: Array, y: Array, z: Array, bottom: Vec3, top: Vec3, half_x: float,
-                 half_y: float) -> Array:
+def elliptic_rod(
+  x: Array, y: Array, z: Array, bottom: Vec3, top: Vec3, half_x: float, half_y: float
+) -> Array:
   """A near-vertical rod with elliptical cross-section (half widths along x and y), its axis
   running from `bottom` to `top` (z increasing); flat ends. Cheaper than a flat capsule, for
   long bone shafts whose ends are buried in other shapes."""
@@ -146,8 +158,9 @@ def elliptic_rod(x: Array, y: Array, z: Array, bottom: Vec3, top: Vec3, half_x: 
   return np.maximum(side, np.maximum(b[2] - z, z - t[2]))
 
 
-def torus(x: Array, y: Array, z: Array, center: Vec3, axis: Vec3, major: float,
-          minor: float) -> Array:
+def torus(
+  x: Array, y: Array, z: Array, center: Vec3, axis: Vec3, major: float, minor: float
+) -> Array:
   """Exact torus: circle of radius `major` about `axis` through `center`, tube radius `minor`."""
   a = np.asarray(axis, np.float64)
   a = (a / np.linalg.norm(a)).astype(np.float32)
@@ -190,8 +203,7 @@ def smoothstep(e0: float, e1: float, t: Array) -> Array:
   return s * s * (3 - 2 * s)
 
 
-def gradient(fn, x: Array, y: Array, z: Array, eps: float = 0.05
-             ) -> tuple[Array, Array, Array]:
+def gradient(fn, x: Array, y: Array, z: Array, eps: float = 0.05) -> tuple[Array, Array, Array]:
   """Unit gradient of the scalar field `fn(x, y, z)` by central differences (step eps mm)."""
   e = np.float32(eps)
   gx = fn(x + e, y, z) - fn(x - e, y, z)
@@ -201,8 +213,9 @@ def gradient(fn, x: Array, y: Array, z: Array, eps: float = 0.05
   return gx / n, gy / n, gz / n
 
 
-def ray_exit(fn, origins: Array, directions: Array, t_max: float, step: float = 0.25,
-             iters: int = 16) -> Array:
+def ray_exit(
+  fn, origins: Array, directions: Array, t_max: float, step: float = 0.25, iters: int = 16
+) -> Array:
   """Distance along each ray to its outermost inside->outside crossing of fn = 0.
 
   origins, directions: [N, 3] (directions unit length). Samples every `step` mm up to t_max,
@@ -211,7 +224,7 @@ def ray_exit(fn, origins: Array, directions: Array, t_max: float, step: float = 
   """
   origins = np.asarray(origins, np.float64)
   directions = np.asarray(directions, np.float64)
-  ts = np.arange(0., t_max + step, step)
+  ts = np.arange(0.0, t_max + step, step)
   pts = origins[:, None, :] + ts[None, :, None] * directions[:, None, :]
   vals = fn(pts[..., 0], pts[..., 1], pts[..., 2])
   inside = vals < 0
@@ -230,19 +243,20 @@ def ray_exit(fn, origins: Array, directions: Array, t_max: float, step: float = 
   return np.where(any_inside & (last < len(ts) - 1), out, np.nan)
 
 
-def ray_entry(fn, origins: Array, directions: Array, t_max: float, step: float = 0.25,
-              iters: int = 16) -> Array:
+def ray_entry(
+  fn, origins: Array, directions: Array, t_max: float, step: float = 0.25, iters: int = 16
+) -> Array:
   """Distance along each ray to its first outside->inside crossing of fn = 0 (NaN if none)."""
   origins = np.asarray(origins, np.float64)
   directions = np.asarray(directions, np.float64)
-  ts = np.arange(0., t_max + step, step)
+  ts = np.arange(0.0, t_max + step, step)
   pts = origins[:, None, :] + ts[None, :, None] * directions[:, None, :]
   vals = fn(pts[..., 0], pts[..., 1], pts[..., 2])
   inside = vals < 0
   hit = inside.any(axis=1)
   first = np.argmax(inside, axis=1)
   hi = ts[first]
-  lo = np.maximum(hi - step, 0.)
+  lo = np.maximum(hi - step, 0.0)
   for _ in range(iters):
     mid = 0.5 * (lo + hi)
     p = origins + mid[:, None] * directions

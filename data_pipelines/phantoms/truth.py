@@ -22,8 +22,9 @@ def _r(v: float, digits: int = 4) -> float:
   return float(round(float(v), digits))
 
 
-def tissue_volumes(rendered: scene.Rendered, layers: list[scene.Layer], grid: scene.Grid,
-                   labels: dict[str, int]) -> dict[str, dict[str, float]]:
+def tissue_volumes(
+  rendered: scene.Rendered, layers: list[scene.Layer], grid: scene.Grid, labels: dict[str, int]
+) -> dict[str, dict[str, float]]:
   """name -> {value, voxels, volume_ml, volume_ml_continuous} for every non-background label."""
   counts = np.bincount(rendered.labels.ravel(), minlength=max(labels.values()) + 1)
   out = {}
@@ -31,25 +32,37 @@ def tissue_volumes(rendered: scene.Rendered, layers: list[scene.Layer], grid: sc
     if value == 0:
       continue
     frac = sum(f for f, layer in zip(rendered.fraction_sum, layers) if layer.label == value)
-    out[name] = {'value': int(value), 'voxels': int(counts[value]),
-                 'volume_ml': _r(counts[value] * grid.voxel_ml),
-                 'volume_ml_continuous': _r(frac * grid.voxel_ml)}
+    out[name] = {
+      'value': int(value),
+      'voxels': int(counts[value]),
+      'volume_ml': _r(counts[value] * grid.voxel_ml),
+      'volume_ml_continuous': _r(frac * grid.voxel_ml),
+    }
   return out
 
 
-def effusion_pockets(rendered: scene.Rendered, names: list[str], pockets: list[str],
-                     grid: scene.Grid) -> dict[str, Any]:
+def effusion_pockets(
+  rendered: scene.Rendered, names: list[str], pockets: list[str], grid: scene.Grid
+) -> dict[str, Any]:
   """Per-pocket and total effusion volume (label map and continuous)."""
   per = []
   for pocket in pockets:
     i = names.index(pocket)
-    per.append({'name': pocket, 'voxels': int(rendered.voxels[i]),
-                'volume_ml': _r(rendered.voxels[i] * grid.voxel_ml),
-                'volume_ml_continuous': _r(rendered.fraction_sum[i] * grid.voxel_ml)})
+    per.append(
+      {
+        'name': pocket,
+        'voxels': int(rendered.voxels[i]),
+        'volume_ml': _r(rendered.voxels[i] * grid.voxel_ml),
+        'volume_ml_continuous': _r(rendered.fraction_sum[i] * grid.voxel_ml),
+      }
+    )
   total_vox = sum(p['voxels'] for p in per)
-  return {'pockets': per, 'total_voxels': int(total_vox),
-          'total_ml': _r(total_vox * grid.voxel_ml),
-          'total_ml_continuous': _r(sum(p['volume_ml_continuous'] for p in per))}
+  return {
+    'pockets': per,
+    'total_voxels': int(total_vox),
+    'total_ml': _r(total_vox * grid.voxel_ml),
+    'total_ml_continuous': _r(sum(p['volume_ml_continuous'] for p in per)),
+  }
 
 
 def _replace_nan(x):
@@ -59,8 +72,9 @@ def _replace_nan(x):
   return None if x != x else x
 
 
-def thickness_entry(g: dict[str, Array], grid: scene.Grid, axes: tuple[str, str],
-                    meaning: str) -> dict[str, Any]:
+def thickness_entry(
+  g: dict[str, Array], grid: scene.Grid, axes: tuple[str, str], meaning: str
+) -> dict[str, Any]:
   """A thickness field on a parameter grid, with surface points and normals in world RAS mm.
 
   g holds the two axis arrays (names in `axes`), points/normals [A, B, 3] in the model frame
@@ -76,15 +90,18 @@ def thickness_entry(g: dict[str, Array], grid: scene.Grid, axes: tuple[str, str]
   db = np.gradient(pts, axis=1)
   area = np.linalg.norm(np.cross(da, db), axis=-1)
   use = (t > 0) & np.isfinite(area)
-  mean = float((t[use] * area[use]).sum() / area[use].sum()) if use.any() else 0.
+  mean = float((t[use] * area[use]).sum() / area[use].sum()) if use.any() else 0.0
   bare = (t <= 0)[..., None]
   return {
-      'axes': list(axes), axes[0]: np.round(g[axes[0]], 4).tolist(),
-      axes[1]: np.round(g[axes[1]], 4).tolist(), 'meaning': meaning,
-      'thickness_mm': _replace_nan(np.round(t, 3).tolist()),
-      # Surface points and normals only where there is cartilage (null elsewhere).
-      'surface_points_ras_mm': _replace_nan(np.round(np.where(bare, np.nan, pts), 2).tolist()),
-      'surface_normals_ras': _replace_nan(np.round(np.where(bare, np.nan, nrm), 3).tolist()),
-      'mean_thickness_mm': _r(mean), 'max_thickness_mm': _r(t.max()),
-      'covered_area_mm2': _r(float(area[use].sum()), 1),
+    'axes': list(axes),
+    axes[0]: np.round(g[axes[0]], 4).tolist(),
+    axes[1]: np.round(g[axes[1]], 4).tolist(),
+    'meaning': meaning,
+    'thickness_mm': _replace_nan(np.round(t, 3).tolist()),
+    # Surface points and normals only where there is cartilage (null elsewhere).
+    'surface_points_ras_mm': _replace_nan(np.round(np.where(bare, np.nan, pts), 2).tolist()),
+    'surface_normals_ras': _replace_nan(np.round(np.where(bare, np.nan, nrm), 3).tolist()),
+    'mean_thickness_mm': _r(mean),
+    'max_thickness_mm': _r(t.max()),
+    'covered_area_mm2': _r(float(area[use].sum()), 1),
   }

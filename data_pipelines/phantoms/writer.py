@@ -34,9 +34,17 @@ MARKER_TEXT = 'written by python -m data_pipelines.phantoms; replaced whole by i
 # Display orientation per acquisition plane: rows run superior -> inferior; columns run
 # anterior -> posterior (sagittal) or patient right -> left (coronal, radiological view).
 DISPLAY = {'sagittal': ('I', 'P'), 'coronal': ('I', 'L')}
-OVERLAY_COLOURS = np.array([
-    [0, 0, 0], [0.95, 0.85, 0.2], [0.2, 0.85, 0.35], [0.3, 0.55, 1.0], [0.95, 0.35, 0.8],
-    [1.0, 0.25, 0.15]], np.float32)
+OVERLAY_COLOURS = np.array(
+  [
+    [0, 0, 0],
+    [0.95, 0.85, 0.2],
+    [0.2, 0.85, 0.35],
+    [0.3, 0.55, 1.0],
+    [0.95, 0.35, 0.8],
+    [1.0, 0.25, 0.15],
+  ],
+  np.float32,
+)
 
 
 def generate(kind: str, seed: int, preset: str = 'cpu') -> scene.Phantom:
@@ -69,56 +77,60 @@ def _write_bytes(path: str, data: bytes) -> None:
 def _json_bytes(obj: Any, indent: int | None = 1) -> bytes:
   """Deterministic JSON (insertion-ordered keys, no NaN)."""
   separators = (',', ': ') if indent is not None else (',', ':')
-  return (json.dumps(obj, indent=indent, separators=separators, allow_nan=False) + '\n'
-          ).encode()
+  return (json.dumps(obj, indent=indent, separators=separators, allow_nan=False) + '\n').encode()
 
 
 def write_case(root: str, case_id: str, ph: scene.Phantom) -> dict[str, str]:
   """Writes one case's files under root; returns their paths relative to root."""
-  files = {'image': f'imagesTr/{case_id}_0000.nii.gz', 'label': f'labelsTr/{case_id}.nii.gz',
-           'truth': f'truth/{case_id}.json'}
+  files = {
+    'image': f'imagesTr/{case_id}_0000.nii.gz',
+    'label': f'labelsTr/{case_id}.nii.gz',
+    'truth': f'truth/{case_id}.json',
+  }
   image = np.asarray(ph.image)
   if image.min() < np.iinfo(np.int16).min or image.max() > np.iinfo(np.int16).max:
     raise ValueError(f'{case_id}: image range [{image.min()}, {image.max()}] does not fit int16')
-  _write_bytes(os.path.join(root, files['image']),
-               nifti_bytes(np.rint(image).astype(np.int16), ph.affine))
-  _write_bytes(os.path.join(root, files['label']), nifti_bytes(ph.labels.astype(np.uint8),
-                                                               ph.affine))
+  _write_bytes(
+    os.path.join(root, files['image']), nifti_bytes(np.rint(image).astype(np.int16), ph.affine)
+  )
+  _write_bytes(
+    os.path.join(root, files['label']), nifti_bytes(ph.labels.astype(np.uint8), ph.affine)
+  )
   for reader, labels in ph.reader_labels.items():
     files[reader] = f'labelsTr_{reader}/{case_id}.nii.gz'
-    _write_bytes(os.path.join(root, files[reader]),
-                 nifti_bytes(labels.astype(np.uint8), ph.affine))
+    _write_bytes(os.path.join(root, files[reader]), nifti_bytes(labels.astype(np.uint8), ph.affine))
   truth = dict(ph.truth, case_id=case_id)
   # Compact: the thickness grids make an indented file several times larger.
   _write_bytes(os.path.join(root, files['truth']), _json_bytes(truth, indent=None))
   return files
 
 
-def dataset_json(kind: str, cases: list[tuple[str, dict[str, str]]], seed: int, preset: str,
-                 readers: list[str]) -> dict[str, Any]:
+def dataset_json(
+  kind: str, cases: list[tuple[str, dict[str, str]]], seed: int, preset: str, readers: list[str]
+) -> dict[str, Any]:
   """nnU-Net v2 dataset.json plus our keys (plane, readers, the case list, provenance)."""
   module = KINDS[kind]
   out = {
-      'name': f'phantom_{kind}',
-      'description': f'Procedural {module.SEQUENCE} {module.PLANE} {kind} MRI phantoms '
-                     '(data_pipelines.phantoms).',
-      'channel_names': {'0': module.SEQUENCE},
-      'labels': dict(module.LABELS),
-      'numTraining': len(cases),
-      'file_ending': '.nii.gz',
-      'plane': module.PLANE,
-      'readers': list(readers),
-      'generator_version': module.GENERATOR_VERSION,
-      'seed': int(seed),
-      'preset': preset,
-      'training': [dict(id=cid, **{k: './' + v for k, v in files.items()})
-                   for cid, files in cases],
+    'name': f'phantom_{kind}',
+    'description': f'Procedural {module.SEQUENCE} {module.PLANE} {kind} MRI phantoms '
+    '(data_pipelines.phantoms).',
+    'channel_names': {'0': module.SEQUENCE},
+    'labels': dict(module.LABELS),
+    'numTraining': len(cases),
+    'file_ending': '.nii.gz',
+    'plane': module.PLANE,
+    'readers': list(readers),
+    'generator_version': module.GENERATOR_VERSION,
+    'seed': int(seed),
+    'preset': preset,
+    'training': [dict(id=cid, **{k: './' + v for k, v in files.items()}) for cid, files in cases],
   }
   return out
 
 
-def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
-                  preview: str | None = None) -> dict[str, Any]:
+def write_dataset(
+  kind: str, num: int, seed: int, out: str, preset: str = 'cpu', preview: str | None = None
+) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
 
   The folder is assembled beside `out` and moved into place whole. An existing `out` is
@@ -133,8 +145,7 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
   if int(num) < 1:
     raise ValueError(f'phantoms: num={num}; expected at least 1 volume')
   if preset not in KINDS[kind].PRESETS:
-    raise ValueError(f'phantoms: preset={preset!r}; expected one of '
-                     f'{sorted(KINDS[kind].PRESETS)}')
+    raise ValueError(f'phantoms: preset={preset!r}; expected one of {sorted(KINDS[kind].PRESETS)}')
   check_replaceable(out)
   remove_stale_temporaries(out)
   first = None
@@ -150,8 +161,7 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
         first = ph
     meta = dataset_json(kind, cases, seed, preset, readers)
     _write_bytes(os.path.join(tmp, 'dataset.json'), _json_bytes(meta))
-    _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT,
-                                                         'kind': kind}))
+    _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT, 'kind': kind}))
   if preview:
     save_preview([first], preview)
   return meta
@@ -160,15 +170,22 @@ def write_dataset(kind: str, num: int, seed: int, out: str, preset: str = 'cpu',
 def check_replaceable(out: str) -> None:
   """ValueError unless `out` is absent, an empty folder, or a folder the generator wrote."""
   if os.path.lexists(out) and not os.path.isdir(out):
-    raise ValueError(f'phantoms: output path {out!r} exists and is not a folder; refusing to '
-                     'replace it (choose a new or empty folder)')
+    raise ValueError(
+      f'phantoms: output path {out!r} exists and is not a folder; refusing to '
+      'replace it (choose a new or empty folder)'
+    )
   if not os.path.isdir(out) or not os.listdir(out):
     return
   if not os.path.isfile(os.path.join(out, MARKER)):
-    what = ('holds a dataset.json the generator did not write'
-            if os.path.exists(os.path.join(out, 'dataset.json')) else 'is not empty')
-    raise ValueError(f'phantoms: output folder {out!r} {what} (no {MARKER}); refusing to '
-                     'replace it (choose a new or empty folder)')
+    what = (
+      'holds a dataset.json the generator did not write'
+      if os.path.exists(os.path.join(out, 'dataset.json'))
+      else 'is not empty'
+    )
+    raise ValueError(
+      f'phantoms: output folder {out!r} {what} (no {MARKER}); refusing to '
+      'replace it (choose a new or empty folder)'
+    )
 
 
 # ---- preview -----------------------------------------------------------------------------------
@@ -217,26 +234,31 @@ def save_preview(phantoms: list[scene.Phantom], path: str) -> None:
   import io
 
   import matplotlib
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
   from PIL import Image
+
   n = len(phantoms)
-  fig, axes = plt.subplots(n, 6, figsize=(17, 3.15 * n), squeeze=False,
-                           gridspec_kw=dict(wspace=0.03, hspace=0.12))
+  fig, axes = plt.subplots(
+    n, 6, figsize=(17, 3.15 * n), squeeze=False, gridspec_kw=dict(wspace=0.03, hspace=0.12)
+  )
   for r, ph in enumerate(phantoms):
     image, labels, (sr, sc_) = display_volume(ph)
-    readers = {name: display_volume(dataclasses.replace(ph, labels=lab))[1]
-               for name, lab in sorted(ph.reader_labels.items())}
+    readers = {
+      name: display_volume(dataclasses.replace(ph, labels=lab))[1]
+      for name, lab in sorted(ph.reader_labels.items())
+    }
     kind = ph.truth['kind']
     idx = preview_slices(labels, kind)
     # Window like a reading station: black at 0, white a little below the brightest fluid.
-    lo, hi = 0., 0.75 * float(np.percentile(image, 99.8))
+    lo, hi = 0.0, 0.75 * float(np.percentile(image, 99.8))
     for k, z in enumerate(idx):
       grey = np.clip((image[:, :, z] - lo) / (hi - lo), 0, 1)
       rgb = np.repeat(grey[..., None], 3, axis=-1)
       lab = labels[:, :, z]
       colour = OVERLAY_COLOURS[np.minimum(lab, len(OVERLAY_COLOURS) - 1)]
-      alpha = np.where(lab > 0, 0.45, 0.)[..., None]
+      alpha = np.where(lab > 0, 0.45, 0.0)[..., None]
       over = rgb * (1 - alpha) + colour * alpha
       for c, picture in ((k, rgb), (k + 3, over)):
         ax = axes[r, c]
@@ -254,7 +276,10 @@ def save_preview(phantoms: list[scene.Phantom], path: str) -> None:
   fig.savefig(buffer, dpi=80, bbox_inches='tight', format='png')
   plt.close(fig)
   buffer.seek(0)
-  picture = Image.open(buffer).convert('RGB').quantize(
-      colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+  picture = (
+    Image.open(buffer)
+    .convert('RGB')
+    .quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+  )
   with atomic_path(path) as tmp:
     picture.save(tmp, format='PNG', optimize=True)

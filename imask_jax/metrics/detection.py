@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-
 MATTERPORT_IOU = 0.5
 
 
@@ -52,6 +51,7 @@ class ClassAP:
   the images_with_truth slices that hold a truth instance of the class (module docstring);
   NaN when there is none.
   """
+
   ap: float
   ap50: float
   ap75: float
@@ -61,8 +61,9 @@ class ClassAP:
   images_with_truth: int = 0
 
 
-def mask_iou(detection_masks: Sequence[np.ndarray], truth_masks: Sequence[np.ndarray]
-             ) -> np.ndarray:
+def mask_iou(
+  detection_masks: Sequence[np.ndarray], truth_masks: Sequence[np.ndarray]
+) -> np.ndarray:
   """IoU [n_detections, n_truth] of bool masks of one image (pixel counts)."""
   if not len(detection_masks) or not len(truth_masks):
     return np.zeros((len(detection_masks), len(truth_masks)))
@@ -73,18 +74,30 @@ def mask_iou(detection_masks: Sequence[np.ndarray], truth_masks: Sequence[np.nda
   return np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
 
 
-def image_average_precision(truth: Sequence[tuple[int, np.ndarray]],
-                            detections: Sequence[tuple[int, float, np.ndarray]],
-                            iou_threshold: float = MATTERPORT_IOU) -> float:
+def image_average_precision(
+  truth: Sequence[tuple[int, np.ndarray]],
+  detections: Sequence[tuple[int, float, np.ndarray]],
+  iou_threshold: float = MATTERPORT_IOU,
+) -> float:
   """Matterport's `compute_ap` of one image (module docstring): truth (class id, bool mask
   [h, w]) per instance, detections (class id, score, bool mask [h, w]); NaN without truth."""
   ious = mask_iou([m for _, _, m in detections], [m for _, m in truth])
-  return _matterport_ap(ious, [c for c, _, _ in detections], [s for _, s, _ in detections],
-                        [c for c, _ in truth], iou_threshold)
+  return _matterport_ap(
+    ious,
+    [c for c, _, _ in detections],
+    [s for _, s, _ in detections],
+    [c for c, _ in truth],
+    iou_threshold,
+  )
 
 
-def _matterport_ap(ious: np.ndarray, det_classes: Sequence[int], det_scores: Sequence[float],
-                   truth_classes: Sequence[int], iou_threshold: float) -> float:
+def _matterport_ap(
+  ious: np.ndarray,
+  det_classes: Sequence[int],
+  det_scores: Sequence[float],
+  truth_classes: Sequence[int],
+  iou_threshold: float,
+) -> float:
   """AP of one image from its IoU matrix [n_detections, n_truth] (module docstring)."""
   n_truth = len(truth_classes)
   if n_truth == 0:
@@ -122,29 +135,47 @@ class MaskAP:
     self._truth: list[dict[str, Any]] = []
     self._detections: list[dict[str, Any]] = []
 
-  def add_slice(self, truth: Sequence[tuple[int, np.ndarray]],
-                detections: Sequence[tuple[int, float, np.ndarray]], shape: tuple[int, int],
-                group: str = '') -> None:
+  def add_slice(
+    self,
+    truth: Sequence[tuple[int, np.ndarray]],
+    detections: Sequence[tuple[int, float, np.ndarray]],
+    shape: tuple[int, int],
+    group: str = '',
+  ) -> None:
     """One slice of `shape` (h, w). truth: (class id, bool mask [h, w]) per truth instance;
     detections: (class id, score, bool mask [h, w]) per detected instance."""
     from pycocotools import mask as mask_utils
+
     image_id = len(self._images) + 1
     height, width = int(shape[0]), int(shape[1])
     self._images.append({'id': image_id, 'height': height, 'width': width, 'group': group})
     for class_id, rle in zip([c for c, _ in truth], _encode([m for _, m in truth], shape)):
-      self._truth.append({
-          'id': len(self._truth) + 1, 'image_id': image_id, 'category_id': int(class_id),
-          'segmentation': rle, 'area': float(mask_utils.area(rle)),
-          'bbox': [float(v) for v in mask_utils.toBbox(rle)], 'iscrowd': 0})
-    for (class_id, score, _), rle in zip(detections, _encode([m for _, _, m in detections],
-                                                             shape)):
-      self._detections.append({'image_id': image_id, 'category_id': int(class_id),
-                               'segmentation': rle, 'score': float(score)})
+      self._truth.append(
+        {
+          'id': len(self._truth) + 1,
+          'image_id': image_id,
+          'category_id': int(class_id),
+          'segmentation': rle,
+          'area': float(mask_utils.area(rle)),
+          'bbox': [float(v) for v in mask_utils.toBbox(rle)],
+          'iscrowd': 0,
+        }
+      )
+    for (class_id, score, _), rle in zip(detections, _encode([m for _, _, m in detections], shape)):
+      self._detections.append(
+        {
+          'image_id': image_id,
+          'category_id': int(class_id),
+          'segmentation': rle,
+          'score': float(score),
+        }
+      )
 
   def evaluate(self, group: str | None = None) -> dict[int, ClassAP]:
     """Class id -> ClassAP over every slice (group None) or the slices of one group."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
     images = [im for im in self._images if group is None or im['group'] == group]
     ids = {im['id'] for im in images}
     truth = [a for a in self._truth if a['image_id'] in ids]
@@ -156,9 +187,10 @@ class MaskAP:
     if images and detections:
       coco_truth = COCO()
       coco_truth.dataset = {
-          'images': [{k: im[k] for k in ('id', 'height', 'width')} for im in images],
-          'annotations': truth,
-          'categories': [{'id': c, 'name': self.class_names[c]} for c in class_ids]}
+        'images': [{k: im[k] for k in ('id', 'height', 'width')} for im in images],
+        'annotations': truth,
+        'categories': [{'id': c, 'name': self.class_names[c]} for c in class_ids],
+      }
       with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco_truth.createIndex()
         coco_det = coco_truth.loadRes(detections)
@@ -172,8 +204,10 @@ class MaskAP:
     out = {}
     for k, c in enumerate(class_ids):
       image_aps = per_image[c]
-      matterport = dict(map50_per_image=float(np.mean(image_aps)) if image_aps else math.nan,
-                        images_with_truth=len(image_aps))
+      matterport = dict(
+        map50_per_image=float(np.mean(image_aps)) if image_aps else math.nan,
+        images_with_truth=len(image_aps),
+      )
       if n_truth[c] == 0:
         out[c] = ClassAP(math.nan, math.nan, math.nan, 0, n_det[c], **matterport)
       elif precision is None:  # truth but no detection at all: nothing found
@@ -182,15 +216,26 @@ class MaskAP:
         # Area range 'all' (index 0) and the largest max-detections setting (index -1);
         # IoU thresholds 0.50:0.05:0.95, so index 0 is 0.50 and index 5 is 0.75.
         p = precision[:, :, k, 0, -1]
-        out[c] = ClassAP(_mean_precision(p), _mean_precision(p[0]), _mean_precision(p[5]),
-                         n_truth[c], n_det[c], **matterport)
+        out[c] = ClassAP(
+          _mean_precision(p),
+          _mean_precision(p[0]),
+          _mean_precision(p[5]),
+          n_truth[c],
+          n_det[c],
+          **matterport,
+        )
     return out
 
-  def _per_image_ap(self, images: Sequence[dict[str, Any]], truth: Sequence[dict[str, Any]],
-                    detections: Sequence[dict[str, Any]], class_ids: Sequence[int]
-                    ) -> dict[int, list[float]]:
+  def _per_image_ap(
+    self,
+    images: Sequence[dict[str, Any]],
+    truth: Sequence[dict[str, Any]],
+    detections: Sequence[dict[str, Any]],
+    class_ids: Sequence[int],
+  ) -> dict[int, list[float]]:
     """Class id -> Matterport's AP at IoU 0.5 of each image holding a truth instance of it."""
     from pycocotools import mask as mask_utils
+
     truth_by_image: dict[int, list[dict[str, Any]]] = {}
     for a in truth:
       truth_by_image.setdefault(a['image_id'], []).append(a)
@@ -205,12 +250,17 @@ class MaskAP:
           continue
         dets = [d for d in dets_by_image.get(image['id'], []) if d['category_id'] == c]
         # pycocotools' IoU of RLEs (iscrowd 0) is intersection / union of pixel counts.
-        ious = np.asarray(mask_utils.iou([d['segmentation'] for d in dets],
-                                         [a['segmentation'] for a in gts],
-                                         [0] * len(gts)), dtype=float).reshape(
-                                             len(dets), len(gts))
-        out[c].append(_matterport_ap(ious, [c] * len(dets), [d['score'] for d in dets],
-                                     [c] * len(gts), MATTERPORT_IOU))
+        ious = np.asarray(
+          mask_utils.iou(
+            [d['segmentation'] for d in dets], [a['segmentation'] for a in gts], [0] * len(gts)
+          ),
+          dtype=float,
+        ).reshape(len(dets), len(gts))
+        out[c].append(
+          _matterport_ap(
+            ious, [c] * len(dets), [d['score'] for d in dets], [c] * len(gts), MATTERPORT_IOU
+          )
+        )
     return out
 
 
@@ -223,8 +273,10 @@ def _mean_precision(precision: np.ndarray) -> float:
 
 def _encode(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> list[dict[str, Any]]:
   from pycocotools import mask as mask_utils
+
   if not masks:
     return []
-  stacked = np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8).reshape(
-      int(shape[0]), int(shape[1]), len(masks)))
+  stacked = np.asfortranarray(
+    np.stack(masks, axis=-1).astype(np.uint8).reshape(int(shape[0]), int(shape[1]), len(masks))
+  )
   return mask_utils.encode(stacked)

@@ -32,6 +32,7 @@ from data_pipelines.tissues import KNEE_LABELS  # the default labels of the per-
 
 class CaseStatus(enum.StrEnum):
   """Which of the two masks of one case (one structure in one volume) hold any voxel."""
+
   OK = 'ok'
   BOTH_EMPTY = 'both_empty'
   MISSED = 'missed'
@@ -62,16 +63,23 @@ def as_mask(array: Any, name: str, where: str) -> np.ndarray:
   if array.dtype == bool:
     return array
   if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-    raise TypeError(f'{where}: {name} has dtype {array.dtype}; expected a binary mask '
-                    '(bool, or integers/floats holding only 0 and 1).')
+    raise TypeError(
+      f'{where}: {name} has dtype {array.dtype}; expected a binary mask '
+      '(bool, or integers/floats holding only 0 and 1).'
+    )
   if array.size:
     low, high = array.min(), array.max()
     # Integers within [0, 1] can only be 0 or 1; floats need the exact check.
-    is_binary = low >= 0 and high <= 1 and (
-        np.issubdtype(array.dtype, np.integer) or bool(np.all((array == 0) | (array == 1))))
+    is_binary = (
+      low >= 0
+      and high <= 1
+      and (np.issubdtype(array.dtype, np.integer) or bool(np.all((array == 0) | (array == 1))))
+    )
     if not is_binary:
-      raise ValueError(f'{where}: {name} holds values in [{low}, {high}]; expected a binary '
-                       'mask of 0 and 1 (for a label map use the *_per_label functions).')
+      raise ValueError(
+        f'{where}: {name} holds values in [{low}, {high}]; expected a binary '
+        'mask of 0 and 1 (for a label map use the *_per_label functions).'
+      )
   return array != 0
 
 
@@ -85,8 +93,10 @@ def as_label_map(array: Any, name: str, where: str) -> np.ndarray:
 
 def check_same_shape(pred: np.ndarray, truth: np.ndarray, where: str) -> None:
   if pred.shape != truth.shape:
-    raise ValueError(f'{where}: prediction shape {pred.shape} differs from truth shape '
-                     f'{truth.shape}; both must be on the same voxel grid.')
+    raise ValueError(
+      f'{where}: prediction shape {pred.shape} differs from truth shape '
+      f'{truth.shape}; both must be on the same voxel grid.'
+    )
 
 
 def as_spacing(spacing: Any, ndim: int, where: str) -> tuple[float, ...]:
@@ -95,11 +105,14 @@ def as_spacing(spacing: Any, ndim: int, where: str) -> tuple[float, ...]:
   try:
     values = tuple(float(s) for s in np.asarray(spacing, dtype=float).reshape(-1))
   except (TypeError, ValueError) as error:
-    raise TypeError(f'{where}: spacing {spacing!r} is not a sequence of numbers (mm per axis).'
-                    ) from error
+    raise TypeError(
+      f'{where}: spacing {spacing!r} is not a sequence of numbers (mm per axis).'
+    ) from error
   if len(values) != ndim:
-    raise ValueError(f'{where}: spacing {spacing!r} has {len(values)} entries; expected {ndim} '
-                     '(mm per array axis, in array axis order).')
+    raise ValueError(
+      f'{where}: spacing {spacing!r} has {len(values)} entries; expected {ndim} '
+      '(mm per array axis, in array axis order).'
+    )
   if not all(math.isfinite(s) and s > 0 for s in values):
     raise ValueError(f'{where}: spacing {spacing!r} must be positive and finite (mm).')
   return values
@@ -109,8 +122,10 @@ def as_labels(labels: Iterable[int] | Mapping[int, str], where: str) -> list[int
   """The label values to evaluate, as plain ints; 0 (background) is not a structure."""
   values = [int(v) for v in (labels.keys() if isinstance(labels, Mapping) else labels)]
   if not values or any(v <= 0 for v in values):
-    raise ValueError(f'{where}: labels {values} must be a non-empty list of positive label '
-                     'values (0 is background).')
+    raise ValueError(
+      f'{where}: labels {values} must be a non-empty list of positive label '
+      'values (0 is background).'
+    )
   return values
 
 
@@ -125,6 +140,7 @@ class OverlapMetrics:
   precision (PPV) = TP / (TP + FP); recall (sensitivity) = TP / (TP + FN).
   Counts are voxels. Values follow the empty-mask rules of this module's docstring.
   """
+
   dice: float
   jaccard: float
   precision: float
@@ -156,23 +172,29 @@ def _overlap_from_counts(tp: int, n_pred: int, n_truth: int) -> OverlapMetrics:
   if status is not CaseStatus.OK:
     return OverlapMetrics(0.0, 0.0, 0.0, 0.0, 0, fp, fn, status)
   return OverlapMetrics(
-      dice=2 * tp / (n_pred + n_truth),
-      jaccard=tp / (n_pred + n_truth - tp),
-      precision=tp / n_pred,
-      recall=tp / n_truth,
-      true_positive=tp, false_positive=fp, false_negative=fn, status=status)
+    dice=2 * tp / (n_pred + n_truth),
+    jaccard=tp / (n_pred + n_truth - tp),
+    precision=tp / n_pred,
+    recall=tp / n_truth,
+    true_positive=tp,
+    false_positive=fp,
+    false_negative=fn,
+    status=status,
+  )
 
 
-def overlap_per_label(pred_labels: Any, truth_labels: Any,
-                      labels: Iterable[int] | Mapping[int, str] = KNEE_LABELS
-                      ) -> dict[int, OverlapMetrics]:
+def overlap_per_label(
+  pred_labels: Any, truth_labels: Any, labels: Iterable[int] | Mapping[int, str] = KNEE_LABELS
+) -> dict[int, OverlapMetrics]:
   """Overlap metrics for each label value of two label maps of the same shape."""
   where = 'overlap_per_label'
   pred_labels = as_label_map(pred_labels, 'pred_labels', where)
   truth_labels = as_label_map(truth_labels, 'truth_labels', where)
   check_same_shape(pred_labels, truth_labels, where)
-  return {label: overlap_metrics(pred_labels == label, truth_labels == label)
-          for label in as_labels(labels, where)}
+  return {
+    label: overlap_metrics(pred_labels == label, truth_labels == label)
+    for label in as_labels(labels, where)
+  }
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -189,6 +211,7 @@ class Summary:
     detected structures"; quote them only together with n_missed and n_false_positive.
   SDs are sample SDs (ddof=1); NaN for fewer than two values.
   """
+
   mean: float
   sd: float
   n: int
@@ -202,15 +225,19 @@ class Summary:
   def __str__(self) -> str:
     if self.n == self.n_finite:
       return f'{self.mean:.3g} ± {self.sd:.2g} (n={self.n})'
-    return (f'{self.mean_finite:.3g} ± {self.sd_finite:.2g} over {self.n_finite} of {self.n}; '
-            f'{self.n_missed} missed, {self.n_false_positive} false positive')
+    return (
+      f'{self.mean_finite:.3g} ± {self.sd_finite:.2g} over {self.n_finite} of {self.n}; '
+      f'{self.n_missed} missed, {self.n_false_positive} false positive'
+    )
 
 
 def summarize_values(values: Sequence[float], statuses: Sequence[CaseStatus | str]) -> Summary:
   """Summary of per-case `values` whose empty-mask statuses are `statuses` (same length)."""
   if len(values) != len(statuses):
-    raise ValueError(f'summarize_values: {len(values)} values but {len(statuses)} statuses; '
-                     'expected one status per value.')
+    raise ValueError(
+      f'summarize_values: {len(values)} values but {len(statuses)} statuses; '
+      'expected one status per value.'
+    )
   statuses = [CaseStatus(s) for s in statuses]
   values = np.asarray(values, dtype=float)
   counted = np.array([s is not CaseStatus.BOTH_EMPTY for s in statuses], dtype=bool)
@@ -219,11 +246,16 @@ def summarize_values(values: Sequence[float], statuses: Sequence[CaseStatus | st
   mean, sd = _mean_sd(kept)
   mean_finite, sd_finite = _mean_sd(finite)
   return Summary(
-      mean=mean, sd=sd, n=int(kept.size),
-      mean_finite=mean_finite, sd_finite=sd_finite, n_finite=int(finite.size),
-      n_missed=sum(s is CaseStatus.MISSED for s in statuses),
-      n_false_positive=sum(s is CaseStatus.FALSE_POSITIVE for s in statuses),
-      n_both_empty=sum(s is CaseStatus.BOTH_EMPTY for s in statuses))
+    mean=mean,
+    sd=sd,
+    n=int(kept.size),
+    mean_finite=mean_finite,
+    sd_finite=sd_finite,
+    n_finite=int(finite.size),
+    n_missed=sum(s is CaseStatus.MISSED for s in statuses),
+    n_false_positive=sum(s is CaseStatus.FALSE_POSITIVE for s in statuses),
+    n_both_empty=sum(s is CaseStatus.BOTH_EMPTY for s in statuses),
+  )
 
 
 def summarize(results: Sequence[Any], metric: str) -> Summary:
@@ -232,8 +264,10 @@ def summarize(results: Sequence[Any], metric: str) -> Summary:
   if not results:
     raise ValueError(f'summarize: no results given for metric {metric!r}.')
   if not all(hasattr(r, metric) and hasattr(r, 'status') for r in results):
-    raise AttributeError(f'summarize: every result needs fields {metric!r} and "status"; got '
-                         f'{type(results[0]).__name__}.')
+    raise AttributeError(
+      f'summarize: every result needs fields {metric!r} and "status"; got '
+      f'{type(results[0]).__name__}.'
+    )
   return summarize_values([getattr(r, metric) for r in results], [r.status for r in results])
 
 

@@ -59,8 +59,13 @@ from imask_jax.metrics.overlap import (
 from imask_jax.metrics.surface import _average_hausdorff, _border, _distance_to, _union_crop
 
 # Per-slice value arrays of SliceMetrics, in the order of its fields.
-SLICE_VALUES = ('dice', 'hausdorff_px', 'hausdorff_mm', 'average_hausdorff_px',
-                'average_hausdorff_mm')
+SLICE_VALUES = (
+  'dice',
+  'hausdorff_px',
+  'hausdorff_mm',
+  'average_hausdorff_px',
+  'average_hausdorff_mm',
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,6 +79,7 @@ class SliceMetrics:
   average_hausdorff_mm: float [n] (+inf distances and Dice 0 on one-sided slices).
   volume_status: the 3D case status of the whole structure.
   """
+
   axis: int
   pixel_spacing: tuple[float, float]
   index: np.ndarray
@@ -102,8 +108,9 @@ class SliceMetrics:
     """The per-volume value of `name` (one of SLICE_VALUES): the mean over counted slices for
     Dice, over two-sided slices for distances (module docstring)."""
     if name not in SLICE_VALUES:
-      raise ValueError(f'SliceMetrics.aggregate: unknown value {name!r}; expected one of '
-                       f'{SLICE_VALUES}')
+      raise ValueError(
+        f'SliceMetrics.aggregate: unknown value {name!r}; expected one of {SLICE_VALUES}'
+      )
     values = getattr(self, name)
     if name == 'dice':
       return float(values.mean()) if values.size else math.nan
@@ -116,8 +123,9 @@ class SliceMetrics:
     """Mean ± SD of `name` over this volume's counted slices, with the one-sided slices
     counted (overlap.summarize_values, one slice per case)."""
     if name not in SLICE_VALUES:
-      raise ValueError(f'SliceMetrics.summary: unknown value {name!r}; expected one of '
-                       f'{SLICE_VALUES}')
+      raise ValueError(
+        f'SliceMetrics.summary: unknown value {name!r}; expected one of {SLICE_VALUES}'
+      )
     return summarize_values(getattr(self, name), self.status)
 
 
@@ -150,27 +158,40 @@ def slice_metrics(pred: Any, truth: Any, axis: int, spacing: Sequence[float]) ->
   for j in np.flatnonzero(both):
     distances[:, j] = _slice_distances(pred[index[j]], truth[index[j]], pixel_spacing, square)
   return SliceMetrics(
-      axis=axis, pixel_spacing=pixel_spacing, index=index, status=status, dice=dice,
-      hausdorff_px=distances[0], hausdorff_mm=distances[1],
-      average_hausdorff_px=distances[2], average_hausdorff_mm=distances[3],
-      volume_status=case_status(int(n_pred.sum()), int(n_truth.sum())))
+    axis=axis,
+    pixel_spacing=pixel_spacing,
+    index=index,
+    status=status,
+    dice=dice,
+    hausdorff_px=distances[0],
+    hausdorff_mm=distances[1],
+    average_hausdorff_px=distances[2],
+    average_hausdorff_mm=distances[3],
+    volume_status=case_status(int(n_pred.sum()), int(n_truth.sum())),
+  )
 
 
-def slice_metrics_per_label(pred_labels: Any, truth_labels: Any, axis: int,
-                            spacing: Sequence[float],
-                            labels: Iterable[int] | Mapping[int, str] = KNEE_LABELS
-                            ) -> dict[int, SliceMetrics]:
+def slice_metrics_per_label(
+  pred_labels: Any,
+  truth_labels: Any,
+  axis: int,
+  spacing: Sequence[float],
+  labels: Iterable[int] | Mapping[int, str] = KNEE_LABELS,
+) -> dict[int, SliceMetrics]:
   """slice_metrics for each label value of two 3D label maps of the same shape."""
   where = 'slice_metrics_per_label'
   pred_labels = as_label_map(pred_labels, 'pred_labels', where)
   truth_labels = as_label_map(truth_labels, 'truth_labels', where)
   check_same_shape(pred_labels, truth_labels, where)
-  return {label: slice_metrics(pred_labels == label, truth_labels == label, axis, spacing)
-          for label in as_labels(labels, where)}
+  return {
+    label: slice_metrics(pred_labels == label, truth_labels == label, axis, spacing)
+    for label in as_labels(labels, where)
+  }
 
 
-def _slice_distances(pred: np.ndarray, truth: np.ndarray, pixel_spacing: tuple[float, float],
-                     square: bool) -> tuple[float, float, float, float]:
+def _slice_distances(
+  pred: np.ndarray, truth: np.ndarray, pixel_spacing: tuple[float, float], square: bool
+) -> tuple[float, float, float, float]:
   """(Hausdorff px, Hausdorff mm, average Hausdorff px, average Hausdorff mm) of two non-empty
   2D masks."""
   crop = _union_crop(pred, truth)

@@ -54,7 +54,6 @@ from scipy import ndimage, optimize, spatial
 from data_pipelines.tissues import KneeLabelValues
 from imask_jax.metrics.overlap import CaseStatus, as_label_map, as_spacing, case_status
 
-
 # Robust loss scale (mm) for the cylinder fit: trochlear points off the condylar cylinder
 # should not drag the axis.
 _CYLINDER_LOSS_SCALE_MM = 2.0
@@ -89,6 +88,7 @@ _RAY_BATCH = 4096
 class InterfaceThickness:
   """Thickness at each bone-cartilage interface point: positions_mm [N, 3] (array mm),
   thickness_mm [N]."""
+
   positions_mm: np.ndarray
   thickness_mm: np.ndarray
 
@@ -97,6 +97,7 @@ class InterfaceThickness:
 class Cylinder:
   """A cylinder in array mm: a point on its axis, the unit axis (pointing to +x, i.e.
   rightward), radius, and the RMS of the fit's radial residuals."""
+
   center_mm: np.ndarray
   axis: np.ndarray
   radius_mm: float
@@ -113,6 +114,7 @@ class ThicknessMap:
   tibia). mean_thickness_mm: mean over filled cells. points: the 3D thickness it came from.
   cylinder: the projection cylinder (femur only).
   """
+
   thickness_mm: np.ndarray
   row_edges: np.ndarray
   col_edges: np.ndarray
@@ -138,6 +140,7 @@ class ThicknessCoverage:
   difference there, so a missed region cannot show in the mean difference), only in the
   prediction (cartilage the truth lacks). Fractions are of the truth's cells (both +
   truth_only), NaN when the truth has none; pred_only_fraction can exceed 1."""
+
   both: int
   truth_only: int
   pred_only: int
@@ -168,6 +171,7 @@ class ThicknessDifference:
   """prediction - truth thickness per cell (mm; NaN unless both maps have cartilage there),
   with mean and sample SD over the n_cells compared cells (the paper's Table 5 columns), and
   the coverage of the two maps (None only where a caller built it without)."""
+
   difference_mm: np.ndarray
   row_edges: np.ndarray
   col_edges: np.ndarray
@@ -181,6 +185,7 @@ class ThicknessDifference:
 class PlateComparison:
   """Truth and prediction maps of one plate on one grid, their difference, and the
   empty-mask status of the plate's cartilage (overlap.py rules)."""
+
   truth: ThicknessMap
   pred: ThicknessMap
   difference: ThicknessDifference
@@ -190,10 +195,15 @@ class PlateComparison:
 # ----------------------------------------------------------------------------- 3D thickness
 
 
-def interface_thickness(label_map: Any, spacing: Sequence[float], bone_label: int,
-                        cartilage_label: int, *, method: str = 'nearest',
-                        smoothing_mm: float | Sequence[float] | None = None
-                        ) -> InterfaceThickness:
+def interface_thickness(
+  label_map: Any,
+  spacing: Sequence[float],
+  bone_label: int,
+  cartilage_label: int,
+  *,
+  method: str = 'nearest',
+  smoothing_mm: float | Sequence[float] | None = None,
+) -> InterfaceThickness:
   """Cartilage thickness (mm) at every bone-cartilage interface face of one plate.
 
   method 'nearest' (default): positions are the BCI face centres [N, 3] (array mm), thickness
@@ -210,15 +220,16 @@ def interface_thickness(label_map: Any, spacing: Sequence[float], bone_label: in
   spacing = np.asarray(as_spacing(spacing, 3, where))
   _check_method(method, where)
   if bone_label == cartilage_label:
-    raise ValueError(f'{where}: bone_label and cartilage_label are both {bone_label}; '
-                     'expected two different label values.')
+    raise ValueError(
+      f'{where}: bone_label and cartilage_label are both {bone_label}; '
+      'expected two different label values.'
+    )
   interface, articular = _interface_faces(label_map, spacing, bone_label, cartilage_label)
   if len(interface) == 0 or len(articular) == 0:
     return InterfaceThickness(np.zeros((0, 3)), np.zeros((0,)))
   if method == 'normal':
     sigma_mm = _smoothing(smoothing_mm, spacing, where)
-    return _normal_thickness(label_map, spacing, bone_label, cartilage_label, interface,
-                             sigma_mm)
+    return _normal_thickness(label_map, spacing, bone_label, cartilage_label, interface, sigma_mm)
   distances, _ = spatial.cKDTree(articular).query(interface)
   return InterfaceThickness(interface, distances)
 
@@ -244,21 +255,32 @@ def _check_method(method: str, where: str) -> None:
     raise ValueError(f'{where}: method={method!r}; expected one of {THICKNESS_METHODS}.')
 
 
-def _smoothing(smoothing_mm: float | Sequence[float] | None, spacing: np.ndarray, where: str
-               ) -> np.ndarray:
+def _smoothing(
+  smoothing_mm: float | Sequence[float] | None, spacing: np.ndarray, where: str
+) -> np.ndarray:
   """Gaussian SD per axis (mm): the default rule, or the caller's one value or three."""
   if smoothing_mm is None:
     return _default_smoothing(spacing)
-  sigma = np.broadcast_to(np.asarray(smoothing_mm, dtype=float).reshape(-1), (3,)) \
-      if np.size(smoothing_mm) in (1, 3) else None
+  sigma = (
+    np.broadcast_to(np.asarray(smoothing_mm, dtype=float).reshape(-1), (3,))
+    if np.size(smoothing_mm) in (1, 3)
+    else None
+  )
   if sigma is None or not np.all(np.isfinite(sigma) & (sigma > 0)):
-    raise ValueError(f'{where}: smoothing_mm={smoothing_mm!r}; expected one positive SD in mm '
-                     'or one per axis.')
+    raise ValueError(
+      f'{where}: smoothing_mm={smoothing_mm!r}; expected one positive SD in mm or one per axis.'
+    )
   return np.array(sigma, dtype=float)
 
 
-def _normal_thickness(label_map: np.ndarray, spacing: np.ndarray, bone: int, cartilage: int,
-                      faces_mm: np.ndarray, sigma_mm: np.ndarray) -> InterfaceThickness:
+def _normal_thickness(
+  label_map: np.ndarray,
+  spacing: np.ndarray,
+  bone: int,
+  cartilage: int,
+  faces_mm: np.ndarray,
+  sigma_mm: np.ndarray,
+) -> InterfaceThickness:
   """The surface-normal method from the BCI face centres faces_mm [N, 3] (array mm)."""
   sigma = sigma_mm / spacing  # voxels per axis
   # The fields must be exact up to a voxel beyond the cartilage: crop with 4 SDs to spare.
@@ -269,10 +291,10 @@ def _normal_thickness(label_map: np.ndarray, spacing: np.ndarray, bone: int, car
   bone_field = ndimage.gaussian_filter(is_bone.astype(np.float32), sigma, mode='nearest')
   # Normals: isotropic in mm, twice the largest SD (constant comment above).
   normal_sigma = _NORMAL_SMOOTHING_FACTOR * sigma_mm.max() / spacing
-  normal_field = ndimage.gaussian_filter(is_bone.astype(np.float32), normal_sigma,
-                                         mode='nearest')
-  union_field = ndimage.gaussian_filter((is_bone | (labels == cartilage)).astype(np.float32),
-                                        sigma, mode='nearest')
+  normal_field = ndimage.gaussian_filter(is_bone.astype(np.float32), normal_sigma, mode='nearest')
+  union_field = ndimage.gaussian_filter(
+    (is_bone | (labels == cartilage)).astype(np.float32), sigma, mode='nearest'
+  )
   origin = offset * spacing
   points = faces_mm.copy()
   for _ in range(_PROJECTION_STEPS):
@@ -283,16 +305,26 @@ def _normal_thickness(label_map: np.ndarray, spacing: np.ndarray, bone: int, car
   _, gradient = _value_and_gradient(normal_field, points, origin, spacing)
   norm = np.linalg.norm(gradient, axis=1, keepdims=True)
   normals = -gradient / np.maximum(norm, 1e-12)  # outward: away from the bone
-  thickness = np.concatenate([
-      _ray_exit(bone_field, union_field, points[i:i + _RAY_BATCH],
-                normals[i:i + _RAY_BATCH], origin, spacing)
-      for i in range(0, len(points), _RAY_BATCH)])
+  thickness = np.concatenate(
+    [
+      _ray_exit(
+        bone_field,
+        union_field,
+        points[i : i + _RAY_BATCH],
+        normals[i : i + _RAY_BATCH],
+        origin,
+        spacing,
+      )
+      for i in range(0, len(points), _RAY_BATCH)
+    ]
+  )
   keep = np.isfinite(thickness) & (norm[:, 0] > 0)
   return InterfaceThickness(points[keep], thickness[keep])
 
 
-def _sample(field: np.ndarray, points_mm: np.ndarray, origin: np.ndarray, spacing: np.ndarray
-            ) -> np.ndarray:
+def _sample(
+  field: np.ndarray, points_mm: np.ndarray, origin: np.ndarray, spacing: np.ndarray
+) -> np.ndarray:
   """Trilinear interpolation of `field` (a crop whose voxel 0 is at origin mm) at points
   [..., 3] (array mm); the edge values continue beyond the crop."""
   index = ((points_mm - origin) / spacing).reshape(-1, 3).T
@@ -300,8 +332,9 @@ def _sample(field: np.ndarray, points_mm: np.ndarray, origin: np.ndarray, spacin
   return values.reshape(points_mm.shape[:-1]).astype(float)
 
 
-def _value_and_gradient(field: np.ndarray, points_mm: np.ndarray, origin: np.ndarray,
-                        spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _value_and_gradient(
+  field: np.ndarray, points_mm: np.ndarray, origin: np.ndarray, spacing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Field value [N] and gradient [N, 3] (per mm; central differences half a voxel each way,
   smooth across the interpolation cells) at points [N, 3] (array mm)."""
   value = _sample(field, points_mm, origin, spacing)
@@ -309,13 +342,21 @@ def _value_and_gradient(field: np.ndarray, points_mm: np.ndarray, origin: np.nda
   for axis in range(3):
     half = np.zeros(3)
     half[axis] = spacing[axis] / 2
-    gradient[:, axis] = (_sample(field, points_mm + half, origin, spacing)
-                         - _sample(field, points_mm - half, origin, spacing)) / spacing[axis]
+    gradient[:, axis] = (
+      _sample(field, points_mm + half, origin, spacing)
+      - _sample(field, points_mm - half, origin, spacing)
+    ) / spacing[axis]
   return value, gradient
 
 
-def _ray_exit(bone_field: np.ndarray, union_field: np.ndarray, points: np.ndarray,
-              normals: np.ndarray, origin: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def _ray_exit(
+  bone_field: np.ndarray,
+  union_field: np.ndarray,
+  points: np.ndarray,
+  normals: np.ndarray,
+  origin: np.ndarray,
+  spacing: np.ndarray,
+) -> np.ndarray:
   """Distance (mm) along each normal from points [N, 3] to where the ray leaves the
   cartilage: the bone-or-cartilage field falls below 0.5 (the articular surface) or the bone
   field rises above 0.5 (bone again). NaN where the ray is still inside at _NORMAL_REACH_MM.
@@ -325,8 +366,9 @@ def _ray_exit(bone_field: np.ndarray, union_field: np.ndarray, points: np.ndarra
 
   def outside(rows: np.ndarray, distances: np.ndarray) -> np.ndarray:
     at = points[rows, None, :] + distances[..., None] * normals[rows, None, :]
-    return ((_sample(union_field, at, origin, spacing) < 0.5)
-            | (_sample(bone_field, at, origin, spacing) > 0.5))
+    return (_sample(union_field, at, origin, spacing) < 0.5) | (
+      _sample(bone_field, at, origin, spacing) > 0.5
+    )
 
   result = np.full(len(points), np.nan)
   active = np.arange(len(points))
@@ -351,8 +393,9 @@ def _ray_exit(bone_field: np.ndarray, union_field: np.ndarray, points: np.ndarra
   return result
 
 
-def _interface_faces(label_map: np.ndarray, spacing: np.ndarray, bone: int, cartilage: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _interface_faces(
+  label_map: np.ndarray, spacing: np.ndarray, bone: int, cartilage: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Centres (array mm) of bone-cartilage faces [N, 3] and articular faces [M, 3]."""
   is_cartilage = label_map == cartilage
   if not is_cartilage.any():
@@ -391,8 +434,10 @@ def fit_cylinder(points_mm: Any) -> Cylinder:
   axis direction, axis position and radius."""
   points = np.asarray(points_mm, dtype=float)
   if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] < 6:
-    raise ValueError(f'fit_cylinder: points have shape {points.shape}; expected [N >= 6, 3] '
-                     '(e.g. the femoral bone-cartilage interface).')
+    raise ValueError(
+      f'fit_cylinder: points have shape {points.shape}; expected [N >= 6, 3] '
+      '(e.g. the femoral bone-cartilage interface).'
+    )
   x_mean = points[:, 0].mean()
   # Algebraic circle fit y^2 + z^2 + D y + E z + F = 0 in the sagittal plane.
   y, z = points[:, 1], points[:, 2]
@@ -413,15 +458,17 @@ def fit_cylinder(points_mm: Any) -> Cylinder:
     return np.linalg.norm(radial, axis=1) - r
 
   start = np.array([0.0, 0.0, center_yz[0], center_yz[1], radius])
-  solution = optimize.least_squares(residuals, start, loss='soft_l1',
-                                    f_scale=_CYLINDER_LOSS_SCALE_MM)
+  solution = optimize.least_squares(
+    residuals, start, loss='soft_l1', f_scale=_CYLINDER_LOSS_SCALE_MM
+  )
   center, axis, r = unpack(solution.x)
-  rms = float(np.sqrt(np.mean(residuals(solution.x)**2)))
+  rms = float(np.sqrt(np.mean(residuals(solution.x) ** 2)))
   return Cylinder(center_mm=center, axis=axis, radius_mm=float(abs(r)), rms_residual_mm=rms)
 
 
-def cylinder_coordinates(points_mm: np.ndarray, cylinder: Cylinder
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def cylinder_coordinates(
+  points_mm: np.ndarray, cylinder: Cylinder
+) -> tuple[np.ndarray, np.ndarray]:
   """(angle_deg, axial_mm) of points [N, 3] around `cylinder` (convention in the module
   docstring: 0 deg inferior, +90 anterior, right-handed about the rightward axis)."""
   axis = cylinder.axis
@@ -437,61 +484,82 @@ def cylinder_coordinates(points_mm: np.ndarray, cylinder: Cylinder
 # ----------------------------------------------------------------------------- maps
 
 
-def femoral_thickness_map(label_map: Any, spacing: Sequence[float], *,
-                          labels: KneeLabelValues = KneeLabelValues(),
-                          cylinder: Cylinder | None = None, angle_bin_deg: float = 1.0,
-                          axial_bin_mm: float | None = None,
-                          axial_range_mm: tuple[float, float] | None = None,
-                          method: str = 'nearest') -> ThicknessMap:
+def femoral_thickness_map(
+  label_map: Any,
+  spacing: Sequence[float],
+  *,
+  labels: KneeLabelValues = KneeLabelValues(),
+  cylinder: Cylinder | None = None,
+  angle_bin_deg: float = 1.0,
+  axial_bin_mm: float | None = None,
+  axial_range_mm: tuple[float, float] | None = None,
+  method: str = 'nearest',
+) -> ThicknessMap:
   """Femoral cartilage map: rows = angle (deg, -180..180), cols = position along the
   cylinder axis (mm). `cylinder` defaults to the fit on this label map's femoral BCI;
   `axial_bin_mm` to 1 mm or the left-right spacing if coarser (no column between slices);
   `axial_range_mm` to the data's extent; `method` is interface_thickness's."""
   where = 'femoral_thickness_map'
-  points = interface_thickness(label_map, spacing, labels.femur, labels.femoral_cartilage,
-                               method=method)
+  points = interface_thickness(
+    label_map, spacing, labels.femur, labels.femoral_cartilage, method=method
+  )
   if cylinder is None:
     if len(points.thickness_mm) < 6:
-      raise ValueError(f'{where}: femoral cartilage (label {labels.femoral_cartilage}) touches '
-                       f'the femur (label {labels.femur}) at {len(points.thickness_mm)} faces; '
-                       'need at least 6 to fit the projection cylinder.')
+      raise ValueError(
+        f'{where}: femoral cartilage (label {labels.femoral_cartilage}) touches '
+        f'the femur (label {labels.femur}) at {len(points.thickness_mm)} faces; '
+        'need at least 6 to fit the projection cylinder.'
+      )
     cylinder = fit_cylinder(points.positions_mm)
   if axial_bin_mm is None:
     axial_bin_mm = _default_bin_mm(spacing, axes=(0,), where=where)
   return _femoral_map(points, cylinder, angle_bin_deg, axial_bin_mm, axial_range_mm, where)
 
 
-def _femoral_map(points: InterfaceThickness, cylinder: Cylinder, angle_bin_deg: float,
-                 axial_bin_mm: float, axial_range_mm: tuple[float, float] | None, where: str
-                 ) -> ThicknessMap:
+def _femoral_map(
+  points: InterfaceThickness,
+  cylinder: Cylinder,
+  angle_bin_deg: float,
+  axial_bin_mm: float,
+  axial_range_mm: tuple[float, float] | None,
+  where: str,
+) -> ThicknessMap:
   angle, axial = cylinder_coordinates(points.positions_mm, cylinder)
   row_edges = _edges((-180.0, 180.0), angle_bin_deg, 'angle_bin_deg', where, centred=False)
   col_edges = _edges(axial_range_mm or _extent(axial), axial_bin_mm, 'axial_bin_mm', where)
-  return _make_map(points, angle, axial, row_edges, col_edges, 'angle_deg', 'axial_mm',
-                   cylinder)
+  return _make_map(points, angle, axial, row_edges, col_edges, 'angle_deg', 'axial_mm', cylinder)
 
 
-def tibial_thickness_map(label_map: Any, spacing: Sequence[float], *,
-                         labels: KneeLabelValues = KneeLabelValues(),
-                         bin_mm: float | None = None,
-                         anterior_range_mm: tuple[float, float] | None = None,
-                         right_range_mm: tuple[float, float] | None = None,
-                         method: str = 'nearest') -> ThicknessMap:
+def tibial_thickness_map(
+  label_map: Any,
+  spacing: Sequence[float],
+  *,
+  labels: KneeLabelValues = KneeLabelValues(),
+  bin_mm: float | None = None,
+  anterior_range_mm: tuple[float, float] | None = None,
+  right_range_mm: tuple[float, float] | None = None,
+  method: str = 'nearest',
+) -> ThicknessMap:
   """Tibial cartilage map, projected axially: rows = anterior position (axis 1, mm), cols =
   rightward position (axis 0, mm). `bin_mm` defaults to 1 mm or the coarsest spacing of axes
   0 and 1 (no empty rows or columns between voxels); ranges to the data's extent; `method` is
   interface_thickness's."""
   where = 'tibial_thickness_map'
-  points = interface_thickness(label_map, spacing, labels.tibia, labels.tibial_cartilage,
-                               method=method)
+  points = interface_thickness(
+    label_map, spacing, labels.tibia, labels.tibial_cartilage, method=method
+  )
   if bin_mm is None:
     bin_mm = _default_bin_mm(spacing, axes=(0, 1), where=where)
   return _tibial_map(points, bin_mm, anterior_range_mm, right_range_mm, where)
 
 
-def _tibial_map(points: InterfaceThickness, bin_mm: float,
-                anterior_range_mm: tuple[float, float] | None,
-                right_range_mm: tuple[float, float] | None, where: str) -> ThicknessMap:
+def _tibial_map(
+  points: InterfaceThickness,
+  bin_mm: float,
+  anterior_range_mm: tuple[float, float] | None,
+  right_range_mm: tuple[float, float] | None,
+  where: str,
+) -> ThicknessMap:
   anterior, right = points.positions_mm[:, 1], points.positions_mm[:, 0]
   row_edges = _edges(anterior_range_mm or _extent(anterior), bin_mm, 'bin_mm', where)
   col_edges = _edges(right_range_mm or _extent(right), bin_mm, 'bin_mm', where)
@@ -502,31 +570,47 @@ def thickness_difference(pred: ThicknessMap, truth: ThicknessMap) -> ThicknessDi
   """pred - truth per cell of two maps on the same grid, with mean and SD over the cells
   where both have cartilage, and the coverage (cells with cartilage in both, only the truth,
   only the prediction)."""
-  if not (np.array_equal(pred.row_edges, truth.row_edges)
-          and np.array_equal(pred.col_edges, truth.col_edges)):
+  if not (
+    np.array_equal(pred.row_edges, truth.row_edges)
+    and np.array_equal(pred.col_edges, truth.col_edges)
+  ):
     raise ValueError(
-        'thickness_difference: the maps have different grids (rows '
-        f'{pred.row_edges[[0, -1]]} vs {truth.row_edges[[0, -1]]}, '
-        f'{pred.row_edges.size - 1} vs {truth.row_edges.size - 1} cells; cols '
-        f'{pred.col_edges[[0, -1]]} vs {truth.col_edges[[0, -1]]}); build both with the same '
-        'cylinder and ranges, e.g. with compare_thickness.')
+      'thickness_difference: the maps have different grids (rows '
+      f'{pred.row_edges[[0, -1]]} vs {truth.row_edges[[0, -1]]}, '
+      f'{pred.row_edges.size - 1} vs {truth.row_edges.size - 1} cells; cols '
+      f'{pred.col_edges[[0, -1]]} vs {truth.col_edges[[0, -1]]}); build both with the same '
+      'cylinder and ranges, e.g. with compare_thickness.'
+    )
   difference = pred.thickness_mm - truth.thickness_mm
   values = difference[np.isfinite(difference)]
   in_pred, in_truth = np.isfinite(pred.thickness_mm), np.isfinite(truth.thickness_mm)
-  coverage = ThicknessCoverage(both=int(np.sum(in_pred & in_truth)),
-                               truth_only=int(np.sum(in_truth & ~in_pred)),
-                               pred_only=int(np.sum(in_pred & ~in_truth)))
+  coverage = ThicknessCoverage(
+    both=int(np.sum(in_pred & in_truth)),
+    truth_only=int(np.sum(in_truth & ~in_pred)),
+    pred_only=int(np.sum(in_pred & ~in_truth)),
+  )
   return ThicknessDifference(
-      difference_mm=difference, row_edges=truth.row_edges, col_edges=truth.col_edges,
-      mean_mm=float(values.mean()) if values.size else math.nan,
-      sd_mm=float(values.std(ddof=1)) if values.size > 1 else math.nan,
-      n_cells=int(values.size), coverage=coverage)
+    difference_mm=difference,
+    row_edges=truth.row_edges,
+    col_edges=truth.col_edges,
+    mean_mm=float(values.mean()) if values.size else math.nan,
+    sd_mm=float(values.std(ddof=1)) if values.size > 1 else math.nan,
+    n_cells=int(values.size),
+    coverage=coverage,
+  )
 
 
-def compare_thickness(pred_labels: Any, truth_labels: Any, spacing: Sequence[float], *,
-                      labels: KneeLabelValues = KneeLabelValues(), angle_bin_deg: float = 1.0,
-                      axial_bin_mm: float | None = None, tibial_bin_mm: float | None = None,
-                      method: str = 'nearest') -> dict[str, PlateComparison]:
+def compare_thickness(
+  pred_labels: Any,
+  truth_labels: Any,
+  spacing: Sequence[float],
+  *,
+  labels: KneeLabelValues = KneeLabelValues(),
+  angle_bin_deg: float = 1.0,
+  axial_bin_mm: float | None = None,
+  tibial_bin_mm: float | None = None,
+  method: str = 'nearest',
+) -> dict[str, PlateComparison]:
   """Femoral and tibial maps of prediction and truth on shared grids (the cylinder fitted on
   the truth, ranges covering both), with prediction - truth differences.
 
@@ -540,47 +624,65 @@ def compare_thickness(pred_labels: Any, truth_labels: Any, spacing: Sequence[flo
   pred_labels = _as_volume(pred_labels, where)
   truth_labels = _as_volume(truth_labels, where)
   if pred_labels.shape != truth_labels.shape:
-    raise ValueError(f'{where}: prediction shape {pred_labels.shape} differs from truth shape '
-                     f'{truth_labels.shape}; both must be on the same voxel grid.')
+    raise ValueError(
+      f'{where}: prediction shape {pred_labels.shape} differs from truth shape '
+      f'{truth_labels.shape}; both must be on the same voxel grid.'
+    )
   spacing = as_spacing(spacing, 3, where)
   _check_method(method, where)
   if axial_bin_mm is None:
     axial_bin_mm = _default_bin_mm(spacing, axes=(0,), where=where)
   if tibial_bin_mm is None:
     tibial_bin_mm = _default_bin_mm(spacing, axes=(0, 1), where=where)
-  plates = {'femoral': (labels.femur, labels.femoral_cartilage),
-            'tibial': (labels.tibia, labels.tibial_cartilage)}
+  plates = {
+    'femoral': (labels.femur, labels.femoral_cartilage),
+    'tibial': (labels.tibia, labels.tibial_cartilage),
+  }
   result = {}
   for plate, (bone, cartilage) in plates.items():
     truth_points = interface_thickness(truth_labels, spacing, bone, cartilage, method=method)
     pred_points = interface_thickness(pred_labels, spacing, bone, cartilage, method=method)
     if len(truth_points.thickness_mm) == 0:
-      raise ValueError(f'{where}: the truth has no {plate} cartilage (label {cartilage}) on '
-                       f'its bone (label {bone}); there is no thickness to compare with.')
+      raise ValueError(
+        f'{where}: the truth has no {plate} cartilage (label {cartilage}) on '
+        f'its bone (label {bone}); there is no thickness to compare with.'
+      )
     both = np.concatenate([truth_points.positions_mm, pred_points.positions_mm])
     if plate == 'femoral':
       cylinder = fit_cylinder(truth_points.positions_mm)
       axial_range = _extent(cylinder_coordinates(both, cylinder)[1])
       truth_map, pred_map = (
-          _femoral_map(points, cylinder, angle_bin_deg, axial_bin_mm, axial_range, where)
-          for points in (truth_points, pred_points))
+        _femoral_map(points, cylinder, angle_bin_deg, axial_bin_mm, axial_range, where)
+        for points in (truth_points, pred_points)
+      )
     else:
       anterior_range, right_range = _extent(both[:, 1]), _extent(both[:, 0])
       truth_map, pred_map = (
-          _tibial_map(points, tibial_bin_mm, anterior_range, right_range, where)
-          for points in (truth_points, pred_points))
+        _tibial_map(points, tibial_bin_mm, anterior_range, right_range, where)
+        for points in (truth_points, pred_points)
+      )
     result[plate] = PlateComparison(
-        truth=truth_map, pred=pred_map, difference=thickness_difference(pred_map, truth_map),
-        status=case_status(len(pred_points.thickness_mm), len(truth_points.thickness_mm)))
+      truth=truth_map,
+      pred=pred_map,
+      difference=thickness_difference(pred_map, truth_map),
+      status=case_status(len(pred_points.thickness_mm), len(truth_points.thickness_mm)),
+    )
   return result
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _make_map(points: InterfaceThickness, rows: np.ndarray, cols: np.ndarray,
-              row_edges: np.ndarray, col_edges: np.ndarray, row_name: str, col_name: str,
-              cylinder: Cylinder | None = None) -> ThicknessMap:
+def _make_map(
+  points: InterfaceThickness,
+  rows: np.ndarray,
+  cols: np.ndarray,
+  row_edges: np.ndarray,
+  col_edges: np.ndarray,
+  row_name: str,
+  col_name: str,
+  cylinder: Cylinder | None = None,
+) -> ThicknessMap:
   """Mean thickness of the points per (row, col) cell; NaN in empty cells."""
   shape = (row_edges.size - 1, col_edges.size - 1)
   row_index = np.searchsorted(row_edges, rows, side='right') - 1
@@ -596,9 +698,15 @@ def _make_map(points: InterfaceThickness, rows: np.ndarray, cols: np.ndarray,
     thickness = np.where(count > 0, total / count, np.nan).reshape(shape)
   filled = thickness[np.isfinite(thickness)]
   return ThicknessMap(
-      thickness_mm=thickness, row_edges=row_edges, col_edges=col_edges, row_name=row_name,
-      col_name=col_name, mean_thickness_mm=float(filled.mean()) if filled.size else math.nan,
-      points=points, cylinder=cylinder)
+    thickness_mm=thickness,
+    row_edges=row_edges,
+    col_edges=col_edges,
+    row_name=row_name,
+    col_name=col_name,
+    mean_thickness_mm=float(filled.mean()) if filled.size else math.nan,
+    points=points,
+    cylinder=cylinder,
+  )
 
 
 def _default_bin_mm(spacing: Sequence[float], axes: tuple[int, ...], where: str) -> float:
@@ -608,8 +716,9 @@ def _default_bin_mm(spacing: Sequence[float], axes: tuple[int, ...], where: str)
   return max(1.0, *(spacing[axis] for axis in axes))
 
 
-def _edges(value_range: tuple[float, float], step: float, step_name: str, where: str, *,
-           centred: bool = True) -> np.ndarray:
+def _edges(
+  value_range: tuple[float, float], step: float, step_name: str, where: str, *, centred: bool = True
+) -> np.ndarray:
   """Cell edges covering value_range with cells `step` wide. Centred: cell centres at whole
   multiples of step, so voxel positions (multiples of the spacing) fall mid-cell rather than
   on an edge where rounding could move them; otherwise edges at whole multiples."""
@@ -635,17 +744,18 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[tuple[slice, ...], np.
   for axis, size in enumerate(mask.shape):
     others = tuple(i for i in range(mask.ndim) if i != axis)
     occupied = np.flatnonzero(np.any(mask, axis=others))
-    crop.append(slice(max(int(occupied[0]) - margin, 0),
-                      min(int(occupied[-1]) + 1 + margin, size)))
+    crop.append(slice(max(int(occupied[0]) - margin, 0), min(int(occupied[-1]) + 1 + margin, size)))
   return tuple(crop), np.array([s.start for s in crop], dtype=float)
 
 
 def _as_volume(label_map: Any, where: str) -> np.ndarray:
   label_map = as_label_map(label_map, 'label_map', where)
   if label_map.ndim != 3:
-    raise ValueError(f'{where}: label_map has shape {label_map.shape}; expected a 3D label '
-                     'map in RAS+ orientation (left->right, posterior->anterior, '
-                     'inferior->superior).')
+    raise ValueError(
+      f'{where}: label_map has shape {label_map.shape}; expected a 3D label '
+      'map in RAS+ orientation (left->right, posterior->anterior, '
+      'inferior->superior).'
+    )
   return label_map
 
 

@@ -26,7 +26,8 @@ Array = jax.Array
 Dtype = Any
 
 BACKBONE_NAMES = tuple(f'resnet{d}' for d in sorted(RESNET_STAGES)) + tuple(
-    f'densenet{d}' for d in sorted(DENSENET_BLOCKS))
+  f'densenet{d}' for d in sorted(DENSENET_BLOCKS)
+)
 
 __all__ = ['BACKBONE_NAMES', 'BackboneFPN', 'build_backbone', 'pyramid_strides']
 
@@ -39,6 +40,7 @@ class BackboneFPN(nn.Module):
   FPN width. `train` switches batch norm to batch statistics (pass `mutable=['batch_stats']`
   to `apply` to receive the updated running averages).
   """
+
   body: nn.Module
   fpn: FPN
 
@@ -49,11 +51,18 @@ class BackboneFPN(nn.Module):
     return self.fpn({name: levels[name] for name in C_LEVELS})
 
 
-def build_backbone(name: str, *, norm: str = 'batch', fpn_dim: int = 256,
-                   width: int | None = None, dtype: Dtype = jnp.float32,
-                   param_dtype: Dtype = jnp.float32, axis_name: str | None = None,
-                   zero_init_residual: bool = True,
-                   growth_rate: int | None = None) -> BackboneFPN:
+def build_backbone(
+  name: str,
+  *,
+  norm: str = 'batch',
+  fpn_dim: int = 256,
+  width: int | None = None,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  axis_name: str | None = None,
+  zero_init_residual: bool = True,
+  growth_rate: int | None = None,
+) -> BackboneFPN:
   """Builds body + FPN for `name` in BACKBONE_NAMES.
 
   Args:
@@ -80,12 +89,20 @@ def build_backbone(name: str, *, norm: str = 'batch', fpn_dim: int = 256,
   if name.startswith('resnet'):
     if growth_rate is not None:
       raise ValueError(f'growth_rate applies to DenseNet only, got {growth_rate} for {name}')
-    body = ResNet(depth=int(name[len('resnet'):]), width=64 if width is None else width,
-                  zero_init_residual=zero_init_residual, **common)
+    body = ResNet(
+      depth=int(name[len('resnet') :]),
+      width=64 if width is None else width,
+      zero_init_residual=zero_init_residual,
+      **common,
+    )
   else:
     init_features = 64 if width is None else width
     if growth_rate is None:
       growth_rate = max(init_features // 2, 1)
-    body = DenseNet(depth=int(name[len('densenet'):]), growth_rate=growth_rate,
-                    num_init_features=init_features, **common)
+    body = DenseNet(
+      depth=int(name[len('densenet') :]),
+      growth_rate=growth_rate,
+      num_init_features=init_features,
+      **common,
+    )
   return BackboneFPN(body=body, fpn=FPN(features=fpn_dim, dtype=dtype, param_dtype=param_dtype))

@@ -39,13 +39,14 @@ Dtype = Any
 
 # depth -> dense layers per block (Huang et al. 2017, Table 1).
 DENSENET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-    121: (6, 12, 24, 16),
-    169: (6, 12, 32, 32),
+  121: (6, 12, 24, 16),
+  169: (6, 12, 32, 32),
 }
 
 
 class DenseLayer(nn.Module):
   """norm-ReLU-1x1 conv-norm-ReLU-3x3 conv. [N, H, W, Cin] -> new features [N, H, W, growth]."""
+
   growth_rate: int
   bn_size: int
   norm: NormFactory
@@ -82,6 +83,7 @@ class DenseNet(nn.Module):
   Call: `__call__(images [N, H, W, C] float, train: bool)`. Returns C2..C5 in `dtype` with
   spatial size ceil(H / stride) for strides 4, 8, 16, 32 and channels `level_channels()`.
   """
+
   depth: int = 121
   growth_rate: int = 32
   num_init_features: int = 64
@@ -110,8 +112,9 @@ class DenseNet(nn.Module):
   def _blocks(self) -> tuple[int, int, int, int]:
     if self.block_sizes is not None:
       if len(self.block_sizes) != 4 or min(self.block_sizes) < 1:
-        raise ValueError('DenseNet block_sizes must be 4 positive layer counts, got '
-                         f'{self.block_sizes}')
+        raise ValueError(
+          f'DenseNet block_sizes must be 4 positive layer counts, got {self.block_sizes}'
+        )
     elif self.depth not in DENSENET_BLOCKS:
       raise ValueError(f'DenseNet depth {self.depth} is not one of {sorted(DENSENET_BLOCKS)}')
     for field in ('growth_rate', 'num_init_features', 'bn_size'):
@@ -130,8 +133,13 @@ class DenseNet(nn.Module):
     check_images(images, f'DenseNet-{self.depth}')
     blocks = self._blocks()
     channels = self.level_channels()
-    norm = make_norm(self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+    norm = make_norm(
+      self.norm,
+      train=train,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     x = images.astype(self.dtype)
@@ -142,8 +150,13 @@ class DenseNet(nn.Module):
     features = {}
     for k, num_layers in enumerate(blocks):
       for index in range(num_layers):
-        new = DenseLayer(growth_rate=self.growth_rate, bn_size=self.bn_size, norm=norm,
-                         name=f'block{k + 1}_layer{index}', **kw)(x)
+        new = DenseLayer(
+          growth_rate=self.growth_rate,
+          bn_size=self.bn_size,
+          norm=norm,
+          name=f'block{k + 1}_layer{index}',
+          **kw,
+        )(x)
         x = jnp.concatenate([x, new], axis=-1)
       last = k == len(blocks) - 1
       # The transition's (or the final) norm + ReLU output is the pyramid level.
@@ -155,6 +168,7 @@ class DenseNet(nn.Module):
 
     if self.num_classes is not None:
       pooled = x.astype(jnp.float32).mean(axis=(1, 2))
-      features['logits'] = nn.Dense(self.num_classes, param_dtype=self.param_dtype,
-                                    name='classifier')(pooled)
+      features['logits'] = nn.Dense(
+        self.num_classes, param_dtype=self.param_dtype, name='classifier'
+      )(pooled)
     return features

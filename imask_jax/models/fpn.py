@@ -48,8 +48,9 @@ def upsample_nearest_to(x: Array, height: int, width: int) -> Array:
   h, w = x.shape[1], x.shape[2]
   if h != -(-height // 2) or w != -(-width // 2):
     raise ValueError(
-        f'FPN top-down: coarser map {h}x{w} is not the ceil-half of the finer map '
-        f'{height}x{width}; expected {-(-height // 2)}x{-(-width // 2)}')
+      f'FPN top-down: coarser map {h}x{w} is not the ceil-half of the finer map '
+      f'{height}x{width}; expected {-(-height // 2)}x{-(-width // 2)}'
+    )
   x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
   return x[:, :height, :width, :]
 
@@ -64,6 +65,7 @@ class FPN(nn.Module):
     features: channels of every output level (256 in Mask R-CNN).
     dtype: activation/compute dtype; param_dtype: parameter dtype.
   """
+
   features: int = 256
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -72,12 +74,17 @@ class FPN(nn.Module):
   def __call__(self, levels: Mapping[str, Array]) -> dict[str, Array]:
     missing = [name for name in C_LEVELS if name not in levels]
     if missing:
-      raise ValueError(f'FPN needs inputs {C_LEVELS}; missing {missing} '
-                       f'(got keys {sorted(levels)})')
+      raise ValueError(
+        f'FPN needs inputs {C_LEVELS}; missing {missing} (got keys {sorted(levels)})'
+      )
     if self.features < 1:
       raise ValueError(f'FPN features must be >= 1, got {self.features}')
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=KAIMING_UNIFORM_A1,
-              bias_init=nn.initializers.zeros)
+    kw = dict(
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=KAIMING_UNIFORM_A1,
+      bias_init=nn.initializers.zeros,
+    )
 
     outputs = {}
     top_down = None
@@ -87,8 +94,9 @@ class FPN(nn.Module):
       if top_down is not None:
         lateral = lateral + upsample_nearest_to(top_down, lateral.shape[1], lateral.shape[2])
       top_down = lateral
-      outputs[f'P{level}'] = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-                                     name=f'output{level}', **kw)(lateral)
+      outputs[f'P{level}'] = nn.Conv(
+        self.features, (3, 3), padding=((1, 1), (1, 1)), name=f'output{level}', **kw
+      )(lateral)
     # Max pool with a 1x1 window and stride 2 is plain subsampling.
     outputs['P6'] = outputs['P5'][:, ::2, ::2, :]
     return {name: outputs[name] for name in P_LEVELS}

@@ -33,6 +33,7 @@ class RPNHead(nn.Module):
   `[B, sum_l H_l W_l A, 4]`), levels concatenated in the order of `levels`, each flattened in
   (y, x, anchor) order to match `ops.anchors`. Outputs are float32.
   """
+
   num_anchors: int
   levels: tuple[str, ...] = ('P2', 'P3', 'P4', 'P5', 'P6')
   dtype: Dtype = jnp.float32
@@ -40,20 +41,25 @@ class RPNHead(nn.Module):
   @nn.compact
   def __call__(self, features: Mapping[str, Array]) -> tuple[Array, Array]:
     dim = features[self.levels[0]].shape[-1]
-    shared = nn.Conv(dim, (3, 3), padding='SAME', kernel_init=SMALL_NORMAL, dtype=self.dtype,
-                     name='conv')
-    cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype,
-                  name='objectness')
-    box = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype,
-                  name='deltas')
+    shared = nn.Conv(
+      dim, (3, 3), padding='SAME', kernel_init=SMALL_NORMAL, dtype=self.dtype, name='conv'
+    )
+    cls = nn.Conv(
+      self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype, name='objectness'
+    )
+    box = nn.Conv(
+      4 * self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype, name='deltas'
+    )
     logits, deltas = [], []
     for level in self.levels:
       x = nn.relu(shared(features[level]))
       b = x.shape[0]
       logits.append(cls(x).reshape(b, -1))
       deltas.append(box(x).reshape(b, -1, 4))
-    return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
-            jnp.concatenate(deltas, axis=1).astype(jnp.float32))
+    return (
+      jnp.concatenate(logits, axis=1).astype(jnp.float32),
+      jnp.concatenate(deltas, axis=1).astype(jnp.float32),
+    )
 
 
 class BoxHead(nn.Module):
@@ -62,6 +68,7 @@ class BoxHead(nn.Module):
   Call: `[N, 7, 7, C]` -> (class logits `[N, K + 1]` with 0 = background, deltas `[N, K, 4]`),
   both float32.
   """
+
   num_classes: int
   kind: str = 'fc'
   dim: int = 1024
@@ -75,23 +82,36 @@ class BoxHead(nn.Module):
     x = x.astype(self.dtype)
     if self.kind == 'conv':
       for i in range(4):
-        x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
-                            dtype=self.dtype, name=f'conv{i + 1}')(x))
+        x = nn.relu(
+          nn.Conv(
+            self.conv_dim,
+            (3, 3),
+            padding='SAME',
+            kernel_init=HE_FAN_OUT,
+            dtype=self.dtype,
+            name=f'conv{i + 1}',
+          )(x)
+        )
       x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc1')(x.reshape(x.shape[0], -1)))
     else:
       x = x.reshape(x.shape[0], -1)
       x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc1')(x))
       x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name='fc2')(x))
-    logits = nn.Dense(self.num_classes + 1, kernel_init=SMALL_NORMAL, dtype=self.dtype,
-                      name='cls')(x)
-    deltas = nn.Dense(4 * self.num_classes, kernel_init=BOX_NORMAL, dtype=self.dtype,
-                      name='deltas')(x)
-    return (logits.astype(jnp.float32),
-            deltas.reshape(x.shape[0], self.num_classes, 4).astype(jnp.float32))
+    logits = nn.Dense(self.num_classes + 1, kernel_init=SMALL_NORMAL, dtype=self.dtype, name='cls')(
+      x
+    )
+    deltas = nn.Dense(
+      4 * self.num_classes, kernel_init=BOX_NORMAL, dtype=self.dtype, name='deltas'
+    )(x)
+    return (
+      logits.astype(jnp.float32),
+      deltas.reshape(x.shape[0], self.num_classes, 4).astype(jnp.float32),
+    )
 
 
 class MaskTrunk(nn.Module):
   """Four 3x3 conv + ReLU on the 14x14 ROI features, then a 2x transposed conv + ReLU (-> 28)."""
+
   dim: int = 256
   dtype: Dtype = jnp.float32
 
@@ -99,10 +119,19 @@ class MaskTrunk(nn.Module):
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
     for i in range(4):
-      x = nn.relu(nn.Conv(self.dim, (3, 3), padding='SAME', kernel_init=HE_FAN_OUT,
-                          dtype=self.dtype, name=f'conv{i + 1}')(x))
-    x = nn.ConvTranspose(self.dim, (2, 2), strides=(2, 2), kernel_init=HE_FAN_OUT,
-                         dtype=self.dtype, name='upsample')(x)
+      x = nn.relu(
+        nn.Conv(
+          self.dim,
+          (3, 3),
+          padding='SAME',
+          kernel_init=HE_FAN_OUT,
+          dtype=self.dtype,
+          name=f'conv{i + 1}',
+        )(x)
+      )
+    x = nn.ConvTranspose(
+      self.dim, (2, 2), strides=(2, 2), kernel_init=HE_FAN_OUT, dtype=self.dtype, name='upsample'
+    )(x)
     return nn.relu(x)
 
 
@@ -112,6 +141,7 @@ class StandardMaskHead(nn.Module):
   Call: (roi features `[N, 14, 14, C]`, pyramid, rois `[N, 4]`, batch index `[N]`) ->
   `[N, 28, 28, K]` float32 logits. The pyramid and ROIs are unused (same call as `IMaskHead`).
   """
+
   num_classes: int
   dim: int = 256
   dtype: Dtype = jnp.float32
@@ -119,12 +149,14 @@ class StandardMaskHead(nn.Module):
   output_size: int = 28
 
   @nn.compact
-  def __call__(self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array,
-               batch_index: Array) -> Array:
+  def __call__(
+    self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array, batch_index: Array
+  ) -> Array:
     del pyramid, rois, batch_index
     x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)
-    logits = nn.Conv(self.num_classes, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype,
-                     name='logits')(x)
+    logits = nn.Conv(
+      self.num_classes, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype, name='logits'
+    )(x)
     return logits.astype(jnp.float32)
 
 
@@ -149,6 +181,7 @@ class IMaskHead(nn.Module):
   Call: (roi features `[N, 14, 14, C]`, pyramid `{level: [B, H, W, C]}`, rois `[N, 4]` in input
   pixels, batch index `[N]`) -> `[N, S, S, K]` float32 logits.
   """
+
   num_classes: int
   dim: int = 256
   decoder: bool = True
@@ -165,26 +198,42 @@ class IMaskHead(nn.Module):
     return self.skip_size if self.skip else 56
 
   def _conv(self, features: int, kernel: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding='SAME', kernel_init=HE_FAN_OUT,
-                   dtype=self.dtype, name=name)
+    return nn.Conv(
+      features,
+      (kernel, kernel),
+      padding='SAME',
+      kernel_init=HE_FAN_OUT,
+      dtype=self.dtype,
+      name=name,
+    )
 
   @nn.compact
-  def __call__(self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array,
-               batch_index: Array) -> Array:
+  def __call__(
+    self, roi_features: Array, pyramid: Mapping[str, Array], rois: Array, batch_index: Array
+  ) -> Array:
     size = self.output_size
     if size not in (28, 56, 112):
       raise ValueError(f'model.imask.skip_size must be 28, 56 or 112, got {size}')
     if self.skip and self.skip_sampling_ratio < 1:
-      raise ValueError(f'IMaskHead: skip_sampling_ratio={self.skip_sampling_ratio}; expected >= 1 '
-                       '(0, adaptive, is resolved by ModelSpec from the input size)')
-    x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)          # [N, 28, 28, D]
-    x = nn.relu(self._conv(self.fine_dim, 1, 'reduce')(x))                   # [N, 28, 28, F]
+      raise ValueError(
+        f'IMaskHead: skip_sampling_ratio={self.skip_sampling_ratio}; expected >= 1 '
+        '(0, adaptive, is resolved by ModelSpec from the input size)'
+      )
+    x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)  # [N, 28, 28, D]
+    x = nn.relu(self._conv(self.fine_dim, 1, 'reduce')(x))  # [N, 28, 28, F]
     if self.decoder:
       # The learnable decoder: stride-2 transposed convs up to S (a 3x3 conv when S = 28).
       for i in range(int(math.log2(size // 28))):
-        x = nn.relu(nn.ConvTranspose(self.fine_dim, (2, 2), strides=(2, 2),
-                                     kernel_init=HE_FAN_OUT, dtype=self.dtype,
-                                     name=f'decoder{i + 1}')(x))
+        x = nn.relu(
+          nn.ConvTranspose(
+            self.fine_dim,
+            (2, 2),
+            strides=(2, 2),
+            kernel_init=HE_FAN_OUT,
+            dtype=self.dtype,
+            name=f'decoder{i + 1}',
+          )(x)
+        )
       if size == 28:
         x = nn.relu(self._conv(self.fine_dim, 3, 'decoder1')(x))
     elif size != 28:
@@ -197,8 +246,13 @@ class IMaskHead(nn.Module):
       level = int(self.skip_level.lstrip('P'))
       projected = self._conv(self.fine_dim, 1, 'skip_proj')(pyramid[self.skip_level])
       skip = roi_align_ops.multilevel_roi_align(
-          {self.skip_level: projected}, jax.lax.stop_gradient(rois), size,
-          sampling_ratio=self.skip_sampling_ratio, level=level, batch_index=batch_index)
+        {self.skip_level: projected},
+        jax.lax.stop_gradient(rois),
+        size,
+        sampling_ratio=self.skip_sampling_ratio,
+        level=level,
+        batch_index=batch_index,
+      )
       skip = nn.relu(skip.astype(self.dtype))
       x = jnp.concatenate([x, skip], axis=-1)
     for i in range(self.fuse_convs):
@@ -213,6 +267,7 @@ class IMaskHead(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class IMaskSpec:
   """The iMask head's switches (config `model.imask`), named as `IMaskHead`'s fields."""
+
   decoder: bool = True
   skip: bool = True
   skip_size: int = 56
@@ -238,15 +293,24 @@ def adaptive_sampling_ratio(image_size: tuple[int, int], skip_level: str, skip_s
 # The model, the config checks and the sweeps all read this one table: a new head is one entry.
 MaskHeadFactory = Callable[..., nn.Module]
 MASK_HEADS: dict[str, MaskHeadFactory] = {
-    'standard': lambda num_classes, dim, imask, dtype, **kw: StandardMaskHead(
-        num_classes=num_classes, dim=dim, dtype=dtype, **kw),
-    'imask': lambda num_classes, dim, imask, dtype, **kw: IMaskHead(
-        num_classes=num_classes, dim=dim, dtype=dtype, **dataclasses.asdict(imask), **kw),
+  'standard': lambda num_classes, dim, imask, dtype, **kw: StandardMaskHead(
+    num_classes=num_classes, dim=dim, dtype=dtype, **kw
+  ),
+  'imask': lambda num_classes, dim, imask, dtype, **kw: IMaskHead(
+    num_classes=num_classes, dim=dim, dtype=dtype, **dataclasses.asdict(imask), **kw
+  ),
 }
 
 
-def build_mask_head(name: str, *, num_classes: int, dim: int, imask: IMaskSpec,
-                    dtype: Dtype = jnp.float32, **module_kwargs: Any) -> nn.Module:
+def build_mask_head(
+  name: str,
+  *,
+  num_classes: int,
+  dim: int,
+  imask: IMaskSpec,
+  dtype: Dtype = jnp.float32,
+  **module_kwargs: Any,
+) -> nn.Module:
   """The mask head called `name` in MASK_HEADS; its `output_size` is the side of the masks it
   predicts. module_kwargs go to the Flax module (e.g. parent=None for a free-standing one)."""
   if name not in MASK_HEADS:

@@ -25,8 +25,7 @@ def _per_image_mean(values: Array, count: Array) -> Array:
 
 def rpn_objectness_loss(logits: Array, labels: Array, weight: Array) -> Array:
   """Sigmoid BCE over each image's sampled anchors. logits, labels, weight: [B, A]."""
-  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
-                                           labels.astype(jnp.float32))
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
   return _per_image_mean(weight * bce, weight)
 
 
@@ -69,8 +68,9 @@ def boundary_band(targets: Array) -> Array:
   return (hi - lo > 0.5).astype(jnp.float32)
 
 
-def mask_bce(logits: Array, targets: Array, positive: Array, *,
-             boundary_weight: float = 0.0) -> Array:
+def mask_bce(
+  logits: Array, targets: Array, positive: Array, *, boundary_weight: float = 0.0
+) -> Array:
   """Per-pixel sigmoid BCE of each positive ROI's own-class mask, at the head's resolution.
 
   logits, targets: [B, P, m, m]; positive: [B, P]. Each ROI's loss is its pixel mean; the

@@ -43,12 +43,13 @@ STRIDES = (4, 8, 16, 32, 64)
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Everything that fixes the network and its static shapes (hashable, so jit can key on it)."""
+
   image_size: tuple[int, int]
   num_classes: int
   input_channels: int = 1
   backbone: str = 'resnet50'
   norm: str = 'group'
-  width: int = 64                 # backbone base width (64 = the published networks)
+  width: int = 64  # backbone base width (64 = the published networks)
   fpn_dim: int = 256
   dtype: str = 'float32'
   axis_name: str | None = None
@@ -86,8 +87,11 @@ class ModelSpec:
     `config.model` (`imask` from the `model.imask` group), converted to the field's type;
     the input shape comes from `config.data`."""
     d = config.data
-    fixed = dict(image_size=tuple(int(v) for v in d.image_size),
-                 input_channels=2 * int(d.context_slices) + 1, axis_name=axis_name)
+    fixed = dict(
+      image_size=tuple(int(v) for v in d.image_size),
+      input_channels=2 * int(d.context_slices) + 1,
+      axis_name=axis_name,
+    )
     return cls(**fixed, **_fields_from(cls, config.model, 'model', exclude=fixed))
 
   @property
@@ -107,13 +111,22 @@ class ModelSpec:
     """`imask` with an adaptive (0) skip sampling ratio turned into samples per bin axis."""
     if self.imask.skip_sampling_ratio:
       return self.imask
-    return dataclasses.replace(self.imask, skip_sampling_ratio=heads.adaptive_sampling_ratio(
-        self.image_size, self.imask.skip_level, self.imask.skip_size))
+    return dataclasses.replace(
+      self.imask,
+      skip_sampling_ratio=heads.adaptive_sampling_ratio(
+        self.image_size, self.imask.skip_level, self.imask.skip_size
+      ),
+    )
 
   def build_mask_head(self, **module_kwargs: Any) -> nn.Module:
-    return heads.build_mask_head(self.mask_head, num_classes=self.num_classes,
-                                 dim=self.mask_head_dim, imask=self.resolved_imask,
-                                 dtype=self.compute_dtype, **module_kwargs)
+    return heads.build_mask_head(
+      self.mask_head,
+      num_classes=self.num_classes,
+      dim=self.mask_head_dim,
+      imask=self.resolved_imask,
+      dtype=self.compute_dtype,
+      **module_kwargs,
+    )
 
   @property
   def num_mask_rois(self) -> int:
@@ -152,10 +165,12 @@ def _as_type(hint: Any, value: Any, where: str) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _anchors(image_size: tuple[int, int], sizes: tuple[float, ...],
-             ratios: tuple[float, ...]) -> anchor_ops.MultilevelAnchors:
-  return anchor_ops.multilevel_anchors(image_size, strides=STRIDES, sizes=sizes,
-                                       aspect_ratios=ratios)
+def _anchors(
+  image_size: tuple[int, int], sizes: tuple[float, ...], ratios: tuple[float, ...]
+) -> anchor_ops.MultilevelAnchors:
+  return anchor_ops.multilevel_anchors(
+    image_size, strides=STRIDES, sizes=sizes, aspect_ratios=ratios
+  )
 
 
 class Detections(NamedTuple):
@@ -165,6 +180,7 @@ class Detections(NamedTuple):
   classes: int32 [B, D] (1..K, 0 for padding); valid: bool [B, D];
   mask_probs: float32 [B, D, m, m] probabilities of each detection's own class.
   """
+
   boxes: Array
   scores: Array
   classes: Array
@@ -174,17 +190,19 @@ class Detections(NamedTuple):
 
 class MaskRCNN(nn.Module):
   """Mask R-CNN (`spec.mask_head='standard'`) or iMaskRCNN (`'imask'`)."""
+
   spec: ModelSpec
 
   def setup(self):
     s = self.spec
     dtype = s.compute_dtype
-    self.backbone = build_backbone(s.backbone, norm=s.norm, fpn_dim=s.fpn_dim, width=s.width,
-                                   dtype=dtype, axis_name=s.axis_name)
-    self.rpn_head = heads.RPNHead(num_anchors=len(s.anchor_ratios), levels=RPN_LEVELS,
-                                  dtype=dtype)
-    self.box_head = heads.BoxHead(num_classes=s.num_classes, kind=s.box_head,
-                                  dim=s.box_head_dim, dtype=dtype)
+    self.backbone = build_backbone(
+      s.backbone, norm=s.norm, fpn_dim=s.fpn_dim, width=s.width, dtype=dtype, axis_name=s.axis_name
+    )
+    self.rpn_head = heads.RPNHead(num_anchors=len(s.anchor_ratios), levels=RPN_LEVELS, dtype=dtype)
+    self.box_head = heads.BoxHead(
+      num_classes=s.num_classes, kind=s.box_head, dim=s.box_head_dim, dtype=dtype
+    )
     self.mask_head = s.build_mask_head()
 
   # --- the stages, in the order a training step runs them --------------------------------------
@@ -199,31 +217,41 @@ class MaskRCNN(nn.Module):
     """Backbone + FPN: images `[B, H, W, C]` -> {'P2'..'P6': `[B, h, w, fpn_dim]`}."""
     s = self.spec
     if images.ndim != 4 or tuple(images.shape[1:3]) != s.image_size:
-      raise ValueError(f'MaskRCNN: images must be [B, {s.image_size[0]}, {s.image_size[1]}, C],'
-                       f' got {tuple(images.shape)}')
+      raise ValueError(
+        f'MaskRCNN: images must be [B, {s.image_size[0]}, {s.image_size[1]}, C],'
+        f' got {tuple(images.shape)}'
+      )
     return self.backbone(images.astype(s.compute_dtype), train=train)
 
   def rpn(self, pyramid: dict[str, Array]) -> tuple[Array, Array]:
     """RPN head: objectness logits `[B, A]` and box deltas `[B, A, 4]` over all anchors."""
     logits, deltas = self.rpn_head(pyramid)
     if logits.shape[1] != self.anchors.boxes.shape[0]:
-      raise ValueError(f'MaskRCNN: the RPN made {logits.shape[1]} anchor outputs but the '
-                       f'anchor grid has {self.anchors.boxes.shape[0]}: feature map sizes '
-                       'differ from ceil(image / stride)')
+      raise ValueError(
+        f'MaskRCNN: the RPN made {logits.shape[1]} anchor outputs but the '
+        f'anchor grid has {self.anchors.boxes.shape[0]}: feature map sizes '
+        'differ from ceil(image / stride)'
+      )
     return logits, deltas
 
-  def rpn_losses(self, logits: Array, deltas: Array, gt_boxes: Array, gt_valid: Array,
-                 keys: Array) -> tuple[Array, Array]:
+  def rpn_losses(
+    self, logits: Array, deltas: Array, gt_boxes: Array, gt_valid: Array, keys: Array
+  ) -> tuple[Array, Array]:
     """(objectness BCE, box L1) of the RPN on `rpn_batch_size` sampled anchors per image;
     keys: [B] PRNG keys for the anchor sampling."""
     s = self.spec
-    rpn_t = jax.vmap(functools.partial(
-        sampling.rpn_targets, jnp.asarray(self.anchors.boxes),
-        num_samples=s.rpn_batch_size, positive_fraction=s.rpn_positive_fraction))(
-            gt_boxes, gt_valid, keys)
+    rpn_t = jax.vmap(
+      functools.partial(
+        sampling.rpn_targets,
+        jnp.asarray(self.anchors.boxes),
+        num_samples=s.rpn_batch_size,
+        positive_fraction=s.rpn_positive_fraction,
+      )
+    )(gt_boxes, gt_valid, keys)
     rpn_cls = losses.rpn_objectness_loss(logits, rpn_t.objectness, rpn_t.weight)
-    rpn_box = losses.weighted_l1(deltas, rpn_t.box_targets, rpn_t.box_weight,
-                                 normaliser=rpn_t.weight)
+    rpn_box = losses.weighted_l1(
+      deltas, rpn_t.box_targets, rpn_t.box_weight, normaliser=rpn_t.weight
+    )
     return rpn_cls, rpn_box
 
   def proposals(self, logits: Array, deltas: Array, train: bool) -> tuple[Array, Array]:
@@ -232,32 +260,54 @@ class MaskRCNN(nn.Module):
     s = self.spec
     pre = s.rpn_pre_nms_topk_train if train else s.rpn_pre_nms_topk_test
     post = s.rpn_post_nms_topk_train if train else s.rpn_post_nms_topk_test
-    fn = functools.partial(propose, anchors=self.anchors, image_size=s.image_size,
-                           pre_nms_topk=pre, post_nms_topk=post,
-                           nms_threshold=s.rpn_nms_threshold)
+    fn = functools.partial(
+      propose,
+      anchors=self.anchors,
+      image_size=s.image_size,
+      pre_nms_topk=pre,
+      post_nms_topk=post,
+      nms_threshold=s.rpn_nms_threshold,
+    )
     boxes, valid = jax.vmap(fn)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas))
     return boxes, valid
 
-  def sample_rois(self, proposals: Array, proposal_valid: Array, gt_boxes: Array,
-                  gt_classes: Array, gt_valid: Array, keys: Array) -> sampling.RoiTargets:
+  def sample_rois(
+    self,
+    proposals: Array,
+    proposal_valid: Array,
+    gt_boxes: Array,
+    gt_classes: Array,
+    gt_valid: Array,
+    keys: Array,
+  ) -> sampling.RoiTargets:
     """`roi_batch_size` ROIs per image with their class, box and mask targets, positives
     first (in random order); keys: [B] PRNG keys."""
     s = self.spec
-    return jax.vmap(functools.partial(
-        sampling.roi_targets, num_samples=s.roi_batch_size,
-        positive_fraction=s.roi_positive_fraction, high=s.roi_iou_threshold,
-        low=s.roi_iou_threshold))(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                                  keys)
+    return jax.vmap(
+      functools.partial(
+        sampling.roi_targets,
+        num_samples=s.roi_batch_size,
+        positive_fraction=s.roi_positive_fraction,
+        high=s.roi_iou_threshold,
+        low=s.roi_iou_threshold,
+      )
+    )(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, keys)
 
   def roi_features(self, pyramid: dict[str, Array], rois: Array, size: int) -> Array:
     """ROIAlign of `[B, N, 4]` rois from P2-P5 -> `[B * N, size, size, C]`."""
     b, n = rois.shape[:2]
     s = self.spec
     return roi_ops.multilevel_roi_align(
-        pyramid, rois.reshape(b * n, 4), size, sampling_ratio=s.roi_sampling_ratio,
-        min_level=ROI_MIN_LEVEL, max_level=ROI_MAX_LEVEL, canonical_level=s.roi_level_k0,
-        canonical_size=s.roi_level_canonical,
-        batch_index=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
+      pyramid,
+      rois.reshape(b * n, 4),
+      size,
+      sampling_ratio=s.roi_sampling_ratio,
+      min_level=ROI_MIN_LEVEL,
+      max_level=ROI_MAX_LEVEL,
+      canonical_level=s.roi_level_k0,
+      canonical_size=s.roi_level_canonical,
+      batch_index=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
+    )
 
   def box_losses(self, box_features: Array, roi_t: sampling.RoiTargets) -> tuple[Array, Array]:
     """(classification cross-entropy, box L1 of the positives) of the box head on the 7x7
@@ -268,50 +318,64 @@ class MaskRCNN(nn.Module):
     cls_logits = cls_logits.reshape(b, s.roi_batch_size, -1)
     box_deltas = box_deltas.reshape(b, s.roi_batch_size, s.num_classes, 4)
     box_cls = losses.softmax_cross_entropy(cls_logits, roi_t.classes, roi_t.valid)
-    own = losses.take_class(box_deltas, roi_t.classes)                  # [B, S, 4]
-    box_reg = losses.weighted_l1(own, roi_t.box_targets, roi_t.is_positive.astype(jnp.float32),
-                                 normaliser=roi_t.valid.astype(jnp.float32))
+    own = losses.take_class(box_deltas, roi_t.classes)  # [B, S, 4]
+    box_reg = losses.weighted_l1(
+      own,
+      roi_t.box_targets,
+      roi_t.is_positive.astype(jnp.float32),
+      normaliser=roi_t.valid.astype(jnp.float32),
+    )
     return box_cls, box_reg
 
-  def mask_logits(self, pyramid: dict[str, Array], rois: Array,
-                  features: Array | None = None) -> Array:
+  def mask_logits(
+    self, pyramid: dict[str, Array], rois: Array, features: Array | None = None
+  ) -> Array:
     """Mask logits for `[B, N, 4]` rois -> `[B, N, m, m, K]`; `features`: their 14x14
     ROIAlign (`roi_features(pyramid, rois, 14)`), computed here when not given."""
     b, n = rois.shape[:2]
     if features is None:
       features = self.roi_features(pyramid, rois, 14)
-    logits = self.mask_head(features, pyramid, rois.reshape(b * n, 4),
-                            jnp.repeat(jnp.arange(b, dtype=jnp.int32), n))
+    logits = self.mask_head(
+      features, pyramid, rois.reshape(b * n, 4), jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
+    )
     return logits.reshape((b, n) + logits.shape[1:])
 
   def mask_targets(self, gt_masks: Array, roi_t: sampling.RoiTargets) -> Array:
     """The m x m targets `[B, P, m, m]` of the P = `num_mask_rois` first (positive) ROIs."""
     s = self.spec
     p = s.num_mask_rois
-    return jax.vmap(functools.partial(mask_ops.mask_targets, output_size=s.mask_size,
-                                      sampling_ratio=2))(
-        gt_masks, roi_t.gt_index[:, :p], roi_t.rois[:, :p])
+    return jax.vmap(
+      functools.partial(mask_ops.mask_targets, output_size=s.mask_size, sampling_ratio=2)
+    )(gt_masks, roi_t.gt_index[:, :p], roi_t.rois[:, :p])
 
-  def mask_losses(self, pyramid: dict[str, Array], roi_t: sampling.RoiTargets,
-                  targets: Array, features: Array | None = None) -> dict[str, Array]:
+  def mask_losses(
+    self,
+    pyramid: dict[str, Array],
+    roi_t: sampling.RoiTargets,
+    targets: Array,
+    features: Array | None = None,
+  ) -> dict[str, Array]:
     """{'mask': BCE[, 'mask_dice': weighted soft Dice]} of the mask head on the first
     `num_mask_rois` sampled ROIs (positives come first, in random order); targets from
     `mask_targets`, features their 14x14 ROIAlign (optional)."""
     s = self.spec
     p = s.num_mask_rois
     mask_pos = roi_t.is_positive[:, :p]
-    logits = losses.take_class(self.mask_logits(pyramid, roi_t.rois[:, :p], features),
-                               roi_t.classes[:, :p])                    # [B, P, m, m]
-    terms = {'mask': losses.mask_bce(logits, targets, mask_pos,
-                                     boundary_weight=s.boundary_loss_weight)}
+    logits = losses.take_class(
+      self.mask_logits(pyramid, roi_t.rois[:, :p], features), roi_t.classes[:, :p]
+    )  # [B, P, m, m]
+    terms = {
+      'mask': losses.mask_bce(logits, targets, mask_pos, boundary_weight=s.boundary_loss_weight)
+    }
     if s.mask_dice_weight > 0:
       terms['mask_dice'] = s.mask_dice_weight * losses.mask_dice(logits, targets, mask_pos)
     return terms
 
   # --- training ------------------------------------------------------------------------------
 
-  def losses(self, images: Array, targets: dict[str, Array], keys: Array,
-             train: bool = True) -> tuple[Array, dict[str, Array]]:
+  def losses(
+    self, images: Array, targets: dict[str, Array], keys: Array, train: bool = True
+  ) -> tuple[Array, dict[str, Array]]:
     """Training losses for a batch.
 
     Args:
@@ -333,13 +397,17 @@ class MaskRCNN(nn.Module):
     rpn_logits, rpn_deltas = self.rpn(pyramid)
     rpn_cls, rpn_box = self.rpn_losses(rpn_logits, rpn_deltas, gt_boxes, gt_valid, rpn_keys)
     proposals, proposal_valid = self.proposals(rpn_logits, rpn_deltas, train=True)
-    roi_t = self.sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                             roi_keys)
+    roi_t = self.sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
     box_cls, box_reg = self.box_losses(self.roi_features(pyramid, roi_t.rois, 7), roi_t)
     mask_terms = self.mask_losses(pyramid, roi_t, self.mask_targets(targets['gt_masks'], roi_t))
 
-    terms = {'rpn_cls': rpn_cls, 'rpn_box': rpn_box, 'box_cls': box_cls, 'box_reg': box_reg,
-             **mask_terms}
+    terms = {
+      'rpn_cls': rpn_cls,
+      'rpn_box': rpn_box,
+      'box_cls': box_cls,
+      'box_reg': box_reg,
+      **mask_terms,
+    }
     total = sum(terms.values())
     terms['num_positive_rois'] = jnp.mean(jnp.sum(roi_t.is_positive, axis=1).astype(jnp.float32))
     return total, terms
@@ -368,19 +436,28 @@ class MaskRCNN(nn.Module):
     probs = jax.nn.softmax(cls_logits, axis=-1).reshape(b, n, s.num_classes + 1)[..., 1:]
     boxes = box_ops.decode(box_deltas.reshape(b, n, s.num_classes, 4), proposals[:, :, None, :])
     boxes = box_ops.clip(boxes, s.image_size)
-    select = functools.partial(select_detections, max_detections=s.max_detections,
-                               score_threshold=s.test_score_threshold,
-                               nms_threshold=s.test_nms_threshold)
-    det_boxes, det_scores, det_classes, det_valid = jax.vmap(select)(boxes, probs,
-                                                                     proposal_valid)
+    select = functools.partial(
+      select_detections,
+      max_detections=s.max_detections,
+      score_threshold=s.test_score_threshold,
+      nms_threshold=s.test_nms_threshold,
+    )
+    det_boxes, det_scores, det_classes, det_valid = jax.vmap(select)(boxes, probs, proposal_valid)
     logits = losses.take_class(self.mask_logits(pyramid, det_boxes), det_classes)
     mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
     return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs)
 
 
-def propose(logits: Array, deltas: Array, *, anchors: anchor_ops.MultilevelAnchors,
-            image_size: tuple[int, int], pre_nms_topk: int, post_nms_topk: int,
-            nms_threshold: float) -> tuple[Array, Array]:
+def propose(
+  logits: Array,
+  deltas: Array,
+  *,
+  anchors: anchor_ops.MultilevelAnchors,
+  image_size: tuple[int, int],
+  pre_nms_topk: int,
+  post_nms_topk: int,
+  nms_threshold: float,
+) -> tuple[Array, Array]:
   """RPN proposals for one image: per-level top-k, NMS within each level, global top-k.
 
   Args:
@@ -395,8 +472,9 @@ def propose(logits: Array, deltas: Array, *, anchors: anchor_ops.MultilevelAncho
     lo, hi = starts[level], starts[level + 1]
     k = min(pre_nms_topk, hi - lo)
     top_scores, top = jax.lax.top_k(logits[lo:hi], k)
-    level_boxes = box_ops.decode(deltas[lo:hi][top], jnp.asarray(anchors.boxes[lo:hi])[top],
-                                 sampling.RPN_WEIGHTS)
+    level_boxes = box_ops.decode(
+      deltas[lo:hi][top], jnp.asarray(anchors.boxes[lo:hi])[top], sampling.RPN_WEIGHTS
+    )
     boxes.append(box_ops.clip(level_boxes, image_size))
     scores.append(top_scores)
     levels.append(jnp.full((k,), level, jnp.int32))
@@ -405,15 +483,22 @@ def propose(logits: Array, deltas: Array, *, anchors: anchor_ops.MultilevelAncho
   levels = jnp.concatenate(levels)
   size_ok = (boxes[:, 2] - boxes[:, 0] > 1e-3) & (boxes[:, 3] - boxes[:, 1] > 1e-3)
   # NMS within each level, then the best `post_nms_topk` over all levels (Detectron2's order).
-  keep, _ = nms_ops.batched_nms(boxes, scores, levels, iou_threshold=nms_threshold,
-                                max_outputs=post_nms_topk, valid=size_ok)
+  keep, _ = nms_ops.batched_nms(
+    boxes, scores, levels, iou_threshold=nms_threshold, max_outputs=post_nms_topk, valid=size_ok
+  )
   valid = keep >= 0
   return jnp.where(valid[:, None], boxes[jnp.maximum(keep, 0)], 0.0), valid
 
 
-def select_detections(boxes: Array, probs: Array, proposal_valid: Array, *, max_detections: int,
-                      score_threshold: float, nms_threshold: float
-                      ) -> tuple[Array, Array, Array, Array]:
+def select_detections(
+  boxes: Array,
+  probs: Array,
+  proposal_valid: Array,
+  *,
+  max_detections: int,
+  score_threshold: float,
+  nms_threshold: float,
+) -> tuple[Array, Array, Array, Array]:
   """Per-class NMS over one image's class-specific boxes.
 
   Args:
@@ -427,20 +512,28 @@ def select_detections(boxes: Array, probs: Array, proposal_valid: Array, *, max_
   flat_scores = probs.reshape(n * k)
   flat_classes = jnp.tile(jnp.arange(1, k + 1, dtype=jnp.int32), n)
   candidate = jnp.repeat(proposal_valid, k)
-  keep, _ = nms_ops.batched_nms(flat_boxes, flat_scores, flat_classes,
-                                iou_threshold=nms_threshold, max_outputs=max_detections,
-                                score_threshold=score_threshold, valid=candidate)
+  keep, _ = nms_ops.batched_nms(
+    flat_boxes,
+    flat_scores,
+    flat_classes,
+    iou_threshold=nms_threshold,
+    max_outputs=max_detections,
+    score_threshold=score_threshold,
+    valid=candidate,
+  )
   valid = keep >= 0
   idx = jnp.maximum(keep, 0)
-  return (jnp.where(valid[:, None], flat_boxes[idx], 0.0),
-          jnp.where(valid, flat_scores[idx], 0.0),
-          jnp.where(valid, flat_classes[idx], 0),
-          valid)
+  return (
+    jnp.where(valid[:, None], flat_boxes[idx], 0.0),
+    jnp.where(valid, flat_scores[idx], 0.0),
+    jnp.where(valid, flat_classes[idx], 0),
+    valid,
+  )
 
 
-def detections_to_label_map(det: Detections, image_size: tuple[int, int],
-                            threshold: float = 0.5, min_score: float = 0.0
-                            ) -> tuple[Array, Array]:
+def detections_to_label_map(
+  det: Detections, image_size: tuple[int, int], threshold: float = 0.5, min_score: float = 0.0
+) -> tuple[Array, Array]:
   """Pastes detections into a per-image label map of class ids.
 
   A pixel is claimed by the detections whose pasted mask probability there is >= `threshold`
@@ -457,11 +550,11 @@ def detections_to_label_map(det: Detections, image_size: tuple[int, int],
   if not threshold > 0:  # pixels outside a box have probability 0
     raise ValueError(f'detections_to_label_map: threshold must be > 0, got {threshold!r}')
   paste = functools.partial(mask_ops.paste_mask_probs, image_size=image_size)
-  probs = jax.vmap(paste)(det.mask_probs, det.boxes)                    # [B, D, H, W]
+  probs = jax.vmap(paste)(det.mask_probs, det.boxes)  # [B, D, H, W]
   masks = (probs >= threshold) & det.valid[..., None, None]
   painted = masks & (det.scores >= min_score)[..., None, None]
   support = jnp.where(painted, probs * det.scores[..., None, None], -1.0)
-  best = jnp.argmax(support, axis=1)                                    # [B, H, W]
+  best = jnp.argmax(support, axis=1)  # [B, H, W]
   covered = jnp.any(painted, axis=1)
   classes = jnp.take_along_axis(det.classes[..., None, None], best[:, None], axis=1)[:, 0]
   return jnp.where(covered, classes, 0).astype(jnp.int32), masks

@@ -49,6 +49,7 @@ class FrozenBatchNorm(nn.Module):
   Input: `[..., C]` activations. Output: same shape, in `dtype` (or the input's dtype).
   Variables (all in `batch_stats`, shape `[C]`, float32): `scale`, `bias`, `mean`, `var`.
   """
+
   epsilon: float = 1e-5
   dtype: Dtype | None = None
 
@@ -74,6 +75,7 @@ class GroupNorm(nn.Module):
   Uses `gcd(num_groups, C)` groups, so any channel count is accepted.
   Params: `scale` `[C]` (ones, or zeros with `scale_init`), `bias` `[C]` (zeros).
   """
+
   num_groups: int = 32
   epsilon: float = 1e-5
   dtype: Dtype | None = None
@@ -108,6 +110,7 @@ class NormFactory:
   starts as the identity). `zero_scale` is ignored by 'frozen_batch', whose scale is fixed:
   a zero there would switch the branch off for good.
   """
+
   kind: str
   train: bool
   axis_name: str | None = None
@@ -127,31 +130,40 @@ class NormFactory:
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     if self.kind == 'batch':
       return nn.BatchNorm(
-          use_running_average=not self.train,
-          axis_name=self.axis_name,
-          momentum=self.momentum,
-          epsilon=self.epsilon,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          scale_init=scale_init,
-          # Two-pass variance (E[(x - mean)^2]) avoids cancellation in float32.
-          use_fast_variance=False,
-          name=name)
-    if self.kind == 'frozen_batch':
-      return FrozenBatchNorm(epsilon=self.epsilon, dtype=self.dtype, name=name)
-    return GroupNorm(
-        num_groups=self.num_groups,
+        use_running_average=not self.train,
+        axis_name=self.axis_name,
+        momentum=self.momentum,
         epsilon=self.epsilon,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         scale_init=scale_init,
-        name=name)
+        # Two-pass variance (E[(x - mean)^2]) avoids cancellation in float32.
+        use_fast_variance=False,
+        name=name,
+      )
+    if self.kind == 'frozen_batch':
+      return FrozenBatchNorm(epsilon=self.epsilon, dtype=self.dtype, name=name)
+    return GroupNorm(
+      num_groups=self.num_groups,
+      epsilon=self.epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      scale_init=scale_init,
+      name=name,
+    )
 
 
-def make_norm(kind: str, *, train: bool, axis_name: str | None = None,
-              dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-              num_groups: int = 32, momentum: float = 0.9,
-              epsilon: float = 1e-5) -> NormFactory:
+def make_norm(
+  kind: str,
+  *,
+  train: bool,
+  axis_name: str | None = None,
+  dtype: Dtype | None = None,
+  param_dtype: Dtype = jnp.float32,
+  num_groups: int = 32,
+  momentum: float = 0.9,
+  epsilon: float = 1e-5,
+) -> NormFactory:
   """Returns a `NormFactory` for `kind` in `NORM_KINDS` (see the module docstring).
 
   Args:
@@ -166,9 +178,16 @@ def make_norm(kind: str, *, train: bool, axis_name: str | None = None,
     momentum: running-average decay of 'batch' (new = momentum * old + (1 - momentum) * batch).
     epsilon: added to the variance before the square root.
   """
-  return NormFactory(kind=kind, train=train, axis_name=axis_name, dtype=dtype,
-                     param_dtype=param_dtype, num_groups=num_groups, momentum=momentum,
-                     epsilon=epsilon)
+  return NormFactory(
+    kind=kind,
+    train=train,
+    axis_name=axis_name,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    num_groups=num_groups,
+    momentum=momentum,
+    epsilon=epsilon,
+  )
 
 
 def freeze_batch_norm_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,16 +199,20 @@ def freeze_batch_norm_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   fine-tune with frozen statistics after training (or loading weights) with batch norm.
   """
   if 'params' not in variables or 'batch_stats' not in variables:
-    raise ValueError('freeze_batch_norm_variables expects variables with "params" and '
-                     f'"batch_stats" collections, got {sorted(variables)}')
+    raise ValueError(
+      'freeze_batch_norm_variables expects variables with "params" and '
+      f'"batch_stats" collections, got {sorted(variables)}'
+    )
   params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['params']))
   stats = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['batch_stats']))
   layers = {path[:-1] for path in stats if path[-1] == 'mean'}
   for layer in sorted(layers):
     for name in ('scale', 'bias'):
       if layer + (name,) not in params:
-        raise ValueError(f'batch-norm layer {"/".join(layer)} has no params {name!r}; '
-                         'expected a flax BatchNorm with scale and bias')
+        raise ValueError(
+          f'batch-norm layer {"/".join(layer)} has no params {name!r}; '
+          'expected a flax BatchNorm with scale and bias'
+        )
       stats[layer + (name,)] = params.pop(layer + (name,))
   converted = dict(variables)
   converted['params'] = flax.traverse_util.unflatten_dict(params)

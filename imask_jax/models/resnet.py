@@ -33,14 +33,28 @@ Dtype = Any
 HE_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  *,
+  stride: int = 1,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.Conv:
   """Bias-free square conv with symmetric `kernel // 2` padding and He fan-out init."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=HE_NORMAL_FAN_OUT, dtype=dtype, param_dtype=param_dtype,
-                 name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=HE_NORMAL_FAN_OUT,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 def check_images(images: Array, owner: str) -> None:
@@ -53,6 +67,7 @@ def check_images(images: Array, owner: str) -> None:
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs with a residual connection. [N, H, W, Cin] -> [N, H/s, W/s, planes]."""
+
   planes: int
   stride: int
   norm: NormFactory
@@ -77,6 +92,7 @@ class Bottleneck(nn.Module):
 
   [N, H, W, Cin] -> [N, H/s, W/s, 4 * planes].
   """
+
   planes: int
   stride: int
   norm: NormFactory
@@ -112,11 +128,11 @@ def shortcut(x: Array, out_channels: int, stride: int, norm: NormFactory, **conv
 
 # depth -> (block type, blocks per stage), as in He et al. 2016, Table 1.
 RESNET_STAGES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
+  18: (BasicBlock, (2, 2, 2, 2)),
+  34: (BasicBlock, (3, 4, 6, 3)),
+  50: (Bottleneck, (3, 4, 6, 3)),
+  101: (Bottleneck, (3, 4, 23, 3)),
+  152: (Bottleneck, (3, 8, 36, 3)),
 }
 
 
@@ -140,6 +156,7 @@ class ResNet(nn.Module):
   C2 [N, ceil(H/4), ceil(W/4), c2], ..., C5 [N, ceil(H/32), ceil(W/32), c5] with
   c_k = width * 2**(k-2) * expansion (expansion 1 for basic, 4 for bottleneck blocks).
   """
+
   depth: int = 50
   width: int = 64
   norm: str = 'batch'
@@ -167,8 +184,13 @@ class ResNet(nn.Module):
   def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
     check_images(images, f'ResNet-{self.depth}')
     block, stage_sizes = self._stages()
-    norm = make_norm(self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+    norm = make_norm(
+      self.norm,
+      train=train,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     x = images.astype(self.dtype)
@@ -181,13 +203,19 @@ class ResNet(nn.Module):
       planes = self.width * 2**stage
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
-        x = block(planes=planes, stride=stride, norm=norm,
-                  zero_init_residual=self.zero_init_residual,
-                  name=f'stage{stage + 1}_block{index}', **kw)(x)
+        x = block(
+          planes=planes,
+          stride=stride,
+          norm=norm,
+          zero_init_residual=self.zero_init_residual,
+          name=f'stage{stage + 1}_block{index}',
+          **kw,
+        )(x)
       features[C_LEVELS[stage]] = x
 
     if self.num_classes is not None:
       pooled = x.astype(jnp.float32).mean(axis=(1, 2))
-      features['logits'] = nn.Dense(self.num_classes, param_dtype=self.param_dtype,
-                                    name='classifier')(pooled)
+      features['logits'] = nn.Dense(
+        self.num_classes, param_dtype=self.param_dtype, name='classifier'
+      )(pooled)
     return features

@@ -18,6 +18,7 @@ Conventions (shared with the rest of `imask_jax.ops`):
 
 Everything here is NumPy computed at trace time: anchors depend only on static shapes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ DEFAULT_SIZES = (32, 64, 128, 256, 512)
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def anchor_shapes(size: float, *, scales_per_octave: int = 1,
-                  aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS) -> np.ndarray:
+def anchor_shapes(
+  size: float, *, scales_per_octave: int = 1, aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS
+) -> np.ndarray:
   """Heights and widths of the anchors placed at one location.
 
   Args:
@@ -45,24 +47,32 @@ def anchor_shapes(size: float, *, scales_per_octave: int = 1,
     scale-major order.
   """
   if not (math.isfinite(size) and size > 0):
-    raise ValueError(f"anchors.anchor_shapes: size must be a positive number, got {size!r}")
+    raise ValueError(f'anchors.anchor_shapes: size must be a positive number, got {size!r}')
   if int(scales_per_octave) != scales_per_octave or scales_per_octave < 1:
-    raise ValueError("anchors.anchor_shapes: scales_per_octave must be an integer >= 1, got "
-                     f"{scales_per_octave!r}")
+    raise ValueError(
+      f'anchors.anchor_shapes: scales_per_octave must be an integer >= 1, got {scales_per_octave!r}'
+    )
   ratios = np.asarray(aspect_ratios, dtype=np.float64)
   if ratios.ndim != 1 or ratios.size == 0 or not np.all(np.isfinite(ratios) & (ratios > 0)):
-    raise ValueError("anchors.anchor_shapes: aspect_ratios must be a non-empty list of positive "
-                     f"height/width ratios, got {aspect_ratios!r}")
+    raise ValueError(
+      'anchors.anchor_shapes: aspect_ratios must be a non-empty list of positive '
+      f'height/width ratios, got {aspect_ratios!r}'
+    )
   scales = 2.0 ** (np.arange(scales_per_octave) / scales_per_octave)
-  sides = size * scales[:, None]                      # [S, 1]
-  heights = sides * np.sqrt(ratios)[None, :]          # [S, R]
+  sides = size * scales[:, None]  # [S, 1]
+  heights = sides * np.sqrt(ratios)[None, :]  # [S, R]
   widths = sides / np.sqrt(ratios)[None, :]
   return np.stack([heights.reshape(-1), widths.reshape(-1)], axis=-1)
 
 
-def level_anchors(feature_hw: tuple[int, int], stride: int, size: float, *,
-                  scales_per_octave: int = 1,
-                  aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS) -> np.ndarray:
+def level_anchors(
+  feature_hw: tuple[int, int],
+  stride: int,
+  size: float,
+  *,
+  scales_per_octave: int = 1,
+  aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+) -> np.ndarray:
   """Anchors of one pyramid level.
 
   Args:
@@ -75,15 +85,15 @@ def level_anchors(feature_hw: tuple[int, int], stride: int, size: float, *,
   """
   height, width = (int(v) for v in feature_hw)
   if height < 1 or width < 1:
-    raise ValueError(f"anchors.level_anchors: feature_hw must be positive, got {feature_hw!r}")
+    raise ValueError(f'anchors.level_anchors: feature_hw must be positive, got {feature_hw!r}')
   if int(stride) != stride or stride < 1:
-    raise ValueError(f"anchors.level_anchors: stride must be a positive integer, got {stride!r}")
+    raise ValueError(f'anchors.level_anchors: stride must be a positive integer, got {stride!r}')
   shapes = anchor_shapes(size, scales_per_octave=scales_per_octave, aspect_ratios=aspect_ratios)
   cy = (np.arange(height) + 0.5) * stride
   cx = (np.arange(width) + 0.5) * stride
-  cy, cx = np.meshgrid(cy, cx, indexing="ij")                     # [H, W]
-  centres = np.stack([cy, cx], axis=-1)[:, :, None, :]            # [H, W, 1, 2]
-  half = 0.5 * shapes[None, None, :, :]                           # [1, 1, A, 2]
+  cy, cx = np.meshgrid(cy, cx, indexing='ij')  # [H, W]
+  centres = np.stack([cy, cx], axis=-1)[:, :, None, :]  # [H, W, 1, 2]
+  half = 0.5 * shapes[None, None, :, :]  # [1, 1, A, 2]
   boxes = np.concatenate([centres - half, centres + half], axis=-1)  # [H, W, A, 4]
   return boxes.reshape(-1, 4).astype(np.float32)
 
@@ -102,6 +112,7 @@ class MultilevelAnchors:
     strides: input pixels per feature cell of each level.
     num_anchors_per_location: A, the same on every level.
   """
+
   per_level: tuple[np.ndarray, ...]
   boxes: np.ndarray
   level_starts: tuple[int, ...]
@@ -124,13 +135,15 @@ def feature_shape(image_hw: tuple[int, int], stride: int) -> tuple[int, int]:
   return (-(-int(image_hw[0]) // stride), -(-int(image_hw[1]) // stride))
 
 
-def multilevel_anchors(image_hw: tuple[int, int], *,
-                       strides: Sequence[int] = DEFAULT_STRIDES,
-                       sizes: Sequence[float] = DEFAULT_SIZES,
-                       scales_per_octave: int = 1,
-                       aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
-                       feature_shapes: Sequence[tuple[int, int]] | None = None,
-                       ) -> MultilevelAnchors:
+def multilevel_anchors(
+  image_hw: tuple[int, int],
+  *,
+  strides: Sequence[int] = DEFAULT_STRIDES,
+  sizes: Sequence[float] = DEFAULT_SIZES,
+  scales_per_octave: int = 1,
+  aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+  feature_shapes: Sequence[tuple[int, int]] | None = None,
+) -> MultilevelAnchors:
   """Anchors for every pyramid level, one base size per level.
 
   Args:
@@ -147,25 +160,30 @@ def multilevel_anchors(image_hw: tuple[int, int], *,
   strides = tuple(int(s) for s in strides)
   sizes = tuple(float(z) for z in sizes)
   if len(strides) == 0 or len(strides) != len(sizes):
-    raise ValueError("anchors.multilevel_anchors: need one size per stride, got strides "
-                     f"{strides!r} and sizes {sizes!r}")
+    raise ValueError(
+      'anchors.multilevel_anchors: need one size per stride, got strides '
+      f'{strides!r} and sizes {sizes!r}'
+    )
   if len(image_hw) != 2 or min(image_hw) < 1:
-    raise ValueError(f"anchors.multilevel_anchors: image_hw must be (H, W) > 0, got {image_hw!r}")
+    raise ValueError(f'anchors.multilevel_anchors: image_hw must be (H, W) > 0, got {image_hw!r}')
   if feature_shapes is None:
     feature_shapes = [feature_shape(image_hw, s) for s in strides]
   feature_shapes = tuple((int(h), int(w)) for h, w in feature_shapes)
   if len(feature_shapes) != len(strides):
-    raise ValueError("anchors.multilevel_anchors: need one feature shape per stride, got "
-                     f"{feature_shapes!r} for strides {strides!r}")
+    raise ValueError(
+      'anchors.multilevel_anchors: need one feature shape per stride, got '
+      f'{feature_shapes!r} for strides {strides!r}'
+    )
   per_level = tuple(
-      level_anchors(hw, s, z, scales_per_octave=scales_per_octave, aspect_ratios=aspect_ratios)
-      for hw, s, z in zip(feature_shapes, strides, sizes))
+    level_anchors(hw, s, z, scales_per_octave=scales_per_octave, aspect_ratios=aspect_ratios)
+    for hw, s, z in zip(feature_shapes, strides, sizes)
+  )
   starts = np.concatenate([[0], np.cumsum([len(a) for a in per_level])])
   return MultilevelAnchors(
-      per_level=per_level,
-      boxes=np.concatenate(per_level, axis=0),
-      level_starts=tuple(int(v) for v in starts),
-      feature_shapes=feature_shapes,
-      strides=strides,
-      num_anchors_per_location=scales_per_octave * len(tuple(aspect_ratios)),
+    per_level=per_level,
+    boxes=np.concatenate(per_level, axis=0),
+    level_starts=tuple(int(v) for v in starts),
+    feature_shapes=feature_shapes,
+    strides=strides,
+    num_anchors_per_location=scales_per_octave * len(tuple(aspect_ratios)),
   )

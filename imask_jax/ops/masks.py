@@ -32,8 +32,15 @@ from imask_jax.ops import roi_align
 Array = jax.Array
 
 
-def mask_targets(gt_masks: Array, matched_gt: Array, rois: Array, output_size: int, *,
-                 sampling_ratio: int = 0, max_sampling_ratio: int = 4) -> Array:
+def mask_targets(
+  gt_masks: Array,
+  matched_gt: Array,
+  rois: Array,
+  output_size: int,
+  *,
+  sampling_ratio: int = 0,
+  max_sampling_ratio: int = 4,
+) -> Array:
   """Binary mask targets of sampled ROIs.
 
   Args:
@@ -49,22 +56,32 @@ def mask_targets(gt_masks: Array, matched_gt: Array, rois: Array, output_size: i
   """
   gt_masks, matched_gt, rois = (jnp.asarray(x) for x in (gt_masks, matched_gt, rois))
   if gt_masks.ndim != 3:
-    raise ValueError(f"masks.py: mask_targets: gt_masks must be [G, H, W], got "
-                     f"{tuple(gt_masks.shape)}")
+    raise ValueError(
+      f'masks.py: mask_targets: gt_masks must be [G, H, W], got {tuple(gt_masks.shape)}'
+    )
   if rois.ndim != 2 or rois.shape[-1] != 4:
-    raise ValueError(f"masks.py: mask_targets: rois must be [S, 4], got {tuple(rois.shape)}")
+    raise ValueError(f'masks.py: mask_targets: rois must be [S, 4], got {tuple(rois.shape)}')
   if matched_gt.shape != rois.shape[:1]:
-    raise ValueError(f"masks.py: mask_targets: matched_gt must be [S] = {rois.shape[:1]} "
-                     f"like rois, got {tuple(matched_gt.shape)}")
+    raise ValueError(
+      f'masks.py: mask_targets: matched_gt must be [S] = {rois.shape[:1]} '
+      f'like rois, got {tuple(matched_gt.shape)}'
+    )
   if not isinstance(output_size, int) or output_size <= 0:
-    raise ValueError(f"masks.py: mask_targets: output_size must be a positive int, got "
-                     f"{output_size!r}")
+    raise ValueError(
+      f'masks.py: mask_targets: output_size must be a positive int, got {output_size!r}'
+    )
   masks = jax.lax.stop_gradient(gt_masks).astype(jnp.float32)[..., None]
   # An index outside [0, G) would read another instance's pixels: clamp like a gather does.
   matched_gt = jnp.clip(matched_gt.astype(jnp.int32), 0, gt_masks.shape[0] - 1)
-  crops = roi_align.roi_align(masks, rois.astype(jnp.float32), output_size,
-                              spatial_scale=1.0, sampling_ratio=sampling_ratio,
-                              max_sampling_ratio=max_sampling_ratio, batch_index=matched_gt)
+  crops = roi_align.roi_align(
+    masks,
+    rois.astype(jnp.float32),
+    output_size,
+    spatial_scale=1.0,
+    sampling_ratio=sampling_ratio,
+    max_sampling_ratio=max_sampling_ratio,
+    batch_index=matched_gt,
+  )
   return (crops[..., 0] >= 0.5).astype(jnp.float32)
 
 
@@ -96,26 +113,31 @@ def paste_mask_probs(mask_probs: Array, boxes: Array, image_size: Sequence[int])
   """
   mask_probs, boxes = jnp.asarray(mask_probs), jnp.asarray(boxes)
   if mask_probs.ndim != 3:
-    raise ValueError(f"masks.py: paste_mask_probs: mask_probs must be [D, m, m], got "
-                     f"{tuple(mask_probs.shape)}")
+    raise ValueError(
+      f'masks.py: paste_mask_probs: mask_probs must be [D, m, m], got {tuple(mask_probs.shape)}'
+    )
   if boxes.shape != (mask_probs.shape[0], 4):
-    raise ValueError(f"masks.py: paste_mask_probs: boxes must be [D, 4] = "
-                     f"{(mask_probs.shape[0], 4)} to match mask_probs, got "
-                     f"{tuple(boxes.shape)}")
+    raise ValueError(
+      f'masks.py: paste_mask_probs: boxes must be [D, 4] = '
+      f'{(mask_probs.shape[0], 4)} to match mask_probs, got '
+      f'{tuple(boxes.shape)}'
+    )
   if len(image_size) != 2 or not all(int(s) == s and s > 0 for s in image_size):
-    raise ValueError(f"masks.py: paste_mask_probs: image_size must be (H, W) positive ints, got "
-                     f"{image_size!r}")
+    raise ValueError(
+      f'masks.py: paste_mask_probs: image_size must be (H, W) positive ints, got {image_size!r}'
+    )
   height, width = int(image_size[0]), int(image_size[1])
   dtype = jnp.promote_types(mask_probs.dtype, jnp.float32)
   boxes = boxes.astype(dtype)
   rows = _paste_weights(boxes[:, 0], boxes[:, 2], height, mask_probs.shape[1])
   cols = _paste_weights(boxes[:, 1], boxes[:, 3], width, mask_probs.shape[2])
   # The weights are zero for pixels outside the box, so the product is 0 there.
-  return jnp.einsum("dhk,dkl,dwl->dhw", rows, mask_probs.astype(dtype), cols)
+  return jnp.einsum('dhk,dkl,dwl->dhw', rows, mask_probs.astype(dtype), cols)
 
 
-def paste_masks(mask_probs: Array, boxes: Array, image_size: Sequence[int],
-                threshold: float = 0.5) -> Array:
+def paste_masks(
+  mask_probs: Array, boxes: Array, image_size: Sequence[int], threshold: float = 0.5
+) -> Array:
   """Pastes `m x m` mask probabilities into their boxes on the full image and thresholds them.
 
   Args: as `paste_mask_probs`; threshold (> 0): a pixel is True when its interpolated
@@ -124,6 +146,8 @@ def paste_masks(mask_probs: Array, boxes: Array, image_size: Sequence[int],
     `[D, H, W]` bool masks (False outside each box).
   """
   if not threshold > 0:
-    raise ValueError(f"masks.py: paste_masks: threshold must be > 0 (pixels outside a box "
-                     f"have probability 0), got {threshold!r}")
+    raise ValueError(
+      f'masks.py: paste_masks: threshold must be > 0 (pixels outside a box '
+      f'have probability 0), got {threshold!r}'
+    )
   return paste_mask_probs(mask_probs, boxes, image_size) >= threshold

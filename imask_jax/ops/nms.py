@@ -17,6 +17,7 @@ Two exact formulations, chosen with `method=` (timings in benchmarks/nms.py):
 * `"sequential"`: one `lax.while_loop` step per kept box: take the first alive box, keep it,
   drop everything it overlaps. `max_outputs` steps of O(N) vector work.
 """
+
 from __future__ import annotations
 
 import jax
@@ -28,13 +29,20 @@ from imask_jax.ops import boxes as box_ops
 # or mask with `idx >= 0`: plain `x[idx]` would wrap -1 around to the last element.
 PAD_INDEX = -1
 DEFAULT_TILE_SIZE = 64
-METHODS = ("tiled", "sequential")
+METHODS = ('tiled', 'sequential')
 
 
-def nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float, max_outputs: int,
-        score_threshold: float = -jnp.inf, valid: jax.Array | None = None,
-        method: str = "tiled", tile_size: int = DEFAULT_TILE_SIZE,
-        ) -> tuple[jax.Array, jax.Array]:
+def nms(
+  boxes: jax.Array,
+  scores: jax.Array,
+  *,
+  iou_threshold: float,
+  max_outputs: int,
+  score_threshold: float = -jnp.inf,
+  valid: jax.Array | None = None,
+  method: str = 'tiled',
+  tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
   """Greedy NMS over one set of boxes.
 
   Args:
@@ -52,15 +60,32 @@ def nms(boxes: jax.Array, scores: jax.Array, *, iou_threshold: float, max_output
       then `PAD_INDEX` (-1).
     count: int32 scalar, number of kept boxes (<= M).
   """
-  return _nms(boxes, scores, None, iou_threshold=iou_threshold, max_outputs=max_outputs,
-              score_threshold=score_threshold, valid=valid, method=method, tile_size=tile_size,
-              caller="nms")
+  return _nms(
+    boxes,
+    scores,
+    None,
+    iou_threshold=iou_threshold,
+    max_outputs=max_outputs,
+    score_threshold=score_threshold,
+    valid=valid,
+    method=method,
+    tile_size=tile_size,
+    caller='nms',
+  )
 
 
-def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array, *,
-                iou_threshold: float, max_outputs: int, score_threshold: float = -jnp.inf,
-                valid: jax.Array | None = None, method: str = "tiled",
-                tile_size: int = DEFAULT_TILE_SIZE) -> tuple[jax.Array, jax.Array]:
+def batched_nms(
+  boxes: jax.Array,
+  scores: jax.Array,
+  classes: jax.Array,
+  *,
+  iou_threshold: float,
+  max_outputs: int,
+  score_threshold: float = -jnp.inf,
+  valid: jax.Array | None = None,
+  method: str = 'tiled',
+  tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
   """Greedy NMS in which only boxes of the same class suppress each other.
 
   Same as running `nms` once per class and merging the survivors by score (ties: lower
@@ -77,31 +102,51 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array, *,
   """
   classes = jnp.asarray(classes)
   if not jnp.issubdtype(classes.dtype, jnp.integer):
-    raise ValueError(f"nms.batched_nms: classes must be integers, got dtype {classes.dtype}")
-  return _nms(boxes, scores, classes, iou_threshold=iou_threshold, max_outputs=max_outputs,
-              score_threshold=score_threshold, valid=valid, method=method, tile_size=tile_size,
-              caller="batched_nms")
+    raise ValueError(f'nms.batched_nms: classes must be integers, got dtype {classes.dtype}')
+  return _nms(
+    boxes,
+    scores,
+    classes,
+    iou_threshold=iou_threshold,
+    max_outputs=max_outputs,
+    score_threshold=score_threshold,
+    valid=valid,
+    method=method,
+    tile_size=tile_size,
+    caller='batched_nms',
+  )
 
 
-def _nms(boxes, scores, groups, *, iou_threshold, max_outputs, score_threshold, valid, method,
-         tile_size, caller):
+def _nms(
+  boxes,
+  scores,
+  groups,
+  *,
+  iou_threshold,
+  max_outputs,
+  score_threshold,
+  valid,
+  method,
+  tile_size,
+  caller,
+):
   boxes = jnp.asarray(boxes, dtype=jnp.float32)
   scores = jnp.asarray(scores, dtype=jnp.float32)
   n = boxes.shape[0]
   if boxes.ndim != 2 or boxes.shape[1] != 4:
-    raise ValueError(f"nms.{caller}: boxes must be [N, 4], got {tuple(boxes.shape)}")
+    raise ValueError(f'nms.{caller}: boxes must be [N, 4], got {tuple(boxes.shape)}')
   if scores.shape != (n,):
-    raise ValueError(f"nms.{caller}: scores must be [N] = [{n}], got {tuple(scores.shape)}")
+    raise ValueError(f'nms.{caller}: scores must be [N] = [{n}], got {tuple(scores.shape)}')
   if groups is not None and groups.shape != (n,):
-    raise ValueError(f"nms.{caller}: classes must be [N] = [{n}], got {tuple(groups.shape)}")
+    raise ValueError(f'nms.{caller}: classes must be [N] = [{n}], got {tuple(groups.shape)}')
   if valid is not None and jnp.shape(valid) != (n,):
-    raise ValueError(f"nms.{caller}: valid must be [N] = [{n}], got {tuple(jnp.shape(valid))}")
+    raise ValueError(f'nms.{caller}: valid must be [N] = [{n}], got {tuple(jnp.shape(valid))}')
   if int(max_outputs) != max_outputs or max_outputs < 1:
-    raise ValueError(f"nms.{caller}: max_outputs must be a positive int, got {max_outputs!r}")
+    raise ValueError(f'nms.{caller}: max_outputs must be a positive int, got {max_outputs!r}')
   if method not in METHODS:
-    raise ValueError(f"nms.{caller}: method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f'nms.{caller}: method must be one of {METHODS}, got {method!r}')
   if int(tile_size) != tile_size or tile_size < 1:
-    raise ValueError(f"nms.{caller}: tile_size must be a positive int, got {tile_size!r}")
+    raise ValueError(f'nms.{caller}: tile_size must be a positive int, got {tile_size!r}')
   max_outputs = int(max_outputs)
   if n == 0:
     return jnp.full((max_outputs,), PAD_INDEX, jnp.int32), jnp.zeros((), jnp.int32)
@@ -118,12 +163,14 @@ def _nms(boxes, scores, groups, *, iou_threshold, max_outputs, score_threshold, 
   num_candidates = jnp.sum(candidate, dtype=jnp.int32)
   threshold = jnp.float32(iou_threshold)
 
-  if method == "tiled":
-    positions, count = _tiled(sorted_boxes, sorted_groups, num_candidates, threshold,
-                              max_outputs, min(int(tile_size), n))
+  if method == 'tiled':
+    positions, count = _tiled(
+      sorted_boxes, sorted_groups, num_candidates, threshold, max_outputs, min(int(tile_size), n)
+    )
   else:
-    positions, count = _sequential(sorted_boxes, sorted_groups, num_candidates, threshold,
-                                   max_outputs)
+    positions, count = _sequential(
+      sorted_boxes, sorted_groups, num_candidates, threshold, max_outputs
+    )
   indices = jnp.where(positions >= 0, order[jnp.maximum(positions, 0)], PAD_INDEX)
   return indices.astype(jnp.int32), count
 
@@ -151,6 +198,7 @@ def _tiled(boxes, groups, num_candidates, threshold, max_outputs, tile):
       keep, _ = state
       new_keep = alive & ~jnp.any(suppresses & keep[:, None], axis=0)
       return new_keep, jnp.any(new_keep != keep)
+
     keep, _ = jax.lax.while_loop(lambda s: s[1], step, (alive, jnp.array(True)))
     return keep
 
@@ -167,9 +215,9 @@ def _tiled(boxes, groups, num_candidates, threshold, max_outputs, tile):
     keep = self_suppress(alive, suppresses)
     # Append the tile's survivors in order; slots past max_outputs are dropped.
     slot = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_outputs)
-    kept_boxes = kept_boxes.at[slot].set(tile_boxes, mode="drop")
-    kept_groups = kept_groups.at[slot].set(tile_groups, mode="drop")
-    kept_pos = kept_pos.at[slot].set(start + in_tile, mode="drop")
+    kept_boxes = kept_boxes.at[slot].set(tile_boxes, mode='drop')
+    kept_groups = kept_groups.at[slot].set(tile_groups, mode='drop')
+    kept_pos = kept_pos.at[slot].set(start + in_tile, mode='drop')
     count = jnp.minimum(count + jnp.sum(keep, dtype=jnp.int32), max_outputs)
     return t + 1, count, kept_boxes, kept_groups, kept_pos
 
@@ -177,8 +225,13 @@ def _tiled(boxes, groups, num_candidates, threshold, max_outputs, tile):
     t, count = state[0], state[1]
     return (t < num_tiles) & (t * tile < num_candidates) & (count < max_outputs)
 
-  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((max_outputs, 4), boxes.dtype),
-          jnp.zeros((max_outputs,), jnp.int32), jnp.full((max_outputs,), PAD_INDEX, jnp.int32))
+  init = (
+    jnp.int32(0),
+    jnp.int32(0),
+    jnp.zeros((max_outputs, 4), boxes.dtype),
+    jnp.zeros((max_outputs,), jnp.int32),
+    jnp.full((max_outputs,), PAD_INDEX, jnp.int32),
+  )
   _, count, _, _, kept_pos = jax.lax.while_loop(cond, body, init)
   return kept_pos, count
 

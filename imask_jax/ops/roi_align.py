@@ -71,33 +71,47 @@ _MAX_UNROLLED_TAPS = 36
 
 def _check_rois(where: str, rois: Array) -> None:
   if rois.ndim != 2 or rois.shape[-1] != 4:
-    raise ValueError(f"roi_align.py: {where}: rois must have shape [N, 4] (y1, x1, y2, x2), "
-                     f"got {tuple(rois.shape)}")
+    raise ValueError(
+      f'roi_align.py: {where}: rois must have shape [N, 4] (y1, x1, y2, x2), '
+      f'got {tuple(rois.shape)}'
+    )
 
 
 def _check_output_size(where: str, output_size: int | Sequence[int]) -> tuple[int, int]:
   size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
   if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-    raise ValueError(f"roi_align.py: {where}: output_size must be a positive int or a pair "
-                     f"of positive ints, got {output_size!r}")
+    raise ValueError(
+      f'roi_align.py: {where}: output_size must be a positive int or a pair '
+      f'of positive ints, got {output_size!r}'
+    )
   return int(size[0]), int(size[1])
 
 
 def _check_sampling(where: str, sampling_ratio: int, max_sampling_ratio: int) -> int:
   """Returns the static number of sample slots per bin and axis."""
   if not isinstance(sampling_ratio, (int, np.integer)) or sampling_ratio < 0:
-    raise ValueError(f"roi_align.py: {where}: sampling_ratio must be an int >= 0 (0 = "
-                     f"adaptive), got {sampling_ratio!r}")
+    raise ValueError(
+      f'roi_align.py: {where}: sampling_ratio must be an int >= 0 (0 = '
+      f'adaptive), got {sampling_ratio!r}'
+    )
   if sampling_ratio > 0:
     return int(sampling_ratio)
   if not isinstance(max_sampling_ratio, (int, np.integer)) or max_sampling_ratio < 1:
-    raise ValueError(f"roi_align.py: {where}: adaptive sampling (sampling_ratio=0) needs "
-                     f"max_sampling_ratio >= 1, got {max_sampling_ratio!r}")
+    raise ValueError(
+      f'roi_align.py: {where}: adaptive sampling (sampling_ratio=0) needs '
+      f'max_sampling_ratio >= 1, got {max_sampling_ratio!r}'
+    )
   return int(max_sampling_ratio)
 
 
-def assign_levels(rois: Array, *, min_level: int = 2, max_level: int = 5,
-                  canonical_level: int = 4, canonical_size: float = 224.0) -> Array:
+def assign_levels(
+  rois: Array,
+  *,
+  min_level: int = 2,
+  max_level: int = 5,
+  canonical_level: int = 4,
+  canonical_size: float = 224.0,
+) -> Array:
   """FPN level of each box: `floor(k0 + log2(sqrt(area) / canonical))`, clamped.
 
   Args:
@@ -109,13 +123,15 @@ def assign_levels(rois: Array, *, min_level: int = 2, max_level: int = 5,
     `[N]` int32 levels in `[min_level, max_level]`. Empty boxes go to `min_level`.
   """
   rois = jnp.asarray(rois)
-  _check_rois("assign_levels", rois)
+  _check_rois('assign_levels', rois)
   if not min_level <= max_level:
-    raise ValueError(f"roi_align.py: assign_levels: need min_level <= max_level, got "
-                     f"{min_level} and {max_level}")
+    raise ValueError(
+      f'roi_align.py: assign_levels: need min_level <= max_level, got {min_level} and {max_level}'
+    )
   if not canonical_size > 0:
-    raise ValueError(f"roi_align.py: assign_levels: canonical_size must be > 0, got "
-                     f"{canonical_size!r}")
+    raise ValueError(
+      f'roi_align.py: assign_levels: canonical_size must be > 0, got {canonical_size!r}'
+    )
   height = jnp.maximum(rois[:, 2] - rois[:, 0], 0.0)
   width = jnp.maximum(rois[:, 3] - rois[:, 1], 0.0)
   size = jnp.sqrt(height * width)
@@ -124,8 +140,9 @@ def assign_levels(rois: Array, *, min_level: int = 2, max_level: int = 5,
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
-def _axis_taps(start: Array, length: Array, size: Array, bins: int, slots: int,
-               grid: Array) -> tuple[Array, Array]:
+def _axis_taps(
+  start: Array, length: Array, size: Array, bins: int, slots: int, grid: Array
+) -> tuple[Array, Array]:
   """Bilinear taps along one axis for every ROI and bin.
 
   Args:
@@ -143,11 +160,12 @@ def _axis_taps(start: Array, length: Array, size: Array, bins: int, slots: int,
   grid_f = jnp.maximum(grid, 1).astype(dtype)[:, None, None]
   bin_size = (length / bins)[:, None, None]
   offsets = (jnp.arange(slots, dtype=dtype)[None, None, :] + 0.5) / grid_f
-  pos = start[:, None, None] + bin_size * (jnp.arange(bins, dtype=dtype)[None, :, None]
-                                           + offsets)  # [N, bins, slots]
+  pos = start[:, None, None] + bin_size * (
+    jnp.arange(bins, dtype=dtype)[None, :, None] + offsets
+  )  # [N, bins, slots]
   size_i = size[:, None, None]
   size_f = size_i.astype(dtype)
-  used = (jnp.arange(slots)[None, None, :] < grid[:, None, None])
+  used = jnp.arange(slots)[None, None, :] < grid[:, None, None]
   inside = (pos >= -1.0) & (pos <= size_f)
   keep = jnp.where(used & inside, 1.0 / grid_f, 0.0).astype(dtype)
   # NaN boxes give NaN positions, which are not `inside` (weight 0); they are replaced so that
@@ -161,8 +179,7 @@ def _axis_taps(start: Array, length: Array, size: Array, bins: int, slots: int,
   return index, weight
 
 
-def _pool_step(table: Array, rows: Array, row_w: Array, cols: Array,
-               col_w: Array) -> Array:
+def _pool_step(table: Array, rows: Array, row_w: Array, cols: Array, col_w: Array) -> Array:
   """`out[u, q] = sum_ab row_w[u, a] col_w[u, q, b] table[rows[u, a] + cols[u, q, b]]`.
 
   `u` runs over output rows (one bin row of one ROI). The double sum is unrolled so that XLA
@@ -174,30 +191,33 @@ def _pool_step(table: Array, rows: Array, row_w: Array, cols: Array,
     # hundreds of unrolled terms.
     index = rows[:, None, :, None] + cols[:, :, None, :]  # [U, w, a, b]
     weight = row_w[:, None, :, None] * col_w[:, :, None, :]
-    pixels = table.at[index].get(mode="promise_in_bounds", wrap_negative_indices=False)
-    return jnp.einsum("uwab,uwabc->uwc", weight, pixels)
+    pixels = table.at[index].get(mode='promise_in_bounds', wrap_negative_indices=False)
+    return jnp.einsum('uwab,uwabc->uwc', weight, pixels)
   out = None
   for a in range(rows.shape[-1]):
     for b in range(cols.shape[-1]):
       index = rows[:, None, a] + cols[:, :, b]
-      pixels = table.at[index].get(mode="promise_in_bounds", wrap_negative_indices=False)
+      pixels = table.at[index].get(mode='promise_in_bounds', wrap_negative_indices=False)
       term = (row_w[:, None, a] * col_w[:, :, b])[..., None] * pixels
       out = term if out is None else out + term
   return out
 
 
-def _pool_step_transpose(grad_table: Array, d_out: Array, rows: Array, row_w: Array,
-                         cols: Array, col_w: Array) -> Array:
+def _pool_step_transpose(
+  grad_table: Array, d_out: Array, rows: Array, row_w: Array, cols: Array, col_w: Array
+) -> Array:
   """Adds the transpose of `_pool_step` applied to `d_out [U, w, C]` into `grad_table`."""
   index = rows[:, None, :, None] + cols[:, :, None, :]  # [U, w, a, b]
   weight = row_w[:, None, :, None] * col_w[:, :, None, :]
   updates = weight[..., None] * d_out[:, :, None, None, :]
   return grad_table.at[index.reshape(-1)].add(
-      updates.reshape(-1, d_out.shape[-1]), mode="promise_in_bounds")
+    updates.reshape(-1, d_out.shape[-1]), mode='promise_in_bounds'
+  )
 
 
-def _steps(rows: Array, row_w: Array, cols: Array, col_w: Array,
-           channels: int) -> tuple[int, int, tuple]:
+def _steps(
+  rows: Array, row_w: Array, cols: Array, col_w: Array, channels: int
+) -> tuple[int, int, tuple]:
   """Splits the output rows into equal scan steps; returns (steps, rows per step, arrays)."""
   units = rows.shape[0]
   w, taps_x = cols.shape[1:]
@@ -241,8 +261,9 @@ def _pool(table: Array, rows: Array, row_w: Array, cols: Array, col_w: Array) ->
   return out.reshape(steps * chunk, w, table.shape[-1])[:units]
 
 
-def _pool_fwd(table: Array, rows: Array, row_w: Array, cols: Array,
-              col_w: Array) -> tuple[Array, tuple]:
+def _pool_fwd(
+  table: Array, rows: Array, row_w: Array, cols: Array, col_w: Array
+) -> tuple[Array, tuple]:
   return _pool(table, rows, row_w, cols, col_w), (table.shape[0], rows, row_w, cols, col_w)
 
 
@@ -255,17 +276,27 @@ def _pool_bwd(residuals: tuple, d_out: Array) -> tuple[Array, None, None, None, 
   # The scan carries the table gradient, so every step scatter-adds its few thousand rows
   # in place instead of materialising all weighted copies of d_out at once.
   grad_table, _ = jax.lax.scan(
-      lambda acc, x: (_pool_step_transpose(acc, *x), None),
-      jnp.zeros((pixels, d_out.shape[-1]), d_out.dtype), (d_out,) + xs)
+    lambda acc, x: (_pool_step_transpose(acc, *x), None),
+    jnp.zeros((pixels, d_out.shape[-1]), d_out.dtype),
+    (d_out,) + xs,
+  )
   return grad_table, None, None, None, None
 
 
 _pool.defvjp(_pool_fwd, _pool_bwd)
 
 
-def _roi_align_flat(table: Array, rois: Array, scale: Array, height: Array, width: Array,
-                    base: Array, output_size: tuple[int, int], sampling_ratio: int,
-                    slots: int) -> Array:
+def _roi_align_flat(
+  table: Array,
+  rois: Array,
+  scale: Array,
+  height: Array,
+  width: Array,
+  base: Array,
+  output_size: tuple[int, int],
+  sampling_ratio: int,
+  slots: int,
+) -> Array:
   """ROIAlign from a flat `[pixels, C]` table; each ROI has its own map geometry.
 
   scale, height, width, base: `[N]` map scale (1 / stride), map size and the table row of the
@@ -291,42 +322,62 @@ def _roi_align_flat(table: Array, rois: Array, scale: Array, height: Array, widt
   n = rois.shape[0]
   cols = jnp.broadcast_to(cols[:, None], (n, out_h) + cols.shape[1:])
   col_w = jnp.broadcast_to(col_w[:, None], (n, out_h) + col_w.shape[1:])
-  out = _pool(table, rows.reshape(n * out_h, -1), row_w.reshape(n * out_h, -1),
-              cols.reshape(n * out_h, out_w, -1), col_w.reshape(n * out_h, out_w, -1))
+  out = _pool(
+    table,
+    rows.reshape(n * out_h, -1),
+    row_w.reshape(n * out_h, -1),
+    cols.reshape(n * out_h, out_w, -1),
+    col_w.reshape(n * out_h, out_w, -1),
+  )
   return out.reshape(n, out_h, out_w, table.shape[-1])
 
 
 def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"roi_align.py: features must be floating point, got {dtype}")
+    raise ValueError(f'roi_align.py: features must be floating point, got {dtype}')
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _batch_layout(where: str, features: Array, rois: Array,
-                  batch_index: Array | None) -> tuple[Array, Array]:
+def _batch_layout(
+  where: str, features: Array, rois: Array, batch_index: Array | None
+) -> tuple[Array, Array]:
   """Returns `([B, H, W, C] features, [N] image index)` for 3-D or 4-D features."""
   if features.ndim == 3:
     if batch_index is not None:
-      raise ValueError(f"roi_align.py: {where}: batch_index given but features are "
-                       f"[H, W, C] {tuple(features.shape)}; pass [B, H, W, C] features")
+      raise ValueError(
+        f'roi_align.py: {where}: batch_index given but features are '
+        f'[H, W, C] {tuple(features.shape)}; pass [B, H, W, C] features'
+      )
     return features[None], jnp.zeros(rois.shape[:1], jnp.int32)
   if features.ndim == 4:
     if batch_index is None:
-      raise ValueError(f"roi_align.py: {where}: [B, H, W, C] features "
-                       f"{tuple(features.shape)} need batch_index [N]")
+      raise ValueError(
+        f'roi_align.py: {where}: [B, H, W, C] features {tuple(features.shape)} need batch_index [N]'
+      )
     batch_index = jnp.asarray(batch_index)
     if batch_index.shape != rois.shape[:1]:
-      raise ValueError(f"roi_align.py: {where}: batch_index must have shape "
-                       f"{rois.shape[:1]}, got {tuple(batch_index.shape)}")
+      raise ValueError(
+        f'roi_align.py: {where}: batch_index must have shape '
+        f'{rois.shape[:1]}, got {tuple(batch_index.shape)}'
+      )
     # Clamped like a gather's index: the table is read without bounds checks.
     return features, jnp.clip(batch_index.astype(jnp.int32), 0, features.shape[0] - 1)
-  raise ValueError(f"roi_align.py: {where}: features must be [H, W, C] or [B, H, W, C], "
-                   f"got {tuple(features.shape)}")
+  raise ValueError(
+    f'roi_align.py: {where}: features must be [H, W, C] or [B, H, W, C], '
+    f'got {tuple(features.shape)}'
+  )
 
 
-def roi_align(features: Array, rois: Array, output_size: int | Sequence[int], *,
-              spatial_scale: float, sampling_ratio: int = 2, max_sampling_ratio: int = 4,
-              batch_index: Array | None = None) -> Array:
+def roi_align(
+  features: Array,
+  rois: Array,
+  output_size: int | Sequence[int],
+  *,
+  spatial_scale: float,
+  sampling_ratio: int = 2,
+  max_sampling_ratio: int = 4,
+  batch_index: Array | None = None,
+) -> Array:
   """ROIAlign from one feature map.
 
   Args:
@@ -341,45 +392,66 @@ def roi_align(features: Array, rois: Array, output_size: int | Sequence[int], *,
     `[N, h, w, C]` in the features' dtype.
   """
   features, rois = jnp.asarray(features), jnp.asarray(rois)
-  _check_rois("roi_align", rois)
-  size = _check_output_size("roi_align", output_size)
-  slots = _check_sampling("roi_align", sampling_ratio, max_sampling_ratio)
-  features, batch_index = _batch_layout("roi_align", features, rois, batch_index)
+  _check_rois('roi_align', rois)
+  size = _check_output_size('roi_align', output_size)
+  slots = _check_sampling('roi_align', sampling_ratio, max_sampling_ratio)
+  features, batch_index = _batch_layout('roi_align', features, rois, batch_index)
   dtype = _compute_dtype(features.dtype)
   b, h, w, c = features.shape
   table = features.astype(dtype).reshape(b * h * w, c)
   n = rois.shape[0]
-  out = _roi_align_flat(table, rois, jnp.full((n,), spatial_scale, dtype),
-                        jnp.full((n,), h, jnp.int32), jnp.full((n,), w, jnp.int32),
-                        batch_index * (h * w), size, int(sampling_ratio), slots)
+  out = _roi_align_flat(
+    table,
+    rois,
+    jnp.full((n,), spatial_scale, dtype),
+    jnp.full((n,), h, jnp.int32),
+    jnp.full((n,), w, jnp.int32),
+    batch_index * (h * w),
+    size,
+    int(sampling_ratio),
+    slots,
+  )
   return out.astype(features.dtype)
 
 
-def _level_maps(where: str, features: Mapping[str, Array], levels: Sequence[int],
-                batched: bool) -> list[Array]:
+def _level_maps(
+  where: str, features: Mapping[str, Array], levels: Sequence[int], batched: bool
+) -> list[Array]:
   maps = []
   for level in levels:
-    name = f"P{level}"
+    name = f'P{level}'
     if name not in features:
-      raise ValueError(f"roi_align.py: {where}: features has no level {name!r} (keys "
-                       f"{sorted(features)}); expected 'P{levels[0]}'..'P{levels[-1]}'")
+      raise ValueError(
+        f'roi_align.py: {where}: features has no level {name!r} (keys '
+        f"{sorted(features)}); expected 'P{levels[0]}'..'P{levels[-1]}'"
+      )
     maps.append(jnp.asarray(features[name]))
   ndim = 4 if batched else 3
   first = maps[0]
   for level, m in zip(levels, maps):
     if m.ndim != ndim or m.shape[-1] != first.shape[-1] or m.shape[:-3] != first.shape[:-3]:
-      raise ValueError(f"roi_align.py: {where}: level P{level} has shape {tuple(m.shape)}; "
-                       f"all levels must be {'[B, H, W, C]' if batched else '[H, W, C]'} "
-                       f"with the same B and C as P{levels[0]} {tuple(first.shape)}")
+      raise ValueError(
+        f'roi_align.py: {where}: level P{level} has shape {tuple(m.shape)}; '
+        f'all levels must be {"[B, H, W, C]" if batched else "[H, W, C]"} '
+        f'with the same B and C as P{levels[0]} {tuple(first.shape)}'
+      )
   return maps
 
 
-def multilevel_roi_align(features: Mapping[str, Array], rois: Array,
-                         output_size: int | Sequence[int], *, sampling_ratio: int = 2,
-                         max_sampling_ratio: int = 4, min_level: int = 2, max_level: int = 5,
-                         canonical_level: int = 4, canonical_size: float = 224.0,
-                         level: int | None = None,
-                         batch_index: Array | None = None) -> Array:
+def multilevel_roi_align(
+  features: Mapping[str, Array],
+  rois: Array,
+  output_size: int | Sequence[int],
+  *,
+  sampling_ratio: int = 2,
+  max_sampling_ratio: int = 4,
+  min_level: int = 2,
+  max_level: int = 5,
+  canonical_level: int = 4,
+  canonical_size: float = 224.0,
+  level: int | None = None,
+  batch_index: Array | None = None,
+) -> Array:
   """ROIAlign over an FPN pyramid, each ROI read from its assigned level (or one given level).
 
   Args:
@@ -397,14 +469,15 @@ def multilevel_roi_align(features: Mapping[str, Array], rois: Array,
     `[N, h, w, C]` in the features' dtype.
   """
   rois = jnp.asarray(rois)
-  where = "multilevel_roi_align"
+  where = 'multilevel_roi_align'
   _check_rois(where, rois)
   size = _check_output_size(where, output_size)
   slots = _check_sampling(where, sampling_ratio, max_sampling_ratio)
   levels = list(range(min_level, max_level + 1)) if level is None else [level]
   if not levels:
-    raise ValueError(f"roi_align.py: {where}: need min_level <= max_level, got {min_level} "
-                     f"and {max_level}")
+    raise ValueError(
+      f'roi_align.py: {where}: need min_level <= max_level, got {min_level} and {max_level}'
+    )
   maps = _level_maps(where, features, levels, batched=batch_index is not None)
   out_dtype = maps[0].dtype
   dtype = _compute_dtype(out_dtype)
@@ -419,15 +492,21 @@ def multilevel_roi_align(features: Mapping[str, Array], rois: Array,
   offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
   table = jnp.concatenate([m.astype(dtype).reshape(-1, c) for m in maps], axis=0)
   if level is None:
-    which = assign_levels(rois, min_level=min_level, max_level=max_level,
-                          canonical_level=canonical_level,
-                          canonical_size=canonical_size) - min_level
+    which = (
+      assign_levels(
+        rois,
+        min_level=min_level,
+        max_level=max_level,
+        canonical_level=canonical_level,
+        canonical_size=canonical_size,
+      )
+      - min_level
+    )
   else:
     which = jnp.zeros(rois.shape[:1], jnp.int32)
   height = jnp.asarray(heights, jnp.int32)[which]
   width = jnp.asarray(widths, jnp.int32)[which]
-  scale = jnp.asarray([2.0 ** -k for k in levels], dtype)[which]
+  scale = jnp.asarray([2.0**-k for k in levels], dtype)[which]
   base = jnp.asarray(offsets)[which] + batch_index * height * width
-  out = _roi_align_flat(table, rois, scale, height, width, base, size, int(sampling_ratio),
-                        slots)
+  out = _roi_align_flat(table, rois, scale, height, width, base, size, int(sampling_ratio), slots)
   return out.astype(out_dtype)

@@ -9,6 +9,7 @@ Label convention: 1 positive (foreground), 0 negative (background), -1 ignored.
 Padded index slots hold -1; gather with `jnp.maximum(index, 0)` and mask, or with
 `jnp.take(..., mode="fill")`.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ class Match(NamedTuple):
     when the image has no valid gt. Never a padded gt.
   labels: int32 `[N]` in {1, 0, -1}.
   """
+
   gt_index: jax.Array
   labels: jax.Array
 
@@ -43,6 +45,7 @@ class BalancedSample(NamedTuple):
   is_positive: bool `[S]`.
   valid: bool `[S]`, False in unused slots.
   """
+
   indices: jax.Array
   is_positive: jax.Array
   valid: jax.Array
@@ -58,6 +61,7 @@ class RpnTargets(NamedTuple):
   box_weight: float32 `[A]`, 1 for sampled positives, 0 elsewhere.
   gt_index: int32 `[A]`, matched gt for sampled positives, -1 elsewhere.
   """
+
   objectness: jax.Array
   weight: jax.Array
   box_targets: jax.Array
@@ -78,6 +82,7 @@ class RoiTargets(NamedTuple):
   source_index: int32 `[S]`, row of the sampled ROI in `concat([proposals, gt_boxes])`, -1 in
     invalid slots.
   """
+
   rois: jax.Array
   classes: jax.Array
   gt_index: jax.Array
@@ -87,8 +92,9 @@ class RoiTargets(NamedTuple):
   source_index: jax.Array
 
 
-def match(iou: jax.Array, gt_valid: jax.Array, *, high: float, low: float,
-          allow_low_quality: bool) -> Match:
+def match(
+  iou: jax.Array, gt_valid: jax.Array, *, high: float, low: float, allow_low_quality: bool
+) -> Match:
   """Labels rows of an IoU matrix against ground truth.
 
   IoU with the best valid gt `>= high` is positive, `< low` negative, in between ignored.
@@ -109,13 +115,16 @@ def match(iou: jax.Array, gt_valid: jax.Array, *, high: float, low: float,
   iou = jnp.asarray(iou)
   gt_valid = jnp.asarray(gt_valid, dtype=bool)
   if iou.ndim != 2 or iou.shape[1] == 0:
-    raise ValueError(f"sampling.match: iou must be [N, G] with G >= 1 gt slots (pad with "
-                     f"gt_valid=False), got {tuple(iou.shape)}")
+    raise ValueError(
+      f'sampling.match: iou must be [N, G] with G >= 1 gt slots (pad with '
+      f'gt_valid=False), got {tuple(iou.shape)}'
+    )
   if gt_valid.shape != iou.shape[1:]:
-    raise ValueError(f"sampling.match: gt_valid must be [G] = [{iou.shape[1]}], got "
-                     f"{tuple(gt_valid.shape)}")
+    raise ValueError(
+      f'sampling.match: gt_valid must be [G] = [{iou.shape[1]}], got {tuple(gt_valid.shape)}'
+    )
   if low > high:
-    raise ValueError(f"sampling.match: need low <= high, got low={low} high={high}")
+    raise ValueError(f'sampling.match: need low <= high, got low={low} high={high}')
   # -1 is below any real IoU, so padded columns never win a max.
   masked = jnp.where(gt_valid[None, :], iou, -1.0)
   gt_index = jnp.argmax(masked, axis=1).astype(jnp.int32)
@@ -135,8 +144,9 @@ def num_positives_wanted(num_samples: int, positive_fraction: float) -> int:
   return int(math.floor(num_samples * positive_fraction + 0.5))
 
 
-def sample_balanced(labels: jax.Array, *, num_samples: int, positive_fraction: float,
-                    key: jax.Array) -> BalancedSample:
+def sample_balanced(
+  labels: jax.Array, *, num_samples: int, positive_fraction: float, key: jax.Array
+) -> BalancedSample:
   """Random subset with a capped share of positives, static size.
 
   Takes exactly `min(#positives, round(num_samples * positive_fraction))` positives, then
@@ -154,13 +164,15 @@ def sample_balanced(labels: jax.Array, *, num_samples: int, positive_fraction: f
   """
   labels = jnp.asarray(labels)
   if labels.ndim != 1:
-    raise ValueError(f"sampling.sample_balanced: labels must be [N], got {tuple(labels.shape)}")
+    raise ValueError(f'sampling.sample_balanced: labels must be [N], got {tuple(labels.shape)}')
   if int(num_samples) != num_samples or num_samples < 1:
-    raise ValueError("sampling.sample_balanced: num_samples must be a positive int, got "
-                     f"{num_samples!r}")
+    raise ValueError(
+      f'sampling.sample_balanced: num_samples must be a positive int, got {num_samples!r}'
+    )
   if not 0.0 <= positive_fraction <= 1.0:
-    raise ValueError("sampling.sample_balanced: positive_fraction must be in [0, 1], got "
-                     f"{positive_fraction!r}")
+    raise ValueError(
+      f'sampling.sample_balanced: positive_fraction must be in [0, 1], got {positive_fraction!r}'
+    )
   n = labels.shape[0]
   num_samples = int(num_samples)
   pos_quota = num_positives_wanted(num_samples, positive_fraction)
@@ -182,31 +194,45 @@ def sample_balanced(labels: jax.Array, *, num_samples: int, positive_fraction: f
     _, neg_rows = jax.lax.top_k(jnp.where(is_neg, priority, -1.0), k_neg)
     neg_slot = jnp.clip(slot - num_pos, 0, k_neg - 1)
     indices = jnp.where(take_neg, neg_rows[neg_slot], indices)
-  return BalancedSample(indices=indices.astype(jnp.int32), is_positive=take_pos,
-                        valid=take_pos | take_neg)
+  return BalancedSample(
+    indices=indices.astype(jnp.int32), is_positive=take_pos, valid=take_pos | take_neg
+  )
 
 
 def _check_gt(caller: str, gt_boxes: jax.Array, gt_valid: jax.Array) -> None:
   if gt_boxes.ndim != 2 or gt_boxes.shape[1] != 4 or gt_boxes.shape[0] == 0:
-    raise ValueError(f"sampling.{caller}: gt_boxes must be [G, 4] with G >= 1 slots (pad with "
-                     f"gt_valid=False), got {tuple(gt_boxes.shape)}")
+    raise ValueError(
+      f'sampling.{caller}: gt_boxes must be [G, 4] with G >= 1 slots (pad with '
+      f'gt_valid=False), got {tuple(gt_boxes.shape)}'
+    )
   if gt_valid.shape != gt_boxes.shape[:1]:
-    raise ValueError(f"sampling.{caller}: gt_valid must be [G] = [{gt_boxes.shape[0]}], got "
-                     f"{tuple(gt_valid.shape)}")
+    raise ValueError(
+      f'sampling.{caller}: gt_valid must be [G] = [{gt_boxes.shape[0]}], got '
+      f'{tuple(gt_valid.shape)}'
+    )
 
 
 def _scatter_rows(values: jax.Array, rows: jax.Array, size: int) -> jax.Array:
   """`[size, ...]` zeros with `values[k]` written at `rows[k]`; rows of -1 are dropped."""
   rows = jnp.where(rows >= 0, rows, size)  # out of bounds -> dropped
   out = jnp.zeros((size,) + values.shape[1:], values.dtype)
-  return out.at[rows].set(values, mode="drop")
+  return out.at[rows].set(values, mode='drop')
 
 
-def rpn_targets(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,
-                key: jax.Array, *, anchor_valid: jax.Array | None = None,
-                high: float = 0.7, low: float = 0.3, allow_low_quality: bool = True,
-                num_samples: int = 256, positive_fraction: float = 0.5,
-                weights: Sequence[float] = RPN_WEIGHTS) -> RpnTargets:
+def rpn_targets(
+  anchors: jax.Array,
+  gt_boxes: jax.Array,
+  gt_valid: jax.Array,
+  key: jax.Array,
+  *,
+  anchor_valid: jax.Array | None = None,
+  high: float = 0.7,
+  low: float = 0.3,
+  allow_low_quality: bool = True,
+  num_samples: int = 256,
+  positive_fraction: float = 0.5,
+  weights: Sequence[float] = RPN_WEIGHTS,
+) -> RpnTargets:
   """Objectness labels, sampling weights and box targets for every anchor.
 
   Args:
@@ -226,39 +252,51 @@ def rpn_targets(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,
   anchors = jnp.asarray(anchors, dtype=jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, dtype=jnp.float32)
   gt_valid = jnp.asarray(gt_valid, dtype=bool)
-  _check_gt("rpn_targets", gt_boxes, gt_valid)
+  _check_gt('rpn_targets', gt_boxes, gt_valid)
   num_anchors = anchors.shape[0]
   iou = box_ops.iou_matrix(anchors, gt_boxes)
   if anchor_valid is not None:
     anchor_valid = jnp.asarray(anchor_valid, dtype=bool)
     if anchor_valid.shape != (num_anchors,):
-      raise ValueError(f"sampling.rpn_targets: anchor_valid must be [A] = [{num_anchors}], got "
-                       f"{tuple(anchor_valid.shape)}")
+      raise ValueError(
+        f'sampling.rpn_targets: anchor_valid must be [A] = [{num_anchors}], got '
+        f'{tuple(anchor_valid.shape)}'
+      )
     iou = jnp.where(anchor_valid[:, None], iou, -1.0)
   matched = match(iou, gt_valid, high=high, low=low, allow_low_quality=allow_low_quality)
   labels = matched.labels
   if anchor_valid is not None:
     labels = jnp.where(anchor_valid, labels, IGNORE)
-  sample = sample_balanced(labels, num_samples=num_samples,
-                           positive_fraction=positive_fraction, key=key)
+  sample = sample_balanced(
+    labels, num_samples=num_samples, positive_fraction=positive_fraction, key=key
+  )
   weight = _scatter_rows(sample.valid.astype(jnp.float32), sample.indices, num_anchors)
   positive = _scatter_rows(sample.is_positive, sample.indices, num_anchors)
   gt_index = jnp.where(positive, matched.gt_index, PAD_INDEX)
   targets = box_ops.encode(gt_boxes[jnp.maximum(gt_index, 0)], anchors, weights)
   return RpnTargets(
-      objectness=positive.astype(jnp.int32),
-      weight=weight,
-      box_targets=jnp.where(positive[:, None], targets, 0.0),
-      box_weight=positive.astype(jnp.float32),
-      gt_index=gt_index,
+    objectness=positive.astype(jnp.int32),
+    weight=weight,
+    box_targets=jnp.where(positive[:, None], targets, 0.0),
+    box_weight=positive.astype(jnp.float32),
+    gt_index=gt_index,
   )
 
 
-def roi_targets(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.Array,
-                gt_classes: jax.Array, gt_valid: jax.Array, key: jax.Array, *,
-                num_samples: int = 512, positive_fraction: float = 0.25,
-                high: float = 0.5, low: float = 0.5,
-                weights: Sequence[float] = box_ops.DEFAULT_WEIGHTS) -> RoiTargets:
+def roi_targets(
+  proposals: jax.Array,
+  proposal_valid: jax.Array,
+  gt_boxes: jax.Array,
+  gt_classes: jax.Array,
+  gt_valid: jax.Array,
+  key: jax.Array,
+  *,
+  num_samples: int = 512,
+  positive_fraction: float = 0.25,
+  high: float = 0.5,
+  low: float = 0.5,
+  weights: Sequence[float] = box_ops.DEFAULT_WEIGHTS,
+) -> RoiTargets:
   """Samples ROIs for the box and mask heads and computes their targets.
 
   The valid gt boxes are appended to the proposals (so every object has at least one
@@ -284,24 +322,30 @@ def roi_targets(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
   gt_boxes = jax.lax.stop_gradient(jnp.asarray(gt_boxes, dtype=jnp.float32))
   gt_classes = jnp.asarray(gt_classes)
   gt_valid = jnp.asarray(gt_valid, dtype=bool)
-  _check_gt("roi_targets", gt_boxes, gt_valid)
+  _check_gt('roi_targets', gt_boxes, gt_valid)
   if proposals.ndim != 2 or proposals.shape[1] != 4:
-    raise ValueError(f"sampling.roi_targets: proposals must be [P, 4], got "
-                     f"{tuple(proposals.shape)}")
+    raise ValueError(
+      f'sampling.roi_targets: proposals must be [P, 4], got {tuple(proposals.shape)}'
+    )
   if proposal_valid.shape != proposals.shape[:1]:
-    raise ValueError(f"sampling.roi_targets: proposal_valid must be [P] = "
-                     f"[{proposals.shape[0]}], got {tuple(proposal_valid.shape)}")
+    raise ValueError(
+      f'sampling.roi_targets: proposal_valid must be [P] = '
+      f'[{proposals.shape[0]}], got {tuple(proposal_valid.shape)}'
+    )
   if gt_classes.shape != gt_valid.shape or not jnp.issubdtype(gt_classes.dtype, jnp.integer):
-    raise ValueError(f"sampling.roi_targets: gt_classes must be int [G] = "
-                     f"[{gt_valid.shape[0]}], got {gt_classes.dtype} {tuple(gt_classes.shape)}")
+    raise ValueError(
+      f'sampling.roi_targets: gt_classes must be int [G] = '
+      f'[{gt_valid.shape[0]}], got {gt_classes.dtype} {tuple(gt_classes.shape)}'
+    )
 
   candidates = jnp.concatenate([proposals, gt_boxes], axis=0)
   candidate_valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
   iou = box_ops.iou_matrix(candidates, gt_boxes)
   matched = match(iou, gt_valid, high=high, low=low, allow_low_quality=False)
   labels = jnp.where(candidate_valid, matched.labels, IGNORE)
-  sample = sample_balanced(labels, num_samples=num_samples,
-                           positive_fraction=positive_fraction, key=key)
+  sample = sample_balanced(
+    labels, num_samples=num_samples, positive_fraction=positive_fraction, key=key
+  )
 
   row = jnp.maximum(sample.indices, 0)
   rois = jnp.where(sample.valid[:, None], candidates[row], 0.0)
@@ -310,11 +354,11 @@ def roi_targets(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
   classes = jnp.where(sample.is_positive, gt_classes[gt_row], 0).astype(jnp.int32)
   targets = box_ops.encode(gt_boxes[gt_row], rois, weights)
   return RoiTargets(
-      rois=rois,
-      classes=classes,
-      gt_index=gt_index,
-      box_targets=jnp.where(sample.is_positive[:, None], targets, 0.0),
-      valid=sample.valid,
-      is_positive=sample.is_positive,
-      source_index=sample.indices,
+    rois=rois,
+    classes=classes,
+    gt_index=gt_index,
+    box_targets=jnp.where(sample.is_positive[:, None], targets, 0.0),
+    valid=sample.valid,
+    is_positive=sample.is_positive,
+    source_index=sample.indices,
   )

@@ -16,9 +16,11 @@ from data_pipelines.errors import DataError
 
 KNEE = {1: 1, 2: 2, 3: 3, 4: 4}
 
-label_slices = hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1,
-                                                     max_side=12),
-                          elements=st.integers(0, 5))
+label_slices = hnp.arrays(
+  np.uint8,
+  hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
+  elements=st.integers(0, 5),
+)
 
 
 def _loop_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -50,8 +52,12 @@ def _flood_fill_components(mask: np.ndarray, connectivity: int) -> list[np.ndarr
           component[y, x] = True
           for dy, dx in steps:
             ny, nx = y + dy, x + dx
-            if (0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx]
-                and not seen[ny, nx]):
+            if (
+              0 <= ny < mask.shape[0]
+              and 0 <= nx < mask.shape[1]
+              and mask[ny, nx]
+              and not seen[ny, nx]
+            ):
               seen[ny, nx] = True
               queue.append((ny, nx))
         components.append(component)
@@ -74,8 +80,9 @@ def test_per_class_instances_match_a_plain_loop(label_slice):
 @settings(max_examples=40, deadline=None)
 @given(label_slices, st.sampled_from([4, 8]))
 def test_components_match_scipy_label_and_a_flood_fill(label_slice, connectivity):
-  found = instances.extract_instances(label_slice, KNEE, mode='components',
-                                      connectivity=connectivity)
+  found = instances.extract_instances(
+    label_slice, KNEE, mode='components', connectivity=connectivity
+  )
   structure = ndimage.generate_binary_structure(2, 2 if connectivity == 8 else 1)
   position = 0
   for class_id in (1, 2, 3, 4):
@@ -92,20 +99,19 @@ def test_components_match_scipy_label_and_a_flood_fill(label_slice, connectivity
 
 
 def test_diagonal_pixels_join_under_8_connectivity_only():
-  label_slice = np.array([[1, 0, 0],
-                          [0, 1, 0],
-                          [0, 0, 0]], np.uint8)
+  label_slice = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], np.uint8)
   assert len(instances.extract_instances(label_slice, {1: 1}, mode='components')) == 1
-  assert len(instances.extract_instances(label_slice, {1: 1}, mode='components',
-                                         connectivity=4)) == 2
+  assert (
+    len(instances.extract_instances(label_slice, {1: 1}, mode='components', connectivity=4)) == 2
+  )
 
 
 def test_min_pixels_drops_small_pieces_and_shared_class_ids_merge():
   label_slice = np.zeros((6, 8), np.uint8)
-  label_slice[0:3, 0:3] = 1     # 9 pixels
-  label_slice[5, 7] = 1         # 1 pixel, dropped
-  label_slice[4:6, 2:5] = 2     # 6 pixels; values 1 and 2 both map to class 1
-  label_slice[0, 6] = 9         # unmapped
+  label_slice[0:3, 0:3] = 1  # 9 pixels
+  label_slice[5, 7] = 1  # 1 pixel, dropped
+  label_slice[4:6, 2:5] = 2  # 6 pixels; values 1 and 2 both map to class 1
+  label_slice[0, 6] = 9  # unmapped
   found = instances.extract_instances(label_slice, {1: 1, 2: 1}, mode='components', min_pixels=2)
   assert found.classes.tolist() == [1, 1]
   assert found.areas.tolist() == [9, 6]
@@ -125,10 +131,10 @@ def test_empty_slice_gives_no_instances_with_the_right_shapes():
 
 def test_pad_instances_shapes_padding_and_keep_largest():
   label_slice = np.zeros((8, 10), np.uint8)
-  label_slice[0, 0] = 1          # area 1
-  label_slice[2:5, 2:5] = 2      # area 9
-  label_slice[7, 3:7] = 3        # area 4
-  label_slice[0:2, 8:10] = 4     # area 4
+  label_slice[0, 0] = 1  # area 1
+  label_slice[2:5, 2:5] = 2  # area 9
+  label_slice[7, 3:7] = 3  # area 4
+  label_slice[0:2, 8:10] = 4  # area 4
   found = instances.extract_instances(label_slice, KNEE)
   padded = instances.pad_instances(found, 6)
   assert padded.classes.dtype == np.int32 and padded.boxes.dtype == np.float32

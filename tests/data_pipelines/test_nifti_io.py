@@ -15,11 +15,13 @@ from data_pipelines.nifti_io import load_nifti_image, load_nifti_labels, save_ni
 
 def _oblique_affine() -> np.ndarray:
   angle = np.deg2rad(20.0)
-  rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
-                       [0, np.sin(angle), np.cos(angle)]])
+  rotation = np.array(
+    [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+  )
   affine = np.eye(4)
-  affine[:3, :3] = rotation @ np.diag([0.365, 0.365, 0.7]) @ np.array(
-      [[0, 0, -1], [1, 0, 0], [0, -1, 0]])  # stored as P, I, L-ish axes like a DICOM export
+  affine[:3, :3] = (
+    rotation @ np.diag([0.365, 0.365, 0.7]) @ np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]])
+  )  # stored as P, I, L-ish axes like a DICOM export
   affine[:3, 3] = [40.0, -60.5, 12.25]
   return affine
 

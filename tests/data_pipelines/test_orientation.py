@@ -41,8 +41,11 @@ def _reoriented(volume: np.ndarray, affine: np.ndarray, perm, flips):
   return np.ascontiguousarray(array), new_affine
 
 
-ALL_ORIENTATIONS = [(perm, flips) for perm in itertools.permutations(range(3))
-                    for flips in itertools.product([False, True], repeat=3)]
+ALL_ORIENTATIONS = [
+  (perm, flips)
+  for perm in itertools.permutations(range(3))
+  for flips in itertools.product([False, True], repeat=3)
+]
 
 
 def test_every_orientation_returns_to_the_canonical_array_and_back_exactly():
@@ -64,15 +67,17 @@ def test_every_orientation_returns_to_the_canonical_array_and_back_exactly():
 
 
 def test_canonical_voxels_sit_at_the_same_world_points_as_original_voxels():
-  stored, stored_affine = _reoriented(np.zeros(SHAPE), _ras_affine(), (2, 0, 1),
-                                      (True, False, True))
+  stored, stored_affine = _reoriented(
+    np.zeros(SHAPE), _ras_affine(), (2, 0, 1), (True, False, True)
+  )
   grid = SourceGrid.from_affine(stored.shape, stored_affine)
   original_index = np.stack(np.meshgrid(*[np.arange(n) for n in stored.shape], indexing='ij'), -1)
   canonical_index_of_original = grid.to_canonical(original_index)  # [X, Y, Z, 3] original ijk
   for x, y, z in itertools.product(*[range(n) for n in grid.canonical_shape]):
     i, j, k = canonical_index_of_original[x, y, z]
-    np.testing.assert_allclose(grid.canonical_affine @ [x, y, z, 1],
-                               stored_affine @ [i, j, k, 1], atol=1e-9)
+    np.testing.assert_allclose(
+      grid.canonical_affine @ [x, y, z, 1], stored_affine @ [i, j, k, 1], atol=1e-9
+    )
 
 
 def test_matches_nibabel_closest_canonical_on_nibabel_example_file():
@@ -86,8 +91,9 @@ def test_matches_nibabel_closest_canonical_on_nibabel_example_file():
 
 def test_oblique_affine_reorients_to_the_nearest_ras_axes():
   angle = np.deg2rad(12.0)
-  rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
-                       [0, 0, 1]])
+  rotation = np.array(
+    [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+  )
   affine = np.eye(4)
   affine[:3, :3] = rotation @ np.diag(SPACING)
   stored, stored_affine = _reoriented(np.zeros(SHAPE), affine, (1, 2, 0), (True, True, False))
@@ -104,9 +110,9 @@ def _world_coordinates(shape, affine) -> np.ndarray:
 
 # Expected direction of travel in world coordinates (R, A, S) along slices, rows, columns.
 UPRIGHT = {
-    'sagittal': {'slices': (0, +1), 'rows': (2, -1), 'cols': (1, -1)},
-    'coronal': {'slices': (1, +1), 'rows': (2, -1), 'cols': (0, -1)},
-    'axial': {'slices': (2, +1), 'rows': (1, -1), 'cols': (0, -1)},
+  'sagittal': {'slices': (0, +1), 'rows': (2, -1), 'cols': (1, -1)},
+  'coronal': {'slices': (1, +1), 'rows': (2, -1), 'cols': (0, -1)},
+  'axial': {'slices': (2, +1), 'rows': (1, -1), 'cols': (0, -1)},
 }
 
 

@@ -37,8 +37,10 @@ def test_a_users_dataset_is_refused_not_deleted(tmp_path, capsys):
   before = _snapshot(root)
   assert cli.main(['knee', '--out', str(root)]) == 2
   message = capsys.readouterr().err
-  assert (f"phantoms: output folder '{root}' holds a dataset.json the generator did not write "
-          f'(no {writer.MARKER}); refusing to replace it' in message)
+  assert (
+    f"phantoms: output folder '{root}' holds a dataset.json the generator did not write "
+    f'(no {writer.MARKER}); refusing to replace it' in message
+  )
   assert _snapshot(root) == before
   assert sorted(os.listdir(tmp_path)) == ['my_dataset']  # no temporary left beside it
 

@@ -11,12 +11,19 @@ import pytest
 from scipy import ndimage
 
 from data_pipelines.phantoms import __main__ as cli
-from data_pipelines.phantoms import (generate_hip, generate_knee, knee, save_preview, scene, sdf,
-                                     write_dataset)
+from data_pipelines.phantoms import (
+  generate_hip,
+  generate_knee,
+  knee,
+  save_preview,
+  scene,
+  sdf,
+  write_dataset,
+)
 
 
 def voxel_ml(affine: np.ndarray) -> float:
-  return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.
+  return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
 @pytest.fixture(scope='module')
@@ -37,8 +44,10 @@ def datasets(tmp_path_factory):
   for kind, num in (('knee', 2), ('hip', 1)):
     a, b = root / f'{kind}_a', root / f'{kind}_b'
     preview = root / f'{kind}_a' / 'preview.png'
-    assert cli.main([kind, '--num', str(num), '--seed', '3', '--out', str(a),
-                     '--preview', str(preview)]) == 0
+    assert (
+      cli.main([kind, '--num', str(num), '--seed', '3', '--out', str(a), '--preview', str(preview)])
+      == 0
+    )
     write_dataset(kind, num, 3, str(b))
     paths[kind] = (a, b)
   return paths
@@ -86,9 +95,18 @@ def test_cli_layout_and_dataset_json(datasets):
     assert meta['file_ending'] == '.nii.gz'
     assert meta['channel_names'] == {'0': 'DESS' if kind == 'knee' else 'STIR'}
     assert meta['plane'] == ('sagittal' if kind == 'knee' else 'coronal')
-    expected_labels = ({'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3,
-                        'tibial_cartilage': 4, 'effusion': 5} if kind == 'knee'
-                       else {'background': 0, 'effusion': 1})
+    expected_labels = (
+      {
+        'background': 0,
+        'femur': 1,
+        'femoral_cartilage': 2,
+        'tibia': 3,
+        'tibial_cartilage': 4,
+        'effusion': 5,
+      }
+      if kind == 'knee'
+      else {'background': 0, 'effusion': 1}
+    )
     assert meta['labels'] == expected_labels
     assert meta['readers'] == ([] if kind == 'knee' else ['reader1', 'reader2'])
     for i, case in enumerate(meta['training']):
@@ -108,7 +126,7 @@ def test_cli_layout_and_dataset_json(datasets):
 
 def test_written_files_agree_with_truth(datasets):
   """Reads the NIfTI files back: grid, dtypes, and the sidecar's volumes from voxel counts."""
-  for kind, (a, _) in datasets.items():
+  for a, _ in datasets.values():
     meta = json.loads((a / 'dataset.json').read_text())
     for case in meta['training']:
       truth = json.loads((a / case['truth']).read_text())
@@ -142,11 +160,10 @@ def test_truth_volumes_and_pockets(kind, knee0, hip0):
   eff_value = t['labels']['effusion']
   pockets = t['effusion']['pockets']
   assert sum(p['voxels'] for p in pockets) == int((ph.labels == eff_value).sum())
-  assert t['effusion']['total_ml'] == pytest.approx(sum(p['volume_ml'] for p in pockets),
-                                                    abs=1e-3)
+  assert t['effusion']['total_ml'] == pytest.approx(sum(p['volume_ml'] for p in pockets), abs=1e-3)
   for p in pockets:
     assert p['volume_ml'] == pytest.approx(p['voxels'] * vml, abs=1e-3)
-  for name, entry in t['tissues'].items():
+  for entry in t['tissues'].values():
     assert entry['voxels'] == int((ph.labels == entry['value']).sum())
   if kind == 'knee':
     for name in ('femur', 'tibia', 'femoral_cartilage', 'tibial_cartilage'):
@@ -155,41 +172,45 @@ def test_truth_volumes_and_pockets(kind, knee0, hip0):
   else:
     sides = t['effusion']['per_side']
     assert sum(v['voxels'] for v in sides.values()) == t['effusion']['total_voxels']
-    assert 0 <= t['effusion']['total_ml'] <= 25.
+    assert 0 <= t['effusion']['total_ml'] <= 25.0
 
 
 def test_renderer_partial_volume_of_a_sphere():
   """Voxel count and partial-volume sum of an analytic sphere against 4/3 pi r^3."""
-  affine = np.diag([0.8, 0.8, 1.6, 1.])
+  affine = np.diag([0.8, 0.8, 1.6, 1.0])
   affine[:3, 3] = -np.array([39.5 * 0.8, 39.5 * 0.8, 19.5 * 1.6])
   grid = scene.Grid((80, 80, 40), affine, np.eye(4))
   sc = scene.Scene(grid, ramp_mm=0.8)
   r = 17.3
-  layer = scene.Layer('ball', 1, ((-r, -r, -r), (r, r, r)), lambda scn, sl, xyz: scene.LayerSample(
-      sdf.sphere(*xyz, (0.5, -1.1, 2.3), r), 100.))
+  layer = scene.Layer(
+    'ball',
+    1,
+    ((-r, -r, -r), (r, r, r)),
+    lambda scn, sl, xyz: scene.LayerSample(sdf.sphere(*xyz, (0.5, -1.1, 2.3), r), 100.0),
+  )
   out = scene.render(sc, [layer])
-  exact = 4 / 3 * np.pi * r ** 3 / 1000.
+  exact = 4 / 3 * np.pi * r**3 / 1000.0
   assert out.fraction_sum[0] * grid.voxel_ml == pytest.approx(exact, rel=0.01)
   assert out.voxels[0] * grid.voxel_ml == pytest.approx(exact, rel=0.03)
   assert out.voxels[0] == int((out.labels == 1).sum())
-  assert out.image.max() == pytest.approx(100.) and out.image.min() == 0.
+  assert out.image.max() == pytest.approx(100.0) and out.image.min() == 0.0
 
 
 def test_sdf_primitives_against_closed_forms():
-  x = np.array([0., 10., 0., 0., 13., 0.])
-  y = np.array([0., 0., 5., 0., 0., 7.])
-  z = np.array([0., 0., 0., 3., 0., 0.])
-  d = sdf.ellipsoid(x, y, z, (0, 0, 0), (10., 5., 3.))
-  assert d[1:4] == pytest.approx([0., 0., 0.], abs=1e-6)
-  assert d[4] == pytest.approx(3., abs=1e-5) and d[5] == pytest.approx(2., abs=1e-5)
+  x = np.array([0.0, 10.0, 0.0, 0.0, 13.0, 0.0])
+  y = np.array([0.0, 0.0, 5.0, 0.0, 0.0, 7.0])
+  z = np.array([0.0, 0.0, 0.0, 3.0, 0.0, 0.0])
+  d = sdf.ellipsoid(x, y, z, (0, 0, 0), (10.0, 5.0, 3.0))
+  assert d[1:4] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+  assert d[4] == pytest.approx(3.0, abs=1e-5) and d[5] == pytest.approx(2.0, abs=1e-5)
   origins = np.zeros((3, 3))
   dirs = np.eye(3)
-  fn = lambda a, b, c: sdf.sphere(a, b, c, (0., 0., 0.), 7.)
-  assert sdf.ray_exit(fn, origins, dirs, 20., step=0.3) == pytest.approx([7.] * 3, abs=1e-3)
-  start = np.array([[0., 0., -20.]])
-  assert sdf.ray_entry(fn, start, np.array([[0., 0., 1.]]), 40.)[0] == pytest.approx(13., 1e-3)
-  cover = scene.shell_coverage(np.array([-1., 0., 0.5, 1., 3.]), np.float32(1.), 1.)
-  assert cover == pytest.approx([0., 0.5, 1., 0.5, 0.])
+  fn = lambda a, b, c: sdf.sphere(a, b, c, (0.0, 0.0, 0.0), 7.0)
+  assert sdf.ray_exit(fn, origins, dirs, 20.0, step=0.3) == pytest.approx([7.0] * 3, abs=1e-3)
+  start = np.array([[0.0, 0.0, -20.0]])
+  assert sdf.ray_entry(fn, start, np.array([[0.0, 0.0, 1.0]]), 40.0)[0] == pytest.approx(13.0, 1e-3)
+  cover = scene.shell_coverage(np.array([-1.0, 0.0, 0.5, 1.0, 3.0]), np.float32(1.0), 1.0)
+  assert cover == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
 
 
 # ---- cartilage thickness ------------------------------------------------------------------------
@@ -221,7 +242,7 @@ def test_thickness_from_label_map_matches_field(knee0, plate, value):
   spacing = np.linalg.norm(ph.affine[:3, :3], axis=0)
   inv = np.linalg.inv(ph.affine)
   step = 0.05
-  taus = np.arange(-2., 8., step)
+  taus = np.arange(-2.0, 8.0, step)
   samples = pts[:, None, :] + taus[None, :, None] * nrm[:, None, :]
   idx = np.rint(samples @ inv[:3, :3].T + inv[:3, 3]).astype(int)
   inside_grid = np.all((idx >= 0) & (idx < ph.labels.shape), axis=-1)
@@ -229,7 +250,7 @@ def test_thickness_from_label_map_matches_field(knee0, plate, value):
   is_cart = (ph.labels[idx[..., 0], idx[..., 1], idx[..., 2]] == value) & inside_grid
   measured = np.zeros(len(t))
   for k, row in enumerate(is_cart):
-    start = np.nonzero(row & (taus > -1.) & (taus < 1.5))[0]
+    start = np.nonzero(row & (taus > -1.0) & (taus < 1.5))[0]
     if start.size:
       end = start[0]
       while end < len(row) and row[end]:
@@ -241,15 +262,16 @@ def test_thickness_from_label_map_matches_field(knee0, plate, value):
   assert np.median(np.abs(err)) <= 0.5 * spacing[:2].mean()
   assert abs(err.mean()) <= 0.15
   assert entry['mean_thickness_mm'] == pytest.approx(
-      np.average(t), abs=0.4)  # area-weighted vs plain mean over the same nodes
+    np.average(t), abs=0.4
+  )  # area-weighted vs plain mean over the same nodes
   assert 1.0 <= np.array(entry['thickness_mm']).max() <= 3.5 + 1e-6
 
 
 def test_oa_options_thin_the_cartilage():
   model = lambda **kw: knee.KneeModel(knee.sample_anatomy(np.random.default_rng(7), **kw))
-  healthy = model(oa_thinning=0., num_defects=0).femoral_grid()['thickness']
+  healthy = model(oa_thinning=0.0, num_defects=0).femoral_grid()['thickness']
   worn = model(oa_thinning=0.8, num_defects=0).femoral_grid()['thickness']
-  holed = model(oa_thinning=0., num_defects=2).femoral_grid()['thickness']
+  holed = model(oa_thinning=0.0, num_defects=2).femoral_grid()['thickness']
   assert worn.sum() < 0.95 * healthy.sum()
   assert np.all(worn <= healthy + 1e-5) and np.all(holed <= healthy + 1e-5)
   assert (holed < healthy - 0.5).any()
@@ -268,7 +290,7 @@ def test_knee_anatomy_sanity(knee0):
   assert nib.aff2axcodes(ph.affine) == ('I', 'P', 'L')
   assert np.allclose(np.linalg.norm(ph.affine[:3, :3], axis=0), (0.8, 0.8, 1.5))
   rot = ph.affine[:3, :3] / np.linalg.norm(ph.affine[:3, :3], axis=0)
-  assert np.allclose(np.abs(rot).sum(axis=0), 1) and set(np.unique(np.abs(rot))) <= {0., 1.}
+  assert np.allclose(np.abs(rot).sum(axis=0), 1) and set(np.unique(np.abs(rot))) <= {0.0, 1.0}
   spacing = np.linalg.norm(ph.affine[:3, :3], axis=0)
   vml = voxel_ml(ph.affine)
   volumes = {v: (ph.labels == v).sum() * vml for v in range(1, 6)}
@@ -288,8 +310,9 @@ def test_knee_anatomy_sanity(knee0):
         assert (piece & touching).any()
   # Superior is up: the femur lies above the tibia (array axis 0 points inferiorly).
   rows = np.arange(ph.labels.shape[0])[:, None, None]
-  assert (rows * (ph.labels == 1)).sum() / (ph.labels == 1).sum() < \
-      (rows * (ph.labels == 3)).sum() / (ph.labels == 3).sum()
+  assert (rows * (ph.labels == 1)).sum() / (ph.labels == 1).sum() < (
+    rows * (ph.labels == 3)
+  ).sum() / (ph.labels == 3).sum()
   assert ph.truth['spacing_mm'] == pytest.approx(list(spacing))
   assert ph.truth['seed'] == 0 and ph.truth['preset'] == 'cpu'
 
@@ -299,7 +322,7 @@ def test_knee_cartilage_shells_do_not_overlap():
   rng = np.random.default_rng(0)
   for seed in (0, 1):
     model = knee.KneeModel(knee.sample_anatomy(np.random.default_rng(seed)))
-    p = rng.uniform((-40., -35., -8.), (40., 30., 10.), (150_000, 3)).astype(np.float32)
+    p = rng.uniform((-40.0, -35.0, -8.0), (40.0, 30.0, 10.0), (150_000, 3)).astype(np.float32)
     fem = model.cartilage_inside('femur', *p.T)
     tib = model.cartilage_inside('tibia', *p.T)
     assert fem.sum() > 1000 and tib.sum() > 1000
@@ -307,14 +330,17 @@ def test_knee_cartilage_shells_do_not_overlap():
 
 
 def test_left_knee_is_mirrored():
-  right = knee.make_grid(knee.sample_anatomy(np.random.default_rng(1), side='right', pose=False),
-                         'cpu')
-  left = knee.make_grid(knee.sample_anatomy(np.random.default_rng(1), side='left', pose=False),
-                        'cpu')
+  right = knee.make_grid(
+    knee.sample_anatomy(np.random.default_rng(1), side='right', pose=False), 'cpu'
+  )
+  left = knee.make_grid(
+    knee.sample_anatomy(np.random.default_rng(1), side='left', pose=False), 'cpu'
+  )
   # Model +x (lateral, the fibula side) points to the patient's right for a right knee, to the
   # left for a left knee (RAS x: +right).
-  assert right.model_to_world[0, 0] == pytest.approx(1.) and left.model_to_world[0, 0] == \
-      pytest.approx(-1.)
+  assert right.model_to_world[0, 0] == pytest.approx(1.0) and left.model_to_world[
+    0, 0
+  ] == pytest.approx(-1.0)
 
 
 def test_hip_anatomy_and_readers(hip0):

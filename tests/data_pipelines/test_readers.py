@@ -48,10 +48,18 @@ def _write_hip_dataset(root, *, readers_key=True, labels_style='v2') -> None:
   os.makedirs(root / 'imagesTs')
   for folder in ('labelsTr', 'labelsTr_reader1', 'labelsTr_reader2'):
     os.makedirs(root / folder)
-  labels = {'background': 0, 'effusion': 1} if labels_style == 'v2' else {'0': 'background',
-                                                                          '1': 'effusion'}
-  meta = {'channel_names': {'0': 'STIR'}, 'labels': labels, 'numTraining': 2,
-          'file_ending': '.nii.gz', 'plane': 'coronal'}
+  labels = (
+    {'background': 0, 'effusion': 1}
+    if labels_style == 'v2'
+    else {'0': 'background', '1': 'effusion'}
+  )
+  meta = {
+    'channel_names': {'0': 'STIR'},
+    'labels': labels,
+    'numTraining': 2,
+    'file_ending': '.nii.gz',
+    'plane': 'coronal',
+  }
   if readers_key:
     meta['readers'] = ['reader1', 'reader2']
   (root / 'dataset.json').write_text(json.dumps(meta))
@@ -59,8 +67,9 @@ def _write_hip_dataset(root, *, readers_key=True, labels_style='v2') -> None:
   for i, case_id in enumerate(['hip_0001', 'hip_0000']):
     _save(root / 'imagesTr' / f'{case_id}_0000.nii.gz', _image(i), affine)
     for j, folder in enumerate(('labelsTr', 'labelsTr_reader1', 'labelsTr_reader2')):
-      _save(root / folder / f'{case_id}.nii.gz', (_knee_labels(10 * i + j) > 2).astype(np.uint8),
-            affine)
+      _save(
+        root / folder / f'{case_id}.nii.gz', (_knee_labels(10 * i + j) > 2).astype(np.uint8), affine
+      )
   _save(root / 'imagesTs' / 'hip_0100_0000.nii.gz', _image(7), affine)
   # A half-written temporary of an atomic write must be invisible.
   (root / 'imagesTr' / '.hip_0002_0000.nii.gz.x.tmp.nii.gz').write_bytes(b'partial')
@@ -76,10 +85,11 @@ def test_nnunet_folder_lists_cases_readers_labels_and_plane(tmp_path):
   assert [c.case_id for c in cases] == ['hip_0000', 'hip_0001']
   assert cases[0].image == str(tmp_path / 'imagesTr' / 'hip_0000_0000.nii.gz')
   assert dict(cases[0].labels) == {
-      'default': str(tmp_path / 'labelsTr' / 'hip_0000.nii.gz'),
-      'reader1': str(tmp_path / 'labelsTr_reader1' / 'hip_0000.nii.gz'),
-      'reader2': str(tmp_path / 'labelsTr_reader2' / 'hip_0000.nii.gz')}
-  test_case, = folder.cases('test')
+    'default': str(tmp_path / 'labelsTr' / 'hip_0000.nii.gz'),
+    'reader1': str(tmp_path / 'labelsTr_reader1' / 'hip_0000.nii.gz'),
+    'reader2': str(tmp_path / 'labelsTr_reader2' / 'hip_0000.nii.gz'),
+  }
+  (test_case,) = folder.cases('test')
   assert test_case.case_id == 'hip_0100' and dict(test_case.labels) == {}
 
 
@@ -104,11 +114,13 @@ def test_load_volume_is_the_closest_canonical_image_and_the_chosen_reader(tmp_pa
   np.testing.assert_allclose(volume.spacing, (SLICE, IN_PLANE, IN_PLANE), rtol=1e-6)
   np.testing.assert_allclose(volume.grid.affine, nib.load(case.image).affine)
   assert volume.label_path == case.labels['reader2'] and volume.image_path == case.image
-  default = readers.load_volume(case, plane='coronal', label_values={'background': 0,
-                                                                    'effusion': 1})
+  default = readers.load_volume(
+    case, plane='coronal', label_values={'background': 0, 'effusion': 1}
+  )
   assert default.reader == 'default' and default.label_path == case.labels['default']
-  unlabelled = readers.load_volume(readers.NnunetFolder(tmp_path).cases('test')[0],
-                                   plane='coronal', label_values=[1])
+  unlabelled = readers.load_volume(
+    readers.NnunetFolder(tmp_path).cases('test')[0], plane='coronal', label_values=[1]
+  )
   assert unlabelled.labels is None and unlabelled.reader is None
 
 
@@ -154,17 +166,17 @@ def _zib_mask_from_image_labels(labels: np.ndarray) -> np.ndarray:
 # The same series as three converters store it: dicom2nifti (slices toward L, rows toward I),
 # SimpleITK/GDCM (slices ordered along the normal, toward R), dcm2niix (rows flipped to S).
 CONVERTERS = {
-    'dicom2nifti': (('L', 'I'), lambda a: a),
-    'gdcm': (('R', 'I'), lambda a: a[:, :, ::-1]),
-    'dcm2niix': (('L', 'S'), lambda a: a[:, ::-1, :]),
+  'dicom2nifti': (('L', 'I'), lambda a: a),
+  'gdcm': (('R', 'I'), lambda a: a[:, :, ::-1]),
+  'dcm2niix': (('L', 'S'), lambda a: a[:, ::-1, :]),
 }
 
 
 @pytest.mark.parametrize('converter', sorted(CONVERTERS))
 def test_oai_zib_masks_land_on_the_image_whatever_the_dicom_converter(tmp_path, converter):
   (slice_dir, row_dir), store = CONVERTERS[converter]
-  labels = _knee_labels(5)                      # on the dicom2nifti grid
-  mask = _zib_mask_from_image_labels(labels)    # the ZIB file: independent of the converter
+  labels = _knee_labels(5)  # on the dicom2nifti grid
+  mask = _zib_mask_from_image_labels(labels)  # the ZIB file: independent of the converter
   affine = _sagittal_dicom_affine(slice_dir, row_dir)
   if slice_dir == 'R':
     affine[:3, 3] -= affine[:3, 2] * (SHAPE[2] - 1)
@@ -173,18 +185,22 @@ def test_oai_zib_masks_land_on_the_image_whatever_the_dicom_converter(tmp_path, 
   os.makedirs(tmp_path / 'images')
   os.makedirs(tmp_path / 'segmentation_masks')
   _save(tmp_path / 'images' / '9001104.nii.gz', np.ascontiguousarray(store(_image(1))), affine)
-  write_metaimage(str(tmp_path / 'segmentation_masks' / '9001104.segmentation_masks.mhd'), mask,
-                  (SLICE, IN_PLANE, IN_PLANE))
+  write_metaimage(
+    str(tmp_path / 'segmentation_masks' / '9001104.segmentation_masks.mhd'),
+    mask,
+    (SLICE, IN_PLANE, IN_PLANE),
+  )
   folder = readers.OaiZibFolder(tmp_path)
   assert folder.labels == readers.OAI_ZIB_LABELS and folder.plane == 'sagittal'
-  case, = folder.cases()
+  (case,) = folder.cases()
   volume = readers.load_volume(case, plane=folder.plane, label_values=[1, 2, 3, 4])
   np.testing.assert_array_equal(volume.grid.to_original(volume.labels), store(labels))
   # And canonically every converter gives the same volume.
   reference = readers.load_volume(case, plane='sagittal', label_values=None)
   np.testing.assert_array_equal(volume.labels, reference.labels)
-  expected_canonical = np.asarray(nib.as_closest_canonical(
-      nib.Nifti1Image(np.ascontiguousarray(store(labels)), affine)).dataobj)
+  expected_canonical = np.asarray(
+    nib.as_closest_canonical(nib.Nifti1Image(np.ascontiguousarray(store(labels)), affine)).dataobj
+  )
   np.testing.assert_array_equal(volume.labels, expected_canonical)
 
 
@@ -193,15 +209,17 @@ def test_oai_zib_explicit_axis_map_needs_no_affine(tmp_path):
   os.makedirs(tmp_path / 'img')
   os.makedirs(tmp_path / 'masks')
   _save(tmp_path / 'img' / '9002430.nii', _image(2), np.eye(4))  # a converter that lost the pose
-  write_metaimage(str(tmp_path / 'masks' / '9002430.segmentation_masks.mhd'),
-                  _zib_mask_from_image_labels(labels))
-  write_metaimage(str(tmp_path / 'masks' / '9999999.segmentation_masks.mhd'),
-                  np.zeros((2, 2, 2), np.uint8))
+  write_metaimage(
+    str(tmp_path / 'masks' / '9002430.segmentation_masks.mhd'), _zib_mask_from_image_labels(labels)
+  )
+  write_metaimage(
+    str(tmp_path / 'masks' / '9999999.segmentation_masks.mhd'), np.zeros((2, 2, 2), np.uint8)
+  )
   # mask x -> image axis 2, mask y -> image axis 0, mask z -> image axis 1 reversed.
   alignment = readers.MaskAlignment(ornt=((2, 1), (0, 1), (1, -1)))
   folder = readers.OaiZibFolder(tmp_path, images='img', masks='masks', alignment=alignment)
   assert folder.orphan_masks == (str(tmp_path / 'masks' / '9999999.segmentation_masks.mhd'),)
-  case, = folder.cases()
+  (case,) = folder.cases()
   volume = readers.load_volume(case, plane='sagittal', label_values=[1, 2, 3, 4])
   np.testing.assert_array_equal(volume.grid.to_original(volume.labels), labels)
 
@@ -212,5 +230,5 @@ def test_oai_zib_images_without_masks_are_the_test_split(tmp_path):
   _save(tmp_path / 'images' / '9003406.nii.gz', _image(3), np.eye(4))
   folder = readers.OaiZibFolder(tmp_path)
   assert folder.cases() == []
-  case, = folder.cases('test')
+  (case,) = folder.cases('test')
   assert case.case_id == '9003406' and dict(case.labels) == {}

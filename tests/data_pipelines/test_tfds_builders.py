@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_pipelines import instances, readers
-from data_pipelines.datasets import builders, params as params_lib, sources
+from data_pipelines.datasets import builders, sources
+from data_pipelines.datasets import params as params_lib
 from data_pipelines.errors import DataError
 from data_pipelines.metaimage import write_metaimage
 from data_pipelines.slice_examples import PERCENTILE_LEVELS
@@ -22,10 +23,9 @@ from imask_jax import configs
 
 # Sagittal series stored [column (to posterior), row (to inferior), slice (to left)], like a
 # DICOM converter writes it, so the canonical reorientation is not the identity.
-AFFINE = np.array([[0.0, 0.0, -1.5, 30.0],
-                   [-0.8, 0.0, 0.0, 50.0],
-                   [0.0, -0.7, 0.0, 20.0],
-                   [0.0, 0.0, 0.0, 1.0]])
+AFFINE = np.array(
+  [[0.0, 0.0, -1.5, 30.0], [-0.8, 0.0, 0.0, 50.0], [0.0, -0.7, 0.0, 20.0], [0.0, 0.0, 0.0, 1.0]]
+)
 SHAPES = [(20, 24, 6), (18, 16, 5), (22, 20, 7), (16, 26, 6), (20, 18, 5), (24, 22, 6)]
 LABELS = {'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3, 'tibial_cartilage': 4}
 
@@ -36,19 +36,24 @@ def _labels(rng: np.random.Generator, shape) -> np.ndarray:
   cols, rows, slices_ = shape
   for value in (1, 2, 3):
     c0, r0 = rng.integers(0, cols - 6), rng.integers(0, rows - 6)
-    labels[c0:c0 + rng.integers(3, 6), r0:r0 + rng.integers(3, 6), 1:slices_ - 1] = value
+    labels[c0 : c0 + rng.integers(3, 6), r0 : r0 + rng.integers(3, 6), 1 : slices_ - 1] = value
   labels[0, 0, 2] = 4  # one pixel: below min_instance_pixels
   return labels
 
 
-def write_nnunet_folder(root, num_cases: int = 6, *, seed: int = 0,
-                        extra_reader: bool = False) -> dict[str, np.ndarray]:
+def write_nnunet_folder(
+  root, num_cases: int = 6, *, seed: int = 0, extra_reader: bool = False
+) -> dict[str, np.ndarray]:
   """A small nnU-Net folder; returns case id -> label map as stored."""
   rng = np.random.default_rng(seed)
   os.makedirs(root / 'imagesTr')
   os.makedirs(root / 'labelsTr')
-  meta = {'channel_names': {'0': 'MR'}, 'labels': LABELS, 'file_ending': '.nii.gz',
-          'plane': 'sagittal'}
+  meta = {
+    'channel_names': {'0': 'MR'},
+    'labels': LABELS,
+    'file_ending': '.nii.gz',
+    'plane': 'sagittal',
+  }
   if extra_reader:
     os.makedirs(root / 'labelsTr_reader1')
   (root / 'dataset.json').write_text(json.dumps(meta))
@@ -84,14 +89,18 @@ def read_split(builder, split):
   return list(builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator())
 
 
-def expected_slices(volume: readers.Volume, class_map, empty_rate: float, seed: int,
-                    min_pixels: int):
+def expected_slices(
+  volume: readers.Volume, class_map, empty_rate: float, seed: int, min_pixels: int
+):
   """(kept slice indices, per-slice instances) by readers + instances, written plainly."""
   stack = readers.slices(volume)
-  found = [instances.extract_instances(stack.labels[i], class_map, min_pixels=min_pixels)
-           for i in range(len(stack))]
-  keep = instances.select_slices(np.array([len(f) > 0 for f in found]), empty_rate, seed,
-                                 key=volume.case_id)
+  found = [
+    instances.extract_instances(stack.labels[i], class_map, min_pixels=min_pixels)
+    for i in range(len(stack))
+  ]
+  keep = instances.select_slices(
+    np.array([len(f) > 0 for f in found]), empty_rate, seed, key=volume.case_id
+  )
   return set(np.flatnonzero(keep).tolist()), found, stack
 
 
@@ -109,9 +118,10 @@ def test_split_sizes_known_answers():
 
 
 @settings(max_examples=25, deadline=None)
-@given(ids=st.sets(st.text('abcdef0123456789_', min_size=1, max_size=8), min_size=1,
-                   max_size=40),
-       fractions=st.sampled_from([(0.7, 0.1, 0.2), (0.8, 0.2, 0.0), (1 / 3, 1 / 3, 1 / 3)]))
+@given(
+  ids=st.sets(st.text('abcdef0123456789_', min_size=1, max_size=8), min_size=1, max_size=40),
+  fractions=st.sampled_from([(0.7, 0.1, 0.2), (0.8, 0.2, 0.0), (1 / 3, 1 / 3, 1 / 3)]),
+)
 def test_splits_are_by_subject_disjoint_complete_and_order_free(ids, fractions):
   ids = sorted(ids)
   splits = params_lib.assign_splits(ids, fractions)
@@ -119,7 +129,8 @@ def test_splits_are_by_subject_disjoint_complete_and_order_free(ids, fractions):
   together = list(itertools.chain(*splits.values()))
   assert sorted(together) == ids  # each case exactly once
   assert tuple(len(splits[s]) for s in params_lib.SPLITS) == params_lib.split_sizes(
-      len(ids), fractions)
+    len(ids), fractions
+  )
   assert params_lib.assign_splits(reversed(ids), fractions) == splits
   assert all(list(v) == sorted(v) for v in splits.values())
 
@@ -128,19 +139,34 @@ def test_config_name_changes_with_every_stored_setting_only(tmp_path):
   base = nifti_config(tmp_path)
   name = params_lib.params_from_config(base, tmp_path).config_name
   assert name == params_lib.params_from_config(nifti_config(tmp_path), tmp_path).config_name
-  stored_changes = {'plane': 'coronal', 'class_label_values': (1, 2), 'reader': 'reader1',
-                    'instance_mode': 'components', 'min_instance_pixels': 9,
-                    'empty_slice_rate': 0.2, 'context_slices': 2, 'seed': 3,
-                    'split_fractions': (0.6, 0.2, 0.2), 'manual_dir': str(tmp_path / 'other')}
+  stored_changes = {
+    'plane': 'coronal',
+    'class_label_values': (1, 2),
+    'reader': 'reader1',
+    'instance_mode': 'components',
+    'min_instance_pixels': 9,
+    'empty_slice_rate': 0.2,
+    'context_slices': 2,
+    'seed': 3,
+    'split_fractions': (0.6, 0.2, 0.2),
+    'manual_dir': str(tmp_path / 'other'),
+  }
   names = {name}
   for key, value in stored_changes.items():
-    names.add(params_lib.params_from_config(nifti_config(tmp_path, **{key: value}),
-                                            tmp_path).config_name)
+    names.add(
+      params_lib.params_from_config(nifti_config(tmp_path, **{key: value}), tmp_path).config_name
+    )
   assert len(names) == len(stored_changes) + 1
-  for key, value in {'image_size': (64, 64), 'max_instances': 3, 'shuffle_buffer': 7,
-                     'normalize_percentiles': (1.0, 99.0)}.items():
-    assert params_lib.params_from_config(nifti_config(tmp_path, **{key: value}),
-                                         tmp_path).config_name == name
+  for key, value in {
+    'image_size': (64, 64),
+    'max_instances': 3,
+    'shuffle_buffer': 7,
+    'normalize_percentiles': (1.0, 99.0),
+  }.items():
+    assert (
+      params_lib.params_from_config(nifti_config(tmp_path, **{key: value}), tmp_path).config_name
+      == name
+    )
 
 
 def test_bad_settings_name_the_config_field(tmp_path):
@@ -149,8 +175,7 @@ def test_bad_settings_name_the_config_field(tmp_path):
   with pytest.raises(ValueError, match='data.class_label_values'):
     params_lib.params_from_config(nifti_config(tmp_path, class_label_values=(1, 1)), tmp_path)
   with pytest.raises(ValueError, match='data.split_fractions'):
-    params_lib.params_from_config(nifti_config(tmp_path, split_fractions=(0.5, 0.5, 0.5)),
-                                  tmp_path)
+    params_lib.params_from_config(nifti_config(tmp_path, split_fractions=(0.5, 0.5, 0.5)), tmp_path)
 
 
 # --- nifti_folder ----------------------------------------------------------------------------
@@ -181,8 +206,9 @@ def test_nifti_folder_examples_equal_readers_and_instances(nifti_build):
       seen_cases[case_id] = split
       case = next(c for c in folder.cases() if c.case_id == case_id)
       volume = readers.load_volume(case, plane='sagittal', label_values=LABELS)
-      kept, found, stack = expected_slices(volume, {1: 1, 2: 2, 3: 3}, 0.5, 0,
-                                           config.data.min_instance_pixels)
+      kept, found, stack = expected_slices(
+        volume, {1: 1, 2: 2, 3: 3}, 0.5, 0, config.data.min_instance_pixels
+      )
       assert set(stored) == kept
       levels = np.percentile(volume.image, PERCENTILE_LEVELS)
       for index, ex in stored.items():
@@ -215,16 +241,20 @@ def test_volume_source_loads_the_reader_and_plane_of_the_config(tmp_path):
   sources_by_split = sources.volume_sources(params, tmp_path)
   case = sources_by_split['train'].cases[0]
   volume = sources_by_split['train'].load(case)
-  expected = np.asarray(nib.as_closest_canonical(
-      nib.Nifti1Image(stored[case.case_id], AFFINE)).dataobj)
+  expected = np.asarray(
+    nib.as_closest_canonical(nib.Nifti1Image(stored[case.case_id], AFFINE)).dataobj
+  )
   np.testing.assert_array_equal(volume.labels, expected)
   assert volume.reader == 'reader1' and volume.plane == 'coronal'
   with pytest.raises(DataError, match='data.reader'):
-    sources.volume_sources(params_lib.params_from_config(nifti_config(root, reader='reader9'),
-                                                         tmp_path), tmp_path)
+    sources.volume_sources(
+      params_lib.params_from_config(nifti_config(root, reader='reader9'), tmp_path), tmp_path
+    )
   with pytest.raises(DataError, match='class_label_values'):
-    sources.volume_sources(params_lib.params_from_config(
-        nifti_config(root, class_label_values=(1, 7)), tmp_path), tmp_path)
+    sources.volume_sources(
+      params_lib.params_from_config(nifti_config(root, class_label_values=(1, 7)), tmp_path),
+      tmp_path,
+    )
 
 
 def test_missing_manual_folder_gives_the_instructions(tmp_path):
@@ -240,11 +270,12 @@ def test_failed_build_leaves_nothing_loadable(tmp_path):
   data_dir = tmp_path / 'tfds'
   # Corrupt a case of the last split generated, so the build fails after writing others.
   params = params_lib.params_from_config(config, data_dir)
-  victim = params_lib.assign_splits([f'case_{i:02d}' for i in range(6)],
-                                    config.data.split_fractions)['test'][0]
+  victim = params_lib.assign_splits(
+    [f'case_{i:02d}' for i in range(6)], config.data.split_fractions
+  )['test'][0]
   image_path = root / 'imagesTr' / f'{victim}_0000.nii.gz'
   good_bytes = image_path.read_bytes()
-  image_path.write_bytes(good_bytes[:len(good_bytes) // 2])
+  image_path.write_bytes(good_bytes[: len(good_bytes) // 2])
   with pytest.raises(DataError, match=victim):
     builders.prepare(config, data_dir)
   builder = builders.builder_for(config, data_dir)
@@ -270,8 +301,9 @@ def test_a_split_without_any_slice_is_a_clear_error(tmp_path):
   write_nnunet_folder(root, 3)
   # Label 4 is a single voxel, below min_instance_pixels: no slice has an instance.
   config = nifti_config(root, class_label_values=(4,), empty_slice_rate=0.0)
-  with pytest.raises(DataError, match="split 'train' of nifti_folder: no slice to store.*"
-                                      'empty_slice_rate'):
+  with pytest.raises(
+    DataError, match="split 'train' of nifti_folder: no slice to store.*empty_slice_rate"
+  ):
     builders.prepare(config, tmp_path / 'tfds')
 
 
@@ -292,8 +324,10 @@ def test_oai_zib_builder_reads_metaimage_masks_onto_the_image(tmp_path):
     shape = SHAPES[i]
     labels = _labels(rng, shape)
     labels[labels == 3] = 4
-    nib.save(nib.Nifti1Image(rng.normal(100, 10, shape).astype(np.float32), AFFINE),
-             root / 'images' / f'{case_id}.nii.gz')
+    nib.save(
+      nib.Nifti1Image(rng.normal(100, 10, shape).astype(np.float32), AFFINE),
+      root / 'images' / f'{case_id}.nii.gz',
+    )
     columns, rows, slices_ = shape
     mask = np.zeros((slices_, columns, rows), np.uint8)
     for c, r, s in itertools.product(range(columns), range(rows), range(slices_)):
@@ -315,8 +349,9 @@ def test_oai_zib_builder_reads_metaimage_masks_onto_the_image(tmp_path):
       for k, class_id in enumerate(ex['classes']):
         np.testing.assert_array_equal(ex['masks'][k], label_slice == class_id)
       assert sorted(ex['classes']) == sorted(v for v in (1, 2, 4) if (label_slice == v).any())
-  expected_total = sum(int((t.reshape(t.shape[0], -1) > 0).any(axis=1).sum())
-                       for t in truth.values())
+  expected_total = sum(
+    int((t.reshape(t.shape[0], -1) > 0).any(axis=1).sum()) for t in truth.values()
+  )
   assert total == expected_total
 
 
@@ -352,8 +387,9 @@ def test_phantom_builder_reads_generated_volumes_like_real_data(tmp_path, kind):
     assert len(source.cases) == 1  # knee: 1 case in train; hip: 3 cases over 0.7 / 0.1 / 0.2
     volume = source.load(source.cases[0])
     assert volume.reader == ('reader2' if kind == 'hip' else readers.DEFAULT_READER)
-    kept, found, stack = expected_slices(volume, params.class_map, 0.0, 0,
-                                         config.data.min_instance_pixels)
+    kept, found, stack = expected_slices(
+      volume, params.class_map, 0.0, 0, config.data.min_instance_pixels
+    )
     examples = read_split(builder, split)
     assert {int(ex['slice_index']) for ex in examples} == kept and kept
     for ex in examples[:5]:

@@ -15,7 +15,7 @@ from imask_jax.metrics import detection as metrics_detection
 
 def _square(top, left, size=10, shape=(40, 40)):
   mask = np.zeros(shape, bool)
-  mask[top:top + size, left:left + size] = True
+  mask[top : top + size, left : left + size] = True
   return mask
 
 
@@ -29,12 +29,18 @@ def test_mask_ap_matches_hand_derived_coco_values():
   # score 0.7): both match at IoU 0.50-0.65; above that recall stops at 1/2, so 51 of the 101
   # recall points have precision 1.
   # Class 4: one truth instance and no detection: AP 0. Class 3: no truth: NaN.
-  ap.add_slice([(1, _square(0, 0)), (2, _square(20, 20))],
-               [(1, 0.8, _square(0, 0)), (1, 0.95, _square(25, 0)),
-                (2, 0.9, _square(20, 20))], shape, group='x')
-  ap.add_slice([(1, _square(5, 5)), (2, _square(20, 20)), (4, _square(0, 25))],
-               [(1, 0.8, _square(5, 5)), (2, 0.7, _square(20, 22)),
-                (3, 0.5, _square(30, 30))], shape, group='y')
+  ap.add_slice(
+    [(1, _square(0, 0)), (2, _square(20, 20))],
+    [(1, 0.8, _square(0, 0)), (1, 0.95, _square(25, 0)), (2, 0.9, _square(20, 20))],
+    shape,
+    group='x',
+  )
+  ap.add_slice(
+    [(1, _square(5, 5)), (2, _square(20, 20)), (4, _square(0, 25))],
+    [(1, 0.8, _square(5, 5)), (2, 0.7, _square(20, 22)), (3, 0.5, _square(30, 30))],
+    shape,
+    group='y',
+  )
   ap.add_slice([(1, _square(10, 10))], [(1, 0.8, _square(10, 10))], shape, group='y')
   result = ap.evaluate()
   assert result[1].ap == pytest.approx(0.75) and result[1].ap50 == pytest.approx(0.75)
@@ -71,7 +77,7 @@ def plain_matterport_ap(truth, detections, threshold=0.5):
     if best is not None:
       matched.add(best)
     hits.append(best is not None)
-  precisions = [sum(hits[:k + 1]) / (k + 1) for k in range(len(hits))]
+  precisions = [sum(hits[: k + 1]) / (k + 1) for k in range(len(hits))]
   return sum(max(precisions[k:]) for k in range(len(hits)) if hits[k]) / len(truth)
 
 
@@ -113,9 +119,12 @@ def test_per_image_map_over_slices_skips_slices_without_truth():
   # Slice 3: a detection and no truth: no AP, left out. Mean over slices with truth: 7/9.
   a, b, c = _square(0, 0), _square(0, 20), _square(20, 0)
   ap = MaskAP({1: 'a', 2: 'b'})
-  ap.add_slice([(1, a), (1, b), (1, c)],
-               [(1, 0.9, a), (1, 0.8, _square(25, 25)), (1, 0.7, b), (1, 0.6, a)], (40, 40),
-               group='x')
+  ap.add_slice(
+    [(1, a), (1, b), (1, c)],
+    [(1, 0.9, a), (1, 0.8, _square(25, 25)), (1, 0.7, b), (1, 0.6, a)],
+    (40, 40),
+    group='x',
+  )
   ap.add_slice([(1, c)], [(1, 0.3, c)], (40, 40), group='y')
   ap.add_slice([], [(1, 0.99, a)], (40, 40), group='y')
   result = ap.evaluate()
@@ -130,16 +139,21 @@ def test_matterport_ap_equals_a_plain_implementation_on_random_slices():
   ap = MaskAP({1: 'a', 2: 'b'})
   expected = {1: [], 2: []}
   for _ in range(12):
-    truth = [(int(rng.integers(1, 3)), _square(*rng.integers(0, 30, 2), size=10))
-             for _ in range(int(rng.integers(0, 4)))]
+    truth = [
+      (int(rng.integers(1, 3)), _square(*rng.integers(0, 30, 2), size=10))
+      for _ in range(int(rng.integers(0, 4)))
+    ]
     detections = []
     for class_id, mask in truth:  # jittered copies of the truth, some of the other class
       if rng.random() < 0.8:
         shifted = np.roll(mask, tuple(rng.integers(-4, 5, 2)), axis=(0, 1))
-        detections.append((class_id if rng.random() < 0.8 else 3 - class_id,
-                           float(rng.random()), shifted))
-    detections += [(int(rng.integers(1, 3)), float(rng.random()),
-                    _square(*rng.integers(0, 30, 2), size=8)) for _ in range(2)]
+        detections.append(
+          (class_id if rng.random() < 0.8 else 3 - class_id, float(rng.random()), shifted)
+        )
+    detections += [
+      (int(rng.integers(1, 3)), float(rng.random()), _square(*rng.integers(0, 30, 2), size=8))
+      for _ in range(2)
+    ]
     everything = metrics_detection.image_average_precision(truth, detections)
     assert everything == pytest.approx(plain_matterport_ap(truth, detections), nan_ok=True)
     ap.add_slice(truth, detections, (40, 40))

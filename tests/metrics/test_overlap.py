@@ -12,24 +12,33 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from medpy.metric import binary as medpy_binary
 
-from imask_jax.metrics.overlap import (CaseStatus, overlap_metrics, overlap_per_label,
-                                       summarize, summarize_values)
+from imask_jax.metrics.overlap import (
+  CaseStatus,
+  overlap_metrics,
+  overlap_per_label,
+  summarize,
+  summarize_values,
+)
 from imask_jax.metrics.surface import surface_metrics
 
 
-def ball(shape: tuple[int, ...], spacing: tuple[float, ...], center_mm: tuple[float, ...],
-         radius_mm: float) -> np.ndarray:
+def ball(
+  shape: tuple[int, ...], spacing: tuple[float, ...], center_mm: tuple[float, ...], radius_mm: float
+) -> np.ndarray:
   """Voxels whose centre (index * spacing) lies within the ball."""
   grid = np.indices(shape, dtype=float)
-  squared = sum((grid[i] * spacing[i] - center_mm[i])**2 for i in range(len(shape)))
+  squared = sum((grid[i] * spacing[i] - center_mm[i]) ** 2 for i in range(len(shape)))
   return squared <= radius_mm**2
 
 
 def lens_volume(r1: float, r2: float, d: float) -> float:
   """Volume of the intersection of balls of radii r1, r2 whose centres are d apart."""
-  return (math.pi * (r1 + r2 - d)**2
-          * (d * d + 2 * d * r2 - 3 * r2 * r2 + 2 * d * r1 + 6 * r2 * r1 - 3 * r1 * r1)
-          / (12 * d))
+  return (
+    math.pi
+    * (r1 + r2 - d) ** 2
+    * (d * d + 2 * d * r2 - 3 * r2 * r2 + 2 * d * r1 + 6 * r2 * r1 - 3 * r1 * r1)
+    / (12 * d)
+  )
 
 
 def test_dice_of_offset_balls_matches_the_analytic_lens():
@@ -85,8 +94,9 @@ def test_dice_and_jaccard_match_simpleitk_label_overlap():
   pred = rng.random((12, 10, 8)) < 0.4
   truth = rng.random((12, 10, 8)) < 0.5
   measures = sitk.LabelOverlapMeasuresImageFilter()
-  measures.Execute(sitk.GetImageFromArray(pred.astype(np.uint8)),
-                   sitk.GetImageFromArray(truth.astype(np.uint8)))
+  measures.Execute(
+    sitk.GetImageFromArray(pred.astype(np.uint8)), sitk.GetImageFromArray(truth.astype(np.uint8))
+  )
   metrics = overlap_metrics(pred, truth)
   assert metrics.dice == pytest.approx(measures.GetDiceCoefficient())
   assert metrics.jaccard == pytest.approx(measures.GetJaccardCoefficient())
@@ -110,8 +120,9 @@ def test_both_empty_is_nan_with_its_own_status():
   empty = np.zeros((5, 5, 5), bool)
   metrics = overlap_metrics(empty, empty)
   assert metrics.status is CaseStatus.BOTH_EMPTY
-  assert all(math.isnan(v) for v in (metrics.dice, metrics.jaccard, metrics.precision,
-                                     metrics.recall))
+  assert all(
+    math.isnan(v) for v in (metrics.dice, metrics.jaccard, metrics.precision, metrics.recall)
+  )
 
 
 def test_empty_prediction_is_missed_with_zero_overlap():

@@ -28,8 +28,9 @@ def sitk_image(mask: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:
   return image
 
 
-def reference_loop(pred: np.ndarray, truth: np.ndarray, axis: int,
-                   spacing: tuple[float, float, float]) -> list[tuple]:
+def reference_loop(
+  pred: np.ndarray, truth: np.ndarray, axis: int, spacing: tuple[float, float, float]
+) -> list[tuple]:
   """(slice, status, Dice, HD px, HD mm, average HD px, average HD mm) for every slice where
   either mask has the structure, one library call per slice."""
   pixel_spacing = tuple(s for i, s in enumerate(spacing) if i != axis)
@@ -49,16 +50,28 @@ def reference_loop(pred: np.ndarray, truth: np.ndarray, axis: int,
       hausdorff = sitk.HausdorffDistanceImageFilter()
       hausdorff.Execute(sitk_image(p, unit), sitk_image(t, unit))
       averages.append(hausdorff.GetAverageHausdorffDistance())
-    rows.append((k, CaseStatus.OK, overlap.GetDiceCoefficient(), medpy_binary.hd(p, t),
-                 medpy_binary.hd(p, t, pixel_spacing), averages[0], averages[1]))
+    rows.append(
+      (
+        k,
+        CaseStatus.OK,
+        overlap.GetDiceCoefficient(),
+        medpy_binary.hd(p, t),
+        medpy_binary.hd(p, t, pixel_spacing),
+        averages[0],
+        averages[1],
+      )
+    )
   return rows
 
 
-@pytest.mark.parametrize('axis, spacing', [
-    (0, (0.7, 0.365, 0.365)),   # sagittal-like: square pixels in the slice plane
-    (1, (0.91, 3.0, 0.91)),     # coronal-like STIHO voxels
-    (2, (0.5, 0.8, 1.3)),       # pixels not square: separate pixel transforms
-])
+@pytest.mark.parametrize(
+  'axis, spacing',
+  [
+    (0, (0.7, 0.365, 0.365)),  # sagittal-like: square pixels in the slice plane
+    (1, (0.91, 3.0, 0.91)),  # coronal-like STIHO voxels
+    (2, (0.5, 0.8, 1.3)),  # pixels not square: separate pixel transforms
+  ],
+)
 def test_matches_a_loop_over_slices_with_simpleitk_and_medpy(axis, spacing):
   rng = np.random.default_rng(11 + axis)
   shape = (16, 18, 14)
@@ -76,14 +89,16 @@ def test_matches_a_loop_over_slices_with_simpleitk_and_medpy(axis, spacing):
   assert result.n_missed_slices >= 1 and result.n_false_positive_slices >= 1
   for column, name in enumerate(SLICE_VALUES, start=2):
     # Libraries sum and take square roots in another order: equal to rounding.
-    np.testing.assert_allclose(getattr(result, name), [r[column] for r in rows], rtol=1e-12,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      getattr(result, name), [r[column] for r in rows], rtol=1e-12, err_msg=name
+    )
   # Aggregates as the module docstring states them, recomputed from the loop's rows.
   assert result.aggregate('dice') == pytest.approx(np.mean([r[2] for r in rows]), rel=1e-12)
   two_sided = [r for r in rows if r[1] is CaseStatus.OK]
   for column, name in enumerate(SLICE_VALUES[1:], start=3):
-    assert result.aggregate(name) == pytest.approx(np.mean([r[column] for r in two_sided]),
-                                                   rel=1e-12)
+    assert result.aggregate(name) == pytest.approx(
+      np.mean([r[column] for r in two_sided]), rel=1e-12
+    )
   assert result.volume_status is CaseStatus.OK
 
 
@@ -106,7 +121,7 @@ def test_hand_worked_aggregate_of_four_slices():
   np.testing.assert_allclose(result.average_hausdorff_mm, [0.0, 0.125, math.inf])
   np.testing.assert_allclose(result.average_hausdorff_px, [0.0, 0.25, math.inf])
   assert result.aggregate('dice') == pytest.approx((1 + 2 / 3 + 0) / 3)
-  assert result.aggregate('hausdorff_px') == pytest.approx(0.5)      # mean of 0 and 1
+  assert result.aggregate('hausdorff_px') == pytest.approx(0.5)  # mean of 0 and 1
   assert result.aggregate('average_hausdorff_mm') == pytest.approx(0.0625)
   assert (result.n_slices, result.n_missed_slices, result.n_false_positive_slices) == (3, 0, 1)
   summary = result.summary('hausdorff_mm')

@@ -16,15 +16,21 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from imask_jax.metrics.overlap import CaseStatus
-from imask_jax.metrics.surface import (average_hausdorff, directed_surface_distances,
-                                       hausdorff_voxels, surface_metrics,
-                                       surface_metrics_per_label, surface_voxels)
+from imask_jax.metrics.surface import (
+  average_hausdorff,
+  directed_surface_distances,
+  hausdorff_voxels,
+  surface_metrics,
+  surface_metrics_per_label,
+  surface_voxels,
+)
 
 
-def ball(shape: tuple[int, ...], spacing: tuple[float, ...], center_mm: tuple[float, ...],
-         radius_mm: float) -> np.ndarray:
+def ball(
+  shape: tuple[int, ...], spacing: tuple[float, ...], center_mm: tuple[float, ...], radius_mm: float
+) -> np.ndarray:
   grid = np.indices(shape, dtype=float)
-  squared = sum((grid[i] * spacing[i] - center_mm[i])**2 for i in range(len(shape)))
+  squared = sum((grid[i] * spacing[i] - center_mm[i]) ** 2 for i in range(len(shape)))
   return squared <= radius_mm**2
 
 
@@ -56,7 +62,7 @@ def plain_directed(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> 
   from all pairwise distances (fine for a test's small masks)."""
   pa = np.argwhere(plain_border(a)) * np.asarray(spacing)
   pb = np.argwhere(plain_border(b)) * np.asarray(spacing)
-  return np.sqrt(((pa[:, None, :] - pb[None, :, :])**2).sum(-1)).min(axis=1)
+  return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(axis=1)
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -114,13 +120,18 @@ def test_matches_a_brute_force_reference_in_anisotropic_spacing(seed):
   metrics = surface_metrics(pred, truth, spacing)
   pooled = np.concatenate([pred_to_truth, truth_to_pred])
   assert metrics.hausdorff_mm == pytest.approx(pooled.max())
-  assert metrics.hd95_mm == pytest.approx(max(np.percentile(pred_to_truth, 95),
-                                              np.percentile(truth_to_pred, 95)))
+  assert metrics.hd95_mm == pytest.approx(
+    max(np.percentile(pred_to_truth, 95), np.percentile(truth_to_pred, 95))
+  )
   assert metrics.assd_mm == pytest.approx(pooled.mean())
   pred_border_in_truth = truth[plain_border(pred)]
   truth_border_in_pred = pred[plain_border(truth)]
-  signed = np.concatenate([np.where(pred_border_in_truth, -pred_to_truth, pred_to_truth),
-                           np.where(truth_border_in_pred, truth_to_pred, -truth_to_pred)])
+  signed = np.concatenate(
+    [
+      np.where(pred_border_in_truth, -pred_to_truth, pred_to_truth),
+      np.where(truth_border_in_pred, truth_to_pred, -truth_to_pred),
+    ]
+  )
   assert metrics.signed_mean_mm == pytest.approx(signed.mean())
   assert metrics.signed_sd_mm == pytest.approx(signed.std())
   np.testing.assert_array_equal(surface_voxels(pred), plain_border(pred))
@@ -143,7 +154,8 @@ def test_agrees_with_medpy_where_the_definitions_match(seed):
   assert pred_to_truth.mean() == pytest.approx(medpy_binary.asd(pred, truth, spacing))
   assert truth_to_pred.mean() == pytest.approx(medpy_binary.asd(truth, pred, spacing))
   assert np.percentile(np.concatenate([pred_to_truth, truth_to_pred]), 95) == pytest.approx(
-      medpy_binary.hd95(pred, truth, spacing))
+    medpy_binary.hd95(pred, truth, spacing)
+  )
   assert metrics.hausdorff_voxels == pytest.approx(medpy_binary.hd(pred, truth))
 
 
@@ -162,7 +174,8 @@ def test_hausdorff_agrees_with_simpleitk_on_offset_balls():
   hausdorff = sitk.HausdorffDistanceImageFilter()
   hausdorff.Execute(image(pred), image(truth))
   assert surface_metrics(pred, truth, spacing).hausdorff_mm == pytest.approx(
-      hausdorff.GetHausdorffDistance())
+    hausdorff.GetHausdorffDistance()
+  )
 
 
 def sitk_image(mask: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:
@@ -171,8 +184,9 @@ def sitk_image(mask: np.ndarray, spacing: tuple[float, ...]) -> sitk.Image:
   return image
 
 
-def sitk_average_hausdorff(pred: np.ndarray, truth: np.ndarray,
-                           spacing: tuple[float, ...]) -> float:
+def sitk_average_hausdorff(
+  pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]
+) -> float:
   hausdorff = sitk.HausdorffDistanceImageFilter()
   hausdorff.Execute(sitk_image(pred, spacing), sitk_image(truth, spacing))
   return hausdorff.GetAverageHausdorffDistance()
@@ -188,9 +202,11 @@ def test_average_hausdorff_equals_simpleitk_on_random_blobs(seed):
     metrics = surface_metrics(pred, truth, spacing, voxel_hausdorff=True)
     # SimpleITK sums float distances in another order: equal to rounding.
     assert metrics.average_hausdorff_mm == pytest.approx(
-        sitk_average_hausdorff(pred, truth, spacing), rel=1e-12)
+      sitk_average_hausdorff(pred, truth, spacing), rel=1e-12
+    )
     assert metrics.average_hausdorff_voxels == pytest.approx(
-        sitk_average_hausdorff(pred, truth, unit), rel=1e-12)
+      sitk_average_hausdorff(pred, truth, unit), rel=1e-12
+    )
     assert average_hausdorff(pred, truth, spacing) == metrics.average_hausdorff_mm
     assert average_hausdorff(pred, truth, unit) == metrics.average_hausdorff_voxels
 
@@ -201,7 +217,8 @@ def test_average_hausdorff_equals_simpleitk_where_one_mask_holds_the_other():
   inner = ball((40, 32, 26), spacing, (12.4, 12.7, 14.2), 5)
   for pred, truth in [(outer, inner), (inner, outer)]:
     assert average_hausdorff(pred, truth, spacing) == pytest.approx(
-        sitk_average_hausdorff(pred, truth, spacing), rel=1e-12)
+      sitk_average_hausdorff(pred, truth, spacing), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize('axis', [0, 1, 2])
@@ -237,14 +254,16 @@ def test_average_hausdorff_hand_worked_in_two_dimensions():
   expected = (0.5 + (0 + 2.0 + 0.5 + math.hypot(0.5, 2.0)) / 4) / 2
   assert average_hausdorff(pred, truth, spacing) == pytest.approx(expected, rel=1e-12)
   assert surface_metrics(pred, truth, spacing).average_hausdorff_mm == pytest.approx(
-      expected, rel=1e-12)
+    expected, rel=1e-12
+  )
 
 
 def test_two_dimensional_masks_in_pixels():
   rng = np.random.default_rng(7)
   pred, truth = blob(rng, (30, 25)), blob(rng, (30, 25))
-  expected = max(plain_directed(pred, truth, (1, 1)).max(),
-                 plain_directed(truth, pred, (1, 1)).max())
+  expected = max(
+    plain_directed(pred, truth, (1, 1)).max(), plain_directed(truth, pred, (1, 1)).max()
+  )
   assert hausdorff_voxels(pred, truth) == pytest.approx(expected)
   metrics = surface_metrics(pred, truth, (0.5, 2.0), voxel_hausdorff=True)
   assert metrics.hausdorff_voxels == pytest.approx(expected)
@@ -270,10 +289,18 @@ def test_both_empty_gives_nan_distances():
   empty = np.zeros((6, 6, 6), bool)
   metrics = surface_metrics(empty, empty, (1.0, 1.0, 1.0), voxel_hausdorff=True)
   assert metrics.status is CaseStatus.BOTH_EMPTY
-  assert all(math.isnan(v) for v in (metrics.hausdorff_mm, metrics.hd95_mm, metrics.assd_mm,
-                                     metrics.signed_mean_mm, metrics.hausdorff_voxels,
-                                     metrics.average_hausdorff_mm,
-                                     metrics.average_hausdorff_voxels))
+  assert all(
+    math.isnan(v)
+    for v in (
+      metrics.hausdorff_mm,
+      metrics.hd95_mm,
+      metrics.assd_mm,
+      metrics.signed_mean_mm,
+      metrics.hausdorff_voxels,
+      metrics.average_hausdorff_mm,
+      metrics.average_hausdorff_voxels,
+    )
+  )
   assert math.isnan(average_hausdorff(empty, empty, (1.0, 1.0, 1.0)))
 
 

@@ -8,21 +8,30 @@ import numpy as np
 import pytest
 
 from imask_jax.metrics.overlap import CaseStatus
-from imask_jax.metrics.thickness import (Cylinder, KneeLabelValues, compare_thickness,
-                                         cylinder_coordinates, femoral_thickness_map,
-                                         fit_cylinder, interface_thickness,
-                                         thickness_difference, tibial_thickness_map)
+from imask_jax.metrics.thickness import (
+  Cylinder,
+  KneeLabelValues,
+  compare_thickness,
+  cylinder_coordinates,
+  femoral_thickness_map,
+  fit_cylinder,
+  interface_thickness,
+  thickness_difference,
+  tibial_thickness_map,
+)
 
 
-def coordinates(shape: tuple[int, int, int], spacing: tuple[float, float, float]
-                ) -> list[np.ndarray]:
+def coordinates(
+  shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> list[np.ndarray]:
   """Voxel-centre coordinates in array mm (RAS+: x right, y anterior, z superior)."""
   grid = np.indices(shape, dtype=float)
   return [grid[i] * spacing[i] for i in range(3)]
 
 
-def knee(shape=(50, 100, 120), spacing=(0.8, 0.5, 0.5), tibial_top_mm=12.5,
-         femoral_outer_mm=17.5) -> np.ndarray:
+def knee(
+  shape=(50, 100, 120), spacing=(0.8, 0.5, 0.5), tibial_top_mm=12.5, femoral_outer_mm=17.5
+) -> np.ndarray:
   """A tibia slab (z < 10 mm) under 2.5 mm of tibial cartilage, and a femoral cylinder
   (axis along x at y = 25, z = 35 mm, radius 15 mm) inside a cartilage shell."""
   x, y, z = coordinates(shape, spacing)
@@ -57,7 +66,7 @@ def test_spherical_shell_of_known_width(spacing, width):
   shape = tuple(int((2 * (radius + width) + 3) / s) for s in spacing)
   x, y, z = coordinates(shape, spacing)
   centre = [n * s / 2 for n, s in zip(shape, spacing)]
-  r = np.sqrt((x - centre[0])**2 + (y - centre[1])**2 + (z - centre[2])**2)
+  r = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
   labels = np.zeros(shape, np.uint8)
   labels[r < radius] = 1
   labels[(r >= radius) & (r < radius + width)] = 2
@@ -96,8 +105,9 @@ def test_femoral_map_of_a_cylindrical_shell_recovers_its_thickness_field():
   assert cylinder.radius_mm == pytest.approx(18.0, abs=0.25)  # the BCI faces: +-half a voxel
   assert thickness_map.thickness_mm.shape == (72, 21)  # 5 deg rows; 2 mm cols centred on 0
   assert (thickness_map.row_name, thickness_map.col_name) == ('angle_deg', 'axial_mm')
-  angle_c, axial_c = np.meshgrid(thickness_map.row_centers, thickness_map.col_centers,
-                                 indexing='ij')
+  angle_c, axial_c = np.meshgrid(
+    thickness_map.row_centers, thickness_map.col_centers, indexing='ij'
+  )
   expected = field(angle_c, axial_c + cylinder.center_mm[0])
   error = thickness_map.thickness_mm - expected
   # Every cell has cartilage; the cell error is voxel-scale (measured: mean -0.03, mean
@@ -123,8 +133,9 @@ def test_tibial_map_of_a_layer_recovers_its_thickness_field():
   labels[(z >= 4.2) & (z < 4.2 + field(x, y))] = 4
   thickness_map = tibial_thickness_map(labels, spacing, bin_mm=2.0)
   assert (thickness_map.row_name, thickness_map.col_name) == ('anterior_mm', 'right_mm')
-  anterior_c, right_c = np.meshgrid(thickness_map.row_centers, thickness_map.col_centers,
-                                    indexing='ij')
+  anterior_c, right_c = np.meshgrid(
+    thickness_map.row_centers, thickness_map.col_centers, indexing='ij'
+  )
   error = thickness_map.thickness_mm - field(right_c, anterior_c)
   # Whole voxels quantise the layer to +-half the 0.4 mm z spacing per column; cells average
   # columns (measured: mean |error| 0.06, max 0.17 mm).
@@ -170,8 +181,7 @@ def test_one_voxel_thicker_prediction_differs_by_one_spacing():
   spacing = (0.8, 0.5, 0.5)
   truth = knee(spacing=spacing)
   pred = knee(spacing=spacing, tibial_top_mm=13.0)  # one more 0.5 mm voxel of cartilage
-  plates = compare_thickness(pred, truth, spacing, angle_bin_deg=3, axial_bin_mm=2,
-                             tibial_bin_mm=2)
+  plates = compare_thickness(pred, truth, spacing, angle_bin_deg=3, axial_bin_mm=2, tibial_bin_mm=2)
   tibial = plates['tibial']
   assert tibial.status is CaseStatus.OK
   assert tibial.difference.mean_mm == pytest.approx(0.5, abs=1e-9)
@@ -228,8 +238,11 @@ def test_fit_cylinder_recovers_a_tilted_cylinder():
   v = np.cross(axis, u)
   angle = rng.uniform(-2.0, 2.0, 2000)  # a 230 degree arc, like condyles
   along = rng.uniform(-20, 20, 2000)
-  points = (centre + np.outer(along, axis) + 22.0 * (np.outer(np.cos(angle), u)
-                                                     + np.outer(np.sin(angle), v)))
+  points = (
+    centre
+    + np.outer(along, axis)
+    + 22.0 * (np.outer(np.cos(angle), u) + np.outer(np.sin(angle), v))
+  )
   points += rng.normal(0, 0.05, points.shape)
   cylinder = fit_cylinder(points)
   np.testing.assert_allclose(cylinder.axis, axis, atol=2e-3)
@@ -241,8 +254,9 @@ def test_fit_cylinder_recovers_a_tilted_cylinder():
 
 
 def test_cylinder_angles_follow_the_stated_convention():
-  cylinder = Cylinder(center_mm=np.zeros(3), axis=np.array([1.0, 0.0, 0.0]), radius_mm=5.0,
-                      rms_residual_mm=0.0)
+  cylinder = Cylinder(
+    center_mm=np.zeros(3), axis=np.array([1.0, 0.0, 0.0]), radius_mm=5.0, rms_residual_mm=0.0
+  )
   points = np.array([[0, 0, -5], [0, 5, 0], [0, -5, 0], [3, 0, 5.0]])
   angle, axial = cylinder_coordinates(points, cylinder)
   np.testing.assert_allclose(angle, [0, 90, -90, 180])  # inferior, anterior, posterior, up

@@ -43,8 +43,11 @@ TOLERANCE_MM = 0.05
 # phase and the voxelised slab is T thick on average): oblique to every axis; 14 deg off z
 # (wide terraces of z steps); 18 deg off x.
 SQRT2, SQRT3, SQRT5, SQRT7 = (math.sqrt(v) for v in (2, 3, 5, 7))
-NORMALS = {'oblique': (1.0, SQRT2, SQRT3), 'shallow_z': (0.1 * SQRT2, 0.1 * SQRT3, 1.0),
-           'shallow_x': (1.0, 0.1 * SQRT5, 0.1 * SQRT7)}
+NORMALS = {
+  'oblique': (1.0, SQRT2, SQRT3),
+  'shallow_z': (0.1 * SQRT2, 0.1 * SQRT3, 1.0),
+  'shallow_x': (1.0, 0.1 * SQRT5, 0.1 * SQRT7),
+}
 SPACINGS = [(0.365, 0.365, 0.365), (0.365, 0.365, 0.7), (0.8, 0.8, 1.5)]
 
 
@@ -73,7 +76,7 @@ def shell(radius: float, thickness: float, spacing) -> np.ndarray:
   shape = tuple(int((2 * (radius + thickness) + 6) / s) for s in spacing)
   x, y, z = coordinates(shape, spacing)
   centre = [n * s / 2 + f * s for n, s, f in zip(shape, spacing, (0.13, 0.29, 0.41))]
-  r = np.sqrt((x - centre[0])**2 + (y - centre[1])**2 + (z - centre[2])**2)
+  r = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
   labels = np.zeros(shape, np.uint8)
   labels[r < radius] = BONE
   labels[(r >= radius) & (r < radius + thickness)] = CARTILAGE
@@ -87,8 +90,9 @@ def mean_thickness(labels, spacing, method, margin_mm=None) -> float:
   keep = np.ones(len(points.thickness_mm), bool)
   if margin_mm is not None:
     size = np.asarray(labels.shape) * np.asarray(spacing)
-    keep = np.all((points.positions_mm > margin_mm) & (points.positions_mm < size - margin_mm),
-                  axis=1)
+    keep = np.all(
+      (points.positions_mm > margin_mm) & (points.positions_mm < size - margin_mm), axis=1
+    )
   assert keep.sum() > 100
   return float(points.thickness_mm[keep].mean())
 
@@ -99,8 +103,12 @@ def mean_thickness(labels, spacing, method, margin_mm=None) -> float:
 def test_default_method_is_unchanged():
   # Every existing figure and table uses the nearest-neighbour method unless asked otherwise.
   assert THICKNESS_METHODS == ('nearest', 'normal')
-  for function in (interface_thickness, femoral_thickness_map, tibial_thickness_map,
-                   compare_thickness):
+  for function in (
+    interface_thickness,
+    femoral_thickness_map,
+    tibial_thickness_map,
+    compare_thickness,
+  ):
     assert inspect.signature(function).parameters['method'].default == 'nearest'
 
 
@@ -111,8 +119,7 @@ def test_flat_layer_of_n_voxels_measures_exactly_n_spacings_along_the_normal():
   labels = np.zeros((12, 10, 16), np.uint8)
   labels[:, :, :4] = 3
   labels[:, :, 4:9] = 4
-  points = interface_thickness(labels, spacing, bone_label=3, cartilage_label=4,
-                               method='normal')
+  points = interface_thickness(labels, spacing, bone_label=3, cartilage_label=4, method='normal')
   assert len(points.thickness_mm) == 12 * 10  # one point per interface face
   np.testing.assert_allclose(points.thickness_mm, 5 * 0.7, atol=1e-4)
   np.testing.assert_allclose(points.positions_mm[:, 2], 3.5 * 0.7, atol=1e-4)
@@ -150,12 +157,14 @@ def test_default_smoothing_is_one_isotropic_sd_of_the_coarsest_spacing():
   spacing = (0.5, 0.5, 0.7)
   labels = shell(8.0, 2.0, spacing)
   default = interface_thickness(labels, spacing, BONE, CARTILAGE, method='normal')
-  explicit = interface_thickness(labels, spacing, BONE, CARTILAGE, method='normal',
-                                 smoothing_mm=0.7)
+  explicit = interface_thickness(
+    labels, spacing, BONE, CARTILAGE, method='normal', smoothing_mm=0.7
+  )
   np.testing.assert_array_equal(default.thickness_mm, explicit.thickness_mm)
   # More smoothing moves the iso-surfaces: the argument is used.
-  smoother = interface_thickness(labels, spacing, BONE, CARTILAGE, method='normal',
-                                 smoothing_mm=1.5)
+  smoother = interface_thickness(
+    labels, spacing, BONE, CARTILAGE, method='normal', smoothing_mm=1.5
+  )
   assert not np.array_equal(default.thickness_mm, smoother.thickness_mm)
 
 
@@ -167,8 +176,7 @@ def test_ray_stops_where_bone_begins_again():
   labels[:, :, :8] = 3
   labels[:, :, 8:14] = 4  # 6 voxels = 3 mm
   labels[:, :, 14:] = 1  # another bone
-  points = interface_thickness(labels, spacing, bone_label=3, cartilage_label=4,
-                               method='normal')
+  points = interface_thickness(labels, spacing, bone_label=3, cartilage_label=4, method='normal')
   np.testing.assert_allclose(points.thickness_mm, 3.0, atol=1e-4)
 
 
@@ -192,13 +200,16 @@ def test_femoral_map_with_the_normal_method_recovers_the_thickness_field():
   labels[(radius >= 18.0) & (radius < 18.0 + field(np.degrees(np.arctan2(y, -z)), x))] = 2
   errors = {}
   for method in THICKNESS_METHODS:
-    thickness_map = femoral_thickness_map(labels, spacing, angle_bin_deg=5, axial_bin_mm=2,
-                                          method=method)
+    thickness_map = femoral_thickness_map(
+      labels, spacing, angle_bin_deg=5, axial_bin_mm=2, method=method
+    )
     assert not np.isnan(thickness_map.thickness_mm).any()
-    angle_c, axial_c = np.meshgrid(thickness_map.row_centers, thickness_map.col_centers,
-                                   indexing='ij')
-    errors[method] = (thickness_map.thickness_mm
-                      - field(angle_c, axial_c + thickness_map.cylinder.center_mm[0]))
+    angle_c, axial_c = np.meshgrid(
+      thickness_map.row_centers, thickness_map.col_centers, indexing='ij'
+    )
+    errors[method] = thickness_map.thickness_mm - field(
+      angle_c, axial_c + thickness_map.cylinder.center_mm[0]
+    )
   # A cylinder is a 2D staircase: where the surface runs near a lattice direction the voxelised
   # shell itself is off by a phase-dependent few hundredths of a mm per cell (measured over
   # four axis offsets: normal mean -0.02 to +0.05, nearest -0.03 to -0.11 mm).
@@ -223,8 +234,9 @@ def test_compare_thickness_with_the_normal_method():
   spacing = (0.8, 0.5, 0.5)
   truth = knee(spacing)
   pred = knee(spacing, tibial_top_mm=13.0)  # one more 0.5 mm voxel of tibial cartilage
-  plates = compare_thickness(pred, truth, spacing, angle_bin_deg=3, axial_bin_mm=2,
-                             tibial_bin_mm=2, method='normal')
+  plates = compare_thickness(
+    pred, truth, spacing, angle_bin_deg=3, axial_bin_mm=2, tibial_bin_mm=2, method='normal'
+  )
   tibial = plates['tibial']
   assert tibial.status is CaseStatus.OK
   assert tibial.truth.mean_thickness_mm == pytest.approx(2.5, abs=1e-4)  # flat: exact
@@ -233,7 +245,8 @@ def test_compare_thickness_with_the_normal_method():
   assert femoral.difference.mean_mm == 0 and femoral.difference.sd_mm == 0
   assert femoral.truth.mean_thickness_mm == pytest.approx(2.5, abs=TOLERANCE_MM)
   assert femoral.difference.coverage == ThicknessCoverage(
-      both=femoral.difference.n_cells, truth_only=0, pred_only=0)
+    both=femoral.difference.n_cells, truth_only=0, pred_only=0
+  )
 
 
 def test_unknown_method_and_bad_smoothing_are_refused():
@@ -254,18 +267,15 @@ def test_unknown_method_and_bad_smoothing_are_refused():
 def flat_map(values: list[list[float]]) -> ThicknessMap:
   values = np.array(values, dtype=float)
   edges_r, edges_c = np.arange(values.shape[0] + 1.0), np.arange(values.shape[1] + 1.0)
-  return ThicknessMap(values, edges_r, edges_c, 'anterior_mm', 'right_mm',
-                      float(np.nanmean(values)), None)
+  return ThicknessMap(
+    values, edges_r, edges_c, 'anterior_mm', 'right_mm', float(np.nanmean(values)), None
+  )
 
 
 def test_coverage_counts_cells_of_each_map_by_hand():
   nan = math.nan
-  truth = flat_map([[2.0, 2.0, 2.0, nan],
-                    [2.0, 2.0, 2.0, nan],
-                    [nan, nan, nan, nan]])
-  pred = flat_map([[1.5, nan, 2.5, 2.0],
-                   [nan, nan, 2.0, nan],
-                   [nan, nan, nan, 3.0]])
+  truth = flat_map([[2.0, 2.0, 2.0, nan], [2.0, 2.0, 2.0, nan], [nan, nan, nan, nan]])
+  pred = flat_map([[1.5, nan, 2.5, 2.0], [nan, nan, 2.0, nan], [nan, nan, nan, 3.0]])
   difference = thickness_difference(pred, truth)
   # Both: (0,0) -0.5, (0,2) +0.5, (1,2) 0: the mean difference is a perfect 0 although the
   # prediction misses half of the truth's cartilage: only the coverage shows it.
@@ -286,8 +296,9 @@ def test_coverage_of_a_missed_plate_and_of_an_empty_truth():
   tibial = compare_thickness(pred, truth, spacing, tibial_bin_mm=2)['tibial']
   truth_cells = int(np.isfinite(tibial.truth.thickness_mm).sum())
   assert truth_cells > 0
-  assert tibial.difference.coverage == ThicknessCoverage(both=0, truth_only=truth_cells,
-                                                         pred_only=0)
+  assert tibial.difference.coverage == ThicknessCoverage(
+    both=0, truth_only=truth_cells, pred_only=0
+  )
   assert tibial.difference.coverage.truth_only_fraction == 1.0
   # The other way round (no truth cells): counts stay, fractions are undefined.
   empty = ThicknessCoverage(both=0, truth_only=0, pred_only=4)

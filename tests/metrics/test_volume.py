@@ -26,8 +26,9 @@ from imask_jax.viz import save_bland_altman_figure
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; published ICC(2,1) = .29,
 # ICC(3,1) = .71, and mean squares BMS = 11.24, JMS = 32.49, EMS = 1.02.
-SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6],
-                          [10, 5, 6, 9], [6, 2, 4, 7]], dtype=float)
+SHROUT_FLEISS = np.array(
+  [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], dtype=float
+)
 
 
 def test_volume_of_an_ellipsoid_in_millilitres():
@@ -36,14 +37,15 @@ def test_volume_of_an_ellipsoid_in_millilitres():
   shape = tuple(int(2 * r / s) + 4 for r, s in zip((a, b, c), spacing))
   grid = np.indices(shape, dtype=float)
   centre = [(n - 1) * s / 2 for n, s in zip(shape, spacing)]
-  inside = sum(((grid[i] * spacing[i] - centre[i]) / r)**2
-               for i, r in enumerate((a, b, c))) <= 1
+  inside = sum(((grid[i] * spacing[i] - centre[i]) / r) ** 2 for i, r in enumerate((a, b, c))) <= 1
   expected = 4 / 3 * math.pi * a * b * c / 1000
   # Voxelisation error of a ~3 mL ellipsoid with sub-mm voxels: well under 1% (measured 0.1%).
   assert volume_ml(inside, spacing) == pytest.approx(expected, rel=0.01)
   labels = inside.astype(np.uint8) * 2
   assert volumes_ml_per_label(labels, spacing, labels=(1, 2)) == {
-      1: 0.0, 2: volume_ml(inside, spacing)}
+    1: 0.0,
+    2: volume_ml(inside, spacing),
+  }
 
 
 def test_volume_is_voxel_count_times_voxel_volume():
@@ -59,7 +61,7 @@ def plain_cov(table: np.ndarray) -> list[float]:
   result = []
   for row in table:
     mean = sum(row) / len(row)
-    sd = math.sqrt(sum((x - mean)**2 for x in row) / (len(row) - 1))
+    sd = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1))
     result.append(sd / mean)
   return result
 
@@ -93,10 +95,11 @@ def plain_icc(table: np.ndarray) -> tuple[float, float]:
   grand = sum(sum(row) for row in table) / (n * k)
   row_means = [sum(row) / k for row in table]
   col_means = [sum(table[i][j] for i in range(n)) / n for j in range(k)]
-  bms = k * sum((m - grand)**2 for m in row_means) / (n - 1)
-  jms = n * sum((m - grand)**2 for m in col_means) / (k - 1)
-  residual = sum((table[i][j] - row_means[i] - col_means[j] + grand)**2
-                 for i in range(n) for j in range(k))
+  bms = k * sum((m - grand) ** 2 for m in row_means) / (n - 1)
+  jms = n * sum((m - grand) ** 2 for m in col_means) / (k - 1)
+  residual = sum(
+    (table[i][j] - row_means[i] - col_means[j] + grand) ** 2 for i in range(n) for j in range(k)
+  )
   ems = residual / ((n - 1) * (k - 1))
   icc2 = (bms - ems) / (bms + (k - 1) * ems + k * (jms - ems) / n)
   icc3 = (bms - ems) / (bms + (k - 1) * ems)
@@ -107,8 +110,11 @@ def test_icc_reproduces_shrout_and_fleiss_1979():
   icc = intraclass_correlation(SHROUT_FLEISS)
   assert round(icc.icc_2_1, 2) == 0.29
   assert round(icc.icc_3_1, 2) == 0.71
-  assert (round(icc.between_subjects_ms, 2), round(icc.between_raters_ms, 2),
-          round(icc.residual_ms, 2)) == (11.24, 32.49, 1.02)
+  assert (
+    round(icc.between_subjects_ms, 2),
+    round(icc.between_raters_ms, 2),
+    round(icc.residual_ms, 2),
+  ) == (11.24, 32.49, 1.02)
 
 
 def test_icc_matches_a_plain_formula_and_penalises_offsets_only_for_agreement():
@@ -131,15 +137,14 @@ def test_paired_difference_and_bland_altman_match_plain_formulas(tmp_path):
   b = np.array([8.6, 6.6, 10.1, 0.5, 5.5])
   d = [x - y for x, y in zip(a, b)]
   mean = sum(d) / 5
-  sd = math.sqrt(sum((x - mean)**2 for x in d) / 4)
+  sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
   difference = paired_difference(a, b)
   assert difference.mean_difference == pytest.approx(mean)
   assert difference.sd_difference == pytest.approx(sd)
   assert difference.mean_abs_difference == pytest.approx(sum(abs(x) for x in d) / 5)
   stats = bland_altman(a, b)
   assert stats.bias == pytest.approx(mean)
-  assert (stats.loa_lower, stats.loa_upper) == pytest.approx((mean - 1.96 * sd,
-                                                              mean + 1.96 * sd))
+  assert (stats.loa_lower, stats.loa_upper) == pytest.approx((mean - 1.96 * sd, mean + 1.96 * sd))
   np.testing.assert_allclose(stats.means, (a + b) / 2)
 
   path = save_bland_altman_figure(stats, tmp_path / 'ba.png', name_a='reader 1', name_b='model')
@@ -156,8 +161,9 @@ def test_pairwise_agreement_covers_every_pair():
   assert list(table) == [('reader1', 'reader2'), ('reader1', 'model'), ('reader2', 'model')]
   pair = table[('reader1', 'model')]
   assert pair.difference.mean_difference == pytest.approx(np.mean([-2.0, -2.0, -0.5]))
-  assert pair.cov.rms_cov == pytest.approx(coefficient_of_variation(
-      np.stack([volumes['reader1'], volumes['model']], axis=1)).rms_cov)
+  assert pair.cov.rms_cov == pytest.approx(
+    coefficient_of_variation(np.stack([volumes['reader1'], volumes['model']], axis=1)).rms_cov
+  )
 
 
 def test_bad_tables_are_rejected_with_their_shape():
@@ -174,10 +180,10 @@ def test_bad_tables_are_rejected_with_their_shape():
 # The paper's Table 7, "Fluid volumes (Baseline)": right mean, SD; left mean, SD; overall
 # mean, SD (mL), per rater.
 PAPER_TABLE_7 = {
-    'reader1': (7.72, 5.33, 6.17, 6.28, 6.94, 5.85),
-    'reader2': (8.65, 5.05, 6.63, 6.02, 7.64, 5.62),
-    'mask_rcnn': (10.05, 3.76, 8.49, 3.56, 9.27, 3.73),
-    'imask_rcnn': (11.81, 4.55, 9.72, 4.09, 10.76, 4.43),
+  'reader1': (7.72, 5.33, 6.17, 6.28, 6.94, 5.85),
+  'reader2': (8.65, 5.05, 6.63, 6.02, 7.64, 5.62),
+  'mask_rcnn': (10.05, 3.76, 8.49, 3.56, 9.27, 3.73),
+  'imask_rcnn': (11.81, 4.55, 9.72, 4.09, 10.76, 4.43),
 }
 
 
@@ -204,10 +210,14 @@ def test_overall_is_per_hip_as_in_the_papers_own_table_7_rows():
   left = {r: with_mean_and_sd(rng, n, row[2], row[3]) for r, row in PAPER_TABLE_7.items()}
   scans = []
   for i in range(n):
-    scans.append(ScanVolumes(f's{i:03d}_v00', f's{i:03d}', 'v00',
-                             {r: (right[r][i], left[r][i]) for r in PAPER_TABLE_7}))
-    scans.append(ScanVolumes(f's{i:03d}_v01', f's{i:03d}', 'v01',
-                             {r: (100.0, 100.0) for r in PAPER_TABLE_7}))
+    scans.append(
+      ScanVolumes(
+        f's{i:03d}_v00', f's{i:03d}', 'v00', {r: (right[r][i], left[r][i]) for r in PAPER_TABLE_7}
+      )
+    )
+    scans.append(
+      ScanVolumes(f's{i:03d}_v01', f's{i:03d}', 'v01', {r: (100.0, 100.0) for r in PAPER_TABLE_7})
+    )
   table = hip_volume_table(scans)
   assert len(table.scans) == n and len(table.left_out) == n
   assert all(s.endswith('_v00') for s in table.scans)
@@ -228,21 +238,25 @@ def test_overall_is_per_hip_as_in_the_papers_own_table_7_rows():
 
 def test_hip_table_hand_worked_with_baseline_selection():
   # Subject a: v1 and v2; b: v1 only; c: v2 only. Raters r1, r2; (right, left) mL.
-  scans = [ScanVolumes('a_v1', 'a', 'v1', {'r1': (4.0, 2.0), 'r2': (6.0, 2.0)}),
-           ScanVolumes('a_v2', 'a', 'v2', {'r1': (9.0, 9.0), 'r2': (9.0, 9.0)}),
-           ScanVolumes('b_v1', 'b', 'v1', {'r1': (0.0, 8.0), 'r2': (0.0, 4.0)}),
-           ScanVolumes('c_v2', 'c', 'v2', {'r1': (1.0, 1.0), 'r2': (3.0, 3.0)})]
+  scans = [
+    ScanVolumes('a_v1', 'a', 'v1', {'r1': (4.0, 2.0), 'r2': (6.0, 2.0)}),
+    ScanVolumes('a_v2', 'a', 'v2', {'r1': (9.0, 9.0), 'r2': (9.0, 9.0)}),
+    ScanVolumes('b_v1', 'b', 'v1', {'r1': (0.0, 8.0), 'r2': (0.0, 4.0)}),
+    ScanVolumes('c_v2', 'c', 'v2', {'r1': (1.0, 1.0), 'r2': (3.0, 3.0)}),
+  ]
   table = hip_volume_table(scans, baseline='v1')
   assert table.scans == ('a_v1', 'b_v1') and set(table.left_out) == {'a_v2', 'c_v2'}
   assert table.subjects_without_baseline == ('c',)
   assert table.hips == (('a', 'right'), ('a', 'left'), ('b', 'right'), ('b', 'left'))
   # r1 hips 4, 2, 0, 8: overall 3.5 ± sqrt(35/3); right 4, 0: 2 ± sqrt(8); left 2, 8.
   assert (table.overall['r1'].mean, table.overall['r1'].sd) == pytest.approx(
-      (3.5, math.sqrt(35 / 3)))
+    (3.5, math.sqrt(35 / 3))
+  )
   assert (table.right['r1'].mean, table.right['r1'].sd) == pytest.approx((2.0, math.sqrt(8)))
   assert (table.left['r1'].mean, table.left['r1'].sd) == pytest.approx((5.0, math.sqrt(18)))
   assert (table.overall['r2'].mean, table.overall['r2'].sd) == pytest.approx(
-      (3.0, math.sqrt(20 / 3)))
+    (3.0, math.sqrt(20 / 3))
+  )
   # r1 - r2 per hip: -2, 0, 0, 4: |d| 1.5 ± sqrt(11/3). CoV per hip: |a - b| / sqrt(2) over
   # the hip's mean: 2/sqrt(2)/5, 0, none (both 0: left out and counted), 4/sqrt(2)/6.
   pair = table.pairs[('r1', 'r2')]
@@ -258,8 +272,10 @@ def test_hip_table_hand_worked_with_baseline_selection():
 
 
 def test_scans_without_time_points_are_one_per_subject():
-  scans = [ScanVolumes('x', 'x', None, {'r1': (1.0, 2.0), 'r2': (1.0, 3.0)}),
-           ScanVolumes('y', 'y', None, {'r1': (2.0, 2.0), 'r2': (2.0, 2.0)})]
+  scans = [
+    ScanVolumes('x', 'x', None, {'r1': (1.0, 2.0), 'r2': (1.0, 3.0)}),
+    ScanVolumes('y', 'y', None, {'r1': (2.0, 2.0), 'r2': (2.0, 2.0)}),
+  ]
   assert hip_volume_table(scans).scans == ('x', 'y')
   with pytest.raises(ValueError, match=r"subject 'x' has scans \['x', 'x2'\] and no time"):
     baseline_scans(scans + [ScanVolumes('x2', 'x', None, scans[0].volumes)])

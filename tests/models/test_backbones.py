@@ -19,8 +19,13 @@ import pytest
 from imask_jax.models.backbones import BACKBONE_NAMES, BackboneFPN, build_backbone
 from imask_jax.models.densenet import DenseNet
 from imask_jax.models.fpn import FPN, pyramid_strides
-from imask_jax.models.norm import (NORM_KINDS, FrozenBatchNorm, GroupNorm,
-                                   freeze_batch_norm_variables, make_norm)
+from imask_jax.models.norm import (
+  NORM_KINDS,
+  FrozenBatchNorm,
+  GroupNorm,
+  freeze_batch_norm_variables,
+  make_norm,
+)
 from imask_jax.models.resnet import HE_NORMAL_FAN_OUT, Bottleneck, ResNet
 
 STRIDES = {'P2': 4, 'P3': 8, 'P4': 16, 'P5': 32, 'P6': 64}
@@ -46,13 +51,18 @@ def abstract_init(model, shape, dtype=jnp.float32):
 
 def abstract_init_with_output(model, shape, dtype=jnp.float32, train=True):
   """(outputs, variables) as shapes, in one trace."""
-  return jax.eval_shape(lambda k, x: model.init_with_output(k, x, train=train), key(0),
-                        jax.ShapeDtypeStruct(shape, dtype))
+  return jax.eval_shape(
+    lambda k, x: model.init_with_output(k, x, train=train),
+    key(0),
+    jax.ShapeDtypeStruct(shape, dtype),
+  )
 
 
 def leaf_paths(tree) -> dict[str, object]:
-  return {'/'.join(path): leaf
-          for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+    '/'.join(path): leaf
+    for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 def unflatten(paths: dict[str, object]):
@@ -65,25 +75,25 @@ def unflatten(paths: dict[str, object]):
 # torchvision's figures for the ImageNet models (3-channel input, 1000-class top, batch norm),
 # counting parameters only (not the running statistics).
 PUBLISHED_PARAMETER_COUNTS = {
-    ('resnet', 18): 11_689_512,
-    ('resnet', 34): 21_797_672,
-    ('resnet', 50): 25_557_032,
-    ('resnet', 101): 44_549_160,
-    ('resnet', 152): 60_192_808,
-    ('densenet', 121): 7_978_856,
-    ('densenet', 169): 14_149_480,
+  ('resnet', 18): 11_689_512,
+  ('resnet', 34): 21_797_672,
+  ('resnet', 50): 25_557_032,
+  ('resnet', 101): 44_549_160,
+  ('resnet', 152): 60_192_808,
+  ('densenet', 121): 7_978_856,
+  ('densenet', 169): 14_149_480,
 }
 
 
 # Channels of C2-C5 (the papers' tables: ResNet stage outputs; DenseNet block outputs).
 PUBLISHED_LEVEL_CHANNELS = {
-    ('resnet', 18): (64, 128, 256, 512),
-    ('resnet', 34): (64, 128, 256, 512),
-    ('resnet', 50): (256, 512, 1024, 2048),
-    ('resnet', 101): (256, 512, 1024, 2048),
-    ('resnet', 152): (256, 512, 1024, 2048),
-    ('densenet', 121): (256, 512, 1024, 1024),
-    ('densenet', 169): (256, 512, 1280, 1664),
+  ('resnet', 18): (64, 128, 256, 512),
+  ('resnet', 34): (64, 128, 256, 512),
+  ('resnet', 50): (256, 512, 1024, 2048),
+  ('resnet', 101): (256, 512, 1024, 2048),
+  ('resnet', 152): (256, 512, 1024, 2048),
+  ('densenet', 121): (256, 512, 1024, 1024),
+  ('densenet', 169): (256, 512, 1280, 1664),
 }
 
 
@@ -109,8 +119,10 @@ def test_bottleneck_puts_stride_on_the_3x3_conv():
   x = jax.ShapeDtypeStruct((1, 64, 64, 1), jnp.float32)
   variables = jax.eval_shape(model.init, key(0), x)
   _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
-      variables, x)
+    lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
+    variables,
+    x,
+  )
   block = state['intermediates']['stage2_block0']
   # Stage 2 input is 16x16 (stride 4): the 1x1 reduce keeps it, the 3x3 halves it (v1.5).
   assert block['conv1']['__call__'][0].shape == (1, 16, 16, 16)
@@ -122,6 +134,7 @@ def test_bottleneck_puts_stride_on_the_3x3_conv():
 # ---------------------------------------------------------------------------------------------
 # Pyramid shapes of every backbone and every norm.
 
+
 @pytest.mark.parametrize('norm', NORM_KINDS)
 @pytest.mark.parametrize('name', BACKBONE_NAMES)
 def test_pyramid_shapes_and_bfloat16_every_backbone_and_norm(name, norm):
@@ -131,8 +144,12 @@ def test_pyramid_shapes_and_bfloat16_every_backbone_and_norm(name, norm):
   pyramid, variables = abstract_init_with_output(model, (batch, height, width, slices))
   assert list(pyramid) == ['P2', 'P3', 'P4', 'P5', 'P6']
   for level, stride in STRIDES.items():
-    assert pyramid[level].shape == (batch, math.ceil(height / stride),
-                                    math.ceil(width / stride), 16), (level, stride)
+    assert pyramid[level].shape == (
+      batch,
+      math.ceil(height / stride),
+      math.ceil(width / stride),
+      16,
+    ), (level, stride)
     assert pyramid[level].dtype == jnp.bfloat16  # activations in the compute dtype
   # Parameters and statistics stay float32.
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
@@ -157,10 +174,15 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match=r'NHWC.*\(64, 64\)'):
     abstract_init(model, (64, 64))
   with pytest.raises(ValueError, match='missing'):
-    jax.eval_shape(FPN(features=4).init, key(0),
-                   {'C2': jnp.zeros((1, 8, 8, 2)), 'C3': jnp.zeros((1, 4, 4, 2))})
-  mismatched = {'C2': jnp.zeros((1, 8, 8, 2)), 'C3': jnp.zeros((1, 3, 4, 2)),
-                'C4': jnp.zeros((1, 2, 2, 2)), 'C5': jnp.zeros((1, 1, 1, 2))}
+    jax.eval_shape(
+      FPN(features=4).init, key(0), {'C2': jnp.zeros((1, 8, 8, 2)), 'C3': jnp.zeros((1, 4, 4, 2))}
+    )
+  mismatched = {
+    'C2': jnp.zeros((1, 8, 8, 2)),
+    'C3': jnp.zeros((1, 3, 4, 2)),
+    'C4': jnp.zeros((1, 2, 2, 2)),
+    'C5': jnp.zeros((1, 1, 1, 2)),
+  }
   with pytest.raises(ValueError, match=r'3x4 is not the ceil-half of the finer map 8x8'):
     jax.eval_shape(FPN(features=4).init, key(0), mismatched)
   with pytest.raises(ValueError, match='block_sizes'):
@@ -169,6 +191,7 @@ def test_bad_arguments_raise_clear_errors():
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation layers against NumPy.
+
 
 def test_group_norm_matches_numpy_and_adapts_group_count():
   rng = np.random.default_rng(0)
@@ -185,9 +208,10 @@ def test_group_norm_matches_numpy_and_adapts_group_count():
     size = channels // groups
     for n in range(2):
       for g in range(groups):
-        chunk = x[n, :, :, g * size:(g + 1) * size].astype(np.float64)
-        want[n, :, :, g * size:(g + 1) * size] = (chunk - chunk.mean()) / np.sqrt(
-            chunk.var() + 1e-5)
+        chunk = x[n, :, :, g * size : (g + 1) * size].astype(np.float64)
+        want[n, :, :, g * size : (g + 1) * size] = (chunk - chunk.mean()) / np.sqrt(
+          chunk.var() + 1e-5
+        )
     want = want * scale + bias
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f'{channels=}')
 
@@ -201,22 +225,30 @@ def test_batch_norm_train_and_eval_match_numpy():
   bias = rng.normal(size=6).astype(np.float32)
   old_mean = rng.normal(size=6).astype(np.float32)
   old_var = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
-  variables = {'params': {'scale': scale, 'bias': bias},
-               'batch_stats': {'mean': old_mean, 'var': old_var}}
+  variables = {
+    'params': {'scale': scale, 'bias': bias},
+    'batch_stats': {'mean': old_mean, 'var': old_var},
+  }
   y, updates = train_layer.apply(variables, x, mutable=['batch_stats'])
   x64 = x.astype(np.float64)
   mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
-  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5) * scale + bias,
-                             rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(updates['batch_stats']['mean'], 0.9 * old_mean + 0.1 * mean,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(updates['batch_stats']['var'], 0.9 * old_var + 0.1 * var,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5) * scale + bias, rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    updates['batch_stats']['mean'], 0.9 * old_mean + 0.1 * mean, rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    updates['batch_stats']['var'], 0.9 * old_var + 0.1 * var, rtol=1e-5, atol=1e-5
+  )
   eval_layer = make_norm('batch', train=False)()
   y_eval = eval_layer.apply(variables, x)
-  np.testing.assert_allclose(np.asarray(y_eval),
-                             (x64 - old_mean) / np.sqrt(old_var + 1e-5) * scale + bias,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(y_eval),
+    (x64 - old_mean) / np.sqrt(old_var + 1e-5) * scale + bias,
+    rtol=1e-4,
+    atol=1e-4,
+  )
 
 
 def test_frozen_batch_norm_is_a_constant_affine():
@@ -225,8 +257,12 @@ def test_frozen_batch_norm_is_a_constant_affine():
   layer = FrozenBatchNorm()
   variables = layer.init(key(0), x)
   assert 'params' not in variables
-  stats = {'scale': rng.normal(size=5), 'bias': rng.normal(size=5),
-           'mean': rng.normal(size=5), 'var': rng.uniform(0.5, 2.0, size=5)}
+  stats = {
+    'scale': rng.normal(size=5),
+    'bias': rng.normal(size=5),
+    'mean': rng.normal(size=5),
+    'var': rng.uniform(0.5, 2.0, size=5),
+  }
   stats = {k: v.astype(np.float32) for k, v in stats.items()}
   y = layer.apply({'batch_stats': stats}, x)
   want = (x - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * stats['scale'] + stats['bias']
@@ -235,6 +271,7 @@ def test_frozen_batch_norm_is_a_constant_affine():
 
 # ---------------------------------------------------------------------------------------------
 # FPN against a NumPy reference (odd sizes exercise the crop after upsampling).
+
 
 def numpy_conv(x, kernel, bias):
   """'Same' (zero-padded, stride 1) conv of [N, H, W, Ci] with [k, k, Ci, Co], by loops."""
@@ -245,7 +282,7 @@ def numpy_conv(x, kernel, bias):
   out = np.zeros((n, h, w, kernel.shape[-1]))
   for i in range(h):
     for j in range(w):
-      window = padded[:, i:i + k, j:j + k, :]
+      window = padded[:, i : i + k, j : j + k, :]
       out[:, i, j, :] = np.einsum('nabc,abcd->nd', window, kernel)
   return out + bias
 
@@ -258,41 +295,48 @@ def test_fpn_matches_numpy_reference():
   fpn = FPN(features=4)
   variables = fast_jit(fpn.init)(key(0), levels)
   # Non-zero biases so that their handling is checked too.
-  variables = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32) * 0.1,
-                           variables)
+  variables = jax.tree.map(
+    lambda p: p + rng.normal(size=p.shape).astype(np.float32) * 0.1, variables
+  )
   got = fast_jit(fpn.apply)(variables, levels)
   params = jax.tree.map(lambda p: np.asarray(p, np.float64), variables['params'])
 
   want = {}
   top_down = None
   for level in '5432':
-    lateral = numpy_conv(levels[f'C{level}'].astype(np.float64),
-                         params[f'lateral{level}']['kernel'], params[f'lateral{level}']['bias'])
+    lateral = numpy_conv(
+      levels[f'C{level}'].astype(np.float64),
+      params[f'lateral{level}']['kernel'],
+      params[f'lateral{level}']['bias'],
+    )
     if top_down is not None:
       h, w = lateral.shape[1:3]
       rows, cols = np.arange(h) // 2, np.arange(w) // 2  # nearest neighbour, factor 2
       lateral = lateral + top_down[:, rows][:, :, cols]
     top_down = lateral
-    want[f'P{level}'] = numpy_conv(lateral, params[f'output{level}']['kernel'],
-                                   params[f'output{level}']['bias'])
+    want[f'P{level}'] = numpy_conv(
+      lateral, params[f'output{level}']['kernel'], params[f'output{level}']['bias']
+    )
   want['P6'] = want['P5'][:, ::2, ::2]
 
   assert list(got) == ['P2', 'P3', 'P4', 'P5', 'P6']
   for level in want:
     assert got[level].shape == want[level].shape
-    np.testing.assert_allclose(np.asarray(got[level]), want[level], rtol=1e-4, atol=1e-4,
-                               err_msg=level)
+    np.testing.assert_allclose(
+      np.asarray(got[level]), want[level], rtol=1e-4, atol=1e-4, err_msg=level
+    )
   assert got['P6'].shape == (2, 1, 1, 4)
 
 
 def test_freeze_batch_norm_variables_moves_affine_into_batch_stats():
-  params = {'conv': {'kernel': np.ones((1, 1, 2, 3))}, 'bn': {'scale': np.full(3, 2.0),
-                                                           'bias': np.full(3, 0.5)}}
+  params = {
+    'conv': {'kernel': np.ones((1, 1, 2, 3))},
+    'bn': {'scale': np.full(3, 2.0), 'bias': np.full(3, 0.5)},
+  }
   stats = {'bn': {'mean': np.zeros(3), 'var': np.ones(3)}}
   frozen = freeze_batch_norm_variables({'params': params, 'batch_stats': stats})
   assert leaf_paths(frozen['params']).keys() == {'conv/kernel'}
-  assert leaf_paths(frozen['batch_stats']).keys() == {'bn/scale', 'bn/bias', 'bn/mean',
-                                                      'bn/var'}
+  assert leaf_paths(frozen['batch_stats']).keys() == {'bn/scale', 'bn/bias', 'bn/mean', 'bn/var'}
   np.testing.assert_array_equal(frozen['batch_stats']['bn']['scale'], 2.0)
   with pytest.raises(ValueError, match='batch_stats'):
     freeze_batch_norm_variables({'params': params})
@@ -304,7 +348,7 @@ def test_freeze_batch_norm_variables_moves_affine_into_batch_stats():
 TINY_IMAGES_SHAPE = (2, 32, 32, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_resnet18():
   """(model, variables, images) of a width-8 ResNet-18 + FPN, initialised once per session."""
   model = build_backbone('resnet18', width=8, fpn_dim=8)
@@ -319,7 +363,7 @@ def random_pyramid_weights(model, images):
   return {name: rng.normal(size=shapes[name].shape).astype(np.float32) for name in shapes}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_gradient(model):
   """jit(grad) of a linear functional of model(images) w.r.t. (params, batch_stats).
 
@@ -339,14 +383,21 @@ def compiled_gradient(model):
 def with_open_residual_branches(params):
   """The tiny ResNet-18's params with the zero-initialised last norm scales set to one, so
   that every parameter lies on a path that reaches the output."""
-  return unflatten({p: (np.ones_like(v) if p.endswith('norm2/scale') else v)
-                    for p, v in leaf_paths(params).items()})
+  return unflatten(
+    {
+      p: (np.ones_like(v) if p.endswith('norm2/scale') else v)
+      for p, v in leaf_paths(params).items()
+    }
+  )
 
 
 def zero_leaves(tree) -> list[str]:
   """Paths of the leaves whose gradient is zero (or not finite) everywhere."""
-  return [p for p, g in leaf_paths(tree).items()
-          if not (np.linalg.norm(np.asarray(g)) > 0 and np.all(np.isfinite(g)))]
+  return [
+    p
+    for p, g in leaf_paths(tree).items()
+    if not (np.linalg.norm(np.asarray(g)) > 0 and np.all(np.isfinite(g)))
+  ]
 
 
 def test_initialisation_he_fan_out_and_zero_init_residual():
@@ -378,16 +429,18 @@ def test_initialisation_he_fan_out_and_zero_init_residual():
 def test_gradients_reach_every_resnet_parameter():
   model, variables, images = tiny_resnet18()
   params = with_open_residual_branches(variables['params'])
-  grads, _ = compiled_gradient(model)(params, variables['batch_stats'], images,
-                                      random_pyramid_weights(model, images))
+  grads, _ = compiled_gradient(model)(
+    params, variables['batch_stats'], images, random_pyramid_weights(model, images)
+  )
   assert leaf_paths(grads).keys() == leaf_paths(params).keys()
   assert not zero_leaves(grads)
 
 
 def test_zero_init_residual_blocks_start_as_identity_and_learn_to_open():
   model, variables, images = tiny_resnet18()
-  grads, _ = compiled_gradient(model)(variables['params'], variables['batch_stats'], images,
-                                      random_pyramid_weights(model, images))
+  grads, _ = compiled_gradient(model)(
+    variables['params'], variables['batch_stats'], images, random_pyramid_weights(model, images)
+  )
   grads = leaf_paths(grads)
   for block in ('stage1_block0', 'stage2_block1', 'stage4_block0'):
     # The zeroed scale gets a gradient; the branch behind it gets none until it opens.
@@ -401,13 +454,14 @@ def test_gradients_reach_every_densenet_parameter_with_group_norm():
   # A tiny DenseNet (blocks of 2, 1, 1, 1 layers) has every kind of layer of the full ones.
   # 64x64 input so that C5 is 2x2: group norm over one channel of one pixel is constant.
   model = BackboneFPN(
-      body=DenseNet(block_sizes=(2, 1, 1, 1), growth_rate=4, num_init_features=8,
-                    norm='group'),
-      fpn=FPN(features=8))
+    body=DenseNet(block_sizes=(2, 1, 1, 1), growth_rate=4, num_init_features=8, norm='group'),
+    fpn=FPN(features=8),
+  )
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 2)).astype(np.float32)
   variables = fast_jit(model.init)(key(0), images)
-  grads, _ = compiled_gradient(model)(variables['params'], None, images,
-                                      random_pyramid_weights(model, images))
+  grads, _ = compiled_gradient(model)(
+    variables['params'], None, images, random_pyramid_weights(model, images)
+  )
   assert leaf_paths(grads).keys() == leaf_paths(variables['params']).keys()
   assert not zero_leaves(grads)
 
@@ -431,11 +485,19 @@ def test_frozen_batch_norm_gets_no_gradient_never_changes_and_equals_eval_batch_
   batch_model, variables, images = tiny_resnet18()
   # Non-trivial statistics and affine, as if trained or loaded from a checkpoint.
   rng = np.random.default_rng(2)
-  stats = jax.tree.map(lambda s: s + rng.uniform(size=s.shape).astype(np.float32),
-                       variables['batch_stats'])
-  params = unflatten({p: (v + 0.5 * rng.uniform(size=v.shape).astype(np.float32)
-                          if p.endswith(('scale', 'bias')) else v)
-                      for p, v in leaf_paths(variables['params']).items()})
+  stats = jax.tree.map(
+    lambda s: s + rng.uniform(size=s.shape).astype(np.float32), variables['batch_stats']
+  )
+  params = unflatten(
+    {
+      p: (
+        v + 0.5 * rng.uniform(size=v.shape).astype(np.float32)
+        if p.endswith(('scale', 'bias'))
+        else v
+      )
+      for p, v in leaf_paths(variables['params']).items()
+    }
+  )
   batch_variables = {'params': params, 'batch_stats': stats}
   frozen_variables = freeze_batch_norm_variables(batch_variables)
   frozen_model = build_backbone('resnet18', norm='frozen_batch', width=8, fpn_dim=8)
@@ -449,25 +511,28 @@ def test_frozen_batch_norm_gets_no_gradient_never_changes_and_equals_eval_batch_
     def loss(params, stats):
       outputs = frozen_model.apply({'params': params, 'batch_stats': stats}, x, train=True)
       return sum(jnp.sum(outputs[k] * weights[k]) for k in weights)
+
     grads = jax.grad(loss, argnums=(0, 1))(frozen_v['params'], frozen_v['batch_stats'])
     eval_out = batch_model.apply(batch_v, x, train=False)
-    frozen_train, updates = frozen_model.apply(frozen_v, x, train=True,
-                                               mutable=['batch_stats'])
+    frozen_train, updates = frozen_model.apply(frozen_v, x, train=True, mutable=['batch_stats'])
     return grads, eval_out, frozen_train, updates
 
   grads, eval_out, frozen_train, updates = check(batch_variables, frozen_variables, images)
   for path, g in leaf_paths(grads[1]).items():
     assert not np.any(np.asarray(g)), path
   assert not zero_leaves(grads[0])
-  jax.tree.map(np.testing.assert_array_equal, updates['batch_stats'],
-               frozen_variables['batch_stats'])
+  jax.tree.map(
+    np.testing.assert_array_equal, updates['batch_stats'], frozen_variables['batch_stats']
+  )
   for level in eval_out:
-    np.testing.assert_allclose(frozen_train[level], eval_out[level], rtol=1e-4, atol=1e-4,
-                               err_msg=level)
+    np.testing.assert_allclose(
+      frozen_train[level], eval_out[level], rtol=1e-4, atol=1e-4, err_msg=level
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Mixed precision and data parallelism.
+
 
 def test_bfloat16_forward_is_close_to_float32():
   model32, variables, images = tiny_resnet18()
@@ -477,11 +542,13 @@ def test_bfloat16_forward_is_close_to_float32():
 
   # Updated running statistics stay float32 (checked on shapes only).
   _, stats16 = jax.eval_shape(
-      lambda v, x: model16.apply(v, x, train=True, mutable=['batch_stats']), variables, images)
+    lambda v, x: model16.apply(v, x, train=True, mutable=['batch_stats']), variables, images
+  )
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(stats16))
 
-  out32, out16 = fast_jit(lambda v, x: (model32.apply(v, x), model16.apply(v, x)))(variables,
-                                                                                  images)
+  out32, out16 = fast_jit(lambda v, x: (model32.apply(v, x), model16.apply(v, x)))(
+    variables, images
+  )
   for level in out32:
     assert out16[level].dtype == jnp.bfloat16
     a, b = np.asarray(out32[level]), np.asarray(out16[level], np.float32)
@@ -502,16 +569,20 @@ def test_batch_statistics_are_averaged_over_the_named_axis():
   def run(v, x):
     whole = single.apply(v, x, train=True, mutable=['batch_stats'])
     per_shard = jax.vmap(
-        lambda shard: sharded.apply(v, shard, train=True, mutable=['batch_stats']),
-        axis_name='data')(x.reshape(2, 2, *x.shape[1:]))
+      lambda shard: sharded.apply(v, shard, train=True, mutable=['batch_stats']), axis_name='data'
+    )(x.reshape(2, 2, *x.shape[1:]))
     return whole, per_shard
 
   (out, updates), (shard_out, shard_updates) = run(variables, images)
   for level in out:
-    np.testing.assert_allclose(np.asarray(shard_out[level]).reshape(out[level].shape),
-                               out[level], rtol=1e-4, atol=1e-4, err_msg=level)
+    np.testing.assert_allclose(
+      np.asarray(shard_out[level]).reshape(out[level].shape),
+      out[level],
+      rtol=1e-4,
+      atol=1e-4,
+      err_msg=level,
+    )
   whole_stats = leaf_paths(updates)
   for path, stat in leaf_paths(shard_updates).items():
     for shard in range(2):  # every device ends with the same, global, statistics
-      np.testing.assert_allclose(stat[shard], whole_stats[path], rtol=1e-4, atol=1e-5,
-                                 err_msg=path)
+      np.testing.assert_allclose(stat[shard], whole_stats[path], rtol=1e-4, atol=1e-5, err_msg=path)

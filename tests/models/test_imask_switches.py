@@ -30,10 +30,15 @@ import pytest
 from imask_jax.models import heads
 
 IMAGE = 64
-FINE = 4          # fine_dim
+FINE = 4  # fine_dim
 LEVEL_CHANNELS = 2
-ROIS = np.array([[12.0, 16.0, 40.0, 44.0],   # y1, x1, y2, x2: inside every map's interior
-                 [20.0, 8.0, 52.0, 30.0]], np.float32)
+ROIS = np.array(
+  [
+    [12.0, 16.0, 40.0, 44.0],  # y1, x1, y2, x2: inside every map's interior
+    [20.0, 8.0, 52.0, 30.0],
+  ],
+  np.float32,
+)
 
 
 def coordinate_pyramid():
@@ -73,13 +78,16 @@ def pass_through(params, channels):
   kernel = np.zeros(params['fuse1']['kernel'].shape, np.float32)
   for out, channel in enumerate(channels):
     kernel[1, 1, channel, out] = 1.0
-  params = dict(params, fuse1={'kernel': jnp.asarray(kernel),
-                               'bias': jnp.zeros_like(params['fuse1']['bias'])})
+  params = dict(
+    params, fuse1={'kernel': jnp.asarray(kernel), 'bias': jnp.zeros_like(params['fuse1']['bias'])}
+  )
   if 'skip_proj' in params:
     proj = np.zeros(params['skip_proj']['kernel'].shape, np.float32)
     proj[0, 0, :LEVEL_CHANNELS, :LEVEL_CHANNELS] = np.eye(LEVEL_CHANNELS)
-    params['skip_proj'] = {'kernel': jnp.asarray(proj),
-                           'bias': jnp.zeros_like(params['skip_proj']['bias'])}
+    params['skip_proj'] = {
+      'kernel': jnp.asarray(proj),
+      'bias': jnp.zeros_like(params['skip_proj']['bias']),
+    }
   for name in ('decoder1', 'decoder2'):
     if name in params and params[name]['kernel'].ndim == 4:
       # Identity on every tap: a 2x2 stride-2 transposed conv copies each pixel to its block
@@ -89,19 +97,27 @@ def pass_through(params, channels):
       taps = [(1, 1)] if kh == 3 else [(a, b) for a in range(kh) for b in range(kw)]
       for a, b in taps:
         kernel[a, b] = np.eye(FINE)
-      params[name] = {'kernel': jnp.asarray(kernel),
-                      'bias': jnp.zeros_like(params[name]['bias'])}
+      params[name] = {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros_like(params[name]['bias'])}
   return params
 
 
 def fused_and_reduced(head, params, feats, pyramid, index):
   """(fuse1 output [N, S, S, F] before its ReLU, relu(reduce output) [N, 28, 28, F])."""
-  out, state = head.apply({'params': params}, feats, pyramid, ROIS, index,
-                          capture_intermediates=True, mutable=['intermediates'])
+  out, state = head.apply(
+    {'params': params},
+    feats,
+    pyramid,
+    ROIS,
+    index,
+    capture_intermediates=True,
+    mutable=['intermediates'],
+  )
   inter = state['intermediates']
   assert out.shape == (len(ROIS), head.output_size, head.output_size, 2)
-  return (np.asarray(inter['fuse1']['__call__'][0]),
-          np.maximum(np.asarray(inter['reduce']['__call__'][0]), 0.0))
+  return (
+    np.asarray(inter['fuse1']['__call__'][0]),
+    np.maximum(np.asarray(inter['reduce']['__call__'][0]), 0.0),
+  )
 
 
 @pytest.mark.parametrize('level,size', [('P2', 56), ('P3', 28), ('P4', 112)])
@@ -138,29 +154,40 @@ def bilinear_up(x, factor):
   return np.einsum('ah,nhwc,bw->nabc', weights, x.astype(np.float64), weights)
 
 
-@pytest.mark.parametrize('decoder,skip,size,expected', [
-    (True, True, 56, 'nearest2'),    # the paper's head: one transposed conv
-    (True, True, 112, 'nearest4'),   # two transposed convs
-    (True, True, 28, 'identity'),    # a 3x3 conv instead
+@pytest.mark.parametrize(
+  'decoder,skip,size,expected',
+  [
+    (True, True, 56, 'nearest2'),  # the paper's head: one transposed conv
+    (True, True, 112, 'nearest4'),  # two transposed convs
+    (True, True, 28, 'identity'),  # a 3x3 conv instead
     (False, True, 56, 'bilinear2'),  # no decoder: fixed bilinear upsampling
     (False, False, 56, 'bilinear2'),
-    (True, False, 56, 'nearest2'),   # without the skip the output is 56 whatever skip_size
-])
+    (True, False, 56, 'nearest2'),  # without the skip the output is 56 whatever skip_size
+  ],
+)
 def test_fine_path_is_the_decoder_or_bilinear_upsampling(decoder, skip, size, expected):
   pyramid = coordinate_pyramid()
   head = make_head(decoder=decoder, skip=skip, skip_size=size)
   params, feats, index = init(head, pyramid)
   names = set(params)
-  want_decoders = {'nearest2': {'decoder1'}, 'nearest4': {'decoder1', 'decoder2'},
-                   'identity': {'decoder1'}, 'bilinear2': set()}[expected]
+  want_decoders = {
+    'nearest2': {'decoder1'},
+    'nearest4': {'decoder1', 'decoder2'},
+    'identity': {'decoder1'},
+    'bilinear2': set(),
+  }[expected]
   assert {n for n in names if n.startswith('decoder')} == want_decoders
   assert ('skip_proj' in names) == skip
   # The fusion conv reads fine_dim channels, plus fine_dim skip channels with the skip.
   assert params['fuse1']['kernel'].shape[2] == FINE * (2 if skip else 1)
   params = pass_through(params, list(range(FINE)))  # the fine-path channels
   fused, reduced = fused_and_reduced(head, params, feats, pyramid, index)
-  want = {'nearest2': lambda x: nearest_up(x, 2), 'nearest4': lambda x: nearest_up(x, 4),
-          'identity': lambda x: x, 'bilinear2': lambda x: bilinear_up(x, 2)}[expected](reduced)
+  want = {
+    'nearest2': lambda x: nearest_up(x, 2),
+    'nearest4': lambda x: nearest_up(x, 4),
+    'identity': lambda x: x,
+    'bilinear2': lambda x: bilinear_up(x, 2),
+  }[expected](reduced)
   assert reduced.any()
   np.testing.assert_allclose(fused, want, rtol=1e-5, atol=1e-6)
 
@@ -174,19 +201,21 @@ def test_output_depends_on_the_skip_level_inside_the_roi_only_with_the_skip():
     bumped = other[level].copy()
     bumped[0][region] += 50.0
     other[level] = bumped
-    return not np.array_equal(np.asarray(head.apply({'params': params}, feats, other, ROIS,
-                                                    index)), np.asarray(base))
+    return not np.array_equal(
+      np.asarray(head.apply({'params': params}, feats, other, ROIS, index)), np.asarray(base)
+    )
 
-  inside = np.s_[4:9, 5:10]      # P2 pixels under the first ROI (rows 3-10, cols 4-11)
-  corner = np.s_[14:, 14:]       # P2 pixels under neither ROI
+  inside = np.s_[4:9, 5:10]  # P2 pixels under the first ROI (rows 3-10, cols 4-11)
+  corner = np.s_[14:, 14:]  # P2 pixels under neither ROI
   for level in ('P2', 'P3'):
     head = make_head(skip=True, skip_level=level)
     params, feats, index = init(head, pyramid)
     p3_inside = np.s_[2:4, 2:4]
     assert changed(head, params, feats, index, level, inside if level == 'P2' else p3_inside)
     other_level = 'P3' if level == 'P2' else 'P2'
-    assert not changed(head, params, feats, index, other_level,
-                       p3_inside if other_level == 'P3' else inside)
+    assert not changed(
+      head, params, feats, index, other_level, p3_inside if other_level == 'P3' else inside
+    )
     assert not changed(head, params, feats, index, 'P2', corner)
   head = make_head(skip=False)
   params, feats, index = init(head, pyramid)
@@ -211,8 +240,12 @@ def roi_align_reference(level_map, roi, stride, size, ratio):
           r0, c0 = int(np.floor(y)), int(np.floor(x))
           ty, tx = y - r0, x - c0
           pick = lambda r, c: level_map[min(max(r, 0), h - 1), min(max(c, 0), w - 1)]
-          acc = acc + ((1 - ty) * (1 - tx) * pick(r0, c0) + (1 - ty) * tx * pick(r0, c0 + 1)
-                       + ty * (1 - tx) * pick(r0 + 1, c0) + ty * tx * pick(r0 + 1, c0 + 1))
+          acc = acc + (
+            (1 - ty) * (1 - tx) * pick(r0, c0)
+            + (1 - ty) * tx * pick(r0, c0 + 1)
+            + ty * (1 - tx) * pick(r0 + 1, c0)
+            + ty * tx * pick(r0 + 1, c0 + 1)
+          )
       out[i, j] = acc / ratio**2
   return out
 
@@ -225,15 +258,23 @@ def test_skip_takes_its_sampling_ratio_samples_per_bin(ratio):
   pyramid = coordinate_pyramid()
   rows, cols = np.meshgrid(np.arange(64), np.arange(64), indexing='ij')
   # Positive (the skip features pass a ReLU) and varying from pixel to pixel.
-  pyramid['P2'] = 2.0 + np.stack([np.sin(2.1 * rows) * np.cos(1.7 * cols),
-                                  np.cos(2.3 * rows + 0.9 * cols)], -1)[None].astype(np.float32)
+  pyramid['P2'] = 2.0 + np.stack(
+    [np.sin(2.1 * rows) * np.cos(1.7 * cols), np.cos(2.3 * rows + 0.9 * cols)], -1
+  )[None].astype(np.float32)
   rois = np.array([[20.0, 30.0, 230.0, 220.0], [8.0, 4.0, 200.0, 250.0]], np.float32)
   size = 28
   head = make_head(skip=True, skip_level='P2', skip_size=size, skip_sampling_ratio=ratio)
   params, feats, index = init(head, pyramid)
   params = pass_through(params, [FINE + c for c in range(FINE)])
-  _, state = head.apply({'params': params}, feats, pyramid, rois, index,
-                        capture_intermediates=True, mutable=['intermediates'])
+  _, state = head.apply(
+    {'params': params},
+    feats,
+    pyramid,
+    rois,
+    index,
+    capture_intermediates=True,
+    mutable=['intermediates'],
+  )
   fused = np.asarray(state['intermediates']['fuse1']['__call__'][0])
   for k, roi in enumerate(rois):
     want = roi_align_reference(pyramid['P2'][0], roi, 4, size, ratio)
@@ -244,8 +285,8 @@ def test_skip_takes_its_sampling_ratio_samples_per_bin(ratio):
 
 def test_adaptive_sampling_ratio_follows_the_input_size():
   # ceil(max(H, W) / 2 / stride / S): a box half the input wide gets a sample per map pixel.
-  assert heads.adaptive_sampling_ratio((128, 128), 'P2', 56) == 1    # 0.29
-  assert heads.adaptive_sampling_ratio((512, 384), 'P2', 56) == 2    # 1.14
+  assert heads.adaptive_sampling_ratio((128, 128), 'P2', 56) == 1  # 0.29
+  assert heads.adaptive_sampling_ratio((512, 384), 'P2', 56) == 2  # 1.14
   assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 56) == 3  # 2.29: the paper's input
   assert heads.adaptive_sampling_ratio((1024, 1024), 'P3', 28) == 3  # 2.29
   assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 112) == 2  # 1.14

@@ -38,14 +38,15 @@ def _per_image_mean(numerators, counts):
 
 # --- RPN objectness ------------------------------------------------------------------------------
 
+
 def test_rpn_objectness_is_the_bce_mean_over_each_images_sampled_anchors():
   rng = np.random.default_rng(0)
   b, a = 3, 40
   logits = rng.normal(0, 3, (b, a)).astype(np.float32)
   labels = (rng.random((b, a)) < 0.3).astype(np.float32)
   weight = np.zeros((b, a), np.float32)
-  weight[0, :25] = 1.0   # 25 sampled anchors
-  weight[1, ::7] = 1.0   # 6 sampled anchors
+  weight[0, :25] = 1.0  # 25 sampled anchors
+  weight[1, ::7] = 1.0  # 6 sampled anchors
   # image 2: nothing sampled; its loss is 0 and it still counts as an image in the mean
   want = []
   for i in range(b):
@@ -60,13 +61,15 @@ def test_rpn_objectness_hand_worked():
   """logit 0 costs log 2 whatever the label; logit log 3 with label 1 costs log(4/3)."""
   logits = np.array([[0.0, np.log(3.0), 5.0]], np.float32)
   labels = np.array([[1.0, 1.0, 0.0]], np.float32)
-  weight = np.array([[1.0, 1.0, 0.0]], np.float32)   # the third anchor is not sampled
+  weight = np.array([[1.0, 1.0, 0.0]], np.float32)  # the third anchor is not sampled
   want = (np.log(2.0) + np.log(4.0 / 3.0)) / 2
-  np.testing.assert_allclose(float(losses.rpn_objectness_loss(logits, labels, weight)), want,
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+    float(losses.rpn_objectness_loss(logits, labels, weight)), want, rtol=RTOL
+  )
 
 
 # --- box L1 and its normaliser -------------------------------------------------------------------
+
 
 def test_box_l1_sums_coordinates_of_weighted_rows_over_the_normaliser():
   rng = np.random.default_rng(1)
@@ -75,8 +78,8 @@ def test_box_l1_sums_coordinates_of_weighted_rows_over_the_normaliser():
   target = rng.normal(0, 1, (b, n, 4)).astype(np.float32)
   positive = np.zeros((b, n), np.float32)
   sampled = np.zeros((b, n), np.float32)
-  positive[0, :3], sampled[0, :12] = 1, 1     # 3 positives among 12 sampled
-  positive[1, :1], sampled[1, :16] = 1, 1     # 1 positive among 16
+  positive[0, :3], sampled[0, :12] = 1, 1  # 3 positives among 12 sampled
+  positive[1, :1], sampled[1, :16] = 1, 1  # 1 positive among 16
   # image 2: nothing sampled (an image without proposals): 0, not NaN
   want = []
   for i in range(b):
@@ -89,8 +92,9 @@ def test_box_l1_sums_coordinates_of_weighted_rows_over_the_normaliser():
   np.testing.assert_allclose(got, np.mean(want), rtol=RTOL)
   # Normalised by the sampled count (Detectron2), not by the positives: 12 and 16, not 3 and 1.
   by_positives = _per_image_mean(
-      [positive[i][:, None] * np.abs(pred[i] - target[i].astype(np.float64)) for i in range(b)],
-      positive)
+    [positive[i][:, None] * np.abs(pred[i] - target[i].astype(np.float64)) for i in range(b)],
+    positive,
+  )
   assert abs(got - by_positives) > 0.5 * by_positives
 
 
@@ -99,7 +103,7 @@ def test_box_l1_hand_worked():
   pred = np.zeros((1, 5, 4), np.float32)
   target = np.zeros((1, 5, 4), np.float32)
   target[0, 0] = (-1.0, 2.0, -0.5, 0.0)
-  target[0, 1:] = 9.0                                   # rows of weight 0: never count
+  target[0, 1:] = 9.0  # rows of weight 0: never count
   weight = np.array([[1, 0, 0, 0, 0]], np.float32)
   normaliser = np.array([[1, 1, 1, 1, 0]], np.float32)  # 4 sampled
   got = float(losses.weighted_l1(pred, target, weight, normaliser=normaliser))
@@ -107,6 +111,7 @@ def test_box_l1_hand_worked():
 
 
 # --- classification cross-entropy ----------------------------------------------------------------
+
 
 def test_classification_ce_is_the_mean_over_valid_rois_of_minus_log_softmax():
   rng = np.random.default_rng(2)
@@ -132,16 +137,18 @@ def test_classification_ce_is_the_mean_over_valid_rois_of_minus_log_softmax():
 def test_classification_ce_hand_worked():
   """Uniform logits over 4 classes cost log 4; logits (log 3, 0) with label 0 cost log(4/3)."""
   logits = np.zeros((1, 3, 4), np.float32)
-  logits[0, 1, 0] = np.log(3.0)                  # softmax (3/6, 1/6, 1/6, 1/6)
-  logits[0, 2] = (50.0, -50.0, -50.0, -50.0)     # an invalid row with label 3: would cost 100
+  logits[0, 1, 0] = np.log(3.0)  # softmax (3/6, 1/6, 1/6, 1/6)
+  logits[0, 2] = (50.0, -50.0, -50.0, -50.0)  # an invalid row with label 3: would cost 100
   labels = np.array([[2, 0, 3]], np.int32)
   valid = np.array([[True, True, False]])
   want = (np.log(4.0) + np.log(2.0)) / 2
-  np.testing.assert_allclose(float(losses.softmax_cross_entropy(logits, labels, valid)), want,
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+    float(losses.softmax_cross_entropy(logits, labels, valid)), want, rtol=RTOL
+  )
 
 
 # --- take_class ----------------------------------------------------------------------------------
+
 
 def test_take_class_picks_each_rois_own_class_of_boxes_and_masks():
   rng = np.random.default_rng(3)
@@ -161,13 +168,14 @@ def test_take_class_picks_each_rois_own_class_of_boxes_and_masks():
 
 # --- boundary band and the boundary-weighted mask BCE --------------------------------------------
 
+
 def _band(target):
   """1 where the 3x3 neighbourhood (cut at the border) holds both mask and background."""
   m = target.shape[-1]
   band = np.zeros_like(target)
   for r in range(m):
     for c in range(m):
-      window = target[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
+      window = target[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2]
       band[r, c] = float(window.max() > window.min())
   return band
 
@@ -175,12 +183,17 @@ def _band(target):
 def test_boundary_band_marks_the_pixels_next_to_the_other_side():
   target = np.zeros((6, 6), np.float32)
   target[1:4, 1:5] = 1.0
-  want = np.array([[1, 1, 1, 1, 1, 1],
-                   [1, 1, 1, 1, 1, 1],
-                   [1, 1, 0, 0, 1, 1],
-                   [1, 1, 1, 1, 1, 1],
-                   [1, 1, 1, 1, 1, 1],
-                   [0, 0, 0, 0, 0, 0]], np.float32)
+  want = np.array(
+    [
+      [1, 1, 1, 1, 1, 1],
+      [1, 1, 1, 1, 1, 1],
+      [1, 1, 0, 0, 1, 1],
+      [1, 1, 1, 1, 1, 1],
+      [1, 1, 1, 1, 1, 1],
+      [0, 0, 0, 0, 0, 0],
+    ],
+    np.float32,
+  )
   np.testing.assert_array_equal(np.asarray(losses.boundary_band(target[None, None]))[0, 0], want)
   np.testing.assert_array_equal(_band(target), want)
   # A mask touching the border: the border does not count as background.
@@ -197,7 +210,7 @@ def test_mask_bce_with_boundary_weight_matches_the_weighted_pixel_mean(boundary_
   targets[0, 0, 2:6, 1:7] = 1
   targets[0, 1, 3:5, :] = 1
   targets[1, 0, :, :4] = 1
-  targets[1, 1] = (rng.random((m, m)) < 0.5)
+  targets[1, 1] = rng.random((m, m)) < 0.5
   positive = np.array([[True, True, False], [True, False, False]])
   want = []
   for i in range(b):
@@ -222,9 +235,11 @@ def test_boundary_weight_hand_worked():
   logits = np.zeros((1, 1, 5, 5), np.float32)
   positive = np.ones((1, 1), bool)
   assert float(losses.mask_bce(logits, targets, positive, boundary_weight=3.0)) == pytest.approx(
-      np.log(2.0), rel=RTOL)
+    np.log(2.0), rel=RTOL
+  )
   logits[0, 0, :, 4] = -4.0
   # weights 1 + 3 = 4 on the 10 band pixels, 1 on the 15 others
   want = (10 * 4 * np.log(2) + 10 * np.log(2) + 5 * np.log1p(np.exp(-4.0))) / (10 * 4 + 15)
   assert float(losses.mask_bce(logits, targets, positive, boundary_weight=3.0)) == pytest.approx(
-      want, rel=RTOL)
+    want, rel=RTOL
+  )

@@ -24,7 +24,7 @@ def _case(seed=0):
   logits = rng.normal(0, 2, (2, 3, 6, 6)).astype(np.float32)
   targets = np.zeros((2, 3, 6, 6), np.float32)
   targets[..., 2:4, :] = 1.0  # a thin band, as cartilage in its box
-  targets[1, 2] = 0.0         # an empty target (a padded slot)
+  targets[1, 2] = 0.0  # an empty target (a padded slot)
   positive = np.array([[True, True, False], [True, False, False]])
   return logits, targets, positive
 
@@ -40,8 +40,9 @@ def test_mask_bce_is_the_pixel_mean_over_positive_rois():
 def test_mask_dice_matches_the_soft_dice_definition():
   logits, targets, positive = _case(1)
   p = _sigmoid(logits.astype(np.float64))
-  per_roi = 1 - (2 * (p * targets).sum((-2, -1)) + 1) / (p.sum((-2, -1)) +
-                                                          targets.sum((-2, -1)) + 1)
+  per_roi = 1 - (2 * (p * targets).sum((-2, -1)) + 1) / (
+    p.sum((-2, -1)) + targets.sum((-2, -1)) + 1
+  )
   want = _reference_per_image(per_roi, positive)
   got = float(losses.mask_dice(logits, targets, positive))
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -20,23 +20,42 @@ import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import instances, orientation
 from data_pipelines.phantoms import generate_knee
 from imask_jax.models import heads
-from imask_jax.models.mask_rcnn import (Detections, MaskRCNN, ModelSpec,
-                                        detections_to_label_map, init_variables)
+from imask_jax.models.mask_rcnn import (
+  Detections,
+  MaskRCNN,
+  ModelSpec,
+  detections_to_label_map,
+  init_variables,
+)
 from imask_jax.ops import masks as mask_ops
 
 NUM_CLASSES = 4
 MAX_INSTANCES = 6
-TINY = dict(num_classes=NUM_CLASSES, backbone='resnet18', width=16, fpn_dim=32, box_head_dim=128,
-            mask_head_dim=32, imask=heads.IMaskSpec(fine_dim=16), rpn_pre_nms_topk_train=300,
-            rpn_post_nms_topk_train=64, rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=32,
-            roi_batch_size=32, max_detections=8)
+TINY = dict(
+  num_classes=NUM_CLASSES,
+  backbone='resnet18',
+  width=16,
+  fpn_dim=32,
+  box_head_dim=128,
+  mask_head_dim=32,
+  imask=heads.IMaskSpec(fine_dim=16),
+  rpn_pre_nms_topk_train=300,
+  rpn_post_nms_topk_train=64,
+  rpn_pre_nms_topk_test=200,
+  rpn_post_nms_topk_test=32,
+  roi_batch_size=32,
+  max_detections=8,
+)
 
 
 # --- shapes, without compiling -----------------------------------------------------------------
 
+
 def _pyramid(batch: int, size: int, dim: int) -> dict[str, jax.ShapeDtypeStruct]:
-  return {f'P{k}': jax.ShapeDtypeStruct((batch, -(-size // 2**k), -(-size // 2**k), dim),
-                                        jnp.float32) for k in range(2, 7)}
+  return {
+    f'P{k}': jax.ShapeDtypeStruct((batch, -(-size // 2**k), -(-size // 2**k), dim), jnp.float32)
+    for k in range(2, 7)
+  }
 
 
 def _head_output(head: nn.Module, n: int = 5, batch: int = 2, size: int = 64, dim: int = 16):
@@ -52,18 +71,28 @@ def _head_output(head: nn.Module, n: int = 5, batch: int = 2, size: int = 64, di
   return jax.eval_shape(run, jax.random.PRNGKey(0), feats, pyramid, rois, index)
 
 
-@pytest.mark.parametrize('decoder,skip,skip_size,level,expected', [
-    (True, True, 56, 'P2', 56),     # the paper's head
+@pytest.mark.parametrize(
+  'decoder,skip,skip_size,level,expected',
+  [
+    (True, True, 56, 'P2', 56),  # the paper's head
     (True, True, 28, 'P2', 28),
     (True, True, 112, 'P2', 112),
-    (True, True, 56, 'P3', 56),     # skip reads another level
-    (True, False, 56, 'P2', 56),    # decoder only
-    (False, True, 56, 'P2', 56),    # skip only
-    (False, False, 56, 'P2', 56),   # neither: fixed upsampling + fusion convs
-])
+    (True, True, 56, 'P3', 56),  # skip reads another level
+    (True, False, 56, 'P2', 56),  # decoder only
+    (False, True, 56, 'P2', 56),  # skip only
+    (False, False, 56, 'P2', 56),  # neither: fixed upsampling + fusion convs
+  ],
+)
 def test_imask_head_output_sizes(decoder, skip, skip_size, level, expected):
-  head = heads.IMaskHead(num_classes=3, dim=16, decoder=decoder, skip=skip, skip_size=skip_size,
-                         skip_level=level, fine_dim=8)
+  head = heads.IMaskHead(
+    num_classes=3,
+    dim=16,
+    decoder=decoder,
+    skip=skip,
+    skip_size=skip_size,
+    skip_level=level,
+    fine_dim=8,
+  )
   out = _head_output(head)
   assert out.shape == (5, expected, expected, 3) and out.dtype == jnp.float32
 
@@ -75,7 +104,8 @@ def test_standard_mask_head_and_box_heads():
   for kind in ('fc', 'conv'):
     head = heads.BoxHead(num_classes=3, kind=kind, dim=32, conv_dim=8)
     logits, deltas = jax.eval_shape(
-        lambda k, x: head.apply(head.init(k, x), x), jax.random.PRNGKey(0), x)
+      lambda k, x: head.apply(head.init(k, x), x), jax.random.PRNGKey(0), x
+    )
     assert logits.shape == (5, 4) and deltas.shape == (5, 3, 4)
 
 
@@ -103,25 +133,32 @@ def test_bf16_compute_keeps_float32_params_and_losses(head):
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   batch = _synthetic_targets(2, 64)
   loss, terms = jax.eval_shape(
-      lambda v, b, k: model.apply(v, b['image'], b, k, True, method=MaskRCNN.losses),
-      variables, batch, jax.random.split(jax.random.PRNGKey(1), 2))
+    lambda v, b, k: model.apply(v, b['image'], b, k, True, method=MaskRCNN.losses),
+    variables,
+    batch,
+    jax.random.split(jax.random.PRNGKey(1), 2),
+  )
   assert loss.dtype == jnp.float32 and all(t.dtype == jnp.float32 for t in terms.values())
-  det = jax.eval_shape(lambda v, x: model.apply(v, x, method=MaskRCNN.detect), variables,
-                       batch['image'])
+  det = jax.eval_shape(
+    lambda v, x: model.apply(v, x, method=MaskRCNN.detect), variables, batch['image']
+  )
   assert det.mask_probs.shape == (2, 8, spec.mask_size, spec.mask_size)
   assert det.boxes.shape == (2, 8, 4) and det.classes.dtype == jnp.int32
 
 
 def _synthetic_targets(batch: int, size: int) -> dict[str, jax.ShapeDtypeStruct]:
   m = MAX_INSTANCES
-  return dict(image=jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
-              gt_boxes=jax.ShapeDtypeStruct((batch, m, 4), jnp.float32),
-              gt_classes=jax.ShapeDtypeStruct((batch, m), jnp.int32),
-              gt_masks=jax.ShapeDtypeStruct((batch, m, size, size), jnp.uint8),
-              gt_valid=jax.ShapeDtypeStruct((batch, m), jnp.bool_))
+  return dict(
+    image=jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
+    gt_boxes=jax.ShapeDtypeStruct((batch, m, 4), jnp.float32),
+    gt_classes=jax.ShapeDtypeStruct((batch, m), jnp.int32),
+    gt_masks=jax.ShapeDtypeStruct((batch, m, size, size), jnp.uint8),
+    gt_valid=jax.ShapeDtypeStruct((batch, m), jnp.bool_),
+  )
 
 
 # --- label maps from detections -----------------------------------------------------------------
+
 
 def _uniform_detections(rows):
   """One image of (class, score, box, uniform mask probability) detections, one padding slot."""
@@ -135,12 +172,14 @@ def _uniform_detections(rows):
 
 
 def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scores():
-  det = _uniform_detections([
-      (1, 0.95, (0, 0, 8, 8), 0.6),     # confident box, half-sure mask: support 0.57
-      (2, 0.80, (4, 4, 12, 12), 0.9),   # support 0.72 where they overlap: it wins there
-      (3, 0.30, (0, 8, 8, 16), 1.0),    # below min_score: not painted, still a mask
+  det = _uniform_detections(
+    [
+      (1, 0.95, (0, 0, 8, 8), 0.6),  # confident box, half-sure mask: support 0.57
+      (2, 0.80, (4, 4, 12, 12), 0.9),  # support 0.72 where they overlap: it wins there
+      (3, 0.30, (0, 8, 8, 16), 1.0),  # below min_score: not painted, still a mask
       (4, 0.99, (12, 12, 16, 16), 0.4),  # mask below the 0.5 threshold: nothing
-  ])
+    ]
+  )
   label_map, masks = detections_to_label_map(det, (16, 16), threshold=0.5, min_score=0.5)
   want = np.zeros((16, 16), np.int32)
   want[0:8, 0:8] = 1
@@ -153,7 +192,7 @@ def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scor
   # With no score cut the low-scoring detection is painted where nothing else claims a pixel.
   label_map, _ = detections_to_label_map(det, (16, 16), threshold=0.5)
   want[0:8, 8:16] = 3
-  want[4:8, 8:12] = 2   # 0.72 against its 0.30
+  want[4:8, 8:12] = 2  # 0.72 against its 0.30
   np.testing.assert_array_equal(np.asarray(label_map)[0], want)
 
 
@@ -161,13 +200,17 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections():
   rng = np.random.default_rng(3)
   b, d, size = 2, 6, 20
   y1, x1 = rng.uniform(-2, 14, (b, d)), rng.uniform(-2, 14, (b, d))
-  boxes = np.stack([y1, x1, y1 + rng.uniform(2, 12, (b, d)), x1 + rng.uniform(2, 12, (b, d))],
-                   -1).astype(np.float32)
+  boxes = np.stack(
+    [y1, x1, y1 + rng.uniform(2, 12, (b, d)), x1 + rng.uniform(2, 12, (b, d))], -1
+  ).astype(np.float32)
   scores = rng.uniform(0.05, 1, (b, d)).astype(np.float32)
-  det = Detections(jnp.asarray(boxes), jnp.asarray(scores),
-                   jnp.asarray(rng.integers(1, 5, (b, d)), jnp.int32),
-                   jnp.asarray(rng.uniform(size=(b, d)) < 0.8),
-                   jnp.asarray(rng.uniform(size=(b, d, 7, 7)), jnp.float32))
+  det = Detections(
+    jnp.asarray(boxes),
+    jnp.asarray(scores),
+    jnp.asarray(rng.integers(1, 5, (b, d)), jnp.int32),
+    jnp.asarray(rng.uniform(size=(b, d)) < 0.8),
+    jnp.asarray(rng.uniform(size=(b, d, 7, 7)), jnp.float32),
+  )
   label_map, _ = detections_to_label_map(det, (size, size), threshold=0.5, min_score=0.3)
   for i in range(b):
     probs = np.asarray(mask_ops.paste_mask_probs(det.mask_probs[i], det.boxes[i], (size, size)))
@@ -184,6 +227,7 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections():
 
 # --- overfitting two phantom slices --------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def phantom_batch() -> dict[str, np.ndarray]:
   """Two sagittal slices of a knee phantom (128 x 128), normalised, with their instances."""
@@ -196,7 +240,8 @@ def phantom_batch() -> dict[str, np.ndarray]:
   out = {k: [] for k in ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')}
   for i in (middle - 4, middle + 4):
     padded = instances.pad_instances(
-        instances.extract_instances(labels[i], {1: 1, 2: 2, 3: 3, 4: 4}), MAX_INSTANCES)
+      instances.extract_instances(labels[i], {1: 1, 2: 2, 3: 3, 4: 4}), MAX_INSTANCES
+    )
     out['image'].append(np.clip((images[i] - lo) / (hi - lo), 0, 1)[..., None])
     out['gt_boxes'].append(padded.boxes)
     out['gt_classes'].append(padded.classes)
@@ -232,8 +277,9 @@ def trained(request):
   def step(params, opt_state, i):
     traces.append(i)  # Python runs here only while JAX traces: one entry per compilation
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), i), 2)
-    loss_fn = lambda p: model.apply({'params': p}, data['image'], data, keys, True,
-                                    method=MaskRCNN.losses)
+    loss_fn = lambda p: model.apply(
+      {'params': p}, data['image'], data, keys, True, method=MaskRCNN.losses
+    )
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     grad_norms = jax.tree.map(lambda g: jnp.sqrt(jnp.sum(jnp.square(g))), grads)
@@ -246,8 +292,14 @@ def trained(request):
     losses.append(float(loss))
     if i == 2:  # after two updates, zero-initialised residual scales have moved
       grad_norms_step2 = jax.device_get(grad_norms)
-  return dict(model=model, params=params, batch=batch, losses=losses,
-              grad_norms=grad_norms_step2, compiles=len(traces))
+  return dict(
+    model=model,
+    params=params,
+    batch=batch,
+    losses=losses,
+    grad_norms=grad_norms_step2,
+    compiles=len(traces),
+  )
 
 
 @pytest.mark.e2e  # trains the tiny model for many steps
@@ -268,15 +320,16 @@ def test_gradient_reaches_every_parameter(trained):
 def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
   model, params, batch = trained['model'], trained['params'], trained['batch']
   det = jax.jit(lambda p, x: model.apply({'params': p}, x, method=MaskRCNN.detect))(
-      params, jnp.asarray(batch['image']))
+    params, jnp.asarray(batch['image'])
+  )
   label_map, masks = detections_to_label_map(det, model.spec.image_size)
   det = jax.device_get(det)
   height, width = model.spec.image_size
   for b in range(2):
     valid = det.valid[b]
     count = int(valid.sum())
-    assert np.all(valid[:count]) and not np.any(valid[count:])       # valid first, then padding
-    assert np.all(np.diff(det.scores[b][:count]) <= 0)               # by descending score
+    assert np.all(valid[:count]) and not np.any(valid[count:])  # valid first, then padding
+    assert np.all(np.diff(det.scores[b][:count]) <= 0)  # by descending score
     assert np.all((det.classes[b][:count] >= 1) & (det.classes[b][:count] <= NUM_CLASSES))
     assert np.all(det.classes[b][count:] == 0) and np.all(det.scores[b][count:] == 0)
     boxes = det.boxes[b][:count]
@@ -291,5 +344,5 @@ def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
     if t.sum():
       dice[c] = 2 * np.sum(t & p) / (t.sum() + p.sum())
   print(model.spec.mask_head, 'dice per class', dice)
-  assert dice[1] >= 0.95 and dice[3] >= 0.95, dice                    # femur, tibia
+  assert dice[1] >= 0.95 and dice[3] >= 0.95, dice  # femur, tibia
   assert np.mean(list(dice.values())) >= 0.9, dice

@@ -35,8 +35,7 @@ BOX_ATOL = 1e-3
 
 
 def iou(p, q) -> float:
-  inter = (max(min(p[2], q[2]) - max(p[0], q[0]), 0.0) *
-           max(min(p[3], q[3]) - max(p[1], q[1]), 0.0))
+  inter = max(min(p[2], q[2]) - max(p[0], q[0]), 0.0) * max(min(p[3], q[3]) - max(p[1], q[1]), 0.0)
   union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
   return inter / union if union > 0 else 0.0
 
@@ -54,8 +53,12 @@ def greedy(candidates, threshold, max_outputs):
 
 def near_threshold(candidates, threshold) -> float:
   """The smallest |IoU - threshold| over same-group pairs: how close a decision came."""
-  gaps = [abs(iou(a[3], b[3]) - threshold) for i, a in enumerate(candidates)
-          for b in candidates[i + 1:] if a[2] == b[2]]
+  gaps = [
+    abs(iou(a[3], b[3]) - threshold)
+    for i, a in enumerate(candidates)
+    for b in candidates[i + 1 :]
+    if a[2] == b[2]
+  ]
   return min(gaps) if gaps else math.inf
 
 
@@ -66,8 +69,12 @@ def decode_rpn(delta, anchor, height, width):
   h = ah * math.exp(min(delta[2], math.log(1000.0 / 16.0)))
   w = aw * math.exp(min(delta[3], math.log(1000.0 / 16.0)))
   box = [cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2]
-  return [min(max(box[0], 0.0), height), min(max(box[1], 0.0), width),
-          min(max(box[2], 0.0), height), min(max(box[3], 0.0), width)]
+  return [
+    min(max(box[0], 0.0), height),
+    min(max(box[1], 0.0), width),
+    min(max(box[2], 0.0), height),
+    min(max(box[3], 0.0), width),
+  ]
 
 
 def reference_propose(logits, deltas, anchors, pre, post, threshold):
@@ -75,26 +82,26 @@ def reference_propose(logits, deltas, anchors, pre, post, threshold):
   starts = anchors.level_starts
   for level in range(anchors.num_levels):
     lo, hi = starts[level], starts[level + 1]
-    top = sorted(range(lo, hi), key=lambda i: (-float(logits[i]), i))[:min(pre, hi - lo)]
+    top = sorted(range(lo, hi), key=lambda i: (-float(logits[i]), i))[: min(pre, hi - lo)]
     for i in top:
-      box = decode_rpn([float(v) for v in deltas[i]], [float(v) for v in anchors.boxes[i]],
-                       *IMAGE)
+      box = decode_rpn([float(v) for v in deltas[i]], [float(v) for v in anchors.boxes[i]], *IMAGE)
       candidates.append((float(logits[i]), len(candidates), level, box))
   sized = [c for c in candidates if c[3][2] - c[3][0] > 1e-3 and c[3][3] - c[3][1] > 1e-3]
   return greedy(sized, threshold, post), sized
 
 
 def rpn_case(seed):
-  anchors = anchor_ops.multilevel_anchors(IMAGE, sizes=(8, 16, 32, 64, 128),
-                                          aspect_ratios=(0.5, 1.0, 2.0))
+  anchors = anchor_ops.multilevel_anchors(
+    IMAGE, sizes=(8, 16, 32, 64, 128), aspect_ratios=(0.5, 1.0, 2.0)
+  )
   rng = np.random.default_rng(seed)
   n = len(anchors.boxes)
   logits = np.round(rng.normal(0, 2, n), 1).astype(np.float32)  # one decimal: many exact ties
   deltas = np.concatenate([rng.normal(0, 0.3, (n, 2)), rng.uniform(-1.5, 1.5, (n, 2))], 1)
   far = rng.random(n) < 0.1
-  deltas[far, :2] = rng.choice([-6.0, 6.0], (far.sum(), 2))        # pushed out: zero-size boxes
+  deltas[far, :2] = rng.choice([-6.0, 6.0], (far.sum(), 2))  # pushed out: zero-size boxes
   huge = rng.random(n) < 0.05
-  deltas[huge, 2:] = 20.0                                          # clamped scale
+  deltas[huge, 2:] = 20.0  # clamped scale
   return anchors, logits, deltas.astype(np.float32)
 
 
@@ -107,11 +114,21 @@ PRE, POST, RPN_NMS = 20, 48, 0.6
 def test_proposals_are_per_level_topk_then_per_level_nms_then_global_topk():
   cases = [rpn_case(seed) for seed in (0, 3)]  # seeds with no IoU near the threshold
   anchors = cases[0][0]
-  fn = jax.jit(jax.vmap(functools.partial(propose, anchors=anchors, image_size=IMAGE,
-                                          pre_nms_topk=PRE, post_nms_topk=POST,
-                                          nms_threshold=RPN_NMS)))
-  boxes, valid = (np.asarray(x) for x in fn(np.stack([c[1] for c in cases]),
-                                            np.stack([c[2] for c in cases])))
+  fn = jax.jit(
+    jax.vmap(
+      functools.partial(
+        propose,
+        anchors=anchors,
+        image_size=IMAGE,
+        pre_nms_topk=PRE,
+        post_nms_topk=POST,
+        nms_threshold=RPN_NMS,
+      )
+    )
+  )
+  boxes, valid = (
+    np.asarray(x) for x in fn(np.stack([c[1] for c in cases]), np.stack([c[2] for c in cases]))
+  )
   assert [len(a) for a in anchors.per_level] == [240, 60, 18, 6, 3]
   survivors = []
   for b, (_, logits, deltas) in enumerate(cases):
@@ -149,18 +166,28 @@ def detection_case(seed, n=24, k=3):
 
 def reference_select(boxes, probs, valid):
   n, k = probs.shape
-  candidates = [(float(probs[i, c]), i * k + c, c + 1, [float(v) for v in boxes[i, c]])
-                for i in range(n) for c in range(k)
-                if valid[i] and probs[i, c] > np.float32(SCORE_THRESHOLD)]
+  candidates = [
+    (float(probs[i, c]), i * k + c, c + 1, [float(v) for v in boxes[i, c]])
+    for i in range(n)
+    for c in range(k)
+    if valid[i] and probs[i, c] > np.float32(SCORE_THRESHOLD)
+  ]
   return greedy(candidates, DET_NMS, MAX_DET), candidates
 
 
 @pytest.fixture(scope='module')
 def select():
   """select_detections for two images of 24 proposals x 3 classes, compiled once."""
-  return jax.jit(jax.vmap(functools.partial(select_detections, max_detections=MAX_DET,
-                                            score_threshold=SCORE_THRESHOLD,
-                                            nms_threshold=DET_NMS)))
+  return jax.jit(
+    jax.vmap(
+      functools.partial(
+        select_detections,
+        max_detections=MAX_DET,
+        score_threshold=SCORE_THRESHOLD,
+        nms_threshold=DET_NMS,
+      )
+    )
+  )
 
 
 def test_detections_are_per_class_nms_of_valid_scored_pairs_best_first(select):
@@ -196,7 +223,7 @@ def test_boxes_of_different_classes_do_not_suppress_each_other(select):
   boxes[:, 1, 0] = (0, 0, 9, 9)
   boxes[:, 1, 1] = (20, 20, 30, 30)
   probs[:, :2, :2] = [[0.9, 0.8], [0.7, 0.6]]
-  probs[:, 2:] = 0.95                      # invalid proposals: never detections
+  probs[:, 2:] = 0.95  # invalid proposals: never detections
   valid[:, :2] = True
   det_boxes, scores, classes, det_valid = (np.asarray(x)[0] for x in select(boxes, probs, valid))
   np.testing.assert_array_equal(det_valid, np.arange(MAX_DET) < 3)

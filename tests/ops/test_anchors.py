@@ -1,4 +1,5 @@
 """Anchors against a loop-by-loop NumPy reference and their documented conventions."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def test_level_anchors_match_reference_with_extreme_ratios():
 def test_ratio_is_height_over_width_and_area_is_size_squared():
   shapes = anchor_ops.anchor_shapes(64.0, scales_per_octave=1, aspect_ratios=(0.125, 1.0, 8.0))
   np.testing.assert_allclose(shapes[:, 0] / shapes[:, 1], [0.125, 1.0, 8.0])
-  np.testing.assert_allclose(shapes[:, 0] * shapes[:, 1], 64.0 ** 2)
+  np.testing.assert_allclose(shapes[:, 0] * shapes[:, 1], 64.0**2)
   # ratio 8: a tall band, sqrt(8) times the size high and size / sqrt(8) wide.
   np.testing.assert_allclose(shapes[2], [64.0 * math.sqrt(8), 64.0 / math.sqrt(8)])
 
@@ -73,16 +74,20 @@ def test_multilevel_layout_on_a_non_square_image():
 
 
 def test_explicit_feature_shapes_are_used():
-  result = anchor_ops.multilevel_anchors((64, 64), strides=(8, 16), sizes=(16, 32),
-                                         aspect_ratios=(1.0,), feature_shapes=[(7, 9), (3, 4)])
+  result = anchor_ops.multilevel_anchors(
+    (64, 64), strides=(8, 16), sizes=(16, 32), aspect_ratios=(1.0,), feature_shapes=[(7, 9), (3, 4)]
+  )
   assert [len(a) for a in result.per_level] == [63, 12]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(aspect_ratios=(1.0, 0.0)), "aspect_ratios"),
-    (dict(scales_per_octave=0), "scales_per_octave"),
-    (dict(sizes=(32, 64)), "one size per stride"),
-])
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
+    (dict(aspect_ratios=(1.0, 0.0)), 'aspect_ratios'),
+    (dict(scales_per_octave=0), 'scales_per_octave'),
+    (dict(sizes=(32, 64)), 'one size per stride'),
+  ],
+)
 def test_bad_configuration_is_named(kwargs, message):
   with pytest.raises(ValueError, match=message):
     anchor_ops.multilevel_anchors((64, 64), **kwargs)

@@ -1,4 +1,5 @@
 """Box ops against plain NumPy references, with hypothesis properties."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,12 @@ def reference_encode(box, anchor, weights):
   bh, bw = box[2] - box[0], box[3] - box[1]
   acy, acx = anchor[0] + ah / 2, anchor[1] + aw / 2
   bcy, bcx = box[0] + bh / 2, box[1] + bw / 2
-  return [weights[0] * (bcy - acy) / ah, weights[1] * (bcx - acx) / aw,
-          weights[2] * math.log(bh / ah), weights[3] * math.log(bw / aw)]
+  return [
+    weights[0] * (bcy - acy) / ah,
+    weights[1] * (bcx - acx) / aw,
+    weights[2] * math.log(bh / ah),
+    weights[3] * math.log(bw / aw),
+  ]
 
 
 def boxes_from(corner, size):
@@ -52,8 +57,9 @@ coords = st.floats(0.0, 100.0, width=32)
 # float64 reference still sees one. No detector box is a thousandth of a pixel wide.
 sides = st.one_of(st.just(0.0), st.floats(2.0**-10, 30.0, width=32))
 # 12 boxes with corners in [0, 100] and sides in {0} or [2**-10, 30] (zero-area boxes included).
-box_sets = st.tuples(hnp.arrays(np.float32, (12, 2), elements=coords),
-                     hnp.arrays(np.float32, (12, 2), elements=sides))
+box_sets = st.tuples(
+  hnp.arrays(np.float32, (12, 2), elements=coords), hnp.arrays(np.float32, (12, 2), elements=sides)
+)
 
 
 @settings(max_examples=25, deadline=None)
@@ -63,8 +69,9 @@ def test_iou_is_symmetric_bounded_and_matches_reference(corner_size):
   iou = np.asarray(_iou(b, b))
   assert np.all(np.isfinite(iou)) and np.all((iou >= 0) & (iou <= 1))
   np.testing.assert_allclose(iou, iou.T, atol=1e-6)
-  np.testing.assert_allclose(iou, reference_iou(b.astype(np.float64), b.astype(np.float64)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    iou, reference_iou(b.astype(np.float64), b.astype(np.float64)), atol=1e-5
+  )
   has_area = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
   np.testing.assert_allclose(np.diag(iou)[has_area], 1.0, atol=1e-6)
 
@@ -93,10 +100,12 @@ def test_encode_matches_reference():
   b = boxes_from(rng.uniform(0, 50, (20, 2)), rng.uniform(1, 40, (20, 2)))
   a = boxes_from(rng.uniform(0, 50, (20, 2)), rng.uniform(1, 40, (20, 2)))
   for weights in (WEIGHTS, (1.0, 1.0, 1.0, 1.0)):
-    want = [reference_encode(p.astype(np.float64), q.astype(np.float64), weights)
-            for p, q in zip(b, a)]
-    np.testing.assert_allclose(np.asarray(box_ops.encode(b, a, weights)), want,
-                               rtol=1e-5, atol=1e-4)
+    want = [
+      reference_encode(p.astype(np.float64), q.astype(np.float64), weights) for p, q in zip(b, a)
+    ]
+    np.testing.assert_allclose(
+      np.asarray(box_ops.encode(b, a, weights)), want, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_decode_clamps_log_scale_before_exp():
@@ -104,19 +113,22 @@ def test_decode_clamps_log_scale_before_exp():
   deltas = np.array([[0, 0, 1e4, 1e4]], np.float32)  # exp(2000) would overflow
   out = np.asarray(jax.jit(box_ops.decode)(deltas, anchor))
   side = 16.0 * 1000.0 / 16.0
-  np.testing.assert_allclose(out, [[8 - side / 2, 8 - side / 2, 8 + side / 2, 8 + side / 2]],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out, [[8 - side / 2, 8 - side / 2, 8 + side / 2, 8 + side / 2]], rtol=1e-5
+  )
 
 
 def test_encode_of_degenerate_box_is_finite():
-  out = np.asarray(box_ops.encode(np.zeros((1, 4), np.float32),
-                                  np.array([[0, 0, 8, 8]], np.float32)))
+  out = np.asarray(
+    box_ops.encode(np.zeros((1, 4), np.float32), np.array([[0, 0, 8, 8]], np.float32))
+  )
   assert np.all(np.isfinite(out))
 
 
 def test_clip_with_static_and_per_image_sizes_under_vmap():
-  boxes = np.array([[[-5, -3, 50, 70], [10, 20, 30, 40]],
-                    [[-1, 2, 90, 90], [5, -8, 6, 200]]], np.float32)
+  boxes = np.array(
+    [[[-5, -3, 50, 70], [10, 20, 30, 40]], [[-1, 2, 90, 90], [5, -8, 6, 200]]], np.float32
+  )
   hw = np.array([[40, 64], [80, 100]], np.float32)
   want = boxes.copy()
   for i in range(2):
@@ -135,12 +147,13 @@ def test_batched_under_jit_and_vmap_equals_per_image():
   for i in range(3):
     np.testing.assert_allclose(iou[i], reference_iou(a[i], b[i]), atol=1e-5)
   deltas = jax.jit(jax.vmap(box_ops.encode))(a[:, :5], b)
-  np.testing.assert_allclose(np.asarray(jax.vmap(box_ops.decode)(deltas, b)), a[:, :5],
-                             rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(jax.vmap(box_ops.decode)(deltas, b)), a[:, :5], rtol=1e-5, atol=1e-3
+  )
 
 
 def test_bad_shapes_and_weights_are_named():
-  with pytest.raises(ValueError, match=r"iou_matrix\(a\).*\(3, 5\)"):
+  with pytest.raises(ValueError, match=r'iou_matrix\(a\).*\(3, 5\)'):
     box_ops.iou_matrix(jnp.zeros((3, 5)), jnp.zeros((2, 4)))
-  with pytest.raises(ValueError, match="weights"):
+  with pytest.raises(ValueError, match='weights'):
     box_ops.encode(jnp.zeros((2, 4)), jnp.ones((2, 4)), weights=(1.0, 1.0, 0.0, 1.0))

@@ -1,4 +1,5 @@
 """Mask targets and mask pasting against NumPy loops and analytic shapes."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,12 @@ def reference_sample(mask, y, x):
   y0, x0 = min(int(y), height - 1), min(int(x), width - 1)
   y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
   ly, lx = y - y0, x - x0
-  return ((1 - ly) * (1 - lx) * mask[y0, x0] + (1 - ly) * lx * mask[y0, x1]
-          + ly * (1 - lx) * mask[y1, x0] + ly * lx * mask[y1, x1])
+  return (
+    (1 - ly) * (1 - lx) * mask[y0, x0]
+    + (1 - ly) * lx * mask[y0, x1]
+    + ly * (1 - lx) * mask[y1, x0]
+    + ly * lx * mask[y1, x1]
+  )
 
 
 def reference_crop_and_resize(mask, box, m, cap=4):
@@ -39,8 +44,9 @@ def reference_crop_and_resize(mask, box, m, cap=4):
       total = 0.0
       for a in range(grid_h):
         for b in range(grid_w):
-          total += reference_sample(mask, y1 + (i + (a + 0.5) / grid_h) * bin_h,
-                                    x1 + (j + (b + 0.5) / grid_w) * bin_w)
+          total += reference_sample(
+            mask, y1 + (i + (a + 0.5) / grid_h) * bin_h, x1 + (j + (b + 0.5) / grid_w) * bin_w
+          )
       out[i, j] = total / max(grid_h * grid_w, 1)
   return out
 
@@ -63,9 +69,9 @@ def reference_paste(prob, box, height, width):
       v = min(max((cx - x1) / (x2 - x1) * m_w - 0.5, 0.0), m_w - 1.0)
       value = 0.0
       for k in (math.floor(u), math.floor(u) + 1):
-        for l in (math.floor(v), math.floor(v) + 1):
-          if k < m_h and l < m_w:  # the second tap of the last cell has weight 0
-            value += (1 - abs(u - k)) * (1 - abs(v - l)) * prob[k, l]
+        for j in (math.floor(v), math.floor(v) + 1):
+          if k < m_h and j < m_w:  # the second tap of the last cell has weight 0
+            value += (1 - abs(u - k)) * (1 - abs(v - j)) * prob[k, j]
       out[r, c] = value
   return out
 
@@ -96,8 +102,9 @@ def test_mask_targets_match_numpy_crop_and_resize():
   for s in range(12):
     soft = reference_crop_and_resize(gt[matched[s]].astype(float), rois[s], 7)
     decided = np.abs(soft - 0.5) > 1e-4  # values at 0.5 +- rounding may go either way
-    np.testing.assert_array_equal(got[s][decided], (soft >= 0.5)[decided].astype(np.float32),
-                                  err_msg=f"roi {s}")
+    np.testing.assert_array_equal(
+      got[s][decided], (soft >= 0.5)[decided].astype(np.float32), err_msg=f'roi {s}'
+    )
 
 
 def test_roi_on_a_rectangle_gives_all_ones():
@@ -126,25 +133,30 @@ def test_paste_matches_numpy_loop():
       value = reference_paste(probs[d], boxes[d], 24, 28)
       want = np.where(np.isnan(value), False, np.nan_to_num(value) >= threshold)
       decided = np.isnan(value) | (np.abs(np.nan_to_num(value) - threshold) > 1e-5)
-      np.testing.assert_array_equal(got[d][decided], want[decided], err_msg=f"det {d}")
+      np.testing.assert_array_equal(got[d][decided], want[decided], err_msg=f'det {d}')
   assert not got[0].any()
-  values = np.asarray(jax.jit(mask_ops.paste_mask_probs, static_argnums=2)(probs, boxes,
-                                                                         (24, 28)))
+  values = np.asarray(jax.jit(mask_ops.paste_mask_probs, static_argnums=2)(probs, boxes, (24, 28)))
   for d in range(5):
     want = np.nan_to_num(reference_paste(probs[d], boxes[d], 24, 28))  # 0 outside the box
-    np.testing.assert_allclose(values[d], want, atol=1e-6, err_msg=f"det {d}")
+    np.testing.assert_allclose(values[d], want, atol=1e-6, err_msg=f'det {d}')
 
 
 @settings(max_examples=25, deadline=None)
-@given(y1=st.floats(-5.0, 30.0), x1=st.floats(-5.0, 30.0), h=st.floats(0.2, 30.0),
-       w=st.floats(0.2, 30.0), m=st.sampled_from([4, 28]))
+@given(
+  y1=st.floats(-5.0, 30.0),
+  x1=st.floats(-5.0, 30.0),
+  h=st.floats(0.2, 30.0),
+  w=st.floats(0.2, 30.0),
+  m=st.sampled_from([4, 28]),
+)
 def test_full_mask_pastes_to_its_box(y1, x1, h, w, m):
   box = np.array([[y1, x1, y1 + h, x1 + w]], np.float32)
   got = np.asarray(_PASTE(np.ones((1, m, m), np.float32), box, (32, 36), 0.5))[0]
   b = box[0].astype(np.float64)
   centres_y, centres_x = np.arange(32) + 0.5, np.arange(36) + 0.5
-  inside = (((centres_y >= b[0]) & (centres_y < b[2]))[:, None]
-            & ((centres_x >= b[1]) & (centres_x < b[3]))[None, :])
+  inside = ((centres_y >= b[0]) & (centres_y < b[2]))[:, None] & (
+    (centres_x >= b[1]) & (centres_x < b[3])
+  )[None, :]
   np.testing.assert_array_equal(got, inside)
 
 
@@ -159,13 +171,13 @@ def test_paste_under_vmap():
 
 
 def test_bad_input_is_named():
-  with pytest.raises(ValueError, match=r"masks\.py: mask_targets: gt_masks must be"):
+  with pytest.raises(ValueError, match=r'masks\.py: mask_targets: gt_masks must be'):
     mask_ops.mask_targets(np.zeros((4, 4)), np.zeros(2, int), np.zeros((2, 4)), 7)
-  with pytest.raises(ValueError, match=r"masks\.py: mask_targets: matched_gt must be"):
+  with pytest.raises(ValueError, match=r'masks\.py: mask_targets: matched_gt must be'):
     mask_ops.mask_targets(np.zeros((1, 4, 4)), np.zeros(3, int), np.zeros((2, 4)), 7)
-  with pytest.raises(ValueError, match=r"masks\.py: paste_mask_probs: boxes must be"):
+  with pytest.raises(ValueError, match=r'masks\.py: paste_mask_probs: boxes must be'):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((3, 4)), (8, 8))
-  with pytest.raises(ValueError, match=r"masks\.py: paste_mask_probs: image_size"):
+  with pytest.raises(ValueError, match=r'masks\.py: paste_mask_probs: image_size'):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 0))
-  with pytest.raises(ValueError, match=r"masks\.py: paste_masks: threshold must be > 0"):
+  with pytest.raises(ValueError, match=r'masks\.py: paste_masks: threshold must be > 0'):
     mask_ops.paste_masks(np.zeros((2, 4, 4)), np.zeros((2, 4)), (8, 8), 0.0)

@@ -1,4 +1,5 @@
 """ROIAlign against a plainly written NumPy reference, analytic ramps and numerical gradients."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,12 @@ def reference_bilinear(fmap, y, x):
     x_high = x_low + 1
   ly, lx = y - y_low, x - x_low
   hy, hx = 1.0 - ly, 1.0 - lx
-  return (hy * hx * fmap[y_low, x_low] + hy * lx * fmap[y_low, x_high]
-          + ly * hx * fmap[y_high, x_low] + ly * lx * fmap[y_high, x_high])
+  return (
+    hy * hx * fmap[y_low, x_low]
+    + hy * lx * fmap[y_low, x_high]
+    + ly * hx * fmap[y_high, x_low]
+    + ly * lx * fmap[y_high, x_high]
+  )
 
 
 def reference_roi_align(fmap, box, out_h, out_w, scale, sampling_ratio, cap=None):
@@ -76,7 +81,7 @@ def random_boxes(rng, n, extent, outside=8.0):
 
 
 # ------------------------------------------------------------------------------- forward
-@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
+@pytest.mark.parametrize('sampling_ratio', [0, 1, 2, 3])
 def test_roi_align_matches_reference(sampling_ratio):
   rng = np.random.default_rng(sampling_ratio)
   fmap = rng.standard_normal((9, 11, 3)).astype(np.float32)
@@ -85,24 +90,28 @@ def test_roi_align_matches_reference(sampling_ratio):
   # Edge cases: empty box, box covering more than the map, box entirely outside the map,
   # box hugging the far corner (samples clamp to the last pixel).
   boxes[:4] = [[12, 12, 12, 12], [-10, -10, 50, 55], [60, 60, 80, 90], [30, 38, 36, 44]]
-  out = jax.jit(lambda f, r: ra.roi_align(f, r, (5, 4), spatial_scale=1 / stride,
-                                          sampling_ratio=sampling_ratio,
-                                          max_sampling_ratio=4))(fmap, boxes)
+  out = jax.jit(
+    lambda f, r: ra.roi_align(
+      f, r, (5, 4), spatial_scale=1 / stride, sampling_ratio=sampling_ratio, max_sampling_ratio=4
+    )
+  )(fmap, boxes)
   assert out.shape == (10, 5, 4, 3) and out.dtype == jnp.float32
   for i, box in enumerate(boxes):
     want = reference_roi_align(fmap, box, 5, 4, 1 / stride, sampling_ratio, cap=4)
-    np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5, err_msg=f"box {box}")
+    np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5, err_msg=f'box {box}')
 
 
 def test_adaptive_ratio_is_capped():
   rng = np.random.default_rng(7)
   fmap = rng.standard_normal((20, 20, 2)).astype(np.float32)
   boxes = np.array([[0, 0, 20, 20], [2, 1, 19, 6], [3, 3, 4, 4]], np.float32)  # grids 10, 9/3, 1
-  out = jax.jit(lambda f, r: ra.roi_align(f, r, 2, spatial_scale=1.0, sampling_ratio=0,
-                                          max_sampling_ratio=3))(fmap, boxes)
+  out = jax.jit(
+    lambda f, r: ra.roi_align(f, r, 2, spatial_scale=1.0, sampling_ratio=0, max_sampling_ratio=3)
+  )(fmap, boxes)
   for i, box in enumerate(boxes):
-    np.testing.assert_allclose(out[i], reference_roi_align(fmap, box, 2, 2, 1.0, 0, cap=3),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      out[i], reference_roi_align(fmap, box, 2, 2, 1.0, 0, cap=3), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_batch_index_reads_the_right_image():
@@ -111,31 +120,42 @@ def test_batch_index_reads_the_right_image():
   boxes = random_boxes(rng, 6, 32.0, outside=0.0).astype(np.float32)
   image = np.array([2, 0, 1, 1, 0, 2], np.int32)
   out = jax.jit(lambda f, r, i: ra.roi_align(f, r, 3, spatial_scale=0.25, batch_index=i))(
-      fmaps, boxes, image)
+    fmaps, boxes, image
+  )
   for i in range(6):
-    np.testing.assert_allclose(out[i], reference_roi_align(fmaps[image[i]], boxes[i], 3, 3,
-                                                           0.25, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      out[i], reference_roi_align(fmaps[image[i]], boxes[i], 3, 3, 0.25, 2), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_nan_boxes_give_zeros_and_batch_index_is_clamped():
   fmaps = np.ones((2, 6, 6, 2), np.float32)
   fmaps[1] *= 3.0
   boxes = np.array([[np.nan, 2, 10, 10], [2, 2, 10, np.inf], [2, 2, 10, 10]], np.float32)
-  out = np.asarray(jax.jit(lambda f, r, i: ra.roi_align(
-      f, r, 2, spatial_scale=0.5, sampling_ratio=0, batch_index=i))(fmaps, boxes,
-                                                                     np.array([0, 0, 7])))
+  out = np.asarray(
+    jax.jit(
+      lambda f, r, i: ra.roi_align(f, r, 2, spatial_scale=0.5, sampling_ratio=0, batch_index=i)
+    )(fmaps, boxes, np.array([0, 0, 7]))
+  )
   assert np.all(out[0] == 0.0) and np.all(np.isfinite(out))
   np.testing.assert_allclose(out[2], 3.0)  # image 7 of 2 reads the last image
 
 
 @settings(max_examples=15, deadline=None)
-@given(y1=st.floats(0.0, 20.0), x1=st.floats(0.0, 20.0), h=st.floats(0.5, 16.0),
-       w=st.floats(0.5, 16.0), a=st.floats(-2, 2), b=st.floats(-2, 2), ratio=st.integers(1, 3))
+@given(
+  y1=st.floats(0.0, 20.0),
+  x1=st.floats(0.0, 20.0),
+  h=st.floats(0.5, 16.0),
+  w=st.floats(0.5, 16.0),
+  a=st.floats(-2, 2),
+  b=st.floats(-2, 2),
+  ratio=st.integers(1, 3),
+)
 def test_linear_ramp_gives_ramp_at_bin_centres(y1, x1, h, w, a, b, ratio):
   # Map coordinates of pixel centres are (i, j); the ramp is exact under bilinear sampling and
   # the samples of a bin are symmetric about its centre, so each bin averages to its centre.
   size = 40
-  ii, jj = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  ii, jj = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
   fmap = (a * ii + b * jj + 1.0)[..., None].astype(np.float32)
   # Input-pixel box (stride 1): map coords are box - 0.5, kept inside [0, size - 1].
   box = np.array([y1 + 0.5, x1 + 0.5, y1 + 0.5 + h, x1 + 0.5 + w], np.float32)
@@ -152,16 +172,18 @@ _RAMP_FNS = {}
 def _ramp_roi_align(fmap, boxes, ratio):
   # One compile per sampling ratio across hypothesis examples.
   if ratio not in _RAMP_FNS:
-    _RAMP_FNS[ratio] = jax.jit(lambda f, r: ra.roi_align(f, r, (3, 4), spatial_scale=1.0,
-                                                         sampling_ratio=ratio))
+    _RAMP_FNS[ratio] = jax.jit(
+      lambda f, r: ra.roi_align(f, r, (3, 4), spatial_scale=1.0, sampling_ratio=ratio)
+    )
   return np.asarray(_RAMP_FNS[ratio](fmap, boxes))
 
 
 # ----------------------------------------------------------------------------- multilevel
 def test_assign_levels_matches_formula():
   rng = np.random.default_rng(0)
-  sizes = np.concatenate([np.exp(rng.uniform(np.log(1), np.log(2000), 200)),
-                          [0.0, 56.0, 112.0, 224.0, 448.0, 896.0]])
+  sizes = np.concatenate(
+    [np.exp(rng.uniform(np.log(1), np.log(2000), 200)), [0.0, 56.0, 112.0, 224.0, 448.0, 896.0]]
+  )
   aspect = np.exp(rng.uniform(-1, 1, sizes.shape))
   aspect[-6:] = 1.0
   y1, x1 = rng.uniform(-50, 300, (2,) + sizes.shape)
@@ -172,37 +194,42 @@ def test_assign_levels_matches_formula():
   got = np.asarray(ra.assign_levels(boxes))
   want = [reference_level(b.astype(np.float64), 4, 224.0, 2, 5) for b in boxes]
   np.testing.assert_array_equal(got, want)
-  got = np.asarray(ra.assign_levels(boxes, min_level=3, max_level=6, canonical_level=5,
-                                    canonical_size=64.0))
-  np.testing.assert_array_equal(got, [reference_level(b.astype(np.float64), 5, 64.0, 3, 6)
-                                      for b in boxes])
+  got = np.asarray(
+    ra.assign_levels(boxes, min_level=3, max_level=6, canonical_level=5, canonical_size=64.0)
+  )
+  np.testing.assert_array_equal(
+    got, [reference_level(b.astype(np.float64), 5, 64.0, 3, 6) for b in boxes]
+  )
   assert got.dtype == np.int32
 
 
 def _pyramid(rng, image=64, channels=2, levels=(2, 3, 4), batch=None):
   lead = () if batch is None else (batch,)
-  return {f"P{k}": rng.standard_normal(lead + (image >> k, image >> k, channels))
-          .astype(np.float32) for k in levels}
+  return {
+    f'P{k}': rng.standard_normal(lead + (image >> k, image >> k, channels)).astype(np.float32)
+    for k in levels
+  }
 
 
 def test_multilevel_reads_each_roi_from_its_level():
   rng = np.random.default_rng(5)
   pyramid = _pyramid(rng)
-  pyramid["P6"] = np.zeros((1, 1, 2), np.float32)  # extra levels are ignored
+  pyramid['P6'] = np.zeros((1, 1, 2), np.float32)  # extra levels are ignored
   boxes = random_boxes(rng, 24, 64.0, outside=4.0).astype(np.float32)
   boxes[:3] = [[2, 3, 60, 62], [10, 10, 40, 30], [5, 7, 9, 12]]  # P4, P3, P2 at canonical 24
   kwargs = dict(min_level=2, max_level=4, canonical_level=3, canonical_size=24.0)
   out = jax.jit(lambda p, r: ra.multilevel_roi_align(p, r, (3, 2), **kwargs))(pyramid, boxes)
   levels = [reference_level(b.astype(np.float64), 3, 24.0, 2, 4) for b in boxes]
-  assert len(set(levels)) == 3, "test boxes should cover every level"
+  assert len(set(levels)) == 3, 'test boxes should cover every level'
   for i, (box, k) in enumerate(zip(boxes, levels)):
-    want = reference_roi_align(pyramid[f"P{k}"], box, 3, 2, 2.0 ** -k, 2)
+    want = reference_roi_align(pyramid[f'P{k}'], box, 3, 2, 2.0**-k, 2)
     np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)
   # One chosen level for every ROI (the iMaskRCNN 56x56 path reads P2).
   out = jax.jit(lambda p, r: ra.multilevel_roi_align(p, r, 4, level=2))(pyramid, boxes)
   for i, box in enumerate(boxes):
-    np.testing.assert_allclose(out[i], reference_roi_align(pyramid["P2"], box, 4, 4, 0.25, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      out[i], reference_roi_align(pyramid['P2'], box, 4, 4, 0.25, 2), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_jit_vmap_and_batch_index_agree():
@@ -213,12 +240,14 @@ def test_jit_vmap_and_batch_index_agree():
   fn = jax.jit(jax.vmap(lambda p, r: ra.multilevel_roi_align(p, r, 3, **kwargs)))
   out = np.asarray(fn(pyramid, boxes))
   flat = jax.jit(lambda p, r, i: ra.multilevel_roi_align(p, r, 3, batch_index=i, **kwargs))(
-      pyramid, boxes.reshape(15, 4), np.repeat(np.arange(3), 5))
+    pyramid, boxes.reshape(15, 4), np.repeat(np.arange(3), 5)
+  )
   np.testing.assert_allclose(out.reshape(flat.shape), flat, rtol=1e-6, atol=1e-6)
   single = jax.jit(lambda p, r: ra.multilevel_roi_align(p, r, 3, **kwargs))
   for b in range(3):
-    np.testing.assert_allclose(out[b], single({k: v[b] for k, v in pyramid.items()}, boxes[b]),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      out[b], single({k: v[b] for k, v in pyramid.items()}, boxes[b]), rtol=1e-6, atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------ gradients
@@ -227,7 +256,7 @@ def test_gradients_match_finite_differences():
   with jax.enable_x64(True):
     pyramid = {k: jnp.asarray(v, jnp.float64) for k, v in _pyramid(rng, image=32).items()}
     boxes = jnp.asarray(random_boxes(rng, 6, 32.0, outside=3.0), jnp.float64)
-    fmap = pyramid["P2"]
+    fmap = pyramid['P2']
 
     @jax.jit
     def single(f):
@@ -235,33 +264,35 @@ def test_gradients_match_finite_differences():
 
     @jax.jit
     def multi(p):
-      return ra.multilevel_roi_align(p, boxes, 2, min_level=2, max_level=4,
-                                     canonical_level=3, canonical_size=12.0)
+      return ra.multilevel_roi_align(
+        p, boxes, 2, min_level=2, max_level=4, canonical_level=3, canonical_size=12.0
+      )
 
     # Forward mode is not available (the op has a custom reverse-mode rule), see module doc.
-    check_grads(single, (fmap,), order=1, modes=["rev"])
-    check_grads(multi, (pyramid,), order=1, modes=["rev"])
-    check_grads(jax.jit(jax.vmap(single)), (jnp.stack([fmap, 2 * fmap]),), order=1,
-                modes=["rev"])
+    check_grads(single, (fmap,), order=1, modes=['rev'])
+    check_grads(multi, (pyramid,), order=1, modes=['rev'])
+    check_grads(jax.jit(jax.vmap(single)), (jnp.stack([fmap, 2 * fmap]),), order=1, modes=['rev'])
     # Boxes are constants: their gradient is zero.
-    grad_boxes = jax.jit(jax.grad(
-        lambda r: ra.roi_align(fmap, r, 2, spatial_scale=0.25).sum()))(boxes)
+    grad_boxes = jax.jit(jax.grad(lambda r: ra.roi_align(fmap, r, 2, spatial_scale=0.25).sum()))(
+      boxes
+    )
     assert np.all(np.asarray(grad_boxes) == 0)
 
 
 # ------------------------------------------------------------------------------ bad input
 def test_bad_input_is_named():
   fmap = np.zeros((4, 4, 1), np.float32)
-  with pytest.raises(ValueError, match=r"roi_align\.py.*rois must have shape \[N, 4\]"):
+  with pytest.raises(ValueError, match=r'roi_align\.py.*rois must have shape \[N, 4\]'):
     ra.roi_align(fmap, np.zeros((3, 5)), 2, spatial_scale=1.0)
-  with pytest.raises(ValueError, match=r"roi_align\.py.*output_size"):
+  with pytest.raises(ValueError, match=r'roi_align\.py.*output_size'):
     ra.roi_align(fmap, np.zeros((3, 4)), 0, spatial_scale=1.0)
-  with pytest.raises(ValueError, match=r"roi_align\.py.*sampling_ratio"):
+  with pytest.raises(ValueError, match=r'roi_align\.py.*sampling_ratio'):
     ra.roi_align(fmap, np.zeros((3, 4)), 2, spatial_scale=1.0, sampling_ratio=-1)
-  with pytest.raises(ValueError, match=r"roi_align\.py.*need batch_index"):
+  with pytest.raises(ValueError, match=r'roi_align\.py.*need batch_index'):
     ra.roi_align(fmap[None], np.zeros((3, 4)), 2, spatial_scale=1.0)
   with pytest.raises(ValueError, match=r"roi_align\.py.*no level 'P3'"):
-    ra.multilevel_roi_align({"P2": fmap}, np.zeros((3, 4)), 2, max_level=3)
-  with pytest.raises(ValueError, match=r"roi_align\.py.*level P3 has shape"):
-    ra.multilevel_roi_align({"P2": fmap, "P3": np.zeros((2, 2, 5))}, np.zeros((3, 4)), 2,
-                            max_level=3)
+    ra.multilevel_roi_align({'P2': fmap}, np.zeros((3, 4)), 2, max_level=3)
+  with pytest.raises(ValueError, match=r'roi_align\.py.*level P3 has shape'):
+    ra.multilevel_roi_align(
+      {'P2': fmap, 'P3': np.zeros((2, 2, 5))}, np.zeros((3, 4)), 2, max_level=3
+    )

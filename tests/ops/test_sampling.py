@@ -1,4 +1,5 @@
 """Matching, balanced sampling and RPN/ROI targets against plain NumPy references."""
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ def reference_iou(a, b):
   out = np.zeros((len(a), len(b)))
   for i, p in enumerate(a):
     for j, q in enumerate(b):
-      inter = (max(min(p[2], q[2]) - max(p[0], q[0]), 0.0)
-               * max(min(p[3], q[3]) - max(p[1], q[1]), 0.0))
+      inter = max(min(p[2], q[2]) - max(p[0], q[0]), 0.0) * max(
+        min(p[3], q[3]) - max(p[1], q[1]), 0.0
+      )
       union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
       out[i, j] = inter / union if union > 0 else 0.0
   return out
@@ -50,27 +52,35 @@ def reference_match(iou, gt_valid, high, low, allow_low_quality):
 def reference_encode(box, anchor, weights):
   ah, aw = anchor[2] - anchor[0], anchor[3] - anchor[1]
   bh, bw = box[2] - box[0], box[3] - box[1]
-  return [weights[0] * ((box[0] + bh / 2) - (anchor[0] + ah / 2)) / ah,
-          weights[1] * ((box[1] + bw / 2) - (anchor[1] + aw / 2)) / aw,
-          weights[2] * math.log(bh / ah), weights[3] * math.log(bw / aw)]
+  return [
+    weights[0] * ((box[0] + bh / 2) - (anchor[0] + ah / 2)) / ah,
+    weights[1] * ((box[1] + bw / 2) - (anchor[1] + aw / 2)) / aw,
+    weights[2] * math.log(bh / ah),
+    weights[3] * math.log(bw / aw),
+  ]
 
 
 # ------------------------------------------------------------------------------- match
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def jitted_match(high, low, allow_low_quality):
-  return jax.jit(functools.partial(sampling.match, high=high, low=low,
-                                   allow_low_quality=allow_low_quality))
+  return jax.jit(
+    functools.partial(sampling.match, high=high, low=low, allow_low_quality=allow_low_quality)
+  )
 
 
 MATCH_MODES = [(0.7, 0.3, True), (0.5, 0.5, False), (0.5, 0.5, True)]
 
 
 @settings(max_examples=40, deadline=None)
-@given(iou=hnp.arrays(np.float32, (16, 4),
-                      elements=st.sampled_from([0.0, 0.1, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0])),
-       gt_valid=hnp.arrays(np.bool_, (4,), elements=st.booleans()),
-       mode=st.sampled_from(MATCH_MODES))
+@given(
+  iou=hnp.arrays(
+    np.float32, (16, 4), elements=st.sampled_from([0.0, 0.1, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0])
+  ),
+  gt_valid=hnp.arrays(np.bool_, (4,), elements=st.booleans()),
+  mode=st.sampled_from(MATCH_MODES),
+)
 def test_match_equals_reference_and_never_matches_padding(iou, gt_valid, mode):
   got = jitted_match(*mode)(iou, gt_valid)
   gt_index, labels = np.asarray(got.gt_index), np.asarray(got.labels)
@@ -85,10 +95,8 @@ def test_match_equals_reference_and_never_matches_padding(iou, gt_valid, mode):
 
 def test_low_quality_match_rescues_a_gt_below_the_positive_threshold():
   iou = np.array([[0.4, 0.0], [0.4, 0.1], [0.2, 0.8], [0.0, 0.0]], np.float32)
-  plain = sampling.match(iou, np.array([True, True]), high=0.7, low=0.3,
-                         allow_low_quality=False)
-  rescued = sampling.match(iou, np.array([True, True]), high=0.7, low=0.3,
-                           allow_low_quality=True)
+  plain = sampling.match(iou, np.array([True, True]), high=0.7, low=0.3, allow_low_quality=False)
+  rescued = sampling.match(iou, np.array([True, True]), high=0.7, low=0.3, allow_low_quality=True)
   np.testing.assert_array_equal(np.asarray(plain.labels), [-1, -1, 1, 0])
   np.testing.assert_array_equal(np.asarray(rescued.labels), [1, 1, 1, 0])  # ties included
   np.testing.assert_array_equal(np.asarray(rescued.gt_index), [0, 0, 1, 0])
@@ -96,17 +104,22 @@ def test_low_quality_match_rescues_a_gt_below_the_positive_threshold():
 
 # ---------------------------------------------------------------------- sample_balanced
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def jitted_sample(num_samples, positive_fraction):
-  return jax.jit(functools.partial(sampling.sample_balanced, num_samples=num_samples,
-                                   positive_fraction=positive_fraction))
+  return jax.jit(
+    functools.partial(
+      sampling.sample_balanced, num_samples=num_samples, positive_fraction=positive_fraction
+    )
+  )
 
 
 @settings(max_examples=40, deadline=None)
-@given(labels=hnp.arrays(np.int32, (40,), elements=st.sampled_from([-1, 0, 0, 1])),
-       config=st.sampled_from([(16, 0.25), (16, 0.5), (7, 0.3), (64, 0.5), (16, 1.0),
-                               (16, 0.0)]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+  labels=hnp.arrays(np.int32, (40,), elements=st.sampled_from([-1, 0, 0, 1])),
+  config=st.sampled_from([(16, 0.25), (16, 0.5), (7, 0.3), (64, 0.5), (16, 1.0), (16, 0.0)]),
+  seed=st.integers(0, 2**16),
+)
 def test_sampled_counts_are_exact(labels, config, seed):
   num_samples, fraction = config
   got = jitted_sample(*config)(labels, key=jax.random.key(seed))
@@ -127,8 +140,11 @@ def test_sampled_counts_are_exact(labels, config, seed):
 def test_sampling_is_uniform_over_keys():
   labels = np.array([1] * 10 + [0] * 50 + [-1] * 20, np.int32)
   keys = jax.random.split(jax.random.key(0), 400)
-  fn = jax.jit(jax.vmap(functools.partial(sampling.sample_balanced, labels, num_samples=8,
-                                          positive_fraction=0.5)))
+  fn = jax.jit(
+    jax.vmap(
+      functools.partial(sampling.sample_balanced, labels, num_samples=8, positive_fraction=0.5)
+    )
+  )
   out = fn(key=keys)
   picks = np.bincount(np.asarray(out.indices).ravel(), minlength=80)
   # 4 of 10 positives per draw: 160 expected each (sd ~10); 4 of 50 negatives: 32 (sd ~5.4).
@@ -139,13 +155,20 @@ def test_sampling_is_uniform_over_keys():
 
 # ---------------------------------------------------------------------------- targets
 
+
 def rpn_case():
-  anchors = anchor_ops.multilevel_anchors((64, 64), strides=(8, 16), sizes=(16, 32),
-                                          aspect_ratios=(0.25, 1.0, 4.0)).boxes
-  gt_boxes = np.array([[10, 8, 40, 20],     # femur-like blob
-                       [44, 4, 50, 60],     # thin horizontal cartilage band (ratio ~0.1)
-                       [0, 0, 64, 64],      # padding slot: would match almost everything
-                       [20, 20, 36, 36]], np.float32)
+  anchors = anchor_ops.multilevel_anchors(
+    (64, 64), strides=(8, 16), sizes=(16, 32), aspect_ratios=(0.25, 1.0, 4.0)
+  ).boxes
+  gt_boxes = np.array(
+    [
+      [10, 8, 40, 20],  # femur-like blob
+      [44, 4, 50, 60],  # thin horizontal cartilage band (ratio ~0.1)
+      [0, 0, 64, 64],  # padding slot: would match almost everything
+      [20, 20, 36, 36],
+    ],
+    np.float32,
+  )
   gt_valid = np.array([True, True, False, False])
   return anchors, gt_boxes, gt_valid
 
@@ -170,9 +193,10 @@ def test_rpn_targets_follow_reference_labels_and_encoding():
   positive = objectness == 1
   np.testing.assert_array_equal(gt_index[positive], want_index[positive])
   assert np.all(gt_valid[gt_index[positive]]) and np.all(gt_index[~positive] == -1)
-  want_targets = [reference_encode(gt_boxes[g].astype(np.float64), a.astype(np.float64),
-                                   (1, 1, 1, 1)) for g, a in zip(gt_index[positive],
-                                                                  anchors[positive])]
+  want_targets = [
+    reference_encode(gt_boxes[g].astype(np.float64), a.astype(np.float64), (1, 1, 1, 1))
+    for g, a in zip(gt_index[positive], anchors[positive])
+  ]
   np.testing.assert_allclose(targets[positive], want_targets, rtol=1e-4, atol=1e-5)
   assert np.all(targets[~positive] == 0)
 
@@ -199,11 +223,16 @@ def roi_case(seed):
   gt_boxes = np.array([[10, 10, 30, 30], [35, 5, 45, 60], [0, 0, 80, 80]])
   gt_classes = np.array([2, 4, 3], np.int32)
   gt_valid = np.array([True, True, False])
-  return (proposals.astype(np.float32), proposal_valid, gt_boxes.astype(np.float32),
-          gt_classes, gt_valid)
+  return (
+    proposals.astype(np.float32),
+    proposal_valid,
+    gt_boxes.astype(np.float32),
+    gt_classes,
+    gt_valid,
+  )
 
 
-@pytest.mark.parametrize("num_samples", [16, 512])
+@pytest.mark.parametrize('num_samples', [16, 512])
 def test_roi_targets_follow_reference(num_samples):
   proposals, proposal_valid, gt_boxes, gt_classes, gt_valid = roi_case(0)
   fn = jax.jit(functools.partial(sampling.roi_targets, num_samples=num_samples))
@@ -211,8 +240,9 @@ def test_roi_targets_follow_reference(num_samples):
 
   candidates = np.concatenate([proposals, gt_boxes]).astype(np.float64)
   candidate_valid = np.concatenate([proposal_valid, gt_valid])
-  want_index, labels = reference_match(reference_iou(candidates, gt_boxes), gt_valid,
-                                       0.5, 0.5, False)
+  want_index, labels = reference_match(
+    reference_iou(candidates, gt_boxes), gt_valid, 0.5, 0.5, False
+  )
   labels[~candidate_valid] = -1
   want_pos = min(int((labels == 1).sum()), round(num_samples * 0.25))
   want_neg = min(int((labels == 0).sum()), num_samples - want_pos)
@@ -229,11 +259,13 @@ def test_roi_targets_follow_reference(num_samples):
   np.testing.assert_array_equal(classes[is_pos], gt_classes[gt_index[is_pos]])
   assert np.all(classes[~is_pos] == 0)
   targets = np.asarray(out.box_targets)
-  want_targets = [reference_encode(gt_boxes[g].astype(np.float64), candidates[s],
-                                   (10, 10, 5, 5)) for g, s in zip(gt_index[is_pos],
-                                                                     source[is_pos])]
-  np.testing.assert_allclose(targets[is_pos], np.reshape(want_targets, (-1, 4)),
-                             rtol=1e-4, atol=1e-4)
+  want_targets = [
+    reference_encode(gt_boxes[g].astype(np.float64), candidates[s], (10, 10, 5, 5))
+    for g, s in zip(gt_index[is_pos], source[is_pos])
+  ]
+  np.testing.assert_allclose(
+    targets[is_pos], np.reshape(want_targets, (-1, 4)), rtol=1e-4, atol=1e-4
+  )
   assert np.all(targets[~is_pos] == 0)
 
 
@@ -264,12 +296,13 @@ def test_roi_targets_under_vmap_equal_per_image():
 
 
 def test_bad_inputs_are_named():
-  with pytest.raises(ValueError, match=r"gt_boxes must be \[G, 4\] with G >= 1"):
-    sampling.rpn_targets(np.zeros((5, 4)), np.zeros((0, 4)), np.zeros((0,), bool),
-                         jax.random.key(0))
-  with pytest.raises(ValueError, match="low <= high"):
-    sampling.match(np.zeros((3, 2)), np.ones(2, bool), high=0.3, low=0.7,
-                   allow_low_quality=False)
-  with pytest.raises(ValueError, match="positive_fraction"):
-    sampling.sample_balanced(np.zeros(4, np.int32), num_samples=2, positive_fraction=1.5,
-                             key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r'gt_boxes must be \[G, 4\] with G >= 1'):
+    sampling.rpn_targets(
+      np.zeros((5, 4)), np.zeros((0, 4)), np.zeros((0,), bool), jax.random.key(0)
+    )
+  with pytest.raises(ValueError, match='low <= high'):
+    sampling.match(np.zeros((3, 2)), np.ones(2, bool), high=0.3, low=0.7, allow_low_quality=False)
+  with pytest.raises(ValueError, match='positive_fraction'):
+    sampling.sample_balanced(
+      np.zeros(4, np.int32), num_samples=2, positive_fraction=1.5, key=jax.random.key(0)
+    )
