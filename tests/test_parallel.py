@@ -46,7 +46,7 @@ def test_initialize_distributed_does_nothing_alone_and_checks_its_flags(monkeypa
     parallel.initialize_distributed('127.0.0.1:1', 2, 2)
 
 
-TWO_DEVICE_CHECKS = r'''
+TWO_DEVICE_CHECKS = r"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,16 +82,22 @@ else:
 replicated = parallel.replicate(np.arange(3.0), mesh)
 assert replicated.is_fully_replicated and len(replicated.addressable_shards) == 2
 print('two-device checks passed')
-'''
+"""
 
 
 def test_batches_on_two_forced_host_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_PLATFORMS='cpu',
+    CUDA_VISIBLE_DEVICES='',
+    TF_CPP_MIN_LOG_LEVEL='2',
+    PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
   for name in parallel.CLUSTER_ENV:
     env.pop(name, None)
-  result = subprocess.run([sys.executable, '-c', TWO_DEVICE_CHECKS], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, '-c', TWO_DEVICE_CHECKS], cwd=REPO, env=env, capture_output=True, text=True
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'two-device checks passed' in result.stdout

@@ -64,12 +64,16 @@ PARALLEL_LOSS_RTOL = 1e-4
 
 # --- fixtures and helpers ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope='module')
 def xla_cache(tmp_path_factory):
   """A persistent compilation cache for the one-device runs, in-process and in subprocesses."""
   path = str(tmp_path_factory.mktemp('xla_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+  names = (
+    'jax_compilation_cache_dir',
+    'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes',
+  )
   saved = {name: getattr(jax.config, name) for name in names}
   compilation_cache.reset_cache()  # this process may have decided "no cache" already
   jax.config.update('jax_compilation_cache_dir', path)
@@ -85,8 +89,12 @@ def xla_cache(tmp_path_factory):
 def reference(xla_cache, smoke_workdir):
   """The one-device smoke run: its workdir, config, final state and data_dir."""
   config = workdir_lib.load_config(smoke_workdir)
-  return dict(workdir=smoke_workdir, config=config, state=restore(smoke_workdir),
-              data_dir=config.data.data_dir)
+  return dict(
+    workdir=smoke_workdir,
+    config=config,
+    state=restore(smoke_workdir),
+    data_dir=config.data.data_dir,
+  )
 
 
 def restore(workdir: str, step: int | None = None) -> steps.TrainState:
@@ -103,8 +111,10 @@ def restore(workdir: str, step: int | None = None) -> steps.TrainState:
 
 
 def max_abs_difference(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def read_jsonl(workdir: str) -> list[dict]:
@@ -126,13 +136,21 @@ def validation(workdir: str) -> dict[str, float]:
 
 
 def subprocess_env(cache: str | None, devices: int = 1) -> dict[str, str]:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu',
-             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL='2',
+    CUDA_VISIBLE_DEVICES='',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+  )
   for name in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR') + parallel.CLUSTER_ENV:
     env.pop(name, None)
   if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    )
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
@@ -140,27 +158,33 @@ def subprocess_env(cache: str | None, devices: int = 1) -> dict[str, str]:
 
 def main_flags(reference: dict, workdir: str) -> list[str]:
   """The flags of `python -m imask_jax.main` for the reference's config (smoke, its data)."""
-  return [f'--config={SMOKE}', f'--config.data.data_dir={reference["data_dir"]}',
-          f'--workdir={workdir}']
+  return [
+    f'--config={SMOKE}',
+    f'--config.data.data_dir={reference["data_dir"]}',
+    f'--workdir={workdir}',
+  ]
 
 
 @dataclasses.dataclass
 class Job:
   """Subprocesses of one run (several for a multi-process run), each logging to a file (not a
   pipe: orbax logs enough to fill one)."""
+
   workdir: str
   processes: list[subprocess.Popen]
   logs: list[str]
 
   @classmethod
-  def start(cls, workdir: str, commands: list[list[str]], env: dict[str, str],
-            tag: str = '') -> Job:
+  def start(
+    cls, workdir: str, commands: list[list[str]], env: dict[str, str], tag: str = ''
+  ) -> Job:
     processes, logs = [], []
     for i, command in enumerate(commands):
       logs.append(f'{workdir}.{tag}{i}.log')
       with open(logs[-1], 'w') as log:
-        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT))
+        processes.append(
+          subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
     return cls(workdir, processes, logs)
 
   def tail(self, i: int = 0) -> str:
@@ -174,8 +198,9 @@ class Job:
     for process in self.processes:
       process.wait()
     for i, process in enumerate(self.processes):
-      assert process.returncode == 0, (f'{process.args[-3:]} exited {process.returncode}:\n'
-                                       f'{self.tail(i)}')
+      assert process.returncode == 0, (
+        f'{process.args[-3:]} exited {process.returncode}:\n{self.tail(i)}'
+      )
 
   def stop(self) -> None:
     for process in self.processes:
@@ -248,12 +273,19 @@ def parallel_jobs(reference, tmp_path_factory):
   reserved = reserve_port()  # held until both processes are done
   address = f'127.0.0.1:{reserved.getsockname()[1]}'
   jobs = {
-      'two_devices': Job.start(two_devices, [main_command(reference, two_devices)],
-                               subprocess_env(None, devices=2)),
-      'two_processes': Job.start(two_processes, [
-          [sys.executable, '-c', TWO_PROCESS_DRIVER] + main_flags(reference, two_processes) +
-          [f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
-          for i in range(2)], subprocess_env(None)),
+    'two_devices': Job.start(
+      two_devices, [main_command(reference, two_devices)], subprocess_env(None, devices=2)
+    ),
+    'two_processes': Job.start(
+      two_processes,
+      [
+        [sys.executable, '-c', TWO_PROCESS_DRIVER]
+        + main_flags(reference, two_processes)
+        + [f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
+        for i in range(2)
+      ],
+      subprocess_env(None),
+    ),
   }
   yield jobs
   for job in jobs.values():
@@ -268,6 +300,7 @@ def assert_same_config(workdir: str, reference: dict) -> None:
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+
 def test_checkpoints_keep_the_latest_and_the_best_across_a_restart(tmp_path):
   """LatestN(1) + BestN(1) by val/dice_mean: the best step survives later saves, also after the
   manager is re-created (orbax only writes metrics to disk when best_fn is set)."""
@@ -278,8 +311,11 @@ def test_checkpoints_keep_the_latest_and_the_best_across_a_restart(tmp_path):
 
   def save(manager, step, dice):
     metrics = None if dice is None else {'val/dice_mean': dice, 'val/dice_femur': 0.0}
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'w': state['w'] + step})), metrics=metrics)
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave({'w': state['w'] + step})),
+      metrics=metrics,
+    )
 
   manager = workdir_lib.checkpoint_manager(workdir, config)
   save(manager, 1, None)
@@ -294,13 +330,15 @@ def test_checkpoints_keep_the_latest_and_the_best_across_a_restart(tmp_path):
   save(manager, 6, 0.7)
   assert list(manager.all_steps()) == [2, 6]
   assert manager.best_step() == 2
-  restored = manager.restore(2, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore({'w': np.zeros(3)})))
+  restored = manager.restore(
+    2, args=ocp.args.Composite(state=ocp.args.StandardRestore({'w': np.zeros(3)}))
+  )
   np.testing.assert_array_equal(restored['state']['w'], np.arange(3.0) + 2)
   manager.close()
 
 
 # --- the missing-data message --------------------------------------------------------------------
+
 
 def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
   """experiments/oai.py with an empty folder: DataMissingError before any build or compile,
@@ -309,6 +347,7 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
   from absl import flags
 
   from imask_jax import main
+
   config = experiment_config('oai')
   config.data.data_dir = str(tmp_path / 'tfds')
   config.data.manual_dir = str(tmp_path / 'oai')
@@ -328,13 +367,24 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
     jax.monitoring.unregister_event_duration_listener(on_event)
   assert not work, f'traced or compiled before the missing data was reported: {work}'
   message = str(error.value)
-  for part in (str(tmp_path / 'oai'), 'images', 'segmentation_masks', 'docs/data.md',
-               'experiments/phantom_knee.py', '--config.data.manual_dir'):
+  for part in (
+    str(tmp_path / 'oai'),
+    'images',
+    'segmentation_masks',
+    'docs/data.md',
+    'experiments/phantom_knee.py',
+    '--config.data.manual_dir',
+  ):
     assert part in message
   assert not os.path.exists(tmp_path / 'run') and not os.path.exists(tmp_path / 'tfds')
 
-  argv = ['main', '--config=experiments/oai.py', f'--config.data.manual_dir={tmp_path / "oai"}',
-          f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "run"}']
+  argv = [
+    'main',
+    '--config=experiments/oai.py',
+    f'--config.data.manual_dir={tmp_path / "oai"}',
+    f'--config.data.data_dir={tmp_path / "tfds"}',
+    f'--workdir={tmp_path / "run"}',
+  ]
   monkeypatch.chdir(REPO)
   monkeypatch.setattr(sys, 'argv', argv)  # config_flags finds the --config.x overrides there
   try:
@@ -348,18 +398,22 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
 
 # --- optimiser -----------------------------------------------------------------------------------
 
+
 def test_schedule_warms_up_then_decays_and_decay_spares_norms_and_biases():
   t = configs.default_config().train
   t.steps, t.warmup_steps, t.learning_rate = 110, 10, 1e-3
   cosine = optim.learning_rate_schedule(t)
   # Linear from lr / 100 to lr over the warm-up, then cosine from lr to lr / 100.
-  np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10, 60, 110)],
-                             [1e-5, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-3,
-                              1e-5 + 0.5 * (1e-3 - 1e-5), 1e-5], rtol=1e-5)
+  np.testing.assert_allclose(
+    [float(cosine(s)) for s in (0, 5, 10, 60, 110)],
+    [1e-5, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-3, 1e-5 + 0.5 * (1e-3 - 1e-5), 1e-5],
+    rtol=1e-5,
+  )
   t.schedule = 'step'
   step = optim.learning_rate_schedule(t)  # x0.1 from 2/3 and from 8/9 of the 100 main steps
-  np.testing.assert_allclose([float(step(s)) for s in (10, 10 + 65, 10 + 66, 10 + 88)],
-                             [1e-3, 1e-3, 1e-4, 1e-5], rtol=1e-5)
+  np.testing.assert_allclose(
+    [float(step(s)) for s in (10, 10 + 65, 10 + 66, 10 + 88)], [1e-3, 1e-3, 1e-4, 1e-5], rtol=1e-5
+  )
   t.schedule = 'linear'
   with pytest.raises(ValueError, match="train.schedule must be 'cosine', 'step' or 'constant'"):
     optim.learning_rate_schedule(t)
@@ -381,6 +435,7 @@ def test_schedule_warms_up_then_decays_and_decay_spares_norms_and_biases():
 
 # --- one device: logs ----------------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures('parallel_jobs')  # start the background runs as early as possible
 def test_reference_run_writes_its_logs(reference):
   """metrics.jsonl: the train scalars every log_every steps with the schedule's learning rate,
@@ -397,18 +452,22 @@ def test_reference_run_writes_its_logs(reference):
   assert [r['step'] for r in logged] == expected_steps
   schedule = optim.learning_rate_schedule(t)
   terms = ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask') + (
-      ('mask_dice',) if config.model.mask_dice_weight > 0 else ())
+    ('mask_dice',) if config.model.mask_dice_weight > 0 else ()
+  )
   for r in logged:
-    for key in [f'train/{k}' for k in terms] + ['train/grad_norm', 'train/step_time',
-                                                 'train/slices_per_second']:
+    for key in [f'train/{k}' for k in terms] + [
+      'train/grad_norm',
+      'train/step_time',
+      'train/slices_per_second',
+    ]:
       assert np.isfinite(r[key]) and r[key] >= 0, key
     parts = sum(r[f'train/{k}'] for k in terms)
     np.testing.assert_allclose(r['train/loss'], parts, rtol=1e-6)
     # The update of step s uses the schedule at count s - 1 (no skipped step here).
-    np.testing.assert_allclose(r['train/learning_rate'], float(schedule(r['step'] - 1)),
-                               rtol=1e-6)
-    np.testing.assert_allclose(r['train/slices_per_second'] * r['train/step_time'],
-                               t.batch_size, rtol=1e-6)
+    np.testing.assert_allclose(r['train/learning_rate'], float(schedule(r['step'] - 1)), rtol=1e-6)
+    np.testing.assert_allclose(
+      r['train/slices_per_second'] * r['train/step_time'], t.batch_size, rtol=1e-6
+    )
     assert r['train/nonfinite_total'] == 0 and r['train/nonfinite_steps'] == 0
   val = [r for r in records if 'val/dice_mean' in r]
   assert [r['step'] for r in val] == [t.steps]
@@ -417,23 +476,33 @@ def test_reference_run_writes_its_logs(reference):
   np.testing.assert_allclose(val[0]['val/dice_mean'], np.mean(dice))
 
   import tensorflow as tf
+
   tags = set()
   for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
-  assert {'train/loss', 'train/learning_rate', 'train/step_time', 'train/slices_per_second',
-          'val/dice_mean', 'val/overlay'} <= tags
+  assert {
+    'train/loss',
+    'train/learning_rate',
+    'train/step_time',
+    'train/slices_per_second',
+    'val/dice_mean',
+    'val/overlay',
+  } <= tags
 
-  checkpoints = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
-                       if n.isdigit())
+  checkpoints = sorted(
+    int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()
+  )
   assert checkpoints[-1] == t.steps and t.checkpoint_every in checkpoints
   assert int(reference['state'].step) == t.steps
 
 
 # --- same seed, same curve; resume after SIGKILL -------------------------------------------------
 
-def test_a_rerun_killed_and_restarted_gives_the_same_curve_and_parameters(reference, xla_cache,
-                                                                          tmp_path):
+
+def test_a_rerun_killed_and_restarted_gives_the_same_curve_and_parameters(
+  reference, xla_cache, tmp_path
+):
   """The reference config again, in a subprocess, `kill -9`-ed once its first checkpoint is on
   disk and started again: it resumes from that checkpoint and ends with the reference's loss
   curve (steps before the kill from the first start, after it from the second, each once) and
@@ -449,7 +518,8 @@ def test_a_rerun_killed_and_restarted_gives_the_same_curve_and_parameters(refere
   first.processes[0].send_signal(signal.SIGKILL)
   first.processes[0].wait()
   assert first.processes[0].returncode == -signal.SIGKILL, (
-      f'the run ended before the kill:\n{first.tail()}')
+    f'the run ended before the kill:\n{first.tail()}'
+  )
   assert os.path.isdir(marker), first.tail()
   assert not os.path.isdir(os.path.join(workdir, 'checkpoints', str(config.train.steps)))
 
@@ -469,11 +539,13 @@ def test_a_rerun_killed_and_restarted_gives_the_same_curve_and_parameters(refere
 
 # --- non-finite steps ----------------------------------------------------------------------------
 
+
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(reference, tmp_path, monkeypatch):
   """NaN images at steps 2, 4 and 5 with max_nonfinite_in_a_row = 2: step 2 changes nothing
   but the counters, step 3 trains again, and step 5 stops the run with a message naming the
   last good checkpoint (step 4), which is kept, as are the earlier ones."""
   from imask_jax import input_pipeline
+
   config = workdir_lib.load_config(reference['workdir'])
   config.train.max_nonfinite_in_a_row = 2
   config.train.checkpoint_every = 1
@@ -496,8 +568,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(reference, tmp_pat
   assert '2 non-finite losses or gradients in a row (steps 4 to 5; 3 skipped in all' in message
   assert 'the last good checkpoint, step 4, is kept' in message
 
-  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if n.isdigit()) == [1, 2, 3, 4]
+  assert sorted(
+    int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()
+  ) == [1, 2, 3, 4]
   checkpoints = {step: restore(workdir, step) for step in (1, 2, 3, 4)}
   assert max_abs_difference(checkpoints[2].params, checkpoints[1].params) == 0.0
   assert max_abs_difference(checkpoints[2].opt_state, checkpoints[1].opt_state) == 0.0
@@ -517,12 +590,14 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(reference, tmp_pat
 
 # --- data parallel -------------------------------------------------------------------------------
 
+
 def assert_matches_reference(workdir: str, reference: dict) -> None:
   assert_same_config(workdir, reference)
   losses, expected = train_losses(workdir), train_losses(reference['workdir'])
   assert losses.keys() == expected.keys()  # each step once: only process 0 logs
-  np.testing.assert_allclose([losses[s] for s in losses], [expected[s] for s in losses],
-                             rtol=PARALLEL_LOSS_RTOL)
+  np.testing.assert_allclose(
+    [losses[s] for s in losses], [expected[s] for s in losses], rtol=PARALLEL_LOSS_RTOL
+  )
   val, expected_val = validation(workdir), validation(reference['workdir'])
   assert val.keys() == expected_val.keys()
   np.testing.assert_allclose([val[k] for k in val], [expected_val[k] for k in val], atol=1e-3)
@@ -531,8 +606,10 @@ def assert_matches_reference(workdir: str, reference: dict) -> None:
   assert len(jax.devices()) == 1 and int(state.step) == config.train.steps
   atol = parallel_atol(config)
   difference = max_abs_difference(state.params, reference['state'].params)
-  print(f'{workdir}: parameters differ from the reference by at most {difference:.2e} '
-        f'(tolerance {atol:.2e})')
+  print(
+    f'{workdir}: parameters differ from the reference by at most {difference:.2e} '
+    f'(tolerance {atol:.2e})'
+  )
   assert difference < atol
   # The tolerance can see a mix-up: the reference's own last steps moved it 10x further.
   earlier = restore(reference['workdir'], int(config.train.checkpoint_every))
