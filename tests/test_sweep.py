@@ -208,8 +208,8 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, sm
   # Start the sweep and kill it (the sweep and its run, SIGKILL) once the second run began.
   first = subprocess.Popen(_sweep_command(workdir), cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not os.path.exists(second_started) and first.poll() is None and time.time() < deadline:
+  # No deadline: the sweep either starts its second run or ends by itself.
+  while not os.path.exists(second_started) and first.poll() is None:
     time.sleep(0.2)
   assert first.poll() is None, first.communicate()[0][-3000:]
   os.killpg(first.pid, signal.SIGKILL)
@@ -223,7 +223,7 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, sm
   # Started again: the finished run is skipped, the killed one runs, both are aggregated.
   before = os.stat(os.path.join(standard_eval, 'metrics.csv')).st_mtime_ns
   again = subprocess.run(_sweep_command(workdir), cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=900)
+                         text=True)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert '[1/2] standard-resnet18/seed0: finished before, skipped' in again.stdout
   assert '[2/2] imask-resnet18/seed0: finished in' in again.stdout
