@@ -16,9 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import REPO, experiment_config
 from imask_jax import report, sweep
 from imask_jax import workdir as workdir_lib
-from conftest import REPO, experiment_config
 
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
 TISSUES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
@@ -28,16 +28,18 @@ def test_paper_study_is_two_heads_by_two_backbones_each_head_against_standard():
   c = experiment_config('ablations', 'dataset=phantom_knee,backbones=resnet50+densenet121')
   assert c.experiment == os.path.join(REPO, 'experiments', 'phantom_knee.py')
   assert list(c.variants) == [
-      ('standard-resnet50', 'head=standard,backbone=resnet50', ''),
-      ('imask-resnet50', 'head=imask,backbone=resnet50', 'standard-resnet50'),
-      ('standard-densenet121', 'head=standard,backbone=densenet121', ''),
-      ('imask-densenet121', 'head=imask,backbone=densenet121', 'standard-densenet121')]
+    ('standard-resnet50', 'head=standard,backbone=resnet50', ''),
+    ('imask-resnet50', 'head=imask,backbone=resnet50', 'standard-resnet50'),
+    ('standard-densenet121', 'head=standard,backbone=densenet121', ''),
+    ('imask-densenet121', 'head=imask,backbone=densenet121', 'standard-densenet121'),
+  ]
   assert tuple(c.seeds) == (0,)
   # Every argument loads into the experiment it names, with the settings it says.
-  for name, arg, _ in c.variants:
+  for _, arg, _ in c.variants:
     config = sweep.load_experiment(c.experiment, arg)
     assert (config.model.mask_head, config.model.backbone) == tuple(
-        part.split('=')[1] for part in arg.split(','))
+      part.split('=')[1] for part in arg.split(',')
+    )
 
 
 def test_head_and_skip_studies_switch_the_parts_they_name():
@@ -52,8 +54,11 @@ def test_head_and_skip_studies_switch_the_parts_they_name():
   assert all(b == 'standard' for n, (_, b) in by_name.items() if n != 'standard')
 
   skips = experiment_config('ablations', 'study=skip_size')
-  sizes = {n: sweep.load_experiment(skips.experiment, a).model.imask.skip_size
-           for n, a, _ in skips.variants if 'skip' in n}
+  sizes = {
+    n: sweep.load_experiment(skips.experiment, a).model.imask.skip_size
+    for n, a, _ in skips.variants
+    if 'skip' in n
+  }
   assert sizes == {'imask_skip28': 28, 'imask_skip112': 112}
   assert {b for n, _, b in skips.variants if 'skip' in n} == {'imask'}
   every = experiment_config('ablations', 'study=all')
@@ -87,8 +92,9 @@ def test_a_second_sweep_on_the_same_folder_is_refused_while_the_first_holds_it(t
 # --- aggregation on hand-made evaluations ----------------------------------------------------
 
 
-def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple]],
-              ap_all: dict[str, float]) -> sweep.Run:
+def _fake_run(
+  root, variant: str, seed: int, per_case: dict[str, dict[str, tuple]], ap_all: dict[str, float]
+) -> sweep.Run:
   """A finished run: config.json with 10 steps and eval/10/{metrics,ap}.csv holding
   per_case[case][tissue] = (status, dice, hausdorff_voxels, assd_mm, ap)."""
   run = sweep.Run(variant, seed, '', '', os.path.join(root, variant, f'seed{seed}'))
@@ -100,14 +106,29 @@ def _fake_run(root, variant: str, seed: int, per_case: dict[str, dict[str, tuple
   for case, tissues in per_case.items():
     for tissue, (status, dice, hd_px, assd, ap) in tissues.items():
       row = {c: 0.0 for c in report.METRICS_COLUMNS}
-      row.update(case_id=case, tissue=tissue, label_value=1, status=status, dice=dice,
-                 hausdorff_voxels=hd_px, assd_mm=assd)
+      row.update(
+        case_id=case,
+        tissue=tissue,
+        label_value=1,
+        status=status,
+        dice=dice,
+        hausdorff_voxels=hd_px,
+        assd_mm=assd,
+      )
       metric_rows.append(row)
-      ap_rows.append({**{c: 0 for c in report.AP_COLUMNS}, **dict(
-          scope=case, tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1)})
+      ap_rows.append(
+        {
+          **{c: 0 for c in report.AP_COLUMNS},
+          **dict(scope=case, tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1),
+        }
+      )
   for tissue, ap in ap_all.items():
-    ap_rows.append({**{c: 0 for c in report.AP_COLUMNS}, **dict(
-        scope='all', tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1)})
+    ap_rows.append(
+      {
+        **{c: 0 for c in report.AP_COLUMNS},
+        **dict(scope='all', tissue=tissue, class_id=1, ap=ap, truth_instances=1, detections=1),
+      }
+    )
   report.write_csv(os.path.join(folder, 'metrics.csv'), report.METRICS_COLUMNS, metric_rows)
   report.write_csv(os.path.join(folder, 'ap.csv'), report.AP_COLUMNS, ap_rows)
   return run
@@ -117,25 +138,42 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   cases = [f'case{i}' for i in range(5)]
   base_dice = [0.70, 0.72, 0.74, 0.71, 0.69]
   gains = [0.01, 0.02, 0.03, 0.04, 0.05]  # all positive: the exact two-sided p is 2 / 2^5
-  standard = _fake_run(tmp_path, 'standard', 0, {
+  standard = _fake_run(
+    tmp_path,
+    'standard',
+    0,
+    {
       c: {'femoral_cartilage': ('ok', d, 10.0 + i, 0.5, 0.2)}
-      for i, (c, d) in enumerate(zip(cases, base_dice))}, {'femoral_cartilage': 0.25})
-  per_case = {c: {'femoral_cartilage': ('ok', d + g, 9.0 + i, 0.4, 0.3)}
-              for i, (c, d, g) in enumerate(zip(cases, base_dice, gains))}
+      for i, (c, d) in enumerate(zip(cases, base_dice))
+    },
+    {'femoral_cartilage': 0.25},
+  )
+  per_case = {
+    c: {'femoral_cartilage': ('ok', d + g, 9.0 + i, 0.4, 0.3)}
+    for i, (c, d, g) in enumerate(zip(cases, base_dice, gains))
+  }
   per_case['case4']['femoral_cartilage'] = ('missed', 0.0, math.inf, math.inf, 0.0)
   imask = _fake_run(tmp_path, 'imask', 0, per_case, {'femoral_cartilage': 0.35})
   imask = sweep.Run('imask', 0, 'standard', '', imask.workdir)
 
-  c = ml_collections.ConfigDict(dict(
-      experiment='x.py', base_arg='', study='heads', seeds=(0,), split='test',
-      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard'))))
+  c = ml_collections.ConfigDict(
+    dict(
+      experiment='x.py',
+      base_arg='',
+      study='heads',
+      seeds=(0,),
+      split='test',
+      variants=(('standard', 'head=standard', ''), ('imask', 'head=imask', 'standard')),
+    )
+  )
   text, missing = sweep.aggregate(c, str(tmp_path), [standard, imask])
   assert missing == []
 
   with open(tmp_path / 'summary.csv', newline='') as f:
     rows = list(csv.DictReader(f))
   assert [(r['variant'], r['case_id']) for r in rows] == [('standard', c) for c in cases] + [
-      ('imask', c) for c in cases]
+    ('imask', c) for c in cases
+  ]
   assert float(rows[5]['ap']) == 0.3 and rows[9]['status'] == 'missed'
 
   table_row = next(line for line in text.splitlines() if line.startswith('| standard |'))
@@ -149,9 +187,13 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   assert '(1 of 5 not found)' in imask_row
 
   n, mean, p, dropped = sweep.paired_comparison(
-      sweep.run_rows(standard, sweep.finished_eval_dir(standard, 'test')) +
-      sweep.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
-      'imask', 'standard', 'femoral_cartilage', 'assd_mm')
+    sweep.run_rows(standard, sweep.finished_eval_dir(standard, 'test'))
+    + sweep.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
+    'imask',
+    'standard',
+    'femoral_cartilage',
+    'assd_mm',
+  )
   assert (n, dropped) == (4, 1) and math.isclose(mean, -0.1)
   assert math.isclose(p, 2 / 2**4)  # four pairs, all negative
   assert sweep.wilcoxon(gains) == pytest.approx(2 / 2**5)
@@ -161,8 +203,9 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
 
 
 def test_evaluations_made_before_the_average_hausdorff_column_read_as_missing(tmp_path):
-  run = _fake_run(tmp_path, 'standard', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.2)}},
-                  {'femur': 0.25})
+  run = _fake_run(
+    tmp_path, 'standard', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.2)}}, {'femur': 0.25}
+  )
   metrics_csv = os.path.join(run.workdir, 'eval', '10', 'metrics.csv')
   rows = sweep.run_rows(run, os.path.dirname(metrics_csv))
   assert rows[0]['average_hausdorff_voxels'] == 0.0 and rows[0]['hausdorff_voxels'] == 3.0
@@ -175,15 +218,21 @@ def test_evaluations_made_before_the_average_hausdorff_column_read_as_missing(tm
 
 
 def test_unfinished_runs_are_listed_not_averaged(tmp_path):
-  done = _fake_run(tmp_path, 'a', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.8)}},
-                   {'femur': 0.8})
+  done = _fake_run(tmp_path, 'a', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.8)}}, {'femur': 0.8})
   waiting = sweep.Run('b', 0, 'a', '', str(tmp_path / 'b' / 'seed0'))
   os.makedirs(waiting.workdir)
   with open(os.path.join(waiting.workdir, 'config.json'), 'w') as f:
     f.write('{"train": {"steps": 10}, "eval": {"split": "test"}}')
-  c = ml_collections.ConfigDict(dict(
-      experiment='x.py', base_arg='', study='heads', seeds=(0,), split='test',
-      variants=(('a', '', ''), ('b', '', 'a'))))
+  c = ml_collections.ConfigDict(
+    dict(
+      experiment='x.py',
+      base_arg='',
+      study='heads',
+      seeds=(0,),
+      split='test',
+      variants=(('a', '', ''), ('b', '', 'a')),
+    )
+  )
   text, missing = sweep.aggregate(c, str(tmp_path), [done, waiting])
   assert missing == ['b/seed0'] and 'runs finished: 1 of 2 (not yet: b/seed0)' in text
   assert 'No comparison has finished runs on both sides yet.' in text
@@ -193,37 +242,52 @@ def test_unfinished_runs_are_listed_not_averaged(tmp_path):
 
 
 def _sweep_command(workdir: str) -> list[str]:
-  return [sys.executable, '-m', 'imask_jax.sweep',
-          f'--config={ABLATIONS}:dataset=phantom_knee,backbones=resnet18,base=smoke+steps=3',
-          f'--workdir={workdir}']
+  return [
+    sys.executable,
+    '-m',
+    'imask_jax.sweep',
+    f'--config={ABLATIONS}:dataset=phantom_knee,backbones=resnet18,base=smoke+steps=3',
+    f'--workdir={workdir}',
+  ]
 
 
 def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, smoke_workdir):
   # The runs read the smoke dataset the session fixture already built.
-  env = dict(os.environ, IMASK_DATA_DIR=os.path.join(os.path.dirname(smoke_workdir), 'tfds'),
-             TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env = dict(
+    os.environ,
+    IMASK_DATA_DIR=os.path.join(os.path.dirname(smoke_workdir), 'tfds'),
+    TF_CPP_MIN_LOG_LEVEL='2',
+    CUDA_VISIBLE_DEVICES='',
+  )
   workdir = str(tmp_path / 'sweep')
   second_started = os.path.join(workdir, 'imask-resnet18', 'seed0', 'config.json')
 
   # Start the sweep and kill it (the sweep and its run, SIGKILL) once the second run began.
-  first = subprocess.Popen(_sweep_command(workdir), cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first = subprocess.Popen(
+    _sweep_command(workdir),
+    cwd=REPO,
+    env=env,
+    start_new_session=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   # No deadline: the sweep either starts its second run or ends by itself.
   while not os.path.exists(second_started) and first.poll() is None:
     time.sleep(0.2)
   assert first.poll() is None, first.communicate()[0][-3000:]
   os.killpg(first.pid, signal.SIGKILL)
   first.communicate()
-  standard = sweep.Run('standard-resnet18', 0, '', '', os.path.join(
-      workdir, 'standard-resnet18', 'seed0'))
+  standard = sweep.Run(
+    'standard-resnet18', 0, '', '', os.path.join(workdir, 'standard-resnet18', 'seed0')
+  )
   standard_eval = sweep.finished_eval_dir(standard, 'test')
   assert standard_eval is not None
   assert not os.path.exists(os.path.join(workdir, 'summary.md'))
 
   # Started again: the finished run is skipped, the killed one runs, both are aggregated.
   before = os.stat(os.path.join(standard_eval, 'metrics.csv')).st_mtime_ns
-  again = subprocess.run(_sweep_command(workdir), cwd=REPO, env=env, capture_output=True,
-                         text=True)
+  again = subprocess.run(_sweep_command(workdir), cwd=REPO, env=env, capture_output=True, text=True)
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert '[1/2] standard-resnet18/seed0: finished before, skipped' in again.stdout
   assert '[2/2] imask-resnet18/seed0: finished in' in again.stdout
@@ -231,11 +295,9 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, sm
 
   with open(os.path.join(workdir, 'summary.csv'), newline='') as f:
     rows = list(csv.DictReader(f))
-  imask = sweep.Run('imask-resnet18', 0, '', '', os.path.join(workdir, 'imask-resnet18',
-                                                                'seed0'))
+  imask = sweep.Run('imask-resnet18', 0, '', '', os.path.join(workdir, 'imask-resnet18', 'seed0'))
   for run in (standard, imask):
-    with open(os.path.join(sweep.finished_eval_dir(run, 'test'), 'metrics.csv'),
-              newline='') as f:
+    with open(os.path.join(sweep.finished_eval_dir(run, 'test'), 'metrics.csv'), newline='') as f:
       truth = {(r['case_id'], r['tissue']): r['dice'] for r in csv.DictReader(f)}
     mine = {(r['case_id'], r['tissue']): r['dice'] for r in rows if r['variant'] == run.variant}
     assert mine == truth and set(t for _, t in truth) == set(TISSUES)
@@ -259,13 +321,16 @@ def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):
   assert sweep.check_plan(c, workdir, runs) == first  # the same settings: accepted again
 
   c.base_arg = 'smoke,steps=4'
-  with pytest.raises(sweep.SettingsChangedError,
-                     match=r'standard-resnet18/seed0: train.steps: 3 -> 4.*delete .*sweep_plan'):
+  with pytest.raises(
+    sweep.SettingsChangedError,
+    match=r'standard-resnet18/seed0: train.steps: 3 -> 4.*delete .*sweep_plan',
+  ):
     sweep.check_plan(c, workdir, sweep.plan(c, workdir))
 
   c.base_arg = 'smoke,steps=3'
-  c.variants = c.variants + (('decoder_only-resnet18', 'head=imask,skip=False,backbone=resnet18',
-                              'standard-resnet18'),)
+  c.variants = c.variants + (
+    ('decoder_only-resnet18', 'head=imask,skip=False,backbone=resnet18', 'standard-resnet18'),
+  )
   grown = sweep.check_plan(c, workdir, sweep.plan(c, workdir))
   assert grown['decoder_only-resnet18/seed0']['model']['imask']['skip'] is False
   with open(tmp_path / 'sweep_plan.json') as f:
