@@ -655,9 +655,19 @@ def build_layers(
   return layers, pockets, bones
 
 
-def make_grid(rng: np.random.Generator, preset: str) -> scene.Grid:
-  """Scanner grid for the preset; the pelvis gets a small random rotation and shift."""
-  p = PRESETS[preset]
+def make_grid(
+  rng: np.random.Generator,
+  preset: str,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+) -> scene.Grid:
+  """Scanner grid for the preset (optionally another in-plane spacing and field of view, see
+  `mri.acquisition`); the pelvis gets a small random rotation and shift.
+
+  The grid's central voxel position is the world origin whatever its shape, so a larger field
+  of view grows symmetrically about the same point of the pelvis.
+  """
+  p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_hip')
   affine = mri.grid_affine(p['shape'], p['spacing'], AXIS_DIRECTIONS, np.zeros(3))
   rot = sdf.rotation(*rng.uniform(-4, 4, 3))
   focus = np.array([0.0, 0.0, -15.0])
@@ -730,20 +740,39 @@ def reader_labels(
   return out, info
 
 
-def generate_hip(seed: int, preset: str = 'cpu') -> scene.Phantom:
-  """One coronal STIR-like volume of both hips; identical output for identical arguments."""
-  if preset not in PRESETS:
-    raise ValueError(f'generate_hip: preset={preset!r}; expected one of {sorted(PRESETS)}')
+def generate_hip(
+  seed: int,
+  preset: str = 'cpu',
+  *,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+) -> scene.Phantom:
+  """One coronal STIR-like volume of both hips; identical output for identical arguments.
+
+  spacing_mm, fov_mm (optional, mm): in-plane pixel spacing and field of view (array axes 0
+  and 1, the coronal plane) instead of the preset's; the in-plane shape becomes
+  round(fov_mm / spacing_mm), the field of view stays centred on the same point of the pelvis,
+  the in-plane PSF FWHM keeps the preset's FWHM / spacing ratio, and the slices (count,
+  thickness) and the noise sigma stay the preset's. The anatomy and its pose do not depend on
+  them; the texture, bias, noise and reader realisations do. Without them the output is the
+  preset's.
+  """
+  p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_hip')
+  ref = PRESETS[preset]
   rng = np.random.default_rng(seed)
   model = HipModel(rng)
-  grid = make_grid(rng, preset)
-  p = PRESETS[preset]
+  grid = make_grid(rng, preset, spacing_mm, fov_mm)
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets, bones = build_layers(model, sc)
   rendered = scene.render(sc, layers, background=0.0)
   image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
-  image *= mri.bias_field(grid.shape, rng, 0.12, coil_axis=0, coil_falloff=0.25)
+  # The coil is fixed in space: its profile spans the preset's field of view.
+  reach = tuple(
+    (n - 1) * s / ((n0 - 1) * s0)
+    for n, s, n0, s0 in zip(p['shape'], p['spacing'], ref['shape'], ref['spacing'])
+  )
+  image *= mri.bias_field(grid.shape, rng, 0.12, coil_axis=0, coil_falloff=0.25, reach=reach)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
   names = [layer.name for layer in layers]
   blocked = np.isin(rendered.owner, bones)
@@ -755,7 +784,7 @@ def generate_hip(seed: int, preset: str = 'cpu') -> scene.Phantom:
     grid.spacing,
     rng,
   )
-  truth = hip_truth(model, grid, layers, rendered, pockets, readers, reader_info, seed, preset)
+  truth = hip_truth(model, grid, layers, rendered, pockets, readers, reader_info, seed, preset, p)
   return scene.Phantom(
     image=image, labels=rendered.labels, affine=grid.affine, reader_labels=readers, truth=truth
   )
@@ -771,8 +800,13 @@ def hip_truth(
   reader_info: dict[str, Any],
   seed: int,
   preset: str,
+  acquisition: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The sidecar: effusion per pocket, per side and in total, reader volumes, geometry."""
+  """The sidecar: effusion per pocket, per side and in total, reader volumes, geometry.
+
+  acquisition: `mri.acquisition`'s result for the grid (default: the preset's).
+  """
+  acq = acquisition or mri.acquisition(PRESETS, preset)
   names = [layer.name for layer in layers]
   effusion = truth_lib.effusion_pockets(rendered, names, pockets, grid)
   per_side = {}
@@ -797,6 +831,8 @@ def hip_truth(
     'plane': PLANE,
     'shape': list(grid.shape),
     'spacing_mm': list(grid.spacing),
+    'fov_mm': list(acq['fov_mm']),
+    'psf_fwhm_mm': list(acq['fwhm']),
     'axis_codes': list(AXIS_CODES),
     'affine': grid.affine.tolist(),
     'model_to_world': grid.model_to_world.tolist(),

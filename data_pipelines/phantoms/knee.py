@@ -879,9 +879,19 @@ def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], 
   return layers, pockets
 
 
-def make_grid(anatomy: KneeAnatomy, preset: str) -> scene.Grid:
-  """Scanner grid for the preset and the model -> world pose of this knee."""
-  p = PRESETS[preset]
+def make_grid(
+  anatomy: KneeAnatomy,
+  preset: str,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+) -> scene.Grid:
+  """Scanner grid for the preset (optionally another in-plane spacing and field of view, see
+  `mri.acquisition`) and the model -> world pose of this knee.
+
+  The grid's central voxel position is the world origin whatever its shape, so a larger field
+  of view grows symmetrically about the same point of the knee.
+  """
+  p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
   affine = mri.grid_affine(p['shape'], p['spacing'], AXIS_DIRECTIONS, np.zeros(3))
   rot = sdf.rotation(*anatomy.pose_deg)
   # The FOV centre (world origin) sits on a model point a little above and in front of the
@@ -905,28 +915,46 @@ def make_textures(shape, spacing, rng: np.random.Generator) -> dict[str, Array]:
   }
 
 
-def generate_knee(seed: int, preset: str = 'cpu', **anatomy_options: Any) -> scene.Phantom:
+def generate_knee(
+  seed: int,
+  preset: str = 'cpu',
+  *,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+  **anatomy_options: Any,
+) -> scene.Phantom:
   """One sagittal DESS-like knee volume; identical output for identical arguments.
+
+  spacing_mm, fov_mm (optional, mm): in-plane pixel spacing and field of view (array axes 0
+  and 1, the sagittal plane) instead of the preset's; the in-plane shape becomes
+  round(fov_mm / spacing_mm), the field of view stays centred on the same point of the knee,
+  the in-plane PSF FWHM keeps the preset's FWHM / spacing ratio, and the slices (count,
+  thickness) and the noise sigma stay the preset's. The anatomy and its pose do not depend on
+  them; the texture, bias and noise realisations do. Without them the output is the preset's.
 
   anatomy_options (all optional): side 'right'|'left', scale (0.7-1.3), effusion_ml (>= 0),
   oa_thinning (0-1, weight-bearing cartilage loss), num_defects (focal cartilage defects),
   joint_gap_mm (>= 0, fluid gap between the cartilage surfaces), pose (False: no random pose).
   """
-  if preset not in PRESETS:
-    raise ValueError(f'generate_knee: preset={preset!r}; expected one of {sorted(PRESETS)}')
+  p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
+  ref = PRESETS[preset]
   rng = np.random.default_rng(seed)
   anatomy = sample_anatomy(rng, **anatomy_options)
   model = KneeModel(anatomy)
-  grid = make_grid(anatomy, preset)
-  p = PRESETS[preset]
+  grid = make_grid(anatomy, preset, spacing_mm, fov_mm)
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets = build_layers(model, sc)
   rendered = scene.render(sc, layers, background=0.0)
   image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
-  image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3)
+  # The coil is fixed in space: its profile spans the preset's field of view.
+  reach = tuple(
+    (n - 1) * s / ((n0 - 1) * s0)
+    for n, s, n0, s0 in zip(p['shape'], p['spacing'], ref['shape'], ref['spacing'])
+  )
+  image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3, reach=reach)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
-  truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset)
+  truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset, p)
   return scene.Phantom(
     image=image, labels=rendered.labels, affine=grid.affine, reader_labels={}, truth=truth
   )
@@ -940,8 +968,13 @@ def knee_truth(
   pockets: list[str],
   seed: int,
   preset: str,
+  acquisition: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The sidecar: volumes, effusion, cartilage thickness fields and geometry."""
+  """The sidecar: volumes, effusion, cartilage thickness fields and geometry.
+
+  acquisition: `mri.acquisition`'s result for the grid (default: the preset's).
+  """
+  acq = acquisition or mri.acquisition(PRESETS, preset)
   from data_pipelines.phantoms import truth as truth_lib
 
   names = [layer.name for layer in layers]
@@ -960,6 +993,8 @@ def knee_truth(
     'plane': 'sagittal',
     'shape': list(grid.shape),
     'spacing_mm': list(grid.spacing),
+    'fov_mm': list(acq['fov_mm']),
+    'psf_fwhm_mm': list(acq['fwhm']),
     'axis_codes': list(AXIS_CODES),
     'affine': grid.affine.tolist(),
     'model_to_world': grid.model_to_world.tolist(),

@@ -6,6 +6,9 @@ float32 arrays [X, Y, Z] with spacing in mm in the array's axis order.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -45,6 +48,64 @@ STIR = {
   'red_marrow': 115.0,
   'labrum': 30.0,
 }
+
+
+# Bounds on the in-plane matrix (pixels per in-plane axis) an acquisition override may give.
+IN_PLANE_PIXELS = (16, 2048)
+
+
+def acquisition(
+  presets: dict[str, dict[str, Any]],
+  preset: str,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+  who: str = 'phantoms',
+) -> dict[str, Any]:
+  """The acquisition of `preset`, with optional in-plane overrides; ValueError on bad values.
+
+  In-plane means array axes 0 and 1 (the slice plane); axis 2 (slice count and thickness) is
+  always the preset's. spacing_mm replaces the in-plane pixel spacing of both axes; fov_mm sets
+  the in-plane extent of both axes (default: the preset's shape x spacing, so a spacing alone
+  keeps the preset's field of view). The in-plane shape is round(fov / spacing), so the actual
+  extent (shape x spacing, `fov_mm` of the result) is within half a pixel of the request. The
+  in-plane PSF FWHM keeps the preset's FWHM / spacing ratio; the noise sigma is the preset's.
+  Without overrides the preset's own values come back unchanged.
+
+  Returns dict(shape, spacing, fwhm, noise, fov_mm) with 3-tuples along the array axes.
+  """
+  if preset not in presets:
+    raise ValueError(f'{who}: preset={preset!r}; expected one of {sorted(presets)}')
+  p = presets[preset]
+  shape, spacing, fwhm = tuple(p['shape']), tuple(p['spacing']), tuple(p['fwhm'])
+  for name, value in (('spacing_mm', spacing_mm), ('fov_mm', fov_mm)):
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+      raise ValueError(f'{who}: {name}={value!r}; expected a number of mm > 0')
+    if not (math.isfinite(float(value)) and float(value) > 0):
+      raise ValueError(f'{who}: {name}={value!r}; expected a finite number of mm > 0')
+  if spacing_mm is not None:
+    new = float(spacing_mm)
+    # Same FWHM / spacing ratio as the preset (an unchanged spacing keeps the preset's FWHM).
+    fwhm = tuple(f if new == s else f / s * new for f, s in zip(fwhm[:2], spacing[:2])) + fwhm[2:]
+    spacing = (new, new, spacing[2])
+  if spacing_mm is not None or fov_mm is not None:
+    extent = (
+      (float(fov_mm),) * 2
+      if fov_mm is not None
+      else tuple(p['shape'][i] * p['spacing'][i] for i in (0, 1))
+    )
+    pixels = tuple(int(round(e / s)) for e, s in zip(extent, spacing[:2]))
+    lo, hi = IN_PLANE_PIXELS
+    if not all(lo <= n <= hi for n in pixels):
+      raise ValueError(
+        f'{who}: fov_mm={fov_mm}, spacing_mm={spacing_mm} (preset {preset!r}): '
+        f'{round(extent[0], 4)} mm / {spacing[0]} mm = {pixels[0]} x {pixels[1]} pixels '
+        f'in-plane; expected {lo} to {hi} per axis'
+      )
+    shape = pixels + shape[2:]
+  fov = tuple(round(n * s, 4) for n, s in zip(shape, spacing))
+  return dict(shape=shape, spacing=spacing, fwhm=fwhm, noise=p['noise'], fov_mm=fov)
 
 
 def grid_affine(
@@ -115,14 +176,20 @@ def bias_field(
   strength: float,
   coil_axis: int | None = None,
   coil_falloff: float = 0.0,
+  reach: tuple[float, float, float] | None = None,
 ) -> Array:
   """Smooth multiplicative coil sensitivity, float32 [X, Y, Z], mean about 1.
 
-  exp of a random polynomial of total degree <= 2 over coordinates normalised to [-1, 1]
-  (coefficients ~ N(0, strength)), times an optional falloff 1 - f * u^2 along `coil_axis`
-  (the signal drop towards the ends of a cylindrical extremity coil).
+  exp of a random polynomial of total degree <= 2 over coordinates u normalised to [-1, 1]
+  across the grid (coefficients ~ N(0, strength)), times an optional falloff
+  max(1 - f * u^2, 0.1) along `coil_axis` (the signal drop towards the ends of a cylindrical
+  extremity coil). `reach` (per axis, default 1) stretches u to [-reach, reach]: the grid's
+  half-extent in units of a reference half-extent, so that the coil stays put in space when
+  the grid's field of view changes.
   """
   axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+  if reach is not None:
+    axes = [a * np.float32(r) for a, r in zip(axes, reach)]
   u = [axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]]
   log_b = np.zeros(shape, np.float32)
   for i in range(3):
@@ -131,7 +198,7 @@ def bias_field(
       log_b = log_b + np.float32(rng.normal(0, strength / 2)) * u[i] * u[j]
   field = np.exp(log_b)
   if coil_axis is not None and coil_falloff > 0:
-    field *= 1 - np.float32(coil_falloff) * u[coil_axis] ** 2
+    field *= np.maximum(1 - np.float32(coil_falloff) * u[coil_axis] ** 2, np.float32(0.1))
   return field.astype(np.float32)
 
 

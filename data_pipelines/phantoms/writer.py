@@ -8,7 +8,8 @@ Layout of `out`:
   dataset.json                nnU-Net v2 keys plus "plane", "readers", "training"
   .phantoms_generator.json    the generator's marker: only a folder holding it is ever replaced
 
-Every file's bytes depend only on (kind, seed, preset): gzip headers carry no time or name,
+Every file's bytes depend only on (kind, seed, preset) and the optional in-plane overrides
+(spacing_mm, fov_mm; recorded in dataset.json when given): gzip headers carry no time or name,
 JSON is written with a fixed key order, and the PNG carries no metadata.
 """
 
@@ -24,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from data_pipelines.atomic import atomic_dir, atomic_path, remove_stale_temporaries
-from data_pipelines.phantoms import hip, knee, scene
+from data_pipelines.phantoms import hip, knee, mri, scene
 
 KINDS = {'knee': knee, 'hip': hip}
 # Written into every dataset folder the generator makes; a folder is replaced only if it holds
@@ -47,12 +48,22 @@ OVERLAY_COLOURS = np.array(
 )
 
 
-def generate(kind: str, seed: int, preset: str = 'cpu') -> scene.Phantom:
-  """The phantom of `kind` ('knee' or 'hip') for one seed."""
+def generate(
+  kind: str,
+  seed: int,
+  preset: str = 'cpu',
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
+) -> scene.Phantom:
+  """The phantom of `kind` ('knee' or 'hip') for one seed.
+
+  spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
+  preset's (see `mri.acquisition`; ValueError when out of range).
+  """
   if kind not in KINDS:
     raise ValueError(f'phantoms: kind={kind!r}; expected one of {sorted(KINDS)}')
   generator = knee.generate_knee if kind == 'knee' else hip.generate_hip
-  return generator(seed, preset)
+  return generator(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm)
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
@@ -106,9 +117,19 @@ def write_case(root: str, case_id: str, ph: scene.Phantom) -> dict[str, str]:
 
 
 def dataset_json(
-  kind: str, cases: list[tuple[str, dict[str, str]]], seed: int, preset: str, readers: list[str]
+  kind: str,
+  cases: list[tuple[str, dict[str, str]]],
+  seed: int,
+  preset: str,
+  readers: list[str],
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
 ) -> dict[str, Any]:
-  """nnU-Net v2 dataset.json plus our keys (plane, readers, the case list, provenance)."""
+  """nnU-Net v2 dataset.json plus our keys (plane, readers, the case list, provenance).
+
+  The in-plane overrides are recorded (as 'spacing_mm', 'fov_mm', after 'preset') only when
+  given, so a preset's dataset.json is what it was before they existed.
+  """
   module = KINDS[kind]
   out = {
     'name': f'phantom_{kind}',
@@ -123,15 +144,31 @@ def dataset_json(
     'generator_version': module.GENERATOR_VERSION,
     'seed': int(seed),
     'preset': preset,
-    'training': [dict(id=cid, **{k: './' + v for k, v in files.items()}) for cid, files in cases],
   }
+  if spacing_mm is not None:
+    out['spacing_mm'] = float(spacing_mm)
+  if fov_mm is not None:
+    out['fov_mm'] = float(fov_mm)
+  out['training'] = [
+    dict(id=cid, **{k: './' + v for k, v in files.items()}) for cid, files in cases
+  ]
   return out
 
 
 def write_dataset(
-  kind: str, num: int, seed: int, out: str, preset: str = 'cpu', preview: str | None = None
+  kind: str,
+  num: int,
+  seed: int,
+  out: str,
+  preset: str = 'cpu',
+  preview: str | None = None,
+  spacing_mm: float | None = None,
+  fov_mm: float | None = None,
 ) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
+
+  spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
+  preset's; checked (> 0, 16 to 2048 pixels in-plane) before anything is written.
 
   The folder is assembled beside `out` and moved into place whole. An existing `out` is
   replaced only when the generator wrote it (it holds the MARKER file) or it is an empty
@@ -146,6 +183,7 @@ def write_dataset(
     raise ValueError(f'phantoms: num={num}; expected at least 1 volume')
   if preset not in KINDS[kind].PRESETS:
     raise ValueError(f'phantoms: preset={preset!r}; expected one of {sorted(KINDS[kind].PRESETS)}')
+  mri.acquisition(KINDS[kind].PRESETS, preset, spacing_mm, fov_mm)  # ValueError if out of range
   check_replaceable(out)
   remove_stale_temporaries(out)
   first = None
@@ -153,13 +191,13 @@ def write_dataset(
   readers: list[str] = []
   with atomic_dir(out) as tmp:
     for i in range(int(num)):
-      ph = generate(kind, int(seed) + i, preset)
+      ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm)
       case_id = f'{kind}_{i:04d}'
       cases.append((case_id, write_case(tmp, case_id, ph)))
       readers = sorted(ph.reader_labels)
       if first is None:
         first = ph
-    meta = dataset_json(kind, cases, seed, preset, readers)
+    meta = dataset_json(kind, cases, seed, preset, readers, spacing_mm, fov_mm)
     _write_bytes(os.path.join(tmp, 'dataset.json'), _json_bytes(meta))
     _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT, 'kind': kind}))
   if preview:
