@@ -12,8 +12,9 @@ Variants (comma-separated in the config argument):
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, epochs=N,
   seed=N, decoder=, skip=, skip_size=   (see configs.apply_common_args)
 
-The cpu phantom preset stores 160 x 160 coronal slices (2.2 mm pixels), so the network input
-is 160 x 160: slices go in unresized.
+The cpu phantom preset stores 160 x 160 coronal slices (2.2 mm pixels); the network works at
+2.2 mm per pixel (data.pixel_spacing_mm), so these slices go in unresized and scans of another
+resolution are resampled to it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def get_config(arg: str | None = None):
   d.instance_mode = 'components'  # each effusion pocket (recess) is its own instance
   d.min_instance_pixels = 4
   d.empty_slice_rate = 0.1
-  d.image_size = (160, 160)  # the cpu preset's coronal slice, unresized
+  # Scale-true at the cpu preset's own 2.2 mm: its 160-pixel coronal slices go in whole.
+  d.pixel_spacing_mm = 2.2
+  d.image_size = (160, 160)
   d.max_instances = 8  # up to 3 pockets per hip, both hips in a slice
   d.augment.flip_lr = True  # both hips: a left-right mirror is another plausible scan
 

@@ -58,6 +58,10 @@ def get_config(arg: str | None = None):
   d.subject_pattern = params_lib.SUBJECT_TIMEPOINT_PATTERN  # two visits per person
   d.max_instances = 8
   d.augment.flip_lr = True  # both hips in the field of view
+  # The paper resized STIHO's 384-pixel coronal slices (0.91 mm, 350 mm field of view) to 1024:
+  # 0.3412 mm per network pixel. Scale-true at that spacing, a STIHO slice becomes exactly the
+  # paper's 1024 x 1024 input.
+  d.pixel_spacing_mm = round(0.91 * 384 / 1024, 4)
   c.model.num_classes = len(tissues.HIP_CLASSES)
   c.train.log_every = 50
   c.train.checkpoint_every = 1000

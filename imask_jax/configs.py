@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.data_dir = ''  # TFDS data_dir ('' = <workdir>/../tfds or $IMASK_DATA_DIR)
   d.manual_dir = ''  # raw files for oai_zib / nifti_folder
   d.phantom_preset = 'cpu'  # phantom resolution preset: cpu or full
+  d.phantom_spacing_mm = 0.0  # phantoms' in-plane spacing, mm (0: the preset's)
+  d.phantom_fov_mm = 0.0  # phantoms' in-plane field of view, mm (0: the preset's)
   d.num_volumes = 24  # phantom volumes to generate (train+val+test)
   d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
   d.seed = 0  # dataset seed (phantoms, empty-slice draw), apart from c.seed
@@ -43,7 +45,16 @@ def default_config() -> ml_collections.ConfigDict:
   d.min_instance_pixels = 4
   d.empty_slice_rate = 0.1  # fraction of slices without any instance that are kept
   d.context_slices = 0  # 2.5D: this many neighbours on each side as extra channels
-  d.image_size = (128, 128)  # network input (H, W); slices are resized to fit, then padded
+  # Network input (H, W). With data.pixel_spacing_mm > 0: the training crop; with 0: every
+  # slice is resized to fit it and padded (the resize-to-fit behaviour of older workdirs).
+  d.image_size = (128, 128)
+  # In-plane mm per network-input pixel (scale-true slices, input_pipeline.py): every slice is
+  # resampled to it in training, evaluation and prediction; training takes random image_size
+  # crops, inference whole slices padded up to a multiple of inference_size_multiple. 0: resize
+  # every slice to fit image_size whatever its spacing (workdirs made before this field).
+  d.pixel_spacing_mm = 0.0
+  d.inference_size_multiple = 64  # bucket of whole-slice input sizes: one compile per bucket
+  d.crop_foreground_rate = 0.5  # share of training crops placed over a labelled pixel
   d.max_instances = 8
   d.normalize_percentiles = (0.5, 99.5)
   d.shuffle_buffer = 2048
@@ -179,14 +190,24 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
   c.eval.max_val_slices = 1024
 
 
+# In-plane field of view (mm) of the cpu phantom presets' slices: 128 x 0.8 mm sagittal knee,
+# 160 x 2.2 mm coronal hip (data_pipelines/phantoms).
+CPU_PHANTOM_FOV_MM = {'phantom_knee': 128 * 0.8, 'phantom_hip': 160 * 2.2}
+SMOKE_SIZE = 64
+
+
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   """The `smoke` variant of every experiment: 5 phantoms, 64 x 64 inputs, a tiny network and
   six steps, so the whole job (data, training, validation, checkpoints) runs in about a minute.
-  The experiment picks the phantom and anything specific to it."""
+  The experiment picks the phantom (set data.dataset first) and anything specific to it.
+  Scale-true runs resample the cpu phantom's whole slice to exactly 64 x 64."""
   d, m, t = c.data, c.model, c.train
   d.num_volumes = 5
   d.split_fractions = (0.6, 0.2, 0.2)
-  d.image_size = (64, 64)
+  d.image_size = (SMOKE_SIZE, SMOKE_SIZE)
+  d.phantom_spacing_mm = d.phantom_fov_mm = 0.0  # the preset's grid: the smallest volumes
+  if d.pixel_spacing_mm:
+    d.pixel_spacing_mm = CPU_PHANTOM_FOV_MM[d.dataset] / SMOKE_SIZE
   m.width = 8
   m.fpn_dim = 16
   m.box_head_dim = 32
@@ -255,12 +276,14 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.model.imask.skip = bool(args.pop('skip'))
   if 'skip_size' in args:
     c.model.imask.skip_size = int(args.pop('skip_size'))
+  if 'spacing' in args:  # network pixel size in mm (0: resize every slice to fit image_size)
+    c.data.pixel_spacing_mm = float(args.pop('spacing'))
   if 'mask_dice' in args:  # weight of the soft-Dice mask loss term (0: the paper's BCE alone)
     c.model.mask_dice_weight = float(args.pop('mask_dice'))
   if args:
     raise ValueError(
       f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-      'backbone, steps, epochs, seed, decoder, skip, skip_size, mask_dice'
+      'backbone, steps, epochs, seed, decoder, skip, skip_size, spacing, mask_dice'
     )
 
 

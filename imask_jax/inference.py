@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines import readers
+from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
 from imask_jax import input_pipeline, parallel
@@ -235,6 +235,8 @@ class VolumePrediction:
   canonical: uint8 [X, Y, Z] label values in canonical RAS+ (spacing `spacing`, mm).
   label_map: uint8 [I, J, K] label values on the file's grid (save with `grid.affine`).
   instances: per slice, the detected instances (None unless asked for).
+  network_spacing: in-plane (row, col) mm per pixel the model saw (None when not run through
+    `predict_volume`); network_size: the (H, W) of its input.
   """
 
   case_id: str
@@ -245,6 +247,13 @@ class VolumePrediction:
   spacing: tuple[float, float, float]
   grid: Any
   instances: tuple[tuple[Instance, ...], ...] | None = None
+  network_spacing: tuple[float, float] | None = None
+  network_size: tuple[int, int] | None = None
+
+  @property
+  def slice_spacing(self) -> tuple[float, float]:
+    """The scan's own in-plane (row, col) spacing in mm along `plane`."""
+    return tuple(float(mm) for mm in orientation.pixel_spacing(self.spacing, self.plane))
 
 
 def assemble(
@@ -310,7 +319,14 @@ def predict_volume(
         instances.append(
           slice_instances(out['classes'][i], out['scores'][i], out['valid'][i], masks[i])
         )
-  return assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
+  prediction = assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
+  slice_mm = readers.slices(volume).pixel_spacing
+  return dataclasses.replace(
+    prediction,
+    # Every slice of a volume is resized by the same factor.
+    network_spacing=tuple(float(mm / f) for mm, f in zip(slice_mm, scale[0])),
+    network_size=tuple(int(n) for n in images.shape[1:3]),
+  )
 
 
 def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None) -> readers.Volume:

@@ -4,13 +4,24 @@ Per example (`prepare_example`, shared by training, evaluation and `volume_input
   1. per-volume percentile normalisation: clip to the volume's stored intensity percentiles
      `data.normalize_percentiles` and scale to [0, 1];
   2. at most `data.max_instances` instances (the largest masks when there are more), padded;
-  3. resize keeping the aspect ratio to fit `data.image_size` (bilinear, antialiased when
-     shrinking; masks resized the same way and thresholded at 0.5), pad bottom/right with 0;
+  3. resample (bilinear, antialiased when shrinking; masks resampled the same way and
+     thresholded at 0.5) and pad bottom/right with 0, in one of two ways:
+     * scale-true (`data.pixel_spacing_mm` set): to that many mm per pixel, whatever the
+       scan's own spacing (`spacing_extent`), so the network sees anatomy at one physical
+       scale. Training crops the resampled slice to `data.image_size` (`crop_example`: a random
+       window, over a random labelled pixel with probability `data.crop_foreground_rate`);
+       evaluation and prediction take whole slices padded up to a multiple of
+       `data.inference_size_multiple` (`bucket_size`: one compiled program per bucket);
+     * resize to fit (`data.pixel_spacing_mm` 0, workdirs made before the option): keeping
+       the aspect ratio to fit `data.image_size`, padded to it.
      `image_extent` = the resized (valid) H, W and `scale` = extent / source size per axis, so
      a network-input pixel (r, c) sits at source pixel ((r + 0.5) / scale_y - 0.5, ...).
 Training then augments (`augment_example`) at network-input resolution: flips (where the
 config allows) within the valid extent, rotation and scale about the extent's centre applied to
 image (bilinear) and masks (nearest pixel) together, gamma and Gaussian noise on the image.
+Masks are resampled per instance (not as a label map), so an instance keeps one mask through
+resampling, cropping and warping (a pixel two neighbouring instances both keep after
+resampling stays in both masks).
 Per batch (`finish_batch`), tight boxes are recomputed from the final masks; an instance whose
 mask vanished is dropped (class 0, invalid) and valid instances are moved to the front.
 
@@ -30,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -105,12 +116,22 @@ class AugmentSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
-  """image_size: network input (H, W); max_instances: M; percentile_indices: positions in
-  `slice_examples.PERCENTILE_LEVELS` of the low and high normalisation percentiles."""
+  """image_size: network input (H, W) (the training crop when scale-true); max_instances: M;
+  percentile_indices: positions in `slice_examples.PERCENTILE_LEVELS` of the low and high
+  normalisation percentiles; pixel_spacing_mm: the in-plane spacing slices are resampled to
+  (None: resize to fit image_size); size_multiple: whole scale-true slices are padded up to a
+  multiple of it; crop_foreground_rate: share of training crops placed over a labelled pixel."""
 
   image_size: tuple[int, int]
   max_instances: int
   percentile_indices: tuple[int, int]
+  pixel_spacing_mm: float | None = None
+  size_multiple: int = 64
+  crop_foreground_rate: float = 0.5
+
+  @property
+  def scale_true(self) -> bool:
+    return self.pixel_spacing_mm is not None
 
 
 def prepare_settings(config: Any) -> PrepareSettings:
@@ -127,7 +148,28 @@ def prepare_settings(config: Any) -> PrepareSettings:
       f'config data.normalize_percentiles={tuple(d.normalize_percentiles)}; '
       f'expected two increasing levels among the stored ones {levels}'
     )
-  return PrepareSettings(image_size, int(d.max_instances), (levels.index(lo), levels.index(hi)))
+  spacing = float(d.get('pixel_spacing_mm') or 0.0)
+  if not spacing >= 0:
+    raise ValueError(
+      f'config data.pixel_spacing_mm={spacing}; expected mm > 0, or 0 to resize to fit'
+    )
+  multiple = int(d.get('inference_size_multiple', 64))
+  # The FPN adds P5 (stride 32) to P4 upsampled x2: input sides must be multiples of 32.
+  if multiple < 32 or multiple % 32:
+    raise ValueError(
+      f'config data.inference_size_multiple={multiple}; expected a positive multiple of 32'
+    )
+  rate = float(d.get('crop_foreground_rate', 0.5))
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f'config data.crop_foreground_rate={rate}; expected a value in [0, 1]')
+  return PrepareSettings(
+    image_size,
+    int(d.max_instances),
+    (levels.index(lo), levels.index(hi)),
+    spacing or None,
+    multiple,
+    rate,
+  )
 
 
 def augment_settings(config: Any) -> AugmentSettings:
@@ -214,12 +256,29 @@ def select_instances(
   )
 
 
-def _resize_and_pad(image: tf.Tensor, masks: tf.Tensor, image_size: tuple[int, int]):
-  """image [H, W, C] float32, masks [M, H, W] uint8 -> image [Ht, Wt, C], masks [Ht, Wt, M]
-  (channels last, as resizing and warping want them), extent int32 [2], scale float32 [2]."""
+def spacing_extent(
+  height: tf.Tensor, width: tf.Tensor, pixel_spacing: tf.Tensor, target_mm: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """The (H', W') that resamples a [height, width] slice of `pixel_spacing` (row_mm, col_mm) to
+  `target_mm` per pixel: round(size * spacing / target) (half to even), at least 1, int32."""
+  spacing = tf.cast(pixel_spacing, tf.float64)
+  new_h = tf.maximum(tf.round(tf.cast(height, tf.float64) * spacing[0] / target_mm), 1)
+  new_w = tf.maximum(tf.round(tf.cast(width, tf.float64) * spacing[1] / target_mm), 1)
+  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
+
+
+def bucket_size(extent: Sequence[int], multiple: int) -> tuple[int, int]:
+  """The input size whole slices of `extent` (H, W) run at: each side rounded up to a multiple
+  of `multiple`, so a cohort of scans compiles a handful of programs, not one per scan."""
+  return tuple(int(-(-max(int(n), 1) // multiple) * multiple) for n in extent)
+
+
+def _resize(image: tf.Tensor, masks: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor):
+  """image [H, W, C] float32, masks [M, H, W] uint8 -> image [new_h, new_w, C] (bilinear,
+  antialiased when shrinking) and masks [new_h, new_w, M] uint8 (channels last, as cropping and
+  warping want them; resampled the same way and thresholded at 0.5)."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  new_h, new_w = fit_extent(height, width, image_size)
-  channels, count = image.shape[-1], masks.shape[0]
+  channels = image.shape[-1]
   both = tf.concat([image, tf.transpose(tf.cast(masks, tf.float32), [1, 2, 0])], axis=-1)
   # At scale 1 the resize is the identity (one tap of weight 1 per pixel): skip it.
   both = tf.cond(
@@ -227,35 +286,100 @@ def _resize_and_pad(image: tf.Tensor, masks: tf.Tensor, image_size: tuple[int, i
     lambda: both,
     lambda: tf.image.resize(both, tf.stack([new_h, new_w]), method='bilinear', antialias=True),
   )
-  both = tf.image.pad_to_bounding_box(both, 0, 0, image_size[0], image_size[1])
-  image = tf.ensure_shape(both[..., :channels], [*image_size, channels])
-  masks = tf.ensure_shape(tf.cast(both[..., channels:] >= 0.5, tf.uint8), [*image_size, count])
-  extent = tf.stack([new_h, new_w])
-  scale = tf.cast(extent, tf.float32) / tf.cast(tf.stack([height, width]), tf.float32)
-  return image, masks, extent, scale
+  return both[..., :channels], tf.cast(both[..., channels:] >= 0.5, tf.uint8)
+
+
+def _pad(image: tf.Tensor, masks: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
+  """Pads image [h, w, C] and masks [h, w, M] bottom/right with 0 to `size` (H, W)."""
+  image = tf.image.pad_to_bounding_box(image, 0, 0, size[0], size[1])
+  masks = tf.image.pad_to_bounding_box(masks, 0, 0, size[0], size[1])
+  return image, masks
 
 
 def prepare_example(
-  example: dict[str, tf.Tensor], settings: PrepareSettings
+  example: dict[str, tf.Tensor], settings: PrepareSettings, pad_to: Sequence[int] | None = None
 ) -> dict[str, tf.Tensor]:
   """A stored example -> network-input example (normalised, resized, padded; no randomness).
 
-  Masks stay channels-last, 'gt_masks' [Ht, Wt, M], until `finish_batch`.
+  Resize-to-fit (settings.pixel_spacing_mm None): resized to fit image_size and padded to it.
+  Scale-true: resampled to pixel_spacing_mm and padded to `pad_to` (H, W); without `pad_to`
+  left at its resampled size, for `crop_example`. Masks stay channels-last, 'gt_masks'
+  [H, W, M], until `finish_batch`.
   """
   image = normalize(example['image'], example['intensity_percentiles'], settings.percentile_indices)
   classes, masks = select_instances(example['classes'], example['masks'], settings.max_instances)
-  image, masks, extent, scale = _resize_and_pad(image, masks, settings.image_size)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  if settings.scale_true:
+    new_h, new_w = spacing_extent(
+      height, width, example['pixel_spacing'], settings.pixel_spacing_mm
+    )
+  else:
+    new_h, new_w = fit_extent(height, width, settings.image_size)
+    pad_to = settings.image_size
+  image, masks = _resize(image, masks, new_h, new_w)
+  if pad_to is not None:
+    image, masks = _pad(image, masks, pad_to)
+    channels, count = image.shape[-1], masks.shape[-1]
+    if all(isinstance(n, int) for n in pad_to):
+      image = tf.ensure_shape(image, [*pad_to, channels])
+      masks = tf.ensure_shape(masks, [*pad_to, count])
+  extent = tf.stack([new_h, new_w])
   return {
     'image': image,
     'gt_classes': classes,
     'gt_masks': masks,
     'case_id': example['case_id'],
     'slice_index': example['slice_index'],
-    'scale': scale,
+    'scale': tf.cast(extent, tf.float32) / tf.cast(tf.stack([height, width]), tf.float32),
     'image_extent': extent,
     'pixel_spacing': example['pixel_spacing'],
     'example_valid': tf.constant(True),
   }
+
+
+def _crop_start(length: tf.Tensor, crop: int, anchor: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+  """A crop start in [0, length - crop] (0 when the crop is longer), drawn uniformly with `u` in
+  [0, 1) among those whose window holds pixel `anchor` (anchor < 0: among all)."""
+  last = tf.maximum(length - crop, 0)
+  low = tf.where(anchor >= 0, tf.clip_by_value(anchor - crop + 1, 0, last), 0)
+  high = tf.where(anchor >= 0, tf.clip_by_value(anchor, 0, last), last)
+  return low + tf.cast(tf.floor(u * tf.cast(high - low + 1, tf.float32)), tf.int32)
+
+
+def crop_example(
+  example: dict[str, tf.Tensor], seed: tf.Tensor, settings: PrepareSettings
+) -> dict[str, tf.Tensor]:
+  """A scale-true training crop: an image_size window of the resampled slice (padded with 0
+  where the slice is smaller), placed over a random labelled pixel with probability
+  crop_foreground_rate (and always where that pixel allows it), else anywhere. seed: int32 [2].
+
+  Instances the window cuts keep their visible part; `finish_batch` drops the vanished ones.
+  """
+  draws = tf.random.stateless_uniform([4], seed)
+  image, masks = example['image'], example['gt_masks']
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  crop_h, crop_w = settings.image_size
+  labelled = tf.cast(tf.where(tf.reduce_any(masks > 0, axis=-1)), tf.int32)  # [K, 2] (row, col)
+  count = tf.shape(labelled)[0]
+  # Row K is (-1, -1), "no anchor": what an unlabelled slice or a free crop reads.
+  labelled = tf.concat([labelled, tf.constant([[-1, -1]])], axis=0)
+  pick = tf.minimum(tf.cast(draws[1] * tf.cast(count, tf.float32), tf.int32), count - 1)
+  use_labelled = (count > 0) & (draws[0] < settings.crop_foreground_rate)
+  anchor = tf.gather(labelled, tf.where(use_labelled, pick, count))
+  top = _crop_start(height, crop_h, anchor[0], draws[2])
+  left = _crop_start(width, crop_w, anchor[1], draws[3])
+  rows, cols = tf.minimum(height, crop_h), tf.minimum(width, crop_w)
+  image, masks = _pad(
+    image[top : top + rows, left : left + cols],
+    masks[top : top + rows, left : left + cols],
+    settings.image_size,
+  )
+  return dict(
+    example,
+    image=tf.ensure_shape(image, [crop_h, crop_w, image.shape[-1]]),
+    gt_masks=tf.ensure_shape(masks, [crop_h, crop_w, masks.shape[-1]]),
+    image_extent=tf.stack([rows, cols]),
+  )
 
 
 def _inverse_warp(
@@ -372,6 +496,11 @@ def finish_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   )
 
 
+# The crop's seed is folded from the example's seed with this tag, so that the augmentation
+# draws (from the example's seed itself) are those of a resize-to-fit run.
+CROP_SEED_TAG = 1
+
+
 # --- datasets --------------------------------------------------------------------------------
 
 
@@ -421,21 +550,24 @@ def create_train_dataset(
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=_read_options())
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
-  # Shuffle prepared examples: their size is fixed by image_size, whatever the source size.
+  # Shuffle prepared examples: image_size when resized to fit; scale-true, the resampled slice
+  # (its size follows the scan's field of view), cropped after the shuffle.
   ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
   base_seed = tf.constant([seed, jax.process_index()], tf.int64)
 
   def randomize(index, example):
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    if settings.scale_true:
+      crop_seed = tf.random.experimental.stateless_fold_in(example_seed, CROP_SEED_TAG)
+      example = crop_example(example, tf.cast(crop_seed, tf.int32), settings)
+    if augmentation is None:
+      return example
     return augment_example(example, tf.cast(example_seed, tf.int32), augmentation)
 
-  # The augmentation seed of an example is its position in the endless stream, so skipping
-  # whole batches of prepared examples resumes the stream exactly.
+  # The random seed of an example is its position in the endless stream, so skipping whole
+  # batches of prepared examples resumes the stream exactly.
   ds = ds.repeat().enumerate().skip(start_step * layout.local_batch)
-  if augmentation is not None:
-    ds = ds.map(randomize, num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    ds = ds.map(lambda index, example: example)
+  ds = ds.map(randomize, num_parallel_calls=tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(_to_device_batches(ds, layout)))
 
 
@@ -448,6 +580,7 @@ class EvalDataset:
   dataset: tf.data.Dataset
   num_examples: int
   num_batches: int
+  image_size: tuple[int, int]  # (H, W) of every batch's images
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return iter(tfds.as_numpy(self.dataset))
@@ -461,7 +594,10 @@ def create_eval_dataset(
 ) -> EvalDataset:
   """This process's share of `split` (optionally its first `max_examples` slices), in stored
   order, without augmentation, batched eval.batch_size // jax.device_count() per device; the
-  final batch is completed with zero examples marked example_valid = False."""
+  final batch is completed with zero examples marked example_valid = False.
+
+  Scale-true, whole resampled slices are padded to one size for the pass (`eval_canvas`), the
+  same on every process: one compiled program."""
   layout = _device_layout(int(config.eval.batch_size), 'eval.batch_size')
   settings = prepare_settings(config)
   builder = builders.prepare(config, data_dir)
@@ -482,18 +618,41 @@ def create_eval_dataset(
   ds = builder.as_dataset(
     split=mine, shuffle_files=False, read_config=tfds.ReadConfig(options=_read_options())
   )
-  ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
+  canvas = eval_canvas(builder, source, settings) if settings.scale_true else settings.image_size
+  ds = ds.map(lambda ex: prepare_example(ex, settings, canvas), num_parallel_calls=tf.data.AUTOTUNE)
   padding = num_batches * layout.local_batch - counts[jax.process_index()]
   blank = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
   blank['example_valid'] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  return EvalDataset(_to_device_batches(ds, layout), counts[jax.process_index()], num_batches)
+  return EvalDataset(
+    _to_device_batches(ds, layout), counts[jax.process_index()], num_batches, tuple(canvas)
+  )
+
+
+def eval_canvas(builder: Any, split: str, settings: PrepareSettings) -> tuple[int, int]:
+  """The input size of a scale-true evaluation pass over `split`: the largest resampled slice
+  (`spacing_extent`) rounded up to settings.size_multiple (one pass over the stored slices)."""
+  ds = builder.as_dataset(
+    split=split, shuffle_files=False, read_config=tfds.ReadConfig(options=_read_options())
+  )
+
+  def extent(example):
+    shape = tf.shape(example['image'])
+    return tf.stack(
+      spacing_extent(shape[0], shape[1], example['pixel_spacing'], settings.pixel_spacing_mm)
+    )
+
+  largest = ds.map(extent, num_parallel_calls=tf.data.AUTOTUNE).reduce(
+    tf.zeros([2], tf.int32), tf.maximum
+  )
+  return bucket_size(largest.numpy(), settings.size_multiple)
 
 
 def volume_inputs(volume: readers.Volume, config: Any) -> dict[str, np.ndarray]:
   """Every slice of a whole volume prepared exactly as the evaluation pipeline prepares a
   stored slice: image [n, H, W, C] float32, scale [n, 2], image_extent [n, 2], slice_index [n]
-  (slices along `volume.plane`; C from data.context_slices)."""
+  (slices along `volume.plane`; C from data.context_slices). Scale-true, (H, W) is the
+  resampled slice's `bucket_size`: scans of one protocol share one compiled program."""
   settings = prepare_settings(config)
   context = int(config.data.context_slices)
   stack = readers.slices(volume)
@@ -524,4 +683,10 @@ def volume_inputs(volume: readers.Volume, config: Any) -> dict[str, np.ndarray]:
   ds = tf.data.Dataset.from_generator(examples, output_signature=spec)
   ds = ds.map(lambda ex: prepare_example(ex, settings), num_parallel_calls=tf.data.AUTOTUNE)
   out = next(iter(tfds.as_numpy(ds.batch(len(stack)))))
-  return {k: out[k] for k in ('image', 'scale', 'image_extent', 'slice_index')}
+  image = out['image']
+  if settings.scale_true:  # every slice of a volume resamples to the same extent
+    height, width = bucket_size(image.shape[1:3], settings.size_multiple)
+    image = np.pad(
+      image, [(0, 0), (0, height - image.shape[1]), (0, width - image.shape[2]), (0, 0)]
+    )
+  return dict(image=image, **{k: out[k] for k in ('scale', 'image_extent', 'slice_index')})

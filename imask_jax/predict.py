@@ -13,7 +13,9 @@ dropped from the name) gets
                       of a probably wrong prediction (imask_jax/quality.py states the rules:
                       blank image, no or low-scoring detections, a tissue missing or far
                       outside the training volumes, spacing or size far from the training
-                      data), also printed as one CHECK line per flagged scan
+                      data), also printed as one CHECK line per flagged scan; the scan's
+                      in-plane pixel spacing beside the one the network ran at
+                      (slice_pixel_spacing_mm, network_pixel_spacing_mm, resampling)
 For a single input file OUT may instead be the label map's own name (ending in .nii or
 .nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
 
@@ -318,6 +320,17 @@ def volume_report(
     'plane': prediction.plane,
     'shape': list(prediction.label_map.shape),
     'voxel_size_mm': list(nifti_io.affine_zooms(prediction.grid.affine)),
+    # The in-plane pixel of the scan's slices and of the network input it was resampled to.
+    'slice_pixel_spacing_mm': list(prediction.slice_spacing),
+    'network_pixel_spacing_mm': (
+      None if prediction.network_spacing is None else list(prediction.network_spacing)
+    ),
+    'network_input_size': None
+    if prediction.network_size is None
+    else list(prediction.network_size),
+    'resampling': 'resize to fit'
+    if not model.config.data.get('pixel_spacing_mm')
+    else f'scale-true at {float(model.config.data.pixel_spacing_mm):g} mm',
     'labels': {name: value for value, name in scheme.names_by_value.items()},
     'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
   }

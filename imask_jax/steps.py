@@ -160,10 +160,45 @@ def make_train_step(
   return jax.jit(sharded, donate_argnums=0)
 
 
-def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh):
+class Detector:
   """jit(shard_map(detect + paste)): (variables, images [N, H, W, C]) -> dict of per-example
-  arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs."""
+  arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs.
 
+  One program per input size (H, W), built on first use with the model `at_size` (H, W): whole
+  scale-true slices come in a handful of bucketed sizes. `lower` is jit's, for ahead-of-time
+  compiling; `sizes` lists the sizes built so far.
+  """
+
+  def __init__(self, model: MaskRCNN, mesh: jax.sharding.Mesh):
+    self.model = model
+    self.mesh = mesh
+    self._by_size: dict[tuple[int, int], Any] = {}
+
+  @property
+  def sizes(self) -> list[tuple[int, int]]:
+    return sorted(self._by_size)
+
+  def for_size(self, image_size: tuple[int, int]):
+    image_size = tuple(int(n) for n in image_size)
+    if image_size not in self._by_size:
+      self._by_size[image_size] = _jitted_detect(
+        MaskRCNN(self.model.spec.at_size(image_size)), self.mesh
+      )
+    return self._by_size[image_size]
+
+  def __call__(self, variables, images):
+    return self.for_size(images.shape[1:3])(variables, images)
+
+  def lower(self, variables, images):
+    return self.for_size(images.shape[1:3]).lower(variables, images)
+
+
+def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh) -> Detector:
+  """The model's detection for any input size (`Detector`)."""
+  return Detector(model, mesh)
+
+
+def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh):
   def per_device(variables, images):
     det = model.apply(variables, images, method=MaskRCNN.detect)
     label_map, _ = mask_rcnn.detections_to_label_map(

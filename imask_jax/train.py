@@ -301,7 +301,7 @@ class _Loop:
       images = jax.ShapeDtypeStruct(
         (
           int(self.config.eval.batch_size),
-          *(int(n) for n in d.image_size),
+          *self.val_ds.image_size,
           2 * int(d.context_slices) + 1,
         ),
         jnp.float32,

@@ -179,7 +179,11 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   phantom = generate_knee(0)
   # A 10-slice, 64 x 64 sagittal crop of the phantom, stored with the P, I, L axes.
   crop = np.transpose(phantom.image[40:104, 30:94, 27:37], (1, 0, 2))
-  case = _write_case(tmp_path, crop, None, PIL_AFFINE)
+  # In-plane pixels of the model's own spacing (scale-true smoke config): no resampling.
+  pixel_mm = float(smoke_model.config.data.pixel_spacing_mm)
+  affine = PIL_AFFINE.copy()
+  affine[1, 0] = affine[2, 1] = -pixel_mm
+  case = _write_case(tmp_path, crop, None, affine)
   volume = readers.load_volume(case, plane='sagittal', label_values=None)
   prediction = inference.predict_volume(smoke_model, volume, keep_instances=True)
   assert prediction.label_map.shape == crop.shape

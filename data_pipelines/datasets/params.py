@@ -54,7 +54,9 @@ class DatasetParams:
   ('' = the reference labels). instance_mode / min_instance_pixels: instance extraction.
   empty_slice_rate: fraction of instance-free slices kept. context_slices: 2.5D neighbours per
   side. seed: phantom generation and empty-slice sampling. split_fractions: train, validation,
-  test. phantom_preset / num_volumes: phantoms only (None otherwise). source_dir: the raw folder
+  test. phantom_preset / num_volumes: phantoms only (None otherwise); phantom_spacing_mm /
+  phantom_fov_mm: the phantoms' in-plane spacing and field of view when not the preset's
+  (None: the preset's). source_dir: the raw folder
   of a manual dataset, absolute (None for phantoms, whose folder lives in the data_dir).
   subject_pattern: how a case id names its subject (module docstring; '' = one case per
   subject).
@@ -74,6 +76,8 @@ class DatasetParams:
   num_volumes: int | None = None
   source_dir: str | None = None
   subject_pattern: str = ''
+  phantom_spacing_mm: float | None = None
+  phantom_fov_mm: float | None = None
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -107,6 +111,10 @@ class DatasetParams:
           f'and data.num_volumes={self.num_volumes}; expected a preset and >= 1 '
           'volumes'
         )
+      for name in ('phantom_spacing_mm', 'phantom_fov_mm'):
+        value = getattr(self, name)
+        if value is not None and not value > 0:
+          raise ValueError(f'config data.{name}={value}; expected mm > 0, or 0 for the preset')
     elif not self.source_dir:
       raise ValueError(f'{self.dataset}: no raw data folder; set config data.manual_dir')
 
@@ -132,6 +140,9 @@ class DatasetParams:
       # One case per subject splits exactly as before the field existed: keep those names
       # (and their stored datasets) valid.
       del fields['subject_pattern']
+    for key in ('phantom_spacing_mm', 'phantom_fov_mm'):  # likewise: the preset's grid
+      if fields[key] is None:
+        del fields[key]
     fields = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(fields.encode('utf-8')).hexdigest()[:12]
     return f'{self.plane}_ctx{self.context_slices}_{digest}'
@@ -175,6 +186,8 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
     num_volumes=int(d.num_volumes) if phantom else None,
     source_dir=source_dir,
     subject_pattern=str(d.get('subject_pattern', '') or ''),
+    phantom_spacing_mm=(float(d.get('phantom_spacing_mm') or 0) or None) if phantom else None,
+    phantom_fov_mm=(float(d.get('phantom_fov_mm') or 0) or None) if phantom else None,
   )
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
@@ -164,8 +165,12 @@ def write_dataset(
   preview: str | None = None,
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  indices: Sequence[int] | None = None,
 ) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
+
+  indices: write only these volumes of the `num` (their ids and seeds unchanged), e.g. the test
+  split of a dataset again at another resolution.
 
   spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
   preset's; checked (> 0, 16 to 2048 pixels in-plane) before anything is written.
@@ -184,13 +189,16 @@ def write_dataset(
   if preset not in KINDS[kind].PRESETS:
     raise ValueError(f'phantoms: preset={preset!r}; expected one of {sorted(KINDS[kind].PRESETS)}')
   mri.acquisition(KINDS[kind].PRESETS, preset, spacing_mm, fov_mm)  # ValueError if out of range
+  chosen = range(int(num)) if indices is None else sorted({int(i) for i in indices})
+  if not chosen or not all(0 <= i < int(num) for i in chosen):
+    raise ValueError(f'phantoms: indices={indices}; expected some of 0 .. {int(num) - 1}')
   check_replaceable(out)
   remove_stale_temporaries(out)
   first = None
   cases = []
   readers: list[str] = []
   with atomic_dir(out) as tmp:
-    for i in range(int(num)):
+    for i in chosen:
       ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm)
       case_id = f'{kind}_{i:04d}'
       cases.append((case_id, write_case(tmp, case_id, ph)))

@@ -118,6 +118,16 @@ class ModelSpec:
       ),
     )
 
+  def at_size(self, image_size: tuple[int, int]) -> ModelSpec:
+    """The same network for inputs of another (H, W): the parameters do not depend on the
+    input size; anchors and box clipping follow it. The skip ROIAlign's adaptive sampling
+    ratio stays that of this spec's size, so a whole-slice canvas larger than the training
+    crop samples each ROI as training did (structures have the same size in pixels)."""
+    image_size = tuple(int(n) for n in image_size)
+    if image_size == self.image_size:
+      return self
+    return dataclasses.replace(self, image_size=image_size, imask=self.resolved_imask)
+
   def build_mask_head(self, **module_kwargs: Any) -> nn.Module:
     return heads.build_mask_head(
       self.mask_head,
