@@ -21,11 +21,11 @@ def get_config(arg: str | None = None):
   c = configs.default_config()
   c.data.dataset = 'phantom_knee'
   c.data.num_volumes = 24
-  # Phantoms at the cpu preset's 0.8 mm with a knee coil's 140 mm field of view (175 x 175
-  # sagittal slices). Scale-true at 0.8 mm: training takes random 128 x 128 (102 mm) crops;
-  # evaluation and prediction whole slices (175 -> 192 x 192), and scans of any other
-  # resolution are resampled to 0.8 mm first.
-  c.data.phantom_fov_mm = 140.0
+  # Scale-true at the cpu preset's own 0.8 mm: its 128 x 128 slices (102 mm) go in whole, and
+  # scans of any other resolution or field of view are resampled to 0.8 mm first (whole slices,
+  # padded up to a multiple of 64). Training on a knee coil's 140 mm field of view instead
+  # (data.phantom_fov_mm=140, random 128 x 128 crops of 175 x 175 slices) was tried and gave
+  # worse bones on 140 mm test volumes at 3000 steps (README, "Scans of other resolutions").
   c.data.pixel_spacing_mm = 0.8
   c.data.image_size = (128, 128)
   c.data.max_instances = 6

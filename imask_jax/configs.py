@@ -113,6 +113,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.boundary_loss_weight = 0.0  # optional boundary-weighted mask BCE (0 = off)
   m.mask_dice_weight = 0.0  # optional soft-Dice term added to the mask BCE (0 = off)
   m.test_score_threshold = 0.05  # detections kept (mask AP counts them all)
+  # Pixels painted into label maps, 'union' or 'each' (mask_rcnn.detections_to_label_map).
+  m.paint_rule = 'union'
   # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
   # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
   m.label_score_threshold = 0.5

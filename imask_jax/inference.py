@@ -165,11 +165,13 @@ class Instance:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=('source_size', 'min_score'))
-def _paste_at_source(boxes, scores, classes, valid, mask_probs, scale, source_size, min_score):
+@functools.partial(jax.jit, static_argnames=('source_size', 'min_score', 'paint_rule'))
+def _paste_at_source(
+  boxes, scores, classes, valid, mask_probs, scale, source_size, min_score, paint_rule
+):
   divisor = jnp.tile(scale.astype(jnp.float32), 2)[:, None, :]  # (sy, sx, sy, sx) per example
   det = mask_rcnn.Detections(boxes / divisor, scores, classes, valid, mask_probs)
-  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD, min_score)
+  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD, min_score, paint_rule)
 
 
 def detections_to_source(
@@ -177,6 +179,7 @@ def detections_to_source(
   scale: np.ndarray,
   source_size: tuple[int, int],
   min_score: float = 0.0,
+  paint_rule: str = 'union',
 ) -> tuple[np.ndarray, np.ndarray]:
   """Pastes network-resolution detections into their source slices.
 
@@ -187,6 +190,7 @@ def detections_to_source(
     source_size: (h, w) of the source slices.
     min_score: detections scoring below this are left out of the class ids (the config's
       model.label_score_threshold); they stay in the instance masks.
+    paint_rule: which pixels are painted (model.paint_rule, mask_rcnn.detections_to_label_map).
   Returns:
     class ids int32 [B, h, w] (0 = background; a pixel several detections claim goes to the
     highest score x mask probability, `mask_rcnn.detections_to_label_map`) and the pasted
@@ -201,6 +205,7 @@ def detections_to_source(
     jnp.asarray(scale, jnp.float32),
     tuple(int(n) for n in source_size),
     float(min_score),
+    str(paint_rule),
   )
   return np.asarray(label_map), np.asarray(masks)
 
@@ -311,7 +316,11 @@ def predict_volume(
     out = jax.device_get(model.detect(model.variables, parallel.shard_batch(chunk, model.mesh)))
     out = {k: np.asarray(v) for k, v in out.items()}
     labels, masks = detections_to_source(
-      out, chunk_scale, source_size, float(model.config.model.label_score_threshold)
+      out,
+      chunk_scale,
+      source_size,
+      float(model.config.model.label_score_threshold),
+      str(model.config.model.paint_rule),
     )
     class_slices[start:stop] = labels[:real]
     if keep_instances:

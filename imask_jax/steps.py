@@ -202,7 +202,10 @@ def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh):
   def per_device(variables, images):
     det = model.apply(variables, images, method=MaskRCNN.detect)
     label_map, _ = mask_rcnn.detections_to_label_map(
-      det, model.spec.image_size, min_score=model.spec.label_score_threshold
+      det,
+      model.spec.image_size,
+      min_score=model.spec.label_score_threshold,
+      paint_rule=model.spec.paint_rule,
     )
     return dict(
       label_map=label_map,

@@ -156,10 +156,16 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+# Fields whose default for new runs is not the behaviour of workdirs saved before the field
+# existed: such a workdir gets the value it ran with, so it evaluates and predicts as before.
+LEGACY_VALUES = {'model': {'paint_rule': 'each'}}
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote into `workdir`, equal to the one it ran with (JSON
   lists are turned back into tuples). Fields added to `configs.default_config()` after the
-  run was made take their defaults, so older workdirs still evaluate and resume."""
+  run was made take their LEGACY_VALUES or else their defaults, so older workdirs still
+  evaluate, predict and resume as they did."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise NotAWorkdirError(
@@ -168,7 +174,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     )
   with open(path) as f:
     saved = json.load(f)
-  return ml_collections.ConfigDict(_tuples(_merged(configs.default_config().to_dict(), saved)))
+  defaults = _merged(configs.default_config().to_dict(), LEGACY_VALUES)
+  return ml_collections.ConfigDict(_tuples(_merged(defaults, saved)))
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -89,6 +89,14 @@ def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_fil
     assert report['label_map'] == str(out / f'{name}.nii.gz')
     assert report['checkpoint_step'] == smoke_model.step
     assert report['shape'] == list(source.shape)
+    # The scan's in-plane pixel and the one the network ran at (the smoke config's 1.6 mm,
+    # up to the rounding of the resampled size to whole pixels).
+    zooms = {round(float(z), 4) for z in source.header.get_zooms()[:3]}
+    assert {round(mm, 4) for mm in report['slice_pixel_spacing_mm']} <= zooms
+    target = float(smoke_model.config.data.pixel_spacing_mm)
+    assert report['network_pixel_spacing_mm'] == pytest.approx([target, target], rel=0.03)
+    assert report['resampling'] == f'scale-true at {target:g} mm'
+    assert all(n % 64 == 0 for n in report['network_input_size'])
     assert report['labels'] == {
       'femur': 1,
       'femoral_cartilage': 2,

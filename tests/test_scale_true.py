@@ -286,15 +286,20 @@ def test_a_larger_canvas_keeps_the_training_sampling_ratio():
 # --- workdirs made before the option -----------------------------------------------------------
 
 
-def test_a_workdir_saved_before_scale_true_slices_still_resizes_to_fit(tmp_path):
+def test_a_workdir_saved_before_scale_true_slices_still_resizes_to_fit_and_paints_as_before(
+  tmp_path,
+):
   config = experiment_config('phantom_knee', 'smoke')
   saved = json.loads(config.to_json())
   for key in ('pixel_spacing_mm', 'inference_size_multiple', 'crop_foreground_rate'):
     del saved['data'][key]
+  del saved['model']['paint_rule']
   with open(os.path.join(tmp_path, 'config.json'), 'w') as f:
     json.dump(saved, f)
   loaded = workdir_lib.load_config(str(tmp_path))
   assert loaded.data.pixel_spacing_mm == 0.0
+  # ... and paints as it did (new runs paint the union, mask_rcnn.detections_to_label_map).
+  assert (loaded.model.paint_rule, config.model.paint_rule) == ('each', 'union')
   assert not input_pipeline.prepare_settings(loaded).scale_true
   inputs = input_pipeline.volume_inputs(_scan(tmp_path, 90, 45, 1.0), loaded)
   # 90 x 45 slices fit 64 x 64 at 64 x 32, whatever their spacing; padded to image_size.

@@ -75,6 +75,12 @@ def main(argv=None) -> int:
   parser.add_argument('--spacings', type=float, nargs='+', default=[0.365, 0.5, 0.8])
   parser.add_argument('--fov', type=float, default=140.0, help='in-plane field of view, mm')
   parser.add_argument(
+    '--modes',
+    nargs='+',
+    choices=['scale-true', 'resize-to-fit'],
+    default=['scale-true', 'resize-to-fit'],
+  )
+  parser.add_argument(
     '--pixel_spacing_mm',
     type=float,
     default=None,
@@ -88,6 +94,8 @@ def main(argv=None) -> int:
     parser.error('the workdir resizes to fit: give --pixel_spacing_mm for the scale-true rows')
   modes = {}
   for name, spacing in (('scale-true', float(target)), ('resize-to-fit', 0.0)):
+    if name not in args.modes:
+      continue
     mode_config = config.copy_and_resolve_references()
     mode_config.data.pixel_spacing_mm = spacing
     modes[name] = dataclasses.replace(model, config=mode_config)

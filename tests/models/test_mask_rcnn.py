@@ -196,7 +196,8 @@ def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scor
   np.testing.assert_array_equal(np.asarray(label_map)[0], want)
 
 
-def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections():
+@pytest.mark.parametrize('paint_rule', ['union', 'each'])
+def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rule):
   rng = np.random.default_rng(3)
   b, d, size = 2, 6, 20
   y1, x1 = rng.uniform(-2, 14, (b, d)), rng.uniform(-2, 14, (b, d))
@@ -211,18 +212,50 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections():
     jnp.asarray(rng.uniform(size=(b, d)) < 0.8),
     jnp.asarray(rng.uniform(size=(b, d, 7, 7)), jnp.float32),
   )
-  label_map, _ = detections_to_label_map(det, (size, size), threshold=0.5, min_score=0.3)
+  label_map, _ = detections_to_label_map(
+    det, (size, size), threshold=0.5, min_score=0.3, paint_rule=paint_rule
+  )
   for i in range(b):
     probs = np.asarray(mask_ops.paste_mask_probs(det.mask_probs[i], det.boxes[i], (size, size)))
     want = np.zeros((size, size), np.int32)
     for r in range(size):
       for c in range(size):
-        best = -1.0
+        best, none_covers = -1.0, 1.0
         for k in range(d):
-          if det.valid[i, k] and scores[i, k] >= 0.3 and probs[k, r, c] >= 0.5:
-            if probs[k, r, c] * scores[i, k] > best:
-              best, want[r, c] = probs[k, r, c] * scores[i, k], int(det.classes[i, k])
+          if not (det.valid[i, k] and scores[i, k] >= 0.3):
+            continue
+          p = probs[k, r, c]
+          none_covers *= 1.0 - p
+          if (p >= 0.5 or paint_rule == 'union' and p > 0) and p * scores[i, k] > best:
+            best, winner = p * scores[i, k], int(det.classes[i, k])
+        painted = (1.0 - none_covers >= 0.5) if paint_rule == 'union' else best >= 0
+        want[r, c] = winner if painted and best >= 0 else 0
     np.testing.assert_array_equal(np.asarray(label_map)[i], want)
+
+
+def test_union_painting_closes_the_seam_between_two_unsure_neighbours():
+  # Two 8-pixel boxes overlapping in image columns 6-7, one mask cell per pixel: each mask is
+  # sure (0.9) of its own part and unsure (0.4) of the shared columns.
+  left = np.full((8, 8), 0.9, np.float32)
+  left[:, 6:] = 0.4
+  right = left[:, ::-1].copy()
+  det = Detections(
+    jnp.asarray([[[0, 0, 8, 8], [0, 6, 8, 14]]], jnp.float32),
+    jnp.asarray([[0.9, 0.8]], jnp.float32),
+    jnp.asarray([[1, 2]], jnp.int32),
+    jnp.asarray([[True, True]]),
+    jnp.asarray([[left, right]]),
+  )
+  each, _ = detections_to_label_map(det, (8, 14), paint_rule='each')
+  union, _ = detections_to_label_map(det, (8, 14), paint_rule='union')
+  each, union = np.asarray(each)[0], np.asarray(union)[0]
+  # Columns 6-7: both masks read 0.4 there (each < 0.5), together 1 - 0.6 ** 2 = 0.64.
+  assert (each[:, 6:8] == 0).all()
+  assert (union[:, 6:8] > 0).all()
+  # Elsewhere the two rules agree: a single unsure mask is not painted by either.
+  np.testing.assert_array_equal(np.delete(each, [6, 7], axis=1), np.delete(union, [6, 7], axis=1))
+  with pytest.raises(ValueError, match='model.paint_rule'):
+    detections_to_label_map(det, (8, 14), paint_rule='max')
 
 
 # --- overfitting two phantom slices --------------------------------------------------------------
