@@ -4,9 +4,11 @@
     ph = generate_knee(seed=0)             # Phantom(image, labels, affine, reader_labels, truth)
     write_dataset('hip', num=4, seed=0, out='data/phantom_hip', preview='hip.png')
 
+    ph = generate_knee(seed=0, spacing_mm=0.5, fov_mm=140)  # any in-plane grid, same anatomy
+
 Command line: python -m data_pipelines.phantoms {knee,hip} --num N --seed S --out DIR
-[--preset cpu|full] [--preview PNG]; `python -m data_pipelines.phantoms preview --preview PNG`
-draws a knee and a hip side by side.
+[--preset cpu|full] [--spacing MM] [--fov MM] [--preview PNG];
+`python -m data_pipelines.phantoms preview --preview PNG` draws a knee and a hip side by side.
 """
 
 from __future__ import annotations
