@@ -55,7 +55,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from data_pipelines import nifti_io
+from data_pipelines import nifti_io, orientation
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
@@ -353,8 +353,18 @@ def volume_report(
     scores=scores,
     score_threshold=float(model.config.model.label_score_threshold),
     reference=reference,
+    resampled_axes=resampled_axes(model.config),
   )
   return report
+
+
+def resampled_axes(config: Any) -> tuple[int, ...]:
+  """The canonical axes a scale-true model resamples to its pixel size: the slice plane's rows
+  and columns (none when it resizes to fit)."""
+  if not config.data.get('pixel_spacing_mm'):
+    return ()
+  axes = orientation.plane_axes(str(config.data.plane))
+  return (axes.row_axis, axes.col_axis)
 
 
 def write_json(path: str, obj: Any) -> str:

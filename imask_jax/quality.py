@@ -14,6 +14,8 @@ one line on screen per flagged scan). The rules, with FAR = 2 and the training r
                        largest x FAR] of the training volumes' voxel sizes along that axis
   size                 the voxel count or the extent (mm) along a canonical axis is outside
                        [smallest / FAR, largest x FAR] of the training volumes'
+  A scale-true model (data.pixel_spacing_mm) resamples the slices' two in-plane axes to its own
+  pixel size: along those axes only the extent is checked, not the voxel size or count.
 
 The training reference holds, per canonical axis, the range of voxel sizes, voxel counts and
 extents, and per tissue the number of volumes holding it and the range of its volume (mL),
@@ -218,11 +220,14 @@ def quality_flags(
   scores: Sequence[float],
   score_threshold: float,
   reference: Mapping[str, Any] | None,
+  resampled_axes: Sequence[int] = (),
 ) -> dict[str, Any]:
   """The "quality" entry of a report (module docstring for the rules).
 
   volumes_ml: tissue name -> predicted volume (mL); spacing (mm) and shape (voxels): along the
-  canonical X, Y, Z axes; scores: every detection's score (any order). Returns {"review":
+  canonical X, Y, Z axes; scores: every detection's score (any order); resampled_axes: the
+  canonical axes the model resamples to its own pixel size (their voxel size and count are not
+  checked, their extent is). Returns {"review":
   whether any flag is raised, "flags": [{"code", "message"}], "mean_detection_score" (of the
   detections >= score_threshold, or None), "painting_detections": their number}.
   """
@@ -273,7 +278,8 @@ def quality_flags(
       ('size', 'extent_mm', extent, ' mm'),
     ):
       low, high = reference[key]['min'], reference[key]['max']
-      bad = [i for i in range(3) if _outside(float(values[i]), low[i], high[i])]
+      axes = range(3) if key == 'extent_mm' else [i for i in range(3) if i not in resampled_axes]
+      bad = [i for i in axes if _outside(float(values[i]), low[i], high[i])]
       if bad:
         what = (
           'voxel size' if code == 'spacing' else ('extent' if key == 'extent_mm' else 'voxel count')

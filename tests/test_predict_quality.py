@@ -14,7 +14,7 @@ import pytest
 
 from data_pipelines.datasets import params as dataset_params
 from data_pipelines.datasets import sources
-from imask_jax import predict, quality
+from imask_jax import configs, predict, quality
 from imask_jax import workdir as workdir_lib
 
 # A reference as compute_reference writes it: 10 training volumes.
@@ -170,3 +170,18 @@ def test_predict_flags_a_blank_and_a_tiny_scan(smoke_model, tmp_path):
     'tiny.nii.gz' in log
   )
   assert 'quality checks against the training reference' in log
+
+
+def test_a_scale_true_model_checks_only_the_extent_along_the_axes_it_resamples():
+  # Sagittal slices (rows z, columns y) at 0.2 mm, 500 voxels: voxel size and count outside
+  # the training range, the extent (100 mm) inside it. Resampled: no flag.
+  fine = dict(spacing=(1.2, 0.2, 0.2), shape=(50, 500, 500))
+  assert _codes(**fine) == ['spacing', 'size']
+  assert _codes(**fine, resampled_axes=(2, 1)) == []
+  # The extent is still checked, and the slice axis (x) is not resampled.
+  assert _codes(spacing=(1.2, 0.2, 0.2), shape=(50, 500, 100), resampled_axes=(2, 1)) == ['size']
+  assert _codes(spacing=(3.5, 0.6, 0.6), shape=(20, 120, 120), resampled_axes=(2, 1)) == ['spacing']
+  config = configs.default_config()
+  assert predict.resampled_axes(config) == ()
+  config.data.pixel_spacing_mm = 0.8
+  assert predict.resampled_axes(config) == (2, 1)  # sagittal rows z, columns y
