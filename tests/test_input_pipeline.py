@@ -479,3 +479,31 @@ def test_the_process_index_enters_the_augmentation_seed(dataset, monkeypatch):
   assert [ex['case_id'] for ex in first] == [ex['case_id'] for ex in second]
   assert [ex['slice_index'] for ex in first] == [ex['slice_index'] for ex in second]
   assert all(not np.array_equal(a['image'], b['image']) for a, b in zip(first, second))
+
+
+def test_a_scale_true_eval_pass_pads_every_slice_to_one_bucketed_canvas(dataset):
+  # Sagittal slices here have 0.7 mm rows and 0.8 mm columns; at 0.5 mm per pixel the four
+  # slice shapes (22, 30), (40, 12), (9, 10), (20, 16) resample to (31, 48), (56, 19),
+  # (13, 16), (28, 26): the largest side per axis, (56, 48), rounds up to a 64 x 64 canvas.
+  root, data_dir = dataset
+  config = make_config(root, batch_size=3)
+  config.data.pixel_spacing_mm = 0.5
+  config.data.inference_size_multiple = 32
+  pass_ = ip.create_eval_dataset(config, data_dir, 'train')
+  assert pass_.image_size == (64, 64)
+  expected = {
+    (rows, cols): (round(rows * 0.7 / 0.5), round(cols * 0.8 / 0.5))
+    for rows, cols in [(shape[1], shape[0]) for shape in SHAPES]
+  }
+  seen = set()
+  for ex in examples_of(list(pass_)):
+    assert ex['image'].shape[:2] == (64, 64) and ex['gt_masks'].shape[1:] == (64, 64)
+    if not ex['example_valid']:
+      continue
+    h, w = (int(n) for n in ex['image_extent'])
+    source = tuple(int(round(n / s)) for n, s in zip((h, w), ex['scale']))
+    assert expected[source] == (h, w)
+    seen.add(source)
+    assert not ex['image'][h:].any() and not ex['image'][:, w:].any()  # zero padding
+    assert not ex['gt_masks'][:, h:].any() and not ex['gt_masks'][:, :, w:].any()
+  assert seen == set(expected)

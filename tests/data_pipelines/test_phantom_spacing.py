@@ -218,3 +218,18 @@ def test_cli_writes_a_dataset_at_the_requested_grid(tmp_path):
   # Without overrides dataset.json keeps its old keys.
   plain = writer.dataset_json('hip', [], 0, 'cpu', [])
   assert 'spacing_mm' not in plain and 'fov_mm' not in plain
+
+
+def test_chosen_volumes_are_written_with_their_own_ids_and_seeds(tmp_path):
+  # Volumes 1 and 3 of 5, on a small grid: the same ids and anatomy as in the whole dataset.
+  grid = dict(spacing_mm=2.5, fov_mm=100.0)
+  out = str(tmp_path / 'some')
+  meta = writer.write_dataset('hip', 5, 7, out, indices=[3, 1, 3], **grid)
+  assert [case['id'] for case in meta['training']] == ['hip_0001', 'hip_0003']
+  for i in (1, 3):
+    labels = np.asarray(nib.load(tmp_path / 'some' / 'labelsTr' / f'hip_{i:04d}.nii.gz').dataobj)
+    np.testing.assert_array_equal(labels, writer.generate('hip', 7 + i, 'cpu', **grid).labels)
+  for bad in ([], [5], [-1]):
+    with pytest.raises(ValueError, match='indices'):
+      writer.write_dataset('hip', 5, 7, str(tmp_path / 'bad'), indices=bad, **grid)
+  assert not (tmp_path / 'bad').exists()
