@@ -192,10 +192,17 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
   c.eval.max_val_slices = 1024
 
 
-# In-plane field of view (mm) of the cpu phantom presets' slices: 128 x 0.8 mm sagittal knee,
-# 160 x 2.2 mm coronal hip (data_pipelines/phantoms).
-CPU_PHANTOM_FOV_MM = {'phantom_knee': 128 * 0.8, 'phantom_hip': 160 * 2.2}
 SMOKE_SIZE = 64
+
+
+def _cpu_phantom_fov_mm(dataset: str) -> float:
+  """In-plane field of view (mm) of the cpu preset's slices of a phantom dataset."""
+  # Imported here: only the smoke variants need the phantom generator.
+  from data_pipelines.datasets.params import PHANTOM_DATASETS
+  from data_pipelines.phantoms import mri, writer
+
+  kind = PHANTOM_DATASETS[dataset]
+  return float(mri.acquisition(writer.KINDS[kind].PRESETS, 'cpu')['fov_mm'][0])
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
@@ -209,7 +216,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   d.image_size = (SMOKE_SIZE, SMOKE_SIZE)
   d.phantom_spacing_mm = d.phantom_fov_mm = 0.0  # the preset's grid: the smallest volumes
   if d.pixel_spacing_mm:
-    d.pixel_spacing_mm = CPU_PHANTOM_FOV_MM[d.dataset] / SMOKE_SIZE
+    d.pixel_spacing_mm = _cpu_phantom_fov_mm(d.dataset) / SMOKE_SIZE
   m.width = 8
   m.fpn_dim = 16
   m.box_head_dim = 32

@@ -302,7 +302,8 @@ def predict_volume(
   """
   inputs = input_pipeline.volume_inputs(volume, model.config)
   images, scale = inputs['image'], inputs['scale']
-  count, source_size = images.shape[0], readers.slices(volume).images.shape[1:3]
+  stack = readers.slices(volume)
+  count, source_size = images.shape[0], stack.images.shape[1:3]
   batch = model.batch_size
   class_slices = np.zeros((count,) + tuple(source_size), np.int32)
   instances: list[tuple[Instance, ...]] = []
@@ -329,11 +330,10 @@ def predict_volume(
           slice_instances(out['classes'][i], out['scores'][i], out['valid'][i], masks[i])
         )
   prediction = assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
-  slice_mm = readers.slices(volume).pixel_spacing
   return dataclasses.replace(
     prediction,
     # Every slice of a volume is resized by the same factor.
-    network_spacing=tuple(float(mm / f) for mm, f in zip(slice_mm, scale[0])),
+    network_spacing=tuple(float(mm / f) for mm, f in zip(stack.pixel_spacing, scale[0])),
     network_size=tuple(int(n) for n in images.shape[1:3]),
   )
 
