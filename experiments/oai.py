@@ -68,6 +68,8 @@ def get_config(arg: str | None = None):
   # exactly the paper's 1024 x 1024 input; other protocols keep the anatomy at the same scale.
   d.pixel_spacing_mm = round(0.3646 * 384 / 1024, 4)
   c.model.num_classes = len(tissues.KNEE_CLASSES)
+  # Not in the paper: each bone keeps its largest 3D component (imask_jax/postprocess.py).
+  c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
   c.train.eval_every = 10000

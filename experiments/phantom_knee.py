@@ -13,6 +13,7 @@ Variants (comma-separated in the config argument):
 
 from __future__ import annotations
 
+from data_pipelines import tissues
 from imask_jax import configs
 
 
@@ -46,6 +47,9 @@ def get_config(arg: str | None = None):
   # A 2-3 pixel cartilage band fills a tenth of its box: the soft-Dice term keeps the mask BCE
   # from trading the band's edges for background (its effect is measured in the README).
   c.model.mask_dice_weight = 1.0
+  # A femur and a tibia are one object each: blobs painted apart from them (outer slices of a
+  # wide field of view) are dropped (imask_jax/postprocess.py; measured in docs/evaluation.md).
+  c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
 
   c.train.steps = 3000
   c.train.batch_size = 4

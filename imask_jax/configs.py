@@ -118,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
   # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
   m.label_score_threshold = 0.5
+  # Tissue names whose painted volume keeps only its largest 3D connected component (one
+  # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
+  m.keep_largest_component = ()
   m.test_nms_threshold = 0.5
   m.max_detections = 16
 
@@ -329,6 +332,12 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       f'{tuple(config.data.class_label_values)}, model.num_classes='
       f'{config.model.num_classes}; expected one label value per class and '
       'num_classes = the number of classes'
+    )
+  unknown = sorted(set(config.model.keep_largest_component) - set(names))
+  if unknown:
+    raise ValueError(
+      f'config model.keep_largest_component={tuple(config.model.keep_largest_component)}: '
+      f'{unknown} not among data.class_names {tuple(names)}'
     )
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(

@@ -36,7 +36,7 @@ import numpy as np
 from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import input_pipeline, parallel
+from imask_jax import input_pipeline, parallel, postprocess
 from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
@@ -95,6 +95,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
     )
   config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
+  postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
   steps = checkpoint_steps(workdir)
   if not steps:
     raise workdir_lib.MissingCheckpointError(
@@ -297,8 +298,11 @@ def predict_volume(
   Slices go through `input_pipeline.volume_inputs` (normalised, resized and padded exactly as
   evaluation prepares stored slices) in batches of `model.batch_size` (the last one padded
   with blank slices, so every batch has one static shape: one compile per image size).
+  The painted slices are stacked into a volume in which each tissue of
+  model.keep_largest_component keeps only its largest 3D connected component
+  (`postprocess.keep_largest_component`).
   keep_instances: also return each slice's detections as source-resolution `Instance`s (for
-  mask AP).
+  mask AP; the detections as the network made them, before that rule).
   """
   inputs = input_pipeline.volume_inputs(volume, model.config)
   images, scale = inputs['image'], inputs['scale']
@@ -329,6 +333,12 @@ def predict_volume(
         instances.append(
           slice_instances(out['classes'][i], out['scores'][i], out['valid'][i], masks[i])
         )
+  class_slices = postprocess.keep_largest_component(
+    class_slices,
+    postprocess.class_ids(
+      model.scheme, model.config.model.keep_largest_component, 'model.keep_largest_component'
+    ),
+  )
   prediction = assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
   return dataclasses.replace(
     prediction,

@@ -116,6 +116,18 @@ STATE_SHAPING_FIELDS = (
   'train.grad_clip_norm',
   'train.weight_decay',
 )
+# Fields under those that only shape how detections become label maps: a run may resume with
+# new values (older workdirs then pick up a new painting rule, for instance).
+INFERENCE_ONLY_FIELDS = (
+  'model.test_score_threshold',
+  'model.test_nms_threshold',
+  'model.max_detections',
+  'model.rpn_pre_nms_topk_test',
+  'model.rpn_post_nms_topk_test',
+  'model.label_score_threshold',
+  'model.paint_rule',
+  'model.keep_largest_component',
+)
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -139,6 +151,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
       changed += changed_fields(a, b, path + '.')
     elif _tuples(a) != _tuples(b):
       changed.append(f'{path}: {a!r} -> {b!r}')
+  changed = [c for c in changed if c.split(':')[0] not in INFERENCE_ONLY_FIELDS]
   if changed:
     raise SettingsChangedError(
       f'{workdir}: its checkpoints were trained with other settings '
