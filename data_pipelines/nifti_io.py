@@ -71,6 +71,12 @@ def strip_nifti_suffix(name: str) -> str:
 def load_nifti_image(path: str | os.PathLike) -> NiftiVolume:
   """Loads an image volume as float32 [X, Y, Z]; NaN or infinite voxels are an error."""
   path, data, affine = _load_3d(path)
+  return NiftiVolume(path, image_to_float32(data, path), affine, affine_zooms(affine))
+
+
+def image_to_float32(data: np.ndarray, path: str) -> np.ndarray:
+  """Checks that an image array is real-valued and finite within float32's range (a DataError
+  naming `path` otherwise) and returns it as float32."""
   if data.dtype.kind not in 'biuf':
     raise DataError(
       path,
@@ -100,7 +106,7 @@ def load_nifti_image(path: str | os.PathLike) -> NiftiVolume:
         f'{float(np.abs(data).max()):.4g}',
         expected=f'magnitudes up to {limit:.4g}',
       )
-  return NiftiVolume(path, data.astype(np.float32), affine, affine_zooms(affine))
+  return data.astype(np.float32)
 
 
 def load_nifti_labels(path: str | os.PathLike) -> NiftiVolume:

@@ -10,7 +10,8 @@ Two folder layouts are read:
   image grid by `MaskAlignment` (see docs/data.md for the default and how it was checked).
 
 `load_volume` reads one case into a `Volume` (canonical RAS+ arrays, spacing, the `SourceGrid`
-to go back), and `slices` cuts it along an anatomical plane.
+to go back), and `slices` cuts it along an anatomical plane. A case's image may also be a
+folder holding one DICOM series (`dicom_io`; predict's input), read to the same `Volume`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from nibabel import orientations as ornts
 
-from data_pipelines import metaimage, nifti_io, orientation, tissues
+from data_pipelines import dicom_io, metaimage, nifti_io, orientation, tissues
 from data_pipelines.errors import DataError
 
 DEFAULT_READER = 'default'  # the reader name of `labelsTr/` (the reference segmentation)
@@ -350,7 +351,7 @@ def load_volume(
     entry-wise to within this many mm (MetaImage masks take the image's affine).
   """
   orientation.plane_axes(plane)
-  image = nifti_io.load_nifti_image(case.image)
+  image = load_image_file(case.image)
   grid = orientation.SourceGrid.from_affine(image.shape, image.affine)
   label_path = _pick_reader(case, reader)
   labels = None
@@ -373,6 +374,14 @@ def load_volume(
     label_path=label_path,
     reader=None if label_path is None else _reader_name(case, label_path),
   )
+
+
+def load_image_file(path: str | os.PathLike) -> nifti_io.NiftiVolume:
+  """A scan as stored: a NIfTI file, or a folder holding one DICOM series (`dicom_io`, read to
+  the array and affine a NIfTI file of it has)."""
+  if os.path.isdir(path):
+    return dicom_io.load_dicom_series(path)
+  return nifti_io.load_nifti_image(path)
 
 
 def _pick_reader(case: Case, reader: str | None) -> str | None:

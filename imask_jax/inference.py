@@ -349,10 +349,11 @@ def predict_volume(
 
 
 def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None) -> readers.Volume:
-  """An unlabelled NIfTI image as a canonical `Volume` to be sliced along `plane`."""
+  """An unlabelled scan, a NIfTI file or a DICOM series folder, as a canonical `Volume` to be
+  sliced along `plane`."""
   path = os.fspath(path)
   if case_id is None:
-    case_id = os.path.basename(path)
+    case_id = os.path.basename(os.path.normpath(path))
     for suffix in ('.nii.gz', '.nii'):
       if case_id.endswith(suffix):
         case_id = case_id[: -len(suffix)]

@@ -1,13 +1,24 @@
-"""Prediction on new scans: NIfTI in -> label NIfTI on the input's exact grid + JSON report.
+"""Prediction on new scans: NIfTI or DICOM in -> label NIfTI on the input's exact grid + report.
 
   python -m imask_jax.predict --workdir DIR --input IN --output OUT [--checkpoint STEP]
       [--overwrite]
 
-IN is a NIfTI file (.nii / .nii.gz) or a folder of them (hidden and non-NIfTI files are
-skipped). OUT is a folder: each input `<name>.nii.gz` (an nnU-Net channel suffix `_0000` is
-dropped from the name) gets
-  OUT/<name>.nii.gz   the label map: exactly the input's shape and affine, the input's header
-                      otherwise, uint8 label values of the config (data.class_label_values)
+IN is, by the first rule that applies:
+  (a) a NIfTI file (.nii / .nii.gz): one input;
+  (b) a folder holding NIfTI files: each is an input (hidden and other files and subfolders
+      are skipped and named);
+  (c) a folder that directly holds DICOM files (files SimpleITK reads as DICOM): it is one
+      input, the series in it (a folder of several series is refused when read: one series
+      per folder);
+  (d) a folder whose subfolders hold DICOM files: each such subfolder is an input, one series
+      each (other entries are skipped and named).
+A DICOM series is read as data_pipelines/dicom_io.py states (its checks, the RAS+ affine of its
+geometry). OUT is a folder: each input `<name>.nii.gz` (an nnU-Net channel suffix `_0000` is
+dropped from the name) or series folder `<name>` gets
+  OUT/<name>.nii.gz   the label map: exactly the input's shape and affine (a series: [columns,
+                      rows, slices] and its geometry in RAS+, so it overlays the series in
+                      ITK-SNAP or 3D Slicer), the input NIfTI's header otherwise, uint8 label
+                      values of the config (data.class_label_values)
   OUT/<name>.json     the report: tissue volumes in mL; knee: mean and regional cartilage
                       thickness; hip: effusion volume (right, left, total); "quality": flags
                       of a probably wrong prediction (imask_jax/quality.py states the rules:
@@ -16,13 +27,15 @@ dropped from the name) gets
                       data), also printed as one CHECK line per flagged scan; the scan's
                       in-plane pixel spacing beside the one the network ran at
                       (slice_pixel_spacing_mm, network_pixel_spacing_mm, resampling)
-For a single input file OUT may instead be the label map's own name (ending in .nii or
-.nii.gz); the report then goes beside it, with .json in place of the NIfTI suffix.
+For a single input file or series folder (a, c) OUT may instead be the label map's own name
+(ending in .nii or .nii.gz); the report then goes beside it, with .json in place of the NIfTI
+suffix.
 
 Refused before any work, in one line with exit status 2: a workdir without config.json, a
 --checkpoint that is not stored, a checkpoint that cannot be restored (--verbose adds the
 traceback of these three), an output path that is one of the inputs, an OUT that is the input
-folder, two inputs that would write the same output, an output folder that cannot be created
+folder, an output inside a DICOM series folder of the inputs (a later run would read the folder
+as NIfTI), two inputs that would write the same output, an output folder that cannot be created
 or written, and an existing file at an output path that predict did not write: that is
 replaced only when the report beside it (OUT/<name>.json) names the same input and that label
 map, i.e. it is an earlier prediction of this scan, or with --overwrite. An input that cannot
@@ -53,9 +66,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import nibabel as nib
 import numpy as np
 
-from data_pipelines import nifti_io, orientation
+from data_pipelines import dicom_io, nifti_io, orientation
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
@@ -85,12 +99,14 @@ class Job:
 
 
 def list_inputs(path: str) -> tuple[list[str], list[str]]:
-  """(NIfTI inputs, skipped names) of a file or folder; raises ValueError when there is none."""
+  """(inputs, skipped names) of --input by the rules (a)-(d) of the module docstring: NIfTI
+  files or DICOM series folders; raises ValueError when there is none."""
   path = os.path.abspath(path)
   if os.path.isfile(path):
     if not nifti_io.is_nifti_path(path):
       raise ValueError(
-        f'--input {path}: not a NIfTI file name (expected {" or ".join(nifti_io.NIFTI_SUFFIXES)})'
+        f'--input {path}: not a NIfTI file name (expected {" or ".join(nifti_io.NIFTI_SUFFIXES)};'
+        ' a DICOM series is given by its folder)'
       )
     return [path], []
   if not os.path.isdir(path):
@@ -101,14 +117,28 @@ def list_inputs(path: str) -> tuple[list[str], list[str]]:
     for n in names
     if nifti_io.is_nifti_path(n) and os.path.isfile(os.path.join(path, n))
   ]
+  if not inputs:
+    if dicom_io.holds_dicom_files(path):
+      return [path], []
+    inputs = [
+      os.path.join(path, n)
+      for n in names
+      if os.path.isdir(os.path.join(path, n)) and dicom_io.holds_dicom_files(os.path.join(path, n))
+    ]
   skipped = [n for n in names if os.path.join(path, n) not in inputs]
   if not inputs:
-    raise ValueError(f'--input {path}: the folder holds no NIfTI file (.nii or .nii.gz)')
+    raise ValueError(
+      f'--input {path}: the folder holds no NIfTI file (.nii or .nii.gz), no DICOM files and '
+      'no subfolder of DICOM files'
+    )
   return inputs, skipped
 
 
 def output_stem(input_path: str) -> str:
-  """'knee_0001_0000.nii.gz' -> 'knee_0001' (nnU-Net channel suffix dropped)."""
+  """'knee_0001_0000.nii.gz' -> 'knee_0001' (nnU-Net channel suffix dropped); a DICOM series
+  folder -> its name."""
+  if os.path.isdir(input_path):
+    return os.path.basename(os.path.normpath(input_path))
   stem = nifti_io.strip_nifti_suffix(os.path.basename(input_path))
   if stem.endswith(NNUNET_CHANNEL_SUFFIX) and len(stem) > len(NNUNET_CHANNEL_SUFFIX):
     stem = stem[: -len(NNUNET_CHANNEL_SUFFIX)]
@@ -117,9 +147,11 @@ def output_stem(input_path: str) -> str:
 
 def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
   """The output files of every input; ValueError (nothing written yet) when an output would
-  overwrite an input, OUT is the input folder, or two inputs would share an output."""
+  overwrite an input, OUT is the input folder, an output would land in a DICOM series folder
+  of the inputs, or two inputs would share an output."""
   output = os.path.abspath(output)
-  single = os.path.isfile(input_path)
+  # One NIfTI file (a) or one series folder (c): OUT may be the label map's name.
+  single = os.path.isfile(input_path) or list(inputs) == [input_path]
   if single and nifti_io.is_nifti_path(output):
     jobs = [Job(inputs[0], output, nifti_io.strip_nifti_suffix(output) + '.json')]
   else:
@@ -157,6 +189,15 @@ def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
           f'output {path} is the input {sources[os.path.realpath(path)]}; '
           'refusing to overwrite an input (choose another --output)'
         )
+  series = {os.path.realpath(p): p for p in inputs if os.path.isdir(p)}
+  for job in jobs:
+    folder = os.path.realpath(os.path.dirname(job.label_map))
+    if folder in series:
+      raise ValueError(
+        f'output {job.label_map} is inside the DICOM series folder {series[folder]}; refusing '
+        'to write among the slices (a later run would read the folder as NIfTI; choose '
+        'another --output)'
+      )
   return jobs
 
 
@@ -413,7 +454,9 @@ def predict_one(
       f'{job.input}: label map shape {prediction.label_map.shape} differs '
       f'from the input grid {volume.grid.shape}'
     )
-  nifti_io.save_nifti(prediction.label_map, volume.grid.affine, job.label_map, like=job.input)
+  nifti_io.save_nifti(
+    prediction.label_map, volume.grid.affine, job.label_map, like=header_template(job.input)
+  )
   report = volume_report(
     prediction,
     model.scheme,
@@ -424,6 +467,19 @@ def predict_one(
   )
   write_json(job.report, report)
   return report
+
+
+def header_template(input_path: str) -> str | nib.Nifti1Image:
+  """The header a label map copies: the input NIfTI's own; for a DICOM series folder a blank
+  NIfTI-1 header in mm with scanner coordinates (qform and sform code 1, as dcm2niix writes;
+  save_nifti sets the affine)."""
+  if not os.path.isdir(input_path):
+    return input_path
+  template = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.eye(4))
+  template.header.set_xyzt_units('mm')
+  template.set_sform(np.eye(4), code=1)
+  template.set_qform(np.eye(4), code=1)
+  return template
 
 
 def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, Any] | None:
@@ -468,8 +524,9 @@ def predict_command(
   except ValueError as error:
     stream.write(f'predict: refused: {error}\n')
     return EXIT_REFUSED
+  kind = 'a DICOM series folder' if os.path.isdir(inputs[0]) else 'a NIfTI file'
   for name in skipped:
-    stream.write(f'predict: skipped {name} (not a NIfTI file)\n')
+    stream.write(f'predict: skipped {name} (not {kind})\n')
   for job in jobs:
     for leftover in remove_stale_temporaries(job.label_map) + remove_stale_temporaries(job.report):
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
@@ -528,15 +585,19 @@ def predict_command(
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m imask_jax.predict',
-    description="Segment NIfTI scans with a trained checkpoint: a label map on each input's "
-    'grid and a JSON report of volumes, cartilage thickness or effusion.',
+    description='Segment NIfTI scans or DICOM series with a trained checkpoint: a label map '
+    "on each input's grid and a JSON report of volumes, cartilage thickness or effusion.",
   )
   parser.add_argument('--workdir', required=True, help='training workdir (has config.json)')
-  parser.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
+  parser.add_argument(
+    '--input',
+    required=True,
+    help='a NIfTI file or a folder of them, a DICOM series folder, or a folder of series folders',
+  )
   parser.add_argument(
     '--output',
     required=True,
-    help='output folder (or, for one input file, the label map file name)',
+    help='output folder (or, for one input file or series, the label map file name)',
   )
   parser.add_argument(
     '--checkpoint', type=int, default=None, help='checkpoint step (default: the latest)'
