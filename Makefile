@@ -21,10 +21,10 @@ $(STAMP): requirements.txt setup.cfg
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The unit tier for the edit-test loop: everything but the end-to-end runs (tests marked e2e,
-# those that train a model).
+# The quick tier for the edit-test loop: everything but the end-to-end runs (marked e2e: those
+# that train a model) and the slow unit tests (marked slow: 3 s or more each).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # Lint (ruff check) and formatting (ruff format --check); settings in ruff.toml.
 lint: $(STAMP)

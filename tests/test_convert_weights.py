@@ -179,6 +179,7 @@ def test_legacy_file_with_old_key_names_converts_identically():
 
 
 @pytest.mark.parametrize('name', fixture_names('resnet') + fixture_names('densenet'))
+@pytest.mark.slow
 def test_classifier_body_matches_torchvision(name):
   arrays, meta = load_fixture(name)
   converted = convert(name, meta['arch'], input_channels=3, input_normalization='none')
@@ -195,6 +196,7 @@ def test_classifier_body_matches_torchvision(name):
 
 
 @pytest.mark.parametrize('name', fixture_names('resnet'))
+@pytest.mark.slow
 def test_grey_input_with_folded_imagenet_normalisation(name):
   """Default conversion (1 channel, ImageNet normalisation folded into the stem) on a [0, 1]
   grey image against torchvision on the normalised image copied to R, G and B."""
@@ -279,6 +281,7 @@ def random_variables(model: mask_rcnn.MaskRCNN, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize('name', fixture_names('maskrcnn'))
+@pytest.mark.slow
 def test_maskrcnn_matches_torchvision(name, tmp_path):
   arrays, meta = load_fixture(name)
   x = nhwc(arrays['x'])
@@ -325,6 +328,7 @@ def test_maskrcnn_matches_torchvision(name, tmp_path):
 
 
 @pytest.mark.parametrize('name', fixture_names('maskrcnn'))
+@pytest.mark.slow
 def test_roi_align_differs_from_torchvision_by_half_a_stride(name):
   """torchvision's MultiScaleRoIAlign uses aligned=False: it samples a box at (x * scale), we at
   (x * scale - 0.5). Ours on the box shifted by half its level's stride reads torchvision's
@@ -533,6 +537,7 @@ def test_init_from_coco_into_imask_head_reinitialises_class_layers_and_imask_par
   assert 'batch_stats/backbone/body/stem_norm/scale' in report.loaded  # frozen_batch layout
 
 
+@pytest.mark.slow
 def test_init_from_errors_name_the_file_and_the_path(resnet18_file, tmp_path):
   def merge(**spec):
     model = mask_rcnn.MaskRCNN(small_spec(**spec))
@@ -598,6 +603,7 @@ def test_converted_file_is_plain_msgpack(resnet18_file):
   assert 'fpn' not in record['params']['backbone']
 
 
+@pytest.mark.slow
 def test_init_state_starts_from_the_file(resnet18_file, capsys):
   """The trainer's entry: steps.init_state with model.init_from (the config field's default
   '' is the random initialisation)."""

@@ -193,6 +193,7 @@ def _oracle(scheme, instance_mode):
   return predict
 
 
+@pytest.mark.slow
 def test_effusion_tables_with_an_oracle_model(tmp_path):
   config = _hip_config(tmp_path / 'tfds')
   source = sources.volume_source(

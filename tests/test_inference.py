@@ -71,6 +71,7 @@ def _truth_detections(stack, scale, scheme, mask_size, max_detections):
   return out
 
 
+@pytest.mark.slow
 def test_truth_boxes_round_trip_exactly_onto_a_non_canonical_grid(tmp_path):
   # Three disjoint cuboids with label values 2, 5, 7 (class ids 1, 2, 3) in file index space;
   # the third touches two faces of the array.
@@ -101,6 +102,7 @@ def test_truth_boxes_round_trip_exactly_onto_a_non_canonical_grid(tmp_path):
   assert not pasted[~det['valid']].any()
 
 
+@pytest.mark.slow
 def test_truth_masks_round_trip_on_a_knee_phantom(tmp_path):
   """The phantom's own instance masks, resampled into 56 x 56 box grids (what the mask head
   predicts) and pasted back from a 64 x 64 network input (scale 0.5), recover the truth."""

@@ -162,6 +162,7 @@ def test_tensorflow_sees_no_gpu():
   assert tf.config.get_visible_devices('GPU') == []
 
 
+@pytest.mark.slow
 def test_train_batches_have_the_promised_static_shapes_and_dtypes(dataset):
   root, data_dir = dataset
   batch = next(ip.create_train_dataset(make_config(root), data_dir, seed=0))
@@ -186,6 +187,7 @@ def test_train_batches_have_the_promised_static_shapes_and_dtypes(dataset):
   assert 0.0 <= batch['image'].min() and batch['image'].max() <= 1.0
 
 
+@pytest.mark.slow
 def test_boxes_are_the_tight_boxes_of_the_augmented_masks(dataset):
   root, data_dir = dataset
   config = make_config(
@@ -231,6 +233,7 @@ def test_without_augmentation_the_image_is_the_numpy_normalised_resized_slice(
       np.testing.assert_array_equal(ex['gt_boxes'][slot], numpy_tight_box(ex['gt_masks'][slot]))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_batches_and_resumes_exactly(dataset):
   root, data_dir = dataset
   config = make_config(root, rotate_degrees=20.0)

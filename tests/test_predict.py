@@ -118,6 +118,7 @@ def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_fil
     assert 'effusion_ml' not in report
 
 
+@pytest.mark.slow
 def test_output_equal_to_an_input_is_refused(scans, tmp_path):
   folder, paths = scans
   before = os.path.getmtime(paths['a']), os.path.getsize(paths['a'])

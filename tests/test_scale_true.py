@@ -100,6 +100,7 @@ def _truth_classes(labels):
 
 
 @pytest.mark.parametrize('target_mm', [0.8, 0.4, 0.2])
+@pytest.mark.slow
 def test_round_trip_is_exact_where_the_target_spacing_divides_the_scans(knee, target_mm):
   # 0.8 mm slices at 0.8, 0.4 and 0.2 mm: every scan pixel becomes whole network pixels, and
   # pasting them back samples inside those blocks.
@@ -189,6 +190,7 @@ def test_crops_are_windows_of_the_slice_padded_where_it_is_smaller():
   assert min(tops) <= 2 and max(tops) >= 16  # free crops reach both ends
 
 
+@pytest.mark.slow
 def test_foreground_crops_hold_a_labelled_pixel():
   settings = _settings(0.8, image_size=(16, 16), crop_foreground_rate=1.0)
   example = _coordinate_example(100, 90, labelled=[(80, 5), (3, 70)])
@@ -257,6 +259,7 @@ def _scan(folder, rows, cols, spacing_mm, slices=3):
   return inference.load_image(path, 'sagittal')
 
 
+@pytest.mark.slow
 def test_bucketed_inference_compiles_once_per_bucket(untrained_model, tmp_path):
   # Resampled to 1.6 mm: 60 and 62 pixels share the 64 bucket, 112 goes to 128.
   scans = [

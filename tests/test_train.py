@@ -399,6 +399,7 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
 # --- optimiser -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_schedule_warms_up_then_decays_and_decay_spares_norms_and_biases():
   t = configs.default_config().train
   t.steps, t.warmup_steps, t.learning_rate = 110, 10, 1e-3

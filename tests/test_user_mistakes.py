@@ -164,6 +164,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(smoke_workdir, tmp_path):
 # --- user mistakes: one line, exit 1 or 2 ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_config_field_typo_is_one_line(tmp_path):
   done = _run(
     '-m',

@@ -138,6 +138,7 @@ def _map(values, mean):
   )
 
 
+@pytest.mark.slow
 def test_difference_map_is_red_where_the_model_is_thicker_blue_where_thinner(tmp_path, captured):
   truth = np.full((4, 6), 2.0)
   pred = truth.copy()

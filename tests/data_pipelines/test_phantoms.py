@@ -65,6 +65,7 @@ def _files(folder) -> dict[str, bytes]:
 # ---- determinism and the on-disk layout --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_different_seeds_differ(datasets):
   for kind, (a, b) in datasets.items():
     fa, fb = _files(a), _files(b)
@@ -79,6 +80,7 @@ def test_same_seed_same_bytes_different_seeds_differ(datasets):
   assert knee_a['labelsTr/knee_0000.nii.gz'] != knee_a['labelsTr/knee_0001.nii.gz']
 
 
+@pytest.mark.slow
 def test_preview_is_deterministic(knee0, hip0, tmp_path):
   a, b = tmp_path / 'a.png', tmp_path / 'b.png'
   save_preview([knee0, hip0], str(a))
@@ -87,6 +89,7 @@ def test_preview_is_deterministic(knee0, hip0, tmp_path):
   assert a.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and a.stat().st_size < 300_000
 
 
+@pytest.mark.slow
 def test_cli_layout_and_dataset_json(datasets):
   for kind, (a, _) in datasets.items():
     meta = json.loads((a / 'dataset.json').read_text())
@@ -124,6 +127,7 @@ def test_cli_layout_and_dataset_json(datasets):
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) < 300_000
 
 
+@pytest.mark.slow
 def test_written_files_agree_with_truth(datasets):
   """Reads the NIfTI files back: grid, dtypes, and the sidecar's volumes from voxel counts."""
   for a, _ in datasets.values():

@@ -359,6 +359,7 @@ def test_oai_zib_builder_reads_metaimage_masks_onto_the_image(tmp_path):
 
 
 @pytest.mark.parametrize('kind', ['knee', 'hip'])
+@pytest.mark.slow
 def test_phantom_builder_reads_generated_volumes_like_real_data(tmp_path, kind):
   config = configs.default_config()
   config.data.dataset = f'phantom_{kind}'

@@ -137,6 +137,7 @@ def test_bottleneck_puts_stride_on_the_3x3_conv():
 
 @pytest.mark.parametrize('norm', NORM_KINDS)
 @pytest.mark.parametrize('name', BACKBONE_NAMES)
+@pytest.mark.slow
 def test_pyramid_shapes_and_bfloat16_every_backbone_and_norm(name, norm):
   model = build_backbone(name, norm=norm, fpn_dim=16, width=8, dtype=jnp.bfloat16)
   # Not multiples of 32: every level is ceil(size / stride), the FPN crops after upsampling.
@@ -400,6 +401,7 @@ def zero_leaves(tree) -> list[str]:
   ]
 
 
+@pytest.mark.slow
 def test_initialisation_he_fan_out_and_zero_init_residual():
   _, variables, _ = tiny_resnet18()
   params = leaf_paths(variables['params'])
@@ -426,6 +428,7 @@ def test_initialisation_he_fan_out_and_zero_init_residual():
   assert np.abs(big).max() > 3 * big.std()
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_resnet_parameter():
   model, variables, images = tiny_resnet18()
   params = with_open_residual_branches(variables['params'])
@@ -436,6 +439,7 @@ def test_gradients_reach_every_resnet_parameter():
   assert not zero_leaves(grads)
 
 
+@pytest.mark.slow
 def test_zero_init_residual_blocks_start_as_identity_and_learn_to_open():
   model, variables, images = tiny_resnet18()
   grads, _ = compiled_gradient(model)(
@@ -450,6 +454,7 @@ def test_zero_init_residual_blocks_start_as_identity_and_learn_to_open():
   assert np.any(np.asarray(grads['body/stage2_block0/downsample_conv/kernel']))
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_densenet_parameter_with_group_norm():
   # A tiny DenseNet (blocks of 2, 1, 1, 1 layers) has every kind of layer of the full ones.
   # 64x64 input so that C5 is 2x2: group norm over one channel of one pixel is constant.
@@ -466,6 +471,7 @@ def test_gradients_reach_every_densenet_parameter_with_group_norm():
   assert not zero_leaves(grads)
 
 
+@pytest.mark.slow
 def test_bottleneck_block_gradients_and_zero_init():
   norm = make_norm('group', train=True)
   block = Bottleneck(planes=8, stride=2, norm=norm, zero_init_residual=True)
@@ -481,6 +487,7 @@ def test_bottleneck_block_gradients_and_zero_init():
   assert not zero_leaves(grads)
 
 
+@pytest.mark.slow
 def test_frozen_batch_norm_gets_no_gradient_never_changes_and_equals_eval_batch_norm():
   batch_model, variables, images = tiny_resnet18()
   # Non-trivial statistics and affine, as if trained or loaded from a checkpoint.
@@ -534,6 +541,7 @@ def test_frozen_batch_norm_gets_no_gradient_never_changes_and_equals_eval_batch_
 # Mixed precision and data parallelism.
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_is_close_to_float32():
   model32, variables, images = tiny_resnet18()
   model16 = build_backbone('resnet18', width=8, fpn_dim=8, dtype=jnp.bfloat16)
@@ -557,6 +565,7 @@ def test_bfloat16_forward_is_close_to_float32():
     assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(a), level
 
 
+@pytest.mark.slow
 def test_batch_statistics_are_averaged_over_the_named_axis():
   """Two shards under a named axis normalise exactly like the whole batch on one device."""
   single, variables, _ = tiny_resnet18()

@@ -121,6 +121,7 @@ def fused_and_reduced(head, params, feats, pyramid, index):
 
 
 @pytest.mark.parametrize('level,size', [('P2', 56), ('P3', 28), ('P4', 112)])
+@pytest.mark.slow
 def test_skip_reads_its_level_at_the_roi_with_its_size(level, size):
   pyramid = coordinate_pyramid()
   head = make_head(skip=True, skip_level=level, skip_size=size)
@@ -165,6 +166,7 @@ def bilinear_up(x, factor):
     (True, False, 56, 'nearest2'),  # without the skip the output is 56 whatever skip_size
   ],
 )
+@pytest.mark.slow
 def test_fine_path_is_the_decoder_or_bilinear_upsampling(decoder, skip, size, expected):
   pyramid = coordinate_pyramid()
   head = make_head(decoder=decoder, skip=skip, skip_size=size)
@@ -251,6 +253,7 @@ def roi_align_reference(level_map, roi, stride, size, ratio):
 
 
 @pytest.mark.parametrize('ratio', [1, 3])
+@pytest.mark.slow
 def test_skip_takes_its_sampling_ratio_samples_per_bin(ratio):
   """Bins wider than a map pixel (a 200-pixel box on a 64 x 64 P2 read at 28 x 28: 1.8 P2
   pixels per bin) on a map that is not linear: the skip features are the ROIAlign mean of

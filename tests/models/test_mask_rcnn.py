@@ -126,6 +126,7 @@ def test_rpn_head_outputs_line_up_with_the_anchor_grid():
 
 
 @pytest.mark.parametrize('head', ['standard', 'imask'])
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params_and_losses(head):
   spec = ModelSpec(image_size=(64, 64), mask_head=head, dtype='bfloat16', **TINY)
   model = MaskRCNN(spec)
@@ -171,6 +172,7 @@ def _uniform_detections(rows):
   return Detections(*(jnp.asarray(x) for x in (boxes, scores, classes, valid, probs)))
 
 
+@pytest.mark.slow
 def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scores():
   det = _uniform_detections(
     [
@@ -197,6 +199,7 @@ def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scor
 
 
 @pytest.mark.parametrize('paint_rule', ['union', 'each'])
+@pytest.mark.slow
 def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rule):
   rng = np.random.default_rng(3)
   b, d, size = 2, 6, 20
@@ -233,6 +236,7 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rul
     np.testing.assert_array_equal(np.asarray(label_map)[i], want)
 
 
+@pytest.mark.slow
 def test_union_painting_closes_the_seam_between_two_unsure_neighbours():
   # Two 8-pixel boxes overlapping in image columns 6-7, one mask cell per pixel: each mask is
   # sure (0.9) of its own part and unsure (0.4) of the shared columns.

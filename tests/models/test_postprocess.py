@@ -111,6 +111,7 @@ def rpn_case(seed):
 PRE, POST, RPN_NMS = 20, 48, 0.6
 
 
+@pytest.mark.slow
 def test_proposals_are_per_level_topk_then_per_level_nms_then_global_topk():
   cases = [rpn_case(seed) for seed in (0, 3)]  # seeds with no IoU near the threshold
   anchors = cases[0][0]

@@ -173,6 +173,7 @@ def test_score_threshold_valid_mask_and_padding():
 
 
 @pytest.mark.parametrize('method', nms_ops.METHODS)
+@pytest.mark.slow
 def test_many_candidates_match_greedy(method):
   # 600 clustered boxes over several tiles, stopping at max_outputs.
   rng = np.random.default_rng(3)

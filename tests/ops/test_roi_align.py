@@ -251,6 +251,7 @@ def test_jit_vmap_and_batch_index_agree():
 
 
 # ------------------------------------------------------------------------------ gradients
+@pytest.mark.slow
 def test_gradients_match_finite_differences():
   rng = np.random.default_rng(11)
   with jax.enable_x64(True):

@@ -120,6 +120,7 @@ def jitted_sample(num_samples, positive_fraction):
   config=st.sampled_from([(16, 0.25), (16, 0.5), (7, 0.3), (64, 0.5), (16, 1.0), (16, 0.0)]),
   seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_sampled_counts_are_exact(labels, config, seed):
   num_samples, fraction = config
   got = jitted_sample(*config)(labels, key=jax.random.key(seed))
@@ -201,6 +202,7 @@ def test_rpn_targets_follow_reference_labels_and_encoding():
   assert np.all(targets[~positive] == 0)
 
 
+@pytest.mark.slow
 def test_rpn_targets_under_vmap_equal_per_image():
   anchors, gt_boxes, gt_valid = rpn_case()
   gt_batch = np.stack([gt_boxes, gt_boxes[::-1]])
