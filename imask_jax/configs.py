@@ -14,6 +14,7 @@ import math
 import ml_collections
 
 from data_pipelines import tissues
+from imask_jax.metrics.thickness import THICKNESS_METHODS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -151,6 +152,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.split = 'test'
   e.batch_size = 8
   e.max_val_slices = 256
+  # Cartilage thickness measure of evaluate and predict (metrics.thickness, docs/metrics.md):
+  # 'nearest' (distance to the nearest articular face; reads low on voxel staircases and its
+  # readings depend on the grid) or 'normal' (along the normals of the smoothed surfaces).
+  e.thickness_method = 'nearest'
   return c
 
 
@@ -333,6 +338,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       f'{config.model.num_classes}; expected one label value per class and '
       'num_classes = the number of classes'
     )
+  thickness_method(config)
   unknown = sorted(set(config.model.keep_largest_component) - set(names))
   if unknown:
     raise ValueError(
@@ -344,6 +350,17 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       f'config train.best_metric={t.best_metric!r}; expected one of '
       f'{validation_metric_names(config)}'
     )
+
+
+def thickness_method(config: ml_collections.ConfigDict) -> str:
+  """config eval.thickness_method, refused at once when it is not a method (a wrong name would
+  otherwise surface only as a 'not measured' note per case)."""
+  method = str(config.eval.thickness_method)
+  if method not in THICKNESS_METHODS:
+    raise ValueError(
+      f'config eval.thickness_method={method!r}; expected one of {THICKNESS_METHODS}'
+    )
+  return method
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -48,7 +48,7 @@ from data_pipelines.datasets import sources
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
 from data_pipelines.tissues import LabelScheme
-from imask_jax import inference, metrics, report, viz
+from imask_jax import configs, inference, metrics, report, viz
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import VolumePrediction
 
@@ -76,6 +76,7 @@ def evaluate_case(
   scheme: LabelScheme,
   spacing: Sequence[float],
   reader_maps: Mapping[str, np.ndarray] | None = None,
+  thickness_method: str = 'nearest',
 ) -> report.CaseResult:
   """Measures one volume. truth / prediction.canonical: canonical label maps (label values)
   with `spacing` (mm, canonical axis order); reader_maps: each reader's canonical label map,
@@ -93,7 +94,12 @@ def evaluate_case(
   if knee is not None:
     try:
       thickness = metrics.compare_thickness(
-        pred, truth, spacing, labels=knee, angle_bin_deg=metrics.femoral_angle_bin_deg(spacing)
+        pred,
+        truth,
+        spacing,
+        labels=knee,
+        angle_bin_deg=metrics.femoral_angle_bin_deg(spacing),
+        method=thickness_method,
       )
     except ValueError as error:  # the truth lacks a plate, or too little of it to fit
       note = str(error)
@@ -158,6 +164,7 @@ def evaluate_source(
     raise ValueError(f'split {source.split!r} has no cases to evaluate')
   scheme = LabelScheme.from_config(config)
   instance_mode = str(config.data.instance_mode)
+  thickness_method = configs.thickness_method(config)
   mask_ap = metrics.MaskAP(
     {c: n for c, n in zip(range(1, len(scheme.class_names) + 1), scheme.class_names)}
   )
@@ -191,7 +198,13 @@ def evaluate_source(
           )
           reader_maps[rater_name(reader)] = other.labels
       result = evaluate_case(
-        case.case_id, volume.labels, prediction, scheme, volume.spacing, reader_maps
+        case.case_id,
+        volume.labels,
+        prediction,
+        scheme,
+        volume.spacing,
+        reader_maps,
+        thickness_method=thickness_method,
       )
       results.append(result)
       stack = readers.slices(volume)
@@ -214,13 +227,16 @@ def evaluate_source(
     report.write_tables(tmp, results, scheme, ap, ap_per_case)
     if scheme.effusion_value is not None:
       _bland_altman_figures(os.path.join(tmp, 'figures'), results)
-    summary = report.summary_markdown(header, results, scheme, ap, ap_per_case)
+    summary = report.summary_markdown(
+      header, results, scheme, ap, ap_per_case, thickness_method=thickness_method
+    )
     report.write_text(os.path.join(tmp, 'summary.md'), summary)
     info = dict(
       header,
       cases=[r.case_id for r in results],
       mask_ap_resolution=report.AP_RESOLUTION,
       instance_mode=instance_mode,
+      thickness_method=thickness_method,
       label_values=scheme.names_by_value,
       seconds=round(time.time() - started, 1),
     )

@@ -36,7 +36,7 @@ import numpy as np
 from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import input_pipeline, parallel, postprocess
+from imask_jax import configs, input_pipeline, parallel, postprocess
 from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
@@ -96,6 +96,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
+  configs.thickness_method(config)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise workdir_lib.MissingCheckpointError(

@@ -73,7 +73,7 @@ from data_pipelines import dicom_io, nifti_io, orientation
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import inference, metrics, quality
+from imask_jax import configs, inference, metrics, quality
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import VolumePrediction
 
@@ -287,12 +287,20 @@ def _mean_cells(cells: np.ndarray) -> float | None:
 
 
 def femoral_thickness(
-  label_map: np.ndarray, spacing: Sequence[float], knee: metrics.KneeLabelValues
+  label_map: np.ndarray,
+  spacing: Sequence[float],
+  knee: metrics.KneeLabelValues,
+  method: str = 'nearest',
 ) -> dict[str, Any]:
-  """Mean and regional femoral cartilage thickness (mm) of a canonical label map."""
+  """Mean and regional femoral cartilage thickness (mm) of a canonical label map, measured
+  with thickness `method` (metrics.interface_thickness)."""
   try:
     m = metrics.femoral_thickness_map(
-      label_map, spacing, labels=knee, angle_bin_deg=metrics.femoral_angle_bin_deg(spacing)
+      label_map,
+      spacing,
+      labels=knee,
+      angle_bin_deg=metrics.femoral_angle_bin_deg(spacing),
+      method=method,
     )
   except ValueError as error:  # too little cartilage on the femur to fit the cylinder
     return {'status': 'not_measured', 'reason': str(error)}
@@ -314,10 +322,14 @@ def femoral_thickness(
 
 
 def tibial_thickness(
-  label_map: np.ndarray, spacing: Sequence[float], knee: metrics.KneeLabelValues
+  label_map: np.ndarray,
+  spacing: Sequence[float],
+  knee: metrics.KneeLabelValues,
+  method: str = 'nearest',
 ) -> dict[str, Any]:
-  """Mean and right/left tibial cartilage thickness (mm) of a canonical label map."""
-  m = metrics.tibial_thickness_map(label_map, spacing, labels=knee)
+  """Mean and right/left tibial cartilage thickness (mm) of a canonical label map, measured
+  with thickness `method` (metrics.interface_thickness)."""
+  m = metrics.tibial_thickness_map(label_map, spacing, labels=knee, method=method)
   if len(m.points.thickness_mm) == 0:
     return {
       'status': 'not_measured',
@@ -376,9 +388,11 @@ def volume_report(
     'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
   }
   if scheme.knee is not None:
+    method = configs.thickness_method(model.config)
     report['cartilage_thickness'] = {
-      'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee),
-      'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee),
+      'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee, method),
+      'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee, method),
+      'method': method,
       'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py',
     }
   if scheme.effusion_value is not None:

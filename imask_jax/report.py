@@ -434,15 +434,25 @@ def surface_table(results: Sequence[CaseResult], scheme: LabelScheme) -> list[st
   )
 
 
-def thickness_table(results: Sequence[CaseResult]) -> list[str]:
-  """Table 5: prediction - truth thickness map differences, averaged over volumes."""
+THICKNESS_METHOD_TEXT = {
+  'nearest': 'at each bone-cartilage interface point, the distance to the nearest articular '
+  'surface point (reads low on voxel staircases)',
+  'normal': 'at each bone-cartilage interface point, the distance along the normal of the '
+  'smoothed interface to the smoothed articular surface',
+}
+
+
+def thickness_table(results: Sequence[CaseResult], method: str = 'nearest') -> list[str]:
+  """Table 5: prediction - truth thickness map differences, averaged over volumes; `method`
+  is the thickness measure both maps were made with (metrics.interface_thickness)."""
   lines = [
     '## Cartilage thickness (paper Table 5)',
     '',
     'Per volume and plate, the prediction - truth difference map (cells where both '
     'have cartilage); mean over volumes (± SD) of its mean and of its SD, in mm. The '
     'paper\'s rows read "GT - prediction": flip the sign of the first column to '
-    'compare.',
+    f'compare. Thickness measure {method!r}: {THICKNESS_METHOD_TEXT[method]} '
+    '(docs/metrics.md).',
     '',
   ]
   rows = []
@@ -740,6 +750,8 @@ def summary_markdown(
   scheme: LabelScheme,
   ap: Mapping[int, metrics.ClassAP],
   ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]],
+  *,
+  thickness_method: str = 'nearest',
 ) -> str:
   lines = [
     f'# Evaluation: {header["workdir"]} at step {header["checkpoint_step"]}, '
@@ -758,7 +770,7 @@ def summary_markdown(
   lines += segmentation_tables(results, scheme, ap, ap_per_case) + ['']
   lines += surface_table(results, scheme) + ['']
   if scheme.knee is not None:
-    lines += thickness_table(results) + ['']
+    lines += thickness_table(results, thickness_method) + ['']
   if scheme.effusion_value is not None:
     lines += effusion_overlap_table(results, scheme, ap) + ['']
     lines += effusion_volume_table(

@@ -187,3 +187,12 @@ def test_the_skip_sampling_ratio_is_adaptive_unless_set():
   config = experiment_config('oai')
   config.model.imask.skip_sampling_ratio = 2
   assert ModelSpec.from_config(config).build_mask_head(parent=None).skip_sampling_ratio == 2
+
+
+def test_an_unknown_thickness_method_is_refused_before_training():
+  config = experiment_config('phantom_knee', 'smoke')
+  config.eval.thickness_method = 'normals'
+  with pytest.raises(ValueError, match=r"eval.thickness_method='normals'; expected one of"):
+    configs.check_train_config(config)
+  config.eval.thickness_method = 'normal'
+  configs.check_train_config(config)

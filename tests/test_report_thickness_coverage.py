@@ -136,3 +136,8 @@ def test_coverage_table_under_table_5():
   ]
   # Table 5 itself is unchanged: its own header comes first.
   assert lines[0] == '## Cartilage thickness (paper Table 5)'
+
+
+def test_table_5_names_the_thickness_measure():
+  assert "Thickness measure 'nearest'" in report.thickness_table(RESULTS)[2]
+  assert "Thickness measure 'normal'" in report.thickness_table(RESULTS, 'normal')[2]

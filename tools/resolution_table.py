@@ -10,7 +10,9 @@ scale-true (every slice resampled to the model's data.pixel_spacing_mm, or to
 data.image_size, the behaviour before scale-true slices). Each evaluation is written like
 `evaluate`'s into WORKDIR/resolution/<spacing>mm_fov<fov>/<mode>/; a markdown table of
 per-tissue Dice, HD95 and mean cartilage thickness (prediction and truth) is printed and
-written to WORKDIR/resolution/table.md.
+written to WORKDIR/resolution/table.md. --thickness_method normal measures the thickness along
+surface normals instead of the workdir's eval.thickness_method; those evaluations and their
+table get the suffix _normal.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
     default=None,
     help='scale-true spacing for a workdir trained without data.pixel_spacing_mm',
   )
+  parser.add_argument(
+    '--thickness_method',
+    choices=['nearest', 'normal'],
+    default=None,
+    help="cartilage thickness measure (default: the workdir's eval.thickness_method)",
+  )
   args = parser.parse_args(argv)
   model = inference.load_model(args.workdir, args.checkpoint)
   config = model.config
@@ -98,8 +106,13 @@ def main(argv=None) -> int:
       continue
     mode_config = config.copy_and_resolve_references()
     mode_config.data.pixel_spacing_mm = spacing
+    if args.thickness_method:
+      mode_config.eval.thickness_method = args.thickness_method
     modes[name] = dataclasses.replace(model, config=mode_config)
   data_dir = workdir_lib.data_dir_for(config, args.workdir)
+  method = args.thickness_method or str(config.eval.thickness_method)
+  # Evaluations with another measure than the default go beside, not over, the default's.
+  suffix = '' if method == 'nearest' else f'_{method}'
   root = os.path.join(os.path.abspath(args.workdir), 'resolution')
   rows = []
   for spacing in args.spacings:
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
         mode_model.config,
         source,
         lambda volume, m=mode_model: inference.predict_volume(m, volume, keep_instances=True),
-        os.path.join(root, tag, name),
+        os.path.join(root, tag, name + suffix),
         {
           'workdir': os.path.abspath(args.workdir),
           'checkpoint_step': model.step,
@@ -128,21 +141,21 @@ def main(argv=None) -> int:
       row = summarize(report, model.scheme)
       rows.append((spacing, name, row))
       print(f'  {name}: {time.time() - started:.0f} s', {k: round(v, 3) for k, v in row.items()})
-  table = markdown(rows, args.fov, target, model)
-  with open(os.path.join(root, 'table.md'), 'w') as f:
+  table = markdown(rows, args.fov, target, model, method)
+  with open(os.path.join(root, f'table{suffix}.md'), 'w') as f:
     f.write(table)
   print(table)
   return 0
 
 
-def markdown(rows, fov, target, model) -> str:
+def markdown(rows, fov, target, model, method) -> str:
   keys = list(rows[0][2])
   dice = [k for k in keys if k.startswith('dice ')]
   rest = [k for k in keys if not k.startswith('dice ')]
   head = ['in-plane spacing', 'slices', *dice, *rest]
   lines = [
     f'Checkpoint {model.step} of {model.workdir}; test volumes at a {fov:g} mm field of view; '
-    f'scale-true at {float(target):g} mm per network pixel.',
+    f'scale-true at {float(target):g} mm per network pixel; thickness measure {method!r}.',
     '',
     '| ' + ' | '.join(head) + ' |',
     '|' + '---|' * len(head),
