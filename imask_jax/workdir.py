@@ -171,7 +171,10 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 
 # Fields whose default for new runs is not the behaviour of workdirs saved before the field
 # existed: such a workdir gets the value it ran with, so it evaluates and predicts as before.
-LEGACY_VALUES = {'model': {'paint_rule': 'each'}}
+LEGACY_VALUES = {
+  'model': {'paint_rule': 'each'},
+  'eval': {'thickness_method': 'nearest'},
+}
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -87,7 +87,10 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
       assert float(row[column]) == pytest.approx(expected, rel=1e-5, abs=1e-9), column
     assert int(row['false_negative_voxels']) == np.sum((truth == value) & (pred != value))
 
-  # Thickness: nibabel's own reorientation to RAS+ of the saved and the truth files.
+  # Thickness: nibabel's own reorientation to RAS+ of the saved and the truth files, measured
+  # with the workdir's method (the surface-normal one for a new run).
+  method = config.eval.thickness_method
+  assert method == 'normal'
   _, thickness_rows = _read_csv(os.path.join(out, 'thickness.csv'))
   for row in thickness_rows:
     case = cases[row['case_id']]
@@ -99,6 +102,7 @@ def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_mod
       np.asarray(truth.dataobj).astype(np.uint8),
       spacing,
       angle_bin_deg=metrics.femoral_angle_bin_deg(spacing),
+      method=method,
     )
     plate = plates[row['plate']]
     assert row['status'] == str(plate.status)

@@ -149,3 +149,17 @@ def test_inference_only_settings_may_change_on_resume(tmp_path):
     workdir_lib.check_resumable(changed, str(tmp_path))
   with open(os.path.join(tmp_path, 'config.json')) as f:
     assert json.load(f)['model']['keep_largest_component'] == ['femur', 'tibia']
+
+
+def test_a_workdir_saved_before_these_fields_keeps_every_component_and_the_nearest_measure(
+  tmp_path,
+):
+  config = experiment_config('phantom_knee', 'smoke')
+  saved = json.loads(config.to_json())
+  del saved['model']['keep_largest_component']
+  del saved['eval']['thickness_method']
+  with open(os.path.join(tmp_path, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+  loaded = workdir_lib.load_config(str(tmp_path))
+  assert loaded.model.keep_largest_component == ()
+  assert (loaded.eval.thickness_method, config.eval.thickness_method) == ('nearest', 'normal')
