@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import locale
 import os
 from collections.abc import Iterator
 
@@ -49,13 +50,26 @@ NOT_IMAGES = frozenset({'DICOMDIR'})  # the index file of a DICOM medium, no ima
 
 
 @contextlib.contextmanager
+def preserved_locale() -> Iterator[None]:
+  """Restores the process's C locale after the block. GDCM switches it to "C" when it writes
+  a DICOM file (and may when it parses one), which turns Python's default text encoding into
+  ASCII for the rest of the process: every later open() of a file with a '±' then fails."""
+  saved = locale.setlocale(locale.LC_ALL)
+  try:
+    yield
+  finally:
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+@contextlib.contextmanager
 def _quiet_itk() -> Iterator[None]:
   """ITK's warnings off (GDCM's "No Series were found", the reader's non-uniform sampling, which
-  is checked and reported here instead), restored afterwards."""
+  is checked and reported here instead), restored afterwards, and the locale kept."""
   shown = sitk.ProcessObject.GetGlobalWarningDisplay()
   sitk.ProcessObject.SetGlobalWarningDisplay(False)
   try:
-    yield
+    with preserved_locale():
+      yield
   finally:
     sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 

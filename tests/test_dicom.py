@@ -83,7 +83,8 @@ def write_series(folder, volume, affine, *, uid='1.2.826.0.1.3680043.2.1125.7.1'
     ):
       pixels.SetMetaData(tag, value)
     writer.SetFileName(os.path.join(folder, f'{uid}-{k:03d}.dcm'))
-    writer.Execute(pixels)
+    with dicom_io.preserved_locale():  # GDCM's writer leaves the process in the C locale
+      writer.Execute(pixels)
   return str(folder)
 
 
@@ -276,3 +277,15 @@ def test_predict_on_a_series_writes_the_label_map_of_the_same_nifti(smoke_model,
   np.testing.assert_allclose(canonical[0].affine, canonical[1].affine, rtol=0, atol=1e-5)
   report = json.loads((tmp_path / 'from_dicom' / 'knee_a.json').read_text())
   assert report['input'] == series and report['shape'] == [64, 64, 8]
+
+
+def test_gdcm_writes_leave_the_locale_and_text_encoding_as_they_were(tmp_path):
+  import locale
+
+  before = (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False))
+  folder = write_series(tmp_path / 'series', _volume(), np.diag([0.5, 0.5, 2.0, 1.0]))
+  dicom_io.load_dicom_series(folder)
+  assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before
+  with dicom_io.preserved_locale():
+    locale.setlocale(locale.LC_ALL, 'C')  # what GDCM's writer does
+  assert locale.getpreferredencoding(False) == before[1]
