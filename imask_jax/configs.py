@@ -14,6 +14,7 @@ import math
 import ml_collections
 
 from data_pipelines import tissues
+from imask_jax import postprocess
 from imask_jax.metrics.thickness import THICKNESS_METHODS
 
 
@@ -341,12 +342,11 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       'num_classes = the number of classes'
     )
   thickness_method(config)
-  unknown = sorted(set(config.model.keep_largest_component) - set(names))
-  if unknown:
-    raise ValueError(
-      f'config model.keep_largest_component={tuple(config.model.keep_largest_component)}: '
-      f'{unknown} not among data.class_names {tuple(names)}'
-    )
+  postprocess.class_ids(
+    tissues.LabelScheme.from_config(config),
+    config.model.keep_largest_component,
+    'model.keep_largest_component',
+  )
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '

@@ -86,7 +86,7 @@ def test_names_not_among_the_classes_name_the_field():
   assert postprocess.class_ids(knee, (tissues.TIBIA, tissues.FEMUR), 'f') == (3, 1)
   config = experiment_config('phantom_hip', 'smoke')
   config.model.keep_largest_component = ('tibia',)
-  with pytest.raises(ValueError, match=r"\['tibia'\] not among data.class_names \('effusion',\)"):
+  with pytest.raises(ValueError, match=r"\['tibia'\] not among the classes \('effusion',\)"):
     configs.check_train_config(config)
 
 
