@@ -56,7 +56,8 @@ class DatasetParams:
   side. seed: phantom generation and empty-slice sampling. split_fractions: train, validation,
   test. phantom_preset / num_volumes: phantoms only (None otherwise); phantom_spacing_mm /
   phantom_fov_mm: the phantoms' in-plane spacing and field of view when not the preset's
-  (None: the preset's). source_dir: the raw folder
+  (None: the preset's); phantom_generator_version: the generator's GENERATOR_VERSION, so that
+  phantoms of a changed generator never reuse a stored dataset. source_dir: the raw folder
   of a manual dataset, absolute (None for phantoms, whose folder lives in the data_dir).
   subject_pattern: how a case id names its subject (module docstring; '' = one case per
   subject).
@@ -78,6 +79,7 @@ class DatasetParams:
   subject_pattern: str = ''
   phantom_spacing_mm: float | None = None
   phantom_fov_mm: float | None = None
+  phantom_generator_version: str | None = None
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -140,7 +142,8 @@ class DatasetParams:
       # One case per subject splits exactly as before the field existed: keep those names
       # (and their stored datasets) valid.
       del fields['subject_pattern']
-    for key in ('phantom_spacing_mm', 'phantom_fov_mm'):  # likewise: the preset's grid
+    # likewise: the preset's grid; a manual dataset has no generator
+    for key in ('phantom_spacing_mm', 'phantom_fov_mm', 'phantom_generator_version'):
       if fields[key] is None:
         del fields[key]
     fields = json.dumps(fields, sort_keys=True)
@@ -188,7 +191,16 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
     subject_pattern=str(d.get('subject_pattern', '') or ''),
     phantom_spacing_mm=(float(d.get('phantom_spacing_mm') or 0) or None) if phantom else None,
     phantom_fov_mm=(float(d.get('phantom_fov_mm') or 0) or None) if phantom else None,
+    phantom_generator_version=generator_version(dataset) if phantom else None,
   )
+
+
+def generator_version(dataset: str) -> str:
+  """GENERATOR_VERSION of a phantom dataset's generator (imported only when asked for)."""
+  import importlib
+
+  module = importlib.import_module(f'data_pipelines.phantoms.{PHANTOM_DATASETS[dataset]}')
+  return str(module.GENERATOR_VERSION)
 
 
 def check_fractions(fractions: Sequence[float]) -> None:

@@ -55,6 +55,8 @@ class VolumeSource:
 def phantom_dir(params: DatasetParams, data_dir: str | os.PathLike) -> str:
   """The folder the phantoms of `params` are generated into, under the TFDS data_dir."""
   kind = PHANTOM_DATASETS[params.dataset]
+  if params.phantom_generator_version is not None:
+    kind += f'_v{params.phantom_generator_version}'
   grid = ''
   if params.phantom_spacing_mm is not None:
     grid += f'_{params.phantom_spacing_mm:g}mm'

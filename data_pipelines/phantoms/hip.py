@@ -8,9 +8,19 @@ labrum, a fibrous capsule around the neck and, inside the capsule, 0 to 3 effusi
 ischium, pubic rami, sacrum), bladder, rectum and bowel loops, vessels and lymph nodes,
 muscles, fat and skin. STIR contrast: fat and fatty marrow dark, fluid very bright.
 
-Two simulated readers outline the effusion like human readers do: their boundary wanders by
-about a voxel (a smooth random field added to the truth's signed distance, slice by slice),
-one reads slightly tighter than the other, and sometimes one misses a small pocket.
+Findings beside the effusion, where the paper's readers disagreed most: bone-marrow oedema
+(an ill-defined bright region in the femoral marrow, under an effusion pocket or under the
+weight-bearing dome) in some hips, and synovial thickening (an intermediate-signal lining
+inside the capsule that takes the place of fluid) in others. Neither is labelled effusion.
+
+Two simulated readers work the way the paper's did: on each slice they draw a region around
+the effusion they see, then keep what is brighter than an Otsu threshold inside their regions.
+Each has a habit of their own (`READER_HABITS`): reader1 draws tight and thresholds at Otsu
+and leaves bone out; reader2 draws generously, thresholds lower and takes in bright marrow
+(oedema) and thickened synovium where they touch the fluid. Sometimes one misses a small
+pocket. Their disagreement thus comes from the same places as real readers': the partial
+volume at the fluid's edge, oedema, synovium, vessels inside a generous region.
+The generator's settings and ranges: docs/phantoms.md.
 """
 
 from __future__ import annotations
@@ -27,11 +37,25 @@ from data_pipelines.phantoms import truth as truth_lib
 
 Array = np.ndarray
 # 1.1: each hip's joint fluid film is its own (1.0 drew the last side's film for both).
-GENERATOR_VERSION = '1.1'
+# 1.2: bone-marrow oedema and synovial thickening; readers draw a region and threshold it.
+GENERATOR_VERSION = '1.2'
 SEQUENCE = 'STIR'
 PLANE = 'coronal'
 LABELS = tissues.HIP_LABELS
 READERS = ('reader1', 'reader2')
+# How each simulated reader works (ranges are drawn per scan): the margin of the region they
+# draw around the effusion they see (mm, in-plane), their threshold as a multiple of the Otsu
+# threshold of the image inside their regions, and whether they leave bone (marrow) out.
+READER_HABITS = {
+  'reader1': dict(margin_mm=(2.0, 4.0), otsu_factor=(0.95, 1.05), excludes_bone=True),
+  'reader2': dict(margin_mm=(3.0, 6.0), otsu_factor=(0.8, 0.95), excludes_bone=False),
+}
+# Findings (per hip): probability of bone-marrow oedema with and without effusion, and of
+# synovial thickening; oedema peak signal as a fraction of fluid's; synovium thickness (mm).
+OEDEMA_PROBABILITY = {'effusion': 0.4, 'dry': 0.1}
+OEDEMA_PEAK = (0.55, 0.8)
+SYNOVITIS_PROBABILITY = 0.3
+SYNOVIUM_MM = (1.0, 2.5)
 
 # Array axes: 0 superior->inferior, 1 right->left, 2 posterior->anterior (codes I, L, A).
 PRESETS = {
@@ -66,6 +90,8 @@ class HipSide:
   e_ant: Array
   pockets: list[dict[str, Any]]
   cysts: list[tuple[Array, float]]
+  oedema: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  synovium_mm: float = 0.0  # thickened synovial lining inside the capsule (0: none)
 
 
 def _unit(v) -> Array:
@@ -74,9 +100,18 @@ def _unit(v) -> Array:
   return v / np.linalg.norm(v)
 
 
-def sample_side(rng: np.random.Generator, name: str, dh: float, effusion_ml: float) -> HipSide:
+def sample_side(
+  rng: np.random.Generator,
+  name: str,
+  dh: float,
+  effusion_ml: float,
+  oedema: bool | None = None,
+  synovitis: bool | None = None,
+) -> HipSide:
   """Draws one hip: head `dh` mm from the midline, about `effusion_ml` of fluid in 1-3
-  pockets (before the bone carves them), and 0-2 subchondral cysts."""
+  pockets (before the bone carves them), 0-2 subchondral cysts, and the findings: bone-marrow
+  oedema and synovial thickening, each at its `*_PROBABILITY` unless `oedema` / `synovitis`
+  say (the random draws are made either way, so the rest of the anatomy does not change)."""
   sign = SIDES[name]
   head = np.array([sign * dh, rng.normal(0, 1.5), rng.normal(0, 1.5)])
   head_r = float(rng.uniform(22, 26))
@@ -139,7 +174,50 @@ def sample_side(rng: np.random.Generator, name: str, dh: float, effusion_ml: flo
     side.cysts.append(
       (head + direction * (head_r - rng.uniform(3, 6)), float(rng.uniform(1.5, 3.5)))
     )
+  p_oedema = OEDEMA_PROBABILITY['effusion' if side.pockets else 'dry']
+  has_oedema = rng.random() < p_oedema if oedema is None else bool(oedema)
+  lesion = _oedema_lesion(side, rng)
+  if has_oedema:
+    side.oedema.append(lesion)
+  has_synovitis = rng.random() < SYNOVITIS_PROBABILITY if synovitis is None else bool(synovitis)
+  thickness = float(rng.uniform(*SYNOVIUM_MM))
+  if has_synovitis:
+    side.synovium_mm = thickness
   return side
+
+
+def _oedema_lesion(side: HipSide, rng: np.random.Generator) -> dict[str, Any]:
+  """An ill-defined ellipsoid of oedema in the femoral marrow: under an effusion pocket when
+  the hip has one (touching the cortex that the fluid touches), else under the head's
+  weight-bearing dome. Centre (model mm), semi-axes (mm), rotation, peak (fraction of fluid)."""
+  radii = tuple(float(r) for r in rng.uniform([7.0, 6.0, 4.0], [13.0, 10.0, 7.0]))
+  peak = float(rng.uniform(*OEDEMA_PEAK))
+  if side.pockets:
+    p = side.pockets[int(rng.integers(len(side.pockets)))]
+    normal = {'superior': side.e_sup, 'inferior': -side.e_sup, 'anterior': side.e_ant}[p['kind']]
+    r_bone = _bone_radius(side, p['along'])
+    # The lesion's short axis along the normal; its outer pole just under the cortex.
+    centre = side.head - p['along'] * side.neck + (r_bone - 1.0 - radii[2]) * normal
+    rot = np.stack([side.neck, np.cross(normal, side.neck), normal], axis=1)
+    where = p['kind']
+  else:
+    dome = -side.cup_axis
+    centre = side.head + (side.head_r - 1.0 - radii[2]) * dome
+    helper = side.neck if abs(float(side.neck @ dome)) < 0.9 else np.array([0.0, 1.0, 0.0])
+    first = _unit(np.cross(dome, helper))
+    rot = np.stack([first, np.cross(dome, first), dome], axis=1)
+    where = 'dome'
+  return dict(centre=centre, radii=radii, rot=rot, peak=peak, where=where)
+
+
+def _bone_radius(side: HipSide, along: float) -> float:
+  """Radius of the femur (mm) `along` mm from the head centre down the neck axis: the
+  tapered neck, or the head where it still bulges."""
+  start = 0.3 * side.head_r
+  neck_len = float(np.linalg.norm(side.head - side.junction)) - start
+  r_neck = side.neck_r + 4.0 * float(np.clip((along - start) / neck_len, 0, 1))
+  r_head = float(np.sqrt(max(side.head_r**2 - along**2, 0.0)))
+  return max(r_neck, r_head)
 
 
 def _pocket_geometry(side: HipSide, p: dict[str, Any]) -> tuple[Array, Array, tuple]:
@@ -149,13 +227,8 @@ def _pocket_geometry(side: HipSide, p: dict[str, Any]) -> tuple[Array, Array, tu
   b = float(np.clip(3 * vol / (4 * np.pi * a * c), 0.8, 10.0))
   normal = {'superior': side.e_sup, 'inferior': -side.e_sup, 'anterior': side.e_ant}[p['kind']]
   across = np.cross(normal, side.neck)
-  # Local bone radius under the pocket: the tapered neck, or the head where it still bulges.
   along = p['along']
-  start = 0.3 * side.head_r
-  neck_len = float(np.linalg.norm(side.head - side.junction)) - start
-  r_neck = side.neck_r + 4.0 * float(np.clip((along - start) / neck_len, 0, 1))
-  r_head = float(np.sqrt(max(side.head_r**2 - along**2, 0.0)))
-  centre = side.head - along * side.neck + (max(r_neck, r_head) + 0.6 * b) * normal
+  centre = side.head - along * side.neck + (_bone_radius(side, along) + 0.6 * b) * normal
   rot = np.stack([side.neck, across, normal], axis=1)
   return centre, rot, (a, c, b)
 
@@ -163,9 +236,16 @@ def _pocket_geometry(side: HipSide, p: dict[str, Any]) -> tuple[Array, Array, tu
 class HipModel:
   """Continuous anatomy of both hips and the pelvis (model frame, mm)."""
 
-  def __init__(self, rng: np.random.Generator, effusion_ml: tuple[float, float] | None = None):
+  def __init__(
+    self,
+    rng: np.random.Generator,
+    effusion_ml: tuple[float, float] | None = None,
+    oedema: tuple[bool, bool] | None = None,
+    synovitis: tuple[bool, bool] | None = None,
+  ):
     """Draws both hips and the pelvic contents; effusion_ml (right, left) overrides the
-    random per-hip effusion (mL before carving; 25 % of hips have none)."""
+    random per-hip effusion (mL before carving; 25 % of hips have none), oedema and
+    synovitis (right, left) the random findings."""
     self.scale = float(rng.uniform(0.92, 1.08))
     dh = 90.0 * self.scale
     if effusion_ml is None:
@@ -173,8 +253,11 @@ class HipModel:
         0.0 if rng.random() < 0.25 else float(np.clip(rng.lognormal(np.log(5.0), 0.7), 0.3, 15.0))
         for _ in SIDES
       )
+    oedema = oedema or (None, None)
+    synovitis = synovitis or (None, None)
     self.sides = [
-      sample_side(rng, name, dh + rng.normal(0, 1.5), ml) for name, ml in zip(SIDES, effusion_ml)
+      sample_side(rng, name, dh + rng.normal(0, 1.5), ml, oe, sy)
+      for name, ml, oe, sy in zip(SIDES, effusion_ml, oedema, synovitis)
     ]
     self.bladder_fill = float(rng.uniform(0.6, 1.15))
     self.subcutaneous_mm = float(rng.uniform(12, 35))
@@ -360,6 +443,16 @@ class HipModel:
     return fn
 
 
+def oedema_weight(lesion: dict[str, Any], xyz: tuple[Array, Array, Array], texture: Array) -> Array:
+  """How much of the oedema's signal a point takes, in [0, 1]: 1 in the lesion's core, fading
+  to 0 at its ellipsoid's surface (oedema is ill-defined), patchy with the texture."""
+  lx, ly, lz = sdf.to_local(*xyz, lesion['centre'], lesion['rot'])
+  a, b, cc = (np.float32(r) for r in lesion['radii'])
+  rho = np.sqrt((lx / a) ** 2 + (ly / b) ** 2 + (lz / cc) ** 2)
+  core = 1 - sdf.smoothstep(0.35, 1.0, rho)
+  return np.clip(core * (1 + 0.3 * texture), 0, 1)
+
+
 def _box_around(points, margin: float) -> scene.Box:
   pts = np.asarray(points, float)
   return (tuple(pts.min(axis=0) - margin), tuple(pts.max(axis=0) + margin))
@@ -384,9 +477,13 @@ def build_layers(
 
     layers.append(scene.Layer(name, label, box, sample))
 
-  def marrow(base, cortex):
+  def marrow(base, cortex, lesions=()):
     def fn(scn, sl, xyz, d):
       m = np.float32(base) * (1 + 0.25 * tex['fine'][sl] + 0.15 * tex['coarse'][sl])
+      for lesion in lesions:
+        m = m + oedema_weight(lesion, xyz, tex['fine'][sl]) * (
+          np.float32(lesion['peak'] * c['fluid']) - m
+        )
       return mri.depth_mix(-d, cortex, c['cortex'], m, 0.6)
 
     return fn
@@ -425,7 +522,7 @@ def build_layers(
   for s in model.sides:
     bones.append(len(layers))
     box = _box_around([s.head, s.junction + 400 * s.shaft_down, s.junction], 40.0)
-    add(f'femur_{s.name}', 0, box, model.femur(s), marrow(c['marrow'], 1.0))
+    add(f'femur_{s.name}', 0, box, model.femur(s), marrow(c['marrow'], 1.0, s.oedema))
   bones.append(len(layers))
   add(
     'pelvis',
@@ -437,6 +534,18 @@ def build_layers(
   for s in model.sides:
     box = _box_around([s.head], s.cup_in + 8.0)
     add(f'labrum_{s.name}', 0, box, model.labrum(s), c['labrum'])
+  for s in model.sides:
+    if s.synovium_mm > 0:  # thickened synovium lines the capsule, displacing fluid
+      inner = model.capsule_inner(s)
+      add(
+        f'synovium_{s.name}',
+        0,
+        _box_around([s.head, s.junction], s.head_r + 25.0),
+        (lambda fn, t: lambda x, y, z: np.maximum(fn(x, y, z), -fn(x, y, z) - t))(
+          inner, np.float32(s.synovium_mm)
+        ),
+        lambda scn, sl, xyz, d: np.float32(c['synovium']) * (1 + 0.15 * tex['fine'][sl]),
+      )
   pockets = []
   for s in model.sides:
     for p in s.pockets:
@@ -686,36 +795,50 @@ def make_textures(shape, spacing, rng: np.random.Generator) -> dict[str, Array]:
   }
 
 
+def otsu_threshold(values: Array, bins: int = 256) -> float:
+  """Otsu's threshold of a sample: the histogram bin edge that maximises the between-class
+  variance (values above it are the bright class)."""
+  values = np.asarray(values, np.float64).ravel()
+  counts, edges = np.histogram(values, bins=bins)
+  centres = (edges[:-1] + edges[1:]) / 2
+  w0 = np.cumsum(counts)[:-1].astype(np.float64)  # class below each inner edge
+  w1 = values.size - w0
+  s0 = np.cumsum(counts * centres)[:-1]
+  m0 = s0 / np.maximum(w0, 1)
+  m1 = (float((counts * centres).sum()) - s0) / np.maximum(w1, 1)
+  between = w0 * w1 * (m0 - m1) ** 2
+  # Between empty bins the variance is flat: take the middle of the best run of edges, not
+  # its low end (a crisp two-level image would otherwise threshold at its dark level).
+  best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+  return float((edges[1 + best[0]] + edges[1 + best[-1]]) / 2)
+
+
 def reader_labels(
+  image: Array,
   truth_labels: Array,
   owner: Array,
   pocket_layers: dict[int, str],
-  blocked: Array,
+  bone: Array,
   spacing: tuple[float, float, float],
   rng: np.random.Generator,
 ) -> tuple[dict[str, Array], dict[str, Any]]:
-  """Two readers' effusion maps derived from the truth.
+  """The simulated readers' effusion maps, made the way the paper's readers made theirs.
 
-  Each reader's boundary is the truth's zero level set moved by a smooth random field (about
-  0.45 voxel in-plane std, a few mm correlation in-plane, independent between slices, plus a
-  reader bias of about a tenth of a voxel: reader1 slightly tight, reader2 slightly
-  generous). With probability 0.35 one reader misses the smallest pocket if it holds under
-  2 mL. Voxels in `blocked` (bone) are never labelled.
+  image: the acquired image [X, Y, Z] (slices along axis 2); truth_labels: 1 = effusion;
+  owner: the rendered layer index per voxel (pocket_layers: layer index -> pocket name);
+  bone: voxels of bone (marrow, cortex). Each reader, with a habit from READER_HABITS drawn
+  afresh per scan: on every slice where they see effusion, draws a region around it (the
+  in-plane distance to the fluid they see below their margin, the outline wandering by about
+  a millimetre), takes Otsu's threshold of the image inside all their regions times their
+  factor, and labels what is brighter inside the regions (without bone for a reader who
+  leaves it out), holes filled per slice. With probability 0.35 one reader does not see the
+  smallest pocket if it holds under 2 mL.
+
+  Returns per reader a uint8 map (1 = effusion) and their habit as drawn (margin_mm,
+  otsu_factor, threshold, excludes_bone, missed_pocket).
   """
   fluid = truth_labels == 1
-  info: dict[str, Any] = {}
-  out = {}
-  if not fluid.any():
-    for r in READERS:
-      out[r] = np.zeros_like(truth_labels)
-      info[r] = {'bias_mm': 0.0, 'missed_pocket': None}
-    return out, info
-  sp = np.asarray(spacing)
-  outside, idx = ndimage.distance_transform_edt(~fluid, sampling=sp, return_indices=True)
-  inside = ndimage.distance_transform_edt(fluid, sampling=sp)
-  signed = np.where(fluid, -inside + 0.5 * sp[:2].mean(), outside - 0.5 * sp[:2].mean())
-  nearest_owner = owner[idx[0], idx[1], idx[2]]
-  # Smallest pocket (by truth voxels) as the candidate to be missed.
+  sp = np.asarray(spacing, np.float64)
   sizes = {i: int((owner == i).sum()) for i in pocket_layers}
   present = {i: v for i, v in sizes.items() if v > 0}
   voxel_ml = float(np.prod(sp)) / 1000.0
@@ -724,19 +847,42 @@ def reader_labels(
     small = min(present, key=present.get)
     if present[small] * voxel_ml < 2.0:
       missed_by = (READERS[int(rng.integers(2))], small)
-  in_plane = float(sp[:2].mean())
-  for r, bias in zip(READERS, (0.12, -0.08)):
-    field = rng.standard_normal(truth_labels.shape).astype(np.float32)
-    field = ndimage.gaussian_filter(field, (4.0 / sp[0], 4.0 / sp[1], 0.0), mode='nearest')
-    field /= max(float(field.std()), 1e-9)
-    jitter = (bias + 0.45 * field) * in_plane
-    mask = (signed + jitter < 0) & ~blocked
+  out, info = {}, {}
+  for r in READERS:
+    habit = READER_HABITS[r]
+    margin = float(rng.uniform(*habit['margin_mm']))
+    factor = float(rng.uniform(*habit['otsu_factor']))
+    wander = rng.standard_normal(fluid.shape).astype(np.float32)
+    wander = ndimage.gaussian_filter(wander, (5.0 / sp[0], 5.0 / sp[1], 0.0), mode='nearest')
+    wander /= max(float(wander.std()), 1e-9)
+    seen = fluid.copy()
     missed = None
     if missed_by is not None and missed_by[0] == r:
-      mask &= nearest_owner != missed_by[1]
+      # The nearest pocket of each fluid voxel is its owner (pockets own their voxels).
+      seen &= owner != missed_by[1]
       missed = pocket_layers[missed_by[1]]
+    region = np.zeros_like(fluid)
+    for z in range(fluid.shape[2]):
+      if seen[..., z].any():
+        dist = ndimage.distance_transform_edt(~seen[..., z], sampling=sp[:2])
+        region[..., z] = dist < margin + 1.0 * wander[..., z]
+    mask = np.zeros_like(fluid)
+    threshold = float('nan')
+    if region.any():
+      threshold = factor * otsu_threshold(image[region])
+      mask = region & (image > threshold)
+      if habit['excludes_bone']:
+        mask &= ~bone
+      for z in range(mask.shape[2]):
+        mask[..., z] = ndimage.binary_fill_holes(mask[..., z]) & region[..., z]
     out[r] = mask.astype(np.uint8)
-    info[r] = {'bias_mm': round(bias * in_plane, 4), 'missed_pocket': missed}
+    info[r] = {
+      'margin_mm': round(margin, 3),
+      'otsu_factor': round(factor, 4),
+      'threshold': None if np.isnan(threshold) else round(threshold, 2),
+      'excludes_bone': bool(habit['excludes_bone']),
+      'missed_pocket': missed,
+    }
   return out, info
 
 
@@ -746,8 +892,13 @@ def generate_hip(
   *,
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  oedema: tuple[bool, bool] | None = None,
+  synovitis: tuple[bool, bool] | None = None,
 ) -> scene.Phantom:
   """One coronal STIR-like volume of both hips; identical output for identical arguments.
+
+  oedema, synovitis (right, left): force the findings on or off instead of drawing them (the
+  rest of the scan is the same either way).
 
   spacing_mm, fov_mm (optional, mm): in-plane pixel spacing and field of view (array axes 0
   and 1, the coronal plane) instead of the preset's; the in-plane shape becomes
@@ -760,7 +911,7 @@ def generate_hip(
   p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_hip')
   ref = PRESETS[preset]
   rng = np.random.default_rng(seed)
-  model = HipModel(rng)
+  model = HipModel(rng, oedema=oedema, synovitis=synovitis)
   grid = make_grid(rng, preset, spacing_mm, fov_mm)
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
@@ -777,6 +928,7 @@ def generate_hip(
   names = [layer.name for layer in layers]
   blocked = np.isin(rendered.owner, bones)
   readers, reader_info = reader_labels(
+    image,
     rendered.labels,
     rendered.owner,
     {names.index(n): n for n in pockets},
@@ -846,6 +998,16 @@ def hip_truth(
         'head_radius_mm': round(s.head_r, 3),
         'pocket_targets_ml': {p['name']: round(p['target_ml'], 4) for p in s.pockets},
         'cysts': len(s.cysts),
+        'oedema': [
+          {
+            'where': lesion['where'],
+            'centre_model_mm': np.round(lesion['centre'], 3).tolist(),
+            'radii_mm': [round(r, 3) for r in lesion['radii']],
+            'peak_fraction_of_fluid': round(lesion['peak'], 4),
+          }
+          for lesion in s.oedema
+        ],
+        'synovium_mm': round(s.synovium_mm, 3),
       }
       for s in model.sides
     },

@@ -47,6 +47,7 @@ STIR = {
   'node': 620.0,
   'red_marrow': 115.0,
   'labrum': 30.0,
+  'synovium': 480.0,  # thickened, inflamed synovium: between muscle and fluid
 }
 
 

@@ -93,8 +93,8 @@ def test_config_names_keep_their_digest_without_a_pattern_and_change_with_one(tm
   params = params_lib.params_from_config(config, tmp_path)
   assert params.subject_pattern == ''
   # The digest of the fields as they were before subject_pattern (and the phantom grid
-  # overrides) existed.
-  newer = ('subject_pattern', 'phantom_spacing_mm', 'phantom_fov_mm')
+  # overrides and generator version) existed.
+  newer = ('subject_pattern', 'phantom_spacing_mm', 'phantom_fov_mm', 'phantom_generator_version')
   old_fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in newer}
   digest = hashlib.sha256(json.dumps(old_fields, sort_keys=True).encode('utf-8')).hexdigest()
   assert params.config_name.endswith(digest[:12])

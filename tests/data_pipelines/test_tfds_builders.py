@@ -135,6 +135,19 @@ def test_splits_are_by_subject_disjoint_complete_and_order_free(ids, fractions):
   assert all(list(v) == sorted(v) for v in splits.values())
 
 
+def test_a_changed_phantom_generator_gets_its_own_dataset_and_folder(tmp_path, monkeypatch):
+  from data_pipelines.phantoms import hip
+
+  config = configs.default_config()
+  config.data.dataset = 'phantom_hip'
+  before = params_lib.params_from_config(config, tmp_path)
+  assert before.phantom_generator_version == hip.GENERATOR_VERSION
+  monkeypatch.setattr(hip, 'GENERATOR_VERSION', hip.GENERATOR_VERSION + '.1')
+  after = params_lib.params_from_config(config, tmp_path)
+  assert after.config_name != before.config_name
+  assert sources.phantom_dir(after, tmp_path) != sources.phantom_dir(before, tmp_path)
+
+
 def test_config_name_changes_with_every_stored_setting_only(tmp_path):
   base = nifti_config(tmp_path)
   name = params_lib.params_from_config(base, tmp_path).config_name
