@@ -123,6 +123,14 @@ def default_config() -> ml_collections.ConfigDict:
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
   # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
   m.keep_largest_component = ()
+  # Tissue names that keep only their largest 3D component and the components within
+  # cluster_radius_mm of it, per side of the mid-sagittal plane with cluster_per_side, and
+  # nothing where that cluster holds under cluster_min_ml (effusion pockets of one joint;
+  # imask_jax/postprocess.py). () keeps every component.
+  m.keep_largest_cluster = ()
+  m.cluster_radius_mm = 40.0
+  m.cluster_per_side = False
+  m.cluster_min_ml = 0.0
   m.test_nms_threshold = 0.5
   m.max_detections = 16
 
@@ -347,6 +355,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     config.model.keep_largest_component,
     'model.keep_largest_component',
   )
+  postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '

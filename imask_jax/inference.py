@@ -96,6 +96,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
+  postprocess.cluster_rule(scheme, config.model)
   configs.thickness_method(config)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -301,7 +302,8 @@ def predict_volume(
   with blank slices, so every batch has one static shape: one compile per image size).
   The painted slices are stacked into a volume in which each tissue of
   model.keep_largest_component keeps only its largest 3D connected component
-  (`postprocess.keep_largest_component`).
+  (`postprocess.keep_largest_component`), and each of model.keep_largest_cluster its largest
+  cluster (per side with model.cluster_per_side; `postprocess.keep_largest_cluster`).
   keep_instances: also return each slice's detections as source-resolution `Instance`s (for
   mask AP; the detections as the network made them, before that rule).
   """
@@ -340,6 +342,17 @@ def predict_volume(
       model.scheme, model.config.model.keep_largest_component, 'model.keep_largest_component'
     ),
   )
+  rule = postprocess.cluster_rule(model.scheme, model.config.model)
+  if rule.ids:
+    canonical = postprocess.keep_largest_cluster(
+      orientation.slices_to_volume(class_slices, stack.plane),
+      rule.ids,
+      stack.grid.canonical_spacing,
+      rule.radius_mm,
+      rule.per_side,
+      rule.min_ml,
+    )
+    class_slices = orientation.volume_to_slices(canonical, stack.plane)
   prediction = assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
   return dataclasses.replace(
     prediction,

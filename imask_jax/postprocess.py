@@ -5,12 +5,21 @@ into a slice far from the joint (the outermost slices of a wide field of view, w
 saw air in training). A tissue that is one object in every knee (a femur, a tibia) is kept
 as its largest 3D connected component, as nnU-Net's post-processing does for classes where
 its validation shows that this helps. Tissues that may come in several pieces (the medial
-and lateral tibial plates, effusion in both hips) are left alone. Measured: docs/evaluation.md.
+and lateral tibial plates, effusion in both hips) are left alone by that rule. Measured:
+docs/evaluation.md.
+
+Effusion comes in pockets (recesses of one joint capsule), so its rule keeps a cluster: the
+largest component and every component within a radius of it, and in a bilateral scan one
+such cluster on each side of the mid-sagittal plane (one joint per side). Bright fluid
+elsewhere (bladder, bowel, vessels) is then dropped however confident the network was.
+Measured: docs/results/hip.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -54,4 +63,79 @@ def keep_largest_component(class_volume: np.ndarray, ids: Sequence[int]) -> np.n
     sizes = np.bincount(components.ravel())
     sizes[0] = 0  # background
     out[mask & (components != int(np.argmax(sizes)))] = 0
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterRule:
+  """config model.keep_largest_cluster (as class ids), cluster_radius_mm, cluster_per_side,
+  cluster_min_ml: see `keep_largest_cluster`."""
+
+  ids: tuple[int, ...]
+  radius_mm: float
+  per_side: bool
+  min_ml: float
+
+
+def cluster_rule(scheme: LabelScheme, model_config: Any) -> ClusterRule:
+  """The cluster rule of a config's model section; ValueError naming the field when it
+  cannot work."""
+  ids = class_ids(scheme, model_config.keep_largest_cluster, 'model.keep_largest_cluster')
+  rule = ClusterRule(
+    ids,
+    float(model_config.cluster_radius_mm),
+    bool(model_config.cluster_per_side),
+    float(model_config.cluster_min_ml),
+  )
+  for name, value in (('cluster_radius_mm', rule.radius_mm), ('cluster_min_ml', rule.min_ml)):
+    if not value >= 0:  # also refuses NaN
+      raise ValueError(f'config model.{name}={value}; expected >= 0')
+  return rule
+
+
+def keep_largest_cluster(
+  volume: np.ndarray,
+  ids: Sequence[int],
+  spacing: Sequence[float],
+  radius_mm: float,
+  per_side: bool = False,
+  min_ml: float = 0.0,
+) -> np.ndarray:
+  """Sets to background each class of `ids` outside its cluster: its largest 26-connected
+  component plus every component that comes within `radius_mm` of it.
+
+  volume: int canonical RAS+ [X, Y, Z] class ids (X toward the patient's right);
+  spacing: mm along X, Y, Z. per_side: the rule runs on each side of the plane through the
+  centre of X on its own (a bilateral scan: one cluster per joint; the central column of an
+  odd X goes with the left side). A component's distance is that of its nearest voxel centre
+  to the nearest voxel centre of the largest component. min_ml: a cluster smaller than this
+  (mL) is dropped as well (a dry joint's speck of false positive). Returns a new array.
+  """
+  volume = np.asarray(volume)
+  if volume.ndim != 3:
+    raise ValueError(f'class volume of shape {volume.shape}; expected 3 axes')
+  out = volume.copy()
+  voxel_ml = float(np.prod(np.asarray(spacing, float))) / 1000.0
+  right = np.arange(volume.shape[0]) > (volume.shape[0] - 1) / 2
+  sides = (right, ~right) if per_side else (np.ones(volume.shape[0], bool),)
+  for class_id in ids:
+    for side in sides:
+      mask = (volume == class_id) & side[:, None, None]
+      if not mask.any():
+        continue
+      # Every component lies in the mask's bounding box, so distances to the largest one are
+      # exact within it: the transform needs no more than that box.
+      box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(mask))
+      components, count = ndi.label(mask[box], structure=_FULL_CONNECTIVITY)
+      sizes = np.bincount(components.ravel())
+      sizes[0] = 0
+      largest = components == int(np.argmax(sizes))
+      distance = ndi.distance_transform_edt(~largest, sampling=tuple(float(v) for v in spacing))
+      nearest = np.asarray(ndi.minimum(distance, components, index=np.arange(1, count + 1)))
+      kept = np.flatnonzero(nearest <= radius_mm) + 1
+      if sizes[kept].sum() * voxel_ml < min_ml:
+        kept = kept[:0]
+      drop = np.zeros(volume.shape, bool)
+      drop[box] = (components > 0) & ~np.isin(components, kept)
+      out[drop] = 0
   return out

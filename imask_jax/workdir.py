@@ -127,6 +127,10 @@ INFERENCE_ONLY_FIELDS = (
   'model.label_score_threshold',
   'model.paint_rule',
   'model.keep_largest_component',
+  'model.keep_largest_cluster',
+  'model.cluster_radius_mm',
+  'model.cluster_per_side',
+  'model.cluster_min_ml',
 )
 
 

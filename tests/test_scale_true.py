@@ -336,8 +336,9 @@ def test_phantoms_at_another_grid_get_their_own_folder_and_dataset(tmp_path):
   other = params_lib.params_from_config(config, tmp_path)
   assert (other.phantom_spacing_mm, other.phantom_fov_mm) == (0.5, 140.0)
   assert other.config_name != preset.config_name
-  assert sources.phantom_dir(preset, tmp_path).endswith(f'knee_v{knee.GENERATOR_VERSION}_cpu_n24_seed0')
-  assert sources.phantom_dir(other, tmp_path).endswith(f'knee_v{knee.GENERATOR_VERSION}_cpu_0.5mm_fov140_n24_seed0')
+  kind = f'knee_v{knee.GENERATOR_VERSION}'
+  assert sources.phantom_dir(preset, tmp_path).endswith(f'{kind}_cpu_n24_seed0')
+  assert sources.phantom_dir(other, tmp_path).endswith(f'{kind}_cpu_0.5mm_fov140_n24_seed0')
   config.data.phantom_fov_mm = -1.0
   with pytest.raises(ValueError, match='data.phantom_fov_mm'):
     params_lib.params_from_config(config, tmp_path)

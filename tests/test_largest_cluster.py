@@ -1,0 +1,171 @@
+"""postprocess.keep_largest_cluster (effusion pockets of one joint, one joint per side) against
+a brute-force NumPy reference and analytic balls, and its config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from data_pipelines.tissues import LabelScheme
+from imask_jax import configs, postprocess
+
+SPACING = (1.0, 1.5, 2.0)
+
+
+def _ball(shape, centre_mm, radius_mm, spacing=SPACING):
+  grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing='ij')
+  return sum((g - c) ** 2 for g, c in zip(grids, centre_mm)) <= radius_mm**2
+
+
+def _reference(volume, class_id, spacing, radius_mm, per_side, min_ml=0.0):
+  """Brute force: every pair of voxel centres of each component and the largest one."""
+  out = volume.copy()
+  x = np.arange(volume.shape[0])
+  right = x > (volume.shape[0] - 1) / 2
+  for side in (right, ~right) if per_side else (np.ones_like(right),):
+    mask = (volume == class_id) & side[:, None, None]
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n == 0:
+      continue
+    sizes = [(comps == i).sum() for i in range(1, n + 1)]
+    big = np.argwhere(comps == int(np.argmax(sizes)) + 1) * np.asarray(spacing)
+    kept = np.zeros_like(mask)
+    for i in range(1, n + 1):
+      pts = np.argwhere(comps == i) * np.asarray(spacing)
+      d = np.sqrt(((pts[:, None, :] - big[None, :, :]) ** 2).sum(-1)).min()
+      if d <= radius_mm:
+        kept |= comps == i
+    if kept.sum() * np.prod(spacing) / 1000 < min_ml:
+      kept[:] = False
+    out[mask & ~kept] = 0
+  return out
+
+
+def test_balls_near_the_largest_stay_far_ones_go():
+  shape = (60, 30, 16)
+  vol = np.zeros(shape, np.int32)
+  # X (mm = index here) runs to the patient's right; the mid-sagittal plane is at x = 29.5.
+  vol[_ball(shape, (12, 20, 15), 6)] = 1  # the left joint's largest pocket
+  vol[_ball(shape, (12, 20, 1), 3)] = 1  # a gap of about 5 mm to it: kept at 20 mm
+  vol[_ball(shape, (26, 20, 15), 2)] = 1  # a gap of about 6 mm: kept
+  vol[_ball(shape, (50, 20, 15), 4)] = 1  # the right side, 28 mm of gap: dropped unless per side
+  vol[_ball(shape, (12, 5, 28), 2.5)] = 2  # another class, untouched
+  whole = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=False)
+  np.testing.assert_array_equal(whole, _reference(vol, 1, SPACING, 20.0, False))
+  assert (whole == 1).sum() < (vol == 1).sum() and not (whole[40:] == 1).any()
+  np.testing.assert_array_equal(whole == 2, vol == 2)
+  sides = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=True)
+  np.testing.assert_array_equal(sides, _reference(vol, 1, SPACING, 20.0, True))
+  assert (sides[40:] == 1).sum() == (vol[40:] == 1).sum()  # its own side's largest
+  # The right joint's 4 mm ball holds about 0.27 mL: under a 0.5 mL minimum it goes.
+  small = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=True, min_ml=0.5)
+  assert not (small[30:] == 1).any()
+  np.testing.assert_array_equal(small[:30], sides[:30])
+  # A radius of 0 is the largest component alone.
+  alone = postprocess.keep_largest_cluster(vol, [1], SPACING, 0.0)
+  comps, _ = ndimage.label(vol == 1, structure=np.ones((3, 3, 3)))
+  np.testing.assert_array_equal(alone == 1, comps == np.argmax(np.bincount(comps.ravel())[1:]) + 1)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_random_blobs_match_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  shape = (21, 14, 9)  # odd X: the central column belongs to the left side
+  vol = (ndimage.gaussian_filter(rng.random(shape), 1.0) > 0.55).astype(np.int32)
+  spacing = tuple(rng.uniform(0.5, 2.5, 3))
+  voxel_ml = np.prod(spacing) / 1000
+  for radius in (0.0, 2.0, 5.0):
+    for per_side in (False, True):
+      for min_voxels in (0, 30):
+        args = (spacing, radius, per_side, min_voxels * voxel_ml)
+        got = postprocess.keep_largest_cluster(vol, [1], *args)
+        np.testing.assert_array_equal(got, _reference(vol, 1, *args))
+
+
+def test_config_checks_name_the_field():
+  config = configs.default_config()
+  scheme = LabelScheme.from_config(config)
+  off = postprocess.ClusterRule((), 40.0, False, 0.0)
+  assert postprocess.cluster_rule(scheme, config.model) == off
+  config.model.keep_largest_cluster = ('meniscus',)
+  with pytest.raises(ValueError, match='model.keep_largest_cluster'):
+    configs.check_train_config(config)
+  config.model.keep_largest_cluster = (config.data.class_names[0],)
+  config.model.cluster_radius_mm = -1.0
+  with pytest.raises(ValueError, match='model.cluster_radius_mm'):
+    configs.check_train_config(config)
+  config.model.cluster_radius_mm = 40.0
+  config.model.cluster_min_ml = float('nan')
+  with pytest.raises(ValueError, match='model.cluster_min_ml'):
+    configs.check_train_config(config)
+
+
+def _boxes_model(config, boxes):
+  """A LoadedModel whose detector paints class 1 over each box (network pixels [y1, x1, y2,
+  x2]) of every slice, mask probability 1, score 0.9."""
+  from data_pipelines import tissues
+  from imask_jax import inference, parallel
+
+  boxes = np.asarray(boxes, np.float32)
+  n = len(boxes)
+
+  def detect(variables, images):
+    batch = images.shape[0]
+    return {
+      'boxes': np.tile(boxes, (batch, 1, 1)),
+      'scores': np.full((batch, n), 0.9, np.float32),
+      'classes': np.ones((batch, n), np.int32),
+      'valid': np.ones((batch, n), bool),
+      'mask_probs': np.ones((batch, n, 28, 28), np.float32),
+    }
+
+  return inference.LoadedModel(
+    workdir='fake',
+    config=config,
+    scheme=tissues.LabelScheme.from_config(config),
+    step=0,
+    variables=None,
+    detect=detect,
+    mesh=parallel.data_mesh(),
+    batch_size=int(config.eval.batch_size),
+  )
+
+
+@pytest.mark.slow
+def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
+  import os
+
+  import nibabel as nib
+
+  from imask_jax import inference
+  from tests.conftest import experiment_config
+
+  config = experiment_config('phantom_hip', 'smoke')
+  mm = float(config.data.pixel_spacing_mm)
+  # A canonical RAS+ grid whose coronal slices are 64 x 64 network pixels as they are.
+  image = np.random.default_rng(0).gamma(2.0, 100.0, (64, 4, 64)).astype(np.float32)
+  path = os.path.join(tmp_path, 'hips.nii.gz')
+  nib.save(nib.Nifti1Image(image, np.diag([mm, 3.0, mm, 1.0])), path)
+  scan = inference.load_image(path, 'coronal')
+  config.model.cluster_radius_mm = 8 * mm  # in pixels: a gap of 4 is near, 18 far
+  boxes = [
+    [2, 2, 22, 22],  # the largest pocket (its side: image columns < 32)
+    [26, 2, 30, 6],  # 4 pixels below it: the same joint
+    [40, 2, 46, 8],  # 18 pixels below it: bright fluid elsewhere
+    [2, 40, 8, 48],  # across the midline: the other joint
+  ]
+  area = [400, 16, 36, 48]  # all different: a wrong side split would change the count
+
+  def painted(names, per_side):
+    config.model.keep_largest_cluster = names
+    config.model.cluster_per_side = per_side
+    return inference.predict_volume(_boxes_model(config, boxes), scan).label_map == 1
+
+  everything = painted((), False)
+  assert everything.sum() == 4 * sum(area)
+  per_side = painted(('effusion',), True)
+  assert per_side.sum() == 4 * (area[0] + area[1] + area[3])
+  one = painted(('effusion',), False)
+  assert one.sum() == 4 * (area[0] + area[1])
+  assert not (per_side & ~everything).any() and not (one & ~per_side).any()
