@@ -60,10 +60,11 @@ def get_config(arg: str | None = None):
   m.rpn_post_nms_topk_test = 128
   m.roi_batch_size = 32
   m.max_detections = 16
-  # One cluster of effusion per hip: the largest pocket and the pockets within 40 mm of it, on
-  # each side of the midline, none under 0.3 mL (postprocess.keep_largest_cluster). From the
-  # training split's truth: pockets of one hip lie at most 34 mm apart, and a hip with
-  # effusion holds at least 0.64 mL. Bright fluid elsewhere (bladder, bowel) is dropped.
+  # One cluster of effusion per hip: pockets linked by gaps of at most 40 mm, the cluster of
+  # largest volume on each side of the midline, none under 0.3 mL
+  # (postprocess.keep_largest_cluster). From the training split's truth: pockets of one hip
+  # lie at most 34 mm apart, and a hip with effusion holds at least 0.64 mL. Bright fluid
+  # elsewhere (bladder, bowel) is dropped.
   m.keep_largest_cluster = (tissues.EFFUSION,)
   m.cluster_radius_mm = 40.0
   m.cluster_per_side = True

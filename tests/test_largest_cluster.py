@@ -19,7 +19,8 @@ def _ball(shape, centre_mm, radius_mm, spacing=SPACING):
 
 
 def _reference(volume, class_id, spacing, radius_mm, per_side, min_ml=0.0):
-  """Brute force: every pair of voxel centres of each component and the largest one."""
+  """Brute force: distances between every pair of voxel centres of every two components,
+  clusters grown by flooding the link graph, the one of most voxels kept."""
   out = volume.copy()
   x = np.arange(volume.shape[0])
   right = x > (volume.shape[0] - 1) / 2
@@ -28,14 +29,22 @@ def _reference(volume, class_id, spacing, radius_mm, per_side, min_ml=0.0):
     comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     if n == 0:
       continue
-    sizes = [(comps == i).sum() for i in range(1, n + 1)]
-    big = np.argwhere(comps == int(np.argmax(sizes)) + 1) * np.asarray(spacing)
-    kept = np.zeros_like(mask)
-    for i in range(1, n + 1):
-      pts = np.argwhere(comps == i) * np.asarray(spacing)
-      d = np.sqrt(((pts[:, None, :] - big[None, :, :]) ** 2).sum(-1)).min()
-      if d <= radius_mm:
-        kept |= comps == i
+    pts = [np.argwhere(comps == i) * np.asarray(spacing) for i in range(1, n + 1)]
+    linked = [
+      [np.sqrt(((p[:, None] - q[None]) ** 2).sum(-1)).min() <= radius_mm for q in pts] for p in pts
+    ]
+    label = [-1] * n
+    for start in range(n):
+      if label[start] < 0:
+        todo = [start]
+        while todo:
+          i = todo.pop()
+          if label[i] < 0:
+            label[i] = start
+            todo += [j for j in range(n) if linked[i][j] and label[j] < 0]
+    volumes = {c: sum(len(pts[i]) for i in range(n) if label[i] == c) for c in set(label)}
+    best = max(sorted(volumes), key=lambda c: volumes[c])  # ties: the earliest component
+    kept = np.isin(comps, [i + 1 for i in range(n) if label[i] == best])
     if kept.sum() * np.prod(spacing) / 1000 < min_ml:
       kept[:] = False
     out[mask & ~kept] = 0
@@ -49,7 +58,7 @@ def test_balls_near_the_largest_stay_far_ones_go():
   vol[_ball(shape, (12, 20, 15), 6)] = 1  # the left joint's largest pocket
   vol[_ball(shape, (12, 20, 1), 3)] = 1  # a gap of about 5 mm to it: kept at 20 mm
   vol[_ball(shape, (26, 20, 15), 2)] = 1  # a gap of about 6 mm: kept
-  vol[_ball(shape, (50, 20, 15), 4)] = 1  # the right side, 28 mm of gap: dropped unless per side
+  vol[_ball(shape, (55, 20, 15), 4)] = 1  # the right side, 23+ mm of gap: dropped unless per side
   vol[_ball(shape, (12, 5, 28), 2.5)] = 2  # another class, untouched
   whole = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=False)
   np.testing.assert_array_equal(whole, _reference(vol, 1, SPACING, 20.0, False))
@@ -58,6 +67,13 @@ def test_balls_near_the_largest_stay_far_ones_go():
   sides = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=True)
   np.testing.assert_array_equal(sides, _reference(vol, 1, SPACING, 20.0, True))
   assert (sides[40:] == 1).sum() == (vol[40:] == 1).sum()  # its own side's largest
+  # Single linkage: a ball 24 mm from the largest but 14 mm from its 2 mm neighbour and 3 mm
+  # from the right joint's ball links them all into one cluster.
+  chained = vol.copy()
+  chained[_ball(shape, (45, 20, 15), 3)] = 1
+  linked = postprocess.keep_largest_cluster(chained, [1], SPACING, 20.0)
+  np.testing.assert_array_equal(linked, _reference(chained, 1, SPACING, 20.0, False))
+  np.testing.assert_array_equal(linked, chained)
   # The right joint's 4 mm ball holds about 0.27 mL: under a 0.5 mL minimum it goes.
   small = postprocess.keep_largest_cluster(vol, [1], SPACING, 20.0, per_side=True, min_ml=0.5)
   assert not (small[30:] == 1).any()
