@@ -59,9 +59,11 @@ def regenerate_test_split(config, data_dir: str, folder: str, spacing: float, fo
 
 def summarize(report, scheme) -> dict[str, float]:
   out = {}
+  # Means over the volumes that have the tissue in truth or prediction: a volume where both
+  # are empty (a dry hip scan) has no Dice or distance (NaN, docs/metrics.md).
   for value, name in scheme.names_by_value.items():
-    out[f'dice {name}'] = float(np.mean([r.overlap[value].dice for r in report.results]))
-    out[f'hd95 {name}'] = float(np.mean([r.surface[value].hd95_mm for r in report.results]))
+    out[f'dice {name}'] = float(np.nanmean([r.overlap[value].dice for r in report.results]))
+    out[f'hd95 {name}'] = float(np.nanmean([r.surface[value].hd95_mm for r in report.results]))
   for plate in ('femoral', 'tibial'):
     comparisons = [r.thickness[plate] for r in report.results if r.thickness]
     if comparisons:
