@@ -123,10 +123,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
   # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
   m.keep_largest_component = ()
-  # Tissue names that keep only their largest 3D component and the components within
-  # cluster_radius_mm of it, per side of the mid-sagittal plane with cluster_per_side, and
-  # nothing where that cluster holds under cluster_min_ml (effusion pockets of one joint;
-  # imask_jax/postprocess.py). () keeps every component.
+  # Tissue names that keep only their largest cluster of 3D components (components linked by
+  # gaps of at most cluster_radius_mm; the linked group of largest volume), on each side of
+  # the mid-sagittal plane with cluster_per_side, and nothing of a cluster under
+  # cluster_min_ml (the effusion pockets of one joint; imask_jax/postprocess.py). () keeps
+  # every component.
   m.keep_largest_cluster = ()
   m.cluster_radius_mm = 40.0
   m.cluster_per_side = False
