@@ -44,6 +44,40 @@ def experiment_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def box_painting_model(config, boxes):
+  """An `inference.LoadedModel` whose detector finds, in every slice, one class-1 detection
+  per box (network pixels [y1, x1, y2, x2]) with mask probability 1 over the box and score
+  0.9: what it paints is known exactly, for tests of the steps after the network."""
+  import numpy as np
+
+  from data_pipelines import tissues
+  from imask_jax import inference, parallel
+
+  boxes = np.asarray(boxes, np.float32)
+  n = len(boxes)
+
+  def detect(variables, images):
+    batch = images.shape[0]
+    return {
+      'boxes': np.tile(boxes, (batch, 1, 1)),
+      'scores': np.full((batch, n), 0.9, np.float32),
+      'classes': np.ones((batch, n), np.int32),
+      'valid': np.ones((batch, n), bool),
+      'mask_probs': np.ones((batch, n, 28, 28), np.float32),
+    }
+
+  return inference.LoadedModel(
+    workdir='fake',
+    config=config,
+    scheme=tissues.LabelScheme.from_config(config),
+    step=0,
+    variables=None,
+    detect=detect,
+    mesh=parallel.data_mesh(),
+    batch_size=int(config.eval.batch_size),
+  )
+
+
 @pytest.fixture(scope='session')
 def smoke_workdir(tmp_path_factory) -> str:
   """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""

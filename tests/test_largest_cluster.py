@@ -3,12 +3,16 @@ a brute-force NumPy reference and analytic balls, and its config checks."""
 
 from __future__ import annotations
 
+import os
+
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, postprocess
+from imask_jax import configs, inference, postprocess
+from tests.conftest import box_painting_model, experiment_config
 
 SPACING = (1.0, 1.5, 2.0)
 
@@ -117,46 +121,8 @@ def test_config_checks_name_the_field():
     configs.check_train_config(config)
 
 
-def _boxes_model(config, boxes):
-  """A LoadedModel whose detector paints class 1 over each box (network pixels [y1, x1, y2,
-  x2]) of every slice, mask probability 1, score 0.9."""
-  from data_pipelines import tissues
-  from imask_jax import inference, parallel
-
-  boxes = np.asarray(boxes, np.float32)
-  n = len(boxes)
-
-  def detect(variables, images):
-    batch = images.shape[0]
-    return {
-      'boxes': np.tile(boxes, (batch, 1, 1)),
-      'scores': np.full((batch, n), 0.9, np.float32),
-      'classes': np.ones((batch, n), np.int32),
-      'valid': np.ones((batch, n), bool),
-      'mask_probs': np.ones((batch, n, 28, 28), np.float32),
-    }
-
-  return inference.LoadedModel(
-    workdir='fake',
-    config=config,
-    scheme=tissues.LabelScheme.from_config(config),
-    step=0,
-    variables=None,
-    detect=detect,
-    mesh=parallel.data_mesh(),
-    batch_size=int(config.eval.batch_size),
-  )
-
-
 @pytest.mark.slow
 def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
-  import os
-
-  import nibabel as nib
-
-  from imask_jax import inference
-  from tests.conftest import experiment_config
-
   config = experiment_config('phantom_hip', 'smoke')
   mm = float(config.data.pixel_spacing_mm)
   # A canonical RAS+ grid whose coronal slices are 64 x 64 network pixels as they are.
@@ -176,7 +142,7 @@ def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
   def painted(names, per_side):
     config.model.keep_largest_cluster = names
     config.model.cluster_per_side = per_side
-    return inference.predict_volume(_boxes_model(config, boxes), scan).label_map == 1
+    return inference.predict_volume(box_painting_model(config, boxes), scan).label_map == 1
 
   everything = painted((), False)
   assert everything.sum() == 4 * sum(area)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import tissues
-from imask_jax import configs, inference, parallel, postprocess
+from imask_jax import configs, inference, postprocess
 from imask_jax import workdir as workdir_lib
-from tests.conftest import experiment_config
+from tests.conftest import box_painting_model, experiment_config
 
 _NEIGHBOURS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
 
@@ -91,30 +91,8 @@ def test_names_not_among_the_classes_name_the_field():
 
 
 def _fake_model(config):
-  """A LoadedModel whose detector finds, in every slice, a large and a small class-1 region
-  (mask probability 1 over each box, score 0.9) at fixed network pixels."""
-
-  def detect(variables, images):
-    batch = images.shape[0]
-    boxes = np.tile(np.array([[2, 2, 22, 22], [40, 40, 46, 46]], np.float32), (batch, 1, 1))
-    return {
-      'boxes': boxes,
-      'scores': np.full((batch, 2), 0.9, np.float32),
-      'classes': np.ones((batch, 2), np.int32),
-      'valid': np.ones((batch, 2), bool),
-      'mask_probs': np.ones((batch, 2, 28, 28), np.float32),
-    }
-
-  return inference.LoadedModel(
-    workdir='fake',
-    config=config,
-    scheme=tissues.LabelScheme.from_config(config),
-    step=0,
-    variables=None,
-    detect=detect,
-    mesh=parallel.data_mesh(),
-    batch_size=int(config.eval.batch_size),
-  )
+  """Paints a large and a small class-1 square in every slice."""
+  return box_painting_model(config, [[2, 2, 22, 22], [40, 40, 46, 46]])
 
 
 def test_predict_volume_applies_the_rule_of_the_config(tmp_path):

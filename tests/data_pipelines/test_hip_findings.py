@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data_pipelines.phantoms import hip
+from data_pipelines.phantoms import hip, hip_readers
 
 SEED = 3  # a scan with effusion in both hips
 
@@ -27,7 +27,7 @@ def _between_class_variance(values, t):
 def test_otsu_threshold_maximises_the_between_class_variance():
   rng = np.random.default_rng(0)
   values = np.concatenate([rng.normal(120, 25, 3000), rng.normal(700, 60, 1000)])
-  t = hip.otsu_threshold(values)
+  t = hip_readers.otsu_threshold(values)
   assert 120 + 2 * 25 < t < 700 - 2 * 60  # between the two classes
   # Brute force on the samples themselves, no histogram. The classes do not overlap, so the
   # variance is flat over the gap between them: Otsu's threshold is the middle of the gap.
@@ -38,7 +38,7 @@ def test_otsu_threshold_maximises_the_between_class_variance():
   assert abs(t - (best.min() + best.max()) / 2) <= 1.5 * bin_width
   # Overlapping classes: a single maximiser, found within a bin.
   values = np.concatenate([rng.normal(300, 80, 3000), rng.normal(700, 80, 1000)])
-  t = hip.otsu_threshold(values)
+  t = hip_readers.otsu_threshold(values)
   candidates = np.linspace(values.min(), values.max(), 4000)
   best = candidates[np.argmax([_between_class_variance(values, c) for c in candidates])]
   assert abs(t - best) <= 1.5 * (values.max() - values.min()) / 256
@@ -97,14 +97,14 @@ def _synthetic_scene():
 def test_readers_threshold_inside_the_region_they_draw():
   image, truth, owner, bone = _synthetic_scene()
   spacing = (1.0, 1.0, 3.0)
-  maps, info = hip.reader_labels(
+  maps, info = hip_readers.reader_labels(
     image, truth, owner, {7: 'effusion_right_superior'}, bone, spacing, np.random.default_rng(0)
   )
   fluid = truth == 1
-  for r in hip.READERS:
+  for r in hip_readers.READERS:
     got = maps[r] == 1
     assert info[r]['missed_pocket'] is None  # the only pocket holds 0.6 mL, but see below
-    lo, hi = hip.READER_HABITS[r]['margin_mm']
+    lo, hi = hip_readers.READER_HABITS[r]['margin_mm']
     assert lo <= info[r]['margin_mm'] <= hi
     # Nothing on slices without fluid, nothing far from the fluid in-plane.
     assert not got[..., [0, 3]].any()
@@ -127,13 +127,13 @@ def test_a_reader_can_miss_a_small_pocket():
   image, truth, owner, bone = _synthetic_scene()
   # Draw until the 0.35 chance of a miss comes up: the pocket (0.6 mL) is then not labelled.
   for seed in range(40):
-    maps, info = hip.reader_labels(
+    maps, info = hip_readers.reader_labels(
       image, truth, owner, {7: 'pocket'}, bone, (1.0, 1.0, 3.0), np.random.default_rng(seed)
     )
-    missed = [r for r in hip.READERS if info[r]['missed_pocket'] == 'pocket']
+    missed = [r for r in hip_readers.READERS if info[r]['missed_pocket'] == 'pocket']
     if missed:
       assert len(missed) == 1 and not maps[missed[0]].any()
-      other = next(r for r in hip.READERS if r not in missed)
+      other = next(r for r in hip_readers.READERS if r not in missed)
       assert maps[other][truth == 1].all()
       return
   pytest.fail('no reader missed the pocket in 40 draws (expected 0.35 per draw)')
