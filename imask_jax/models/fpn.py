@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imask_jax.models import layers
+
 Array = jax.Array
 Dtype = Any
 
@@ -90,11 +92,11 @@ class FPN(nn.Module):
     top_down = None
     for c_name in reversed(C_LEVELS):
       level = c_name[1]
-      lateral = nn.Conv(self.features, (1, 1), name=f'lateral{level}', **kw)(levels[c_name])
+      lateral = layers.Conv(self.features, (1, 1), name=f'lateral{level}', **kw)(levels[c_name])
       if top_down is not None:
         lateral = lateral + upsample_nearest_to(top_down, lateral.shape[1], lateral.shape[2])
       top_down = lateral
-      outputs[f'P{level}'] = nn.Conv(
+      outputs[f'P{level}'] = layers.Conv(
         self.features, (3, 3), padding=((1, 1), (1, 1)), name=f'output{level}', **kw
       )(lateral)
     # Max pool with a 1x1 window and stride 2 is plain subsampling.

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imask_jax.models import layers
 from imask_jax.ops import roi_align as roi_align_ops
 
 Array = jax.Array
@@ -41,13 +42,13 @@ class RPNHead(nn.Module):
   @nn.compact
   def __call__(self, features: Mapping[str, Array]) -> tuple[Array, Array]:
     dim = features[self.levels[0]].shape[-1]
-    shared = nn.Conv(
+    shared = layers.Conv(
       dim, (3, 3), padding='SAME', kernel_init=SMALL_NORMAL, dtype=self.dtype, name='conv'
     )
-    cls = nn.Conv(
+    cls = layers.Conv(
       self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype, name='objectness'
     )
-    box = nn.Conv(
+    box = layers.Conv(
       4 * self.num_anchors, (1, 1), kernel_init=SMALL_NORMAL, dtype=self.dtype, name='deltas'
     )
     logits, deltas = [], []
@@ -83,7 +84,7 @@ class BoxHead(nn.Module):
     if self.kind == 'conv':
       for i in range(4):
         x = nn.relu(
-          nn.Conv(
+          layers.Conv(
             self.conv_dim,
             (3, 3),
             padding='SAME',
@@ -120,7 +121,7 @@ class MaskTrunk(nn.Module):
     x = x.astype(self.dtype)
     for i in range(4):
       x = nn.relu(
-        nn.Conv(
+        layers.Conv(
           self.dim,
           (3, 3),
           padding='SAME',
@@ -129,9 +130,7 @@ class MaskTrunk(nn.Module):
           name=f'conv{i + 1}',
         )(x)
       )
-    x = nn.ConvTranspose(
-      self.dim, (2, 2), strides=(2, 2), kernel_init=HE_FAN_OUT, dtype=self.dtype, name='upsample'
-    )(x)
+    x = layers.UpConv2x2(self.dim, kernel_init=HE_FAN_OUT, dtype=self.dtype, name='upsample')(x)
     return nn.relu(x)
 
 
@@ -154,7 +153,7 @@ class StandardMaskHead(nn.Module):
   ) -> Array:
     del pyramid, rois, batch_index
     x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)
-    logits = nn.Conv(
+    logits = layers.Conv(
       self.num_classes, (1, 1), kernel_init=HE_FAN_OUT, dtype=self.dtype, name='logits'
     )(x)
     return logits.astype(jnp.float32)
@@ -198,7 +197,7 @@ class IMaskHead(nn.Module):
     return self.skip_size if self.skip else 56
 
   def _conv(self, features: int, kernel: int, name: str) -> nn.Conv:
-    return nn.Conv(
+    return layers.Conv(
       features,
       (kernel, kernel),
       padding='SAME',
@@ -225,13 +224,8 @@ class IMaskHead(nn.Module):
       # The learnable decoder: stride-2 transposed convs up to S (a 3x3 conv when S = 28).
       for i in range(int(math.log2(size // 28))):
         x = nn.relu(
-          nn.ConvTranspose(
-            self.fine_dim,
-            (2, 2),
-            strides=(2, 2),
-            kernel_init=HE_FAN_OUT,
-            dtype=self.dtype,
-            name=f'decoder{i + 1}',
+          layers.UpConv2x2(
+            self.fine_dim, kernel_init=HE_FAN_OUT, dtype=self.dtype, name=f'decoder{i + 1}'
           )(x)
         )
       if size == 28:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imask_jax.models import layers
 from imask_jax.models.fpn import C_LEVELS
 from imask_jax.models.norm import NORM_KINDS, NormFactory, make_norm
 
@@ -44,7 +45,7 @@ def conv(
 ) -> nn.Conv:
   """Bias-free square conv with symmetric `kernel // 2` padding and He fan-out init."""
   pad = kernel // 2
-  return nn.Conv(
+  return layers.Conv(
     features,
     (kernel, kernel),
     strides=(stride, stride),

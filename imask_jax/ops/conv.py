@@ -1,0 +1,163 @@
+"""2D convolution with a weight gradient that XLA:CPU computes fast.
+
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature (so that Flax's `nn.Conv`
+takes it as its `conv_general_dilated`) and the same values and gradients. What differs is how
+the kernel's gradient is computed for the common case (NHWC input, HWIO kernel, no dilation, one
+group): XLA:CPU lowers jax's own rule, a convolution whose "kernel" is the output gradient
+over the whole image, to a slow path that takes 3-9x the forward's time (and most of a training
+step's); here it is one matrix product of the kernel taps' input patches ("im2col") with the
+output gradient, or one product per tap where the patches would be large. The forward and the
+input's gradient are XLA's own convolutions, which run at full speed. benchmarks/README.md
+("Convolution gradients") has the measurements. Any other case is passed to lax unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+# Above this many bytes of input patches the weight gradient is taken tap by tap (9 products
+# for a 3x3 kernel) instead of as one product with all taps side by side (about 20 % faster,
+# but it holds kernel-size copies of the input).
+IM2COL_MAX_BYTES = 256 * 2**20
+
+
+def conv_general_dilated(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> Array:
+  """`lax.conv_general_dilated`, with the fast kernel gradient where it applies (module doc)."""
+  plain = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=window_strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+  if not (
+    lhs.ndim == rhs.ndim == 4
+    and undilated
+    and feature_group_count == batch_group_count == 1
+    and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+  ):
+    return plain(lhs, rhs)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  else:
+    pads = padding
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return _conv_nhwc(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+def _is_nhwc(
+  dimension_numbers: Any, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...]
+) -> bool:
+  if dimension_numbers is None:  # lax's default is NCHW / OIHW
+    return False
+  wanted = lax.conv_dimension_numbers(lhs_shape, rhs_shape, NHWC)
+  given = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+  return given == wanted
+
+
+def _forward(
+  lhs: Array, rhs: Array, strides: tuple[int, int], pads: Pads, precision: Any, out_type: Any
+) -> Array:
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    strides,
+    pads,
+    dimension_numbers=NHWC,
+    precision=precision,
+    preferred_element_type=out_type,
+  )
+
+
+_conv_nhwc = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4, 5))
+
+
+def _conv_nhwc_fwd(lhs, rhs, strides, pads, precision, out_type):
+  return _forward(lhs, rhs, strides, pads, precision, out_type), (lhs, rhs)
+
+
+def _conv_nhwc_bwd(strides, pads, precision, out_type, residuals, grad):
+  lhs, rhs = residuals
+  # The input's gradient: XLA's transposed convolution (as fast as the forward).
+  _, input_vjp = jax.vjp(lambda x: _forward(x, rhs, strides, pads, precision, out_type), lhs)
+  (input_grad,) = input_vjp(grad)
+  return input_grad, kernel_gradient(lhs, grad, rhs.shape, strides, pads).astype(rhs.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def kernel_gradient(
+  inputs: Array,
+  grad: Array,
+  kernel_shape: tuple[int, int, int, int],
+  strides: tuple[int, int],
+  pads: Pads,
+) -> Array:
+  """d(sum(conv(inputs, w) * grad)) / dw of an NHWC / HWIO convolution.
+
+  dw[i, j, c, o] = sum over n, y, x of padded[n, y * sy + i, x * sx + j, c] * grad[n, y, x, o]:
+  for each kernel tap (i, j) a strided window of the padded input, contracted with the output
+  gradient over all output pixels.
+
+  Args:
+    inputs: [N, H, W, C]; grad: [N, Ho, Wo, O] (the convolution's output shape);
+    kernel_shape: (kh, kw, C, O); strides: (sy, sx); pads: ((top, bottom), (left, right)).
+  Returns:
+    float32 [kh, kw, C, O].
+  """
+  kh, kw, c, o = kernel_shape
+  n, ho, wo, _ = grad.shape
+  sy, sx = strides
+  padded = lax.pad(
+    inputs, jnp.zeros((), inputs.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))
+  )
+
+  def tap(i: int, j: int) -> Array:  # [N * Ho * Wo, C]
+    window = lax.slice(
+      padded, (0, i, j, 0), (n, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c), (1, sy, sx, 1)
+    )
+    return window.reshape(n * ho * wo, c)
+
+  def product(patches: Array) -> Array:  # patches^T @ grad, contracted over output pixels
+    return lax.dot_general(
+      patches,
+      grad.reshape(n * ho * wo, o),
+      (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  if len(taps) * n * ho * wo * c * inputs.dtype.itemsize <= IM2COL_MAX_BYTES:
+    patches = jnp.concatenate([tap(i, j) for i, j in taps], axis=1)  # [N Ho Wo, kh kw C]
+    return product(patches).reshape(kh, kw, c, o)
+  return jnp.stack([product(tap(i, j)) for i, j in taps]).reshape(kh, kw, c, o)

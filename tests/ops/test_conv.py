@@ -1,0 +1,98 @@
+"""ops.conv: values and gradients equal lax.conv_general_dilated's, on the fast path and off it."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from imask_jax.ops import conv as conv_ops
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def both(x, w, **kwargs):
+  """(ours, lax's) value and gradients of sum(conv * cotangent) w.r.t. input and kernel."""
+  results = []
+  for fn in (conv_ops.conv_general_dilated, lax.conv_general_dilated):
+    out = fn(x, w, **kwargs)
+    cot = jax.random.normal(jax.random.PRNGKey(9), out.shape, out.dtype)
+    grads = jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, **kwargs) * cot), argnums=(0, 1))(x, w)
+    results.append((out, *grads))
+  return results
+
+
+def takes_fast_path(x, w, **kwargs) -> bool:
+  """Whether ours runs its own gradient rule (a custom_vjp) rather than handing over to lax."""
+  jaxpr = jax.make_jaxpr(lambda x, w: conv_ops.conv_general_dilated(x, w, **kwargs))(x, w)
+  return 'custom_vjp_call' in str(jaxpr)
+
+
+@pytest.mark.parametrize(
+  'shape, kernel, strides, padding',
+  [
+    ((2, 9, 11, 5), (3, 3, 5, 7), (1, 1), 'SAME'),
+    ((2, 9, 11, 5), (3, 3, 5, 7), (2, 2), 'SAME'),  # odd sizes: uneven SAME padding
+    ((1, 16, 16, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),  # a ResNet stem
+    ((2, 8, 6, 6), (1, 1, 6, 5), (2, 2), 'VALID'),  # a strided 1x1 shortcut
+    ((2, 7, 7, 4), (3, 2, 4, 3), (1, 2), ((0, 2), (1, 0))),  # asymmetric everything
+  ],
+)
+def test_fast_path_matches_lax_in_value_and_gradients(shape, kernel, strides, padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), kernel)
+  kwargs = dict(window_strides=strides, padding=padding, dimension_numbers=NHWC)
+  assert takes_fast_path(x, w, **kwargs)
+  ours, theirs = both(x, w, **kwargs)
+  for a, b, name in zip(ours, theirs, ('value', 'input grad', 'kernel grad')):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_large_inputs_take_the_kernel_gradient_tap_by_tap(monkeypatch):
+  """Above IM2COL_MAX_BYTES the per-tap products give the same gradient."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 10, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
+  kwargs = dict(window_strides=(2, 1), padding='SAME', dimension_numbers=NHWC)
+  monkeypatch.setattr(conv_ops, 'IM2COL_MAX_BYTES', 0)
+  ours, theirs = both(x, w, **kwargs)
+  np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  'kwargs',
+  [
+    dict(rhs_dilation=(2, 2)),
+    dict(feature_group_count=2),
+    dict(dimension_numbers=None),  # lax's default NCHW / OIHW layout
+  ],
+)
+def test_other_convolutions_are_lax_unchanged(kwargs):
+  kwargs = {'dimension_numbers': NHWC, **kwargs}
+  layout_nchw = kwargs['dimension_numbers'] is None
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 9, 9) if layout_nchw else (2, 9, 9, 4))
+  groups = kwargs.get('feature_group_count', 1)
+  w_shape = (6, 4, 3, 3) if layout_nchw else (3, 3, 4 // groups, 6)
+  w = jax.random.normal(jax.random.PRNGKey(1), w_shape)
+  assert not takes_fast_path(x, w, window_strides=(1, 1), padding='SAME', **kwargs)
+  ours, theirs = both(x, w, window_strides=(1, 1), padding='SAME', **kwargs)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flax_conv_with_it_keeps_parameters_and_gradients():
+  """nn.Conv(conv_general_dilated=ours): same parameter tree, values and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 12, 3))
+  plain = nn.Conv(8, (3, 3), strides=(2, 2), padding='SAME')
+  fast = nn.Conv(
+    8, (3, 3), strides=(2, 2), padding='SAME', conv_general_dilated=conv_ops.conv_general_dilated
+  )
+  params = plain.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(fast.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
+  loss = lambda module: lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+  np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-5)
+  got, want = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
