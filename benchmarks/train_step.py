@@ -166,6 +166,7 @@ def model_spec(
   mask_rois_per_image: int = MASK_ROIS_PER_IMAGE,
   fine_dim: int = FINE_DIM,
   fuse_convs: int = FUSE_CONVS,
+  paint_slots_per_class: int = 0,
 ) -> Any:
   """Our ModelSpec with the settings of the module docstring."""
   from imask_jax import parallel
@@ -212,6 +213,7 @@ def model_spec(
     test_score_threshold=0.05,
     test_nms_threshold=0.5,
     max_detections=MAX_DETECTIONS,
+    paint_slots_per_class=paint_slots_per_class,
   )
 
 
@@ -238,7 +240,9 @@ def jax_worker(
     args = [state, parallel.shard_batch({k: data[k] for k in steps.MODEL_INPUT_KEYS}, mesh)]
   else:
     fn = steps.make_detect_fn(
-      MaskRCNN(model_spec(size, head, data_parallel=False, **spec_kwargs)), mesh
+      MaskRCNN(model_spec(size, head, data_parallel=False, **spec_kwargs)),
+      mesh,
+      paint_only=spec_kwargs.get('paint_slots_per_class', 0) > 0,
     )
     args = [steps.model_variables(state), parallel.shard_batch(data['image'], mesh)]
 
@@ -543,6 +547,8 @@ def run_worker(
       str(args.fine_dim),
       '--fuse_convs',
       str(args.fuse_convs),
+      '--paint_slots',
+      str(args.paint_slots),
     ]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   try:
@@ -719,6 +725,13 @@ def main() -> None:
     '--fuse_convs', type=int, default=FUSE_CONVS, help='ours: imask 3x3 fusion convs'
   )
   parser.add_argument(
+    '--paint_slots',
+    type=int,
+    default=0,
+    help='ours, infer: run the mask head only on the painting detections, this many per class '
+    '(model.paint_slots_per_class; 0 = on all --max detections, as torchvision does)',
+  )
+  parser.add_argument(
     '--pieces',
     action='store_true',
     help='instead of the comparison, time the pieces of our train step',
@@ -739,7 +752,10 @@ def main() -> None:
 
   pin_threads()
   spec_kwargs = dict(
-    mask_rois_per_image=args.mask_rois, fine_dim=args.fine_dim, fuse_convs=args.fuse_convs
+    mask_rois_per_image=args.mask_rois,
+    fine_dim=args.fine_dim,
+    fuse_convs=args.fuse_convs,
+    paint_slots_per_class=args.paint_slots,
   )
   if args.worker:
     sys.path.insert(0, str(REPO))
@@ -792,7 +808,8 @@ def main() -> None:
   print(
     f'# {datetime.date.today()}  {"  ".join(versions.values())}  {THREADS} threads  '
     f'batch {args.batch}  mask ROIs/image {args.mask_rois}  imask fine_dim '
-    f'{args.fine_dim}, {args.fuse_convs} fusion conv(s)  warmup {args.warmup}, median of '
+    f'{args.fine_dim}, {args.fuse_convs} fusion conv(s)  paint slots/class {args.paint_slots}  '
+    f'warmup {args.warmup}, median of '
     f'{args.repeats} (torchvision {args.torch_repeats}), {args.rounds} round(s)  '
     f'load average {os.getloadavg()[0]:.1f}'
   )

@@ -70,6 +70,9 @@ def get_config(arg: str | None = None):
   c.model.num_classes = len(tissues.KNEE_CLASSES)
   # Not in the paper: each bone keeps its largest 3D component (imask_jax/postprocess.py).
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
+  # predict runs the mask head on 2 slots per tissue (one structure per tissue and slice, and
+  # room for a duplicate) instead of all 16 detections; evaluate still masks them all.
+  c.model.paint_slots_per_class = 2
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
   c.train.eval_every = 10000

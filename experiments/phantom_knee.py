@@ -60,6 +60,9 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 250
   c.eval.batch_size = 8
   c.eval.max_val_slices = 128
+  # predict runs the mask head on 2 slots per tissue (one structure per tissue and slice, and
+  # room for a duplicate) instead of all 16 detections; evaluate still masks them all.
+  c.model.paint_slots_per_class = 2
 
   if args.pop('full', False):
     # More steps on two thirds more phantoms, same network (timings in the README).
@@ -72,5 +75,6 @@ def get_config(arg: str | None = None):
     # Six steps leave every score far below 0.5: paint all kept detections so that the rest of
     # the job (metrics, figures, predictions) has something to work on.
     c.model.label_score_threshold = c.model.test_score_threshold
+    c.model.paint_slots_per_class = 0  # ... all of them
   configs.apply_common_args(c, args)
   return c

@@ -134,6 +134,11 @@ def default_config() -> ml_collections.ConfigDict:
   m.cluster_min_ml = 0.0
   m.test_nms_threshold = 0.5
   m.max_detections = 16
+  # predict: the mask head runs only on each class's best `paint_slots_per_class` detections
+  # scoring >= label_score_threshold (the ones that paint), not on all max_detections; a scan
+  # where more would have painted is flagged in its report. 0 = all (evaluate always runs all:
+  # mask AP ranks every detection).
+  m.paint_slots_per_class = 0
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
@@ -357,11 +362,23 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     'model.keep_largest_component',
   )
   postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
+  paint_slots_per_class(config)
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '
       f'{validation_metric_names(config)}'
     )
+
+
+def paint_slots_per_class(config: ml_collections.ConfigDict) -> int:
+  """config model.paint_slots_per_class, refused unless 0 <= value <= model.max_detections."""
+  value, most = config.model.paint_slots_per_class, int(config.model.max_detections)
+  if isinstance(value, bool) or int(value) != value or not 0 <= int(value) <= most:
+    raise ValueError(
+      f'config model.paint_slots_per_class={value!r}; expected an integer from 0 (all '
+      f'detections) to model.max_detections={most}'
+    )
+  return int(value)
 
 
 def thickness_method(config: ml_collections.ConfigDict) -> str:

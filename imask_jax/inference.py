@@ -52,7 +52,8 @@ class LoadedModel:
   """A restored checkpoint ready for inference.
 
   detect: jit(shard_map) of (variables, images [B, H, W, C]) -> per-example detections
-  (steps.make_detect_fn); batch_size: B, the config's eval.batch_size (a multiple of the
+  (steps.make_detect_fn; with paint_only, only the detections that paint label maps:
+  `MaskRCNN.detect`); batch_size: B, the config's eval.batch_size (a multiple of the
   device count); step: the checkpoint's training step.
   """
 
@@ -82,9 +83,15 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   )
 
 
-def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedModel:
+def load_model(
+  workdir: str | os.PathLike, step: int | None = None, *, paint_only: bool = False
+) -> LoadedModel:
   """Reads `workdir`/config.json and restores checkpoint `step` (default: the latest).
 
+  paint_only: with model.paint_slots_per_class > 0, the mask head runs only on the detections
+  that paint label maps (`MaskRCNN.detect`): the label maps are the same as long as no class
+  has more of them in a slice than its slots (`VolumePrediction.unpainted_detections`), but the
+  instances lack the low-scoring detections that mask AP ranks. For predict, not evaluate.
   One process only: evaluation and prediction read whole volumes on the host that runs them.
   """
   workdir = os.fspath(workdir)
@@ -98,6 +105,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
   postprocess.cluster_rule(scheme, config.model)
   configs.thickness_method(config)
+  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
   steps = checkpoint_steps(workdir)
   if not steps:
     raise workdir_lib.MissingCheckpointError(
@@ -139,7 +147,7 @@ def load_model(workdir: str | os.PathLike, step: int | None = None) -> LoadedMod
     scheme=scheme,
     step=int(step),
     variables=variables,
-    detect=steps_lib.make_detect_fn(model, mesh),
+    detect=steps_lib.make_detect_fn(model, mesh, paint_only),
     mesh=mesh,
     batch_size=batch_size,
   )
@@ -245,6 +253,9 @@ class VolumePrediction:
   instances: per slice, the detected instances (None unless asked for).
   network_spacing: in-plane (row, col) mm per pixel the model saw (None when not run through
     `predict_volume`); network_size: the (H, W) of its input.
+  unpainted_detections: with a paint_only model (`load_model`), the detections that would have
+    painted but found no mask slot, summed over slices (None otherwise); the label map lacks
+    them, so a count above 0 calls for a larger model.paint_slots_per_class.
   """
 
   case_id: str
@@ -257,6 +268,7 @@ class VolumePrediction:
   instances: tuple[tuple[Instance, ...], ...] | None = None
   network_spacing: tuple[float, float] | None = None
   network_size: tuple[int, int] | None = None
+  unpainted_detections: int | None = None
 
   @property
   def slice_spacing(self) -> tuple[float, float]:
@@ -314,6 +326,7 @@ def predict_volume(
   batch = model.batch_size
   class_slices = np.zeros((count,) + tuple(source_size), np.int32)
   instances: list[tuple[Instance, ...]] = []
+  unpainted = None
   for start in range(0, count, batch):
     stop = min(start + batch, count)
     real = stop - start
@@ -331,6 +344,8 @@ def predict_volume(
       str(model.config.model.paint_rule),
     )
     class_slices[start:stop] = labels[:real]
+    if 'unpainted' in out:
+      unpainted = (unpainted or 0) + int(out['unpainted'][:real].sum())
     if keep_instances:
       for i in range(real):
         instances.append(
@@ -359,6 +374,7 @@ def predict_volume(
     # Every slice of a volume is resized by the same factor.
     network_spacing=tuple(float(mm / f) for mm, f in zip(stack.pixel_spacing, scale[0])),
     network_size=tuple(int(n) for n in images.shape[1:3]),
+    unpainted_detections=unpainted,
   )
 
 

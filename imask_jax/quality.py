@@ -7,6 +7,9 @@ one line on screen per flagged scan). The rules, with FAR = 2 and the training r
   no_detections        no detection reached model.label_score_threshold: the label map is empty
   low_detection_score  the mean score of the detections that paint the label map (score >=
                        model.label_score_threshold) is below LOW_MEAN_SCORE = 0.75
+  paint_slots_full     some detections that would have painted found no mask slot (more of
+                       one class in a slice than model.paint_slots_per_class): the label map
+                       lacks them
   tissue_missing       a tissue that at least half of the training volumes hold has no voxel
   tissue_volume        a tissue's volume is below (smallest non-zero training volume) / FAR or
                        above (largest training volume) x FAR
@@ -221,13 +224,15 @@ def quality_flags(
   score_threshold: float,
   reference: Mapping[str, Any] | None,
   resampled_axes: Sequence[int] = (),
+  unpainted: int | None = None,
 ) -> dict[str, Any]:
   """The "quality" entry of a report (module docstring for the rules).
 
   volumes_ml: tissue name -> predicted volume (mL); spacing (mm) and shape (voxels): along the
   canonical X, Y, Z axes; scores: every detection's score (any order); resampled_axes: the
   canonical axes the model resamples to its own pixel size (their voxel size and count are not
-  checked, their extent is). Returns {"review":
+  checked, their extent is); unpainted: painting detections left without a mask slot
+  (`VolumePrediction.unpainted_detections`; None: every detection had one). Returns {"review":
   whether any flag is raised, "flags": [{"code", "message"}], "mean_detection_score" (of the
   detections >= score_threshold, or None), "painting_detections": their number}.
   """
@@ -245,6 +250,14 @@ def quality_flags(
       _flag(
         'low_detection_score',
         f'mean detection score {mean_score:.3f} < {LOW_MEAN_SCORE} over {len(painting)} detections',
+      )
+    )
+  if unpainted:
+    flags.append(
+      _flag(
+        'paint_slots_full',
+        f'{unpainted} detections scoring >= {score_threshold:g} found no mask slot and are '
+        'missing from the label map; raise model.paint_slots_per_class',
       )
     )
   if reference is not None:

@@ -162,16 +162,18 @@ def make_train_step(
 
 class Detector:
   """jit(shard_map(detect + paste)): (variables, images [N, H, W, C]) -> dict of per-example
-  arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs.
+  arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs;
+  with `paint_only` (`MaskRCNN.detect`) only the detections that paint, and unpainted [N].
 
   One program per input size (H, W), built on first use with the model `at_size` (H, W): whole
   scale-true slices come in a handful of bucketed sizes. `lower` is jit's, for ahead-of-time
   compiling; `sizes` lists the sizes built so far.
   """
 
-  def __init__(self, model: MaskRCNN, mesh: jax.sharding.Mesh):
+  def __init__(self, model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool = False):
     self.model = model
     self.mesh = mesh
+    self.paint_only = paint_only
     self._by_size: dict[tuple[int, int], Any] = {}
 
   @property
@@ -182,7 +184,7 @@ class Detector:
     image_size = tuple(int(n) for n in image_size)
     if image_size not in self._by_size:
       self._by_size[image_size] = _jitted_detect(
-        MaskRCNN(self.model.spec.at_size(image_size)), self.mesh
+        MaskRCNN(self.model.spec.at_size(image_size)), self.mesh, self.paint_only
       )
     return self._by_size[image_size]
 
@@ -193,21 +195,21 @@ class Detector:
     return self.for_size(images.shape[1:3]).lower(variables, images)
 
 
-def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh) -> Detector:
+def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool = False) -> Detector:
   """The model's detection for any input size (`Detector`)."""
-  return Detector(model, mesh)
+  return Detector(model, mesh, paint_only)
 
 
-def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh):
+def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
   def per_device(variables, images):
-    det = model.apply(variables, images, method=MaskRCNN.detect)
+    det = model.apply(variables, images, paint_only, method=MaskRCNN.detect)
     label_map, _ = mask_rcnn.detections_to_label_map(
       det,
       model.spec.image_size,
       min_score=model.spec.label_score_threshold,
       paint_rule=model.spec.paint_rule,
     )
-    return dict(
+    out = dict(
       label_map=label_map,
       boxes=det.boxes,
       scores=det.scores,
@@ -215,6 +217,9 @@ def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh):
       valid=det.valid,
       mask_probs=det.mask_probs,
     )
+    if det.unpainted is not None:
+      out['unpainted'] = det.unpainted
+    return out
 
   return jax.jit(
     jax.shard_map(

@@ -126,6 +126,7 @@ INFERENCE_ONLY_FIELDS = (
   'model.rpn_post_nms_topk_test',
   'model.label_score_threshold',
   'model.paint_rule',
+  'model.paint_slots_per_class',
   'model.keep_largest_component',
   'model.keep_largest_cluster',
   'model.cluster_radius_mm',

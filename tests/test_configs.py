@@ -145,6 +145,8 @@ def test_bad_training_settings_name_the_field():
     ({'train__log_every': 0}, r'train\.log_every=0'),
     ({'train__steps': 0}, r'train\.steps=0'),
     ({'train__epochs': -1.0}, r'train\.epochs=-1\.0'),
+    ({'model__paint_slots_per_class': -1}, r'paint_slots_per_class=-1; .*max_detections=16'),
+    ({'model__paint_slots_per_class': 17}, r'paint_slots_per_class=17'),
   ]
   for changes, message in cases:
     with pytest.raises(ValueError, match=message):

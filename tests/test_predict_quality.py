@@ -61,6 +61,9 @@ def test_detection_rules():
   # Mean of the painting detections (>= 0.5): (0.5 + 0.99) / 2 = 0.745 < 0.75; 0.51 gives 0.75.
   assert _codes(scores=[0.5, 0.99, 0.1]) == ['low_detection_score']
   assert _codes(scores=[0.51, 0.99, 0.1]) == []
+  # Painting detections without a mask slot (model.paint_slots_per_class too small).
+  assert _codes(unpainted=3) == ['paint_slots_full']
+  assert _codes(unpainted=0) == _codes(unpainted=None) == []
 
 
 def test_tissue_rules_at_their_boundaries():

@@ -7,7 +7,8 @@ One Flax module with two entry points, both with static shapes:
   own resolution. L = L_rpn_cls + L_rpn_box + L_cls + L_box + L_mask, as in the paper.
 * `MaskRCNN.detect(images)` -> `Detections` padded to `max_detections`, with mask
   probabilities at the head's resolution; `detections_to_label_map` pastes them into a
-  per-slice label map.
+  per-slice label map. `detect(images, paint_only=True)` keeps only the detections that can
+  paint (`paint_slots`), so the mask head runs on a few fixed slots instead of all of them.
 
 The pure-array work (anchors, proposals, target sampling, ROIAlign, NMS) is done by
 `imask_jax.ops`; this module only wires it to the learnable heads.
@@ -81,6 +82,9 @@ class ModelSpec:
   max_detections: int = 16
   label_score_threshold: float = 0.5
   paint_rule: str = 'union'  # detections_to_label_map
+  # detect(paint_only=True): mask-head slots per class for the detections that paint label
+  # maps (`paint_slots`); 0 = the mask head runs on all max_detections.
+  paint_slots_per_class: int = 0
 
   @classmethod
   def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
@@ -190,6 +194,8 @@ class Detections(NamedTuple):
   boxes: float32 [B, D, 4] (y1, x1, y2, x2) in input pixels; scores: float32 [B, D];
   classes: int32 [B, D] (1..K, 0 for padding); valid: bool [B, D];
   mask_probs: float32 [B, D, m, m] probabilities of each detection's own class.
+  unpainted: int32 [B] (`detect(paint_only=True)` only, else None): detections that could
+  have painted (score >= label_score_threshold) but found no slot, so are missing here.
   """
 
   boxes: Array
@@ -197,6 +203,7 @@ class Detections(NamedTuple):
   classes: Array
   valid: Array
   mask_probs: Array
+  unpainted: Array | None = None
 
 
 class MaskRCNN(nn.Module):
@@ -435,8 +442,16 @@ class MaskRCNN(nn.Module):
 
   # --- inference -----------------------------------------------------------------------------
 
-  def detect(self, images: Array) -> Detections:
-    """Detections for a batch of images `[B, H, W, C]` (inference mode)."""
+  def detect(self, images: Array, paint_only: bool = False) -> Detections:
+    """Detections for a batch of images `[B, H, W, C]` (inference mode).
+
+    paint_only (static): with `spec.paint_slots_per_class` = k > 0, only the detections that
+    paint label maps come back, k per class in D = K * k slots (`paint_slots`), and the mask
+    head runs on those slots alone: its cost no longer grows with `max_detections`, which
+    mask AP needs (it ranks every detection) and a label map does not. Label maps are those
+    of the full pass as long as no class has more than k painting detections in an image;
+    `Detections.unpainted` counts the ones that did not fit.
+    """
     s = self.spec
     b = images.shape[0]
     pyramid = self.pyramid(images, train=False)
@@ -454,9 +469,23 @@ class MaskRCNN(nn.Module):
       nms_threshold=s.test_nms_threshold,
     )
     det_boxes, det_scores, det_classes, det_valid = jax.vmap(select)(boxes, probs, proposal_valid)
+    unpainted = None
+    if paint_only and s.paint_slots_per_class > 0:
+      slots = functools.partial(
+        paint_slots,
+        num_classes=s.num_classes,
+        per_class=s.paint_slots_per_class,
+        min_score=s.label_score_threshold,
+      )
+      index, slot_valid, unpainted = jax.vmap(slots)(det_scores, det_classes, det_valid)
+      det_boxes = jnp.take_along_axis(det_boxes, index[..., None], axis=1)
+      det_boxes = jnp.where(slot_valid[..., None], det_boxes, 0.0)
+      det_scores = jnp.where(slot_valid, jnp.take_along_axis(det_scores, index, axis=1), 0.0)
+      det_classes = jnp.where(slot_valid, jnp.take_along_axis(det_classes, index, axis=1), 0)
+      det_valid = slot_valid
     logits = losses.take_class(self.mask_logits(pyramid, det_boxes), det_classes)
     mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
-    return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs)
+    return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs, unpainted)
 
 
 def propose(
@@ -540,6 +569,44 @@ def select_detections(
     jnp.where(valid, flat_classes[idx], 0),
     valid,
   )
+
+
+def paint_slots(
+  scores: Array,
+  classes: Array,
+  valid: Array,
+  *,
+  num_classes: int,
+  per_class: int,
+  min_score: float,
+) -> tuple[Array, Array, Array]:
+  """The detections of one image that paint a label map, `per_class` slots for each class.
+
+  A detection paints when it is valid and scores >= `min_score` (the label-map rule of
+  `detections_to_label_map`); each class keeps its `per_class` best such detections. Per class
+  rather than over all classes, so that one class's many look-alikes cannot take the slots of
+  another class's single structure.
+
+  Args:
+    scores: float32 [D]; classes: int32 [D] (1..K); valid: bool [D].
+  Returns:
+    index int32 [K * per_class] into the D detections (slots of class c at
+    [(c - 1) * per_class, c * per_class), best first; 0 in empty slots), slot_valid bool
+    [K * per_class], and unpainted int32 []: painting detections left without a slot.
+  """
+  paints = valid & (scores >= min_score)
+  index, slot_valid = [], []
+  for class_id in range(1, num_classes + 1):
+    mine = paints & (classes == class_id)
+    # Non-painting detections rank below every painting one (scores lie in [0, 1]).
+    _, top = jax.lax.top_k(jnp.where(mine, scores, -1.0), per_class)
+    index.append(top)
+    slot_valid.append(mine[top])
+  index = jnp.concatenate(index).astype(jnp.int32)
+  slot_valid = jnp.concatenate(slot_valid)
+  index = jnp.where(slot_valid, index, 0)
+  unpainted = jnp.sum(paints, dtype=jnp.int32) - jnp.sum(slot_valid, dtype=jnp.int32)
+  return index, slot_valid, unpainted
 
 
 PAINT_RULES = ('union', 'each')

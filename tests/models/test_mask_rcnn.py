@@ -26,6 +26,7 @@ from imask_jax.models.mask_rcnn import (
   ModelSpec,
   detections_to_label_map,
   init_variables,
+  paint_slots,
 )
 from imask_jax.ops import masks as mask_ops
 
@@ -383,3 +384,103 @@ def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
   print(model.spec.mask_head, 'dice per class', dice)
   assert dice[1] >= 0.95 and dice[3] >= 0.95, dice  # femur, tibia
   assert np.mean(list(dice.values())) >= 0.9, dice
+
+
+def kept_for_painting(scores, classes, valid, min_score, per_class):
+  """NumPy reference of `paint_slots` for one image: the indices of each class's `per_class`
+  best detections with score >= min_score, and how many painting detections were left out."""
+  kept, painting = [], 0
+  for c in range(1, NUM_CLASSES + 1):
+    mine = np.flatnonzero(valid & (classes == c) & (scores >= min_score))
+    painting += len(mine)
+    kept += list(mine[np.argsort(-scores[mine], kind='stable')][:per_class])
+  return sorted(kept), painting - len(kept)
+
+
+@pytest.mark.parametrize('per_class', [1, 2, 3])
+def test_paint_slots_keep_each_class_best_painting_detections(per_class):
+  rng = np.random.default_rng(per_class)
+  select = jax.jit(
+    jax.vmap(
+      functools.partial(paint_slots, num_classes=NUM_CLASSES, per_class=per_class, min_score=0.3)
+    )
+  )
+  scores = rng.uniform(0, 1, (6, 12)).astype(np.float32)
+  scores[0, :4] = 0.5  # ties go to the earlier detection, as in the reference
+  classes = rng.integers(1, NUM_CLASSES + 1, (6, 12)).astype(np.int32)
+  valid = rng.uniform(size=(6, 12)) < 0.8
+  index, slot_valid, unpainted = jax.device_get(select(scores, classes, valid))
+  assert index.shape == slot_valid.shape == (6, NUM_CLASSES * per_class)
+  for b in range(6):
+    kept, left_out = kept_for_painting(scores[b], classes[b], valid[b], 0.3, per_class)
+    assert sorted(index[b][slot_valid[b]]) == kept
+    assert int(unpainted[b]) == left_out
+    # Slots of class c hold class c, best first.
+    for c in range(NUM_CLASSES):
+      block = slice(c * per_class, (c + 1) * per_class)
+      mine = index[b][block][slot_valid[b][block]]
+      assert np.all(classes[b][mine] == c + 1)
+      assert np.all(np.diff(scores[b][mine]) <= 0)
+
+
+@pytest.mark.e2e  # uses the trained tiny model
+@pytest.mark.parametrize('per_class, min_score', [(1, 0.5), (1, 0.0), (2, 0.05)])
+def test_paint_only_detection_is_the_full_detection_cut_to_its_painting_slots(
+  trained, per_class, min_score
+):
+  """The mask head on the painting slots alone gives the same detections, masks and label map
+  as the full pass restricted to the detections the reference keeps, and counts the rest."""
+  import dataclasses
+
+  model, params, batch = trained['model'], trained['params'], trained['batch']
+  spec = dataclasses.replace(  # every NMS survivor is a detection: all 8 slots filled
+    model.spec,
+    paint_slots_per_class=per_class,
+    label_score_threshold=min_score,
+    test_score_threshold=0.0,
+  )
+  images = jnp.asarray(batch['image'])
+  full = jax.device_get(
+    jax.jit(lambda p, x: MaskRCNN(spec).apply({'params': p}, x, method=MaskRCNN.detect))(
+      params, images
+    )
+  )
+  slots = jax.device_get(
+    jax.jit(lambda p, x: MaskRCNN(spec).apply({'params': p}, x, True, method=MaskRCNN.detect))(
+      params, images
+    )
+  )
+  assert full.unpainted is None
+  assert slots.boxes.shape[1] == NUM_CLASSES * per_class
+  if min_score == 0.0:  # 8 painting detections, at most 4 * per_class slots
+    assert np.all(full.valid) and np.all(slots.unpainted >= 8 - NUM_CLASSES * per_class)
+  for b in range(images.shape[0]):
+    kept, unpainted = kept_for_painting(
+      full.scores[b], full.classes[b], full.valid[b], min_score, per_class
+    )
+    assert int(slots.unpainted[b]) == unpainted
+    got = np.flatnonzero(slots.valid[b])
+    assert len(got) == len(kept)
+    # Match slots to the full detections by score and class (scores of one image differ).
+    order = np.argsort(-slots.scores[b][got], kind='stable')
+    want = sorted(kept, key=lambda d: -full.scores[b][d])
+    for slot, d in zip(got[order], want):
+      assert slots.classes[b][slot] == full.classes[b][d]
+      np.testing.assert_allclose(slots.scores[b][slot], full.scores[b][d], rtol=1e-6)
+      np.testing.assert_allclose(slots.boxes[b][slot], full.boxes[b][d], atol=1e-4)
+      np.testing.assert_allclose(slots.mask_probs[b][slot], full.mask_probs[b][d], atol=1e-5)
+    assert not np.any(slots.mask_probs[b][~slots.valid[b]])
+  # Label maps: the slots' equal the full pass's with only the kept detections eligible.
+  keep = np.zeros_like(full.valid)
+  for b in range(images.shape[0]):
+    kept, _ = kept_for_painting(
+      full.scores[b], full.classes[b], full.valid[b], min_score, per_class
+    )
+    keep[b, kept] = True
+  restricted = full._replace(valid=full.valid & keep)
+  want_map, _ = detections_to_label_map(restricted, spec.image_size, min_score=min_score)
+  got_map, _ = detections_to_label_map(slots, spec.image_size, min_score=min_score)
+  np.testing.assert_array_equal(np.asarray(got_map), np.asarray(want_map))
+  if not np.any(slots.unpainted):
+    full_map, _ = detections_to_label_map(full, spec.image_size, min_score=min_score)
+    np.testing.assert_array_equal(np.asarray(got_map), np.asarray(full_map))
