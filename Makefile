@@ -4,7 +4,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 2
+
+# cpu (the default: what CI and the README's timings use), or a jax extra such as cuda13 or
+# cuda12: `make install JAX_ACCELERATOR=cuda13` adds jax[cuda13] at requirements.txt's jax
+# version (NVIDIA's pip wheels: only the driver is needed). The stamp records the accelerator
+# (an empty stamp, made before this variable, means cpu): naming another one reinstalls.
+JAX_ACCELERATOR ?= cpu
+JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements.txt)
+INSTALLED := $(or $(file < $(STAMP)),cpu)
+ifneq ($(JAX_ACCELERATOR),$(INSTALLED))
+.PHONY: $(STAMP)
+endif
+# The CPU default hides any GPU, as it always has; an accelerator leaves the GPUs visible.
+ifeq ($(JAX_ACCELERATOR),cpu)
 export CUDA_VISIBLE_DEVICES ?=
+endif
 
 .PHONY: install test test-fast lint format demo hip bench clean
 
@@ -14,8 +28,13 @@ $(STAMP): requirements.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+# Leaving an accelerator: remove its plugin, or jax in .venv would go on using it.
+	$(if $(filter-out cpu $(JAX_ACCELERATOR),$(INSTALLED)),$(PY) -m pip uninstall --quiet --yes jax-$(INSTALLED)-plugin jax-$(INSTALLED)-pjrt)
+ifneq ($(JAX_ACCELERATOR),cpu)
+	$(PY) -m pip install --quiet "jax[$(JAX_ACCELERATOR)]==$(JAX_VERSION)"
+endif
 	$(PY) -m pip install --quiet --no-deps -e .
-	touch $(STAMP)
+	echo $(JAX_ACCELERATOR) > $(STAMP)
 
 # The whole suite: what CI runs.
 test: $(STAMP)
