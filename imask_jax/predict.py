@@ -1,7 +1,7 @@
 """Prediction on new scans: NIfTI or DICOM in -> label NIfTI on the input's exact grid + report.
 
   python -m imask_jax.predict --workdir DIR --input IN --output OUT [--checkpoint STEP]
-      [--overwrite]
+      [--overwrite] [--shard K/N] [--sequential]
 
 IN is, by the first rule that applies:
   (a) a NIfTI file (.nii / .nii.gz): one input;
@@ -31,17 +31,35 @@ For a single input file or series folder (a, c) OUT may instead be the label map
 (ending in .nii or .nii.gz); the report then goes beside it, with .json in place of the NIfTI
 suffix.
 
-Refused before any work, in one line with exit status 2: a workdir without config.json, a
---checkpoint that is not stored, a checkpoint that cannot be restored (--verbose adds the
-traceback of these three), an output path that is one of the inputs, an OUT that is the input
-folder, an output inside a DICOM series folder of the inputs (a later run would read the folder
-as NIfTI), two inputs that would write the same output, an output folder that cannot be created
-or written, and an existing file at an output path that predict did not write: that is
-replaced only when the report beside it (OUT/<name>.json) names the same input and that label
-map, i.e. it is an earlier prediction of this scan, or with --overwrite. An input that cannot
-be read, or fails, is reported by its name and the others still run; the exit status is then 1.
-Every file is written atomically (a failure leaves no half-written output); hidden temporaries
-that a killed run left beside this run's outputs are removed first.
+Refused before any work, in one line with exit status 2: a --shard that is not K/N with
+0 <= K < N, a workdir without config.json, a --checkpoint that is not stored, a checkpoint that
+cannot be restored (--verbose adds the traceback of these three), an output path that is one of
+the inputs, an OUT that is the input folder, an output inside a DICOM series folder of the
+inputs (a later run would read the folder as NIfTI), two inputs that would write the same
+output, an output folder that cannot be created or written, and an existing file at an output
+path that predict did not write: that is replaced only when the report beside it
+(OUT/<name>.json) names the same input and that label map, i.e. it is an earlier prediction of
+this scan, or with --overwrite. An input that cannot be read, segmented or written is reported
+by its name and the others still run; the exit status is then 1. Every file is written
+atomically (a failure leaves no half-written output), a scan's report before its label map (so a
+label map on disk always has its report; a label map that cannot be written puts the report path
+back as it was); hidden temporaries that a killed run left beside this run's outputs are removed
+first.
+
+Cohorts. While the model segments scan i, one background thread reads scan i+1 and another
+writes scan i-1's report and label map (at most one scan read ahead and one write pending, so
+at most three scans are in memory); progress, CHECK and FAILED lines come in the inputs' order,
+and the files are those of --sequential, which runs the three stages one after the other.
+--shard K/N (K counts from 0) makes this process segment only the scans at positions K, K+N,
+K+2N, ... of the sorted inputs: N processes, on one machine or on hosts sharing the folders,
+started with the same arguments and K = 0 .. N-1 write every scan exactly once, e.g.
+  for k in 0 1 2 3; do python -m imask_jax.predict ... --shard $k/4 & done; wait
+(with a SLURM array of N tasks: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT for
+--array=0-(N-1)). Every shard lists and checks the whole plan (the refusals above), so all
+shards refuse or none does, and a shard that starts late sees the others' files as earlier
+predictions; it removes stale temporaries of, and writes, only its own scans. The inputs must
+not change while the shards start: each lists them itself. Throughput on 2 CPU cores:
+benchmarks/README.md ("Predict throughput").
 
 Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
 cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
@@ -60,16 +78,18 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
 import nibabel as nib
 import numpy as np
 
-from data_pipelines import dicom_io, nifti_io, orientation
+from data_pipelines import dicom_io, nifti_io, orientation, readers
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
@@ -199,6 +219,30 @@ def plan_jobs(input_path: str, inputs: Sequence[str], output: str) -> list[Job]:
         'another --output)'
       )
   return jobs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """'K/N' -> (K, N): this process's share of the plan, K counted from 0 (0 <= K < N, so the N
+  shards are 0/N ... N-1/N); ValueError, in one line, otherwise."""
+  match = re.fullmatch(r'(\d+)/(\d+)', text.strip())
+  if match:
+    k, n = int(match.group(1)), int(match.group(2))
+    if 0 <= k < n:
+      return k, n
+  raise ValueError(
+    f'--shard {text!r}: expected K/N with 0 <= K < N (K counts from 0: the shards of N=2 are '
+    '0/2 and 1/2)'
+  )
+
+
+def shard_jobs(jobs: Sequence[Job], shard: tuple[int, int] | None) -> list[Job]:
+  """Shard (K, N)'s jobs: those at positions K, K+N, K+2N, ... of the plan (sorted by input
+  name). The N shards of one plan are disjoint and together are the whole plan; spreading
+  them round-robin keeps the shards' sizes within one scan of each other."""
+  if shard is None:
+    return list(jobs)
+  k, n = parse_shard(f'{shard[0]}/{shard[1]}')
+  return list(jobs[k::n])
 
 
 def earlier_prediction(job: Job) -> bool:
@@ -409,6 +453,7 @@ def volume_report(
     score_threshold=float(model.config.model.label_score_threshold),
     reference=reference,
     resampled_axes=resampled_axes(model.config),
+    unpainted=prediction.unpainted_detections,
   )
   return report
 
@@ -455,32 +500,190 @@ class ProgressBar:
     self.stream.flush()
 
 
-def predict_one(
-  model: inference.LoadedModel, job: Job, reference: dict[str, Any] | None = None
-) -> dict[str, Any]:
-  """Reads, segments and writes one scan; returns its report."""
+# --- one scan in three stages: read, segment, write ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scan:
+  """A job's input, read: the canonical volume and whether every voxel has one value."""
+
+  job: Job
+  volume: readers.Volume
+  image_constant: bool
+  read_s: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segmented:
+  """A job's prediction and what the write stage needs (not the image: it is dropped here)."""
+
+  job: Job
+  prediction: VolumePrediction
+  image_constant: bool
+  read_s: float
+  segment_s: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Outcome:
+  """What became of one job: its report, or `error` (one line naming the input) if it failed.
+  The seconds each stage took (stages of different scans overlap when pipelined)."""
+
+  job: Job
+  report: dict[str, Any] | None = None
+  error: str | None = None
+  read_s: float = 0.0
+  segment_s: float = 0.0
+  write_s: float = 0.0
+
+
+def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
+  """Stage 1 (no model, runs beside the segmentation of another scan): reads the input."""
+  started = time.perf_counter()
   volume = inference.load_image(
     job.input, str(model.config.data.plane), case_id=output_stem(job.input)
   )
-  prediction = inference.predict_volume(model, volume, keep_instances=True)
-  if prediction.label_map.shape != volume.grid.shape:
+  constant = bool(volume.image.min() == volume.image.max())
+  return Scan(job, volume, constant, time.perf_counter() - started)
+
+
+def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
+  """Stage 2 (the model; in the calling thread): the label map on the input's grid."""
+  started = time.perf_counter()
+  prediction = inference.predict_volume(model, scan.volume, keep_instances=True)
+  if prediction.label_map.shape != scan.volume.grid.shape:
     raise AssertionError(
-      f'{job.input}: label map shape {prediction.label_map.shape} differs '
-      f'from the input grid {volume.grid.shape}'
+      f'{scan.job.input}: label map shape {prediction.label_map.shape} differs '
+      f'from the input grid {scan.volume.grid.shape}'
     )
-  nifti_io.save_nifti(
-    prediction.label_map, volume.grid.affine, job.label_map, like=header_template(job.input)
+  return Segmented(
+    scan.job, prediction, scan.image_constant, scan.read_s, time.perf_counter() - started
   )
+
+
+def write_scan(
+  model: inference.LoadedModel, segmented: Segmented, reference: dict[str, Any] | None = None
+) -> Outcome:
+  """Stage 3 (no model, runs beside the segmentation of another scan): measures the report,
+  then writes it and the label map, each atomically. The report goes first, so that a label
+  map on disk always has its report beside it (a shard that starts while others write then
+  sees their files as earlier predictions); if the label map cannot be written, the report
+  path is put back as it was."""
+  started = time.perf_counter()
+  job, prediction = segmented.job, segmented.prediction
   report = volume_report(
     prediction,
     model.scheme,
     job,
     model,
     reference=reference,
-    image_constant=bool(volume.image.min() == volume.image.max()),
+    image_constant=segmented.image_constant,
   )
+  previous = _read_bytes(job.report)
   write_json(job.report, report)
-  return report
+  try:
+    nifti_io.save_nifti(
+      prediction.label_map, prediction.grid.affine, job.label_map, like=header_template(job.input)
+    )
+  except BaseException:
+    _put_back(job.report, previous)
+    raise
+  return Outcome(
+    job,
+    report,
+    read_s=segmented.read_s,
+    segment_s=segmented.segment_s,
+    write_s=time.perf_counter() - started,
+  )
+
+
+def _read_bytes(path: str) -> bytes | None:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def _put_back(path: str, content: bytes | None) -> None:
+  """Restores `path` to `content` (None: no file), atomically; best effort."""
+  try:
+    if content is None:
+      os.remove(path)
+    else:
+      with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        f.write(content)
+  except OSError:
+    pass
+
+
+def predict_one(
+  model: inference.LoadedModel, job: Job, reference: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """Reads, segments and writes one scan; returns its report."""
+  outcome = write_scan(model, segment_scan(model, read_scan(model, job)), reference)
+  assert outcome.report is not None
+  return outcome.report
+
+
+def _failed(job: Job, error: Exception) -> Outcome:
+  message = str(error) if job.input in str(error) else f'{job.input}: {error}'
+  return Outcome(job, error=f'{type(error).__name__}: {message}')
+
+
+def run_sequential(
+  model: inference.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
+) -> Iterator[Outcome]:
+  """Each job's outcome, in job order, one stage after the other in this thread."""
+  for job in jobs:
+    try:
+      yield write_scan(model, segment_scan(model, read_scan(model, job)), reference)
+    except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
+      yield _failed(job, error)
+
+
+def run_pipelined(
+  model: inference.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
+) -> Iterator[Outcome]:
+  """Each job's outcome, in job order, from the same three stages as `run_sequential` (so the
+  same files), overlapped: while this thread segments scan i, one background thread reads
+  scan i+1 and another writes scan i-1. At most one scan is read ahead and one write pending
+  (scan i's write starts after scan i-1's has finished), so at most three scans are held."""
+  reader = ThreadPoolExecutor(1, thread_name_prefix='predict-read')
+  writer = ThreadPoolExecutor(1, thread_name_prefix='predict-write')
+  try:
+    reading: Future[Scan] | None = reader.submit(read_scan, model, jobs[0]) if jobs else None
+    writing: tuple[Job, Future[Outcome]] | None = None
+    for i, job in enumerate(jobs):
+      current, reading = reading, None
+      if i + 1 < len(jobs):
+        reading = reader.submit(read_scan, model, jobs[i + 1])
+      try:
+        segmented, failure = segment_scan(model, current.result()), None
+      except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
+        segmented, failure = None, _failed(job, error)
+      current = None  # the volume is not needed any more
+      if writing is not None:
+        yield _written(*writing)
+        writing = None
+      if failure is not None:
+        yield failure
+      else:
+        writing = (job, writer.submit(write_scan, model, segmented, reference))
+      segmented = None
+    if writing is not None:
+      yield _written(*writing)
+  finally:
+    # Stopped early (an interrupt): the read ahead is dropped, a write under way finishes.
+    reader.shutdown(wait=True, cancel_futures=True)
+    writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _written(job: Job, writing: Future[Outcome]) -> Outcome:
+  try:
+    return writing.result()
+  except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
+    return _failed(job, error)
 
 
 def header_template(input_path: str) -> str | nib.Nifti1Image:
@@ -520,6 +723,8 @@ def predict_command(
   *,
   checkpoint: int | None = None,
   overwrite: bool = False,
+  shard: tuple[int, int] | None = None,
+  pipeline: bool = True,
   model: inference.LoadedModel | None = None,
   stream: TextIO | None = None,
   verbose: bool = False,
@@ -527,26 +732,42 @@ def predict_command(
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
   2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
   `overwrite`: replace existing files at the output paths even if predict did not write them.
-  `verbose`: raise a workdir or checkpoint mistake (with its traceback) instead of the
-  one-line refusal. `stream`: where progress and messages go (default: sys.stderr)."""
+  `shard`: (K, N), segment only shard K of N of the plan (`shard_jobs`); the plan is still
+  listed and checked whole. `pipeline`: read the next scan and write the previous one while
+  the model runs (`run_pipelined`); False runs one stage after the other (`run_sequential`);
+  the same files either way. `verbose`: raise a workdir or checkpoint mistake (with its
+  traceback) instead of the one-line refusal. `stream`: where progress and messages go
+  (default: sys.stderr)."""
   stream = sys.stderr if stream is None else stream
   try:
+    if shard is not None:
+      parse_shard(f'{shard[0]}/{shard[1]}')
     inputs, skipped = list_inputs(input_path)
-    jobs = plan_jobs(os.path.abspath(input_path), inputs, output)
-    check_overwrites(jobs, overwrite)
-    created = prepare_output_folders(jobs)
+    # The whole plan is checked in every shard, so that all of them refuse or none does.
+    plan = plan_jobs(os.path.abspath(input_path), inputs, output)
+    check_overwrites(plan, overwrite)
+    created = prepare_output_folders(plan)
   except ValueError as error:
     stream.write(f'predict: refused: {error}\n')
     return EXIT_REFUSED
+  jobs = shard_jobs(plan, shard)
   kind = 'a DICOM series folder' if os.path.isdir(inputs[0]) else 'a NIfTI file'
   for name in skipped:
     stream.write(f'predict: skipped {name} (not {kind})\n')
+  if shard is not None:
+    k, n = shard
+    stream.write(
+      f'predict: shard {k}/{n}: {len(jobs)} of the {len(plan)} scans (those at positions '
+      f'{k}, {k + n}, {k + 2 * n}, ... of the sorted inputs, counting from 0)\n'
+    )
+  # Only this shard's own outputs: another shard may be writing the others right now.
   for job in jobs:
     for leftover in remove_stale_temporaries(job.label_map) + remove_stale_temporaries(job.report):
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
     try:
-      model = inference.load_model(workdir, checkpoint)
+      # The mask head on the painting detections only (model.paint_slots_per_class).
+      model = inference.load_model(workdir, checkpoint, paint_only=True)
     except workdir_lib.USER_ERRORS as error:
       # No workdir there, no such checkpoint, or one that cannot be restored: refused, in one
       # line (predict's main shows the traceback with --verbose).
@@ -560,28 +781,33 @@ def predict_command(
       raise
   reference = load_reference(model, stream)
   bar = ProgressBar(len(jobs), stream)
-  failures: list[tuple[str, str]] = []
+  failures: list[str] = []
   flagged: list[str] = []
-  for done, job in enumerate(jobs, start=1):
-    started = time.time()
-    try:
-      report = predict_one(model, job, reference)
-      status = f'{os.path.basename(job.input)} ({time.time() - started:.1f} s)'
+  run = run_pipelined if pipeline else run_sequential
+  for done, outcome in enumerate(run(model, jobs, reference), start=1):
+    name = os.path.basename(outcome.job.input)
+    if outcome.error is not None:
+      failures.append(outcome.error)
+      bar.note(f'predict: FAILED {outcome.error}')
+      status = f'{name} FAILED'
+    else:
+      report = outcome.report
+      status = (
+        f'{name} (read {outcome.read_s:.1f} s, segment {outcome.segment_s:.1f} s, '
+        f'write {outcome.write_s:.1f} s)'
+      )
       if report['quality']['review']:
-        flagged.append(os.path.basename(job.input))
+        flagged.append(name)
         bar.note(
-          f'predict: CHECK {job.input}: '
+          f'predict: CHECK {outcome.job.input}: '
           + '; '.join(f'{f["code"]}: {f["message"]}' for f in report['quality']['flags'])
         )
-    except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
-      message = str(error) if job.input in str(error) else f'{job.input}: {error}'
-      failures.append((job.input, f'{type(error).__name__}: {message}'))
-      bar.note(f'predict: FAILED {failures[-1][1]}')
-      status = f'{os.path.basename(job.input)} FAILED'
     bar.show(done, status)
   written = len(jobs) - len(failures)
   stream.write(
-    f'predict: {written} of {len(jobs)} volumes written to {os.path.dirname(jobs[0].label_map)}\n'
+    f'predict: {written} of {len(jobs)} volumes written to {os.path.dirname(plan[0].label_map)}'
+    + (f' (shard {shard[0]}/{shard[1]})' if shard is not None else '')
+    + '\n'
   )
   if flagged:
     stream.write(
@@ -590,7 +816,7 @@ def predict_command(
     )
   if failures:
     stream.write(
-      f'predict: {len(failures)} failed:\n' + ''.join(f'  {message}\n' for _, message in failures)
+      f'predict: {len(failures)} failed:\n' + ''.join(f'  {message}\n' for message in failures)
     )
     return EXIT_FAILED_INPUTS
   return EXIT_OK
@@ -623,15 +849,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     'predictions of the same inputs (inputs are never replaced)',
   )
   parser.add_argument(
+    '--shard',
+    default=None,
+    metavar='K/N',
+    help='segment only shard K of N (K counts from 0: 0/2 and 1/2): the inputs at positions '
+    'K, K+N, ... in sorted order; N processes with the same arguments and K = 0 .. N-1 write '
+    'every scan once',
+  )
+  parser.add_argument(
+    '--sequential',
+    action='store_true',
+    help='read, segment and write one scan after the other (default: read the next scan and '
+    'write the previous one while the model runs; the same outputs)',
+  )
+  parser.add_argument(
     '--verbose', action='store_true', help='show the traceback of a workdir or checkpoint mistake'
   )
   args = parser.parse_args(argv)
+  try:
+    shard = None if args.shard is None else parse_shard(args.shard)
+  except ValueError as error:
+    sys.stderr.write(f'predict: refused: {error}\n')
+    return EXIT_REFUSED
   return predict_command(
     args.workdir,
     args.input,
     args.output,
     checkpoint=args.checkpoint,
     overwrite=args.overwrite,
+    shard=shard,
+    pipeline=not args.sequential,
     verbose=args.verbose,
   )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from data_pipelines.datasets import params as dataset_params
 from data_pipelines.datasets import sources
+from data_pipelines.phantoms import generate_knee
 from imask_jax import configs, predict, quality
 from imask_jax import workdir as workdir_lib
 
@@ -188,3 +190,44 @@ def test_a_scale_true_model_checks_only_the_extent_along_the_axes_it_resamples()
   assert predict.resampled_axes(config) == ()
   config.data.pixel_spacing_mm = 0.8
   assert predict.resampled_axes(config) == (2, 1)  # sagittal rows z, columns y
+
+
+def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(
+  smoke_workdir, smoke_model, tmp_path
+):
+  """predict restores the model with paint_only (model.paint_slots_per_class). With a slot
+  for every detection its label map is the full pass's, byte for byte; with one slot per
+  class the smoke model (which paints every detection above 0.05) leaves detections out, and
+  the report flags it."""
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  image = generate_knee(2).image  # axes I, P, L; saved as P, I, L at 0.5 x 0.5 x 1.5 mm
+  crop = np.transpose(image[36:100, 30:94, 24:32], (1, 0, 2)).astype(np.int16)
+  affine = np.array(
+    [[0.0, 0.0, -1.5, 20.0], [-0.5, 0.0, 0.0, 30.0], [0.0, -0.5, 0.0, 40.0], [0, 0, 0, 1.0]]
+  )
+  nib.save(nib.Nifti1Image(crop, affine), str(scans / 'knee.nii.gz'))
+  full = tmp_path / 'full'
+  assert (
+    predict.predict_command(
+      smoke_workdir, str(scans), str(full), model=smoke_model, stream=io.StringIO()
+    )
+    == predict.EXIT_OK
+  )
+  for slots in (int(smoke_model.config.model.max_detections), 1):
+    workdir = tmp_path / f'run_{slots}'
+    shutil.copytree(smoke_workdir, workdir)
+    config = json.loads((workdir / 'config.json').read_text())
+    config['model']['paint_slots_per_class'] = slots
+    (workdir / 'config.json').write_text(json.dumps(config))
+    out = tmp_path / f'out_{slots}'
+    status = predict.predict_command(str(workdir), str(scans), str(out), stream=io.StringIO())
+    assert status == predict.EXIT_OK
+    codes = [f['code'] for f in json.loads((out / 'knee.json').read_text())['quality']['flags']]
+    if slots > 1:
+      labels = [np.asarray(nib.load(str(d / 'knee.nii.gz')).dataobj) for d in (out, full)]
+      np.testing.assert_array_equal(*labels)
+      assert labels[0].any()
+      assert 'paint_slots_full' not in codes
+    else:
+      assert 'paint_slots_full' in codes
