@@ -46,6 +46,10 @@ class UpConv2x2(nn.Module):
     )
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if not conv_ops.prefers_product(x.shape[-1], self.features):  # narrow: Flax's own way
+      return nn.ConvTranspose(
+        self.features, (2, 2), strides=(2, 2), dtype=self.dtype, parent=None
+      ).apply({'params': {'kernel': kernel, 'bias': bias}}, x)
     n, h, w, _ = x.shape
     # Flax's transposed convolution applies the kernel flipped in both spatial axes.
     y = jnp.einsum('nhwc,abco->nhawbo', x, kernel[::-1, ::-1])

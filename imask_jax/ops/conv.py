@@ -8,7 +8,8 @@ over the whole image, to a slow path that takes 3-9x the forward's time (and mos
 step's); here it is one matrix product of the kernel taps' input patches ("im2col") with the
 output gradient, or one product per tap where the patches would be large. The forward and the
 input's gradient are XLA's own convolutions, which run at full speed. benchmarks/README.md
-("Convolution gradients") has the measurements. Any other case is passed to lax unchanged.
+("Convolution gradients") has the measurements. Any other case, and narrow convolutions
+(`MIN_CHANNEL_PRODUCT`), are passed to lax unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 # for a 3x3 kernel) instead of as one product with all taps side by side (about 20 % faster,
 # but it holds kernel-size copies of the input).
 IM2COL_MAX_BYTES = 256 * 2**20
+# Narrow convolutions (in x out channels below this) keep lax's rule, which is the faster one for
+# them: the quick start's 16-128-channel network trains slower with every conv on the product
+# path (benchmarks/README.md, "Convolution gradients").
+MIN_CHANNEL_PRODUCT = 64 * 128
+
+
+def prefers_product(in_channels: int, out_channels: int) -> bool:
+  """Whether the kernel gradient is taken as a matrix product for these channel counts."""
+  return in_channels * out_channels >= MIN_CHANNEL_PRODUCT
 
 
 def conv_general_dilated(
@@ -63,6 +73,7 @@ def conv_general_dilated(
     and undilated
     and feature_group_count == batch_group_count == 1
     and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+    and prefers_product(rhs.shape[2], rhs.shape[3])
   ):
     return plain(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)

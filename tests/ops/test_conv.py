@@ -14,6 +14,12 @@ from imask_jax.ops import conv as conv_ops
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+@pytest.fixture(autouse=True)
+def every_width_on_the_product_path(monkeypatch):
+  """The shapes here are narrow; the product path is what is under test."""
+  monkeypatch.setattr(conv_ops, 'MIN_CHANNEL_PRODUCT', 0)
+
+
 def both(x, w, **kwargs):
   """(ours, lax's) value and gradients of sum(conv * cotangent) w.r.t. input and kernel."""
   results = []
@@ -96,3 +102,11 @@ def test_flax_conv_with_it_keeps_parameters_and_gradients():
   got, want = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_narrow_convolutions_keep_lax_rule():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 6, 16))
+  kwargs = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=NHWC)
+  conv_ops.MIN_CHANNEL_PRODUCT = 64 * 128  # the module's own value (restored by the fixture)
+  assert not takes_fast_path(x, jnp.ones((3, 3, 16, 32)), **kwargs)
+  assert takes_fast_path(jnp.ones((1, 6, 6, 64)), jnp.ones((3, 3, 64, 128)), **kwargs)
