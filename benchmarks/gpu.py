@@ -244,40 +244,12 @@ def synthetic_volume(shape: tuple[int, int, int], spacing: tuple[float, ...], pl
   )
 
 
-def in_memory_model(config: Any) -> Any:
-  """An inference.LoadedModel of the config's freshly initialised model, built as load_model
-  builds one from a workdir, without the checkpoint."""
-  import functools
-
-  import jax
-
-  from data_pipelines.tissues import LabelScheme
-  from imask_jax import inference, parallel
-  from imask_jax import steps as steps_lib
-  from imask_jax.models import mask_rcnn
-
-  mesh = parallel.data_mesh()
-  model = steps_lib.build_model(config, data_parallel=False)
-  init = jax.jit(functools.partial(mask_rcnn.init_variables, model))
-  variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
-  return inference.LoadedModel(
-    workdir='',
-    config=config,
-    scheme=LabelScheme.from_config(config),
-    step=0,
-    variables=variables,
-    # predict's path: the mask head on the painting slots where the experiment sets them.
-    detect=steps_lib.make_detect_fn(model, mesh, paint_only=config.model.paint_slots_per_class > 0),
-    mesh=mesh,
-    batch_size=int(config.eval.batch_size),
-  )
-
-
 def time_inference(config: Any, run: dict[str, Any]) -> dict[str, Any]:
   """Times predict_volume on a synthetic volume (module docstring)."""
   from imask_jax import inference, input_pipeline
 
-  model = in_memory_model(config)
+  # predict's path: the mask head on the painting slots where the experiment sets them.
+  model = inference.initialised_model(config, paint_only=True)
   volume = synthetic_volume(tuple(run['volume']), tuple(run['volume_spacing']), config.data.plane)
   labelled = []
 

@@ -119,12 +119,7 @@ def load_model(
       f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: {steps}'
     )
   mesh = parallel.data_mesh()
-  batch_size = int(config.eval.batch_size)
-  if batch_size < 1 or batch_size % jax.device_count():
-    raise ValueError(
-      f'config eval.batch_size={batch_size} must be a positive multiple of the '
-      f'device count ({jax.device_count()})'
-    )
+  _eval_batch_size(config)
   model = steps_lib.build_model(config, data_parallel=False)
   # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
   template = jax.eval_shape(
@@ -141,15 +136,44 @@ def load_model(
     ) from error
   finally:
     manager.close()
+  return _loaded(workdir, config, int(step), model, variables, mesh, paint_only)
+
+
+def initialised_model(
+  config: ml_collections.ConfigDict, *, paint_only: bool = False
+) -> LoadedModel:
+  """The config's model freshly initialised (seed config.seed), assembled as load_model
+  assembles a restored one (paint_only as there): for tests and benchmarks that need the real
+  network without a checkpoint. Its workdir is '' and its step 0."""
+  mesh = parallel.data_mesh()
+  _eval_batch_size(config)
+  model = steps_lib.build_model(config, data_parallel=False)
+  init = jax.jit(functools.partial(mask_rcnn.init_variables, model))
+  variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
+  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
+  return _loaded('', config, 0, model, variables, mesh, paint_only)
+
+
+def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  batch_size = int(config.eval.batch_size)
+  if batch_size < 1 or batch_size % jax.device_count():
+    raise ValueError(
+      f'config eval.batch_size={batch_size} must be a positive multiple of the '
+      f'device count ({jax.device_count()})'
+    )
+  return batch_size
+
+
+def _loaded(workdir, config, step, model, variables, mesh, paint_only) -> LoadedModel:
   return LoadedModel(
     workdir=workdir,
     config=config,
-    scheme=scheme,
-    step=int(step),
+    scheme=LabelScheme.from_config(config),
+    step=step,
     variables=variables,
     detect=steps_lib.make_detect_fn(model, mesh, paint_only),
     mesh=mesh,
-    batch_size=batch_size,
+    batch_size=_eval_batch_size(config),
   )
 
 

@@ -19,14 +19,15 @@ dropped from the name) or series folder `<name>` gets
                       rows, slices] and its geometry in RAS+, so it overlays the series in
                       ITK-SNAP or 3D Slicer), the input NIfTI's header otherwise, uint8 label
                       values of the config (data.class_label_values)
-  OUT/<name>.json     the report: tissue volumes in mL; knee: mean and regional cartilage
-                      thickness; hip: effusion volume (right, left, total); "quality": flags
-                      of a probably wrong prediction (imask_jax/quality.py states the rules:
-                      blank image, no or low-scoring detections, a tissue missing or far
-                      outside the training volumes, spacing or size far from the training
-                      data), also printed as one CHECK line per flagged scan; the scan's
-                      in-plane pixel spacing beside the one the network ran at
-                      (slice_pixel_spacing_mm, network_pixel_spacing_mm, resampling)
+  OUT/<name>.json     the report (imask_jax/scan_report.py): tissue volumes in mL; knee:
+                      mean and regional cartilage thickness; hip: effusion volume (right,
+                      left, total); "quality": flags of a probably wrong prediction
+                      (imask_jax/quality.py states the rules: blank image, no or low-scoring
+                      detections, a tissue missing or far outside the training volumes,
+                      spacing or size far from the training data), also printed as one
+                      CHECK line per flagged scan; the scan's in-plane pixel spacing beside
+                      the one the network ran at (slice_pixel_spacing_mm,
+                      network_pixel_spacing_mm, resampling)
 For a single input file or series folder (a, c) OUT may instead be the label map's own name
 (ending in .nii or .nii.gz); the report then goes beside it, with .json in place of the NIfTI
 suffix.
@@ -60,15 +61,6 @@ shards refuse or none does, and a shard that starts late sees the others' files 
 predictions; it removes stale temporaries of, and writes, only its own scans. The inputs must
 not change while the shards start: each lists them itself. Throughput on 2 CPU cores:
 benchmarks/README.md ("Predict throughput").
-
-Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
-cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
-posterior [-180, -45), central [-45, 45) and anterior [45, 180] deg bands, each split into the
-patient's right (axial >= 0) and left half at the mean left-right position of the femoral
-bone-cartilage interface; the tibial map into right and left halves at the mean left-right
-position of its interface. Right/left, not medial/lateral: which is medial depends on the
-knee's side, which a NIfTI file does not record. A region's value is the mean over its filled
-map cells (mm), null where it has none.
 """
 
 from __future__ import annotations
@@ -76,7 +68,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -89,20 +80,14 @@ from typing import Any, TextIO
 import nibabel as nib
 import numpy as np
 
-from data_pipelines import dicom_io, nifti_io, orientation, readers
+from data_pipelines import dicom_io, nifti_io, readers
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
-from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, inference, metrics, quality
+from imask_jax import inference, quality, scan_report
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import VolumePrediction
 
 NNUNET_CHANNEL_SUFFIX = '_0000'
-FEMORAL_BANDS_DEG = {
-  'posterior': (-180.0, -45.0),
-  'central': (-45.0, 45.0),
-  'anterior': (45.0, 180.0),
-}
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
 
 
@@ -318,153 +303,7 @@ def _remove_empty_folders(folders: Sequence[str]) -> None:
       return
 
 
-# --- the report ---------------------------------------------------------------------------------
-
-
-def _finite_or_none(value: float) -> float | None:
-  return float(value) if math.isfinite(value) else None
-
-
-def _mean_cells(cells: np.ndarray) -> float | None:
-  filled = cells[np.isfinite(cells)]
-  return float(filled.mean()) if filled.size else None
-
-
-def femoral_thickness(
-  label_map: np.ndarray,
-  spacing: Sequence[float],
-  knee: metrics.KneeLabelValues,
-  method: str = 'nearest',
-) -> dict[str, Any]:
-  """Mean and regional femoral cartilage thickness (mm) of a canonical label map, measured
-  with thickness `method` (metrics.interface_thickness)."""
-  try:
-    m = metrics.femoral_thickness_map(
-      label_map,
-      spacing,
-      labels=knee,
-      angle_bin_deg=metrics.femoral_angle_bin_deg(spacing),
-      method=method,
-    )
-  except ValueError as error:  # too little cartilage on the femur to fit the cylinder
-    return {'status': 'not_measured', 'reason': str(error)}
-  rows, cols = m.row_centers, m.col_centers
-  regions = {}
-  for band, (low, high) in FEMORAL_BANDS_DEG.items():
-    in_band = (rows >= low) & ((rows < high) if high < 180 else (rows <= high))
-    for side, in_side in (('right', cols >= 0), ('left', cols < 0)):
-      regions[f'{band}_{side}'] = _mean_cells(m.thickness_mm[np.ix_(in_band, in_side)])
-  return {
-    'status': 'measured',
-    'mean_mm': _finite_or_none(m.mean_thickness_mm),
-    'regions_mm': regions,
-    'map_cells': int(np.isfinite(m.thickness_mm).sum()),
-    'angle_bin_deg': float(m.row_edges[1] - m.row_edges[0]),
-    'axial_bin_mm': float(m.col_edges[1] - m.col_edges[0]),
-    'cylinder_radius_mm': m.cylinder.radius_mm,
-  }
-
-
-def tibial_thickness(
-  label_map: np.ndarray,
-  spacing: Sequence[float],
-  knee: metrics.KneeLabelValues,
-  method: str = 'nearest',
-) -> dict[str, Any]:
-  """Mean and right/left tibial cartilage thickness (mm) of a canonical label map, measured
-  with thickness `method` (metrics.interface_thickness)."""
-  m = metrics.tibial_thickness_map(label_map, spacing, labels=knee, method=method)
-  if len(m.points.thickness_mm) == 0:
-    return {
-      'status': 'not_measured',
-      'reason': f'no tibial cartilage (label {knee.tibial_cartilage}) touches the tibia '
-      f'(label {knee.tibia})',
-    }
-  centre = float(m.points.positions_mm[:, 0].mean())
-  cols = m.col_centers
-  regions = {
-    'right': _mean_cells(m.thickness_mm[:, cols >= centre]),
-    'left': _mean_cells(m.thickness_mm[:, cols < centre]),
-  }
-  return {
-    'status': 'measured',
-    'mean_mm': _finite_or_none(m.mean_thickness_mm),
-    'regions_mm': regions,
-    'map_cells': int(np.isfinite(m.thickness_mm).sum()),
-    'bin_mm': float(m.col_edges[1] - m.col_edges[0]),
-  }
-
-
-def volume_report(
-  prediction: VolumePrediction,
-  scheme: LabelScheme,
-  job: Job,
-  model: inference.LoadedModel,
-  *,
-  image_constant: bool = False,
-  reference: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-  """The JSON report of one predicted volume (see the module docstring). `reference`: the
-  training reference of quality.py (None skips the checks that need it); image_constant:
-  whether every voxel of the input has one value."""
-  spacing = prediction.spacing
-  volumes = metrics.volumes_ml_per_label(prediction.canonical, spacing, scheme.label_values)
-  report: dict[str, Any] = {
-    'input': job.input,
-    'label_map': job.label_map,
-    'workdir': os.path.abspath(model.workdir),
-    'checkpoint_step': model.step,
-    'plane': prediction.plane,
-    'shape': list(prediction.label_map.shape),
-    'voxel_size_mm': list(nifti_io.affine_zooms(prediction.grid.affine)),
-    # The in-plane pixel of the scan's slices and of the network input it was resampled to.
-    'slice_pixel_spacing_mm': list(prediction.slice_spacing),
-    'network_pixel_spacing_mm': (
-      None if prediction.network_spacing is None else list(prediction.network_spacing)
-    ),
-    'network_input_size': None
-    if prediction.network_size is None
-    else list(prediction.network_size),
-    'resampling': 'resize to fit'
-    if not model.config.data.get('pixel_spacing_mm')
-    else f'scale-true at {float(model.config.data.pixel_spacing_mm):g} mm',
-    'labels': {name: value for value, name in scheme.names_by_value.items()},
-    'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
-  }
-  if scheme.knee is not None:
-    method = configs.thickness_method(model.config)
-    report['cartilage_thickness'] = {
-      'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee, method),
-      'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee, method),
-      'method': method,
-      'regions': 'patient right/left (not medial/lateral); see imask_jax/predict.py',
-    }
-  if scheme.effusion_value is not None:
-    report['effusion_ml'] = metrics.effusion_ml_by_side(
-      prediction.canonical, spacing, scheme.effusion_value
-    )
-  scores = [inst.score for slice_ in prediction.instances or () for inst in slice_]
-  report['quality'] = quality.quality_flags(
-    image_constant=image_constant,
-    volumes_ml=report['volumes_ml'],
-    spacing=spacing,
-    shape=prediction.canonical.shape,
-    scores=scores,
-    score_threshold=float(model.config.model.label_score_threshold),
-    reference=reference,
-    resampled_axes=resampled_axes(model.config),
-    unpainted=prediction.unpainted_detections,
-  )
-  return report
-
-
-def resampled_axes(config: Any) -> tuple[int, ...]:
-  """The canonical axes a scale-true model resamples to its pixel size: the slice plane's rows
-  and columns (none when it resizes to fit)."""
-  if not config.data.get('pixel_spacing_mm'):
-    return ()
-  axes = orientation.plane_axes(str(config.data.plane))
-  return (axes.row_axis, axes.col_axis)
+# --- files ---------------------------------------------------------------------------------------
 
 
 def write_json(path: str, obj: Any) -> str:
@@ -571,11 +410,11 @@ def write_scan(
   path is put back as it was."""
   started = time.perf_counter()
   job, prediction = segmented.job, segmented.prediction
-  report = volume_report(
+  report = scan_report.volume_report(
     prediction,
-    model.scheme,
-    job,
     model,
+    input_path=job.input,
+    label_map_path=job.label_map,
     reference=reference,
     image_constant=segmented.image_constant,
   )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.phantoms import generate_knee
-from imask_jax import metrics, predict
+from imask_jax import metrics, predict, scan_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,14 +324,13 @@ def test_tibial_regions_of_a_flat_plate_are_exact():
   labels = np.zeros((20, 16, 12), np.uint8)
   labels[:, :, :4] = 3
   labels[:, :, 4:8] = 4
-  report = predict.tibial_thickness(labels, spacing, metrics.KneeLabelValues())
+  report = scan_report.tibial_thickness(labels, spacing, metrics.KneeLabelValues())
   assert report['status'] == 'measured'
   assert report['mean_mm'] == pytest.approx(4 * 0.7)
   assert report['regions_mm'] == {'right': pytest.approx(2.8), 'left': pytest.approx(2.8)}
   labels[:, :, 4:8] = 0
-  assert (
-    predict.tibial_thickness(labels, spacing, metrics.KneeLabelValues())['status'] == 'not_measured'
-  )
+  missing = scan_report.tibial_thickness(labels, spacing, metrics.KneeLabelValues())
+  assert missing['status'] == 'not_measured'
 
 
 def test_the_normal_method_reads_an_oblique_plate_true_where_the_nearest_reads_it_low():
@@ -347,8 +346,8 @@ def test_the_normal_method_reads_an_oblique_plate_true_where_the_nearest_reads_i
   labels[height < 0] = 3
   labels[(height >= 0) & (height < 2.0)] = 4
   knee = metrics.KneeLabelValues()
-  nearest = predict.tibial_thickness(labels, spacing, knee, 'nearest')['mean_mm']
-  surface_normal = predict.tibial_thickness(labels, spacing, knee, 'normal')['mean_mm']
+  nearest = scan_report.tibial_thickness(labels, spacing, knee, 'nearest')['mean_mm']
+  surface_normal = scan_report.tibial_thickness(labels, spacing, knee, 'normal')['mean_mm']
   assert surface_normal == pytest.approx(2.0, abs=0.02)
   assert nearest == pytest.approx(1.9, abs=0.03)
 
@@ -377,7 +376,7 @@ def test_femoral_regions_of_a_cylindrical_shell():
   # Shell over -150..150 deg: the central band holds no rim (thickness tapers within one
   # thickness of a rim, by the minimal-distance definition), so it reads the shell's 2 mm.
   labels, spacing = _femur_with_shell((-150, 150))
-  report = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
+  report = scan_report.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
   assert report['status'] == 'measured'
   assert report['cylinder_radius_mm'] == pytest.approx(12.0, abs=0.2)
   regions = report['regions_mm']
@@ -387,16 +386,16 @@ def test_femoral_regions_of_a_cylindrical_shell():
   # 3 mm on the patient's right half: the right regions read it (less within about a
   # thickness of the step between the halves, the minimal-distance taper again).
   labels, spacing = _femur_with_shell((-150, 150), right_thickness=3.0)
-  regions = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
+  regions = scan_report.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
   assert regions['central_left'] == pytest.approx(2.0, abs=0.15)
   assert regions['central_right'] == pytest.approx(3.0, abs=0.25)
   # Shell over 50..150 deg only: nothing in the central and posterior bands.
   labels, spacing = _femur_with_shell((50, 150))
-  regions = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
+  regions = scan_report.femoral_thickness(labels, spacing, metrics.KneeLabelValues())['regions_mm']
   for side in ('left', 'right'):
     assert regions[f'central_{side}'] is None and regions[f'posterior_{side}'] is None
     assert regions[f'anterior_{side}'] == pytest.approx(2.0, abs=0.5)
   # No cartilage on the femur: reported as not measured, with the reason.
   labels[labels == 2] = 0
-  missing = predict.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
+  missing = scan_report.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
   assert missing['status'] == 'not_measured' and 'at least 6' in missing['reason']

@@ -16,7 +16,7 @@ import pytest
 from data_pipelines.datasets import params as dataset_params
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, predict, quality
+from imask_jax import configs, predict, quality, scan_report
 from imask_jax import workdir as workdir_lib
 
 # A reference as compute_reference writes it: 10 training volumes.
@@ -187,9 +187,9 @@ def test_a_scale_true_model_checks_only_the_extent_along_the_axes_it_resamples()
   assert _codes(spacing=(1.2, 0.2, 0.2), shape=(50, 500, 100), resampled_axes=(2, 1)) == ['size']
   assert _codes(spacing=(3.5, 0.6, 0.6), shape=(20, 120, 120), resampled_axes=(2, 1)) == ['spacing']
   config = configs.default_config()
-  assert predict.resampled_axes(config) == ()
+  assert scan_report.resampled_axes(config) == ()
   config.data.pixel_spacing_mm = 0.8
-  assert predict.resampled_axes(config) == (2, 1)  # sagittal rows z, columns y
+  assert scan_report.resampled_axes(config) == (2, 1)  # sagittal rows z, columns y
 
 
 def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(

@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import tensorflow as tf
 
-from data_pipelines import instances, readers, tissues
+from data_pipelines import instances, readers
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, inference, input_pipeline, parallel, steps
+from imask_jax import configs, inference, input_pipeline
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
 from tests.conftest import experiment_config
@@ -234,19 +233,7 @@ def untrained_model():
   """The smoke experiment's tiny network, scale-true at 1.6 mm, freshly initialised."""
   config = experiment_config('phantom_knee', 'smoke')
   assert config.data.pixel_spacing_mm == pytest.approx(1.6)
-  model = steps.build_model(config, data_parallel=False)
-  variables = jax.jit(lambda key: mask_rcnn.init_variables(model, key))(jax.random.PRNGKey(0))
-  mesh = parallel.data_mesh()
-  return inference.LoadedModel(
-    workdir='untrained',
-    config=config,
-    scheme=tissues.LabelScheme.from_config(config),
-    step=0,
-    variables=variables,
-    detect=steps.make_detect_fn(model, mesh),
-    mesh=mesh,
-    batch_size=int(config.eval.batch_size),
-  )
+  return inference.initialised_model(config)
 
 
 def _scan(folder, rows, cols, spacing_mm, slices=3):
