@@ -28,7 +28,9 @@ class UpConv2x2(nn.Module):
   shuffle: at stride 2 the 2x2 taps do not overlap, so each input pixel's channels map to its
   2x2 output block by a [C, 2 * 2 * O] matrix. The same parameters (kernel [2, 2, C, O], bias
   [O]) and values as Flax's; its gradients are plain matrix products, where XLA:CPU's
-  transposed-convolution kernel gradient is slow (see `ops.conv`).
+  transposed-convolution kernel gradient is slow (see `ops.conv`): 8-25x faster forward +
+  gradients at 16-64 channels (benchmarks/README.md, "Convolution gradients"), so unlike
+  `Conv` it has no width rule.
 
   Call: `[N, H, W, C]` -> `[N, 2H, 2W, O]`.
   """
@@ -46,10 +48,6 @@ class UpConv2x2(nn.Module):
     )
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if not conv_ops.prefers_product(x.shape[-1], self.features):  # narrow: Flax's own way
-      return nn.ConvTranspose(
-        self.features, (2, 2), strides=(2, 2), dtype=self.dtype, parent=None
-      ).apply({'params': {'kernel': kernel, 'bias': bias}}, x)
     n, h, w, _ = x.shape
     # Flax's transposed convolution applies the kernel flipped in both spatial axes.
     y = jnp.einsum('nhwc,abco->nhawbo', x, kernel[::-1, ::-1])

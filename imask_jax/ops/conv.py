@@ -9,7 +9,7 @@ step's); here it is one matrix product of the kernel taps' input patches ("im2co
 output gradient, or one product per tap where the patches would be large. The forward and the
 input's gradient are XLA's own convolutions, which run at full speed. benchmarks/README.md
 ("Convolution gradients") has the measurements. Any other case, and narrow convolutions
-(`MIN_CHANNEL_PRODUCT`), are passed to lax unchanged.
+wider than 1 x 1 (`prefers_product`), are passed to lax unchanged.
 """
 
 from __future__ import annotations
@@ -30,15 +30,18 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 # for a 3x3 kernel) instead of as one product with all taps side by side (about 20 % faster,
 # but it holds kernel-size copies of the input).
 IM2COL_MAX_BYTES = 256 * 2**20
-# Narrow convolutions (in x out channels below this) keep lax's rule, which is the faster one for
-# them: the quick start's 16-128-channel network trains slower with every conv on the product
-# path (benchmarks/README.md, "Convolution gradients").
+# Narrow convolutions with a kernel wider than 1 x 1 (in x out channels below this) keep lax's
+# rule, which is the faster one for them: a 3x3 conv of 32 -> 16 channels took twice lax's
+# time on the product path. A 1 x 1 conv always takes the product, whose patches are the input
+# itself (no copies). benchmarks/README.md, "Convolution gradients".
 MIN_CHANNEL_PRODUCT = 64 * 128
 
 
-def prefers_product(in_channels: int, out_channels: int) -> bool:
-  """Whether the kernel gradient is taken as a matrix product for these channel counts."""
-  return in_channels * out_channels >= MIN_CHANNEL_PRODUCT
+def prefers_product(kernel_shape: Sequence[int]) -> bool:
+  """Whether the kernel gradient of an HWIO kernel of this shape is taken as a matrix
+  product (else lax's rule)."""
+  kh, kw, in_channels, out_channels = kernel_shape
+  return (kh, kw) == (1, 1) or in_channels * out_channels >= MIN_CHANNEL_PRODUCT
 
 
 def conv_general_dilated(
@@ -73,7 +76,7 @@ def conv_general_dilated(
     and undilated
     and feature_group_count == batch_group_count == 1
     and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
-    and prefers_product(rhs.shape[2], rhs.shape[3])
+    and prefers_product(rhs.shape)
   ):
     return plain(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)

@@ -110,3 +110,5 @@ def test_narrow_convolutions_keep_lax_rule():
   conv_ops.MIN_CHANNEL_PRODUCT = 64 * 128  # the module's own value (restored by the fixture)
   assert not takes_fast_path(x, jnp.ones((3, 3, 16, 32)), **kwargs)
   assert takes_fast_path(jnp.ones((1, 6, 6, 64)), jnp.ones((3, 3, 64, 128)), **kwargs)
+  # A 1 x 1 kernel's patches are the input itself: it always takes the product.
+  assert takes_fast_path(x, jnp.ones((1, 1, 16, 4)), **kwargs)
