@@ -5,8 +5,8 @@ takes it as its `conv_general_dilated`) and the same values and gradients. What 
 the kernel's gradient is computed for the common case (NHWC input, HWIO kernel, no dilation, one
 group): XLA:CPU lowers jax's own rule, a convolution whose "kernel" is the output gradient
 over the whole image, to a slow path that takes 3-9x the forward's time (and most of a training
-step's); here it is one matrix product of the kernel taps' input patches ("im2col") with the
-output gradient, or one product per tap where the patches would be large. The forward and the
+step's); here it is one matrix product per kernel tap, of that tap's window of the input with
+the output gradient. The forward and the
 input's gradient are XLA's own convolutions, which run at full speed. benchmarks/README.md
 ("Convolution gradients") has the measurements. Any other case, and narrow convolutions
 wider than 1 x 1 (`prefers_product`), are passed to lax unchanged.
@@ -26,14 +26,10 @@ Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-# Above this many bytes of input patches the weight gradient is taken tap by tap (9 products
-# for a 3x3 kernel) instead of as one product with all taps side by side (about 20 % faster,
-# but it holds kernel-size copies of the input).
-IM2COL_MAX_BYTES = 256 * 2**20
 # Narrow convolutions with a kernel wider than 1 x 1 (in x out channels below this) keep lax's
 # rule, which is the faster one for them: a 3x3 conv of 32 -> 16 channels took twice lax's
-# time on the product path. A 1 x 1 conv always takes the product, whose patches are the input
-# itself (no copies). benchmarks/README.md, "Convolution gradients".
+# time on the product path. A 1 x 1 conv always takes the product, whose one window is the input
+# itself (no copy). benchmarks/README.md, "Convolution gradients".
 MIN_CHANNEL_PRODUCT = 64 * 128
 
 
@@ -141,7 +137,7 @@ def kernel_gradient(
 
   dw[i, j, c, o] = sum over n, y, x of padded[n, y * sy + i, x * sx + j, c] * grad[n, y, x, o]:
   for each kernel tap (i, j) a strided window of the padded input, contracted with the output
-  gradient over all output pixels.
+  gradient over all output pixels, one tap after the other.
 
   Args:
     inputs: [N, H, W, C]; grad: [N, Ho, Wo, O] (the convolution's output shape);
@@ -155,23 +151,22 @@ def kernel_gradient(
   padded = lax.pad(
     inputs, jnp.zeros((), inputs.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))
   )
+  flat_grad = grad.reshape(n * ho * wo, o)
+  span = ((ho - 1) * sy + 1, (wo - 1) * sx + 1)
 
-  def tap(i: int, j: int) -> Array:  # [N * Ho * Wo, C]
-    window = lax.slice(
-      padded, (0, i, j, 0), (n, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c), (1, sy, sx, 1)
-    )
-    return window.reshape(n * ho * wo, c)
-
-  def product(patches: Array) -> Array:  # patches^T @ grad, contracted over output pixels
-    return lax.dot_general(
-      patches,
-      grad.reshape(n * ho * wo, o),
+  def tap(carry: None, index: Array) -> tuple[None, Array]:  # one tap's [C, O]
+    window = lax.dynamic_slice(padded, (0, index // kw, index % kw, 0), (n, *span, c))
+    window = window[:, ::sy, ::sx, :]  # [N, Ho, Wo, C]
+    product = lax.dot_general(
+      window.reshape(n * ho * wo, c),
+      flat_grad,
       (((0,), (0,)), ((), ())),
       preferred_element_type=jnp.float32,
     )
+    return carry, product
 
-  taps = [(i, j) for i in range(kh) for j in range(kw)]
-  if len(taps) * n * ho * wo * c * inputs.dtype.itemsize <= IM2COL_MAX_BYTES:
-    patches = jnp.concatenate([tap(i, j) for i, j in taps], axis=1)  # [N Ho Wo, kh kw C]
-    return product(patches).reshape(kh, kw, c, o)
-  return jnp.stack([product(tap(i, j)) for i, j in taps]).reshape(kh, kw, c, o)
+  # A scan, not a Python loop: it makes the taps run one after the other, so one window copy
+  # is alive at a time. Unrolled, XLA:CPU kept many alive (2 GiB more temporaries in the
+  # paper's 1024-pixel step) and ran 1.3-2x slower (benchmarks/README.md).
+  _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
+  return taps.reshape(kh, kw, c, o)

@@ -57,14 +57,26 @@ def test_fast_path_matches_lax_in_value_and_gradients(shape, kernel, strides, pa
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_large_inputs_take_the_kernel_gradient_tap_by_tap(monkeypatch):
-  """Above IM2COL_MAX_BYTES the per-tap products give the same gradient."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 10, 4))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
-  kwargs = dict(window_strides=(2, 1), padding='SAME', dimension_numbers=NHWC)
-  monkeypatch.setattr(conv_ops, 'IM2COL_MAX_BYTES', 0)
-  ours, theirs = both(x, w, **kwargs)
-  np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-4, atol=1e-4)
+def test_kernel_gradient_is_the_sum_over_output_pixels_of_window_times_gradient():
+  """kernel_gradient against the definition, written as NumPy loops (uneven strides and
+  asymmetric padding)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, 9, 3)).astype(np.float32)
+  strides, pads = (2, 1), ((1, 2), (0, 1))
+  kh, kw, out = 3, 2, 4
+  padded = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (padded.shape[1] - kh) // strides[0] + 1
+  wo = (padded.shape[2] - kw) // strides[1] + 1
+  grad = rng.normal(size=(2, ho, wo, out)).astype(np.float32)
+  want = np.zeros((kh, kw, 3, out))
+  for i in range(kh):
+    for j in range(kw):
+      for y in range(ho):
+        for xx in range(wo):
+          pixel = padded[:, y * strides[0] + i, xx * strides[1] + j, :]  # [N, C]
+          want[i, j] += pixel.T.astype(np.float64) @ grad[:, y, xx, :]
+  got = conv_ops.kernel_gradient(jnp.asarray(x), jnp.asarray(grad), (kh, kw, 3, out), strides, pads)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
