@@ -119,7 +119,7 @@ def load_model(
       f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: {steps}'
     )
   mesh = parallel.data_mesh()
-  _eval_batch_size(config)
+  batch_size = _eval_batch_size(config)
   model = steps_lib.build_model(config, data_parallel=False)
   # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
   template = jax.eval_shape(
@@ -136,7 +136,7 @@ def load_model(
     ) from error
   finally:
     manager.close()
-  return _loaded(workdir, config, int(step), model, variables, mesh, paint_only)
+  return _loaded(workdir, config, int(step), model, variables, mesh, batch_size, paint_only)
 
 
 def initialised_model(
@@ -146,12 +146,12 @@ def initialised_model(
   assembles a restored one (paint_only as there): for tests and benchmarks that need the real
   network without a checkpoint. Its workdir is '' and its step 0."""
   mesh = parallel.data_mesh()
-  _eval_batch_size(config)
+  batch_size = _eval_batch_size(config)
   model = steps_lib.build_model(config, data_parallel=False)
   init = jax.jit(functools.partial(mask_rcnn.init_variables, model))
   variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
   paint_only = paint_only and configs.paint_slots_per_class(config) > 0
-  return _loaded('', config, 0, model, variables, mesh, paint_only)
+  return _loaded('', config, 0, model, variables, mesh, batch_size, paint_only)
 
 
 def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -164,7 +164,7 @@ def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return batch_size
 
 
-def _loaded(workdir, config, step, model, variables, mesh, paint_only) -> LoadedModel:
+def _loaded(workdir, config, step, model, variables, mesh, batch_size, paint_only) -> LoadedModel:
   return LoadedModel(
     workdir=workdir,
     config=config,
@@ -173,7 +173,7 @@ def _loaded(workdir, config, step, model, variables, mesh, paint_only) -> Loaded
     variables=variables,
     detect=steps_lib.make_detect_fn(model, mesh, paint_only),
     mesh=mesh,
-    batch_size=_eval_batch_size(config),
+    batch_size=batch_size,
   )
 
 

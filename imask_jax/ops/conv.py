@@ -6,10 +6,10 @@ the kernel's gradient is computed for the common case (NHWC input, HWIO kernel, 
 group): XLA:CPU lowers jax's own rule, a convolution whose "kernel" is the output gradient
 over the whole image, to a slow path that takes 3-9x the forward's time (and most of a training
 step's); here it is one matrix product per kernel tap, of that tap's window of the input with
-the output gradient. The forward and the
-input's gradient are XLA's own convolutions, which run at full speed. benchmarks/README.md
-("Convolution gradients") has the measurements. Any other case, and narrow convolutions
-wider than 1 x 1 (`prefers_product`), are passed to lax unchanged.
+the output gradient. The forward and the input's gradient are XLA's own convolutions, which run
+at full speed. benchmarks/README.md ("Convolution gradients") has the measurements. Any other
+case, and narrow convolutions wider than 1 x 1 (`prefers_product`), are passed to lax
+unchanged.
 """
 
 from __future__ import annotations
