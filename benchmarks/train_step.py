@@ -38,8 +38,13 @@ Every (framework, head, size, mode) runs in its own subprocess, pinned to the sa
 own peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, compile included for ours).
 Reported: compile time (ours: lower + compile, ahead of time; torchvision has none), the
 first call after it, the median wall and CPU time of `--repeats` calls after `--warmup`,
-images/s from the median, peak RSS, and the ratios ours/torchvision and imask/standard. The
-machine is shared and noisy: compare ratios, quote medians; CPU time is the steadier figure.
+images/s from the median, peak RSS, and the ratios ours/torchvision and imask/standard. For
+ours also the peak RSS before the first call (compile and initialisation; the process's high
+mark so far; the compiler's freed memory is returned to the OS first, as the trainer does)
+and XLA's buffer plan of the compiled function (`memory_analysis()`: arguments +
+temporaries, what one call needs besides the process itself). `--remat` builds ours with
+`model.remat` (the backbone's activations recomputed in the backward pass). The machine is
+shared and noisy: compare ratios, quote medians; CPU time is the steadier figure.
 """
 
 from __future__ import annotations
@@ -167,6 +172,7 @@ def model_spec(
   fine_dim: int = FINE_DIM,
   fuse_convs: int = FUSE_CONVS,
   paint_slots_per_class: int = 0,
+  remat: bool = False,
 ) -> Any:
   """Our ModelSpec with the settings of the module docstring."""
   from imask_jax import parallel
@@ -181,6 +187,7 @@ def model_spec(
     norm='batch',
     width=64,
     fpn_dim=256,
+    remat=remat,
     axis_name=parallel.DATA_AXIS if data_parallel else None,
     anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0),
     anchor_ratios=(0.5, 1.0, 2.0),
@@ -226,7 +233,7 @@ def jax_worker(
   import jax
   import optax
 
-  from imask_jax import parallel, steps
+  from imask_jax import host_memory, parallel, steps
   from imask_jax.models.mask_rcnn import MaskRCNN
 
   data = dict(np.load(data_path))
@@ -249,6 +256,10 @@ def jax_worker(
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
+  host_memory.release_freed_memory()  # as the trainer does (steps.compile_together)
+  compiled_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  plan = compiled.memory_analysis()
+  plan_mb = (plan.argument_size_in_bytes + plan.temp_size_in_bytes) / 2**20
 
   def call() -> dict[str, float]:
     out = compiled(*args)
@@ -283,6 +294,8 @@ def jax_worker(
     'median_s': statistics.median(wall),
     'median_cpu_s': statistics.median(cpu),
     'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    'compiled_rss_mb': compiled_rss_mb,
+    'plan_mb': plan_mb,
     'first': first,
     'last': infos[-1] if infos else first,
   }
@@ -549,7 +562,7 @@ def run_worker(
       str(args.fuse_convs),
       '--paint_slots',
       str(args.paint_slots),
-    ]
+    ] + (['--remat'] if args.remat else [])
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   try:
     proc = subprocess.run(
@@ -611,6 +624,8 @@ HEADER = [
   'CPU s',
   'img/s',
   'peak RSS MiB',
+  'RSS after compile MiB',
+  'XLA plan MiB',
   'pos ROIs',
   'x torchvision',
   'imask / std',
@@ -645,6 +660,8 @@ def table_rows(
           fmt(r['median_cpu_s'], '.2f'),
           fmt(batch / r['median_s'], '.2f'),
           fmt(r['peak_rss_mb'], '.0f'),
+          fmt(r.get('compiled_rss_mb'), '.0f'),
+          fmt(r.get('plan_mb'), '.0f'),
           '-' if not positives else f'{statistics.median(positives):.0f}',
           fmt(ratio(r, torch_r) if framework == 'ours' else None, '.2f'),
           fmt(ratio(r, standard_r) if head == 'imask' else None, '.2f'),
@@ -732,6 +749,11 @@ def main() -> None:
     '(model.paint_slots_per_class; 0 = on all --max detections, as torchvision does)',
   )
   parser.add_argument(
+    '--remat',
+    action='store_true',
+    help="ours: recompute the backbone's activations in the backward pass (model.remat)",
+  )
+  parser.add_argument(
     '--pieces',
     action='store_true',
     help='instead of the comparison, time the pieces of our train step',
@@ -756,6 +778,7 @@ def main() -> None:
     fine_dim=args.fine_dim,
     fuse_convs=args.fuse_convs,
     paint_slots_per_class=args.paint_slots,
+    remat=args.remat,
   )
   if args.worker:
     sys.path.insert(0, str(REPO))
@@ -809,6 +832,7 @@ def main() -> None:
     f'# {datetime.date.today()}  {"  ".join(versions.values())}  {THREADS} threads  '
     f'batch {args.batch}  mask ROIs/image {args.mask_rois}  imask fine_dim '
     f'{args.fine_dim}, {args.fuse_convs} fusion conv(s)  paint slots/class {args.paint_slots}  '
+    f'remat {"on" if args.remat else "off"}  '
     f'warmup {args.warmup}, median of '
     f'{args.repeats} (torchvision {args.torch_repeats}), {args.rounds} round(s)  '
     f'load average {os.getloadavg()[0]:.1f}'

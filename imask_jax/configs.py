@@ -78,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.width = 64  # backbone base width (64 = published)
   m.init_from = ''  # convert_weights file to start from ('' = random init)
   m.fpn_dim = 256
+  # Recompute the backbone body's activations block by block in the backward pass instead of
+  # keeping them: less memory at large inputs for one more forward through the body.
+  m.remat = False
   m.dtype = 'float32'  # compute dtype: float32 or bfloat16 (params stay float32)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   m.anchor_sizes = (16, 32, 64, 128, 256)  # one per level P2-P6, in input pixels
@@ -186,7 +189,8 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
 
   ResNet-101-FPN with the iMask head; Adam at 1e-3 for 300 epochs. Where the paper is silent:
   group norm (no COCO pre-training offline), a 1000-step linear warm-up before the constant
-  rate, anchors and the FPN level rule scaled to 1024-pixel inputs as in Mask R-CNN.
+  rate, anchors and the FPN level rule scaled to 1024-pixel inputs as in Mask R-CNN, and the
+  backbone's activations recomputed in the backward pass (`model.remat`) to fit the memory.
   `train.epochs` wins at run time (the trainer turns it into steps once the dataset is
   prepared); `train.steps` is set to the estimate for `estimated_train_slices` at this batch,
   which is what the experiment documents.
@@ -197,6 +201,8 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
   m.norm = 'group'
   m.width = 64
   m.fpn_dim = 256
+  # At 1024 x 1024 the ResNet-101's kept activations were most of the step's memory.
+  m.remat = True
   m.anchor_sizes = (32, 64, 128, 256, 512)
   m.roi_level_canonical = 224.0
   m.rpn_pre_nms_topk_train = 2000

@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from imask_jax import parallel, pretrained
+from imask_jax import host_memory, parallel, pretrained
 from imask_jax.models import mask_rcnn
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
 
@@ -242,7 +242,9 @@ def model_variables(state: TrainState) -> dict[str, Any]:
 def compile_together(fn, args: tuple[Any, ...], name: str):
   """`fn` (jitted) compiled ahead of time for `args` (arrays or ShapeDtypeStructs), after which
   every process waits for the others: their first collective then starts together (CPU gloo
-  collectives give up when processes arrive more than 30 s apart, and compile times differ)."""
+  collectives give up when processes arrive more than 30 s apart, and compile times differ).
+  The memory the compiler freed is returned to the OS (`host_memory`)."""
   compiled = fn.lower(*args).compile()
+  host_memory.release_freed_memory()
   parallel.sync_processes(f'imask_jax: compiled {name}')
   return compiled

@@ -62,6 +62,7 @@ def build_backbone(
   axis_name: str | None = None,
   zero_init_residual: bool = True,
   growth_rate: int | None = None,
+  remat: bool = False,
 ) -> BackboneFPN:
   """Builds body + FPN for `name` in BACKBONE_NAMES.
 
@@ -78,6 +79,8 @@ def build_backbone(
     axis_name: data-parallel axis over which batch statistics are averaged (with 'batch').
     zero_init_residual: ResNet only: start each residual branch's last norm scale at zero.
     growth_rate: DenseNet only: overrides the growth rate.
+    remat: recompute the body's activations block by block in the backward pass instead of
+      keeping them (less memory, one more forward through the body; same values).
   """
   if name not in BACKBONE_NAMES:
     raise ValueError(f'backbone {name!r} is not one of {BACKBONE_NAMES}')
@@ -85,7 +88,7 @@ def build_backbone(
     raise ValueError(f'backbone norm {norm!r} is not one of {NORM_KINDS}')
   if width is not None and width < 1:
     raise ValueError(f'backbone width must be >= 1 or None, got {width}')
-  common = dict(norm=norm, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
+  common = dict(norm=norm, axis_name=axis_name, remat=remat, dtype=dtype, param_dtype=param_dtype)
   if name.startswith('resnet'):
     if growth_rate is not None:
       raise ValueError(f'growth_rate applies to DenseNet only, got {growth_rate} for {name}')

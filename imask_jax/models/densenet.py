@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from imask_jax.models.fpn import C_LEVELS
 from imask_jax.models.norm import NORM_KINDS, NormFactory, make_norm
+from imask_jax.models.remat import recomputed
 from imask_jax.models.resnet import check_images, conv
 
 Array = jax.Array
@@ -75,6 +76,8 @@ class DenseNet(nn.Module):
       test models); None uses DENSENET_BLOCKS[depth].
     norm: 'batch', 'frozen_batch' or 'group' (see `imask_jax.models.norm`).
     axis_name: data-parallel axis over which batch statistics are averaged (or None).
+    remat: recompute each dense layer's norm, ReLU and bottleneck activations in the backward
+      pass (`remat.recomputed`) instead of keeping them: only the concatenated features stay alive.
     num_classes: when set, adds the classification top (global average pool of C5 + dense
       layer), returned under 'logits'. Only used to compare parameter counts.
     dtype: activation/compute dtype; norms compute statistics in float32.
@@ -92,6 +95,7 @@ class DenseNet(nn.Module):
   block_sizes: tuple[int, int, int, int] | None = None
   norm: str = 'batch'
   axis_name: str | None = None
+  remat: bool = False
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -150,13 +154,14 @@ class DenseNet(nn.Module):
     features = {}
     for k, num_layers in enumerate(blocks):
       for index in range(num_layers):
-        new = DenseLayer(
+        layer = DenseLayer(
           growth_rate=self.growth_rate,
           bn_size=self.bn_size,
           norm=norm,
           name=f'block{k + 1}_layer{index}',
           **kw,
-        )(x)
+        )
+        new = recomputed(layer, x) if self.remat else layer(x)
         x = jnp.concatenate([x, new], axis=-1)
       last = k == len(blocks) - 1
       # The transition's (or the final) norm + ReLU output is the pyramid level.

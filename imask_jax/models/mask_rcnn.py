@@ -52,6 +52,9 @@ class ModelSpec:
   norm: str = 'group'
   width: int = 64  # backbone base width (64 = the published networks)
   fpn_dim: int = 256
+  # Recompute the backbone body's activations block by block in the backward pass: less
+  # memory for one more forward through the body (the same values and parameters).
+  remat: bool = False
   dtype: str = 'float32'
   axis_name: str | None = None
   anchor_sizes: tuple[float, ...] = (16, 32, 64, 128, 256)
@@ -215,7 +218,13 @@ class MaskRCNN(nn.Module):
     s = self.spec
     dtype = s.compute_dtype
     self.backbone = build_backbone(
-      s.backbone, norm=s.norm, fpn_dim=s.fpn_dim, width=s.width, dtype=dtype, axis_name=s.axis_name
+      s.backbone,
+      norm=s.norm,
+      fpn_dim=s.fpn_dim,
+      width=s.width,
+      remat=s.remat,
+      dtype=dtype,
+      axis_name=s.axis_name,
     )
     self.rpn_head = heads.RPNHead(num_anchors=len(s.anchor_ratios), levels=RPN_LEVELS, dtype=dtype)
     self.box_head = heads.BoxHead(

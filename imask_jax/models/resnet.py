@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from imask_jax.models import layers
 from imask_jax.models.fpn import C_LEVELS
 from imask_jax.models.norm import NORM_KINDS, NormFactory, make_norm
+from imask_jax.models.remat import recomputed
 
 Array = jax.Array
 Dtype = Any
@@ -147,6 +148,10 @@ class ResNet(nn.Module):
     norm: 'batch', 'frozen_batch' or 'group' (see `imask_jax.models.norm`).
     axis_name: data-parallel axis over which batch statistics are averaged (or None).
     zero_init_residual: start the last norm scale of each residual branch at zero.
+    remat: recompute each residual block's activations in the backward pass instead of
+      keeping them (`remat.recomputed`): only the blocks' inputs stay alive between the
+      forward and the backward, at the cost of a second forward through the body. The values
+      and the parameter tree are the same.
     num_classes: when set, adds a classification top (global average pool of C5 + dense
       layer) whose output is returned under 'logits'. Only used to compare parameter
       counts with the published networks.
@@ -163,6 +168,7 @@ class ResNet(nn.Module):
   norm: str = 'batch'
   axis_name: str | None = None
   zero_init_residual: bool = True
+  remat: bool = False
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -204,14 +210,15 @@ class ResNet(nn.Module):
       planes = self.width * 2**stage
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
-        x = block(
+        layer = block(
           planes=planes,
           stride=stride,
           norm=norm,
           zero_init_residual=self.zero_init_residual,
           name=f'stage{stage + 1}_block{index}',
           **kw,
-        )(x)
+        )
+        x = recomputed(layer, x) if self.remat else layer(x)
       features[C_LEVELS[stage]] = x
 
     if self.num_classes is not None:

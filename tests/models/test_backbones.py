@@ -595,3 +595,98 @@ def test_batch_statistics_are_averaged_over_the_named_axis():
   for path, stat in leaf_paths(shard_updates).items():
     for shard in range(2):  # every device ends with the same, global, statistics
       np.testing.assert_allclose(stat[shard], whole_stats[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rematerialisation.
+
+
+@functools.cache
+def compiled_params_gradient(model):
+  """jit(grad) of a linear functional of model(images) w.r.t. the params only (what the
+  training step differentiates), batch statistics updated as in training."""
+
+  def loss(params, batch_stats, images, weights):
+    variables = {'params': params}
+    if batch_stats is not None:
+      variables['batch_stats'] = batch_stats
+    outputs, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    return sum(jnp.sum(outputs[k].astype(jnp.float32) * weights[k]) for k in weights)
+
+  return fast_jit(jax.grad(loss))
+
+
+def assert_gradients_close(actual, expected):
+  """Leaf by leaf, to float32 rounding relative to the leaf's largest entry."""
+  actual = leaf_paths(actual)
+  assert actual.keys() == leaf_paths(expected).keys()
+  for path, g in leaf_paths(expected).items():
+    scale = float(np.abs(np.asarray(g)).max())
+    assert scale > 0, path
+    np.testing.assert_allclose(actual[path], g, rtol=0, atol=1e-5 * scale, err_msg=path)
+
+
+@pytest.mark.slow
+def test_remat_resnet_keeps_values_gradients_statistics_and_parameter_tree():
+  """remat=True recomputes activations in the backward pass: the same function, the same
+  parameters, the same batch-statistics updates and gradients as the plain body."""
+  plain, variables, images = tiny_resnet18()
+  remat = build_backbone('resnet18', width=8, fpn_dim=8, remat=True)
+  assert jax.tree.structure(abstract_init(remat, TINY_IMAGES_SHAPE)) == jax.tree.structure(
+    variables
+  )
+  params = with_open_residual_branches(variables['params'])
+  stats = variables['batch_stats']
+  (out, updates), (remat_out, remat_updates) = fast_jit(
+    lambda v, x: tuple(m.apply(v, x, train=True, mutable=['batch_stats']) for m in (plain, remat))
+  )({'params': params, 'batch_stats': stats}, images)
+  for level in out:
+    np.testing.assert_allclose(remat_out[level], out[level], rtol=1e-5, atol=1e-6, err_msg=level)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_updates, updates
+  )
+  weights = random_pyramid_weights(plain, images)
+  assert_gradients_close(
+    compiled_params_gradient(remat)(params, stats, images, weights),
+    compiled_params_gradient(plain)(params, stats, images, weights),
+  )
+
+
+@pytest.mark.slow
+def test_remat_densenet_keeps_gradients():
+  def densenet(remat):
+    body = DenseNet(
+      block_sizes=(2, 1, 1, 1), growth_rate=4, num_init_features=8, norm='group', remat=remat
+    )
+    return BackboneFPN(body=body, fpn=FPN(features=8))
+
+  plain, remat = densenet(False), densenet(True)
+  images = np.random.default_rng(1).normal(size=(2, 64, 64, 2)).astype(np.float32)
+  variables = fast_jit(plain.init)(key(0), images)
+  assert jax.tree.structure(abstract_init(remat, images.shape)) == jax.tree.structure(variables)
+  weights = random_pyramid_weights(plain, images)
+  assert_gradients_close(
+    compiled_params_gradient(remat)(variables['params'], None, images, weights),
+    compiled_params_gradient(plain)(variables['params'], None, images, weights),
+  )
+
+
+@pytest.mark.slow
+def test_remat_shrinks_the_buffers_kept_for_the_backward_pass():
+  """XLA's buffer plan of the body's gradient (compiled, not run): with the blocks recomputed
+  one at a time their inner activations are not all alive at once. (`nn.remat` fails this on
+  XLA:CPU: see `imask_jax.models.remat`.)"""
+  images = jax.ShapeDtypeStruct((2, 256, 256, 1), jnp.float32)
+
+  def temporaries(remat):
+    model = build_backbone('resnet50', width=16, fpn_dim=16, norm='group', remat=remat)
+    variables = abstract_init(model, images.shape)
+
+    def loss(params, x):
+      outputs = model.apply({'params': params}, x)
+      return sum(jnp.sum(level) for level in outputs.values())
+
+    compiled = fast_jit(jax.grad(loss)).lower(variables['params'], images).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temporaries(True) < 0.5 * temporaries(False)

@@ -1,0 +1,108 @@
+"""XLA's buffer plan of the trainer's step, with and without backbone rematerialisation.
+
+Run (from the repository root):
+  TF_CPP_MIN_LOG_LEVEL=2 CUDA_VISIBLE_DEVICES= .venv/bin/python benchmarks/step_memory.py
+  ... benchmarks/step_memory.py --config experiments/oai.py --size 1024 --batch 1
+  ... benchmarks/step_memory.py --config experiments/phantom_knee.py --variants off on --time 5
+
+For each variant of `model.remat` ('off', 'on') the script compiles the trainer's step
+(`steps.make_train_step`, as benchmarks/gpu.py builds it: the experiment's config, a synthetic
+batch of its input shapes) ahead of time, without running it, and prints what XLA planned
+(`compiled.memory_analysis()`, GiB): the arguments (parameters, optimizer state, batch), the
+outputs, and the temporaries (every buffer the step allocates while it runs: activations kept
+for the backward pass, gradients, scratch). On the CPU the step's peak is about arguments +
+temporaries (its outputs reuse the donated state). With `--time N` it also runs every variant
+N times, alternately, and prints the median seconds per step, so the price of the recompute
+sits beside what it saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gpu  # benchmarks/gpu.py: the experiment's config and a synthetic training batch
+
+GIB = 2.0**30
+
+
+def compiled_step(config, batch_size: int, size: int):
+  """(compiled step, its train state, device batch, compile s) for the config as it stands."""
+  from imask_jax import optim, parallel
+  from imask_jax import steps as steps_lib
+
+  mesh = parallel.data_mesh()
+  model = steps_lib.build_model(config)
+  tx = optim.make_optimizer(config.train)
+  seed = int(config.seed)
+  state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
+  host = gpu.training_batch(config, batch_size, size)
+  batch = parallel.shard_batch({k: host[k] for k in steps_lib.MODEL_INPUT_KEYS}, mesh)
+  step = steps_lib.make_train_step(
+    model, tx, mesh, seed, optim.learning_rate_schedule(config.train)
+  )
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return compiled, state, batch, time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='experiments/oai.py')
+  parser.add_argument('--size', type=int, default=0, help="input side (0: the config's)")
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--backbone', default='')
+  parser.add_argument('--variants', nargs='+', choices=('off', 'on'), default=['off', 'on'])
+  parser.add_argument('--time', type=int, default=0, help='timed steps per variant (0: none)')
+  args = parser.parse_args()
+
+  import jax
+
+  from imask_jax import sweep
+
+  path, _, arg = args.config.partition(':')
+  probe = sweep.load_experiment(path, arg)
+  size = args.size or int(probe.data.image_size[0])
+  run = {'config': args.config, 'size': size, 'backbone': args.backbone, 'batch': args.batch}
+  print(
+    f'{args.config}: {probe.model.backbone if not args.backbone else args.backbone}, '
+    f'{probe.model.mask_head} head, {args.batch} x {size} x {size}, devices {jax.device_count()}'
+  )
+  print('| remat | compile s | arguments GiB | outputs GiB | temporaries GiB | args + temps GiB |')
+  print('| --- | ---: | ---: | ---: | ---: | ---: |')
+  variants = {}
+  for name in args.variants:
+    config = gpu.load_config(run)
+    config.model.remat = name == 'on'
+    compiled, state, batch, compile_s = compiled_step(config, args.batch, size)
+    plan = compiled.memory_analysis()
+    arguments = plan.argument_size_in_bytes / GIB
+    temporaries = plan.temp_size_in_bytes / GIB
+    print(
+      f'| {name} | {compile_s:.1f} | {arguments:.2f} | {plan.output_size_in_bytes / GIB:.2f} | '
+      f'{temporaries:.2f} | {arguments + temporaries:.2f} |',
+      flush=True,
+    )
+    variants[name] = {'compiled': compiled, 'state': state, 'batch': batch, 'times': []}
+  if not args.time:
+    return
+  for v in variants.values():  # one untimed call each
+    v['state'], metrics = v['compiled'](v['state'], v['batch'])
+    jax.block_until_ready(metrics)
+  for _ in range(args.time):
+    for v in variants.values():
+      start = time.perf_counter()
+      v['state'], metrics = v['compiled'](v['state'], v['batch'])
+      jax.block_until_ready(metrics)
+      v['times'].append(time.perf_counter() - start)
+  first = statistics.median(next(iter(variants.values()))['times'])
+  print('| remat | median s per step | x first |')
+  print('| --- | ---: | ---: |')
+  for name, v in variants.items():
+    median = statistics.median(v['times'])
+    print(f'| {name} | {median:.3f} | {median / first:.2f} |')
+
+
+if __name__ == '__main__':
+  main()
