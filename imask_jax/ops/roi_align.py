@@ -42,9 +42,11 @@ of a 256 x 256 input with 256 channels, 512 ROIs at 7x7):
   million gathered values each) whose carry is the table gradient: each step scatter-adds
   its few thousand rows in place, about 20 ms in all when the machine is quiet. Plain
   autodiff of a chunked forward scan gave 1.5-3x slower backward passes (per-tap residuals,
-  one scatter per tap). The forward itself is not chunked: it writes only its output, and a
-  scan's zero-filled stacked output made it 15-25% slower (it is chunked only beyond
-  `_MAX_UNROLLED_TAPS`, where a step gathers all taps at once). A table of 2x2 pixel patches
+  one scatter per tap). The forward itself is chunked only where it must be: it writes only
+  its output, and a scan's zero-filled stacked output made it 15-25% slower; beyond
+  `_MAX_UNROLLED_TAPS` a step gathers all taps at once, and beyond `_MAX_UNCHUNKED_BYTES` of
+  gathered values (where XLA:CPU, inside a whole training step, materialised them all)
+  the unrolled sum runs in large steps. A table of 2x2 pixel patches
   (4x fewer, wider gathers and scatters) was 3x slower.
 * The price of `custom_vjp`: reverse mode only (`jax.jvp` / `jacfwd` raise). `jit`, `vmap`
   and `grad` work. Timings against TensorFlow and torchvision: `benchmarks/README.md`.
@@ -67,6 +69,11 @@ _VALUES_PER_STEP = 1024 * 1024
 # Up to this many taps per output the tap sum is unrolled (fastest, see `_pool_step`);
 # sampling ratio 3 gives 36.
 _MAX_UNROLLED_TAPS = 36
+# Inside a training step XLA:CPU may materialise every tap's gathered values at once instead
+# of fusing them into the sum (the iMask skip ROIAlign of a 1024-pixel input: one 431 MiB
+# buffer at the step's memory peak). Above this many gathered bytes the unrolled sum runs in
+# scan steps of this size.
+_MAX_UNCHUNKED_BYTES = 64 * 2**20
 
 
 def _check_rois(where: str, rois: Array) -> None:
@@ -216,12 +223,18 @@ def _pool_step_transpose(
 
 
 def _steps(
-  rows: Array, row_w: Array, cols: Array, col_w: Array, channels: int
+  rows: Array,
+  row_w: Array,
+  cols: Array,
+  col_w: Array,
+  channels: int,
+  values_per_step: int = _VALUES_PER_STEP,
 ) -> tuple[int, int, tuple]:
-  """Splits the output rows into equal scan steps; returns (steps, rows per step, arrays)."""
+  """Splits the output rows into equal scan steps of about `values_per_step` gathered values;
+  returns (steps, rows per step, arrays)."""
   units = rows.shape[0]
   w, taps_x = cols.shape[1:]
-  target = max(1, min(units, _VALUES_PER_STEP // (w * rows.shape[-1] * taps_x * channels)))
+  target = max(1, min(units, values_per_step // (w * rows.shape[-1] * taps_x * channels)))
   # Prefer a chunk that divides the rows exactly: padding would make the output one copy
   # longer than needed (the final slice).
   divisor = max(c for c in range(1, target + 1) if units % c == 0)
@@ -241,8 +254,9 @@ def _steps(
 def _pool(table: Array, rows: Array, row_w: Array, cols: Array, col_w: Array) -> Array:
   """Bilinear pooling of output rows from a flat `[P, C]` table.
 
-  Forward: one fused loop (unrolled taps), or scan steps when there are many taps per output.
-  Backward: always scan steps, see `_pool_bwd`.
+  Forward: one fused loop (unrolled taps), or scan steps when there are many taps per output
+  or many gathered values (`_MAX_UNCHUNKED_BYTES`). Backward: always scan steps, see
+  `_pool_bwd`.
 
   Args:
     table: `[P, C]` pixel vectors.
@@ -251,12 +265,18 @@ def _pool(table: Array, rows: Array, row_w: Array, cols: Array, col_w: Array) ->
   Returns:
     `[U, w, C]`. Differentiable with respect to `table` only (the taps are constants).
   """
-  if rows.shape[-1] * cols.shape[-1] <= _MAX_UNROLLED_TAPS:
+  taps = rows.shape[-1] * cols.shape[-1]
+  gathered_bytes = cols.shape[0] * cols.shape[1] * taps * table.shape[-1] * table.dtype.itemsize
+  if taps <= _MAX_UNROLLED_TAPS and gathered_bytes <= _MAX_UNCHUNKED_BYTES:
     # One fused loop over every output; it writes only the output, so chunking would only add
     # the scan's zero-initialised stacked output (measured 15-25% slower).
     return _pool_step(table, rows, row_w, cols, col_w)
   units, w = cols.shape[:2]
-  steps, chunk, xs = _steps(rows, row_w, cols, col_w, table.shape[-1])
+  # Many taps: small steps of one gather + contraction each; else unrolled steps at the cap.
+  values = (
+    _VALUES_PER_STEP if taps > _MAX_UNROLLED_TAPS else _MAX_UNCHUNKED_BYTES // table.dtype.itemsize
+  )
+  steps, chunk, xs = _steps(rows, row_w, cols, col_w, table.shape[-1], values)
   _, out = jax.lax.scan(lambda carry, x: (carry, _pool_step(table, *x)), None, xs)
   return out.reshape(steps * chunk, w, table.shape[-1])[:units]
 

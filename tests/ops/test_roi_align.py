@@ -101,6 +101,32 @@ def test_roi_align_matches_reference(sampling_ratio):
     np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5, err_msg=f'box {box}')
 
 
+def test_forward_in_steps_when_the_gathered_values_are_large(monkeypatch):
+  """Above `_MAX_UNCHUNKED_BYTES` of gathered values the forward runs in scan steps (the last
+  one padded): the same values as the reference, the same gradient as the one-pass forward."""
+  rng = np.random.default_rng(5)
+  fmap = rng.standard_normal((9, 11, 3)).astype(np.float32)
+  boxes = random_boxes(rng, 7, 40.0).astype(np.float32)
+  weights = rng.standard_normal((7, 5, 4, 3)).astype(np.float32)
+
+  def run():
+    def loss(f):
+      out = ra.roi_align(f, boxes, (5, 4), spatial_scale=0.25, sampling_ratio=2)
+      return jnp.sum(out * weights), out
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(fmap)
+
+  (_, whole), whole_grad = run()
+  # 7 ROIs x 5 rows = 35 output rows of 4 x 16 taps x 3 channels x 4 bytes: 768 bytes each.
+  monkeypatch.setattr(ra, '_MAX_UNCHUNKED_BYTES', 4 * 768)
+  (_, stepped), stepped_grad = run()
+  for i, box in enumerate(boxes):
+    want = reference_roi_align(fmap, box, 5, 4, 0.25, 2)
+    np.testing.assert_allclose(stepped[i], want, rtol=1e-5, atol=1e-5, err_msg=f'box {box}')
+  np.testing.assert_allclose(stepped, whole, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(stepped_grad, whole_grad, rtol=1e-6, atol=1e-6)
+
+
 def test_adaptive_ratio_is_capped():
   rng = np.random.default_rng(7)
   fmap = rng.standard_normal((20, 20, 2)).astype(np.float32)
