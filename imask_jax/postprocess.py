@@ -29,6 +29,8 @@ from data_pipelines.tissues import LabelScheme
 # 26-connected in 3D: voxels touching at a corner are one object, so a thin bridge between
 # two parts of one bone never splits it.
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
+# keep_largest_component: runs of up to this many slices without the tissue do not split it.
+BRIDGED_SLICES = 2
 
 
 def class_ids(scheme: LabelScheme, names: Sequence[str], field: str) -> tuple[int, ...]:
@@ -42,26 +44,44 @@ def class_ids(scheme: LabelScheme, names: Sequence[str], field: str) -> tuple[in
   return tuple(scheme.class_names.index(n) + 1 for n in names)
 
 
-def keep_largest_component(class_volume: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+def keep_largest_component(
+  class_volume: np.ndarray, ids: Sequence[int], bridged_slices: int = BRIDGED_SLICES
+) -> np.ndarray:
   """Sets to background (0) every voxel of each class in `ids` outside that class's largest
-  26-connected component.
+  26-connected component, where a run of up to `bridged_slices` slices without the class
+  does not split it.
 
-  class_volume: int [n, h, w] class ids (a stack of slices, or any 3D grid: connectivity does
-    not depend on the axis order or spacing, and the component with most voxels is the one
-    with the largest volume since all voxels of a grid have one size).
+  A slice-by-slice model sometimes misses a bone on one slice; without the bridge that one
+  slice cuts the bone in two and the rule throws away the smaller half (seen on a knee
+  phantom: a femur missed on one sagittal slice lost the 23 slices of its lateral condyle).
+  Two pieces count as one when they lie within `bridged_slices` empty slices of each other
+  and touch in the slice plane (within one pixel); blobs elsewhere in the plane stay apart.
+
+  class_volume: int [n, h, w] class ids, a stack of slices along axis 0 (the bridge runs along
+    that axis; the component with most voxels is the one with the largest volume since all
+    voxels of a grid have one size).
+  bridged_slices: longest run of empty slices bridged (0: plain 26-connectivity). Each voxel
+    is extended by that many slices towards higher slice indices before labelling, so two
+    voxels are linked when their slices differ by at most bridged_slices + 1 and their
+    in-plane positions by at most one pixel each way.
   Returns a new array; ties between equal components keep the first in scan order.
   """
   class_volume = np.asarray(class_volume)
   if class_volume.ndim != 3:
     raise ValueError(f'class volume of shape {class_volume.shape}; expected 3 axes')
+  if bridged_slices < 0:
+    raise ValueError(f'bridged_slices={bridged_slices}; expected >= 0')
   out = class_volume.copy()
   for class_id in ids:
     mask = class_volume == class_id
-    components, count = ndi.label(mask, structure=_FULL_CONNECTIVITY)
+    grown = mask.copy()
+    for shift in range(1, int(bridged_slices) + 1):
+      grown[shift:] |= mask[:-shift]
+    components, count = ndi.label(grown, structure=_FULL_CONNECTIVITY)
     if count <= 1:
       continue
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0  # background
+    sizes = np.bincount(components[mask], minlength=count + 1)  # the class's own voxels
+    sizes[0] = 0
     out[mask & (components != int(np.argmax(sizes)))] = 0
   return out
 

@@ -17,11 +17,18 @@ from imask_jax import configs, inference, postprocess
 from imask_jax import workdir as workdir_lib
 from tests.conftest import box_painting_model, experiment_config
 
-_NEIGHBOURS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
+
+def _neighbours(bridged_slices: int) -> list[tuple[int, int, int]]:
+  """The 26 neighbours, reaching bridged_slices + 1 slices along axis 0 (the bridge)."""
+  reach = range(-bridged_slices - 1, bridged_slices + 2)
+  return [d for d in itertools.product(reach, (-1, 0, 1), (-1, 0, 1)) if d != (0, 0, 0)]
 
 
-def _reference(volume: np.ndarray, ids) -> np.ndarray:
-  """Breadth-first flood fill over the 26 neighbours, written out voxel by voxel."""
+def _reference(volume: np.ndarray, ids, bridged_slices: int = 0) -> np.ndarray:
+  """Breadth-first flood fill written out voxel by voxel: two voxels of a class are linked
+  when their slices differ by at most bridged_slices + 1 and their rows and columns by at
+  most one each (plain 26-neighbours at 0)."""
+  neighbours = _neighbours(bridged_slices)
   out = volume.copy()
   for class_id in ids:
     seen = np.zeros(volume.shape, bool)
@@ -33,7 +40,7 @@ def _reference(volume: np.ndarray, ids) -> np.ndarray:
       members, queue = [start], collections.deque([start])
       while queue:
         voxel = queue.popleft()
-        for step in _NEIGHBOURS:
+        for step in neighbours:
           near = tuple(v + s for v, s in zip(voxel, step))
           inside = all(0 <= n < size for n, size in zip(near, volume.shape))
           if inside and not seen[near] and volume[near] == class_id:
@@ -49,15 +56,37 @@ def _reference(volume: np.ndarray, ids) -> np.ndarray:
   return out
 
 
+@pytest.mark.parametrize('bridged_slices', [0, 1, 2])
 @pytest.mark.parametrize('seed', range(6))
-def test_matches_a_plain_flood_fill_on_random_volumes(seed):
+def test_matches_a_plain_flood_fill_on_random_volumes(seed, bridged_slices):
   rng = np.random.default_rng(seed)
-  # Sparse random classes: many components of every size, diagonal contacts included.
-  volume = np.where(rng.random((7, 9, 8)) < 0.3, rng.integers(1, 4, (7, 9, 8)), 0)
+  # Sparse random classes: many components of every size, diagonal contacts included; at
+  # bridged_slices > 0 sparser, so that gaps between slices still separate some of them.
+  density = 0.3 if bridged_slices == 0 else 0.06
+  volume = np.where(rng.random((9, 9, 8)) < density, rng.integers(1, 4, (9, 9, 8)), 0)
   # The reference keeps the first largest component in scan order, as scipy's labels do.
-  np.testing.assert_array_equal(
-    postprocess.keep_largest_component(volume, (1, 3)), _reference(volume, (1, 3))
-  )
+  kept = postprocess.keep_largest_component(volume, (1, 3), bridged_slices=bridged_slices)
+  np.testing.assert_array_equal(kept, _reference(volume, (1, 3), bridged_slices))
+  if bridged_slices == 0:
+    assert (kept != volume).any()  # the case is not trivial
+
+
+@pytest.mark.parametrize('missed', [1, 2, 3])
+def test_a_bone_missed_on_a_few_slices_stays_whole(missed):
+  """A ball (a bone seen slice by slice) with `missed` empty slices through its middle: up to
+  BRIDGED_SLICES of them it stays one bone; beyond, the smaller half goes. A blob within the
+  bridge's reach of the ball's slices but elsewhere in the plane is dropped either way."""
+  z, y, x = np.mgrid[:30, :40, :40]
+  volume = np.zeros((30, 40, 40), np.int32)
+  volume[(z - 14) ** 2 + (y - 15) ** 2 + (x - 15) ** 2 <= 100] = 1  # radius 10, slices 4-24
+  volume[16 : 16 + missed] = 0  # the larger half is slices 4-15
+  volume[25:27, 33:37, 33:37] = 1  # one slice past the ball, 10+ pixels away in the plane
+  kept = postprocess.keep_largest_component(volume, (1,))
+  expected = volume.copy()
+  expected[25:27] = 0
+  if missed > postprocess.BRIDGED_SLICES:
+    expected[16 + missed :] = 0
+  np.testing.assert_array_equal(kept, expected)
 
 
 def test_a_bone_keeps_its_largest_piece_and_other_classes_are_untouched():
@@ -71,7 +100,7 @@ def test_a_bone_keeps_its_largest_piece_and_other_classes_are_untouched():
   volume[17, 13, 13] = 1
   assert volume[16, 12, 12] == 1
   assert volume[16:18, 12:14, 12:14].sum() == 2  # no face or edge contact
-  kept = postprocess.keep_largest_component(volume, (1,))
+  kept = postprocess.keep_largest_component(volume, (1,), bridged_slices=0)
   expected = volume.copy()
   expected[2:4, 35:38, 35:38] = 0
   np.testing.assert_array_equal(kept, expected)
