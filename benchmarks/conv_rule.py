@@ -27,8 +27,6 @@ import gpu  # benchmarks/gpu.py: the experiment's config and a synthetic trainin
 
 def compiled_step(config, rule: str, batch_size: int, size: int):
   """(compiled step, its own train state, device batch, compile s) under one rule."""
-  from imask_jax import optim, parallel
-  from imask_jax import steps as steps_lib
   from imask_jax.ops import conv as conv_ops
 
   module_rule, module_min = conv_ops.prefers_product, conv_ops.MIN_CHANNEL_PRODUCT
@@ -38,20 +36,10 @@ def compiled_step(config, rule: str, batch_size: int, size: int):
     conv_ops.prefers_product = lambda kernel_shape: True
   else:
     conv_ops.MIN_CHANNEL_PRODUCT = int(rule)
-  mesh = parallel.data_mesh()
-  model = steps_lib.build_model(config)
-  tx = optim.make_optimizer(config.train)
-  seed = int(config.seed)
-  state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
-  host = gpu.training_batch(config, batch_size, size)
-  batch = parallel.shard_batch({k: host[k] for k in steps_lib.MODEL_INPUT_KEYS}, mesh)
-  step = steps_lib.make_train_step(
-    model, tx, mesh, seed, optim.learning_rate_schedule(config.train)
-  )
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  conv_ops.prefers_product, conv_ops.MIN_CHANNEL_PRODUCT = module_rule, module_min
-  return compiled, state, batch, time.perf_counter() - start
+  try:  # the rule is read while the step is traced
+    return gpu.compiled_train_step(config, batch_size, size)
+  finally:
+    conv_ops.prefers_product, conv_ops.MIN_CHANNEL_PRODUCT = module_rule, module_min
 
 
 def main() -> None:

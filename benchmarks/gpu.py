@@ -178,25 +178,32 @@ def timed_calls(call, warmup: int, repeats: int) -> dict[str, Any]:
   return {'first_s': first, 'times_s': times, 'median_s': statistics.median(times)}
 
 
-def time_training(config: Any, run: dict[str, Any]) -> dict[str, Any]:
-  """Compiles and times the trainer's step on a synthetic batch (module docstring)."""
-  import jax
-
+def compiled_train_step(config: Any, batch_size: int, size: int) -> tuple[Any, Any, Any, float]:
+  """The trainer's step for `config` on a synthetic batch, compiled as the trainer compiles it
+  (`steps.compile_together`): (compiled step, its train state, device batch, compile s)."""
   from imask_jax import optim, parallel
   from imask_jax import steps as steps_lib
 
   mesh = parallel.data_mesh()
   model = steps_lib.build_model(config)
   tx = optim.make_optimizer(config.train)
-  schedule = optim.learning_rate_schedule(config.train)
   seed = int(config.seed)
   state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
-  host_batch = training_batch(config, run['batch'], run['size'])
+  host_batch = training_batch(config, batch_size, size)
   batch = parallel.shard_batch({k: host_batch[k] for k in steps_lib.MODEL_INPUT_KEYS}, mesh)
-  step = steps_lib.make_train_step(model, tx, mesh, seed, schedule)
+  step = steps_lib.make_train_step(
+    model, tx, mesh, seed, optim.learning_rate_schedule(config.train)
+  )
   start = time.perf_counter()
-  compiled = steps_lib.compile_together(step, (state, batch), 'train step')  # as the trainer
-  compile_s = time.perf_counter() - start
+  compiled = steps_lib.compile_together(step, (state, batch), 'train step')
+  return compiled, state, batch, time.perf_counter() - start
+
+
+def time_training(config: Any, run: dict[str, Any]) -> dict[str, Any]:
+  """Compiles and times the trainer's step on a synthetic batch (module docstring)."""
+  import jax
+
+  compiled, state, batch, compile_s = compiled_train_step(config, run['batch'], run['size'])
   carried = {'state': state, 'losses': []}
 
   def call() -> None:

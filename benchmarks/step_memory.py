@@ -5,20 +5,20 @@ Run (from the repository root):
   ... benchmarks/step_memory.py --config experiments/oai.py --size 1024 --batch 1
   ... benchmarks/step_memory.py --config experiments/phantom_knee.py --variants off on --time 5
 
+For each variant of `model.remat` ('off', 'on') the script compiles the trainer's step
+(`gpu.compiled_train_step`: the experiment's config, a synthetic batch of its input shapes)
+ahead of time, without running it, and prints what XLA planned (`compiled.memory_analysis()`,
+GiB): the arguments (parameters, optimizer state, batch), the outputs, and the temporaries
+(every buffer the step allocates while it runs: activations kept for the backward pass,
+gradients, scratch). On the CPU the step's peak is about arguments + temporaries (its outputs
+reuse the donated state). With `--time N` it also runs every variant N times, alternately,
+and prints the median seconds per step, so the price of the recompute sits beside what it
+saves.
+
 With `--breakdown N` it also says where the plan's peak is: XLA dumps its buffer plan
 (`--xla_dump_to`, the trainer's step only), and the buffers alive at the peak are summed by
 the op that made them, cut to N levels of their name (e.g. 4: `jvp(MaskRCNN.losses)/
 MaskRCNN.pyramid/backbone/body`; `copy` and other unnamed ops by kind), largest first.
-
-For each variant of `model.remat` ('off', 'on') the script compiles the trainer's step
-(`steps.make_train_step`, as benchmarks/gpu.py builds it: the experiment's config, a synthetic
-batch of its input shapes) ahead of time, without running it, and prints what XLA planned
-(`compiled.memory_analysis()`, GiB): the arguments (parameters, optimizer state, batch), the
-outputs, and the temporaries (every buffer the step allocates while it runs: activations kept
-for the backward pass, gradients, scratch). On the CPU the step's peak is about arguments +
-temporaries (its outputs reuse the donated state). With `--time N` it also runs every variant
-N times, alternately, and prints the median seconds per step, so the price of the recompute
-sits beside what it saves.
 """
 
 from __future__ import annotations
@@ -36,26 +36,6 @@ import time
 import gpu  # benchmarks/gpu.py: the experiment's config and a synthetic training batch
 
 GIB = 2.0**30
-
-
-def compiled_step(config, batch_size: int, size: int):
-  """(compiled step, its train state, device batch, compile s) for the config as it stands."""
-  from imask_jax import optim, parallel
-  from imask_jax import steps as steps_lib
-
-  mesh = parallel.data_mesh()
-  model = steps_lib.build_model(config)
-  tx = optim.make_optimizer(config.train)
-  seed = int(config.seed)
-  state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
-  host = gpu.training_batch(config, batch_size, size)
-  batch = parallel.shard_batch({k: host[k] for k in steps_lib.MODEL_INPUT_KEYS}, mesh)
-  step = steps_lib.make_train_step(
-    model, tx, mesh, seed, optim.learning_rate_schedule(config.train)
-  )
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  return compiled, state, batch, time.perf_counter() - start
 
 
 def peak_breakdown(dump_dir: str, depth: int) -> list[tuple[float, int, str]]:
@@ -131,7 +111,7 @@ def main() -> None:
   for name in args.variants:
     config = gpu.load_config(run)
     config.model.remat = name == 'on'
-    compiled, state, batch, compile_s = compiled_step(config, args.batch, size)
+    compiled, state, batch, compile_s = gpu.compiled_train_step(config, args.batch, size)
     plan = compiled.memory_analysis()
     arguments = plan.argument_size_in_bytes / GIB
     temporaries = plan.temp_size_in_bytes / GIB

@@ -6,9 +6,9 @@ pass: the backward pass runs the module's forward again from its input, then its
 Why not `nn.remat` (`jax.checkpoint`): it keeps XLA from merging the recomputation with the
 forward pass by an optimization barrier on the saved inputs, and XLA:CPU removes optimization
 barriers early in its pipeline, after which common-subexpression elimination merges the two
-again: the recomputation vanishes and every activation is kept, as without remat (a ResNet-101
-step at 1 x 1024 planned 7.18 GiB of temporaries with `nn.remat` over the blocks, 6.60 GiB
-without). Here the recomputation starts from `x + 0 * g0`, with g0 one element of the
+again: the recomputation vanishes and every activation is kept, as without remat (XLA's plan
+of the paper's step even grew; benchmarks/README.md, "Memory with the backbone recomputed").
+Here the recomputation starts from `x + 0 * g0`, with g0 one element of the
 output's cotangent: a value XLA cannot prove equal to `x` (0 * g0 is NaN for an infinite g0,
 so it is not folded to 0), so it is neither merged with the forward nor scheduled before the
 backward pass reaches the module, on every backend. A non-finite g0 makes this module's

@@ -70,9 +70,9 @@ _VALUES_PER_STEP = 1024 * 1024
 # sampling ratio 3 gives 36.
 _MAX_UNROLLED_TAPS = 36
 # Inside a training step XLA:CPU may materialise every tap's gathered values at once instead
-# of fusing them into the sum (the iMask skip ROIAlign of a 1024-pixel input: one 431 MiB
-# buffer at the step's memory peak). Above this many gathered bytes the unrolled sum runs in
-# scan steps of this size.
+# of fusing them into the sum (the iMask skip ROIAlign of a 1024-pixel input became the step's
+# largest buffer; benchmarks/README.md). Above this many gathered bytes the unrolled sum runs
+# in scan steps of this size.
 _MAX_UNCHUNKED_BYTES = 64 * 2**20
 
 

@@ -365,8 +365,10 @@ def random_pyramid_weights(model, images):
 
 
 @functools.cache
-def compiled_gradient(model):
-  """jit(grad) of a linear functional of model(images) w.r.t. (params, batch_stats).
+def compiled_gradient(model, argnums=(0, 1)):
+  """jit(grad) of a linear functional of model(images) w.r.t. (params, batch_stats), or only
+  the params with argnums=0 (what the training step differentiates); batch statistics are
+  updated as in training.
 
   Cached per model so that tests on the same model share one compilation.
   """
@@ -378,7 +380,7 @@ def compiled_gradient(model):
     outputs, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
     return sum(jnp.sum(outputs[k].astype(jnp.float32) * weights[k]) for k in weights)
 
-  return fast_jit(jax.grad(loss, argnums=(0, 1)))
+  return fast_jit(jax.grad(loss, argnums=argnums))
 
 
 def with_open_residual_branches(params):
@@ -601,21 +603,6 @@ def test_batch_statistics_are_averaged_over_the_named_axis():
 # Rematerialisation.
 
 
-@functools.cache
-def compiled_params_gradient(model):
-  """jit(grad) of a linear functional of model(images) w.r.t. the params only (what the
-  training step differentiates), batch statistics updated as in training."""
-
-  def loss(params, batch_stats, images, weights):
-    variables = {'params': params}
-    if batch_stats is not None:
-      variables['batch_stats'] = batch_stats
-    outputs, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
-    return sum(jnp.sum(outputs[k].astype(jnp.float32) * weights[k]) for k in weights)
-
-  return fast_jit(jax.grad(loss))
-
-
 def assert_gradients_close(actual, expected):
   """Leaf by leaf, to float32 rounding relative to the leaf's largest entry."""
   actual = leaf_paths(actual)
@@ -647,8 +634,8 @@ def test_remat_resnet_keeps_values_gradients_statistics_and_parameter_tree():
   )
   weights = random_pyramid_weights(plain, images)
   assert_gradients_close(
-    compiled_params_gradient(remat)(params, stats, images, weights),
-    compiled_params_gradient(plain)(params, stats, images, weights),
+    compiled_gradient(remat, 0)(params, stats, images, weights),
+    compiled_gradient(plain, 0)(params, stats, images, weights),
   )
 
 
@@ -666,8 +653,8 @@ def test_remat_densenet_keeps_gradients():
   assert jax.tree.structure(abstract_init(remat, images.shape)) == jax.tree.structure(variables)
   weights = random_pyramid_weights(plain, images)
   assert_gradients_close(
-    compiled_params_gradient(remat)(variables['params'], None, images, weights),
-    compiled_params_gradient(plain)(variables['params'], None, images, weights),
+    compiled_gradient(remat, 0)(variables['params'], None, images, weights),
+    compiled_gradient(plain, 0)(variables['params'], None, images, weights),
   )
 
 
