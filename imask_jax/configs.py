@@ -115,6 +115,23 @@ def default_config() -> ml_collections.ConfigDict:
       # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
     )
   )
+  # PointRend-style boundary refinement (imask_jax/models/point_head.py): the mask is
+  # predicted again at the coarse grid's most uncertain points from features read there.
+  m.point_head = ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      level='P2',  # pyramid level read at each point
+      image_patch=3,  # side of the input-image patch read around each point (0: none)
+      dim=64,  # width of the point MLP
+      num_fc=3,
+      train_points=196,  # points per mask ROI in training
+      oversample=3.0,  # importance sampling: candidates per point ...
+      importance=0.75,  # ... and the share of points taken from the most uncertain
+      subdivision_steps=1,  # inference: 2x refinements of the mask grid (56 -> 112)
+      subdivision_points=784,  # inference: cells predicted again per refinement
+      loss_weight=1.0,
+    )
+  )
   m.boundary_loss_weight = 0.0  # optional boundary-weighted mask BCE (0 = off)
   m.mask_dice_weight = 0.0  # optional soft-Dice term added to the mask BCE (0 = off)
   m.test_score_threshold = 0.05  # detections kept (mask AP counts them all)
@@ -320,10 +337,12 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.data.pixel_spacing_mm = float(args.pop('spacing'))
   if 'mask_dice' in args:  # weight of the soft-Dice mask loss term (0: the paper's BCE alone)
     c.model.mask_dice_weight = float(args.pop('mask_dice'))
+  if 'points' in args:  # the PointRend-style point head on top of the mask head
+    c.model.point_head.enabled = bool(args.pop('points'))
   if args:
     raise ValueError(
       f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-      'backbone, steps, epochs, seed, decoder, skip, skip_size, spacing, mask_dice'
+      'backbone, steps, epochs, seed, decoder, skip, skip_size, spacing, mask_dice, points'
     )
 
 

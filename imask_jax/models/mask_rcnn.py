@@ -25,12 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imask_jax.models import heads, losses
+from imask_jax.models import heads, losses, point_head
 from imask_jax.models.backbones import build_backbone
 from imask_jax.ops import anchors as anchor_ops
 from imask_jax.ops import boxes as box_ops
 from imask_jax.ops import masks as mask_ops
 from imask_jax.ops import nms as nms_ops
+from imask_jax.ops import points as point_ops
 from imask_jax.ops import roi_align as roi_ops
 from imask_jax.ops import sampling
 
@@ -78,6 +79,8 @@ class ModelSpec:
   mask_head: str = 'imask'
   mask_head_dim: int = 256
   imask: heads.IMaskSpec = heads.IMaskSpec()
+  # PointRend-style boundary refinement on top of the mask head (off: the paper's models).
+  point_head: point_head.PointSpec = point_head.PointSpec()
   boundary_loss_weight: float = 0.0
   mask_dice_weight: float = 0.0
   test_score_threshold: float = 0.05
@@ -110,9 +113,16 @@ class ModelSpec:
 
   @property
   def mask_size(self) -> int:
-    """Resolution of the mask head's output (and of its targets)."""
+    """Resolution of the mask head's output (and of its targets); with the point head the
+    detections' masks come back finer (`detection_mask_size`)."""
     # A free-standing (parentless) head: the spec may be asked inside the model's methods.
     return self.build_mask_head(parent=None).output_size
+
+  @property
+  def detection_mask_size(self) -> int:
+    """Side of `Detections.mask_probs`: the mask head's, refined by the point head's
+    subdivision steps when it is on."""
+    return self.point_head.output_size(self.mask_size)
 
   @property
   def resolved_imask(self) -> heads.IMaskSpec:
@@ -196,7 +206,8 @@ class Detections(NamedTuple):
 
   boxes: float32 [B, D, 4] (y1, x1, y2, x2) in input pixels; scores: float32 [B, D];
   classes: int32 [B, D] (1..K, 0 for padding); valid: bool [B, D];
-  mask_probs: float32 [B, D, m, m] probabilities of each detection's own class.
+  mask_probs: float32 [B, D, m, m] probabilities of each detection's own class (m =
+    `ModelSpec.detection_mask_size`).
   unpainted: int32 [B] (`detect(paint_only=True)` only, else None): detections that could
   have painted (score >= label_score_threshold) but found no slot, so are missing here.
   """
@@ -207,6 +218,15 @@ class Detections(NamedTuple):
   valid: Array
   mask_probs: Array
   unpainted: Array | None = None
+
+
+class PointInputs(NamedTuple):
+  """What the point head's training loss reads besides the pyramid: images `[B, H, W, C]`,
+  gt_masks `[B, M, H, W]` and keys `[B]` (its point draws, one per image)."""
+
+  images: Array
+  gt_masks: Array
+  keys: Array
 
 
 class MaskRCNN(nn.Module):
@@ -231,6 +251,8 @@ class MaskRCNN(nn.Module):
       num_classes=s.num_classes, kind=s.box_head, dim=s.box_head_dim, dtype=dtype
     )
     self.mask_head = s.build_mask_head()
+    if s.point_head.enabled:
+      self.point_head = point_head.PointHead(s.point_head, s.num_classes, dtype)
 
   # --- the stages, in the order a training step runs them --------------------------------------
   # Each is public so that benchmarks and tests time and check the same code the step runs.
@@ -381,22 +403,70 @@ class MaskRCNN(nn.Module):
     roi_t: sampling.RoiTargets,
     targets: Array,
     features: Array | None = None,
+    points: PointInputs | None = None,
   ) -> dict[str, Array]:
-    """{'mask': BCE[, 'mask_dice': weighted soft Dice]} of the mask head on the first
-    `num_mask_rois` sampled ROIs (positives come first, in random order); targets from
-    `mask_targets`, features their 14x14 ROIAlign (optional)."""
+    """{'mask': BCE[, 'mask_dice': weighted soft Dice][, 'mask_point': point BCE]} of the mask
+    head on the first `num_mask_rois` sampled ROIs (positives come first, in random order);
+    targets from `mask_targets`, features their 14x14 ROIAlign (optional); `points` (needed
+    with the point head) the images, ground-truth masks and keys its points are drawn with."""
     s = self.spec
     p = s.num_mask_rois
     mask_pos = roi_t.is_positive[:, :p]
-    logits = losses.take_class(
-      self.mask_logits(pyramid, roi_t.rois[:, :p], features), roi_t.classes[:, :p]
-    )  # [B, P, m, m]
+    all_logits = self.mask_logits(pyramid, roi_t.rois[:, :p], features)  # [B, P, m, m, K]
+    logits = losses.take_class(all_logits, roi_t.classes[:, :p])  # [B, P, m, m]
     terms = {
       'mask': losses.mask_bce(logits, targets, mask_pos, boundary_weight=s.boundary_loss_weight)
     }
     if s.mask_dice_weight > 0:
       terms['mask_dice'] = s.mask_dice_weight * losses.mask_dice(logits, targets, mask_pos)
+    if s.point_head.enabled:
+      if points is None:
+        raise ValueError('MaskRCNN.mask_losses: the point head needs `points` (PointInputs)')
+      terms['mask_point'] = s.point_head.loss_weight * self.point_loss(
+        pyramid, roi_t, all_logits, logits, points
+      )
     return terms
+
+  def point_loss(
+    self,
+    pyramid: dict[str, Array],
+    roi_t: sampling.RoiTargets,
+    all_logits: Array,
+    own_logits: Array,
+    points: PointInputs,
+  ) -> Array:
+    """The point head's BCE at `point_head.train_points` points per mask ROI, chosen by
+    importance sampling on the coarse own-class logits `[B, P, m, m]` (`all_logits`: every
+    class, `[B, P, m, m, K]`), against the ground truth read at the same points."""
+    s, ps = self.spec, self.spec.point_head
+    b, p = own_logits.shape[:2]
+    chosen = jax.vmap(
+      functools.partial(
+        point_ops.uncertain_points,
+        num_points=ps.train_points,
+        oversample=ps.oversample,
+        importance=ps.importance,
+      )
+    )(own_logits, points.keys)  # [B, P, T, 2]
+    t = chosen.shape[2]
+    rois = roi_t.rois[:, :p].reshape(b * p, 4)
+    chosen = chosen.reshape(b * p, t, 2)
+    per_class = self.point_head(
+      chosen,
+      rois,
+      jnp.repeat(jnp.arange(b, dtype=jnp.int32), p),
+      all_logits.reshape((b * p,) + all_logits.shape[2:]),
+      pyramid,
+      points.images,
+    )  # [B * P, T, K]
+    point_logits = losses.take_class(
+      per_class.reshape(b, p, t, 1, s.num_classes), roi_t.classes[:, :p]
+    )  # [B, P, T, 1]
+    image_points = point_ops.roi_points_to_image(chosen, rois).reshape(b, p, t, 2)
+    labels = jax.vmap(point_head.point_targets)(
+      points.gt_masks, roi_t.gt_index[:, :p], image_points
+    )  # [B, P, T]
+    return losses.mask_bce(point_logits, labels[..., None], roi_t.is_positive[:, :p])
 
   # --- training ------------------------------------------------------------------------------
 
@@ -426,7 +496,15 @@ class MaskRCNN(nn.Module):
     proposals, proposal_valid = self.proposals(rpn_logits, rpn_deltas, train=True)
     roi_t = self.sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
     box_cls, box_reg = self.box_losses(self.roi_features(pyramid, roi_t.rois, 7), roi_t)
-    mask_terms = self.mask_losses(pyramid, roi_t, self.mask_targets(targets['gt_masks'], roi_t))
+    point_inputs = None
+    if self.spec.point_head.enabled:
+      # Keys of their own (folded in), so the RPN and ROI sampling draw as without the head.
+      point_inputs = PointInputs(
+        images, targets['gt_masks'], jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+      )
+    mask_terms = self.mask_losses(
+      pyramid, roi_t, self.mask_targets(targets['gt_masks'], roi_t), points=point_inputs
+    )
 
     terms = {
       'rpn_cls': rpn_cls,
@@ -447,7 +525,13 @@ class MaskRCNN(nn.Module):
     rois = jnp.broadcast_to(jnp.array([0.0, 0.0, h, w], jnp.float32), (images.shape[0], 1, 4))
     cls_logits, box_deltas = self.box_head(self.roi_features(pyramid, rois, 7))
     masks = self.mask_logits(pyramid, rois)
-    return sum(jnp.sum(x) for x in (logits, deltas, cls_logits, box_deltas, masks))
+    outputs = [logits, deltas, cls_logits, box_deltas, masks]
+    if self.spec.point_head.enabled:
+      centre = jnp.full((rois.shape[0], 1, 2), 0.5, jnp.float32)
+      outputs.append(
+        self.point_head(centre, rois[:, 0], jnp.arange(rois.shape[0]), masks[:, 0], pyramid, images)
+      )
+    return sum(jnp.sum(x) for x in outputs)
 
   # --- inference -----------------------------------------------------------------------------
 
@@ -492,7 +576,19 @@ class MaskRCNN(nn.Module):
       det_scores = jnp.where(slot_valid, jnp.take_along_axis(det_scores, index, axis=1), 0.0)
       det_classes = jnp.where(slot_valid, jnp.take_along_axis(det_classes, index, axis=1), 0)
       det_valid = slot_valid
-    logits = losses.take_class(self.mask_logits(pyramid, det_boxes), det_classes)
+    all_logits = self.mask_logits(pyramid, det_boxes)  # [B, D, m, m, K]
+    logits = losses.take_class(all_logits, det_classes)
+    if s.point_head.enabled:
+      d = det_boxes.shape[1]
+      logits = self.point_head.refine(
+        logits.reshape((b * d,) + logits.shape[2:]),
+        det_boxes.reshape(b * d, 4),
+        jnp.repeat(jnp.arange(b, dtype=jnp.int32), d),
+        all_logits.reshape((b * d,) + all_logits.shape[2:]),
+        pyramid,
+        images,
+        det_classes.reshape(b * d),
+      ).reshape((b, d) + (s.detection_mask_size,) * 2)
     mask_probs = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
     return Detections(det_boxes, det_scores, det_classes, det_valid, mask_probs, unpainted)
 

@@ -19,7 +19,7 @@ import pytest
 import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import instances, orientation
 from data_pipelines.phantoms import generate_knee
-from imask_jax.models import heads
+from imask_jax.models import heads, point_head
 from imask_jax.models.mask_rcnn import (
   Detections,
   MaskRCNN,
@@ -300,10 +300,20 @@ def truth_label_map(batch) -> np.ndarray:
 STEPS = 300
 
 
-@pytest.fixture(scope='module', params=['standard', 'imask'])
+# The point head (PointRend-style refinement) on the imask head, small enough for the test.
+TINY_POINTS = point_head.PointSpec(enabled=True, dim=16, train_points=64, subdivision_points=256)
+
+
+@pytest.fixture(scope='module', params=['standard', 'imask', 'imask+points'])
 def trained(request):
   batch = phantom_batch()
-  spec = ModelSpec(image_size=batch['image'].shape[1:3], mask_head=request.param, **TINY)
+  head, _, points = request.param.partition('+')
+  spec = ModelSpec(
+    image_size=batch['image'].shape[1:3],
+    mask_head=head,
+    point_head=TINY_POINTS if points else point_head.PointSpec(),
+    **TINY,
+  )
   model = MaskRCNN(spec)
   params = jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(0))['params']
   tx = optax.adam(optax.warmup_cosine_decay_schedule(1e-4, 2e-3, 30, STEPS, 1e-5))
@@ -362,6 +372,9 @@ def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
   )
   label_map, masks = detections_to_label_map(det, model.spec.image_size)
   det = jax.device_get(det)
+  side = model.spec.detection_mask_size  # the point head refines 56 -> 112
+  assert det.mask_probs.shape[2:] == (side, side)
+  assert side == (112 if model.spec.point_head.enabled else model.spec.mask_size)
   height, width = model.spec.image_size
   for b in range(2):
     valid = det.valid[b]
@@ -381,7 +394,7 @@ def test_overfits_two_slices_and_returns_valid_padded_detections(trained):
     t, p = truth == c, pred == c
     if t.sum():
       dice[c] = 2 * np.sum(t & p) / (t.sum() + p.sum())
-  print(model.spec.mask_head, 'dice per class', dice)
+  print(model.spec.mask_head, model.spec.point_head.enabled, 'dice per class', dice)
   assert dice[1] >= 0.95 and dice[3] >= 0.95, dice  # femur, tibia
   assert np.mean(list(dice.values())) >= 0.9, dice
 

@@ -1,0 +1,166 @@
+"""A point-based boundary refinement head (PointRend, Kirillov et al., CVPR 2020).
+
+The mask head's `m x m` logits are coarse over a long thin box: a femoral-cartilage box 80
+pixels wide gets 56 cells, and the plate is 2-3 of them thick. PointRend predicts the mask
+again at chosen points only, from features read exactly there, so the boundary is placed at
+the resolution of the features and not of the grid:
+
+* per point: the coarse logits of all K classes at the point, the `level` pyramid map there
+  (P2 in the paper), and optionally an `image_patch x image_patch` patch of the input image
+  around it (input pixels, bilinear): at 0.8 mm a P2 pixel is 3.2 mm, wider than the plate,
+  while the input resolves its edges;
+* an MLP shared by all points (`num_fc` layers of `dim`, the coarse logits concatenated again
+  before every layer, as in the paper) -> K logits.
+
+Training (`PointSpec.train_points` per ROI): PointRend's importance sampling on the coarse
+logits (`points.uncertain_points`), a BCE against the ground-truth mask read at the same
+points. Inference: `subdivision_steps` rounds of adaptive subdivision: the own-class logit
+grid is upsampled 2x and its `subdivision_points` most uncertain cells are predicted again, so
+the masks come back at `m * 2^steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imask_jax.ops import points as point_ops
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PointSpec:
+  """The point head's settings (config `model.point_head`)."""
+
+  enabled: bool = False
+  level: str = 'P2'  # pyramid level read at each point
+  image_patch: int = 3  # side of the input-image patch read around each point (0: none)
+  dim: int = 64  # MLP width
+  num_fc: int = 3
+  train_points: int = 196  # points per ROI in training (14 x 14 in the paper)
+  oversample: float = 3.0
+  importance: float = 0.75
+  subdivision_steps: int = 1  # inference: 2x upsampling rounds of the mask grid
+  subdivision_points: int = 784  # inference: cells predicted again per round (28 x 28)
+  loss_weight: float = 1.0
+
+  def output_size(self, coarse_size: int) -> int:
+    """Side of the refined masks for a mask head of side `coarse_size`."""
+    return coarse_size * 2**self.subdivision_steps if self.enabled else coarse_size
+
+
+class PointMLP(nn.Module):
+  """`[N, P, F]` fine features and `[N, P, K]` coarse logits -> `[N, P, K]` float32 logits."""
+
+  num_classes: int
+  dim: int = 64
+  num_fc: int = 3
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, fine: Array, coarse: Array) -> Array:
+    coarse = coarse.astype(self.dtype)
+    x = fine.astype(self.dtype)
+    for i in range(self.num_fc):
+      x = nn.relu(
+        nn.Dense(
+          self.dim,
+          dtype=self.dtype,
+          kernel_init=nn.initializers.variance_scaling(2.0, 'fan_in', 'normal'),
+          name=f'fc{i + 1}',
+        )(jnp.concatenate([x, coarse], axis=-1))
+      )
+    logits = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.normal(0.001),
+      name='logits',
+    )(jnp.concatenate([x, coarse], axis=-1))
+    return logits.astype(jnp.float32)
+
+
+def _patch_offsets(side: int) -> Array:
+  """`[side^2, 2]` input-pixel offsets of a side x side patch centred on 0."""
+  steps = jnp.arange(side, dtype=jnp.float32) - (side - 1) / 2
+  dy, dx = jnp.meshgrid(steps, steps, indexing='ij')
+  return jnp.stack([dy.ravel(), dx.ravel()], axis=-1)
+
+
+class PointHead(nn.Module):
+  """Point features and logits for box-normalised points of ROIs.
+
+  Call: (points `[N, P, 2]` box-normalised, rois `[N, 4]` input pixels, batch index `[N]`,
+  coarse logits `[N, m, m, K]`, pyramid `{level: [B, h, w, C]}`, images `[B, H, W, Ci]`) ->
+  `[N, P, K]` float32 logits.
+  """
+
+  spec: PointSpec
+  num_classes: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    points: Array,
+    rois: Array,
+    batch_index: Array,
+    coarse_logits: Array,
+    pyramid: Mapping[str, Array],
+    images: Array,
+  ) -> Array:
+    s = self.spec
+    image_points = point_ops.roi_points_to_image(points, jax.lax.stop_gradient(rois))
+    coarse = jax.vmap(point_ops.sample_grid_at_roi_points)(coarse_logits, points)  # [N, P, K]
+    stride = 2 ** int(s.level.lstrip('P'))
+    level_map = pyramid[s.level]
+    fine = [point_ops.sample_maps_at_image_points(level_map, stride, batch_index, image_points)]
+    if s.image_patch > 0:
+      offsets = _patch_offsets(s.image_patch)  # [T, 2]
+      n, p = points.shape[:2]
+      taps = (image_points[:, :, None, :] + offsets).reshape(n, -1, 2)  # [N, P * T, 2]
+      patch = point_ops.sample_maps_at_image_points(images, 1, batch_index, taps)  # [N, P*T, Ci]
+      fine.append(patch.reshape(n, p, -1).astype(level_map.dtype))
+    return PointMLP(self.num_classes, s.dim, s.num_fc, self.dtype, name='mlp')(
+      jnp.concatenate(fine, axis=-1), coarse
+    )
+
+  def refine(
+    self,
+    own_logits: Array,
+    rois: Array,
+    batch_index: Array,
+    coarse_logits: Array,
+    pyramid: Mapping[str, Array],
+    images: Array,
+    classes: Array,
+  ) -> Array:
+    """Adaptive subdivision: `own_logits [N, m, m]` (each ROI's class, 1..K in `classes [N]`)
+    -> `[N, m 2^steps, m 2^steps]` logits with the most uncertain cells of every round
+    predicted by the point head."""
+    s = self.spec
+    logits = own_logits
+    for _ in range(s.subdivision_steps):
+      logits = point_ops.upsample2x(logits)
+      n, r = logits.shape[:2]
+      index, centres = point_ops.uncertain_cells(logits, s.subdivision_points)
+      per_class = self(centres, rois, batch_index, coarse_logits, pyramid, images)  # [N, P, K]
+      own = jnp.take_along_axis(
+        per_class, jnp.clip(classes - 1, 0, self.num_classes - 1)[:, None, None], axis=-1
+      )[..., 0]
+      flat = logits.reshape(n, r * r)
+      flat = jax.vmap(lambda row, i, v: row.at[i].set(v))(flat, index, own)
+      logits = flat.reshape(n, r, r)
+    return logits
+
+
+def point_targets(gt_masks: Array, matched_gt: Array, image_points: Array) -> Array:
+  """Soft ground truth at points: `gt_masks [G, H, W]` (> 0.5 inside) of one image, each
+  ROI's matched instance `matched_gt [N]`, input-pixel points `[N, P, 2]` -> `[N, P]` float32
+  in [0, 1] (bilinear between pixel centres, as PointRend's labels). No gradient."""
+  masks = jax.lax.stop_gradient(gt_masks)[..., None].astype(jnp.float32)
+  return point_ops.sample_maps_at_image_points(masks, 1, matched_gt, image_points)[..., 0]
