@@ -10,6 +10,8 @@ Arguments (comma-separated; lists joined with '+'):
                     paper      mask head {standard, imask} x backbones (the paper's Table 3)
                     heads      mask head {standard, imask, decoder only, skip only}, one backbone
                     skip_size  the imask head with a skip of 28, 56 and 112, and standard
+                    cartilage  the boundary levers of thin structures on the imask head: a
+                               112 x 112 mask grid, the PointRend-style point head, both
                     all        heads x backbones, plus the skip sizes on the first backbone
   backbones=A+B   backbones of the study (paper, all: resnet50+resnet101+densenet121 for all,
                   resnet101+densenet121 for paper; heads, skip_size: the base experiment's)
@@ -32,7 +34,7 @@ import ml_collections
 
 from imask_jax import configs
 
-STUDIES = ('paper', 'heads', 'skip_size', 'all')
+STUDIES = ('paper', 'heads', 'skip_size', 'cartilage', 'all')
 # (variant name prefix, config arguments) of each mask head in the `heads` study.
 HEADS = (
   ('standard', 'head=standard'),
@@ -43,6 +45,12 @@ HEADS = (
 PAPER_BACKBONES = ('resnet101', 'densenet121')
 ALL_BACKBONES = ('resnet50', 'resnet101', 'densenet121')
 SKIP_SIZES = (28, 56, 112)
+# (variant name prefix, config arguments) of the `cartilage` study, each against the imask head.
+CARTILAGE_LEVERS = (
+  ('imask_skip112', 'head=imask,skip_size=112'),
+  ('imask_points', 'head=imask,points=True'),
+  ('imask_skip112_points', 'head=imask,skip_size=112,points=True'),
+)
 
 
 def _names(value) -> tuple[str, ...]:
@@ -100,6 +108,11 @@ def variants(study: str, backbones: tuple[str, ...] | None) -> list[tuple[str, s
     head_rows(HEADS, backbones[0] if backbones else None)
   elif study == 'skip_size':
     skip_rows(backbones[0] if backbones else None)
+  elif study == 'cartilage':
+    backbone = backbones[0] if backbones else None
+    out.append((named('imask', backbone), with_backbone('head=imask', backbone), ''))
+    for prefix, arg in CARTILAGE_LEVERS:
+      out.append((named(prefix, backbone), with_backbone(arg, backbone), named('imask', backbone)))
   else:
     chosen = backbones or ALL_BACKBONES
     for backbone in chosen:

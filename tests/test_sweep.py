@@ -65,6 +65,20 @@ def test_head_and_skip_studies_switch_the_parts_they_name():
   assert len(every.variants) == 3 * 4 + 2
 
 
+def test_cartilage_study_switches_the_mask_grid_and_the_point_head_against_imask():
+  c = experiment_config('ablations', 'study=cartilage')
+  levers = {}
+  for name, arg, baseline in c.variants:
+    model = sweep.load_experiment(c.experiment, arg).model
+    levers[name] = (model.mask_head, model.imask.skip_size, model.point_head.enabled, baseline)
+  assert levers == {
+    'imask': ('imask', 56, False, ''),
+    'imask_skip112': ('imask', 112, False, 'imask'),
+    'imask_points': ('imask', 56, True, 'imask'),
+    'imask_skip112_points': ('imask', 112, True, 'imask'),
+  }
+
+
 def test_bad_sweep_arguments_are_named():
   with pytest.raises(ValueError, match='study=.*expected one of'):
     experiment_config('ablations', 'study=nope')
