@@ -68,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
       scale_range=(0.9, 1.1),
       gamma_range=(0.8, 1.25),
       noise_std=0.03,
+      # x factor drawn log-uniformly, clipped to [0, 1] (1, 1: off): what another field of
+      # view does to the percentile normalisation (the 99.5th percentile moves with the fluid)
+      intensity_scale_range=(1.0, 1.0),
     )
   )
 

@@ -87,7 +87,10 @@ BATCH_KEYS = (
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
   """Training augmentation. Angles in degrees; scale > 1 enlarges; gamma applies x ** gamma to
-  the [0, 1] image (drawn log-uniformly); noise_std in units of the normalised image."""
+  the [0, 1] image (drawn log-uniformly); noise_std in units of the normalised image;
+  intensity_scale_range multiplies the normalised image by a factor drawn log-uniformly and
+  clips it to [0, 1] again, as the percentile normalisation of another field of view or coil
+  does (a field of view with less bright fluid in it moves the 99.5th percentile down)."""
 
   flip_lr: bool
   flip_ud: bool
@@ -95,6 +98,7 @@ class AugmentSettings:
   scale_range: tuple[float, float]
   gamma_range: tuple[float, float]
   noise_std: float
+  intensity_scale_range: tuple[float, float] = (1.0, 1.0)
 
   def __post_init__(self):
     lo, hi = self.scale_range
@@ -102,11 +106,12 @@ class AugmentSettings:
       raise ValueError(
         f'config data.augment.scale_range={self.scale_range}; expected 0 < low <= high'
       )
-    lo, hi = self.gamma_range
-    if not 0 < lo <= hi:
-      raise ValueError(
-        f'config data.augment.gamma_range={self.gamma_range}; expected 0 < low <= high'
-      )
+    for name in ('gamma_range', 'intensity_scale_range'):
+      lo, hi = getattr(self, name)
+      if not 0 < lo <= hi:
+        raise ValueError(
+          f'config data.augment.{name}={getattr(self, name)}; expected 0 < low <= high'
+        )
     if self.rotate_degrees < 0 or self.noise_std < 0:
       raise ValueError(
         f'config data.augment: rotate_degrees={self.rotate_degrees} and '
@@ -181,6 +186,7 @@ def augment_settings(config: Any) -> AugmentSettings:
     scale_range=tuple(float(s) for s in a.scale_range),
     gamma_range=tuple(float(g) for g in a.gamma_range),
     noise_std=float(a.noise_std),
+    intensity_scale_range=tuple(float(g) for g in a.intensity_scale_range),
   )
 
 
@@ -435,7 +441,8 @@ def warp(image: tf.Tensor, masks: tf.Tensor, transform: tf.Tensor) -> tuple[tf.T
 def augment_example(
   example: dict[str, tf.Tensor], seed: tf.Tensor, augment: AugmentSettings
 ) -> dict[str, tf.Tensor]:
-  """Random flips, rotation, scale (image and masks together), gamma and noise. seed: int32 [2]."""
+  """Random flips, rotation, scale (image and masks together), intensity scale, gamma and noise.
+  seed: int32 [2]."""
   seeds = tf.random.experimental.stateless_split(seed, num=6)
 
   def draw(i: int, low: float, high: float) -> tf.Tensor:
@@ -453,6 +460,13 @@ def augment_example(
   image, masks, extent = example['image'], example['gt_masks'], example['image_extent']
   height, width, _ = image.shape
   image, masks = warp(image, masks, _inverse_warp(extent, angle, zoom, flip_x, flip_y))
+  if augment.intensity_scale_range != (1.0, 1.0):
+    # Its own seed (folded in), so the other draws stay those of runs without it.
+    lo, hi = (math.log(v) for v in augment.intensity_scale_range)
+    factor = tf.exp(
+      tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 6), lo, hi)
+    )
+    image = tf.clip_by_value(image * factor, 0.0, 1.0)
   if augment.gamma_range != (1.0, 1.0):
     image = tf.pow(image, gamma)
   if augment.noise_std > 0:

@@ -165,3 +165,46 @@ def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range()
     assert axis_difference(major_axis_degrees(mask), turn) < 3.0
     turns.append(turn)
   assert max(turns) - min(turns) > 5.0  # the angle is drawn, not fixed
+
+
+def test_intensity_scale_multiplies_within_the_drawn_range_and_clips_like_normalisation():
+  """Only the intensity scale on (no warp, gamma or noise): the output is the input times one
+  factor per example, drawn in the range (log-uniform, differing between seeds), clipped to
+  [0, 1]; masks untouched; with the range (1, 1) the image is unchanged."""
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0.0, 1.0, (H, W, 1)).astype(np.float32)
+  masks = (rng.uniform(size=(H, W, 2)) > 0.5).astype(np.uint8)
+  example = {
+    'image': tf.constant(image),
+    'gt_masks': tf.constant(masks),
+    'image_extent': tf.constant((H, W), tf.int32),
+  }
+
+  def settings(scale_range):
+    return ip.AugmentSettings(
+      flip_lr=False,
+      flip_ud=False,
+      rotate_degrees=0.0,
+      scale_range=(1.0, 1.0),
+      gamma_range=(1.0, 1.0),
+      noise_std=0.0,
+      intensity_scale_range=scale_range,
+    )
+
+  factors = []
+  for seed in range(6):
+    out = ip.augment_example(example, tf.constant([seed, 3], tf.int32), settings((0.8, 1.25)))
+    got = out['image'].numpy()
+    np.testing.assert_array_equal(out['gt_masks'].numpy(), masks)
+    unclipped = image > 0.05
+    factor = float(np.median(got[unclipped & (got < 0.999)] / image[unclipped & (got < 0.999)]))
+    assert 0.8 - 1e-6 <= factor <= 1.25 + 1e-6
+    np.testing.assert_allclose(got, np.clip(image * factor, 0.0, 1.0), atol=1e-5)
+    factors.append(factor)
+  assert max(factors) - min(factors) > 0.1  # drawn, not fixed
+  fixed = ip.augment_example(example, tf.constant([0, 3], tf.int32), settings((2.0, 2.0)))
+  np.testing.assert_allclose(fixed['image'].numpy(), np.clip(2.0 * image, 0.0, 1.0), atol=1e-6)
+  off = ip.augment_example(example, tf.constant([0, 3], tf.int32), settings((1.0, 1.0)))
+  np.testing.assert_allclose(off['image'].numpy(), image, atol=1e-6)
+  with pytest.raises(ValueError, match='intensity_scale_range'):
+    settings((1.2, 0.9))
