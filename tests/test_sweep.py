@@ -28,18 +28,23 @@ def test_paper_study_is_two_heads_by_two_backbones_each_head_against_standard():
   c = experiment_config('ablations', 'dataset=phantom_knee,backbones=resnet50+densenet121')
   assert c.experiment == os.path.join(REPO, 'experiments', 'phantom_knee.py')
   assert list(c.variants) == [
-    ('standard-resnet50', 'head=standard,backbone=resnet50', ''),
-    ('imask-resnet50', 'head=imask,backbone=resnet50', 'standard-resnet50'),
-    ('standard-densenet121', 'head=standard,backbone=densenet121', ''),
-    ('imask-densenet121', 'head=imask,backbone=densenet121', 'standard-densenet121'),
+    ('standard-resnet50', 'head=standard,backbone=resnet50,points=False', ''),
+    ('imask-resnet50', 'head=imask,backbone=resnet50,points=False', 'standard-resnet50'),
+    ('standard-densenet121', 'head=standard,backbone=densenet121,points=False', ''),
+    (
+      'imask-densenet121',
+      'head=imask,backbone=densenet121,points=False',
+      'standard-densenet121',
+    ),
   ]
   assert tuple(c.seeds) == (0,)
   # Every argument loads into the experiment it names, with the settings it says.
   for _, arg, _ in c.variants:
     config = sweep.load_experiment(c.experiment, arg)
     assert (config.model.mask_head, config.model.backbone) == tuple(
-      part.split('=')[1] for part in arg.split(',')
+      part.split('=')[1] for part in arg.split(',')[:2]
     )
+    assert not config.model.point_head.enabled
 
 
 def test_head_and_skip_studies_switch_the_parts_they_name():
@@ -63,6 +68,12 @@ def test_head_and_skip_studies_switch_the_parts_they_name():
   assert {b for n, _, b in skips.variants if 'skip' in n} == {'imask'}
   every = experiment_config('ablations', 'study=all')
   assert len(every.variants) == 3 * 4 + 2
+  # the paper's heads, without the point head the knee quick start turns on
+  for study in ('paper', 'heads', 'skip_size', 'all'):
+    c = experiment_config('ablations', f'study={study}')
+    assert not any(
+      sweep.load_experiment(c.experiment, arg).model.point_head.enabled for _, arg, _ in c.variants
+    )
 
 
 def test_cartilage_study_switches_the_mask_grid_and_the_point_head_against_imask():
