@@ -454,7 +454,7 @@ def test_reference_run_writes_its_logs(reference):
   schedule = optim.learning_rate_schedule(t)
   terms = ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask') + (
     ('mask_dice',) if config.model.mask_dice_weight > 0 else ()
-  )
+  ) + (('mask_point',) if config.model.point_head.enabled else ())
   for r in logged:
     for key in [f'train/{k}' for k in terms] + [
       'train/grad_norm',
