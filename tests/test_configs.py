@@ -56,6 +56,24 @@ def test_smoke_variants_are_tiny_and_run_on_phantoms(name):
   assert smoke.model.backbone == 'resnet18'
 
 
+@pytest.mark.parametrize('arg', ['full', 'cartilage'])
+def test_knee_variants_build_and_round_trip(arg, tmp_path):
+  """The knee's longer variants: full (more phantoms and steps), cartilage (issue 11: a 140 mm
+  field of view at 0.5 mm per network pixel, whose phantoms are generated that way)."""
+  config = experiment_config('phantom_knee', arg)
+  configs.check_train_config(config)
+  workdir_lib.save_config(config, str(tmp_path))
+  loaded = workdir_lib.load_config(str(tmp_path))
+  assert loaded.to_dict() == config.to_dict()
+  assert ModelSpec.from_config(loaded) == ModelSpec.from_config(config)
+  if arg == 'cartilage':
+    d = config.data
+    assert (d.phantom_fov_mm, d.phantom_spacing_mm, d.pixel_spacing_mm) == (140.0, 0.5, 0.5)
+    assert tuple(d.image_size) == (192, 192) and config.model.point_head.enabled
+    params = params_from_config(config, tmp_path)
+    assert (params.phantom_fov_mm, params.phantom_spacing_mm) == (140.0, 0.5)
+
+
 def test_phantom_hip_fits_the_hip_phantoms():
   c = experiment_config('phantom_hip')
   assert tuple(c.data.class_names) == ('effusion',) == tissues.HIP_CLASSES
