@@ -452,9 +452,11 @@ def test_reference_run_writes_its_logs(reference):
   expected_steps = sorted({s for s in range(1, t.steps + 1) if s % t.log_every == 0} | {t.steps})
   assert [r['step'] for r in logged] == expected_steps
   schedule = optim.learning_rate_schedule(t)
-  terms = ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask') + (
-    ('mask_dice',) if config.model.mask_dice_weight > 0 else ()
-  ) + (('mask_point',) if config.model.point_head.enabled else ())
+  terms = (
+    ('rpn_cls', 'rpn_box', 'box_cls', 'box_reg', 'mask')
+    + (('mask_dice',) if config.model.mask_dice_weight > 0 else ())
+    + (('mask_point',) if config.model.point_head.enabled else ())
+  )
   for r in logged:
     for key in [f'train/{k}' for k in terms] + [
       'train/grad_norm',
