@@ -131,19 +131,26 @@ def test_rotation_is_about_the_valid_extent_not_the_padded_image():
   assert np.linalg.norm(padded_centre - CENTRE) > 4
 
 
+def only(**on) -> ip.AugmentSettings:
+  """Augmentation settings with every part off but the ones given."""
+  off = dict(
+    flip_lr=False,
+    flip_ud=False,
+    rotate_degrees=0.0,
+    scale_range=(1.0, 1.0),
+    gamma_range=(1.0, 1.0),
+    noise_std=0.0,
+    intensity_scale_range=(1.0, 1.0),
+  )
+  return ip.AugmentSettings(**{**off, **on})
+
+
 def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range():
   """Through augment_example (angle drawn in +-25 degrees, zoom fixed at 1.25, no flips, gamma
   or noise): the spot's distance from the extent centre grows by exactly the zoom, its turn is
   within the range and differs between seeds, and the ellipse turns by the same angle."""
   image, masks = probes()
-  settings = ip.AugmentSettings(
-    flip_lr=False,
-    flip_ud=False,
-    rotate_degrees=25.0,
-    scale_range=(1.25, 1.25),
-    gamma_range=(1.0, 1.0),
-    noise_std=0.0,
-  )
+  settings = only(rotate_degrees=25.0, scale_range=(1.25, 1.25))
   example = {
     'image': tf.constant(image),
     'gt_masks': tf.constant(masks),
@@ -181,15 +188,7 @@ def test_intensity_scale_multiplies_within_the_drawn_range_and_clips_like_normal
   }
 
   def settings(scale_range):
-    return ip.AugmentSettings(
-      flip_lr=False,
-      flip_ud=False,
-      rotate_degrees=0.0,
-      scale_range=(1.0, 1.0),
-      gamma_range=(1.0, 1.0),
-      noise_std=0.0,
-      intensity_scale_range=scale_range,
-    )
+    return only(intensity_scale_range=scale_range)
 
   factors = []
   for seed in range(6):
