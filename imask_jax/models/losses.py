@@ -23,6 +23,13 @@ def _per_image_mean(values: Array, count: Array) -> Array:
   return jnp.mean(per_image)
 
 
+def per_roi_mean(per_roi: Array, positive: Array) -> Array:
+  """The mean of a per-ROI loss `[B, P]` over each image's positive ROIs `[B, P]`, then over
+  the batch (the mask terms' normalisation)."""
+  positive = positive.astype(jnp.float32)
+  return _per_image_mean(positive * per_roi, positive)
+
+
 def rpn_objectness_loss(logits: Array, labels: Array, weight: Array) -> Array:
   """Sigmoid BCE over each image's sampled anchors. logits, labels, weight: [B, A]."""
   bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
@@ -84,8 +91,7 @@ def mask_bce(
     per_roi = jnp.sum(w * bce, axis=(-2, -1)) / jnp.sum(w, axis=(-2, -1))
   else:
     per_roi = jnp.mean(bce, axis=(-2, -1))
-  positive = positive.astype(jnp.float32)
-  return _per_image_mean(positive * per_roi, positive)
+  return per_roi_mean(per_roi, positive)
 
 
 def mask_dice(logits: Array, targets: Array, positive: Array, *, smooth: float = 1.0) -> Array:
@@ -101,5 +107,4 @@ def mask_dice(logits: Array, targets: Array, positive: Array, *, smooth: float =
   overlap = jnp.sum(probs * targets, axis=(-2, -1))
   total = jnp.sum(probs, axis=(-2, -1)) + jnp.sum(targets, axis=(-2, -1))
   per_roi = 1.0 - (2.0 * overlap + smooth) / (total + smooth)
-  positive = positive.astype(jnp.float32)
-  return _per_image_mean(positive * per_roi, positive)
+  return per_roi_mean(per_roi, positive)

@@ -422,51 +422,28 @@ class MaskRCNN(nn.Module):
     if s.point_head.enabled:
       if points is None:
         raise ValueError('MaskRCNN.mask_losses: the point head needs `points` (PointInputs)')
-      terms['mask_point'] = s.point_head.loss_weight * self.point_loss(
-        pyramid, roi_t, all_logits, logits, points
-      )
+      b, ps = logits.shape[0], s.point_head
+      chosen = jax.vmap(
+        functools.partial(
+          point_ops.uncertain_points,
+          num_points=ps.train_points,
+          oversample=ps.oversample,
+          importance=ps.importance,
+        )
+      )(logits, points.keys)  # [B, P, T, 2], each image's ROIs drawn with its own key
+      per_roi = self.point_head.loss(
+        chosen.reshape((b * p,) + chosen.shape[2:]),
+        all_logits.reshape((b * p,) + all_logits.shape[2:]),
+        roi_t.rois[:, :p].reshape(b * p, 4),
+        jnp.repeat(jnp.arange(b, dtype=jnp.int32), p),
+        roi_t.classes[:, :p].reshape(b * p),
+        roi_t.gt_index[:, :p].reshape(b * p),
+        pyramid,
+        points.images,
+        points.gt_masks,
+      ).reshape(b, p)
+      terms['mask_point'] = s.point_head.loss_weight * losses.per_roi_mean(per_roi, mask_pos)
     return terms
-
-  def point_loss(
-    self,
-    pyramid: dict[str, Array],
-    roi_t: sampling.RoiTargets,
-    all_logits: Array,
-    own_logits: Array,
-    points: PointInputs,
-  ) -> Array:
-    """The point head's BCE at `point_head.train_points` points per mask ROI, chosen by
-    importance sampling on the coarse own-class logits `[B, P, m, m]` (`all_logits`: every
-    class, `[B, P, m, m, K]`), against the ground truth read at the same points."""
-    s, ps = self.spec, self.spec.point_head
-    b, p = own_logits.shape[:2]
-    chosen = jax.vmap(
-      functools.partial(
-        point_ops.uncertain_points,
-        num_points=ps.train_points,
-        oversample=ps.oversample,
-        importance=ps.importance,
-      )
-    )(own_logits, points.keys)  # [B, P, T, 2]
-    t = chosen.shape[2]
-    rois = roi_t.rois[:, :p].reshape(b * p, 4)
-    chosen = chosen.reshape(b * p, t, 2)
-    per_class = self.point_head(
-      chosen,
-      rois,
-      jnp.repeat(jnp.arange(b, dtype=jnp.int32), p),
-      all_logits.reshape((b * p,) + all_logits.shape[2:]),
-      pyramid,
-      points.images,
-    )  # [B * P, T, K]
-    point_logits = losses.take_class(
-      per_class.reshape(b, p, t, 1, s.num_classes), roi_t.classes[:, :p]
-    )  # [B, P, T, 1]
-    image_points = point_ops.roi_points_to_image(chosen, rois).reshape(b, p, t, 2)
-    labels = jax.vmap(point_head.point_targets)(
-      points.gt_masks, roi_t.gt_index[:, :p], image_points
-    )  # [B, P, T]
-    return losses.mask_bce(point_logits, labels[..., None], roi_t.is_positive[:, :p])
 
   # --- training ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from imask_jax.ops import points as point_ops
 
@@ -149,13 +150,44 @@ class PointHead(nn.Module):
       n, r = logits.shape[:2]
       index, centres = point_ops.uncertain_cells(logits, s.subdivision_points)
       per_class = self(centres, rois, batch_index, coarse_logits, pyramid, images)  # [N, P, K]
-      own = jnp.take_along_axis(
-        per_class, jnp.clip(classes - 1, 0, self.num_classes - 1)[:, None, None], axis=-1
-      )[..., 0]
+      own = self._own_class(per_class, classes)
       flat = logits.reshape(n, r * r)
       flat = jax.vmap(lambda row, i, v: row.at[i].set(v))(flat, index, own)
       logits = flat.reshape(n, r, r)
     return logits
+
+  def loss(
+    self,
+    chosen: Array,
+    coarse_logits: Array,
+    rois: Array,
+    batch_index: Array,
+    classes: Array,
+    matched_gt: Array,
+    pyramid: Mapping[str, Array],
+    images: Array,
+    gt_masks: Array,
+  ) -> Array:
+    """Per-ROI BCE of the point logits at the box-normalised points `chosen [N, T, 2]`
+    (`points.uncertain_points` of the coarse own-class logits) against the ground truth read
+    at the same points: `[N]` float32.
+
+    coarse_logits `[N, m, m, K]`, rois `[N, 4]`, batch_index `[N]`, classes `[N]` (1..K),
+    matched_gt `[N]` (index into its image's instances), gt_masks `[B, M, H, W]`."""
+    per_class = self(chosen, rois, batch_index, coarse_logits, pyramid, images)  # [N, T, K]
+    logits = self._own_class(per_class, classes)
+    masks = jax.lax.stop_gradient(gt_masks)
+    flat_masks = masks.reshape((-1,) + masks.shape[2:])  # [B * M, H, W]
+    layer = batch_index * masks.shape[1] + jnp.clip(matched_gt, 0, masks.shape[1] - 1)
+    labels = point_targets(
+      flat_masks, layer, point_ops.roi_points_to_image(chosen, jax.lax.stop_gradient(rois))
+    )
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+
+  def _own_class(self, per_class: Array, classes: Array) -> Array:
+    """`[N, P, K]` -> `[N, P]`: each ROI's class (1..K; 0, padding, reads class 1)."""
+    index = jnp.clip(classes - 1, 0, self.num_classes - 1)[:, None, None]
+    return jnp.take_along_axis(per_class, index, axis=-1)[..., 0]
 
 
 def point_targets(gt_masks: Array, matched_gt: Array, image_points: Array) -> Array:
