@@ -50,6 +50,23 @@ class PointSpec:
   subdivision_points: int = 784  # inference: cells predicted again per round (28 x 28)
   loss_weight: float = 1.0
 
+  def __post_init__(self):
+    problems = []
+    if self.level not in ('P2', 'P3', 'P4', 'P5'):
+      problems.append(f"level={self.level!r} (expected 'P2'..'P5')")
+    for name in ('dim', 'num_fc', 'train_points', 'subdivision_points'):
+      if getattr(self, name) < 1:
+        problems.append(f'{name}={getattr(self, name)} (expected >= 1)')
+    for name in ('image_patch', 'subdivision_steps'):
+      if getattr(self, name) < 0:
+        problems.append(f'{name}={getattr(self, name)} (expected >= 0)')
+    if self.oversample < 1:
+      problems.append(f'oversample={self.oversample} (expected >= 1)')
+    if not 0 <= self.importance <= 1:
+      problems.append(f'importance={self.importance} (expected a share in [0, 1])')
+    if problems:
+      raise ValueError('config model.point_head: ' + '; '.join(problems))
+
   def output_size(self, coarse_size: int) -> int:
     """Side of the refined masks for a mask head of side `coarse_size`."""
     return coarse_size * 2**self.subdivision_steps if self.enabled else coarse_size

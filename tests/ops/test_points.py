@@ -197,3 +197,11 @@ def test_subdivision_predicts_the_chosen_cells_and_keeps_the_rest_upsampled(head
   assert chosen.sum() == 30
   np.testing.assert_allclose(sparse[~chosen], up[~chosen], atol=1e-6)
   np.testing.assert_allclose(sparse[chosen], dense[chosen], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'field, value', [('level', 'P7'), ('train_points', 0), ('importance', 1.5), ('image_patch', -1)]
+)
+def test_bad_point_head_settings_name_the_config_field(field, value):
+  with pytest.raises(ValueError, match=f'model.point_head: {field}='):
+    point_head.PointSpec(enabled=True, **{field: value})
