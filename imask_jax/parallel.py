@@ -85,11 +85,21 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places a host pytree (identical on every process) on all devices."""
+  """Places a host pytree (identical on every process) on all devices, in buffers of the
+  runtime's own.
+
+  On the CPU a device array made from host memory may alias it (always for a view of a jax
+  array's buffer, `np.asarray`, and for some numpy arrays), and a jitted step that donates such
+  an array cannot update it in place: XLA allocates a second train state for the step's outputs
+  and both stay alive. `device_put(..., may_alias=False)` copies into memory the runtime owns.
+  """
   sharding = replicated(mesh)
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
-  )
+
+  def place(x: Any) -> jax.Array:
+    shared = jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.device_put(shared, sharding, may_alias=False)
+
+  return jax.tree.map(place, tree)
 
 
 def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -382,9 +382,10 @@ def restore_state(
   )
 
   def restore(s: int) -> Any:
-    return manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-      'state'
-    ]
+    state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    # Copied into buffers of the runtime's own: orbax's arrays may alias its read buffers, and a
+    # donating train step cannot update those in place (see parallel.replicate).
+    return jax.tree.map(lambda x: jax.device_put(x, sharding, may_alias=False), state['state'])
 
   if step is not None:
     return restore_checkpoint(manager, int(step), restore)
