@@ -120,18 +120,27 @@ def make_train_step(
     batch_stats = jax.lax.pmean(updates.get('batch_stats', state.batch_stats), parallel.DATA_AXIS)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step changes nothing but the counters (the update is computed on zeros so
-    # that no NaN reaches the optimiser's moments, then discarded).
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates_, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates_)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    # A non-finite step changes nothing but the counters. A branch, not a select between the
+    # updated and the old state: XLA fuses the optimiser's update into both the new parameters
+    # and such a select, so it copied every Adam moment to keep the old one (about a state's
+    # worth of memory, benchmarks/README.md "Memory").
+    def apply_update(operands):
+      grads, opt_state, params = operands
+      updates_, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates_), opt_state
+
+    params, opt_state = jax.lax.cond(
+      finite, apply_update, lambda o: (o[2], o[1]), (grads, state.opt_state, state.params)
+    )
     in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
     new_state = state.replace(
       step=state.step + 1,
-      params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
+      params=params,
+      batch_stats=jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
+      ),
+      opt_state=opt_state,
       nonfinite_in_a_row=in_a_row,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
