@@ -143,6 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
   # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
   m.label_score_threshold = 0.5
+  # A pasted pixel belongs to a painted detection where its mask probability is >= this (Mask
+  # R-CNN's 0.5); an experiment may choose another on its validation split.
+  m.mask_threshold = 0.5
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
   # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
   m.keep_largest_component = ()
@@ -391,6 +394,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   )
   postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
   paint_slots_per_class(config)
+  mask_threshold(config)
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '
@@ -407,6 +411,15 @@ def paint_slots_per_class(config: ml_collections.ConfigDict) -> int:
       f'detections) to model.max_detections={most}'
     )
   return int(value)
+
+
+def mask_threshold(config: ml_collections.ConfigDict) -> float:
+  """config model.mask_threshold, refused unless 0 < value <= 1 (a probability; at 0 every
+  pixel of every box would be painted)."""
+  value = config.model.mask_threshold
+  if isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+    raise ValueError(f'config model.mask_threshold={value!r}; expected a probability in (0, 1]')
+  return float(value)
 
 
 def thickness_method(config: ml_collections.ConfigDict) -> str:

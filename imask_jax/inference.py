@@ -41,9 +41,6 @@ from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
 
-MASK_THRESHOLD = 0.5  # a pasted pixel belongs to a detection where its probability is >= this
-
-
 # --- the model from a workdir --------------------------------------------------------------------
 
 
@@ -105,6 +102,7 @@ def load_model(
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
   postprocess.cluster_rule(scheme, config.model)
   configs.thickness_method(config)
+  configs.mask_threshold(config)
   paint_only = paint_only and configs.paint_slots_per_class(config) > 0
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -200,13 +198,24 @@ class Instance:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=('source_size', 'min_score', 'paint_rule'))
+@functools.partial(
+  jax.jit, static_argnames=('source_size', 'mask_threshold', 'min_score', 'paint_rule')
+)
 def _paste_at_source(
-  boxes, scores, classes, valid, mask_probs, scale, source_size, min_score, paint_rule
+  boxes,
+  scores,
+  classes,
+  valid,
+  mask_probs,
+  scale,
+  source_size,
+  mask_threshold,
+  min_score,
+  paint_rule,
 ):
   divisor = jnp.tile(scale.astype(jnp.float32), 2)[:, None, :]  # (sy, sx, sy, sx) per example
   det = mask_rcnn.Detections(boxes / divisor, scores, classes, valid, mask_probs)
-  return mask_rcnn.detections_to_label_map(det, source_size, MASK_THRESHOLD, min_score, paint_rule)
+  return mask_rcnn.detections_to_label_map(det, source_size, mask_threshold, min_score, paint_rule)
 
 
 def detections_to_source(
@@ -215,6 +224,7 @@ def detections_to_source(
   source_size: tuple[int, int],
   min_score: float = 0.0,
   paint_rule: str = 'union',
+  mask_threshold: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Pastes network-resolution detections into their source slices.
 
@@ -226,6 +236,8 @@ def detections_to_source(
     min_score: detections scoring below this are left out of the class ids (the config's
       model.label_score_threshold); they stay in the instance masks.
     paint_rule: which pixels are painted (model.paint_rule, mask_rcnn.detections_to_label_map).
+    mask_threshold: the mask probability from which a pasted pixel is the detection's
+      (model.mask_threshold).
   Returns:
     class ids int32 [B, h, w] (0 = background; a pixel several detections claim goes to the
     highest score x mask probability, `mask_rcnn.detections_to_label_map`) and the pasted
@@ -239,6 +251,7 @@ def detections_to_source(
     jnp.asarray(detections['mask_probs'], jnp.float32),
     jnp.asarray(scale, jnp.float32),
     tuple(int(n) for n in source_size),
+    float(mask_threshold),
     float(min_score),
     str(paint_rule),
   )
@@ -366,6 +379,7 @@ def predict_volume(
       source_size,
       float(model.config.model.label_score_threshold),
       str(model.config.model.paint_rule),
+      float(model.config.model.mask_threshold),
     )
     class_slices[start:stop] = labels[:real]
     if 'unpainted' in out:

@@ -215,6 +215,7 @@ def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
     label_map, _ = mask_rcnn.detections_to_label_map(
       det,
       model.spec.image_size,
+      threshold=model.spec.mask_threshold,
       min_score=model.spec.label_score_threshold,
       paint_rule=model.spec.paint_rule,
     )

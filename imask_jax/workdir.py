@@ -125,6 +125,7 @@ INFERENCE_ONLY_FIELDS = (
   'model.rpn_pre_nms_topk_test',
   'model.rpn_post_nms_topk_test',
   'model.label_score_threshold',
+  'model.mask_threshold',
   'model.paint_rule',
   'model.paint_slots_per_class',
   'model.keep_largest_component',

@@ -165,6 +165,8 @@ def test_bad_training_settings_name_the_field():
     ({'train__epochs': -1.0}, r'train\.epochs=-1\.0'),
     ({'model__paint_slots_per_class': -1}, r'paint_slots_per_class=-1; .*max_detections=16'),
     ({'model__paint_slots_per_class': 17}, r'paint_slots_per_class=17'),
+    ({'model__mask_threshold': 0.0}, r'model\.mask_threshold=0\.0; expected a probability'),
+    ({'model__mask_threshold': 1.5}, r'model\.mask_threshold=1\.5'),
   ]
   for changes, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -5,6 +5,8 @@ smoke model's predictions against the network-resolution label map of steps.make
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -174,6 +176,38 @@ def test_missing_checkpoint_step_lists_the_stored_ones(smoke_workdir):
     rf'\[.*{steps[-1]}\]',
   ):
     inference.load_model(smoke_workdir, 999)
+
+
+def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, smoke_model):
+  """model.mask_threshold, set in a copy of a workdir's config.json (an inference-only field,
+  as docs/results/hip.md chooses it): the source-resolution paste and the network's own label
+  map both use it, and a lower threshold paints a superset of the 0.5 one's pixels."""
+  workdir = tmp_path / 'lower'
+  shutil.copytree(smoke_workdir, workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['model'].update(mask_threshold=0.2, keep_largest_component=[])
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  lower = inference.load_model(str(workdir))
+  config = smoke_model.config.copy_and_resolve_references()
+  config.model.keep_largest_component = ()
+  at_half = dataclasses.replace(smoke_model, config=config)
+  crop = np.transpose(generate_knee(0).image[40:104, 30:94, 27:31], (1, 0, 2))
+  pixel_mm = float(config.data.pixel_spacing_mm)
+  affine = PIL_AFFINE.copy()
+  affine[1, 0] = affine[2, 1] = -pixel_mm
+  volume = readers.load_volume(
+    _write_case(tmp_path, crop, None, affine), plane='sagittal', label_values=None
+  )
+  painted = {}
+  for name, model in (('half', at_half), ('lower', lower)):
+    slices = inference.predict_volume(model, volume).class_slices
+    images = input_pipeline.volume_inputs(volume, model.config)['image']
+    network = model.detect(model.variables, parallel.shard_batch(images, model.mesh))
+    np.testing.assert_array_equal(slices, np.asarray(network['label_map']), err_msg=name)
+    painted[name] = slices > 0
+  assert painted['half'].any()
+  assert not (painted['half'] & ~painted['lower']).any()
+  assert painted['lower'].sum() > painted['half'].sum()
 
 
 def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smoke_model):

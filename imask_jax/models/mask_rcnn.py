@@ -87,6 +87,7 @@ class ModelSpec:
   test_nms_threshold: float = 0.5
   max_detections: int = 16
   label_score_threshold: float = 0.5
+  mask_threshold: float = 0.5  # detections_to_label_map's threshold
   paint_rule: str = 'union'  # detections_to_label_map
   # detect(paint_only=True): mask-head slots per class for the detections that paint label
   # maps (`paint_slots`); 0 = the mask head runs on all max_detections.

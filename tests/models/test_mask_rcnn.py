@@ -199,9 +199,11 @@ def test_label_map_gives_shared_pixels_to_the_surest_detection_and_cuts_low_scor
   np.testing.assert_array_equal(np.asarray(label_map)[0], want)
 
 
-@pytest.mark.parametrize('paint_rule', ['union', 'each'])
+@pytest.mark.parametrize(
+  ('paint_rule', 'threshold'), [('union', 0.5), ('each', 0.5), ('union', 0.3), ('each', 0.7)]
+)
 @pytest.mark.slow
-def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rule):
+def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rule, threshold):
   rng = np.random.default_rng(3)
   b, d, size = 2, 6, 20
   y1, x1 = rng.uniform(-2, 14, (b, d)), rng.uniform(-2, 14, (b, d))
@@ -217,7 +219,7 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rul
     jnp.asarray(rng.uniform(size=(b, d, 7, 7)), jnp.float32),
   )
   label_map, _ = detections_to_label_map(
-    det, (size, size), threshold=0.5, min_score=0.3, paint_rule=paint_rule
+    det, (size, size), threshold=threshold, min_score=0.3, paint_rule=paint_rule
   )
   for i in range(b):
     probs = np.asarray(mask_ops.paste_mask_probs(det.mask_probs[i], det.boxes[i], (size, size)))
@@ -230,9 +232,9 @@ def test_label_map_matches_a_per_pixel_numpy_rule_on_random_detections(paint_rul
             continue
           p = probs[k, r, c]
           none_covers *= 1.0 - p
-          if (p >= 0.5 or paint_rule == 'union' and p > 0) and p * scores[i, k] > best:
+          if (p >= threshold or paint_rule == 'union' and p > 0) and p * scores[i, k] > best:
             best, winner = p * scores[i, k], int(det.classes[i, k])
-        painted = (1.0 - none_covers >= 0.5) if paint_rule == 'union' else best >= 0
+        painted = (1.0 - none_covers >= threshold) if paint_rule == 'union' else best >= 0
         want[r, c] = winner if painted and best >= 0 else 0
     np.testing.assert_array_equal(np.asarray(label_map)[i], want)
 
