@@ -22,7 +22,7 @@ training (detectron2's defaults), 1000 / 1000 at test time. ROI heads: 512 ROIs 
 25 % positive (IoU 0.5), ROIAlign sampling ratio 2, levels by k0 = 4 at 224 px, box head
 2 x fc 1024, mask head 4 x conv 256 + 2x transposed conv -> 28 x 28 per class ("standard").
 "imask" is the same model with the iMaskRCNN mask head (decoder to 56 x 56, skip ROIAlign of
-a 1x1-projected P2 at 56 x 56, one fusion conv, fine_dim 64). Test: score > 0.05, per-class
+a 1x1-projected P2 at 56 x 56, one fusion conv, fine_dim 32). Test: score > 0.05, per-class
 NMS 0.5, 100 detections per image. One difference stays, by design: ours always runs the
 mask head on a fixed number of slots per image (`--mask_rois`, 32: the first slots of the
 512-ROI sample, which hold its positives; static shapes, unused slots weighted zero),
@@ -87,8 +87,10 @@ MAX_DETECTIONS = 100
 # Mask-head slots per image in training (ours; static). 32 is ModelSpec's default; 128 would
 # be every positive slot of the 512-ROI sample, torchvision's upper bound.
 MASK_ROIS_PER_IMAGE = 32
-# iMaskRCNN's fine path: channels at 56 x 56 and 3x3 fusion convs.
-FINE_DIM, FUSE_CONVS = 64, 1
+# iMaskRCNN's fine path: channels at 56 x 56 and 3x3 fusion convs, configs.default_config's
+# (what experiments/oai.py trains; the paper does not give the width). Earlier runs of the
+# benchmark built it at 64, twice as wide: --fine_dim 64.
+FINE_DIM, FUSE_CONVS = 32, 1
 
 
 def pin_threads() -> None:

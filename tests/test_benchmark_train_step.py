@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from imask_jax import configs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -80,13 +82,14 @@ def test_model_spec_matches_the_settings_sent_to_torchvision():
     assert spec.max_detections == int(settings['max_detections'])
     # The mask head's slots per image: the benchmark's cap (32) below 25 % of 512 ROIs.
     assert spec.num_mask_rois == bench.MASK_ROIS_PER_IMAGE == 32
-    assert spec.imask.fine_dim == 64
+    # The fine path at the width the model trains by default (experiments/oai.py's).
+    assert spec.imask.fine_dim == configs.default_config().model.imask.fine_dim == 32
     assert spec.axis_name is None
   wide = bench.model_spec(
-    512, 'imask', data_parallel=True, mask_rois_per_image=200, fine_dim=32, fuse_convs=2
+    512, 'imask', data_parallel=True, mask_rois_per_image=200, fine_dim=64, fuse_convs=2
   )
   assert wide.axis_name == 'data' and wide.num_mask_rois == 128  # capped by 25 % of 512
-  assert (wide.imask.fine_dim, wide.imask.fuse_convs) == (32, 2)
+  assert (wide.imask.fine_dim, wide.imask.fuse_convs) == (64, 2)
 
 
 def test_combine_rounds_takes_medians_of_round_medians():
