@@ -76,7 +76,7 @@ def get_config(arg: str | None = None):
   m.cluster_min_ml = 0.3
 
   t = c.train
-  t.steps = 3000  # 1500 and 3000 compared in docs/results/hip.md
+  t.steps = 6000  # 1500, 3000 and 6000 compared in docs/results/hip.md
   t.batch_size = 4
   t.learning_rate = 1e-3
   t.warmup_steps = 100
