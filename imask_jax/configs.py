@@ -97,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.rpn_positive_fraction = 0.5
   m.roi_batch_size = 128
   m.roi_positive_fraction = 0.25
+  # Share of the box head's negative ROIs taken as the negative proposals of highest RPN
+  # objectness (bright look-alikes: bladder, bowel, oedema) instead of drawn at random.
+  m.roi_hard_negative_fraction = 0.0
   m.mask_rois_per_image = 32  # cap on mask-head ROIs (the first, positive, slots)
   m.roi_iou_threshold = 0.5
   m.roi_level_k0 = 4
@@ -395,6 +398,10 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
   paint_slots_per_class(config)
   mask_threshold(config)
+  for name in ('rpn_positive_fraction', 'roi_positive_fraction', 'roi_hard_negative_fraction'):
+    value = config.model[name]
+    if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+      raise ValueError(f'config model.{name}={value!r}; expected a fraction in [0, 1]')
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '

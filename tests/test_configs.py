@@ -167,6 +167,11 @@ def test_bad_training_settings_name_the_field():
     ({'model__paint_slots_per_class': 17}, r'paint_slots_per_class=17'),
     ({'model__mask_threshold': 0.0}, r'model\.mask_threshold=0\.0; expected a probability'),
     ({'model__mask_threshold': 1.5}, r'model\.mask_threshold=1\.5'),
+    (
+      {'model__roi_hard_negative_fraction': 1.5},
+      r'model\.roi_hard_negative_fraction=1\.5; expected a fraction in \[0, 1\]',
+    ),
+    ({'model__roi_positive_fraction': -0.1}, r'model\.roi_positive_fraction=-0\.1'),
   ]
   for changes, message in cases:
     with pytest.raises(ValueError, match=message):

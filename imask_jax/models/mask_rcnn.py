@@ -69,6 +69,7 @@ class ModelSpec:
   rpn_positive_fraction: float = 0.5
   roi_batch_size: int = 128
   roi_positive_fraction: float = 0.25
+  roi_hard_negative_fraction: float = 0.0
   mask_rois_per_image: int = 32
   roi_iou_threshold: float = 0.5
   roi_level_k0: int = 4
@@ -338,6 +339,7 @@ class MaskRCNN(nn.Module):
         sampling.roi_targets,
         num_samples=s.roi_batch_size,
         positive_fraction=s.roi_positive_fraction,
+        hard_negative_fraction=s.roi_hard_negative_fraction,
         high=s.roi_iou_threshold,
         low=s.roi_iou_threshold,
       )

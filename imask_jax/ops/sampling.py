@@ -145,19 +145,28 @@ def num_positives_wanted(num_samples: int, positive_fraction: float) -> int:
 
 
 def sample_balanced(
-  labels: jax.Array, *, num_samples: int, positive_fraction: float, key: jax.Array
+  labels: jax.Array,
+  *,
+  num_samples: int,
+  positive_fraction: float,
+  key: jax.Array,
+  hard_negative_fraction: float = 0.0,
 ) -> BalancedSample:
   """Random subset with a capped share of positives, static size.
 
   Takes exactly `min(#positives, round(num_samples * positive_fraction))` positives, then
   `min(#negatives, num_samples - positives taken)` negatives; ignored rows (-1) are never
-  taken. Each draw is uniform: the top-k of one uniform random key per row.
+  taken. Each draw is uniform: the top-k of one uniform random key per row. With
+  `hard_negative_fraction` h > 0, the first round(h * negatives taken) negative slots go to
+  the negative rows that come first in row order (callers put the hardest first: the RPN's
+  proposals by objectness) and the rest are drawn uniformly from the other negatives.
 
   Args:
     labels: int `[N]` in {1, 0, -1}.
     num_samples: S, static.
     positive_fraction: in [0, 1].
     key: a `jax.random` key.
+    hard_negative_fraction: in [0, 1]; 0 (the default) draws every negative uniformly.
 
   Returns:
     A `BalancedSample` (positives in the first slots, then negatives, then padding).
@@ -173,6 +182,11 @@ def sample_balanced(
     raise ValueError(
       f'sampling.sample_balanced: positive_fraction must be in [0, 1], got {positive_fraction!r}'
     )
+  if not 0.0 <= hard_negative_fraction <= 1.0:
+    raise ValueError(
+      'sampling.sample_balanced: hard_negative_fraction must be in [0, 1], got '
+      f'{hard_negative_fraction!r}'
+    )
   n = labels.shape[0]
   num_samples = int(num_samples)
   pos_quota = num_positives_wanted(num_samples, positive_fraction)
@@ -182,6 +196,11 @@ def sample_balanced(
 
   # Uniform keys in [0, 1); rows outside the class get -1 and sort after every member.
   priority = jax.random.uniform(key, (n,))
+  # Hard negatives outrank every random key (priorities in (1, 2], earlier rows higher).
+  negative_rank = jnp.cumsum(is_neg, dtype=jnp.int32) - 1
+  num_hard = jnp.floor(hard_negative_fraction * num_neg + 0.5).astype(jnp.int32)
+  hard = is_neg & (negative_rank < num_hard)
+  negative_priority = jnp.where(hard, 2.0 - negative_rank / n, priority)
   slot = jnp.arange(num_samples)
   take_pos = slot < num_pos
   take_neg = (slot >= num_pos) & (slot < num_pos + num_neg)
@@ -191,7 +210,7 @@ def sample_balanced(
     _, pos_rows = jax.lax.top_k(jnp.where(is_pos, priority, -1.0), k_pos)
     indices = jnp.where(take_pos, pos_rows[jnp.minimum(slot, k_pos - 1)], indices)
   if k_neg > 0:
-    _, neg_rows = jax.lax.top_k(jnp.where(is_neg, priority, -1.0), k_neg)
+    _, neg_rows = jax.lax.top_k(jnp.where(is_neg, negative_priority, -1.0), k_neg)
     neg_slot = jnp.clip(slot - num_pos, 0, k_neg - 1)
     indices = jnp.where(take_neg, neg_rows[neg_slot], indices)
   return BalancedSample(
@@ -296,6 +315,7 @@ def roi_targets(
   high: float = 0.5,
   low: float = 0.5,
   weights: Sequence[float] = box_ops.DEFAULT_WEIGHTS,
+  hard_negative_fraction: float = 0.0,
 ) -> RoiTargets:
   """Samples ROIs for the box and mask heads and computes their targets.
 
@@ -313,6 +333,8 @@ def roi_targets(
     num_samples, positive_fraction: 512 ROIs, 25% positive by default.
     high, low: IoU thresholds for foreground / background (0.5 / 0.5).
     weights: box-coder weights, (10, 10, 5, 5) by default.
+    hard_negative_fraction: share of the negatives taken as the highest-objectness negative
+      proposals (the proposals come best first), the rest drawn uniformly (`sample_balanced`).
 
   Returns:
     A `RoiTargets`.
@@ -344,7 +366,11 @@ def roi_targets(
   matched = match(iou, gt_valid, high=high, low=low, allow_low_quality=False)
   labels = jnp.where(candidate_valid, matched.labels, IGNORE)
   sample = sample_balanced(
-    labels, num_samples=num_samples, positive_fraction=positive_fraction, key=key
+    labels,
+    num_samples=num_samples,
+    positive_fraction=positive_fraction,
+    key=key,
+    hard_negative_fraction=hard_negative_fraction,
   )
 
   row = jnp.maximum(sample.indices, 0)

@@ -154,6 +154,59 @@ def test_sampling_is_uniform_over_keys():
   assert np.all(picks[60:] == 0)
 
 
+@pytest.mark.parametrize('fraction', [0.25, 0.5, 1.0])
+def test_hard_negatives_are_the_first_negative_rows_and_the_rest_uniform(fraction):
+  # Rows in the callers' order (proposals by objectness): negatives at rows 3, 5, 6, 8, ...
+  rng = np.random.default_rng(7)
+  labels = rng.choice(np.array([1, 0, 0, 0, -1], np.int32), 120)
+  labels[:3] = (1, -1, 1)
+  num_samples, positive_fraction = 24, 0.25
+  keys = jax.random.split(jax.random.key(3), 300)
+  fn = jax.jit(
+    jax.vmap(
+      functools.partial(
+        sampling.sample_balanced,
+        labels,
+        num_samples=num_samples,
+        positive_fraction=positive_fraction,
+        hard_negative_fraction=fraction,
+      )
+    )
+  )
+  out = fn(key=keys)
+  negative_rows = np.flatnonzero(labels == 0)
+  num_pos = min(int(np.sum(labels == 1)), math.floor(num_samples * positive_fraction + 0.5))
+  num_neg = min(len(negative_rows), num_samples - num_pos)
+  num_hard = math.floor(fraction * num_neg + 0.5)
+  hard, rest = set(negative_rows[:num_hard].tolist()), negative_rows[num_hard:]
+  picks = np.zeros(len(labels), int)
+  for indices, is_pos, valid in zip(*(np.asarray(v) for v in out)):
+    negatives = indices[valid & ~is_pos]
+    assert len(negatives) == num_neg and np.all(labels[negatives] == 0)
+    # Every draw holds all the hard rows, in order, in the first negative slots.
+    np.testing.assert_array_equal(negatives[:num_hard], negative_rows[:num_hard])
+    assert not hard & set(negatives[num_hard:].tolist())
+    picks[negatives[num_hard:]] += 1
+  if len(rest) and num_neg > num_hard:
+    # The others uniform: each expected 300 * (num_neg - num_hard) / len(rest) times.
+    expected = 300 * (num_neg - num_hard) / len(rest)
+    assert np.all(np.abs(picks[rest] - expected) < 5 * np.sqrt(expected) + 2)
+
+
+def test_no_hard_negatives_draws_exactly_as_before():
+  labels = np.array([1] * 10 + [0] * 50 + [-1] * 20, np.int32)
+  key = jax.random.key(11)
+  plain = sampling.sample_balanced(labels, num_samples=16, positive_fraction=0.25, key=key)
+  zero = sampling.sample_balanced(
+    labels, num_samples=16, positive_fraction=0.25, key=key, hard_negative_fraction=0.0
+  )
+  np.testing.assert_array_equal(np.asarray(plain.indices), np.asarray(zero.indices))
+  # The draw is the top-k of one uniform key per row: a NumPy rerun of that rule.
+  priority = np.asarray(jax.random.uniform(key, (80,)))
+  want_neg = np.argsort(-np.where(labels == 0, priority, -1.0), kind='stable')[:12]
+  np.testing.assert_array_equal(np.asarray(plain.indices)[4:], want_neg)
+
+
 # ---------------------------------------------------------------------------- targets
 
 
@@ -307,4 +360,12 @@ def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match='positive_fraction'):
     sampling.sample_balanced(
       np.zeros(4, np.int32), num_samples=2, positive_fraction=1.5, key=jax.random.key(0)
+    )
+  with pytest.raises(ValueError, match='hard_negative_fraction must be in'):
+    sampling.sample_balanced(
+      np.zeros(4, np.int32),
+      num_samples=2,
+      positive_fraction=0.5,
+      key=jax.random.key(0),
+      hard_negative_fraction=-0.1,
     )
