@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -81,8 +82,12 @@ def test_phantom_hip_fits_the_hip_phantoms():
   assert c.data.plane == hip.PLANE == 'coronal'
   assert c.data.instance_mode == 'components'
   # Phantom array axes are (I, L, A); a coronal slice has rows along I and columns along L.
-  rows, cols, _ = hip.PRESETS[c.data.phantom_preset]['shape']
-  assert tuple(c.data.image_size) == (rows, cols) == (160, 160)
+  # Scale-true at half the preset's in-plane spacing; the training crop lies inside a slice.
+  preset = hip.PRESETS[c.data.phantom_preset]
+  rows, cols, _ = preset['shape']
+  assert c.data.pixel_spacing_mm == preset['spacing'][0] / 2 == preset['spacing'][1] / 2
+  extent_mm = np.array([rows, cols]) * np.array(preset['spacing'][:2])
+  assert np.all(np.array(c.data.image_size) * c.data.pixel_spacing_mm <= extent_mm)
   assert c.model.num_classes == 1 and c.data.dataset == 'phantom_hip'
   assert experiment_config('phantom_hip', 'reader=reader2').data.reader == 'reader2'
 
