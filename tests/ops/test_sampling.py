@@ -156,9 +156,10 @@ def test_sampling_is_uniform_over_keys():
 
 @pytest.mark.parametrize('fraction', [0.25, 0.5, 1.0])
 def test_hard_negatives_are_the_first_negative_rows_and_the_rest_uniform(fraction):
-  # Rows in the callers' order (proposals by objectness): negatives at rows 3, 5, 6, 8, ...
+  # Rows in the callers' order (proposals by objectness), the hardest first.
+  # Two positives, fewer than the quota of 6: the negatives fill 22 slots, not 18.
   rng = np.random.default_rng(7)
-  labels = rng.choice(np.array([1, 0, 0, 0, -1], np.int32), 120)
+  labels = rng.choice(np.array([0, 0, 0, -1], np.int32), 120)
   labels[:3] = (1, -1, 1)
   num_samples, positive_fraction = 24, 0.25
   keys = jax.random.split(jax.random.key(3), 300)
