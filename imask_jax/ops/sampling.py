@@ -196,11 +196,13 @@ def sample_balanced(
 
   # Uniform keys in [0, 1); rows outside the class get -1 and sort after every member.
   priority = jax.random.uniform(key, (n,))
-  # Hard negatives outrank every random key (priorities in (1, 2], earlier rows higher).
-  negative_rank = jnp.cumsum(is_neg, dtype=jnp.int32) - 1
-  num_hard = jnp.floor(hard_negative_fraction * num_neg + 0.5).astype(jnp.int32)
-  hard = is_neg & (negative_rank < num_hard)
-  negative_priority = jnp.where(hard, 2.0 - negative_rank / n, priority)
+  negative_priority = priority
+  if hard_negative_fraction > 0.0:  # static: the RPN's draw over every anchor skips this
+    # Hard negatives outrank every random key (priorities in (1, 2], earlier rows higher).
+    negative_rank = jnp.cumsum(is_neg, dtype=jnp.int32) - 1
+    num_hard = jnp.floor(hard_negative_fraction * num_neg + 0.5).astype(jnp.int32)
+    hard = is_neg & (negative_rank < num_hard)
+    negative_priority = jnp.where(hard, 2.0 - negative_rank / n, priority)
   slot = jnp.arange(num_samples)
   take_pos = slot < num_pos
   take_neg = (slot >= num_pos) & (slot < num_pos + num_neg)
