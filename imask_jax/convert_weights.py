@@ -53,18 +53,18 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
-import flax
 import numpy as np
 
 from data_pipelines.atomic import atomic_path
 from imask_jax import torch_checkpoint
-from imask_jax.models.densenet import DENSENET_BLOCKS
-from imask_jax.models.resnet import RESNET_STAGES, Bottleneck
+from imask_jax.models.depths import DENSENET_BLOCKS, RESNET_LAYOUTS
+
+# flax (and with it JAX) is imported where a file is written: `--help` answers without it.
 
 FORMAT = 'imask_jax.pretrained'
 FORMAT_VERSION = 1
 
-CLASSIFIER_ARCHS = tuple(f'resnet{d}' for d in sorted(RESNET_STAGES)) + tuple(
+CLASSIFIER_ARCHS = tuple(f'resnet{d}' for d in sorted(RESNET_LAYOUTS)) + tuple(
   f'densenet{d}' for d in sorted(DENSENET_BLOCKS)
 )
 DETECTOR_ARCHS = {'maskrcnn_resnet50_fpn': 'resnet50'}
@@ -178,8 +178,8 @@ class _Tree:
 
 def _resnet_body(src: _Source, prefix: str, depth: int, tree: _Tree) -> None:
   """torchvision ResNet (conv1, bn1, layer1-4) -> ResNet (stem, stage{s}_block{i})."""
-  block, stages = RESNET_STAGES[depth]
-  convs = 3 if block is Bottleneck else 2
+  kind, stages = RESNET_LAYOUTS[depth]
+  convs = 3 if kind == 'bottleneck' else 2
   tree.conv(src, prefix + 'conv1', BODY + ('stem_conv',))
   tree.batch_norm(src, prefix + 'bn1', BODY + ('stem_norm',))
   for s, num_blocks in enumerate(stages):
@@ -430,6 +430,7 @@ def convert_state_dict(
 
 def to_variables(converted: Converted) -> dict[str, dict]:
   """{'params': nested, 'batch_stats': nested} with contiguous float32 arrays."""
+  import flax
 
   def nest(flat):
     return flax.traverse_util.unflatten_dict(
@@ -443,6 +444,8 @@ def save(
   converted: Converted, path: str | os.PathLike, *, source: str = '', source_sha256: str = ''
 ) -> None:
   """Writes the converted file (msgpack, see the module docstring) atomically."""
+  import flax
+
   record = {
     'format': FORMAT,
     'version': FORMAT_VERSION,

@@ -32,7 +32,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.errors import DataError
-from imask_jax import parallel, run_log, train, workdir
+
+# The job's modules (JAX, orbax, ...) are imported in main(), after the flags are parsed, so
+# that --help and a flag mistake answer at once.
 
 PROG = 'python -m imask_jax.main'
 
@@ -50,8 +52,10 @@ _VERBOSE = flags.DEFINE_boolean(
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
-USER_ERRORS = workdir.USER_ERRORS + (train.NonFiniteLossError, DataError)
 EXIT_FAILED, EXIT_REFUSED = 1, 2
+# Flags that modules of the job define when imported (orbax's): given on the command line,
+# those modules are imported before parsing, so that the flags are known.
+JOB_FLAG_PREFIXES = ('experimental_orbax_',)
 
 
 def given(argv: Sequence[str], field: str) -> bool:
@@ -63,6 +67,9 @@ def given(argv: Sequence[str], field: str) -> bool:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a --config override that does not fit the config (a field
   typo, a value of the wrong kind) reported in one line and exit status 2."""
+  names = [a.lstrip('-').removeprefix('no') for a in argv[1:] if a.startswith('--')]
+  if any(name.startswith(JOB_FLAG_PREFIXES) for name in names):
+    from imask_jax import train  # noqa: F401 -- its imports define them
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -94,6 +101,8 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
   otherwise decide the step count); both on the command line is refused (exit status 2)."""
   if not given(argv, 'train.steps') or float(config.train.epochs) <= 0:
     return
+  from imask_jax import run_log
+
   if given(argv, 'train.epochs'):
     print(
       f'{PROG}: --config.train.steps={config.train.steps} and --config.train.epochs='
@@ -112,6 +121,9 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from imask_jax import parallel, run_log, train, workdir
+
+  user_errors = workdir.USER_ERRORS + (train.NonFiniteLossError, DataError)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   log_file = run_log.log_to_workdir(_WORKDIR.value)
   run_log.say(f'training {_WORKDIR.value} (the full log: {log_file})')
@@ -120,7 +132,7 @@ def main(argv):
   logging.info('config:\n%s', config)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except USER_ERRORS as e:
+  except user_errors as e:
     if _VERBOSE.value:
       raise
     # The message, on stderr, with exit status 1 (the full traceback is in the log file).

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imask_jax.models.depths import DENSENET_BLOCKS
 from imask_jax.models.fpn import C_LEVELS
 from imask_jax.models.norm import NORM_KINDS, NormFactory, make_norm
 from imask_jax.models.remat import recomputed
@@ -38,11 +39,7 @@ from imask_jax.models.resnet import check_images, conv
 Array = jax.Array
 Dtype = Any
 
-# depth -> dense layers per block (Huang et al. 2017, Table 1).
-DENSENET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-  121: (6, 12, 24, 16),
-  169: (6, 12, 32, 32),
-}
+# DENSENET_BLOCKS (depths.py): depth -> dense layers per block (Huang et al. 2017, Table 1).
 
 
 class DenseLayer(nn.Module):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from imask_jax.models import layers
+from imask_jax.models.depths import RESNET_LAYOUTS
 from imask_jax.models.fpn import C_LEVELS
 from imask_jax.models.norm import NORM_KINDS, NormFactory, make_norm
 from imask_jax.models.remat import recomputed
@@ -128,13 +129,10 @@ def shortcut(x: Array, out_channels: int, stride: int, norm: NormFactory, **conv
   return norm(name='downsample_norm')(y)
 
 
-# depth -> (block type, blocks per stage), as in He et al. 2016, Table 1.
+# depth -> (block type, blocks per stage), as in He et al. 2016, Table 1 (depths.RESNET_LAYOUTS).
 RESNET_STAGES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-  18: (BasicBlock, (2, 2, 2, 2)),
-  34: (BasicBlock, (3, 4, 6, 3)),
-  50: (Bottleneck, (3, 4, 6, 3)),
-  101: (Bottleneck, (3, 4, 23, 3)),
-  152: (Bottleneck, (3, 8, 36, 3)),
+  depth: ({'basic': BasicBlock, 'bottleneck': Bottleneck}[kind], stages)
+  for depth, (kind, stages) in RESNET_LAYOUTS.items()
 }
 
 
