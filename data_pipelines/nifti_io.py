@@ -44,12 +44,14 @@ class NiftiVolume:
   data: [X, Y, Z] float32 for images, uint8 for label maps, in the file's voxel order.
   affine: [4, 4] float64, voxel index -> RAS+ world coordinates in mm.
   zooms: voxel size in mm along X, Y, Z (the lengths of the affine's columns).
+  pose_problem: why the affine cannot be the scanner pose (`pose_problem`), or None.
   """
 
   path: str
   data: np.ndarray
   affine: np.ndarray
   zooms: tuple[float, float, float]
+  pose_problem: str | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -69,9 +71,36 @@ def strip_nifti_suffix(name: str) -> str:
 
 
 def load_nifti_image(path: str | os.PathLike) -> NiftiVolume:
-  """Loads an image volume as float32 [X, Y, Z]; NaN or infinite voxels are an error."""
-  path, data, affine = _load_3d(path)
-  return NiftiVolume(path, image_to_float32(data, path), affine, affine_zooms(affine))
+  """Loads an image volume as float32 [X, Y, Z]; NaN or infinite voxels are an error. Its
+  `pose_problem` says whether the header lost the scanner pose (the caller decides)."""
+  path, data, affine, header = _load_3d(path)
+  return NiftiVolume(
+    path,
+    image_to_float32(data, path),
+    affine,
+    affine_zooms(affine),
+    pose_problem=pose_problem(header, affine),
+  )
+
+
+def pose_problem(header: Any, affine: np.ndarray) -> str | None:
+  """Why a NIfTI header's affine cannot be the scanner pose, or None when it can be.
+
+  Both the qform and the sform code 0 means no pose was stored (nibabel then makes up an
+  affine from the voxel size); an affine that is exactly the identity is what converters write
+  when they drop the DICOM orientation. Either way the anatomical directions of the array axes
+  are unknown: a sagittal slice may be cut along the wrong axis and a pose-less mask aligned
+  transposed, and nothing downstream could tell.
+  """
+  try:
+    codes = int(header['qform_code']), int(header['sform_code'])
+  except (KeyError, TypeError, ValueError):  # not a NIfTI header (a DICOM-built volume)
+    codes = (1, 1)
+  if codes == (0, 0):
+    return 'no orientation stored (qform_code and sform_code are both 0)'
+  if np.array_equal(np.asarray(affine, np.float64), np.eye(4)):
+    return 'the affine is the identity (the scanner pose was lost in conversion)'
+  return None
 
 
 def image_to_float32(data: np.ndarray, path: str) -> np.ndarray:
@@ -111,7 +140,7 @@ def image_to_float32(data: np.ndarray, path: str) -> np.ndarray:
 
 def load_nifti_labels(path: str | os.PathLike) -> NiftiVolume:
   """Loads a label map as uint8 [X, Y, Z]; values must be whole numbers in 0..255."""
-  path, data, affine = _load_3d(path)
+  path, data, affine, _ = _load_3d(path)
   data = labels_to_uint8(data, path)
   return NiftiVolume(path, data, affine, affine_zooms(affine))
 
@@ -225,8 +254,38 @@ def save_nifti(
   return path
 
 
-def _load_3d(path: str | os.PathLike) -> tuple[str, np.ndarray, np.ndarray]:
-  """Opens a NIfTI file and returns (path, data [X, Y, Z] as stored, affine), checked."""
+@dataclasses.dataclass(frozen=True)
+class NiftiHeader:
+  """What a NIfTI header says of its volume, the voxels unread: shape [X, Y, Z], affine [4, 4]
+  (voxel -> RAS+ mm), zooms (mm) and `pose_problem` (see that function)."""
+
+  path: str
+  shape: tuple[int, int, int]
+  affine: np.ndarray
+  zooms: tuple[float, float, float]
+  pose_problem: str | None
+
+
+def read_header(path: str | os.PathLike) -> NiftiHeader:
+  """The checked header of a 3D NIfTI file (a DataError as for the loaders), voxels unread."""
+  path, image, shape, affine = _open_3d(path)
+  return NiftiHeader(
+    path, shape[:3], affine, affine_zooms(affine), pose_problem(image.header, affine)
+  )
+
+
+def _load_3d(path: str | os.PathLike) -> tuple[str, np.ndarray, np.ndarray, Any]:
+  """Opens a NIfTI file and returns (path, data [X, Y, Z] as stored, affine, header), checked."""
+  path, image, shape, affine = _open_3d(path)
+  try:
+    data = np.asanyarray(image.dataobj)
+  except _READ_ERRORS as e:
+    raise DataError(path, f'cannot read the voxel data (truncated or corrupt file?): {e}') from e
+  return path, np.asarray(data).reshape(shape[:3]), affine, image.header
+
+
+def _open_3d(path: str | os.PathLike) -> tuple[str, Any, tuple[int, ...], np.ndarray]:
+  """(path, the nibabel image, its shape, its checked affine) of a 3D NIfTI file."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError(path, 'file not found')
@@ -256,8 +315,4 @@ def _load_3d(path: str | os.PathLike) -> tuple[str, np.ndarray, np.ndarray]:
       expected='shape [X, Y, Z] (a trailing 4th dimension of size 1 is allowed)',
     )
   affine = check_affine(image.affine, path)
-  try:
-    data = np.asanyarray(image.dataobj)
-  except _READ_ERRORS as e:
-    raise DataError(path, f'cannot read the voxel data (truncated or corrupt file?): {e}') from e
-  return path, np.asarray(data).reshape(shape[:3]), affine
+  return path, image, shape, affine

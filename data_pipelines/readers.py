@@ -161,7 +161,11 @@ class NnunetFolder:
   Attributes: root; labels (name -> value, from dataset.json, v1 or v2 style); plane (our key
   "plane", or None); readers (DEFAULT_READER for labelsTr/ if present, then the names of the
   `labelsTr_<name>/` folders, from dataset.json "readers" or, without that key, as found);
-  file_ending (".nii.gz" unless dataset.json says otherwise).
+  file_ending (".nii.gz" unless dataset.json says otherwise; our key "label_file_ending"
+  may give the label files another one, e.g. compressed labels beside uncompressed images,
+  as `data_pipelines.prepare` writes them). An official test set is
+  `imagesTs/` with its labels in `labelsTs/` (and `labelsTs_<reader>/`), read as the 'test'
+  split when present (`has_labelled_test`).
   """
 
   def __init__(self, root: str | os.PathLike):
@@ -182,6 +186,14 @@ class NnunetFolder:
         found=self.file_ending,
         expected=nifti_io.NIFTI_SUFFIXES,
       )
+    self.label_file_ending = meta.get('label_file_ending', self.file_ending)
+    if self.label_file_ending not in nifti_io.NIFTI_SUFFIXES:
+      raise DataError(
+        json_path,
+        'unsupported "label_file_ending"',
+        found=self.label_file_ending,
+        expected=nifti_io.NIFTI_SUFFIXES,
+      )
     channels = meta.get('channel_names', meta.get('modality', {'0': 'image'}))
     if len(channels) != 1:
       raise DataError(
@@ -192,9 +204,22 @@ class NnunetFolder:
       )
     self._reader_dirs = self._find_reader_dirs(meta.get('readers'), json_path)
     self.readers = tuple(self._reader_dirs)
+    # labelsTr/ -> labelsTs/, labelsTr_<reader>/ -> labelsTs_<reader>/, where present.
+    self._test_reader_dirs = {}
+    for reader, folder in self._reader_dirs.items():
+      suffix = os.path.basename(folder)[len('labelsTr') :]
+      test_folder = os.path.join(self.root, 'labelsTs' + suffix)
+      if os.path.isdir(test_folder):
+        self._test_reader_dirs[reader] = test_folder
+
+  @property
+  def has_labelled_test(self) -> bool:
+    """Whether the folder has an official labelled test set (`imagesTs/` with `labelsTs/`)."""
+    return bool(self._test_reader_dirs) and os.path.isdir(os.path.join(self.root, 'imagesTs'))
 
   def cases(self, split: str = 'train') -> list[Case]:
-    """Cases of `imagesTr` ('train', with labels of every reader) or `imagesTs` ('test')."""
+    """Cases of `imagesTr` ('train', with labels of every reader) or `imagesTs` ('test', with
+    the labels of `labelsTs/` and `labelsTs_<reader>/` where those folders exist)."""
     if split not in ('train', 'test'):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     images_dir = os.path.join(self.root, 'imagesTr' if split == 'train' else 'imagesTs')
@@ -203,12 +228,12 @@ class NnunetFolder:
         return []
       raise DataError(images_dir, 'image folder not found')
     images = self._list_images(images_dir)
-    reader_dirs = self._reader_dirs if split == 'train' else {}
+    reader_dirs = self._reader_dirs if split == 'train' else self._test_reader_dirs
     for reader, folder in reader_dirs.items():
-      extra = sorted(set(_list_files(folder, self.file_ending)) - set(images))
+      extra = sorted(set(_list_files(folder, self.label_file_ending)) - set(images))
       if extra:
         raise DataError(
-          os.path.join(folder, extra[0] + self.file_ending),
+          os.path.join(folder, extra[0] + self.label_file_ending),
           f'label file has no image in {os.path.basename(images_dir)}/',
           found=f'{len(extra)} such label file(s) for reader {reader!r}',
           expected=f'{os.path.join(images_dir, extra[0])}_0000{self.file_ending}',
@@ -217,7 +242,7 @@ class NnunetFolder:
     for case_id, image_path in sorted(images.items()):
       labels = {}
       for reader, folder in reader_dirs.items():
-        label_path = os.path.join(folder, case_id + self.file_ending)
+        label_path = os.path.join(folder, case_id + self.label_file_ending)
         if not os.path.isfile(label_path):
           raise DataError(
             label_path,
@@ -338,6 +363,7 @@ def load_volume(
   label_values: Iterable[int] | Mapping[int, int] | Mapping[str, int] | None,
   reader: str | None = None,
   affine_atol: float = AFFINE_ATOL_MM,
+  allow_missing_pose: bool = False,
 ) -> Volume:
   """Reads and checks one case, and returns it in canonical RAS+ orientation.
 
@@ -349,15 +375,17 @@ def load_volume(
     reader; a case without labels gives labels=None.
   affine_atol: the image and a NIfTI label map must have the same shape and affines equal
     entry-wise to within this many mm (MetaImage masks take the image's affine).
+  allow_missing_pose: read an image whose header lost the scanner pose
+    (`nifti_io.pose_problem`) as if its array axes were R, A, S; refused by default.
   """
   orientation.plane_axes(plane)
-  image = load_image_file(case.image)
+  image = load_image_file(case.image, allow_missing_pose=allow_missing_pose)
   grid = orientation.SourceGrid.from_affine(image.shape, image.affine)
   label_path = _pick_reader(case, reader)
   labels = None
   if label_path is not None:
     if label_path.endswith('.mhd'):
-      labels = _aligned_mask(label_path, image, case.mask_alignment or MaskAlignment())
+      labels = aligned_mask(label_path, image, case.mask_alignment or MaskAlignment())
     else:
       labels = _matching_labels(label_path, image, affine_atol)
     if label_values is not None:
@@ -376,12 +404,24 @@ def load_volume(
   )
 
 
-def load_image_file(path: str | os.PathLike) -> nifti_io.NiftiVolume:
+def load_image_file(
+  path: str | os.PathLike, *, allow_missing_pose: bool = False
+) -> nifti_io.NiftiVolume:
   """A scan as stored: a NIfTI file, or a folder holding one DICOM series (`dicom_io`, read to
-  the array and affine a NIfTI file of it has)."""
+  the array and affine a NIfTI file of it has). A NIfTI file without the scanner pose is a
+  DataError unless `allow_missing_pose` (then its array axes are taken as R, A, S)."""
   if os.path.isdir(path):
     return dicom_io.load_dicom_series(path)
-  return nifti_io.load_nifti_image(path)
+  image = nifti_io.load_nifti_image(path)
+  if image.pose_problem and not allow_missing_pose:
+    raise DataError(
+      image.path,
+      f'image has no scanner pose: {image.pose_problem}',
+      expected='a NIfTI converted with its orientation (dcm2niix, dicom2nifti), or config '
+      'data.allow_missing_pose=True (predict: --allow_missing_pose) to read its array axes '
+      'as R, A, S',
+    )
+  return image
 
 
 def _pick_reader(case: Case, reader: str | None) -> str | None:
@@ -431,7 +471,10 @@ def _matching_labels(path: str, image: nifti_io.NiftiVolume, atol: float) -> np.
   return labels.data
 
 
-def _aligned_mask(path: str, image: nifti_io.NiftiVolume, alignment: MaskAlignment) -> np.ndarray:
+def aligned_mask(
+  path: str, image: nifti_io.NiftiVolume | nifti_io.NiftiHeader, alignment: MaskAlignment
+) -> np.ndarray:
+  """A pose-less MetaImage mask as uint8 on its image's voxel array ([X, Y, Z] of `image`)."""
   mask = metaimage.read_metaimage(path)
   if mask.data.ndim != 3:
     raise DataError(

@@ -1,9 +1,12 @@
 """OAI-ZIB knees (femur, tibia and their cartilage) with the paper's settings.
 
+  python -m data_pipelines.prepare oaizib-cm /data/OAIZIB-CM /data/oaizib_cm   # once
+  python -m imask_jax.main --config experiments/oai.py:oaizib_cm,small \
+      --config.data.manual_dir=/data/oaizib_cm --workdir runs/oai_small
+  python -m imask_jax.main --config experiments/oai.py:oaizib_cm \
+      --config.data.manual_dir=/data/oaizib_cm --workdir runs/oai_cm
   python -m imask_jax.main --config experiments/oai.py \
       --config.data.manual_dir=/data/OAI-ZIB --workdir runs/oai
-  python -m imask_jax.main --config experiments/oai.py:nifti \
-      --config.data.manual_dir=/data/OAIZIB-CM --workdir runs/oai_cm
   python -m imask_jax.main --config experiments/oai.py:head=standard,backbone=densenet121 ...
   python -m imask_jax.main --config experiments/oai.py:smoke --workdir /tmp/oai_smoke
 
@@ -27,18 +30,33 @@ data.pixel_spacing_mm below), Adam at a learning rate of 1e-3, 300 epochs, the i
   * anchors and the FPN level rule scaled to 1024-pixel inputs as in Mask R-CNN, plus the
     extreme aspect ratios that thin cartilage bands need.
 
+Not in the paper, learnt on the knee phantoms (docs/reproducing.md lists them): the soft-Dice
+mask term (model.mask_dice_weight), each bone's largest 3D component (postprocess.py), the
+painting score 0.5 and 2 painting slots per tissue.
+
 Data: the original OAI-ZIB release (images as NIfTI + ZIB MetaImage masks, `oai_zib`), or with
-the `nifti` variant an nnU-Net-style NIfTI folder such as OAIZIB-CM (`nifti_folder`); either in
+the `nifti` / `oaizib_cm` variants an nnU-Net-style NIfTI folder (`nifti_folder`), such as the
+one `python -m data_pipelines.prepare` makes of OAIZIB-CM or OAI-ZIB as downloaded; either in
 config data.manual_dir (else <data_dir>/downloads/manual). Without the data the job stops at
 once and says where to put it (docs/data.md).
 
 Variants (comma-separated in the config argument):
-  nifti           data.dataset = nifti_folder (OAIZIB-CM layout) instead of oai_zib
+  nifti           data.dataset = nifti_folder (an nnU-Net folder with OAI-ZIB's labels 1-4)
+  oaizib_cm       OAIZIB-CM as released (after `prepare oaizib-cm`): nifti_folder, tibial
+                  cartilage read from its medial 4 and lateral 5 (class_label_values
+                  (1, 2, 3, (4, 5))); its imagesTs/ + labelsTs/ are the test split
+  tibial_parts    with oaizib_cm: medial and lateral tibial cartilage trained as two classes;
+                  tibial thickness reported for the plate and for each part
+  small           a first run on your own data (the quick start's network and rhythm at 0.5 mm
+                  per network pixel, 192 x 192 crops, point head, 6000 steps: about half an
+                  hour of training on 2 CPU cores at 0.2-0.25 s per step, measured on phantoms;
+                  a first look, not a converged model)
   smoke           the whole job in about a minute on generated knee phantoms (no OAI data
                   needed): same labels and plane, tiny ResNet-18 model at 64 x 64, 6 steps;
-                  add backbone=resnet101 to compile the paper's backbone (slow on CPU)
+                  add backbone=resnet101 to compile the paper's backbone (slow on CPU). Cannot
+                  be combined with nifti, oaizib_cm or data.manual_dir: it reads no data.
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121|densenet169,
-  steps=N (replaces epochs), epochs=N, seed=N, decoder=, skip=, skip_size=
+  steps=N (replaces epochs), epochs=N, seed=N, decoder=, skip=, skip_size=, points=
 """
 
 from __future__ import annotations
@@ -48,6 +66,14 @@ from imask_jax import configs
 
 # The documented estimate behind train.steps: 470 training scans x 160 sagittal slices.
 ESTIMATED_TRAIN_SLICES = 470 * 160
+# tibial_parts: OAIZIB-CM's five classes, medial and lateral tibial cartilage apart.
+KNEE_PARTS_CLASSES = (
+  tissues.FEMUR,
+  tissues.FEMORAL_CARTILAGE,
+  tissues.TIBIA,
+  tissues.MEDIAL_TIBIAL_CARTILAGE,
+  tissues.LATERAL_TIBIAL_CARTILAGE,
+)
 
 
 def get_config(arg: str | None = None):
@@ -68,8 +94,11 @@ def get_config(arg: str | None = None):
   # exactly the paper's 1024 x 1024 input; other protocols keep the anatomy at the same scale.
   d.pixel_spacing_mm = round(0.3646 * 384 / 1024, 4)
   c.model.num_classes = len(tissues.KNEE_CLASSES)
-  # Not in the paper: each bone keeps its largest 3D component (imask_jax/postprocess.py).
+  # Not in the paper: each bone keeps its largest 3D component (imask_jax/postprocess.py),
+  # and the soft-Dice term keeps the mask BCE from trading a thin band's edges for background
+  # (both measured on the knee phantoms: docs/results/knee_phantom.md).
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
+  c.model.mask_dice_weight = 1.0
   # predict runs the mask head on 2 slots per tissue (one structure per tissue and slice, and
   # room for a duplicate) instead of all 16 detections; evaluate still masks them all.
   c.model.paint_slots_per_class = 2
@@ -77,8 +106,33 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 2000
   c.train.eval_every = 10000
 
+  for real in ('nifti', 'oaizib_cm', 'tibial_parts', 'small'):
+    configs.refuse_together(
+      args, real, 'smoke', why='smoke trains on generated phantoms and would ignore your data'
+    )
+  if args.get('tibial_parts') and not args.get('oaizib_cm'):
+    raise ValueError('config variant tibial_parts needs oaizib_cm (labels 4 and 5 medial/lateral)')
   if args.pop('nifti', False):
     d.dataset = 'nifti_folder'
+  if args.pop('oaizib_cm', False):
+    d.dataset = 'nifti_folder'
+    d.class_label_values = (1, 2, 3, (4, 5))  # tibial cartilage: medial 4 + lateral 5
+  if args.pop('tibial_parts', False):
+    d.class_names = KNEE_PARTS_CLASSES
+    d.class_label_values = (1, 2, 3, 4, 5)
+    d.max_instances = 5
+    c.model.num_classes = len(KNEE_PARTS_CLASSES)
+  if args.pop('small', False):
+    configs.use_small_network(c)
+    # The cartilage experiment's field of view and network pixel (docs/results/cartilage.md):
+    # a plate is 3-4 network pixels thick at 0.5 mm, and a 192-pixel crop holds 96 mm.
+    d.pixel_spacing_mm = 0.5
+    d.image_size = (192, 192)
+    c.model.point_head.enabled = True
+    c.train.epochs = 0.0
+    c.train.steps = 6000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
   if args.pop('smoke', False):
     # The knee phantom has OAI-ZIB's labels and plane.
     d.dataset = 'phantom_knee'

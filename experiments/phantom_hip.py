@@ -49,21 +49,11 @@ def get_config(arg: str | None = None):
 
   m = c.model
   m.num_classes = len(tissues.HIP_CLASSES)
-  m.backbone = 'resnet18'
-  m.norm = 'group'
-  # The knee quick start's widths: a step takes a fraction of the time of widths 32/64/256/64,
-  # which is what lets the false-positive levers of docs/results/hip.md be measured on 2 cores.
-  m.width = 16
-  m.fpn_dim = 32
-  m.box_head_dim = 128
-  m.mask_head_dim = 32
-  m.imask.fine_dim = 16
-  m.anchor_sizes = (16, 32, 64, 128, 256)  # pockets: a few to a few tens of mm across
-  m.rpn_pre_nms_topk_train = 500
-  m.rpn_post_nms_topk_train = 256
-  m.rpn_pre_nms_topk_test = 300
-  m.rpn_post_nms_topk_test = 128
-  m.roi_batch_size = 32
+  # The knee quick start's network (configs.use_small_network): a step takes a fraction of the
+  # time of widths 32/64/256/64, which is what lets the false-positive levers of
+  # docs/results/hip.md be measured on 2 cores. Anchors 16-256 px: pockets of a few to a few
+  # tens of mm.
+  configs.use_small_network(c)
   m.max_detections = 16
   # Half the box head's negatives are the negative proposals the RPN rates highest: the
   # bright look-alikes (bladder, bowel, lymph nodes, oedema) rather than random background.
@@ -81,16 +71,7 @@ def get_config(arg: str | None = None):
   m.cluster_per_side = True
   m.cluster_min_ml = 0.3
 
-  t = c.train
-  t.steps = 6000  # 1500, 3000 and 6000 compared in docs/results/hip.md
-  t.batch_size = 4
-  t.learning_rate = 1e-3
-  t.warmup_steps = 100
-  t.log_every = 25
-  t.eval_every = 500
-  t.checkpoint_every = 250
-  c.eval.batch_size = 8
-  c.eval.max_val_slices = 128
+  c.train.steps = 6000  # 1500, 3000 and 6000 compared in docs/results/hip.md
 
   if 'reader' in args:
     d.reader = str(args.pop('reader'))

@@ -34,19 +34,8 @@ def get_config(arg: str | None = None):
   c.data.image_size = (128, 128)
   c.data.max_instances = 6
 
-  c.model.backbone = 'resnet18'
-  c.model.norm = 'group'
-  c.model.width = 16
-  c.model.fpn_dim = 32
-  c.model.box_head_dim = 128
-  c.model.mask_head_dim = 32
-  c.model.imask.fine_dim = 16
-  c.model.anchor_sizes = (16, 32, 64, 128, 256)
-  c.model.rpn_pre_nms_topk_train = 500
-  c.model.rpn_post_nms_topk_train = 256
-  c.model.rpn_pre_nms_topk_test = 300
-  c.model.rpn_post_nms_topk_test = 128
-  c.model.roi_batch_size = 32
+  # ResNet-18-FPN at width 16, narrow heads, batch 4: configs.use_small_network.
+  configs.use_small_network(c)
   # A 2-3 pixel cartilage band fills a tenth of its box: the soft-Dice term keeps the mask BCE
   # from trading the band's edges for background (its effect is measured in the README).
   c.model.mask_dice_weight = 1.0
@@ -59,14 +48,6 @@ def get_config(arg: str | None = None):
   c.model.point_head.enabled = True
 
   c.train.steps = 3000
-  c.train.batch_size = 4
-  c.train.learning_rate = 1e-3
-  c.train.warmup_steps = 100
-  c.train.log_every = 25
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 250
-  c.eval.batch_size = 8
-  c.eval.max_val_slices = 128
   # predict runs the mask head on 2 slots per tissue (one structure per tissue and slice, and
   # room for a duplicate) instead of all 16 detections; evaluate still masks them all.
   c.model.paint_slots_per_class = 2

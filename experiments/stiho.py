@@ -12,11 +12,13 @@ Data (config data.manual_dir, else <data_dir>/downloads/manual), an nnU-Net-styl
   imagesTr/<id>_0000.nii.gz
   labelsTr_reader1/<id>.nii.gz, labelsTr_reader2/<id>.nii.gz   (and/or labelsTr/ as reference)
 Training uses one reader's labels: data.reader (variant reader=NAME; '' = labelsTr, or the only
-reader). Splits are by subject: case ids are <subject>_<timepoint> (the time point after the
-last underscore, e.g. stiho_017_v2; data.subject_pattern, see data_pipelines/datasets/params.py),
-so both time points of one person land in the same split, and Table 7 uses each subject's
-first time point as baseline. Other naming: --config.data.subject_pattern='<regex with a named
-group subject>'; '' treats every scan as its own subject. Without the data the job stops at
+reader). Splits are by subject: case ids are <subject>_<visit> when the last token is a visit
+code (v2, V00, visit1, tp0, m12, 12m, bl, baseline, fu1, ...: stiho_017_v2 is subject
+stiho_017 at v2), and any other id is a single-visit scan, its own subject (HIP_001);
+data.subject_pattern = SUBJECT_VISIT_PATTERN, see data_pipelines/datasets/params.py. So all
+time points of one person land in the same split, and Table 7 uses each subject's first time
+point as baseline. Other naming: --config.data.subject_pattern='<regex with a named group
+subject>'; '' treats every scan as its own subject. Without the data the job stops at
 once and says where to put it (docs/data.md).
 
 Settings as in the paper (section 2.3): ResNet-101-FPN, 1024 x 1024, Adam at 1e-3, 300
@@ -25,6 +27,10 @@ head; 125 training and 50 test scans, so splits of 67 / 5 / 28 %.
 
 Variants (comma-separated in the config argument):
   reader=NAME     the label folder to train on (labelsTr_NAME)
+  small           a first run on your own data: the hip phantom experiment's network (the
+                  quick start's ResNet-18 at width 16) at 1.1 mm per network pixel, 256 x 256
+                  crops, the hip phantoms' false-positive settings above, 6000 steps: CPU
+                  friendly (the phantom run's timings: docs/results/hip.md)
   smoke           the whole job in about a minute on generated hip phantoms (no STIHO data
                   needed): tiny ResNet-18 model at 64 x 64, 6 steps
   head=standard|imask, backbone=..., steps=N (replaces epochs), epochs=N, seed=N, decoder=,
@@ -55,7 +61,7 @@ def get_config(arg: str | None = None):
   d.reader = ''
   d.instance_mode = 'components'  # every effusion pocket is an instance
   d.split_fractions = (0.67, 0.05, 0.28)
-  d.subject_pattern = params_lib.SUBJECT_TIMEPOINT_PATTERN  # two visits per person
+  d.subject_pattern = params_lib.SUBJECT_VISIT_PATTERN  # visits of a person; single-visit ids
   d.max_instances = 8
   d.augment.flip_lr = True  # both hips in the field of view
   # The paper resized STIHO's 384-pixel coronal slices (0.91 mm, 350 mm field of view) to 1024:
@@ -63,12 +69,37 @@ def get_config(arg: str | None = None):
   # paper's 1024 x 1024 input.
   d.pixel_spacing_mm = round(0.91 * 384 / 1024, 4)
   c.model.num_classes = len(tissues.HIP_CLASSES)
+  # Not in the paper, learnt on the hip phantoms (docs/results/hip.md; docs/reproducing.md):
+  # half the effusion-free slices kept as negatives, half the box head's negatives taken from
+  # the proposals the RPN rates highest (bright look-alikes: bladder, bowel, oedema), painting
+  # from detections scoring >= 0.5 (the validation split's choice), and one cluster of
+  # effusion per hip (pockets linked by gaps <= 40 mm, the largest cluster on each side of
+  # the midline, none under 0.3 mL; physical sizes, so they carry over to real scans).
+  d.empty_slice_rate = 0.5
+  c.model.roi_hard_negative_fraction = 0.5
+  c.model.label_score_threshold = 0.5
+  c.model.keep_largest_cluster = (tissues.EFFUSION,)
+  c.model.cluster_radius_mm = 40.0
+  c.model.cluster_per_side = True
+  c.model.cluster_min_ml = 0.3
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.eval_every = 2000
 
   if 'reader' in args:
     d.reader = str(args.pop('reader'))
+  configs.refuse_together(
+    args, 'small', 'smoke', why='smoke trains on generated phantoms and would ignore your data'
+  )
+  if args.pop('small', False):
+    # The hip phantom experiment's network and pixel (experiments/phantom_hip.py): 1.1 mm per
+    # network pixel, 256 x 256 crops, 6000 steps.
+    configs.use_small_network(c)
+    d.pixel_spacing_mm = 1.1
+    d.image_size = (256, 256)
+    c.model.max_detections = 16
+    c.train.epochs = 0.0
+    c.train.steps = 6000
   if args.pop('smoke', False):
     # The hip phantom: coronal, effusion label 1, simulated readers.
     d.dataset = 'phantom_hip'

@@ -36,9 +36,20 @@ def default_config() -> ml_collections.ConfigDict:
   d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
   d.seed = 0  # dataset seed (phantoms, empty-slice draw), apart from c.seed
   d.plane = 'sagittal'
-  # Label value in the label maps for each class, in class order (class id = position + 1).
+  # Label value in the label maps for each class, in class order (class id = position + 1);
+  # a tuple merges several values into one class, the first canonical: (1, 2, 3, (4, 5)) reads
+  # OAIZIB-CM's medial 4 and lateral 5 tibial cartilage as tibial cartilage.
   d.class_names = tissues.KNEE_CLASSES
   d.class_label_values = (1, 2, 3, 4)
+  # An nnU-Net folder's labelled imagesTs/ + labelsTs/ (an official test set) is the test
+  # split, imagesTr/ giving train and validation; False cuts all three from imagesTr/.
+  d.official_test = True
+  # Images whose header lost the scanner pose (identity or no affine) are refused: their
+  # slices could be cut along the wrong axis and their masks aligned transposed. True reads
+  # their array axes as R, A, S.
+  d.allow_missing_pose = False
+  # oai_zib: the direction each axis of the pose-less MetaImage masks points to (docs/data.md)
+  d.mask_axcodes = 'LPS'
   d.reader = ''  # label folder suffix for multi-reader data ('' = labelsTr)
   # How a case id names its subject, so that splits never separate one person's scans: a
   # regex with a named group 'subject' (data_pipelines/datasets/params.py); '' = one per case.
@@ -249,6 +260,44 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
   c.eval.max_val_slices = 1024
 
 
+def use_small_network(c: ml_collections.ConfigDict) -> None:
+  """The quick start's network (experiments/phantom_knee.py, phantom_hip.py): ResNet-18-FPN
+  at width 16 with group norm and narrow heads, anchors 16-256 pixels, and its training
+  rhythm (batch 4, Adam 1e-3 with 100 warm-up steps). It trains at 0.1-0.25 s per step on two
+  CPU cores, where the paper's ResNet-101 at 1024 x 1024 takes minutes (benchmarks/)."""
+  m, t = c.model, c.train
+  m.backbone = 'resnet18'
+  m.norm = 'group'
+  m.width = 16
+  m.fpn_dim = 32
+  m.box_head_dim = 128
+  m.mask_head_dim = 32
+  m.imask.fine_dim = 16
+  m.anchor_sizes = (16, 32, 64, 128, 256)
+  m.roi_level_canonical = 64.0
+  m.remat = False
+  m.rpn_pre_nms_topk_train = 500
+  m.rpn_post_nms_topk_train = 256
+  m.rpn_pre_nms_topk_test = 300
+  m.rpn_post_nms_topk_test = 128
+  m.roi_batch_size = 32
+  t.batch_size = 4
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.log_every = 25
+  t.eval_every = 500
+  t.checkpoint_every = 250
+  c.eval.batch_size = 8
+  c.eval.max_val_slices = 128
+
+
+def refuse_together(args: dict[str, object], *names: str, why: str) -> None:
+  """A ValueError naming the variants when all of `names` are given (variants that cannot
+  combine, e.g. a real-data variant with `smoke`, which trains on phantoms)."""
+  if all(args.get(n) for n in names):
+    raise ValueError(f'config variants {" and ".join(names)} cannot be combined: {why}')
+
+
 SMOKE_SIZE = 64
 
 
@@ -382,6 +431,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       'steps >= 1, or epochs > 0 (steps then follow from the dataset size)'
     )
   names = list(config.data.class_names)
+  tissues.LabelScheme.from_values(names, config.data.class_label_values)  # values well formed
   if not len(names) == int(config.model.num_classes) == len(config.data.class_label_values):
     raise ValueError(
       f'config data.class_names={tuple(names)}, data.class_label_values='
@@ -402,6 +452,12 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     value = config.model[name]
     if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
       raise ValueError(f'config model.{name}={value!r}; expected a fraction in [0, 1]')
+  d = config.data
+  if str(d.dataset) in ('phantom_knee', 'phantom_hip') and str(d.get('manual_dir') or ''):
+    raise ValueError(
+      f'config data.manual_dir={d.manual_dir!r} is set but data.dataset={d.dataset!r} '
+      'generates its phantoms and never reads it (a smoke variant?); drop one of them'
+    )
   if t.best_metric not in validation_metric_names(config):
     raise ValueError(
       f'config train.best_metric={t.best_metric!r}; expected one of '

@@ -35,22 +35,24 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
 from data_pipelines import instances as instances_lib
-from data_pipelines import orientation, readers
+from data_pipelines import orientation, readers, tissues
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, inference, metrics, report, viz
-from imask_jax import workdir as workdir_lib
-from imask_jax.inference import VolumePrediction
+from imask_jax import configs, metrics, report, viz
+
+if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
+  from imask_jax import inference
+  from imask_jax.inference import VolumePrediction
 
 REFERENCE_RATER = 'reference'  # the default reader (labelsTr/) of a multi-reader dataset
 
@@ -92,17 +94,28 @@ def evaluate_case(
   thickness, note = None, ''
   knee = scheme.knee
   if knee is not None:
-    try:
-      thickness = metrics.compare_thickness(
-        pred,
-        truth,
+
+    def compare(pred_map: np.ndarray, truth_map: np.ndarray) -> dict[str, Any]:
+      return metrics.compare_thickness(
+        pred_map,
+        truth_map,
         spacing,
         labels=knee,
         angle_bin_deg=metrics.femoral_angle_bin_deg(spacing),
         method=thickness_method,
       )
+
+    try:  # the whole plates (a tissue trained as parts joined)
+      thickness = compare(scheme.with_parts_joined(pred), scheme.with_parts_joined(truth))
     except ValueError as error:  # the truth lacks a plate, or too little of it to fit
       note = str(error)
+    for part, (tissue, _) in scheme.parts.items() if thickness is not None else ():
+      try:  # each part as a plate of its own, beside the whole (medial / lateral tibial)
+        whole = compare(scheme.part_alone(pred, part), scheme.part_alone(truth, part))
+        thickness[part] = whole[tissues.plate_of(tissue)]
+      except ValueError as error:
+        note = (note + '; ' if note else '') + f'{part}: {error}'
+
   rater_ml = {}
   if scheme.effusion_value is not None:
     for rater, labels in (reader_maps or {}).items():
@@ -146,7 +159,7 @@ class EvaluationReport:
   ap_per_case: dict[str, dict[int, metrics.ClassAP]]
 
 
-PredictFn = Callable[[readers.Volume], VolumePrediction]
+PredictFn = Callable[[readers.Volume], 'VolumePrediction']
 
 
 def evaluate_source(
@@ -189,13 +202,7 @@ def evaluate_source(
       reader_maps = {}
       if scheme.effusion_value is not None:
         for reader in case.labels:
-          other = (
-            volume
-            if reader == volume.reader
-            else readers.load_volume(
-              case, plane=source.plane, label_values=source.label_values, reader=reader
-            )
-          )
+          other = volume if reader == volume.reader else source.load(case, reader=reader)
           reader_maps[rater_name(reader)] = other.labels
       result = evaluate_case(
         case.case_id,
@@ -303,6 +310,9 @@ def evaluate_workdir(
   """Evaluates checkpoint `step` (latest by default) of `workdir` on `split` (default: the
   config's eval.split). `model`: an already loaded checkpoint of this workdir (saves the
   restore and the compile when evaluating twice in one process)."""
+  from imask_jax import inference
+  from imask_jax import workdir as workdir_lib
+
   if model is None:
     model = inference.load_model(workdir, step)
   elif step is not None and int(step) != model.step:
@@ -312,7 +322,9 @@ def evaluate_workdir(
   config = model.config
   split = split or str(config.eval.split)
   data_dir = workdir_lib.data_dir_for(config, workdir)
-  source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir, split)
+  source = sources.volume_source(
+    params_lib.params_from_config(config, data_dir), data_dir, split, require_cases=True
+  )
   header = {
     'workdir': os.path.abspath(workdir),
     'checkpoint_step': model.step,
@@ -322,6 +334,7 @@ def evaluate_workdir(
     'backbone': str(config.model.backbone),
     'data_dir': os.path.abspath(data_dir),
     'subject_pattern': str(config.data.get('subject_pattern', '') or ''),
+    'split_origin': source.origin,
   }
   return evaluate_source(
     config,
@@ -355,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     help='show the traceback of a user mistake, not only its message',
   )
   args = parser.parse_args(argv)
+  from imask_jax import workdir as workdir_lib
+
   try:
     report = evaluate_workdir(
       args.workdir,

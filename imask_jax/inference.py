@@ -416,16 +416,28 @@ def predict_volume(
   )
 
 
-def load_image(path: str | os.PathLike, plane: str, case_id: str | None = None) -> readers.Volume:
+def load_image(
+  path: str | os.PathLike,
+  plane: str,
+  case_id: str | None = None,
+  *,
+  allow_missing_pose: bool = False,
+) -> readers.Volume:
   """An unlabelled scan, a NIfTI file or a DICOM series folder, as a canonical `Volume` to be
-  sliced along `plane`."""
+  sliced along `plane`; a NIfTI file without its scanner pose is refused unless
+  `allow_missing_pose` (readers.load_image_file)."""
   path = os.fspath(path)
   if case_id is None:
     case_id = os.path.basename(os.path.normpath(path))
     for suffix in ('.nii.gz', '.nii'):
       if case_id.endswith(suffix):
         case_id = case_id[: -len(suffix)]
-  volume = readers.load_volume(readers.Case(case_id, path), plane=plane, label_values=None)
+  volume = readers.load_volume(
+    readers.Case(case_id, path),
+    plane=plane,
+    label_values=None,
+    allow_missing_pose=allow_missing_pose,
+  )
   if min(volume.image.shape) < 1:
     raise DataError(path, 'image has an empty axis', found=volume.image.shape)
   return volume

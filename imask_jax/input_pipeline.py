@@ -51,6 +51,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import readers, slice_examples
 from data_pipelines.datasets import builders
+from data_pipelines.datasets import params as params_lib
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -622,7 +623,9 @@ def create_eval_dataset(
   if split not in builder.info.splits:
     raise ValueError(
       f'split {split!r} is not stored in {builder.data_dir} (it has no cases); '
-      f'stored splits: {sorted(builder.info.splits)}'
+      f'stored splits: {sorted(builder.info.splits)} (data.split_fractions='
+      f'{tuple(config.data.split_fractions)}, '
+      f'{params_lib.pattern_note(str(config.data.get("subject_pattern", "") or ""))})'
     )
   stored = builder.info.splits[split].num_examples
   if max_examples is None or int(max_examples) >= stored:

@@ -75,7 +75,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import nibabel as nib
 import numpy as np
@@ -83,9 +83,11 @@ import numpy as np
 from data_pipelines import dicom_io, nifti_io, readers
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
-from imask_jax import inference, quality, scan_report
-from imask_jax import workdir as workdir_lib
-from imask_jax.inference import VolumePrediction
+from imask_jax import quality
+
+if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
+  from imask_jax import inference
+  from imask_jax.inference import VolumePrediction
 
 NNUNET_CHANNEL_SUFFIX = '_0000'
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
@@ -378,9 +380,14 @@ class Outcome:
 
 def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
   """Stage 1 (no model, runs beside the segmentation of another scan): reads the input."""
+  from imask_jax import inference
+
   started = time.perf_counter()
   volume = inference.load_image(
-    job.input, str(model.config.data.plane), case_id=output_stem(job.input)
+    job.input,
+    str(model.config.data.plane),
+    case_id=output_stem(job.input),
+    allow_missing_pose=bool(model.config.data.get('allow_missing_pose', False)),
   )
   constant = bool(volume.image.min() == volume.image.max())
   return Scan(job, volume, constant, time.perf_counter() - started)
@@ -388,6 +395,8 @@ def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
 
 def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
   """Stage 2 (the model; in the calling thread): the label map on the input's grid."""
+  from imask_jax import inference
+
   started = time.perf_counter()
   prediction = inference.predict_volume(model, scan.volume, keep_instances=True)
   if prediction.label_map.shape != scan.volume.grid.shape:
@@ -408,6 +417,8 @@ def write_scan(
   map on disk always has its report beside it (a shard that starts while others write then
   sees their files as earlier predictions); if the label map cannot be written, the report
   path is put back as it was."""
+  from imask_jax import scan_report
+
   started = time.perf_counter()
   job, prediction = segmented.job, segmented.prediction
   report = scan_report.volume_report(
@@ -541,10 +552,12 @@ def header_template(input_path: str) -> str | nib.Nifti1Image:
 def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, Any] | None:
   """The training reference of quality.py for `model`, saying on `stream` where it came from;
   None (and why) when there is none."""
+  from imask_jax import workdir as workdir_lib
+
   try:
     data_dir = workdir_lib.data_dir_for(model.config, model.workdir)
     reference, where = quality.training_reference(
-      model.workdir, model.config, data_dir, model.scheme.names_by_value
+      model.workdir, model.config, data_dir, model.scheme.names_by_merged_value
     )
   except (quality.ReferenceUnavailable, DataError, OSError) as error:
     stream.write(
@@ -604,6 +617,9 @@ def predict_command(
     for leftover in remove_stale_temporaries(job.label_map) + remove_stale_temporaries(job.report):
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
+    from imask_jax import inference
+    from imask_jax import workdir as workdir_lib
+
     try:
       # The mask head on the painting detections only (model.paint_slots_per_class).
       model = inference.load_model(workdir, checkpoint, paint_only=True)

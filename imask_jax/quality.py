@@ -116,7 +116,8 @@ def compute_reference(
   cases: Sequence[readers.Case],
   names_by_value: Mapping[int, str],
 ) -> dict[str, Any]:
-  """The reference (module docstring) of `cases`: image headers and label files only."""
+  """The reference (module docstring) of `cases`: image headers and label files only.
+  names_by_value: label value (every merged one) -> class name; values of one class add up."""
   spacings, shapes, extents = [], [], []
   tissue_ml: dict[str, list[float]] = {name: [] for name in names_by_value.values()}
   for case in cases:
@@ -143,8 +144,11 @@ def compute_reference(
       )
     counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    for value, name in names_by_value.items():
-      tissue_ml[name].append(float(counts[int(value)]) * voxel_ml)
+    case_ml = dict.fromkeys(tissue_ml, 0.0)
+    for value, name in names_by_value.items():  # several values of one class add up
+      case_ml[name] += float(counts[int(value)]) * voxel_ml
+    for name, ml in case_ml.items():
+      tissue_ml[name].append(ml)
   tissues = {}
   for name, values in tissue_ml.items():
     present = [v for v in values if v > 0]

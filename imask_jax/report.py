@@ -173,10 +173,19 @@ def _slice_columns(sliced: metrics.SliceMetrics | None) -> dict[str, Any]:
   }
 
 
+def thickness_plates(results: Sequence[CaseResult]) -> tuple[str, ...]:
+  """The plates measured: 'femoral', 'tibial', then any part measured as a plate of its own
+  (a scheme that trains medial and lateral tibial cartilage apart), in the order found."""
+  plates = list(PLATES)
+  for r in results:
+    plates += [p for p in r.thickness or () if p not in plates]
+  return tuple(plates)
+
+
 def thickness_rows(result: CaseResult) -> list[dict[str, Any]]:
   """The thickness.csv rows of one knee volume (one per plate, THICKNESS_COLUMNS)."""
   rows = []
-  for plate in PLATES:
+  for plate in thickness_plates([result]):
     if result.thickness is None:
       rows.append(
         {
@@ -456,8 +465,8 @@ def thickness_table(results: Sequence[CaseResult], method: str = 'nearest') -> l
     '',
   ]
   rows = []
-  for plate in PLATES:
-    comparisons = [r.thickness[plate] for r in results if r.thickness is not None]
+  for plate in thickness_plates(results):
+    comparisons = [r.thickness[plate] for r in results if plate in (r.thickness or ())]
     not_measured = [r.case_id for r in results if r.thickness is None]
     note = f'; {len(not_measured)} not measured ({", ".join(not_measured)})' if not_measured else ''
     if not comparisons:
@@ -508,8 +517,8 @@ def thickness_coverage_table(results: Sequence[CaseResult]) -> list[str]:
     '',
   ]
   rows = []
-  for plate in PLATES:
-    comparisons = [r.thickness[plate] for r in results if r.thickness is not None]
+  for plate in thickness_plates(results):
+    comparisons = [r.thickness[plate] for r in results if plate in (r.thickness or ())]
     if not comparisons:
       rows.append([plate, 'n/a', 'n/a', 'n/a', 'n/a'])
       continue
@@ -767,6 +776,8 @@ def summary_markdown(
     f'with the count).',
     '',
   ]
+  if header.get('split_origin'):
+    lines += [f'Split {header["split"]!r}: {header["split_origin"]}.', '']
   lines += segmentation_tables(results, scheme, ap, ap_per_case) + ['']
   lines += surface_table(results, scheme) + ['']
   if scheme.knee is not None:

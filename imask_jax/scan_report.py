@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import nifti_io, orientation
+from data_pipelines import nifti_io, orientation, tissues
 from imask_jax import configs, inference, metrics, quality
 from imask_jax.inference import VolumePrediction
 
@@ -145,12 +145,20 @@ def volume_report(
   }
   if scheme.knee is not None:
     method = configs.thickness_method(model.config)
+    whole = scheme.with_parts_joined(prediction.canonical)  # parts trained apart, joined
     report['cartilage_thickness'] = {
-      'femoral': femoral_thickness(prediction.canonical, spacing, scheme.knee, method),
-      'tibial': tibial_thickness(prediction.canonical, spacing, scheme.knee, method),
-      'method': method,
-      'regions': 'patient right/left (not medial/lateral); see imask_jax/scan_report.py',
+      'femoral': femoral_thickness(whole, spacing, scheme.knee, method),
+      'tibial': tibial_thickness(whole, spacing, scheme.knee, method),
     }
+    measure = {'femoral': femoral_thickness, 'tibial': tibial_thickness}
+    for part, (tissue, _) in scheme.parts.items():  # e.g. medial and lateral tibial cartilage
+      plate = tissues.plate_of(tissue)
+      alone = scheme.part_alone(prediction.canonical, part)
+      report['cartilage_thickness'][part] = measure[plate](alone, spacing, scheme.knee, method)
+    report['cartilage_thickness'].update(
+      method=method,
+      regions='patient right/left (not medial/lateral); see imask_jax/scan_report.py',
+    )
   if scheme.effusion_value is not None:
     report['effusion_ml'] = metrics.effusion_ml_by_side(
       prediction.canonical, spacing, scheme.effusion_value

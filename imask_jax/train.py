@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
+from data_pipelines.datasets import params as params_lib
 from imask_jax import configs, optim, parallel, viz
 from imask_jax import workdir as workdir_lib
 from imask_jax.run_log import RunLog, say, summarize_window
@@ -57,10 +57,17 @@ def gt_label_map(gt_classes: np.ndarray, gt_masks: np.ndarray, gt_valid: np.ndar
 
 def dice_from_counts(counts: np.ndarray) -> np.ndarray:
   """counts [3, K] (intersection, predicted, true pixels per class) -> Dice [K]; a class that is
-  absent from both truth and prediction scores 1."""
+  absent from both truth and prediction is NaN (absent, not a perfect 1: a class the labels
+  never hold must not look learnt), as in metrics.overlap's empty-mask rules."""
   inter, pred, true = counts
   denom = pred + true
-  return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+  return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+
+
+def mean_dice(dice: np.ndarray) -> float:
+  """The mean over the classes present in truth or prediction (NaN when none is)."""
+  present = dice[np.isfinite(dice)]
+  return float(present.mean()) if present.size else math.nan
 
 
 def slice_dice(
@@ -125,14 +132,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
   config.train.steps = configs.resolve_steps(config, num_train)
   workdir_lib.check_resumable(config, workdir)
-  if float(config.train.epochs) > 0:
-    logging.info(
-      'train.epochs=%s over %d training slices at batch %d: train.steps=%d',
-      config.train.epochs,
-      num_train,
-      int(config.train.batch_size),
-      int(config.train.steps),
+  # The run's size before it starts (the progress lines then give its time per step and ETA):
+  # the paper's 300 epochs are millions of steps on a full OAI set.
+  steps, batch = int(config.train.steps), int(config.train.batch_size)
+  epochs = float(config.train.epochs)
+  say(
+    f'{steps:,} steps of {batch} slices: '
+    + (
+      f'{epochs:g} epochs (train.epochs) of the {num_train:,} training slices'
+      if epochs > 0
+      else f'{steps * batch / max(num_train, 1):.3g} passes over the {num_train:,} training slices'
     )
+  )
   workdir_lib.save_config(config, workdir)
 
   mesh = parallel.data_mesh()
@@ -164,8 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
       log.message(
         f'{builder.data_dir}: no validation split (data.split_fractions='
-        f'{tuple(config.data.split_fractions)}): no validation, and only the latest '
-        'checkpoints are kept'
+        f'{tuple(config.data.split_fractions)}, '
+        f'{params_lib.pattern_note(str(config.data.get("subject_pattern", "") or ""))}): '
+        'no validation, and only the latest checkpoints are kept'
       )
     loop = _Loop(config, mesh, model, tx, schedule, manager, log, val_ds)
     return loop.run(state, train_iter)
@@ -312,7 +324,7 @@ class _Loop:
       self.compiled_detect, variables, self.val_ds, self.mesh, int(self.config.model.num_classes)
     )
     names = configs.validation_metric_names(self.config)
-    values = dict(zip(names, [float(d) for d in dice] + [float(np.mean(dice))]))
+    values = dict(zip(names, [float(d) for d in dice] + [mean_dice(dice)]))
     self.log.scalars(step, values)
     if example is not None:
       image = example['image'][..., example['image'].shape[-1] // 2]  # the centre slice
@@ -320,6 +332,10 @@ class _Loop:
         step, 'val/overlay', viz.overlay_rgb(image, example['truth'] > 0, example['pred'] > 0)
       )
     self.log.message(
-      f'validation @ {step}: ' + '  '.join(f'{k[len("val/") :]} {v:.3f}' for k, v in values.items())
+      f'validation @ {step}: '
+      + '  '.join(
+        f'{k[len("val/") :]} ' + (f'{v:.3f}' if math.isfinite(v) else 'absent')
+        for k, v in values.items()
+      )
     )
     return values

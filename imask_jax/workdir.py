@@ -180,6 +180,8 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 LEGACY_VALUES = {
   'model': {'paint_rule': 'each'},
   'eval': {'thickness_method': 'nearest'},
+  # an nnU-Net folder's imagesTs/ + labelsTs/ were never read as the test split before
+  'data': {'official_test': False},
 }
 
 
@@ -281,7 +283,8 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   metric = str(config.train.best_metric)
 
   def score(metrics: dict[str, Any]) -> float:
-    return float(metrics.get(metric, -math.inf))
+    value = float(metrics.get(metric, -math.inf))  # NaN: nothing to measure, never the best
+    return value if math.isfinite(value) else -math.inf
 
   policy = ocp_policy.AnyPreservationPolicy(
     [

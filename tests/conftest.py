@@ -13,6 +13,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
@@ -23,6 +24,11 @@ if os.environ.get('HYPOTHESIS_PROFILE'):
   settings.load_profile(os.environ['HYPOTHESIS_PROFILE'])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A voxel -> mm affine with a scanner pose (1 mm voxels, axes R, A, S, the origin moved): what
+# test scans use, because an identity affine reads as a pose lost in conversion and is refused.
+POSED_AFFINE = np.array(
+  [[1.0, 0.0, 0.0, -40.0], [0.0, 1.0, 0.0, -30.0], [0.0, 0.0, 1.0, 12.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 # Fixtures that train a model: a test that uses one is an end-to-end run (`-m e2e`), outside the
 # unit tier that `make test-fast` runs.

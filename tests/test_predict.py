@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import POSED_AFFINE
 from data_pipelines.phantoms import generate_knee
 from imask_jax import metrics, predict, scan_report
 
@@ -163,7 +164,7 @@ def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
 
 
 def _scan(path, value=0.0) -> str:
-  nib.save(nib.Nifti1Image(np.full((6, 5, 4), value, np.float32), np.eye(4)), str(path))
+  nib.save(nib.Nifti1Image(np.full((6, 5, 4), value, np.float32), POSED_AFFINE), str(path))
   return str(path)
 
 

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import POSED_AFFINE
 from data_pipelines import nifti_io
 from data_pipelines.phantoms import generate_knee
 from imask_jax import predict
@@ -81,7 +82,7 @@ def test_shards_partition_the_plan_exactly(tmp_path):
 )
 def test_a_malformed_shard_is_refused_in_one_line_with_exit_2(text, tmp_path, capsys):
   source = tmp_path / 'scan.nii.gz'
-  nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4)), str(source))
+  nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), POSED_AFFINE), str(source))
   argv = ['--workdir', '/nonexistent', '--input', str(source), '--output', str(tmp_path / 'o')]
   assert predict.main([*argv, f'--shard={text}']) == predict.EXIT_REFUSED
   err = capsys.readouterr().err
@@ -99,7 +100,7 @@ def test_well_formed_shards_parse_and_a_bad_tuple_is_refused(tmp_path):
   assert predict.parse_shard('1/2') == (1, 2)
   assert predict.parse_shard('9/10') == (9, 10)
   source = tmp_path / 'scan.nii.gz'
-  nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4)), str(source))
+  nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), POSED_AFFINE), str(source))
   stream = io.StringIO()
   status = predict.predict_command(
     '/nonexistent', str(source), str(tmp_path / 'o'), shard=(2, 2), stream=stream

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import POSED_AFFINE
 from imask_jax import evaluate, inference, predict, train
 from imask_jax import workdir as workdir_lib
 
@@ -85,7 +86,7 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   shutil.copy(os.path.join(smoke_workdir, 'checkpoints', '6', 'state', '_METADATA'), metadata)
   _truncate_data_files(step6)
   scan = tmp_path / 'scan.nii.gz'
-  nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.eye(4)), str(scan))
+  nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), POSED_AFFINE), str(scan))
   status = predict.main(
     ['--workdir', copy, '--input', str(scan), '--output', str(tmp_path / 'out')]
   )
@@ -275,7 +276,7 @@ def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(
   )
   stream = io.StringIO()
   scan = tmp_path / 'scan.nii.gz'
-  nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.eye(4)), str(scan))
+  nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), POSED_AFFINE), str(scan))
   assert (
     predict.predict_command(
       smoke_workdir, str(scan), str(tmp_path / 'out'), checkpoint=999, stream=stream

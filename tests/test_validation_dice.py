@@ -63,8 +63,8 @@ PADDING = _slice([(4, (0, 6, 0, 6))], _pred((4, (0, 6, 0, 6))))
 # Pooled by hand over the three real slices:
 #   class 1: truth 12 + 9 = 21, predicted 12 + 9 = 21, shared 8 + 9 = 17 -> 34 / 42
 #   class 2: truth 4 + 4 = 8, predicted 0 -> 0;  class 3: truth 0, predicted 2 -> 0
-#   class 4: absent from truth and prediction everywhere -> 1 (the documented rule)
-HAND = [34 / 42, 0.0, 0.0, 1.0]
+#   class 4: absent from truth and prediction everywhere -> NaN: absent, never a perfect 1
+HAND = [34 / 42, 0.0, 0.0, np.nan]
 
 
 def _dataset(batch_size=2):
@@ -117,7 +117,7 @@ def _reference(num_classes=4):
           inter[c - 1] += truth[r, q] == c and prediction[r, q] == c
           pred[c - 1] += prediction[r, q] == c
           true[c - 1] += truth[r, q] == c
-  return [2 * i / (p + t) if p + t else 1.0 for i, p, t in zip(inter, pred, true)]
+  return [2 * i / (p + t) if p + t else np.nan for i, p, t in zip(inter, pred, true)]
 
 
 @pytest.mark.parametrize('batch_size', [2, 4])
@@ -139,7 +139,14 @@ def test_pooled_validation_dice_and_the_absent_class_rule(batch_size):
 def test_dice_from_counts_rule_by_hand():
   # [intersection, predicted, true] per class
   counts = np.array([[3, 0, 0, 0], [4, 0, 5, 0], [4, 2, 0, 0]], np.float64)
-  np.testing.assert_allclose(train.dice_from_counts(counts), [6 / 8, 0.0, 0.0, 1.0])
+  np.testing.assert_allclose(train.dice_from_counts(counts), [6 / 8, 0.0, 0.0, np.nan])
+
+
+def test_mean_dice_leaves_absent_classes_out():
+  # A class absent from truth and prediction must neither lift the mean (as a 1 would: a
+  # label scheme that lacks two tissues looked half learnt) nor lower it.
+  assert train.mean_dice(np.array([0.5, np.nan, 0.7, np.nan])) == pytest.approx(0.6)
+  assert np.isnan(train.mean_dice(np.array([np.nan, np.nan])))
 
 
 def test_no_valid_slice_gives_no_example():
@@ -149,4 +156,4 @@ def test_no_valid_slice_gives_no_example():
     _lookup_detect_fn(predictions), None, only_padding, parallel.data_mesh(), num_classes=4
   )
   assert example is None
-  np.testing.assert_array_equal(dice, [1.0, 1.0, 1.0, 1.0])  # nothing anywhere
+  assert np.isnan(dice).all()  # nothing anywhere: every class absent

@@ -25,7 +25,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_pipelines import slice_examples
+from data_pipelines import readers, slice_examples, tissues
+from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.datasets.params import DatasetParams, params_from_config
 from data_pipelines.errors import DataError
@@ -126,10 +127,15 @@ class SliceDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       seed=p.seed,
     )
     count = 0
+    values_seen: set[int] = set()
     for case in source.cases:
-      for key, example in slice_examples.slice_examples(source.load(case), settings):
+      volume = source.load(case)
+      values_seen.update(int(v) for v in np.unique(volume.labels))
+      for key, example in slice_examples.slice_examples(volume, settings):
         count += 1
         yield key, example
+    if source.split == 'train':
+      check_classes_present(p, values_seen - {0}, source)
     if not count:  # TFDS cannot store an empty split; say why it is empty
       raise DataError(
         f'split {source.split!r} of {self.name}',
@@ -138,8 +144,51 @@ class SliceDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         f'without any instance of label values {p.class_label_values} '
         f'(min_instance_pixels={p.min_instance_pixels}) and '
         f'empty_slice_rate={p.empty_slice_rate}',
-        expected='a positive data.empty_slice_rate, or other data.split_fractions',
+        expected='a positive data.empty_slice_rate, or other data.split_fractions (now '
+        f'{p.split_fractions}, {params_lib.pattern_note(p.subject_pattern)})',
       )
+
+
+def check_classes_present(
+  params: DatasetParams, values_seen: set[int], source: sources.VolumeSource
+) -> None:
+  """A DataError when a class has no voxel in any training label map: the model would learn
+  nothing of it and validation could not tell. When the values found are those of another
+  known label scheme (tissues.KNOWN_SCHEMES, e.g. ZIB's bone-only classification masks), the
+  message names it."""
+  canonical = {params.class_map[v] for v in values_seen if v in params.class_map}
+  absent = [
+    entry
+    for class_id, entry in enumerate(params.class_label_values, start=1)
+    if class_id not in canonical
+  ]
+  if not absent:
+    return
+  found = f'label values {sorted(values_seen)} in the {len(source.cases)} training case(s)'
+  schemes = [
+    name
+    for name, labels in tissues.KNOWN_SCHEMES.items()
+    if {v for v in labels.values() if v} == values_seen
+    and set(labels.values()) - {0} != set(params.all_label_values)
+  ]
+  if schemes:
+    found += f', which are those of {schemes[0]} ({_scheme_text(schemes[0])})'
+  first = source.cases[0]
+  label_path = first.labels.get(source.reader or readers.DEFAULT_READER) or next(
+    iter(first.labels.values()), None
+  )
+  raise DataError(
+    os.path.dirname(label_path) if label_path else f'training split of {params.dataset}',
+    f'config data.class_label_values entries {absent} never occur in the training labels; '
+    'the model would never learn them',
+    found=found,
+    expected='label maps holding every class (the right label folder or files), or '
+    'data.class_names / data.class_label_values naming only the classes they hold',
+  )
+
+
+def _scheme_text(name: str) -> str:
+  return ', '.join(f'{v} {n}' for n, v in tissues.KNOWN_SCHEMES[name].items() if v)
 
 
 class PhantomKnee(SliceDatasetBuilder):

@@ -15,12 +15,20 @@ Subject ids come from the case ids (the file names, `imagesTr/<case id>_0000.nii
 match the WHOLE case id and has a named group `subject` and optionally `timepoint`:
   ''                        (the default) every case is its own subject: one scan per person
                             (OAI-ZIB, phantoms). The split is then the same as it always was.
-  SUBJECT_TIMEPOINT_PATTERN `<subject>_<timepoint>`: the time point is the text after the LAST
-                            underscore, the subject everything before it ('stiho_017_v2' ->
-                            subject 'stiho_017', time point 'v2'). For STIHO-style cohorts
-                            scanned at several visits.
+  SUBJECT_VISIT_PATTERN     `<subject>[_<visit>]`: the text after the last underscore is a time
+                            point only when it is a visit code (VISIT_CODE, any case: v2, V00,
+                            visit1, tp0, t1, m12, month24, 00m, 12m, y1, w8, bl, baseline, fu1,
+                            followup, pre, post), the subject everything before it
+                            ('stiho_017_v2' -> subject 'stiho_017', time point 'v2'); any other
+                            case id is a single-visit scan, its own subject ('HIP_001'). For
+                            STIHO-style cohorts scanned at several visits (experiments/stiho.py).
+  SUBJECT_TIMEPOINT_PATTERN `<subject>_<timepoint>`, every case id: whatever follows the LAST
+                            underscore is the time point, so single-visit names such as
+                            'HIP_001' ... 'HIP_006' are all subject 'HIP'.
 A case id the pattern does not match is an error naming it (never silently its own subject:
-that is how two visits of one person would end up on both sides of a split).
+that is how two visits of one person would end up on both sides of a split). A split where all
+cases fall into one subject, a subject with more than MAX_CASES_PER_SUBJECT cases, and a split
+with a positive fraction left empty are warned about (`split_warnings`), naming the pattern.
 """
 
 from __future__ import annotations
@@ -34,38 +42,60 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from data_pipelines import instances, orientation
+from absl import logging
+
+from data_pipelines import instances, orientation, tissues
 
 SPLITS = ('train', 'validation', 'test')
 PHANTOM_DATASETS = {'phantom_knee': 'knee', 'phantom_hip': 'hip'}
 MANUAL_DATASETS = ('oai_zib', 'nifti_folder')
 DATASETS = tuple(PHANTOM_DATASETS) + MANUAL_DATASETS
 _SPLIT_SALT = 'imask-split-v1/'
-# Case ids named <subject>_<timepoint>: the time point is the text after the last underscore.
+# The OAI-ZIB masks' axes (readers.MaskAlignment; derived in docs/data.md).
+DEFAULT_MASK_AXCODES = 'LPS'
+# Case ids named <subject>_<timepoint>, all of them: the time point is the text after the last
+# underscore (single-visit names too: 'HIP_001' -> subject 'HIP', time point '001').
 SUBJECT_TIMEPOINT_PATTERN = r'(?P<subject>.+)_(?P<timepoint>[^_]+)'
+# What reads as a visit in a case id's last token (any case): OAI's V00 / V01 and 00m / 12m,
+# v2, visit1, tp0, t1, m12, month24, y1, year2, w8, week8, bl, baseline, fu, fu1, followup,
+# pre, post.
+VISIT_CODE = (
+  r'(?:v|visit|tp|t|m|month|y|year|w|week)\d+|\d+m|bl|baseline|fu\d*|follow-?up\d*|pre|post'
+)
+# <subject>_<visit> where the last token is a visit code, else the whole case id is the
+# subject of a single-visit scan ('stiho_017_v2' -> 'stiho_017', 'v2'; 'HIP_001' -> 'HIP_001').
+SUBJECT_VISIT_PATTERN = rf'(?P<subject>.+?)(?:_(?P<timepoint>(?i:{VISIT_CODE})))?'
+# More cases than this in one subject is warned about: scans of one person, or a pattern that
+# puts several people into one subject?
+MAX_CASES_PER_SUBJECT = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetParams:
   """The settings that determine a stored slice dataset.
 
-  dataset: builder name (DATASETS). plane: anatomical slicing plane. class_label_values: the
-  label value of each class, in class order (class id = position + 1). reader: label reader
-  ('' = the reference labels). instance_mode / min_instance_pixels: instance extraction.
+  dataset: builder name (DATASETS). plane: anatomical slicing plane. class_label_values: the label
+  value of each class, in class order (class id = position + 1); a tuple for a class that merges
+  several values (its first is the canonical one, tissues.LabelScheme). reader: label reader ('' =
+  the reference labels). instance_mode / min_instance_pixels: instance extraction.
   empty_slice_rate: fraction of instance-free slices kept. context_slices: 2.5D neighbours per
   side. seed: phantom generation and empty-slice sampling. split_fractions: train, validation,
   test. phantom_preset / num_volumes: phantoms only (None otherwise); phantom_spacing_mm /
-  phantom_fov_mm: the phantoms' in-plane spacing and field of view when not the preset's
-  (None: the preset's); phantom_generator_version: the generator's GENERATOR_VERSION, so that
-  phantoms of a changed generator never reuse a stored dataset. source_dir: the raw folder
-  of a manual dataset, absolute (None for phantoms, whose folder lives in the data_dir).
-  subject_pattern: how a case id names its subject (module docstring; '' = one case per
-  subject).
+  phantom_fov_mm: the phantoms' in-plane spacing and field of view when not the preset's (None:
+  the preset's); phantom_generator_version: the generator's GENERATOR_VERSION, so that phantoms of
+  a changed generator never reuse a stored dataset. source_dir: the raw folder of a manual
+  dataset, absolute (None for phantoms, whose folder lives in the data_dir). subject_pattern: how
+  a case id names its subject (module docstring; '' = one case per subject). allow_missing_pose:
+  read images whose affine is missing or the identity (a converter that lost the scanner pose)
+  instead of refusing them. mask_axcodes: oai_zib only, the anatomical direction each MetaImage
+  mask axis points to (readers.MaskAlignment). official_test: an nnU-Net folder's labelled
+  `imagesTs/` + `labelsTs/` is the test split (sources.split_assignment); False cuts every split
+  from `imagesTr/`.
   """
 
   dataset: str
   plane: str
-  class_label_values: tuple[int, ...]
+  class_label_values: tuple[int | tuple[int, ...], ...]
   reader: str
   instance_mode: str
   min_instance_pixels: int
@@ -80,17 +110,29 @@ class DatasetParams:
   phantom_spacing_mm: float | None = None
   phantom_fov_mm: float | None = None
   phantom_generator_version: str | None = None
+  allow_missing_pose: bool = False
+  mask_axcodes: str = DEFAULT_MASK_AXCODES
+  official_test: bool = True
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
       raise ValueError(f'config data.dataset={self.dataset!r}; expected one of {DATASETS}')
     if self.plane not in orientation.PLANES:
       raise ValueError(f'config data.plane={self.plane!r}; expected one of {orientation.PLANES}')
-    values = self.class_label_values
+    object.__setattr__(
+      self, 'class_label_values', tissues.normalized_class_values(self.class_label_values)
+    )
+    values = self.all_label_values
     if not values or len(set(values)) != len(values) or any(not 1 <= v <= 255 for v in values):
       raise ValueError(
-        f'config data.class_label_values={values}; expected distinct label '
-        'values in 1..255, one per class'
+        f'config data.class_label_values={self.class_label_values}; expected distinct label '
+        'values in 1..255, one per class (or a tuple of them, merged into the class)'
+      )
+    axcodes = self.mask_axcodes.upper()
+    if sorted(axcodes.replace('L', 'R').replace('P', 'A').replace('I', 'S')) != ['A', 'R', 'S']:
+      raise ValueError(
+        f'config data.mask_axcodes={self.mask_axcodes!r}; expected three letters naming the '
+        "direction of each mask axis, one of L/R, P/A and I/S each (e.g. 'LPS')"
       )
     if self.instance_mode not in instances.MODES:
       raise ValueError(
@@ -125,9 +167,26 @@ class DatasetParams:
     return self.dataset in PHANTOM_DATASETS
 
   @property
+  def label_scheme(self) -> tissues.LabelScheme:
+    """The classes' label values (names are the config's business: class i is 'class_i')."""
+    return tissues.LabelScheme.from_values(
+      [f'class_{i + 1}' for i in range(len(self.class_label_values))], self.class_label_values
+    )
+
+  @property
+  def all_label_values(self) -> tuple[int, ...]:
+    """Every label value a class is read from (merged ones included), in class order."""
+    return tuple(v for entry in self.class_label_values for v in tissues.class_values(entry))
+
+  @property
   def class_map(self) -> dict[int, int]:
-    """Label value -> class id (1-based, in config order)."""
-    return {int(v): i + 1 for i, v in enumerate(self.class_label_values)}
+    """Label value (merged ones included) -> class id (1-based, in config order)."""
+    return self.label_scheme.class_map
+
+  @property
+  def canonical_map(self) -> dict[int, int]:
+    """Merged label value -> its class's canonical (first) value."""
+    return self.label_scheme.canonical_map
 
   @property
   def channels(self) -> int:
@@ -146,6 +205,13 @@ class DatasetParams:
     for key in ('phantom_spacing_mm', 'phantom_fov_mm', 'phantom_generator_version'):
       if fields[key] is None:
         del fields[key]
+    # likewise: fields added later, at the values that read as before
+    if not fields['allow_missing_pose']:
+      del fields['allow_missing_pose']
+    if fields['mask_axcodes'] == DEFAULT_MASK_AXCODES:
+      del fields['mask_axcodes']
+    if self.is_phantom:  # phantom folders have no imagesTs/; a manual one may have gained it
+      del fields['official_test']
     fields = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(fields.encode('utf-8')).hexdigest()[:12]
     return f'{self.plane}_ctx{self.context_slices}_{digest}'
@@ -154,7 +220,11 @@ class DatasetParams:
     return ', '.join(
       f'{k}={v!r}'
       for k, v in dataclasses.asdict(self).items()
-      if v is not None and not (k == 'subject_pattern' and not v)
+      if v is not None
+      and not (k == 'subject_pattern' and not v)
+      and not (k == 'allow_missing_pose' and not v)
+      and not (k == 'mask_axcodes' and v == DEFAULT_MASK_AXCODES)
+      and not (k == 'official_test' and self.is_phantom)
     )
 
 
@@ -177,7 +247,7 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
   return DatasetParams(
     dataset=dataset,
     plane=str(d.plane),
-    class_label_values=tuple(int(v) for v in d.class_label_values),
+    class_label_values=tissues.normalized_class_values(d.class_label_values),
     reader=str(d.reader),
     instance_mode=str(d.instance_mode),
     min_instance_pixels=int(d.min_instance_pixels),
@@ -192,6 +262,9 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
     phantom_spacing_mm=(float(d.get('phantom_spacing_mm') or 0) or None) if phantom else None,
     phantom_fov_mm=(float(d.get('phantom_fov_mm') or 0) or None) if phantom else None,
     phantom_generator_version=generator_version(dataset) if phantom else None,
+    allow_missing_pose=bool(d.get('allow_missing_pose', False)),
+    mask_axcodes=str(d.get('mask_axcodes', '') or DEFAULT_MASK_AXCODES).upper(),
+    official_test=bool(d.get('official_test', True)),
   )
 
 
@@ -292,4 +365,51 @@ def assign_splits(
   for name, size in zip(SPLITS, sizes):
     out[name] = tuple(sorted(c for s in order[start : start + size] for c in by_subject[s]))
     start += size
+  for warning in split_warnings(by_subject, out, fractions, subject_pattern):
+    logging.warning('%s', warning)
+  return out
+
+
+def pattern_note(pattern: str) -> str:
+  """How a message about splits names the subject pattern it used."""
+  if pattern:
+    return f'data.subject_pattern={pattern!r}'
+  return "data.subject_pattern='' (one case per subject)"
+
+
+def split_warnings(
+  by_subject: dict[str, Sequence[str]],
+  splits: dict[str, Sequence[str]],
+  fractions: Sequence[float],
+  pattern: str,
+) -> list[str]:
+  """One-line warnings about a split (`assign_splits`) that the subject pattern may have
+  made wrong: every case in one subject, subjects of more than MAX_CASES_PER_SUBJECT cases,
+  and splits with a positive fraction left without a case. Each names the pattern."""
+  note = pattern_note(pattern)
+  check = 'is the pattern right for these case ids?'
+  out = []
+  total = sum(len(cases) for cases in by_subject.values())
+  if len(by_subject) == 1 and total > 1:
+    (subject,) = by_subject
+    out.append(f'{note}: every case ({total}) falls into one subject {subject!r}; {check}')
+  else:
+    big = sorted(
+      (s for s, cases in by_subject.items() if len(cases) > MAX_CASES_PER_SUBJECT),
+      key=lambda s: (-len(by_subject[s]), s),
+    )
+    if big:
+      named = '; '.join(f'subject {s!r} holds {len(by_subject[s])} cases' for s in big[:3])
+      more = f'; {len(big) - 3} more subjects do' if len(big) > 3 else ''
+      out.append(
+        f'{note}: {named}{more} (more than {MAX_CASES_PER_SUBJECT} scans of one person); {check}'
+      )
+  empty = [(name, f) for name, f in zip(SPLITS, fractions) if f > 0 and not splits[name]]
+  if empty:
+    listed = '; '.join(f'split {name!r} (fraction {f:g}) is empty' for name, f in empty)
+    wanted = sum(f > 0 for f in fractions)
+    out.append(
+      f'{note}: {listed}: {len(by_subject)} subject(s) for {wanted} splits; give it subjects '
+      '(another data.subject_pattern, more cases) or a 0 in data.split_fractions'
+    )
   return out

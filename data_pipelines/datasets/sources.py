@@ -11,6 +11,12 @@ Raw folders:
   or not at all) and reused after; read through `NnunetFolder` exactly like real data.
 * nifti_folder: an nnU-Net folder (`readers.NnunetFolder`) at `DatasetParams.source_dir`.
 * oai_zib: the original OAI-ZIB layout (`readers.OaiZibFolder`) at `DatasetParams.source_dir`.
+
+Splits: an nnU-Net folder with an official labelled test set (`imagesTs/` + `labelsTs/`, as
+OAIZIB-CM ships) has that set as its 'test' split, and `imagesTr/` is divided into 'train' and
+'validation' in the ratio of their fractions (`DatasetParams.official_test`); otherwise every
+split is cut from the labelled cases by subject (`assign_splits`). `VolumeSource.origin` says
+which, for reports.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import os
 from collections.abc import Mapping
 
 from data_pipelines import readers, tissues
-from data_pipelines.datasets.params import PHANTOM_DATASETS, SPLITS, DatasetParams, assign_splits
+from data_pipelines.datasets.params import (
+  PHANTOM_DATASETS,
+  SPLITS,
+  DatasetParams,
+  assign_splits,
+  pattern_note,
+  subject_and_timepoint,
+)
 from data_pipelines.errors import DataError
 
 Folder = readers.NnunetFolder | readers.OaiZibFolder
@@ -35,7 +48,10 @@ class VolumeSource:
 
   cases: the split's cases, sorted by id. plane: slicing plane. label_values: the values a
   label file may hold (the dataset's declared labels, name -> value). class_map: label value ->
-  class id. reader: the label reader to load (None = the reference labels).
+  class id. reader: the label reader to load (None = the reference labels). canonical_map:
+  merged label value -> its class's canonical value, applied to every label map loaded (so
+  truth maps hold the values predictions write). allow_missing_pose: readers.load_volume's.
+  origin: where the split's cases come from, in words (for reports).
   """
 
   split: str
@@ -44,11 +60,24 @@ class VolumeSource:
   label_values: Mapping[str, int]
   class_map: Mapping[int, int]
   reader: str | None
+  canonical_map: Mapping[int, int] = dataclasses.field(default_factory=dict)
+  allow_missing_pose: bool = False
+  origin: str = ''
 
-  def load(self, case: readers.Case) -> readers.Volume:
-    """One case as a checked canonical `Volume` (image, labels, spacing, original grid)."""
-    return readers.load_volume(
-      case, plane=self.plane, label_values=self.label_values, reader=self.reader
+  def load(self, case: readers.Case, reader: str | None = None) -> readers.Volume:
+    """One case as a checked canonical `Volume` (image, labels, spacing, original grid), its
+    labels read from `reader` (default: the source's) with merged values made canonical."""
+    volume = readers.load_volume(
+      case,
+      plane=self.plane,
+      label_values=self.label_values,
+      reader=reader or self.reader,
+      allow_missing_pose=self.allow_missing_pose,
+    )
+    if volume.labels is None or not self.canonical_map:
+      return volume
+    return dataclasses.replace(
+      volume, labels=tissues.canonical_labels(volume.labels, dict(self.canonical_map))
     )
 
 
@@ -102,14 +131,16 @@ def open_folder(params: DatasetParams, data_dir: str | os.PathLike) -> Folder:
       expected='the folder named by config data.manual_dir',
     )
   if params.dataset == 'oai_zib':
-    return readers.OaiZibFolder(params.source_dir)
+    alignment = readers.MaskAlignment(axcodes=tuple(params.mask_axcodes))
+    return readers.OaiZibFolder(params.source_dir, alignment=alignment)
   return readers.NnunetFolder(params.source_dir)
 
 
 def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
   """The folder's labelled cases, after checking the config's labels and reader against it."""
   declared = {int(v) for v in folder.labels.values()}
-  missing = [v for v in params.class_label_values if v not in declared]
+  trained = params.all_label_values
+  missing = [v for v in trained if v not in declared]
   where = (
     os.path.join(folder.root, 'dataset.json')
     if isinstance(folder, readers.NnunetFolder)
@@ -129,8 +160,20 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
   untrained = {
     name: int(v)
     for name, v in folder.labels.items()
-    if int(v) != 0 and int(v) not in params.class_label_values and name not in KNOWN_TISSUES
+    if int(v) != 0 and int(v) not in trained and name not in KNOWN_TISSUES
   }
+  parts = {name: tissues.SUBCLASS_OF[name] for name in untrained if name in tissues.SUBCLASS_OF}
+  if parts:  # a split tissue: say how to merge its parts (OAIZIB-CM's tibial cartilage)
+    merged = [folder.labels[name] for name in sorted(folder.labels) if name in tissues.SUBCLASS_OF]
+    raise DataError(
+      where,
+      f'the dataset splits {sorted(set(parts.values()))} into parts {sorted(parts)} that '
+      f'config data.class_label_values={tuple(params.class_label_values)} does not all train; '
+      'the untrained part would silently become background',
+      found=untrained,
+      expected=f'the parts merged into one class, e.g. the entry {tuple(sorted(merged))} in '
+      'data.class_label_values (experiments/oai.py:oaizib_cm), or each part a class',
+    )
   if untrained:
     raise DataError(
       where,
@@ -158,16 +201,75 @@ def split_assignment(params: DatasetParams, folder: Folder) -> dict[str, tuple[r
   """Split name -> its cases (each labelled case in exactly one split, every scan of a subject
   in the same one; see `assign_splits` and `DatasetParams.subject_pattern`)."""
   cases = {case.case_id: case for case in labelled_cases(params, folder)}
+  test_cases = official_test_cases(params, folder, cases)
+  fractions = params.split_fractions
+  if test_cases is not None:  # imagesTr/ holds train and validation only
+    kept = fractions[0] + fractions[1]
+    fractions = (fractions[0] / kept, fractions[1] / kept, 0.0) if kept else (1.0, 0.0, 0.0)
   try:
-    splits = assign_splits(cases, params.split_fractions, params.subject_pattern)
+    splits = assign_splits(cases, fractions, params.subject_pattern)
   except ValueError as error:  # a case id that names no subject: say which folder
     raise DataError(
       folder.root,
       'cannot split the cases by subject',
       found=str(error),
-      expected='case ids matching config data.subject_pattern',
+      expected=f'case ids matching config {pattern_note(params.subject_pattern)}',
     ) from error
-  return {split: tuple(cases[i] for i in ids) for split, ids in splits.items()}
+  out = {split: tuple(cases[i] for i in ids) for split, ids in splits.items()}
+  if test_cases is not None:
+    out['test'] = test_cases
+  return out
+
+
+def official_test_cases(
+  params: DatasetParams, folder: Folder, train_cases: Mapping[str, readers.Case]
+) -> tuple[readers.Case, ...] | None:
+  """The official labelled test set of an nnU-Net folder (`imagesTs/` + `labelsTs/`), or None
+  when there is none or `params.official_test` is off. A subject in both sets is an error."""
+  if not (
+    params.official_test and isinstance(folder, readers.NnunetFolder) and folder.has_labelled_test
+  ):
+    return None
+  cases = tuple(folder.cases('test'))
+  if not cases:
+    return None
+  subject = {}
+  for group, ids in (('imagesTr', train_cases), ('imagesTs', [c.case_id for c in cases])):
+    for case_id in ids:
+      try:
+        subject.setdefault(subject_and_timepoint(case_id, params.subject_pattern)[0], set()).add(
+          group
+        )
+      except ValueError as error:
+        raise DataError(
+          folder.root, 'cannot split the cases by subject', found=str(error)
+        ) from error
+  both = sorted(s for s, groups in subject.items() if len(groups) > 1)
+  if both:
+    raise DataError(
+      os.path.join(folder.root, 'imagesTs'),
+      'subjects in both imagesTr/ and the official test set imagesTs/',
+      found=f'{len(both)} subject(s), e.g. {both[:3]} (config data.subject_pattern='
+      f'{params.subject_pattern!r})',
+      expected='each subject on one side, or config data.official_test=False to cut every '
+      'split from imagesTr/',
+    )
+  return cases
+
+
+def split_origin(params: DatasetParams, folder: Folder, split: str) -> str:
+  """Where the cases of `split` come from, in words (written into evaluation summaries)."""
+  official = official_test_cases(params, folder, {}) is not None
+  if official and split == 'test':
+    return 'the official test set (imagesTs/ with labelsTs/)'
+  fractions = dict(zip(SPLITS, params.split_fractions))
+  pattern = params.subject_pattern or 'none: one case per subject'
+  where = 'imagesTr/' if isinstance(folder, readers.NnunetFolder) else 'the labelled cases'
+  share = 'its share' if not official else 'its share of train + validation'
+  return (
+    f'{where} cut by subject hash ({share}: data.split_fractions {split}='
+    f'{fractions[split]:g}; data.subject_pattern {pattern})'
+  )
 
 
 def volume_sources(params: DatasetParams, data_dir: str | os.PathLike) -> dict[str, VolumeSource]:
@@ -181,13 +283,47 @@ def volume_sources(params: DatasetParams, data_dir: str | os.PathLike) -> dict[s
       label_values=dict(folder.labels),
       class_map=params.class_map,
       reader=params.reader or None,
+      canonical_map=params.canonical_map,
+      allow_missing_pose=params.allow_missing_pose,
+      origin=split_origin(params, folder, split),
     )
     for split, cases in split_assignment(params, folder).items()
   }
 
 
-def volume_source(params: DatasetParams, data_dir: str | os.PathLike, split: str) -> VolumeSource:
-  """The whole volumes of `split` (for evaluation and prediction on a split)."""
+def volume_source(
+  params: DatasetParams, data_dir: str | os.PathLike, split: str, *, require_cases: bool = False
+) -> VolumeSource:
+  """The whole volumes of `split` (for evaluation and prediction on a split). require_cases:
+  a split without cases is a DataError (`empty_split_error`)."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r}; expected one of {SPLITS}')
-  return volume_sources(params, data_dir)[split]
+  by_split = volume_sources(params, data_dir)
+  if require_cases and not by_split[split].cases:
+    raise empty_split_error(params, data_dir, by_split, split)
+  return by_split[split]
+
+
+def empty_split_error(
+  params: DatasetParams,
+  data_dir: str | os.PathLike,
+  by_split: Mapping[str, VolumeSource],
+  split: str,
+) -> DataError:
+  """The one-line error for a split without cases: the cases of every split, the subjects
+  they form under the subject pattern, and what to change."""
+  counts = ', '.join(f'{name} {len(by_split[name].cases)}' for name in SPLITS)
+  case_ids = [case.case_id for source in by_split.values() for case in source.cases]
+  subjects = sorted({subject_and_timepoint(c, params.subject_pattern)[0] for c in case_ids})
+  named = f' ({", ".join(repr(s) for s in subjects)})' if len(subjects) <= 3 else ''
+  fraction = dict(zip(SPLITS, params.split_fractions))[split]
+  return DataError(
+    params.source_dir or phantom_dir(params, data_dir),
+    f'split {split!r} has no cases',
+    found=f'cases per split: {counts}; {len(subjects)} subject{"s" * (len(subjects) != 1)}'
+    f'{named} under {pattern_note(params.subject_pattern)}, data.split_fractions='
+    f'{tuple(params.split_fractions)}',
+    expected=f'a positive data.split_fractions entry for {split!r} ({fraction:g} now) and '
+    'subjects enough for every split: a data.subject_pattern that gives each person their own '
+    "subject ('' = one case per subject), or more cases",
+  )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
+from conftest import POSED_AFFINE
 from data_pipelines import instances, readers
 from data_pipelines.errors import DataError
 from data_pipelines.metaimage import write_metaimage
@@ -21,7 +22,7 @@ KNEE_VALUES = (1, 2, 3, 4)
 
 
 def _save(path, data, affine=None) -> str:
-  nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
+  nib.save(nib.Nifti1Image(np.asarray(data), POSED_AFFINE if affine is None else affine), path)
   return str(path)
 
 
@@ -88,8 +89,8 @@ def test_image_label_shape_mismatch(tmp_path):
 
 
 def test_image_label_affine_mismatch(tmp_path):
-  shifted = np.eye(4)
-  shifted[0, 3] = 0.5
+  shifted = POSED_AFFINE.copy()
+  shifted[0, 3] += 0.5
   case = _case(tmp_path, np.zeros(SHAPE, np.uint8), label_affine=shifted)
   message = _message(lambda: readers.load_volume(case, plane='sagittal', label_values=KNEE_VALUES))
   assert message.startswith(
@@ -280,7 +281,7 @@ def test_too_many_instances_for_the_static_maximum():
   )
 
 
-def _knee_folder(root, labels: dict[str, int]):
+def _knee_folder(root, labels: dict[str, int], values=None):
   """An nnU-Net knee folder with two cases whose label maps hold every declared value."""
   from data_pipelines.datasets import params as params_lib
 
@@ -289,15 +290,15 @@ def _knee_folder(root, labels: dict[str, int]):
   (root / 'dataset.json').write_text(
     json.dumps({'labels': labels, 'channel_names': {'0': 'MR'}, 'file_ending': '.nii.gz'})
   )
-  values = np.zeros(SHAPE, np.uint8)
-  values.flat[: len(labels)] = sorted(labels.values())
+  label_map = np.zeros(SHAPE, np.uint8)
+  label_map.flat[: len(labels)] = sorted(labels.values())
   for case in ('knee_0000', 'knee_0001'):
     _save(root / 'imagesTr' / f'{case}_0000.nii.gz', np.ones(SHAPE, np.float32))
-    _save(root / 'labelsTr' / f'{case}.nii.gz', values)
+    _save(root / 'labelsTr' / f'{case}.nii.gz', label_map)
   params = params_lib.DatasetParams(
     dataset='nifti_folder',
     plane='sagittal',
-    class_label_values=KNEE_VALUES,
+    class_label_values=KNEE_VALUES if values is None else values,
     reader='',
     instance_mode='per_class',
     min_instance_pixels=1,
@@ -326,10 +327,22 @@ def test_declared_label_values_the_config_does_not_train_are_refused(tmp_path):
   }
   params, folder = _knee_folder(tmp_path / 'split', split)
   message = _message(lambda: sources.labelled_cases(params, folder))
+  # The split tissue is named, and how to merge its parts back into one class.
   assert message == (
-    f'{tmp_path / "split" / "dataset.json"}: the dataset declares label values that config '
-    'data.class_label_values=(1, 2, 3, 4) does not train; their voxels would silently become '
-    "background (found {'lateral_tibial_cartilage': 5}; expected every declared value trained "
+    f"{tmp_path / 'split' / 'dataset.json'}: the dataset splits ['tibial_cartilage'] into "
+    "parts ['lateral_tibial_cartilage'] that config data.class_label_values=(1, 2, 3, 4) does "
+    'not all train; the untrained part would silently become background (found '
+    "{'lateral_tibial_cartilage': 5}; expected the parts merged into one class, e.g. the entry "
+    '(4, 5) in data.class_label_values (experiments/oai.py:oaizib_cm), or each part a class)'
+  )
+  # Any other untrained value is refused as before.
+  other = {**split, 'medial_tibial_cartilage': 4, 'lateral_tibial_cartilage': 5, 'meniscus': 6}
+  params, folder = _knee_folder(tmp_path / 'other', other, values=(1, 2, 3, (4, 5)))
+  message = _message(lambda: sources.labelled_cases(params, folder))
+  assert message == (
+    f'{tmp_path / "other" / "dataset.json"}: the dataset declares label values that config '
+    'data.class_label_values=(1, 2, 3, (4, 5)) does not train; their voxels would silently '
+    "become background (found {'meniscus': 6}; expected every declared value trained "
     'as a class (data.class_names, data.class_label_values, model.num_classes), or relabelled '
     'in the label files and dropped from dataset.json)'
   )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import readers
+from data_pipelines.errors import DataError
 from data_pipelines.metaimage import write_metaimage
 from data_pipelines.nifti_io import load_nifti_labels, save_nifti
 
@@ -220,7 +221,12 @@ def test_oai_zib_explicit_axis_map_needs_no_affine(tmp_path):
   folder = readers.OaiZibFolder(tmp_path, images='img', masks='masks', alignment=alignment)
   assert folder.orphan_masks == (str(tmp_path / 'masks' / '9999999.segmentation_masks.mhd'),)
   (case,) = folder.cases()
-  volume = readers.load_volume(case, plane='sagittal', label_values=[1, 2, 3, 4])
+  # A pose-less image is refused unless asked for: its slices' direction is unknown.
+  with pytest.raises(DataError, match='no scanner pose: the affine is the identity'):
+    readers.load_volume(case, plane='sagittal', label_values=[1, 2, 3, 4])
+  volume = readers.load_volume(
+    case, plane='sagittal', label_values=[1, 2, 3, 4], allow_missing_pose=True
+  )
   np.testing.assert_array_equal(volume.grid.to_original(volume.labels), labels)
 
 
