@@ -66,6 +66,7 @@ benchmarks/README.md ("Predict throughput").
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -580,6 +581,7 @@ def predict_command(
   model: inference.LoadedModel | None = None,
   stream: TextIO | None = None,
   verbose: bool = False,
+  allow_missing_pose: bool = False,
 ) -> int:
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
   2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
@@ -589,7 +591,9 @@ def predict_command(
   the model runs (`run_pipelined`); False runs one stage after the other (`run_sequential`);
   the same files either way. `verbose`: raise a workdir or checkpoint mistake (with its
   traceback) instead of the one-line refusal. `stream`: where progress and messages go
-  (default: sys.stderr)."""
+  (default: sys.stderr). `allow_missing_pose`: read NIfTI inputs whose header lost the
+  scanner pose (refused by default, unless the workdir's data.allow_missing_pose) with their
+  array axes as R, A, S."""
   stream = sys.stderr if stream is None else stream
   try:
     if shard is not None:
@@ -634,6 +638,11 @@ def predict_command(
     except BaseException:
       _remove_empty_folders(created)
       raise
+  if allow_missing_pose and not model.config.data.get('allow_missing_pose', False):
+    # This run's reading setting, on a copy: the model given may be shared.
+    config = copy.deepcopy(model.config)
+    config.data.allow_missing_pose = True
+    model = dataclasses.replace(model, config=config)
   reference = load_reference(model, stream)
   bar = ProgressBar(len(jobs), stream)
   failures: list[str] = []
@@ -718,6 +727,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     'write the previous one while the model runs; the same outputs)',
   )
   parser.add_argument(
+    '--allow_missing_pose',
+    action='store_true',
+    help='read NIfTI inputs whose header lost the scanner pose (identity or no affine) with '
+    'their array axes as R, A, S (refused by default: the slices may be cut along the wrong '
+    'axis)',
+  )
+  parser.add_argument(
     '--verbose', action='store_true', help='show the traceback of a workdir or checkpoint mistake'
   )
   args = parser.parse_args(argv)
@@ -735,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard=shard,
     pipeline=not args.sequential,
     verbose=args.verbose,
+    allow_missing_pose=args.allow_missing_pose,
   )
 
 

@@ -400,3 +400,28 @@ def test_femoral_regions_of_a_cylindrical_shell():
   labels[labels == 2] = 0
   missing = scan_report.femoral_thickness(labels, spacing, metrics.KneeLabelValues())
   assert missing['status'] == 'not_measured' and 'at least 6' in missing['reason']
+
+
+def test_a_scan_that_lost_its_pose_is_refused_unless_allowed(smoke_model, tmp_path):
+  # An identity affine (a converter that dropped the DICOM orientation): which axis is
+  # sagittal is unknown, so the scan fails alone, naming the file, until the user says so.
+  source = tmp_path / 'lost.nii.gz'
+  nib.save(nib.Nifti1Image(np.full((6, 5, 4), 1.0, np.float32), np.eye(4)), str(source))
+  stream = io.StringIO()
+  status = predict.predict_command(
+    smoke_model.workdir, str(source), str(tmp_path / 'out'), model=smoke_model, stream=stream
+  )
+  assert status == predict.EXIT_FAILED_INPUTS
+  assert f'{source}: image has no scanner pose: the affine is the identity' in stream.getvalue()
+  assert not (tmp_path / 'out' / 'lost.nii.gz').exists()
+  status = predict.predict_command(
+    smoke_model.workdir,
+    str(source),
+    str(tmp_path / 'out'),
+    model=smoke_model,
+    stream=io.StringIO(),
+    allow_missing_pose=True,
+  )
+  assert status == predict.EXIT_OK
+  assert nib.load(tmp_path / 'out' / 'lost.nii.gz').shape == (6, 5, 4)
+  assert not smoke_model.config.data.allow_missing_pose  # the shared model is untouched
