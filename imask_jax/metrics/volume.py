@@ -360,22 +360,18 @@ def baseline_scans(
   scans: Sequence[ScanVolumes], baseline: str | None = None
 ) -> tuple[list[ScanVolumes], list[ScanVolumes], list[str]]:
   """(the scans used, one per subject, sorted by subject; the scans left out; the subjects
-  without a `baseline` scan). Time points must be named for every scan or for none."""
+  without a `baseline` scan). A subject's scans name their time points, or it has one scan
+  that names none: a single-visit scan, its subject's baseline (a cohort may mix single-visit
+  ids such as HIP_001 with visits such as stiho_017_v2, data.subject_pattern)."""
   where = 'baseline_scans'
-  named = [s.timepoint not in (None, '') for s in scans]
-  if any(named) and not all(named):
-    unnamed = [s.scan_id for s, n in zip(scans, named) if not n]
-    raise ValueError(
-      f'{where}: scans {unnamed} name no time point but others do; expected '
-      'every scan id as <subject>_<timepoint> or none.'
-    )
   by_subject: dict[str, list[ScanVolumes]] = {}
   for scan in scans:
     by_subject.setdefault(scan.subject, []).append(scan)
   used, left_out, without = [], [], []
   for subject in sorted(by_subject, key=natural_key):
     group = by_subject[subject]
-    if not all(named):
+    named = [s.timepoint not in (None, '') for s in group]
+    if not any(named):
       if len(group) > 1:
         raise ValueError(
           f'{where}: subject {subject!r} has scans '
@@ -384,6 +380,12 @@ def baseline_scans(
         )
       used.append(group[0])
       continue
+    if not all(named):
+      unnamed = [s.scan_id for s, n in zip(group, named) if not n]
+      raise ValueError(
+        f'{where}: subject {subject!r}: scans {unnamed} name no time point but its other '
+        'scans do; expected every scan of a subject as <subject>_<timepoint>, or one scan.'
+      )
     points = [s.timepoint for s in group]
     if len(set(points)) != len(points):
       raise ValueError(

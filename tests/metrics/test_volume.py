@@ -279,8 +279,18 @@ def test_scans_without_time_points_are_one_per_subject():
   assert hip_volume_table(scans).scans == ('x', 'y')
   with pytest.raises(ValueError, match=r"subject 'x' has scans \['x', 'x2'\] and no time"):
     baseline_scans(scans + [ScanVolumes('x2', 'x', None, scans[0].volumes)])
-  with pytest.raises(ValueError, match=r"scans \['x'\] name no time point but others do"):
-    baseline_scans([scans[0], ScanVolumes('y_v1', 'y', 'v1', scans[1].volumes)])
+  # A single-visit subject beside subjects with visits: its one scan is its baseline.
+  used, left_out, _ = baseline_scans(
+    [
+      scans[0],
+      ScanVolumes('y_v2', 'y', 'v2', scans[1].volumes),
+      ScanVolumes('y_v1', 'y', 'v1', scans[1].volumes),
+    ]
+  )
+  assert [s.scan_id for s in used] == ['x', 'y_v1'] and [s.scan_id for s in left_out] == ['y_v2']
+  # One subject with a scan naming a time point and one naming none is ambiguous.
+  with pytest.raises(ValueError, match=r"subject 'y': scans \['y'\] name no time point but"):
+    baseline_scans([ScanVolumes('y', 'y', None, scans[1].volumes)] + used[1:])
   with pytest.raises(ValueError, match=r"scan 'y' has raters \['r1'\]; expected"):
     hip_volume_table([scans[0], ScanVolumes('y', 'y', None, {'r1': (1.0, 1.0)})])
   assert sorted(['v10', 'v2', 'v1'], key=natural_key) == ['v1', 'v2', 'v10']
