@@ -66,8 +66,9 @@ VISIT_CODE = (
 # subject of a single-visit scan ('stiho_017_v2' -> 'stiho_017', 'v2'; 'HIP_001' -> 'HIP_001').
 SUBJECT_VISIT_PATTERN = rf'(?P<subject>.+?)(?:_(?P<timepoint>(?i:{VISIT_CODE})))?'
 # More cases than this in one subject is warned about: scans of one person, or a pattern that
-# puts several people into one subject?
-MAX_CASES_PER_SUBJECT = 4
+# puts several people into one subject? The OAI scanned knees at up to nine visits (00m to
+# 96m), so a longitudinal OAI set stays below it.
+MAX_CASES_PER_SUBJECT = 10
 
 
 @dataclasses.dataclass(frozen=True)
