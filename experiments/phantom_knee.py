@@ -6,7 +6,7 @@
 
 Variants (comma-separated in the config argument):
   smoke           shrinks images, widths, data and steps: the whole job in about a minute
-  full            a longer run on more phantoms (figures in the README)
+  full            a longer run on more phantoms (figures: docs/results/knee_phantom.md)
   cartilage       the cartilage experiment of issue 11: a knee coil's 140 mm field of view at
                   0.5 mm per network pixel (random 192 x 192 crops), 9000 steps on the same 24
                   phantoms (docs/results/cartilage.md)
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   # scans of any other resolution or field of view are resampled to 0.8 mm first (whole slices,
   # padded up to a multiple of 64). Training on a knee coil's 140 mm field of view instead
   # (data.phantom_fov_mm=140, random 128 x 128 crops of 175 x 175 slices) was tried and gave
-  # worse bones on 140 mm test volumes at 3000 steps (README, "Scans of other resolutions").
+  # worse bones on 140 mm test volumes at 3000 steps (docs/results/knee_phantom.md, "Scans of other resolutions").
   c.data.pixel_spacing_mm = 0.8
   c.data.image_size = (128, 128)
   c.data.max_instances = 6
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   # ResNet-18-FPN at width 16, narrow heads, batch 4: configs.use_small_network.
   configs.use_small_network(c)
   # A 2-3 pixel cartilage band fills a tenth of its box: the soft-Dice term keeps the mask BCE
-  # from trading the band's edges for background (its effect is measured in the README).
+  # from trading the band's edges for background (its effect: docs/results/knee_phantom.md).
   c.model.mask_dice_weight = 1.0
   # A femur and a tibia are one object each: blobs painted apart from them (outer slices of a
   # wide field of view) are dropped (imask_jax/postprocess.py; measured in docs/evaluation.md).
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
   c.model.paint_slots_per_class = 2
 
   if args.pop('full', False):
-    # More steps on two thirds more phantoms, same network (timings in the README).
+    # More steps on two thirds more phantoms, same network (timings: docs/results/knee_phantom.md).
     c.data.num_volumes = 40
     c.train.steps = 7500
     c.train.eval_every = 1500
