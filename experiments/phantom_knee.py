@@ -29,7 +29,8 @@ def get_config(arg: str | None = None):
   # scans of any other resolution or field of view are resampled to 0.8 mm first (whole slices,
   # padded up to a multiple of 64). Training on a knee coil's 140 mm field of view instead
   # (data.phantom_fov_mm=140, random 128 x 128 crops of 175 x 175 slices) was tried and gave
-  # worse bones on 140 mm test volumes at 3000 steps (docs/results/knee_phantom.md, "Scans of other resolutions").
+  # worse bones on 140 mm test volumes at 3000 steps (docs/results/knee_phantom.md, "Scans
+  # of other resolutions").
   c.data.pixel_spacing_mm = 0.8
   c.data.image_size = (128, 128)
   c.data.max_instances = 6
