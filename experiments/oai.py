@@ -51,10 +51,19 @@ Variants (comma-separated in the config argument):
                   per network pixel, 192 x 192 crops, point head, 6000 steps: about half an
                   hour of training on 2 CPU cores at 0.2-0.25 s per step, measured on phantoms;
                   a first look, not a converged model)
+  practical       a model trained on one A100/H100-class GPU within a day: ResNet-50-FPN, the
+                  iMask head with the point head, 512 x 512 inputs at 0.2734 mm per network pixel
+                  (a whole OAI slice), the paper's anchors and FPN level rule halved, batch 8,
+                  150,000 steps (about 24 epochs of OAIZIB-CM; 1-9 GPU hours estimated,
+                  docs/training_cost.md). Start it from torchvision weights: add
+                  --config.model.init_from=FILE --config.model.norm=frozen_batch (a variant
+                  cannot name your file; docs/pretrained.md: an ImageNet ResNet-50 as is, the
+                  COCO Mask R-CNN file also with its model.anchor_ratios=(0.5, 1.0, 2.0))
   smoke           the whole job in about a minute on generated knee phantoms (no OAI data
                   needed): same labels and plane, tiny ResNet-18 model at 64 x 64, 6 steps;
                   add backbone=resnet101 to compile the paper's backbone (slow on CPU). Cannot
-                  be combined with nifti, oaizib_cm or data.manual_dir: it reads no data.
+                  be combined with nifti, oaizib_cm, small, practical or data.manual_dir: it
+                  reads no data.
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121|densenet169,
   steps=N (replaces epochs), epochs=N, seed=N, decoder=, skip=, skip_size=, points=
 """
@@ -74,6 +83,11 @@ KNEE_PARTS_CLASSES = (
   tissues.MEDIAL_TIBIAL_CARTILAGE,
   tissues.LATERAL_TIBIAL_CARTILAGE,
 )
+# practical: 150,000 steps of 8 slices, about 24 passes over OAIZIB-CM's training slices (about
+# 387 training scans x 160 slices, about 50,000 of them kept). XLA counts 3.25 TFLOP per step:
+# 1-9 hours on one A100/H100-class GPU at 10-30 % of its TF32 peak, still within a day at 4 %
+# of an A100's (docs/training_cost.md). Without remat XLA plans 10.7 GiB for the step.
+PRACTICAL_STEPS = 150_000
 
 
 def get_config(arg: str | None = None):
@@ -106,10 +120,13 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 2000
   c.train.eval_every = 10000
 
-  for real in ('nifti', 'oaizib_cm', 'tibial_parts', 'small'):
+  for real in ('nifti', 'oaizib_cm', 'tibial_parts', 'small', 'practical'):
     configs.refuse_together(
       args, real, 'smoke', why='smoke trains on generated phantoms and would ignore your data'
     )
+  configs.refuse_together(
+    args, 'small', 'practical', why='each sets its own network, input size and step count'
+  )
   if args.get('tibial_parts') and not args.get('oaizib_cm'):
     raise ValueError('config variant tibial_parts needs oaizib_cm (labels 4 and 5 medial/lateral)')
   if args.pop('nifti', False):
@@ -133,6 +150,19 @@ def get_config(arg: str | None = None):
     c.train.steps = 6000
     c.train.eval_every = 1000
     c.train.checkpoint_every = 500
+  if args.pop('practical', False):
+    # One GPU within a day (docs/training_cost.md): the paper's head at half its input.
+    # An OAI slice (384 pixels of 0.3646 mm) becomes exactly 512 x 512 network pixels.
+    d.pixel_spacing_mm = round(0.3646 * 384 / 512, 4)  # 0.2734 mm
+    d.image_size = (512, 512)
+    c.model.backbone = 'resnet50'
+    # The paper's 1024-pixel anchors and FPN level rule, halved with the input.
+    c.model.anchor_sizes = (16, 32, 64, 128, 256)
+    c.model.roi_level_canonical = 112.0
+    c.model.remat = False  # the step fits a 40 GB GPU without the recompute
+    c.model.point_head.enabled = True
+    c.train.epochs = 0.0
+    c.train.steps = PRACTICAL_STEPS
   if args.pop('smoke', False):
     # The knee phantom has OAI-ZIB's labels and plane.
     d.dataset = 'phantom_knee'

@@ -284,3 +284,30 @@ def test_oaizib_cm_reads_tibial_cartilage_from_both_of_its_labels():
   config.data.class_label_values = (1, 2, 3, (4, 3))
   with pytest.raises(ValueError, match='a label value belongs to two classes'):
     configs.check_train_config(config)
+
+
+def test_practical_is_the_docstrings_one_gpu_recipe_and_combines_with_oaizib_cm(tmp_path):
+  """experiments/oai.py's `practical` (docs/training_cost.md): ResNet-50-FPN with the iMask and
+  point heads, an OAI slice whole at 512 x 512 (0.2734 mm), the paper's 1024-pixel anchors and
+  FPN level rule halved, batch 8, 150,000 steps; on OAIZIB-CM as released; never on phantoms."""
+  paper = experiment_config('oai', 'oaizib_cm')
+  config = experiment_config('oai', 'oaizib_cm,practical')
+  configs.check_train_config(config)
+  d, m, t = config.data, config.model, config.train
+  assert d.pixel_spacing_mm == 0.2734 and tuple(d.image_size) == (512, 512)
+  assert round(384 * 0.3646 / d.pixel_spacing_mm) == 512  # an OAI DESS slice, whole
+  assert (m.backbone, m.width, m.mask_head, m.point_head.enabled) == ('resnet50', 64, 'imask', True)
+  assert tuple(m.anchor_sizes) == tuple(s // 2 for s in paper.model.anchor_sizes)
+  assert m.roi_level_canonical == paper.model.roi_level_canonical / 2
+  assert (t.batch_size, t.steps, t.epochs) == (8, 150_000, 0.0)
+  # The rest is oai.py's: OAIZIB-CM's labels, the paper's optimiser, random init until the
+  # user adds init_from (a variant cannot name a file).
+  assert d.dataset == 'nifti_folder' and tuple(d.class_label_values) == (1, 2, 3, (4, 5))
+  for field in ('optimizer', 'learning_rate', 'schedule', 'warmup_steps'):
+    assert t[field] == paper.train[field], field
+  assert (m.init_from, m.norm) == ('', 'group')
+  workdir_lib.save_config(config, str(tmp_path))
+  assert workdir_lib.load_config(str(tmp_path)).to_dict() == config.to_dict()
+  for other in ('smoke', 'small'):
+    with pytest.raises(ValueError, match=f'practical and {other}|{other} and practical'):
+      experiment_config('oai', f'practical,{other}')
