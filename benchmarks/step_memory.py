@@ -4,6 +4,7 @@ Run (from the repository root):
   TF_CPP_MIN_LOG_LEVEL=2 CUDA_VISIBLE_DEVICES= .venv/bin/python benchmarks/step_memory.py
   ... benchmarks/step_memory.py --config experiments/oai.py --size 1024 --batch 1
   ... benchmarks/step_memory.py --config experiments/phantom_knee.py --variants off on --time 5
+  ... benchmarks/step_memory.py --config experiments/oai.py:oaizib_cm,practical --batch 8 --flops
 
 For each variant of `model.remat` ('off', 'on') the script compiles the trainer's step
 (`gpu.compiled_train_step`: the experiment's config, a synthetic batch of its input shapes)
@@ -14,6 +15,16 @@ gradients, scratch). On the CPU the step's peak is about arguments + temporaries
 reuse the donated state). With `--time N` it also runs every variant N times, alternately,
 and prints the median seconds per step, so the price of the recompute sits beside what it
 saves.
+
+With `--flops` it also prints the step's floating-point operations per variant, from XLA's
+cost analysis (`cost_analysis()['flops']`: 2 per multiply-add of every convolution and matrix
+product, 1 per element of the elementwise ops). That analysis counts a loop's body once,
+whatever its trip count, and `ops.conv` takes a 3 x 3 kernel's gradient as a scan over its
+taps; so the count comes from the step lowered (not compiled: seconds) with every kernel
+gradient on lax's own rule (`ops.conv.MIN_CHANNEL_PRODUCT` raised), the same arithmetic with
+no loop. The compiled step's own count is printed beside it, smaller by the taps it skips.
+Still counted once: the ROIAlign's scan steps and the NMS loops (bilinear taps and box
+overlaps: small beside the convolutions; docs/training_cost.md has the counts).
 
 With `--breakdown N` it also says where the plan's peak is: XLA dumps its buffer plan
 (`--xla_dump_to`, the trainer's step only), and the buffers alive at the peak are summed by
@@ -70,6 +81,39 @@ def peak_breakdown(dump_dir: str, depth: int) -> list[tuple[float, int, str]]:
   return [(size / GIB, counts[group], group) for group, size in sizes.most_common()]
 
 
+def cost_flops(stage) -> float:
+  """XLA's cost-analysis FLOPs of a lowered or compiled computation (0 where not reported)."""
+  cost = stage.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0))
+
+
+def step_flops(config, batch_size: int, size: int) -> float:
+  """FLOPs of the trainer's step for `config` (module docstring, `--flops`): the step of
+  `gpu.compiled_train_step` lowered with every kernel gradient on lax's rule, no scan."""
+  from imask_jax import optim, parallel
+  from imask_jax import steps as steps_lib
+  from imask_jax.ops import conv as conv_ops
+
+  saved = conv_ops.MIN_CHANNEL_PRODUCT
+  conv_ops.MIN_CHANNEL_PRODUCT = float('inf')  # read at trace time by prefers_product
+  try:
+    mesh = parallel.data_mesh()
+    model = steps_lib.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    seed = int(config.seed)
+    state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
+    host_batch = gpu.training_batch(config, batch_size, size)
+    batch = parallel.shard_batch({k: host_batch[k] for k in steps_lib.MODEL_INPUT_KEYS}, mesh)
+    step = steps_lib.make_train_step(
+      model, tx, mesh, seed, optim.learning_rate_schedule(config.train)
+    )
+    return cost_flops(step.lower(state, batch))
+  finally:
+    conv_ops.MIN_CHANNEL_PRODUCT = saved
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='experiments/oai.py')
@@ -82,6 +126,9 @@ def main() -> None:
     '--breakdown', type=int, default=0, help="group the peak's buffers to this name depth"
   )
   parser.add_argument('--top', type=int, default=15, help='groups shown by --breakdown')
+  parser.add_argument(
+    '--flops', action='store_true', help="also print the step's FLOPs (XLA's cost analysis)"
+  )
   args = parser.parse_args()
   dump_root = None
   if args.breakdown:
@@ -121,6 +168,15 @@ def main() -> None:
       flush=True,
     )
     variants[name] = {'compiled': compiled, 'state': state, 'batch': batch, 'times': []}
+    if args.flops:
+      start = time.perf_counter()
+      counted = step_flops(config, args.batch, size)
+      print(
+        f'remat {name}: {counted / 1e9:.1f} GFLOP per step (lowered with lax kernel gradients, '
+        f'{time.perf_counter() - start:.0f} s; the compiled step counts '
+        f'{cost_flops(compiled) / 1e9:.1f}, each scan body once)',
+        flush=True,
+      )
     if dump_root:
       breakdowns[name] = peak_breakdown(dump_root, args.breakdown)
   if dump_root:
