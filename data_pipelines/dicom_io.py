@@ -25,6 +25,9 @@ slice lies where the affine puts it, affine @ (0, 0, k) at its ImagePositionPati
 that tolerance (slices not stacked along their normal, e.g. a gantry tilt, are refused); the
 pixel values as for NIfTI (`nifti_io.image_to_float32`: finite, within float32's range; rescale
 slope and intercept are applied by SimpleITK) and an invertible affine (`nifti_io.check_affine`).
+
+`series_tags` reads named tags of every file of the series (headers only), e.g. the laterality
+and series description data_pipelines/laterality.py reads the knee's side from.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import contextlib
 import dataclasses
 import locale
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -152,6 +155,31 @@ def load_dicom_series(folder: str | os.PathLike) -> nifti_io.NiftiVolume:
   data = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
   data = nifti_io.image_to_float32(data, folder)
   return nifti_io.NiftiVolume(folder, data, affine, nifti_io.affine_zooms(affine))
+
+
+def series_tags(folder: str | os.PathLike, tags: Sequence[str]) -> dict[str, dict[str, str]]:
+  """The values the files of the one series in `folder` hold for each of `tags` (SimpleITK's
+  keys, 'gggg|eeee', e.g. '0020|0060' Laterality): tag -> {value (stripped of padding): the
+  name of the first file holding it}, in slice order; a tag no file holds, or holds empty, maps
+  to {}. Headers only (no pixel data); a DataError as `series_files` raises one."""
+  files = series_files(folder)
+  found: dict[str, dict[str, str]] = {tag: {} for tag in tags}
+  reader = sitk.ImageFileReader()
+  with _quiet_itk():
+    for path in files:
+      reader.SetFileName(path)
+      try:
+        reader.ReadImageInformation()
+      except RuntimeError as error:
+        raise DataError(path, f'cannot read the DICOM header: {_reason(error)}') from error
+      for tag in tags:
+        try:
+          value = reader.GetMetaData(tag).strip(' \x00') if reader.HasMetaDataKey(tag) else ''
+        except (RuntimeError, UnicodeDecodeError):  # a value that is not text: not a side
+          value = ''
+        if value:
+          found[tag].setdefault(value, os.path.basename(path))
+  return found
 
 
 def lps_to_ras_affine(image: sitk.Image) -> np.ndarray:

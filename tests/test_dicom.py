@@ -59,9 +59,12 @@ def _ds(values) -> str:
   return '\\'.join(f'{float(v):.10g}' for v in values)
 
 
-def write_series(folder, volume, affine, *, uid='1.2.826.0.1.3680043.2.1125.7.1', where=None):
+def write_series(
+  folder, volume, affine, *, uid='1.2.826.0.1.3680043.2.1125.7.1', where=None, tags=None
+):
   """Writes `volume` [i, j, k] with the RAS+ `affine` as one DICOM file per slice k. `where(k)`:
-  the voxel coordinate (0, 0, k') whose position slice k states (default k: a true grid)."""
+  the voxel coordinate (0, 0, k') whose position slice k states (default k: a true grid).
+  `tags(k)`: more (tag, value) pairs for slice k's file, e.g. (('0020|0060', 'R'),)."""
   os.makedirs(folder, exist_ok=True)
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   x, y = (RAS_TO_LPS @ affine[:3, c] / spacing[c] for c in (0, 1))
@@ -80,6 +83,7 @@ def write_series(folder, volume, affine, *, uid='1.2.826.0.1.3680043.2.1125.7.1'
       ('0020|0037', _ds([*x, *y])),
       ('0028|0030', _ds([spacing[1], spacing[0]])),  # between rows, between columns
       ('0018|0050', _ds([spacing[2]])),
+      *(tags(k) if tags else ()),
     ):
       pixels.SetMetaData(tag, value)
     writer.SetFileName(os.path.join(folder, f'{uid}-{k:03d}.dcm'))
