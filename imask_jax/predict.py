@@ -1,7 +1,7 @@
 """Prediction on new scans: NIfTI or DICOM in -> label NIfTI on the input's exact grid + report.
 
   python -m imask_jax.predict --workdir DIR --input IN --output OUT [--checkpoint STEP]
-      [--overwrite] [--shard K/N] [--sequential]
+      [--overwrite] [--shard K/N] [--sequential] [--side left|right]
 
 IN is, by the first rule that applies:
   (a) a NIfTI file (.nii / .nii.gz): one input;
@@ -27,7 +27,13 @@ dropped from the name) or series folder `<name>` gets
                       spacing or size far from the training data), also printed as one
                       CHECK line per flagged scan; the scan's in-plane pixel spacing beside
                       the one the network ran at (slice_pixel_spacing_mm,
-                      network_pixel_spacing_mm, resampling)
+                      network_pixel_spacing_mm, resampling); knee: "side", left or right
+                      knee and its basis (scan_report.side_report): what --side (for every
+                      input of the run) or the scan declares (data_pipelines/laterality.py:
+                      DICOM Laterality tags or series description, a JSON sidecar
+                      <stem>.json beside a NIfTI file) beside the anatomical estimate
+                      (imask_jax/metrics/side.py); a scan whose declarations contradict each
+                      other is not failed but flagged (side_conflict) and takes the estimate
 For a single input file or series folder (a, c) OUT may instead be the label map's own name
 (ending in .nii or .nii.gz); the report then goes beside it, with .json in place of the NIfTI
 suffix.
@@ -81,7 +87,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import nibabel as nib
 import numpy as np
 
-from data_pipelines import dicom_io, nifti_io, readers
+from data_pipelines import dicom_io, laterality, nifti_io, readers
 from data_pipelines.atomic import atomic_path, remove_stale_temporaries
 from data_pipelines.errors import DataError
 from imask_jax import quality
@@ -99,11 +105,13 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_REFUSED = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One input scan and the two files it produces (absolute paths)."""
+  """One input scan and the two files it produces (absolute paths); side: --side, what the user
+  declares of it ('left', 'right' or None)."""
 
   input: str
   label_map: str
   report: str
+  side: str | None = None
 
 
 def list_inputs(path: str) -> tuple[list[str], list[str]]:
@@ -347,12 +355,15 @@ class ProgressBar:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Scan:
-  """A job's input, read: the canonical volume and whether every voxel has one value."""
+  """A job's input, read: the canonical volume and whether every voxel has one value; knee
+  models: the side declared (laterality.declared_side) or the contradiction of its sources."""
 
   job: Job
   volume: readers.Volume
   image_constant: bool
   read_s: float
+  declared_side: laterality.DeclaredSide | None = None
+  side_conflict: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -364,6 +375,8 @@ class Segmented:
   image_constant: bool
   read_s: float
   segment_s: float
+  declared_side: laterality.DeclaredSide | None = None
+  side_conflict: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -391,7 +404,13 @@ def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
     allow_missing_pose=bool(model.config.data.get('allow_missing_pose', False)),
   )
   constant = bool(volume.image.min() == volume.image.max())
-  return Scan(job, volume, constant, time.perf_counter() - started)
+  declared, conflict = None, None
+  if model.scheme.knee is not None:
+    try:
+      declared = laterality.declared_side(job.input, job.side)
+    except laterality.SideConflict as error:  # reported and flagged, not a failed scan
+      conflict = str(error)
+  return Scan(job, volume, constant, time.perf_counter() - started, declared, conflict)
 
 
 def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
@@ -406,7 +425,13 @@ def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
       f'from the input grid {scan.volume.grid.shape}'
     )
   return Segmented(
-    scan.job, prediction, scan.image_constant, scan.read_s, time.perf_counter() - started
+    scan.job,
+    prediction,
+    scan.image_constant,
+    scan.read_s,
+    time.perf_counter() - started,
+    scan.declared_side,
+    scan.side_conflict,
   )
 
 
@@ -429,6 +454,8 @@ def write_scan(
     label_map_path=job.label_map,
     reference=reference,
     image_constant=segmented.image_constant,
+    declared_side=segmented.declared_side,
+    side_conflict=segmented.side_conflict,
   )
   previous = _read_bytes(job.report)
   write_json(job.report, report)
@@ -582,6 +609,7 @@ def predict_command(
   stream: TextIO | None = None,
   verbose: bool = False,
   allow_missing_pose: bool = False,
+  side: str | None = None,
 ) -> int:
   """Runs the whole command; returns the exit status (0 all written, 1 some inputs failed,
   2 refused before any work). `model`: an already loaded checkpoint of `workdir`.
@@ -593,11 +621,13 @@ def predict_command(
   traceback) instead of the one-line refusal. `stream`: where progress and messages go
   (default: sys.stderr). `allow_missing_pose`: read NIfTI inputs whose header lost the
   scanner pose (refused by default, unless the workdir's data.allow_missing_pose) with their
-  array axes as R, A, S."""
+  array axes as R, A, S. `side`: 'left' or 'right', the knee of every input (over what the
+  scans declare)."""
   stream = sys.stderr if stream is None else stream
   try:
     if shard is not None:
       parse_shard(f'{shard[0]}/{shard[1]}')
+    side = None if side is None else laterality.explicit_side(side)
     inputs, skipped = list_inputs(input_path)
     # The whole plan is checked in every shard, so that all of them refuse or none does.
     plan = plan_jobs(os.path.abspath(input_path), inputs, output)
@@ -606,7 +636,7 @@ def predict_command(
   except ValueError as error:
     stream.write(f'predict: refused: {error}\n')
     return EXIT_REFUSED
-  jobs = shard_jobs(plan, shard)
+  jobs = [dataclasses.replace(job, side=side) for job in shard_jobs(plan, shard)]
   kind = 'a DICOM series folder' if os.path.isdir(inputs[0]) else 'a NIfTI file'
   for name in skipped:
     stream.write(f'predict: skipped {name} (not {kind})\n')
@@ -643,6 +673,8 @@ def predict_command(
     config = copy.deepcopy(model.config)
     config.data.allow_missing_pose = True
     model = dataclasses.replace(model, config=config)
+  if side is not None and model.scheme.knee is None:
+    stream.write(f'predict: --side {side} ignored: the model does not segment knees\n')
   reference = load_reference(model, stream)
   bar = ProgressBar(len(jobs), stream)
   failures: list[str] = []
@@ -734,6 +766,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     'axis)',
   )
   parser.add_argument(
+    '--side',
+    choices=laterality.SIDES,
+    default=None,
+    help='knee models: every input is a left (or right) knee, over what the scans declare '
+    '(default: DICOM laterality tags or series description, a JSON sidecar <stem>.json beside '
+    'a NIfTI file, else the anatomical estimate; the report\'s "side")',
+  )
+  parser.add_argument(
     '--verbose', action='store_true', help='show the traceback of a workdir or checkpoint mistake'
   )
   args = parser.parse_args(argv)
@@ -752,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipeline=not args.sequential,
     verbose=args.verbose,
     allow_missing_pose=args.allow_missing_pose,
+    side=args.side,
   )
 
 

@@ -20,6 +20,16 @@ one line on screen per flagged scan). The rules, with FAR = 2 and the training r
   A scale-true model (data.pixel_spacing_mm) resamples the slices' two in-plane axes to its own
   pixel size: along those axes only the extent is checked, not the voxel size or count.
 
+Knee models, from the report's "side" block (imask_jax/scan_report.py, `side_report`):
+
+  side_unknown         neither a declared side (--side, the DICOM tags, a sidecar:
+                       data_pipelines/laterality.py) nor the anatomical estimate
+                       (imask_jax/metrics/side.py): which side is medial is not known
+  side_disagrees       the declared side and the anatomical estimate differ (the report keeps
+                       the declared one)
+  side_conflict        the scan's own declarations contradict each other (e.g. Laterality R
+                       and a series description ..._LEFT); the report takes the estimate
+
 The training reference holds, per canonical axis, the range of voxel sizes, voxel counts and
 extents, and per tissue the number of volumes holding it and the range of its volume (mL),
 over the training split of the run's own dataset (the split `sources.split_assignment` gives
@@ -229,6 +239,7 @@ def quality_flags(
   reference: Mapping[str, Any] | None,
   resampled_axes: Sequence[int] = (),
   unpainted: int | None = None,
+  side: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """The "quality" entry of a report (module docstring for the rules).
 
@@ -236,7 +247,8 @@ def quality_flags(
   canonical X, Y, Z axes; scores: every detection's score (any order); resampled_axes: the
   canonical axes the model resamples to its own pixel size (their voxel size and count are not
   checked, their extent is); unpainted: painting detections left without a mask slot
-  (`VolumePrediction.unpainted_detections`; None: every detection had one). Returns {"review":
+  (`VolumePrediction.unpainted_detections`; None: every detection had one); side: the report's
+  "side" block (knee models; None: no side rules). Returns {"review":
   whether any flag is raised, "flags": [{"code", "message"}], "mean_detection_score" (of the
   detections >= score_threshold, or None), "painting_detections": their number}.
   """
@@ -312,9 +324,32 @@ def quality_flags(
             + f', beyond x/{FAR:g} to x{FAR:g}',
           )
         )
+  flags += side_flags(side)
   return {
     'review': bool(flags),
     'flags': flags,
     'mean_detection_score': None if mean_score is None or math.isnan(mean_score) else mean_score,
     'painting_detections': len(painting),
   }
+
+
+def side_flags(side: Mapping[str, Any] | None) -> list[dict[str, str]]:
+  """The side rules (module docstring) on a report's "side" block."""
+  if side is None:
+    return []
+  flags = []
+  if side.get('conflict'):
+    flags.append(
+      _flag('side_conflict', f"{side['conflict']}; the side reported is the anatomy's estimate")
+    )
+  if side['side'] is None:
+    flags.append(_flag('side_unknown', f'medial and lateral are not known: {side["basis"]}'))
+  elif side['declared'] and side['estimated'] and side['declared'] != side['estimated']:
+    flags.append(
+      _flag(
+        'side_disagrees',
+        f'{side["basis"]}, but the anatomy suggests a {side["estimated"]} knee '
+        f'({side["estimate_basis"]})',
+      )
+    )
+  return flags

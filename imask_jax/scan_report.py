@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import nifti_io, orientation, tissues
+from data_pipelines import laterality, nifti_io, orientation, tissues
 from imask_jax import configs, inference, metrics, quality
 from imask_jax.inference import VolumePrediction
+from imask_jax.metrics import side as side_metrics
 
 FEMORAL_BANDS_DEG = {
   'posterior': (-180.0, -45.0),
@@ -113,11 +114,14 @@ def volume_report(
   label_map_path: str,
   image_constant: bool = False,
   reference: dict[str, Any] | None = None,
+  declared_side: laterality.DeclaredSide | None = None,
+  side_conflict: str | None = None,
 ) -> dict[str, Any]:
   """The JSON report of one predicted volume (imask_jax/predict.py's docstring lists its
   fields): `input_path` and `label_map_path` are recorded as given; `reference`: the training
   reference of quality.py (None skips the checks that need it); image_constant: whether every
-  voxel of the input has one value."""
+  voxel of the input has one value; declared_side, side_conflict: what the scan (or --side)
+  declares, or the one-line contradiction of its declarations (`side_report`)."""
   scheme = model.scheme
   spacing = prediction.spacing
   volumes = metrics.volumes_ml_per_label(prediction.canonical, spacing, scheme.label_values)
@@ -159,6 +163,16 @@ def volume_report(
       method=method,
       regions='patient right/left (not medial/lateral); see imask_jax/scan_report.py',
     )
+  if scheme.knee is not None:
+    # Left or right knee: declared (--side, DICOM tags, a sidecar) and estimated (the anatomy).
+    report['side'] = side_report(
+      scheme.with_parts_joined(prediction.canonical),
+      spacing,
+      scheme.knee,
+      declared=declared_side,
+      conflict=side_conflict,
+      input_path=input_path,
+    )
   if scheme.effusion_value is not None:
     report['effusion_ml'] = metrics.effusion_ml_by_side(
       prediction.canonical, spacing, scheme.effusion_value
@@ -174,8 +188,47 @@ def volume_report(
     reference=reference,
     resampled_axes=resampled_axes(model.config),
     unpainted=prediction.unpainted_detections,
+    side=report.get('side'),
   )
   return report
+
+
+def side_report(
+  label_map: np.ndarray,
+  spacing: Sequence[float],
+  knee: metrics.KneeLabelValues,
+  *,
+  declared: laterality.DeclaredSide | None,
+  conflict: str | None,
+  input_path: str,
+) -> dict[str, Any]:
+  """The report's "side" block for a canonical knee label map: "side" ('left', 'right' or
+  None), the declared one if any (data_pipelines/laterality.py: --side, then the DICOM tags,
+  then a sidecar), else the anatomical estimate (imask_jax/metrics/side.py), with its "basis";
+  "declared" and "conflict" (the one-line contradiction of the scan's declarations, or None);
+  "estimated", "estimate_margin" and "estimate_basis". In canonical RAS+ a right knee's medial
+  side is at smaller R, a left knee's at larger R. quality.py flags an unknown side, a
+  declared side the estimate contradicts and a conflict."""
+  estimate = side_metrics.estimate_side(label_map, spacing, knee)
+  if conflict:
+    undeclared = f'the declarations contradict each other: {conflict}'
+  else:
+    undeclared = f'nothing declared: no --side, {laterality.sources_read(input_path)}'
+  if declared is not None:
+    side, basis = declared.side, f'declared: {declared.basis}'
+  elif estimate.side is not None:
+    side, basis = estimate.side, f'estimated from the anatomy ({undeclared})'
+  else:
+    side, basis = None, f'unknown: {undeclared}; the anatomy does not tell: {estimate.basis}'
+  return {
+    'side': side,
+    'basis': basis,
+    'declared': None if declared is None else declared.side,
+    'conflict': conflict,
+    'estimated': estimate.side,
+    'estimate_margin': estimate.margin,
+    'estimate_basis': estimate.basis,
+  }
 
 
 def resampled_axes(config: Any) -> tuple[int, ...]:
