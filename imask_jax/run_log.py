@@ -127,7 +127,7 @@ class RunLog:
       loss_text = 'n/a' if loss is None else f'{loss:.4f}'
       say(
         f'step {step}/{self.total_steps}  loss {loss_text}  lr {lr:.2e}  '
-        f'{rate:.1f} slices/s  {step_time * 1e3:.0f} ms/step  ETA {_duration(eta_seconds)}'
+        f'{rate:.1f} slices/s  {step_time * 1e3:.0f} ms/step  ETA {format_duration(eta_seconds)}'
       )
 
   def message(self, text: str) -> None:
@@ -140,7 +140,7 @@ class RunLog:
       self.writer = None
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return (
     f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from data_pipelines.datasets import params as params_lib
 from imask_jax import configs, optim, parallel, viz
 from imask_jax import workdir as workdir_lib
-from imask_jax.run_log import RunLog, say, summarize_window
+from imask_jax.run_log import RunLog, format_duration, say, summarize_window
 from imask_jax.steps import (
   MODEL_INPUT_KEYS,
   TrainState,
@@ -186,6 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.close()
 
 
+# Steps after the compile over which the trainer times its pace once, for an early estimate.
+PACE_STEPS = 5
+
+
 class _Loop:
   """The training loop of `train_and_evaluate` (one object so its steps read as methods)."""
 
@@ -228,6 +232,17 @@ class _Loop:
         first_seconds = time.time() - window_start
         self.log.message(f'step {step}: compiled and ran in {first_seconds:.1f} s')
         window_start = rate_start = time.time()
+      if step == start + 1 + PACE_STEPS and int(t.log_every) > PACE_STEPS + 1:
+        # The run's length at this pace long before the first progress line (log_every may be
+        # 100 steps of minutes each): what a user needs to decide whether to let it run.
+        jax.block_until_ready(metrics)
+        per_step = (time.time() - rate_start) / PACE_STEPS
+        left = format_duration(per_step * (self.total - step))
+        self.log.message(
+          f'step {step}: {per_step * 1e3:.0f} ms/step over {PACE_STEPS} steps: the '
+          f'{self.total - step:,} steps left take about {left} at this pace (validation and '
+          'checkpoints on top)'
+        )
       # Read the previous step's counter now that this step is queued behind it.
       if unchecked is not None:
         self._check_finite(*unchecked, window)
