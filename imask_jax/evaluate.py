@@ -79,10 +79,12 @@ def evaluate_case(
   spacing: Sequence[float],
   reader_maps: Mapping[str, np.ndarray] | None = None,
   thickness_method: str = 'nearest',
+  side: tuple[str, str] | None = None,
 ) -> report.CaseResult:
   """Measures one volume. truth / prediction.canonical: canonical label maps (label values)
   with `spacing` (mm, canonical axis order); reader_maps: each reader's canonical label map,
-  for effusion volumes."""
+  for effusion volumes; side: the knee's side ('left' / 'right') and its basis, which names
+  the medial and lateral subregions (None: no subregions)."""
   pred = prediction.canonical
   values = scheme.label_values
   overlap = metrics.overlap_per_label(pred, truth, values)
@@ -116,6 +118,11 @@ def evaluate_case(
       except ValueError as error:
         note = (note + '; ' if note else '') + f'{part}: {error}'
 
+  regions, region_note = {}, ''
+  if thickness is not None and side is not None:
+    regions, region_note = knee_subregions(thickness, side[0])
+  elif knee is not None:
+    region_note = 'no subregions: ' + (note or "the knee's side is not known")
   rater_ml = {}
   if scheme.effusion_value is not None:
     for rater, labels in (reader_maps or {}).items():
@@ -131,7 +138,29 @@ def evaluate_case(
     thickness_note=note,
     rater_ml=rater_ml,
     slices=slices,
+    side='' if side is None else side[0],
+    side_basis='' if side is None else side[1],
+    subregions=regions,
+    subregion_note=region_note,
   )
+
+
+def knee_subregions(
+  thickness: Mapping[str, metrics.PlateComparison], side: str
+) -> tuple[dict[str, dict[str, Any]], str]:
+  """({'truth': regions, 'prediction': regions}, a note on what could not be measured): each
+  segmentation's subregions found on its own maps of `compare_thickness`."""
+  out, notes = {}, []
+  for source, attribute in (('truth', 'truth'), ('prediction', 'pred')):
+    femoral, tibial = (
+      getattr(thickness[plate], attribute) if plate in thickness else None
+      for plate in ('femoral', 'tibial')
+    )
+    try:
+      out[source] = metrics.knee_subregions(femoral, tibial, side)
+    except ValueError as error:  # too little cartilage to find the plates or the notch
+      notes.append(f'{source}: {error}')
+  return out, '; '.join(notes)
 
 
 def _safe_name(text: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from data_pipelines import tissues
 from data_pipelines.atomic import atomic_path
 from data_pipelines.datasets import params as params_lib
-from imask_jax import metrics
+from imask_jax import metrics, subregion_tables
 from imask_jax.metrics import CaseStatus, Summary
 
 if TYPE_CHECKING:
@@ -120,6 +120,13 @@ class CaseResult:
   thickness_note: str = ''
   rater_ml: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   slices: dict[int, metrics.SliceMetrics] = dataclasses.field(default_factory=dict)
+  # Knees: the side the subregions were named with and its basis, and per source ('truth',
+  # 'prediction') the femorotibial subregions' measures (metrics/subregions.py); a note says
+  # why a source has none.
+  side: str = ''
+  side_basis: str = ''
+  subregions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  subregion_note: str = ''
 
 
 def metrics_rows(result: CaseResult, scheme: LabelScheme) -> list[dict[str, Any]]:
@@ -782,6 +789,10 @@ def summary_markdown(
   lines += surface_table(results, scheme) + ['']
   if scheme.knee is not None:
     lines += thickness_table(results, thickness_method) + ['']
+    if any(r.subregions for r in results):
+      notes = [f'{r.case_id}: {r.subregion_note}' for r in results if r.subregion_note]
+      cases = [(r.case_id, r.subregions) for r in results]
+      lines += subregion_tables.summary_table(cases, notes) + ['']
   if scheme.effusion_value is not None:
     lines += effusion_overlap_table(results, scheme, ap) + ['']
     lines += effusion_volume_table(
@@ -856,6 +867,16 @@ def write_tables(
       THICKNESS_COLUMNS,
       [row for r in results for row in thickness_rows(r)],
     )
+    if any(r.subregions for r in results):
+      write_csv(
+        os.path.join(folder, 'subregions.csv'),
+        subregion_tables.csv_columns(),
+        [
+          row
+          for r in results
+          for row in subregion_tables.csv_rows(r.case_id, r.side, r.side_basis, r.subregions)
+        ],
+      )
   if scheme.effusion_value is not None:
     write_csv(
       os.path.join(folder, 'volumes.csv'),

@@ -22,6 +22,7 @@ from imask_jax.metrics.slicewise import (
   slice_metrics,
   slice_metrics_per_label,
 )
+from imask_jax.metrics.subregions import RegionMeasures, knee_subregions  # noqa: F401
 from imask_jax.metrics.surface import (
   SurfaceMetrics,
   average_hausdorff,
@@ -100,6 +101,8 @@ __all__ = [
   'Cylinder',
   'InterfaceThickness',
   'KneeLabelValues',
+  'RegionMeasures',
+  'knee_subregions',
   'PlateComparison',
   'ThicknessDifference',
   'ThicknessMap',
