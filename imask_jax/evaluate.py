@@ -145,6 +145,29 @@ def evaluate_case(
   )
 
 
+def case_side(
+  case: readers.Case, volume: readers.Volume, scheme: LabelScheme
+) -> tuple[str, str] | None:
+  """(side, basis) of a knee being evaluated: what its image declares (a DICOM series' tags,
+  a sidecar beside a NIfTI file; data_pipelines/laterality.py), else the estimate from its
+  truth label map (metrics/side.py); None when neither tells."""
+  from data_pipelines import laterality
+
+  try:
+    declared = laterality.declared_side(case.image)
+  except (laterality.SideConflict, DataError) as error:
+    declared, why = None, f'its declarations are unusable ({error})'
+  else:
+    why = 'nothing declared'
+  if declared is not None:
+    return declared.side, f'declared: {declared.basis}'
+  truth = scheme.with_parts_joined(volume.labels)
+  estimate = metrics.estimate_side(truth, volume.spacing, scheme.knee)
+  if estimate.side is None:
+    return None
+  return estimate.side, f'estimated from the truth label map ({why}): {estimate.basis}'
+
+
 def knee_subregions(
   thickness: Mapping[str, metrics.PlateComparison], side: str
 ) -> tuple[dict[str, dict[str, Any]], str]:
@@ -241,6 +264,7 @@ def evaluate_source(
         volume.spacing,
         reader_maps,
         thickness_method=thickness_method,
+        side=None if scheme.knee is None else case_side(case, volume, scheme),
       )
       results.append(result)
       stack = readers.slices(volume)

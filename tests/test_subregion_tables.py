@@ -70,3 +70,20 @@ def test_without_a_side_there_are_no_subregions_and_a_note(knee):
   result = evaluate.evaluate_case('k', canonical, missing, scheme, spacing, side=('left', 'x'))
   assert 'truth' in result.subregions and 'prediction' not in result.subregions
   assert result.subregion_note.startswith('prediction: ')
+
+
+def test_evaluation_names_the_sides_from_a_sidecar_or_the_truths_anatomy(knee, tmp_path):
+  from data_pipelines import readers
+
+  canonical, spacing, side = knee
+  scheme = tissues.LabelScheme.from_values(tissues.KNEE_CLASSES, (1, 2, 3, 4))
+  volume = type('Volume', (), {'labels': canonical, 'spacing': spacing})()
+  image = tmp_path / 'knee_0000_0000.nii.gz'
+  image.write_bytes(b'')  # only its name matters: the sidecar is found beside it
+  case = readers.Case('knee_0000', str(image))
+  estimated = evaluate.case_side(case, volume, scheme)
+  assert estimated[0] == side and estimated[1].startswith('estimated from the truth label map')
+  other = 'left' if side == 'right' else 'right'
+  (tmp_path / 'knee_0000_0000.json').write_text(json.dumps({'side': other}))
+  declared = evaluate.case_side(case, volume, scheme)
+  assert declared[0] == other and declared[1].startswith('declared: sidecar')

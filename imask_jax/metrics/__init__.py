@@ -16,6 +16,7 @@ from imask_jax.metrics.overlap import (
   summarize,
   summarize_values,
 )
+from imask_jax.metrics.side import SideEstimate, estimate_side  # noqa: F401
 from imask_jax.metrics.slicewise import (
   SLICE_VALUES,
   SliceMetrics,
@@ -102,6 +103,8 @@ __all__ = [
   'InterfaceThickness',
   'KneeLabelValues',
   'RegionMeasures',
+  'SideEstimate',
+  'estimate_side',
   'knee_subregions',
   'PlateComparison',
   'ThicknessDifference',
