@@ -14,9 +14,9 @@ definition was turned into a rule on voxel data; in short:
   projection (cells of bin x bin mm of plateau) and the femur's map unrolled around the
   condylar cylinder (cells of angle x radius by axial bin mm of bone surface). A cell holds
   the mean thickness of the bone-cartilage interface points that project into it.
-* tAB, the total area of subchondral bone of a (sub)region, is its footprint: the filled
-  convex hull of its plate's cartilage-covered cells (a denuded hole inside a plate counts, the
-  bone around the plate does not); cAB the covered cells; dAB % = 100 (tAB - cAB) / tAB.
+* tAB, the total area of subchondral bone of a (sub)region, is its footprint: its plate's
+  cartilage-covered cells with the holes they enclose (a denuded hole inside a plate counts,
+  the bone around the plate does not); cAB the covered cells; dAB % = 100 (tAB - cAB) / tAB.
 * ThCcAB: the mean thickness over the covered cells; ThCtAB: over the whole footprint, denuded
   cells counting 0 (= ThCcAB cAB / tAB); VC: the cartilage volume, sum of thickness x cell area.
 * Medial and lateral follow from the knee's side: in canonical RAS+ arrays the lateral side of
@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from scipy import spatial
+from scipy import ndimage
 
 from imask_jax.metrics.thickness import ThicknessMap
 
@@ -81,19 +81,11 @@ def check_side(side: str, where: str) -> str:
 
 
 def footprint(covered: np.ndarray) -> np.ndarray:
-  """bool [R, C]: the filled convex hull of the covered cells (cell centres), covered included."""
-  rows, cols = np.nonzero(covered)
-  out = covered.copy()
-  if rows.size < 3:
-    return out
-  points = np.stack([rows, cols], axis=1).astype(float)
-  try:
-    hull = spatial.Delaunay(points)
-  except spatial.QhullError:  # collinear: the cells themselves
-    return out
-  grid_r, grid_c = np.indices(covered.shape)
-  inside = hull.find_simplex(np.stack([grid_r.ravel(), grid_c.ravel()], axis=1)) >= 0
-  return out | inside.reshape(covered.shape)
+  """bool [R, C]: the covered cells with the holes they enclose filled (after closing one-cell
+  gaps), the plate's area of subchondral bone: a denuded hole inside the plate counts, a
+  concave outline (the notch side of a condyle) does not."""
+  closed = ndimage.binary_closing(covered, structure=np.ones((3, 3), bool)) | covered
+  return ndimage.binary_fill_holes(closed)
 
 
 def _split_column(covered: np.ndarray, centers: np.ndarray, where: str) -> float:
