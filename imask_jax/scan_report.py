@@ -46,9 +46,11 @@ def femoral_thickness(
   spacing: Sequence[float],
   knee: metrics.KneeLabelValues,
   method: str = 'nearest',
+  maps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Mean and regional femoral cartilage thickness (mm) of a canonical label map, measured
-  with thickness `method` (metrics.interface_thickness)."""
+  with thickness `method` (metrics.interface_thickness); the map goes into `maps['femoral']`
+  when given (for the subregions)."""
   try:
     m = metrics.femoral_thickness_map(
       label_map,
@@ -59,6 +61,8 @@ def femoral_thickness(
     )
   except ValueError as error:  # too little cartilage on the femur to fit the cylinder
     return {'status': 'not_measured', 'reason': str(error)}
+  if maps is not None:
+    maps['femoral'] = m
   rows, cols = m.row_centers, m.col_centers
   regions = {}
   for band, (low, high) in FEMORAL_BANDS_DEG.items():
@@ -81,9 +85,11 @@ def tibial_thickness(
   spacing: Sequence[float],
   knee: metrics.KneeLabelValues,
   method: str = 'nearest',
+  maps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Mean and right/left tibial cartilage thickness (mm) of a canonical label map, measured
-  with thickness `method` (metrics.interface_thickness)."""
+  with thickness `method` (metrics.interface_thickness); the map goes into `maps['tibial']`
+  when given (for the subregions)."""
   m = metrics.tibial_thickness_map(label_map, spacing, labels=knee, method=method)
   if len(m.points.thickness_mm) == 0:
     return {
@@ -91,6 +97,8 @@ def tibial_thickness(
       'reason': f'no tibial cartilage (label {knee.tibial_cartilage}) touches the tibia '
       f'(label {knee.tibia})',
     }
+  if maps is not None:
+    maps['tibial'] = m
   centre = float(m.points.positions_mm[:, 0].mean())
   cols = m.col_centers
   regions = {
@@ -150,9 +158,10 @@ def volume_report(
   if scheme.knee is not None:
     method = configs.thickness_method(model.config)
     whole = scheme.with_parts_joined(prediction.canonical)  # parts trained apart, joined
+    maps: dict[str, Any] = {}
     report['cartilage_thickness'] = {
-      'femoral': femoral_thickness(whole, spacing, scheme.knee, method),
-      'tibial': tibial_thickness(whole, spacing, scheme.knee, method),
+      'femoral': femoral_thickness(whole, spacing, scheme.knee, method, maps),
+      'tibial': tibial_thickness(whole, spacing, scheme.knee, method, maps),
     }
     measure = {'femoral': femoral_thickness, 'tibial': tibial_thickness}
     for part, (tissue, _) in scheme.parts.items():  # e.g. medial and lateral tibial cartilage
@@ -173,6 +182,7 @@ def volume_report(
       conflict=side_conflict,
       input_path=input_path,
     )
+    report['subregions'] = subregion_report(maps, report['side']['side'])
   if scheme.effusion_value is not None:
     report['effusion_ml'] = metrics.effusion_ml_by_side(
       prediction.canonical, spacing, scheme.effusion_value
@@ -191,6 +201,26 @@ def volume_report(
     side=report.get('side'),
   )
   return report
+
+
+def subregion_report(maps: dict[str, Any], side: str | None) -> dict[str, Any]:
+  """The report's "subregions" block: the femorotibial subregions' measures
+  (metrics/subregions.py; docs/metrics.md) named medial / lateral by the report's side, or
+  why they were not measured. Values that cannot be measured are null."""
+  if side is None:
+    return {'status': 'not_measured', 'reason': "the knee's side is not known (see side)"}
+  try:
+    regions = metrics.knee_subregions(maps.get('femoral'), maps.get('tibial'), side)
+  except ValueError as error:  # too little cartilage to find the plates or the notch
+    return {'status': 'not_measured', 'reason': str(error)}
+  return {
+    'status': 'measured',
+    'side': side,
+    'regions': {
+      name: {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in r.as_dict().items()}
+      for name, r in regions.items()
+    },
+  }
 
 
 def side_report(

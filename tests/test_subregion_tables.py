@@ -87,3 +87,19 @@ def test_evaluation_names_the_sides_from_a_sidecar_or_the_truths_anatomy(knee, t
   (tmp_path / 'knee_0000_0000.json').write_text(json.dumps({'side': other}))
   declared = evaluate.case_side(case, volume, scheme)
   assert declared[0] == other and declared[1].startswith('declared: sidecar')
+
+
+def test_predicts_report_block_names_regions_by_side_and_is_strict_json(knee):
+  from imask_jax import scan_report
+
+  canonical, spacing, side = knee
+  knee_values = tissues.KneeLabelValues()
+  maps = {}
+  scan_report.femoral_thickness(canonical, spacing, knee_values, 'nearest', maps)
+  scan_report.tibial_thickness(canonical, spacing, knee_values, 'nearest', maps)
+  block = scan_report.subregion_report(maps, side)
+  assert block['status'] == 'measured' and block['side'] == side
+  direct = metrics.knee_subregions(maps['femoral'], maps['tibial'], side)
+  assert block['regions']['cMT']['thickness_cab_mm'] == direct['cMT'].thickness_cab_mm
+  json.dumps(block, allow_nan=False)  # what predict writes: no NaN
+  assert scan_report.subregion_report(maps, None)['status'] == 'not_measured'
