@@ -27,7 +27,8 @@ the cut no bin of the left-right histogram holds more than VALLEY_FRACTION of th
 part's fullest bin), a plate touches the edge of the
 array across the knee (cut by the field of view), or the two cues disagree or differ by less
 than MIN_LOG_RATIO. `margin` is the smaller of the two cues' log ratios (medial over lateral):
-0.04 is about 4 %; on the phantoms it is 0.07 to 0.20 (docs/evaluation.md, "Side").
+0.04 is about 4 %; on 120 cpu phantoms it is 0.058 to 0.188 (docs/evaluation.md, "Side";
+tools/side_accuracy.py).
 
 Not used: lateral tibial cartilage is thicker than medial in most knees (and in the phantom),
 but thinning in OA (lateral in valgus knees) can reverse it; the femoral condyles differ less
