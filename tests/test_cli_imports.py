@@ -21,6 +21,8 @@ COMMANDS = {
   'imask_jax.sweep': '--workdir',
   'imask_jax.convert_weights': '--arch',
   'data_pipelines.phantoms': '--num',
+  'data_pipelines.prepare': '--mask_axcodes',
+  'imask_jax.change': '--table',
 }
 
 
