@@ -328,6 +328,16 @@ def _case_figures(
     viz.save_thickness_figure(
       os.path.join(folder, f'thickness_{name}_{plate}.png'), comparison, plate, result.case_id
     )
+  if result.subregions.get('truth') and result.thickness:
+    for source, attribute in (('truth', 'truth'), ('prediction', 'pred')):
+      if source in result.subregions:
+        maps = {p: getattr(result.thickness[p], attribute) for p in ('femoral', 'tibial')}
+        viz.save_subregion_figure(
+          os.path.join(folder, f'subregions_{name}_{source}.png'),
+          maps,
+          result.side,
+          f'{result.case_id} {source}',
+        )
 
 
 def _bland_altman_figures(folder: str, results: Sequence[report.CaseResult]) -> None:

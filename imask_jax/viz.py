@@ -198,6 +198,50 @@ def save_thickness_figure(
   return _save(figure, path)
 
 
+def save_subregion_figure(
+  path: str | os.PathLike,
+  maps: Mapping[str, ThicknessMap | None],
+  side: str,
+  title: str,
+) -> str:
+  """The femoral and tibial thickness maps of one knee with the femorotibial subregions'
+  outlines (metrics/subregions.py) and each subregion's name and mean thickness (ThCcAB, mm)
+  written at its centre. maps: {'femoral': map or None, 'tibial': map or None}. The femoral
+  map is cut to the rows that hold cartilage. Returns the path."""
+  from imask_jax.metrics import subregions
+
+  plates = [(k, m) for k, m in (('femoral', maps.get('femoral')), ('tibial', maps.get('tibial')))]
+  plates = [(k, m) for k, m in plates if m is not None]
+  finite = [m.thickness_mm[np.isfinite(m.thickness_mm)] for _, m in plates]
+  top = max([float(v.max()) for v in finite if v.size] + [1e-3])
+  figure = _new_figure(6.0 * max(len(plates), 1), 5.0)
+  axes = np.atleast_1d(figure.subplots(1, max(len(plates), 1)))
+  for ax, (plate, m) in zip(axes, plates):
+    regions = (
+      subregions.femoral_regions(m, side)
+      if plate == 'femoral'
+      else subregions.tibial_regions(m, side)
+    )
+    _draw_map(figure, ax, m.thickness_mm, m, 'viridis', 0.0, top, f'{plate} ({side} knee)', 'mm')
+    x, y = np.meshgrid(m.col_centers, m.row_centers)
+    for name, mask in regions.items():
+      if len(name) <= 2 or not mask.any() or name in ('cMF', 'cLF'):
+        continue  # the plates themselves: their parts are drawn
+      ax.contour(x, y, mask.astype(float), levels=[0.5], colors='white', linewidths=0.6)
+      value = subregions.region_measures(m, mask).thickness_cab_mm
+      label = f'{name}\n{value:.2f}' if math.isfinite(value) else name
+      ax.text(
+        x[mask].mean(), y[mask].mean(), label, color='white', fontsize=6, ha='center', va='center'
+      )
+    if plate == 'femoral':  # only the rows with cartilage
+      rows = np.flatnonzero(np.isfinite(m.thickness_mm).any(axis=1))
+      if rows.size:
+        ax.set_ylim(m.row_edges[rows[0]], m.row_edges[rows[-1] + 1])
+  figure.suptitle(f'{title}: cartilage thickness by subregion', fontsize=10)
+  figure.tight_layout(rect=(0, 0, 1, 0.94))
+  return _save(figure, path)
+
+
 def save_bland_altman_figure(
   stats: BlandAltman,
   path: str | os.PathLike,

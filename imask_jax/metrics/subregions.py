@@ -225,8 +225,11 @@ def femoral_regions(femoral: ThicknessMap, side: str) -> dict[str, np.ndarray]:
     central = footprint(covered & weight_bearing) & weight_bearing
     out[f'c{condyle}'] = central
     out[f'p{condyle}'] = footprint(covered & posterior) & posterior
-    # Thirds of the condyle's mediolateral width (its covered columns), internal by the notch.
-    cols = np.flatnonzero((covered & weight_bearing).any(axis=0))
+    # Thirds of the condyle's mediolateral width, internal by the notch: the columns that
+    # hold a quarter of the best-covered column's cells or more (not the few cells where the
+    # condyle joins the trochlea across the notch).
+    counts = (covered & weight_bearing).sum(axis=0)
+    cols = np.flatnonzero(counts >= max(1, 0.25 * counts.max()))
     if cols.size:
       low, high = axial[cols[0]], axial[cols[-1]]
       third = (high - low) / 3
