@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import tissues
-from data_pipelines.phantoms import mri, scene, sdf
+from data_pipelines.phantoms import knee_regions, mri, scene, sdf
 
 Array = np.ndarray
 GENERATOR_VERSION = '1.0'
@@ -174,6 +174,9 @@ class KneeModel:
   def __init__(self, anatomy: KneeAnatomy):
     self.a = anatomy
     self.s = float(anatomy.scale)
+    # A follow-up's thinning: plate -> knee_regions.ThinningZone (None: none). Set after the
+    # joint is fitted, so thinned cartilage leaves the bones where they were.
+    self.thinning: dict[str, knee_regions.ThinningZone] | None = None
     j = anatomy.femur_jitter
     # Base-size femur pieces: condyle centres and semi-axes; the condyle heights are set by
     # `_fit_joint` so that the cartilage surfaces clear each other by the joint gap.
@@ -406,13 +409,23 @@ class KneeModel:
     d = d.copy()
     d[near] = np.sign(pd) * np.sqrt((px - fx) ** 2 + (py - fy) ** 2 + (pz - fz) ** 2)
     if plate == 'femur':
-      t[near] = self.femoral_thickness(*self.femoral_params(fx, fy, fz))
+      theta, fx = self.femoral_params(fx, fy, fz)
+      t[near] = self.thinned('femur', self.femoral_thickness(theta, fx), theta, fx)
     elif plate == 'tibia':
       # Only the upward-facing plateau is articular.
-      t[near] = self.tibial_thickness(fx, fy) * sdf.smoothstep(0.55, 0.75, nz)
+      t[near] = self.thinned(
+        'tibia', self.tibial_thickness(fx, fy) * sdf.smoothstep(0.55, 0.75, nz), fx, fy
+      )
     else:
       t[near] = self.patellar_thickness(fx, fz) * sdf.smoothstep(-0.35, -0.6, ny)
     return d, t
+
+  def thinned(self, plate: str, t: Array, u: Array, v: Array) -> Array:
+    """Thickness t at surface parameters (u, v) (femur theta deg, x mm; tibia x, y mm) less a
+    follow-up's thinning there (knee_regions.thin); t itself when there is none."""
+    if not self.thinning or plate not in self.thinning:
+      return t
+    return knee_regions.thin(t, self.thinning[plate].amount_at(u, v))
 
   def cartilage_inside(self, plate: str, x: Array, y: Array, z: Array) -> Array:
     """Boolean: is each point inside that plate's cartilage shell (continuous definition)."""
@@ -486,8 +499,11 @@ class KneeModel:
 
   # ---- thickness truth on parameter grids ------------------------------------------------------
 
-  def femoral_grid(self, step_deg: float = 5.0, step_mm: float = 2.0) -> dict[str, Array]:
-    """Surface points, normals and thickness on the (theta, x) grid (model frame)."""
+  def femoral_grid(
+    self, step_deg: float = 5.0, step_mm: float = 2.0, ray_step: float = 0.5
+  ) -> dict[str, Array]:
+    """Surface points, normals and thickness on the (theta, x) grid (model frame); ray_step
+    (mm): the ray march's step before bisection."""
     thetas = np.arange(-130.0, 150.0 + 1e-6, step_deg)
     xs = np.arange(-38.0, 38.0 + 1e-6, step_mm) * self.s
     th, xx = np.meshgrid(thetas, xs, indexing='ij')
@@ -495,10 +511,13 @@ class KneeModel:
     rad = np.radians(th.ravel())
     dirs = np.stack([np.zeros_like(rad), np.sin(rad), -np.cos(rad)], 1)
     origin = np.stack([xx.ravel(), np.full(rad.shape, y0), np.full(rad.shape, z0)], 1)
-    r = sdf.ray_exit(self.femur, origin, dirs, 70.0 * self.s, step=0.5)
+    r = sdf.ray_exit(self.femur, origin, dirs, 70.0 * self.s, step=ray_step)
     pts = origin + r[:, None] * dirs
+    theta = th.ravel().astype(np.float32)
     thick = np.where(
-      np.isfinite(r), self.femoral_thickness(th.ravel().astype(np.float32), xx.ravel()), 0.0
+      np.isfinite(r),
+      self.thinned('femur', self.femoral_thickness(theta, xx.ravel()), theta, xx.ravel()),
+      0.0,
     )
     return self._grid_out(pts, thick, self.femur, th.shape, theta_deg=thetas, x_mm=xs)
 
@@ -514,7 +533,12 @@ class KneeModel:
     nz = sdf.gradient(self.tibia, *np.nan_to_num(pts).T)[2]
     thick = np.where(
       np.isfinite(r),
-      self.tibial_thickness(xx.ravel(), yy.ravel()) * sdf.smoothstep(0.55, 0.75, nz),
+      self.thinned(
+        'tibia',
+        self.tibial_thickness(xx.ravel(), yy.ravel()) * sdf.smoothstep(0.55, 0.75, nz),
+        xx.ravel(),
+        yy.ravel(),
+      ),
       0.0,
     )
     return self._grid_out(pts, thick, self.tibia, xx.shape, x_mm=xs, y_mm=ys)
@@ -884,12 +908,14 @@ def make_grid(
   preset: str,
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  pose_change: Array | None = None,
 ) -> scene.Grid:
   """Scanner grid for the preset (optionally another in-plane spacing and field of view, see
   `mri.acquisition`) and the model -> world pose of this knee.
 
   The grid's central voxel position is the world origin whatever its shape, so a larger field
-  of view grows symmetrically about the same point of the knee.
+  of view grows symmetrically about the same point of the knee. pose_change: a 4x4 rigid world
+  -> world transform (a follow-up's repositioning, `draw_pose_change`) applied after the pose.
   """
   p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
   affine = mri.grid_affine(p['shape'], p['spacing'], AXIS_DIRECTIONS, np.zeros(3))
@@ -900,7 +926,39 @@ def make_grid(
   mirror = anatomy.side == 'left'
   lin = rot @ (np.diag([-1.0, 1.0, 1.0]) if mirror else np.eye(3))
   translation = -lin @ focus + np.asarray(anatomy.pose_shift_mm)
-  return scene.Grid(tuple(p['shape']), affine, mri.pose_matrix(rot, translation, mirror_x=mirror))
+  model_to_world = mri.pose_matrix(rot, translation, mirror_x=mirror)
+  if pose_change is not None:
+    model_to_world = np.asarray(pose_change, np.float64) @ model_to_world
+  return scene.Grid(tuple(p['shape']), affine, model_to_world)
+
+
+# A follow-up's repositioning in the scanner: a rotation about a random axis through the centre
+# of the field of view (the world origin) and a shift in a random direction, uniform in these
+# ranges (degrees, mm).
+REPOSITION_DEG = (1.0, 2.0)
+REPOSITION_MM = (1.0, 2.0)
+
+
+def draw_pose_change(rng: np.random.Generator) -> tuple[Array, dict[str, Any]]:
+  """A follow-up's repositioning: the 4x4 world -> world transform and its description."""
+  axis = rng.normal(size=3)
+  axis /= np.linalg.norm(axis)
+  angle = float(rng.uniform(*REPOSITION_DEG))
+  direction = rng.normal(size=3)
+  direction /= np.linalg.norm(direction)
+  shift = direction * float(rng.uniform(*REPOSITION_MM))
+  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  a = math.radians(angle)
+  change = np.eye(4)
+  change[:3, :3] = np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)  # Rodrigues
+  change[:3, 3] = shift
+  return change, {
+    'rotation_axis_ras': [round(float(v), 6) for v in axis],
+    'rotation_deg': round(angle, 6),
+    'rotation_centre': 'the centre of the field of view (world origin)',
+    'shift_mm': [round(float(v), 6) for v in shift],
+    'shift_length_mm': round(float(np.linalg.norm(shift)), 6),
+  }
 
 
 def make_textures(shape, spacing, rng: np.random.Generator) -> dict[str, Array]:
@@ -921,6 +979,8 @@ def generate_knee(
   *,
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  visit: int | None = None,
+  thinning: dict[str, float] | None = None,
   **anatomy_options: Any,
 ) -> scene.Phantom:
   """One sagittal DESS-like knee volume; identical output for identical arguments.
@@ -935,13 +995,40 @@ def generate_knee(
   anatomy_options (all optional): side 'right'|'left', scale (0.7-1.3), effusion_ml (>= 0),
   oa_thinning (0-1, weight-bearing cartilage loss), num_defects (focal cartilage defects),
   joint_gap_mm (>= 0, fluid gap between the cartilage surfaces), pose (False: no random pose).
+
+  visit (optional, >= 0): a scan of this knee at that visit (docs/phantoms.md, "Follow-ups").
+  Visit 0 is the baseline: the image and label map are exactly those without `visit`, and the
+  sidecar gains the blocks 'visit' and 'subregion_thickness' (the analytic thickness of every
+  femorotibial subregion). A visit >= 1 is the same knee (same seed, same anatomy options)
+  rescanned: its repositioning (`draw_pose_change`), texture, bias field and noise are drawn
+  from the seed sequence [seed, visit], and its cartilage is thinned by `thinning`
+  ({region: mm}, names of knee_regions.THINNABLE, e.g. {'cMF': 0.1}; the change from the
+  baseline, not from the previous visit). Without thinning a follow-up is a test-retest rescan.
   """
   p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
   ref = PRESETS[preset]
+  thinning = knee_regions.check_thinning(thinning, 'generate_knee')
+  if visit is not None and (isinstance(visit, bool) or int(visit) != visit or visit < 0):
+    raise ValueError(f'generate_knee: visit={visit!r}; expected a whole number >= 0')
+  if thinning and not visit:
+    raise ValueError(
+      f'generate_knee: thinning={thinning} needs a follow-up visit >= 1 (visit={visit!r}); '
+      'visit 0 is the baseline'
+    )
   rng = np.random.default_rng(seed)
   anatomy = sample_anatomy(rng, **anatomy_options)
   model = KneeModel(anatomy)
-  grid = make_grid(anatomy, preset, spacing_mm, fov_mm)
+  pose_change = change_info = regions = None
+  if visit is not None:
+    grids = knee_regions.surface_grids(model)
+    masks = knee_regions.region_masks(grids)
+    model.thinning = knee_regions.thinning_zones(grids, masks, thinning, model.s) or None
+    regions = (grids, masks)
+  if visit:
+    # The follow-up's own draws: the scan, never the knee.
+    rng = np.random.default_rng([int(seed), int(visit)])
+    pose_change, change_info = draw_pose_change(rng)
+  grid = make_grid(anatomy, preset, spacing_mm, fov_mm, pose_change)
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets = build_layers(model, sc)
@@ -955,6 +1042,18 @@ def generate_knee(
   image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3, reach=reach)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
   truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset, p)
+  if visit is not None:
+    truth['visit'] = {
+      'visit': int(visit),
+      'seed': int(seed),
+      'scan_seed': [int(seed), int(visit)] if visit else int(seed),
+      'pose_change': change_info,
+      'thinning_mm': thinning,
+      'thinning_meaning': 'mm taken off the cartilage over each named region of the '
+      'subregion nomenclature (metrics.subregions) grown by a margin, never more than half the '
+      'local thickness; the change from the baseline (visit 0); docs/phantoms.md "Follow-ups"',
+    }
+    truth['subregion_thickness'] = knee_regions.subregion_truth(model, *regions)
   return scene.Phantom(
     image=image, labels=rendered.labels, affine=grid.affine, reader_labels={}, truth=truth
   )
