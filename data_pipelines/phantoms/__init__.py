@@ -5,9 +5,10 @@
     write_dataset('hip', num=4, seed=0, out='data/phantom_hip', preview='hip.png')
 
     ph = generate_knee(seed=0, spacing_mm=0.5, fov_mm=140)  # any in-plane grid, same anatomy
+    ph = generate_knee(seed=0, visit=1, thinning={'cMF': 0.1})  # a follow-up, 0.1 mm lost
 
 Command line: python -m data_pipelines.phantoms {knee,hip} --num N --seed S --out DIR
-[--preset cpu|full] [--spacing MM] [--fov MM] [--preview PNG];
+[--preset cpu|full] [--spacing MM] [--fov MM] [--preview PNG] [--visits N --thinning cMF=0.1];
 `python -m data_pipelines.phantoms preview --preview PNG` draws a knee and a hip side by side.
 """
 

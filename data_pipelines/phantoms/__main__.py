@@ -7,6 +7,12 @@
 --spacing and --fov set the in-plane pixel spacing and field of view (mm; slice plane, both
 in-plane axes) instead of the preset's, e.g. knees at 0.365, 0.5 and 0.8 mm, all 140 mm wide:
   python -m data_pipelines.phantoms knee --num 4 --spacing 0.5 --fov 140 --out data/knee_0p5
+
+--visits N (knees) writes a longitudinal dataset: each knee at visits 0 .. N-1 (case ids
+knee_0000_v0, knee_0000_v1, ...), rescanned with new noise and a small repositioning; with
+--thinning REGION=MM[,REGION=MM ...] visit v's cartilage is v x MM thinner in those subregions
+(docs/phantoms.md, "Follow-ups"), e.g. a 0.1 mm loss in the medial weight-bearing condyle:
+  python -m data_pipelines.phantoms knee --num 4 --visits 2 --thinning cMF=0.1 --out data/knee_fu
 """
 
 from __future__ import annotations
@@ -63,6 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     'in-plane size becomes round(fov / spacing) pixels',
   )
   parser.add_argument('--preview', help='PNG of a few slices of the first volume')
+  parser.add_argument(
+    '--visits',
+    type=int,
+    default=1,
+    metavar='N',
+    help='knees: write each knee at visits 0 .. N-1 (ids <knee>_v<visit>), a longitudinal '
+    'dataset (default 1: one scan per knee)',
+  )
+  parser.add_argument(
+    '--thinning',
+    default='',
+    metavar='REGION=MM[,...]',
+    help='with --visits >= 2: cartilage thinned by MM per visit in each femorotibial '
+    'subregion named (e.g. cMF=0.1,cMT=0.05; docs/phantoms.md "Follow-ups")',
+  )
   args = parser.parse_args(argv)
   if args.kind == 'preview':
     if not args.preview:
@@ -74,7 +95,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for flag, value in (('--spacing', args.spacing), ('--fov', args.fov)):
     if value is not None and not (math.isfinite(value) and value > 0):
       parser.error(f'{flag} {value}: expected a number of mm > 0')
+  if args.visits < 1:
+    parser.error(f'--visits {args.visits}: expected at least 1')
+  if args.visits > 1 and args.kind != 'knee':
+    parser.error(f'--visits {args.visits}: follow-ups are drawn for knees only')
+  try:
+    args.thinning = parse_thinning(args.thinning)
+  except ValueError as error:
+    parser.error(str(error))
+  if args.thinning and args.visits < 2:
+    parser.error('--thinning needs --visits 2 or more (visit 0 is the baseline)')
   return args
+
+
+def parse_thinning(text: str) -> dict[str, float]:
+  """'cMF=0.1,cMT=0.05' -> {'cMF': 0.1, 'cMT': 0.05} (ValueError naming what is wrong)."""
+  out: dict[str, float] = {}
+  for item in (part.strip() for part in text.split(',')):
+    if not item:
+      continue
+    name, sep, mm = item.partition('=')
+    try:
+      value = float(mm)
+    except ValueError:
+      value = math.nan
+    if not sep or not name.strip() or not math.isfinite(value):
+      raise ValueError(f'--thinning {text!r}: expected REGION=MM[,REGION=MM ...], e.g. cMF=0.1')
+    out[name.strip()] = value
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
       args.preview,
       spacing_mm=args.spacing,
       fov_mm=args.fov,
+      visits=args.visits,
+      thinning=args.thinning,
     )
   except ValueError as error:  # a refused --out or grid: the message says why, no traceback
     print(error, file=sys.stderr)

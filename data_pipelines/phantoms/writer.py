@@ -11,6 +11,10 @@ Layout of `out`:
 Every file's bytes depend only on (kind, seed, preset) and the optional in-plane overrides
 (spacing_mm, fov_mm; recorded in dataset.json when given): gzip headers carry no time or name,
 JSON is written with a fixed key order, and the PNG carries no metadata.
+
+A longitudinal knee dataset (`visits` >= 2) holds each knee at visits 0 .. visits - 1 as cases
+'<kind>_<i:04d>_v<visit>' (one subject per knee under data.subject_pattern's
+SUBJECT_VISIT_PATTERN); visit 0's image and label map are the single-visit dataset's.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import dataclasses
 import gzip
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from data_pipelines.atomic import atomic_dir, atomic_path, remove_stale_temporaries
-from data_pipelines.phantoms import hip, knee, mri, scene
+from data_pipelines.datasets import params
+from data_pipelines.phantoms import hip, knee, knee_regions, mri, scene
 
 KINDS = {'knee': knee, 'hip': hip}
 # Written into every dataset folder the generator makes; a folder is replaced only if it holds
@@ -55,16 +60,23 @@ def generate(
   preset: str = 'cpu',
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  visit: int | None = None,
+  thinning: Mapping[str, float] | None = None,
 ) -> scene.Phantom:
   """The phantom of `kind` ('knee' or 'hip') for one seed.
 
   spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
-  preset's (see `mri.acquisition`; ValueError when out of range).
+  preset's (see `mri.acquisition`; ValueError when out of range). visit, thinning (knees only):
+  that visit of the knee, thinned (knee.generate_knee).
   """
   if kind not in KINDS:
     raise ValueError(f'phantoms: kind={kind!r}; expected one of {sorted(KINDS)}')
-  generator = knee.generate_knee if kind == 'knee' else hip.generate_hip
-  return generator(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm)
+  if kind == 'knee':
+    extra = {} if visit is None else dict(visit=visit, thinning=thinning)
+    return knee.generate_knee(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm, **extra)
+  if visit is not None or thinning:
+    raise ValueError('phantoms: visits and thinning are drawn for knees only')
+  return hip.generate_hip(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm)
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
@@ -125,11 +137,14 @@ def dataset_json(
   readers: list[str],
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
+  visits: int = 1,
+  thinning: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
   """nnU-Net v2 dataset.json plus our keys (plane, readers, the case list, provenance).
 
   The in-plane overrides are recorded (as 'spacing_mm', 'fov_mm', after 'preset') only when
-  given, so a preset's dataset.json is what it was before they existed.
+  given, and 'visits', 'thinning_mm_per_visit' only for a longitudinal dataset, so a preset's
+  dataset.json is what it was before they existed.
   """
   module = KINDS[kind]
   out = {
@@ -150,6 +165,11 @@ def dataset_json(
     out['spacing_mm'] = float(spacing_mm)
   if fov_mm is not None:
     out['fov_mm'] = float(fov_mm)
+  if visits > 1:
+    out['visits'] = int(visits)
+    out['thinning_mm_per_visit'] = dict(thinning or {})
+    # The config data.subject_pattern that reads '<knee>_v<visit>' as one subject per knee.
+    out['subject_pattern'] = params.SUBJECT_VISIT_PATTERN
   out['training'] = [
     dict(id=cid, **{k: './' + v for k, v in files.items()}) for cid, files in cases
   ]
@@ -166,11 +186,17 @@ def write_dataset(
   spacing_mm: float | None = None,
   fov_mm: float | None = None,
   indices: Sequence[int] | None = None,
+  visits: int = 1,
+  thinning: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
 
   indices: write only these volumes of the `num` (their ids and seeds unchanged), e.g. the test
   split of a dataset again at another resolution.
+
+  visits (knees only): >= 2 writes a longitudinal dataset, each knee at visits 0 .. visits - 1
+  with ids '<kind>_<i:04d>_v<visit>' (knee.generate_knee's `visit`); visit v's cartilage is
+  thinned by v x `thinning` ({region: mm per visit}, e.g. {'cMF': 0.1}; needs visits >= 2).
 
   spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
   preset's; checked (> 0, 16 to 2048 pixels in-plane) before anything is written.
@@ -189,6 +215,16 @@ def write_dataset(
   if preset not in KINDS[kind].PRESETS:
     raise ValueError(f'phantoms: preset={preset!r}; expected one of {sorted(KINDS[kind].PRESETS)}')
   mri.acquisition(KINDS[kind].PRESETS, preset, spacing_mm, fov_mm)  # ValueError if out of range
+  if isinstance(visits, bool) or int(visits) != visits or visits < 1:
+    raise ValueError(f'phantoms: visits={visits!r}; expected a whole number >= 1')
+  visits = int(visits)
+  if visits > 1 and kind != 'knee':
+    raise ValueError(f'phantoms: visits={visits} are drawn for knees only, not {kind!r}')
+  if thinning and visits < 2:
+    raise ValueError(f'phantoms: thinning={dict(thinning)} needs visits >= 2 (a follow-up)')
+  thinning = knee_regions.check_thinning(thinning, 'phantoms')
+  # The last visit's thinning must be in range too; checked before anything is written.
+  knee_regions.check_thinning({k: v * (visits - 1) for k, v in thinning.items()}, 'phantoms')
   chosen = range(int(num)) if indices is None else sorted({int(i) for i in indices})
   if not chosen or not all(0 <= i < int(num) for i in chosen):
     raise ValueError(f'phantoms: indices={indices}; expected some of 0 .. {int(num) - 1}')
@@ -199,13 +235,19 @@ def write_dataset(
   readers: list[str] = []
   with atomic_dir(out) as tmp:
     for i in chosen:
-      ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm)
-      case_id = f'{kind}_{i:04d}'
-      cases.append((case_id, write_case(tmp, case_id, ph)))
-      readers = sorted(ph.reader_labels)
-      if first is None:
-        first = ph
-    meta = dataset_json(kind, cases, seed, preset, readers, spacing_mm, fov_mm)
+      for v in range(visits):
+        if visits == 1:
+          ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm)
+          case_id = f'{kind}_{i:04d}'
+        else:
+          drawn = {k: round(mm * v, 6) for k, mm in thinning.items()} if v else None
+          ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm, v, drawn)
+          case_id = f'{kind}_{i:04d}_v{v}'
+        cases.append((case_id, write_case(tmp, case_id, ph)))
+        readers = sorted(ph.reader_labels)
+        if first is None:
+          first = ph
+    meta = dataset_json(kind, cases, seed, preset, readers, spacing_mm, fov_mm, visits, thinning)
     _write_bytes(os.path.join(tmp, 'dataset.json'), _json_bytes(meta))
     _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT, 'kind': kind}))
   if preview:
