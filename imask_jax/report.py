@@ -127,6 +127,9 @@ class CaseResult:
   side_basis: str = ''
   subregions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   subregion_note: str = ''
+  # Where the labels split medial and lateral tibial cartilage (OAIZIB-CM): the share of those
+  # voxels the geometric MT / LT split puts on the same side.
+  split_agreement: float | None = None
 
 
 def metrics_rows(result: CaseResult, scheme: LabelScheme) -> list[dict[str, Any]]:
@@ -791,6 +794,13 @@ def summary_markdown(
     lines += thickness_table(results, thickness_method) + ['']
     if any(r.subregions for r in results):
       notes = [f'{r.case_id}: {r.subregion_note}' for r in results if r.subregion_note]
+      shares = [r.split_agreement for r in results if r.split_agreement is not None]
+      if shares:
+        notes.append(
+          "The labels' medial / lateral tibial cartilage against the geometric MT / LT split: "
+          f'{100 * np.mean(shares):.2f} % of the voxels on the same side (mean over '
+          f'{len(shares)} volumes; lowest {100 * min(shares):.2f} %).'
+        )
       cases = [(r.case_id, r.subregions) for r in results]
       lines += subregion_tables.summary_table(cases, notes) + ['']
   if scheme.effusion_value is not None:

@@ -64,9 +64,12 @@ class VolumeSource:
   allow_missing_pose: bool = False
   origin: str = ''
 
-  def load(self, case: readers.Case, reader: str | None = None) -> readers.Volume:
+  def load(
+    self, case: readers.Case, reader: str | None = None, *, canonical: bool = True
+  ) -> readers.Volume:
     """One case as a checked canonical `Volume` (image, labels, spacing, original grid), its
-    labels read from `reader` (default: the source's) with merged values made canonical."""
+    labels read from `reader` (default: the source's) with merged values made canonical
+    (`canonical=False`: the values as stored, e.g. OAIZIB-CM's medial 4 and lateral 5)."""
     volume = readers.load_volume(
       case,
       plane=self.plane,
@@ -74,6 +77,10 @@ class VolumeSource:
       reader=reader or self.reader,
       allow_missing_pose=self.allow_missing_pose,
     )
+    return self.canonical(volume) if canonical else volume
+
+  def canonical(self, volume: readers.Volume) -> readers.Volume:
+    """`volume` with its merged label values made canonical."""
     if volume.labels is None or not self.canonical_map:
       return volume
     return dataclasses.replace(

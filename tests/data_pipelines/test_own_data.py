@@ -290,3 +290,63 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
     assert 0 < got.points.thickness_mm.size < whole.points.thickness_mm.size
   rows = report.thickness_rows(result)
   assert [r['plate'] for r in rows] == list(result.thickness)
+
+
+def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepared_cm, knees):
+  """Evaluation of an OAIZIB-CM test case: its labels' medial 4 / lateral 5 split names the
+  knee's side (the layout puts 5 at smaller R: a right knee's lateral plate is at larger R, so
+  these read as a left knee), and the geometric MT / LT split agrees with it voxel for voxel
+  but for the few that project outside both plates."""
+  from imask_jax import evaluate
+
+  config = experiment_config('oai', 'oaizib_cm')
+  config.data.manual_dir = str(prepared_cm)
+  source = sources.volume_sources(params_lib.params_from_config(config, prepared_cm), prepared_cm)[
+    'test'
+  ]
+  case = source.cases[0]
+  stored = source.load(case, canonical=False)
+  assert set(np.unique(stored.labels)) == {0, 1, 2, 3, 4, 5}
+  volume = source.canonical(stored)
+  scheme = tissues.LabelScheme.from_config(config)
+  side = evaluate.case_side(case, volume, scheme, stored, source)
+  assert side[0] == 'left' and side[1].startswith('from the labels: medial tibial cartilage (4)')
+  prediction = type('Prediction', (), {'canonical': volume.labels, 'plane': 'sagittal'})()
+  result = evaluate.evaluate_case(
+    case.case_id,
+    volume.labels,
+    prediction,
+    scheme,
+    volume.spacing,
+    side=side,
+    label_split=evaluate.tibial_label_split(stored, source),
+  )
+  # The layout cut the plates at the median R of the cartilage voxels, not at the gap between
+  # them: the voxels of the larger plate beyond the median disagree, and only those.
+  labels, medial, lateral = evaluate.tibial_label_split(stored, source)
+  i = np.nonzero((labels == medial) | (labels == lateral))[0]
+  occupied = np.unique(i)
+  gap = occupied[np.argmax(np.diff(occupied))] + 0.5  # the widest empty run of R slabs
+  at_gap = np.where(
+    (labels == medial) | (labels == lateral),
+    np.where(np.arange(labels.shape[0])[:, None, None] < gap, lateral, medial),
+    labels,
+  )
+  wrongly = np.mean(
+    (labels[(labels == medial) | (labels == lateral)])
+    != at_gap[(labels == medial) | (labels == lateral)]
+  )
+  assert 0 < result.split_agreement < 1
+  assert result.split_agreement == pytest.approx(1 - wrongly, abs=0.005)
+  # Cut at the gap, the labels and the geometric split agree.
+  at_gap_result = evaluate.evaluate_case(
+    case.case_id,
+    volume.labels,
+    prediction,
+    scheme,
+    volume.spacing,
+    side=side,
+    label_split=(at_gap.astype(np.uint8), medial, lateral),
+  )
+  assert at_gap_result.split_agreement == 1.0
+  assert result.subregions['truth']['MT'] == result.subregions['prediction']['MT']
