@@ -49,6 +49,7 @@ class Visit:
   side: str | None
   side_basis: str
   regions: dict[str, dict[str, float]]
+  maps: dict[str, Any] | None = None  # label maps: the plates' thickness maps (for figures)
 
 
 def _number(value: Any) -> float:
@@ -112,6 +113,7 @@ def visit_from_label_map(
     side,
     basis,
     {name: {m: float(getattr(r, m)) for m in REGION_MEASURES} for name, r in regions.items()},
+    maps={'femoral': femoral, 'tibial': tibial},
   )
 
 
@@ -263,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     help='label maps: femur, femoral cartilage, tibia, tibial cartilage values',
   )
   parser.add_argument('--thickness_method', default='normal', choices=('normal', 'nearest'))
+  parser.add_argument(
+    '--figure',
+    help='one knee: a PNG of the baseline maps with each subregion filled with its change '
+    '(label-map inputs; the first interval)',
+  )
   args = parser.parse_args(argv)
   if bool(args.files) == bool(args.table):
     parser.error('give the visits of one knee, or --table')
@@ -289,6 +296,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error('give at least two visits')
     visits = [read_visit(f, **options) for f in args.files]
     print('\n\n'.join(pair_text(a, b) for a, b in zip(visits, visits[1:])))
+    if args.figure:
+      if visits[0].maps is None:
+        parser.error('--figure needs label-map inputs (reports hold no thickness maps)')
+      from imask_jax import viz
+
+      delta = change(visits[0], visits[1])
+      per_region = {
+        k[: -len('_thickness_cab_mm_change')]: v
+        for k, v in delta.items()
+        if k.endswith('_thickness_cab_mm_change')
+      }
+      title = f'{os.path.basename(visits[0].path)} -> {os.path.basename(visits[1].path)}'
+      viz.save_change_figure(args.figure, visits[0].maps, visits[0].side, per_region, title)
+      print(f'figure written to {args.figure}')
     return 0
   except (ValueError, OSError) as error:
     print(f'{parser.prog}: {error}', file=sys.stderr)

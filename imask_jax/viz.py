@@ -242,6 +242,68 @@ def save_subregion_figure(
   return _save(figure, path)
 
 
+def save_change_figure(
+  path: str | os.PathLike,
+  maps: Mapping[str, ThicknessMap | None],
+  side: str,
+  change_mm: Mapping[str, float],
+  title: str,
+) -> str:
+  """The baseline's femoral and tibial maps with each subregion (metrics/subregions.py) filled
+  with its thickness change between two visits (follow-up - baseline, mm; red thinner, blue
+  thicker) and the change written at its centre: the regions, not cells, since two visits'
+  maps are on grids of their own. Returns the path."""
+  import matplotlib
+
+  from imask_jax.metrics import subregions
+
+  plates = [(k, maps.get(k)) for k in ('femoral', 'tibial') if maps.get(k) is not None]
+  finite = [abs(v) for v in change_mm.values() if math.isfinite(v)]
+  span = max(finite + [0.05])
+  cmap = matplotlib.colormaps['RdBu'].with_extremes(bad=MISSING_CELL)
+  figure = _new_figure(6.0 * max(len(plates), 1), 5.0)
+  axes = np.atleast_1d(figure.subplots(1, max(len(plates), 1)))
+  for ax, (plate, m) in zip(axes, plates):
+    find = subregions.femoral_regions if plate == 'femoral' else subregions.tibial_regions
+    regions = {
+      n: mask
+      for n, mask in find(m, side).items()
+      if len(n) > 2 and n not in ('cMF', 'cLF') and mask.any()
+    }
+    values = np.full(m.thickness_mm.shape, np.nan)
+    for name, mask in regions.items():
+      values[mask] = change_mm.get(name, math.nan)
+    extent = (m.col_edges[0], m.col_edges[-1], m.row_edges[0], m.row_edges[-1])
+    image = ax.imshow(
+      np.ma.masked_invalid(values),
+      origin='lower',
+      extent=extent,
+      aspect='auto',
+      cmap=cmap,
+      vmin=-span,
+      vmax=span,
+      interpolation='nearest',
+    )
+    x, y = np.meshgrid(m.col_centers, m.row_centers)
+    for name, mask in regions.items():
+      ax.contour(x, y, mask.astype(float), levels=[0.5], colors='black', linewidths=0.5)
+      value = change_mm.get(name, math.nan)
+      label = f'{name}\n{value:+.3f}' if math.isfinite(value) else name
+      ax.text(x[mask].mean(), y[mask].mean(), label, fontsize=6, ha='center', va='center')
+    ax.set_xlabel(m.col_name, fontsize=8)
+    ax.set_ylabel(m.row_name, fontsize=8)
+    ax.set_title(f'{plate} ({side} knee)', fontsize=9)
+    ax.tick_params(labelsize=7)
+    figure.colorbar(image, ax=ax, shrink=0.85).set_label('change (mm)', fontsize=8)
+    if plate == 'femoral':
+      rows = np.flatnonzero(np.isfinite(m.thickness_mm).any(axis=1))
+      if rows.size:
+        ax.set_ylim(m.row_edges[rows[0]], m.row_edges[rows[-1] + 1])
+  figure.suptitle(f'{title}: ThCcAB change by subregion (mm)', fontsize=10)
+  figure.tight_layout(rect=(0, 0, 1, 0.94))
+  return _save(figure, path)
+
+
 def save_bland_altman_figure(
   stats: BlandAltman,
   path: str | os.PathLike,

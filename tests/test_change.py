@@ -97,3 +97,16 @@ def test_a_report_without_subregions_is_named(tmp_path):
   path.write_text(json.dumps({'subregions': {'status': 'not_measured', 'reason': 'no side'}}))
   with pytest.raises(ValueError, match=r'r.json: no subregions in the report \(no side\)'):
     change.read_visit(str(path))
+
+
+def test_the_change_figure_needs_label_maps(tmp_path, capsys):
+  baseline = _plateaus(tmp_path / 'v0.nii.gz', 4, 6)
+  followup = _plateaus(tmp_path / 'v1.nii.gz', 4, 5)
+  figure = tmp_path / 'change.png'
+  argv = [baseline, followup, '--side', 'right', '--thickness_method', 'nearest']
+  assert change.main([*argv, '--figure', str(figure)]) == 0
+  assert figure.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  reports = [_report(tmp_path / f'{v}.json', 'left', 2.0) for v in ('a', 'b')]
+  with pytest.raises(SystemExit):
+    change.main([*reports, '--figure', str(tmp_path / 'no.png')])
+  assert '--figure needs label-map inputs' in capsys.readouterr().err
