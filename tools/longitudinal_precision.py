@@ -29,9 +29,13 @@ from imask_jax.subregion_tables import ORDER
 def pairs(table: str, **options) -> list[tuple[change.Visit, change.Visit]]:
   """(first visit, second visit) of each subject of a cohort table."""
   out = []
-  for _subject, visits in sorted(change.read_table(table).items()):
-    if len(visits) >= 2:
+  for subject, visits in sorted(change.read_table(table).items()):
+    if len(visits) < 2:
+      continue
+    try:
       out.append(tuple(change.read_visit(f, **options) for _, f in visits[:2]))
+    except ValueError as error:  # a visit without subregions: say so, go on with the others
+      print(f'{table}: {subject} left out: {error}', file=sys.stderr)
   return out
 
 
