@@ -210,36 +210,17 @@ def save_subregion_figure(
   map is cut to the rows that hold cartilage. Returns the path."""
   from imask_jax.metrics import subregions
 
-  plates = [(k, m) for k, m in (('femoral', maps.get('femoral')), ('tibial', maps.get('tibial')))]
-  plates = [(k, m) for k, m in plates if m is not None]
-  finite = [m.thickness_mm[np.isfinite(m.thickness_mm)] for _, m in plates]
+  finite = [m.thickness_mm[np.isfinite(m.thickness_mm)] for m in maps.values() if m is not None]
   top = max([float(v.max()) for v in finite if v.size] + [1e-3])
-  figure = _new_figure(6.0 * max(len(plates), 1), 5.0)
-  axes = np.atleast_1d(figure.subplots(1, max(len(plates), 1)))
-  for ax, (plate, m) in zip(axes, plates):
-    regions = (
-      subregions.femoral_regions(m, side)
-      if plate == 'femoral'
-      else subregions.tibial_regions(m, side)
-    )
-    _draw_map(figure, ax, m.thickness_mm, m, 'viridis', 0.0, top, f'{plate} ({side} knee)', 'mm')
-    x, y = np.meshgrid(m.col_centers, m.row_centers)
-    for name, mask in regions.items():
-      if len(name) <= 2 or not mask.any() or name in ('cMF', 'cLF'):
-        continue  # the plates themselves: their parts are drawn
-      ax.contour(x, y, mask.astype(float), levels=[0.5], colors='white', linewidths=0.6)
-      value = subregions.region_measures(m, mask).thickness_cab_mm
-      label = f'{name}\n{value:.2f}' if math.isfinite(value) else name
-      ax.text(
-        x[mask].mean(), y[mask].mean(), label, color='white', fontsize=6, ha='center', va='center'
-      )
-    if plate == 'femoral':  # only the rows with cartilage
-      rows = np.flatnonzero(np.isfinite(m.thickness_mm).any(axis=1))
-      if rows.size:
-        ax.set_ylim(m.row_edges[rows[0]], m.row_edges[rows[-1] + 1])
-  figure.suptitle(f'{title}: cartilage thickness by subregion', fontsize=10)
-  figure.tight_layout(rect=(0, 0, 1, 0.94))
-  return _save(figure, path)
+
+  def label(name: str, m: ThicknessMap, mask: np.ndarray) -> str:
+    value = subregions.region_measures(m, mask).thickness_cab_mm
+    return f'{name}\n{value:.2f}' if math.isfinite(value) else name
+
+  return _subregion_panels(
+    path, maps, side, f'{title}: cartilage thickness by subregion', None, label,
+    ('viridis', 0.0, top, 'thickness (mm)', 'white'),
+  )  # fmt: skip
 
 
 def save_change_figure(
@@ -253,53 +234,54 @@ def save_change_figure(
   with its thickness change between two visits (follow-up - baseline, mm; red thinner, blue
   thicker) and the change written at its centre: the regions, not cells, since two visits'
   maps are on grids of their own. Returns the path."""
-  import matplotlib
-
-  from imask_jax.metrics import subregions
-
-  plates = [(k, maps.get(k)) for k in ('femoral', 'tibial') if maps.get(k) is not None]
   finite = [abs(v) for v in change_mm.values() if math.isfinite(v)]
   span = max(finite + [0.05])
-  cmap = matplotlib.colormaps['RdBu'].with_extremes(bad=MISSING_CELL)
+
+  def label(name: str, m: ThicknessMap, mask: np.ndarray) -> str:
+    value = change_mm.get(name, math.nan)
+    return f'{name}\n{value:+.3f}' if math.isfinite(value) else name
+
+  return _subregion_panels(
+    path, maps, side, f'{title}: ThCcAB change by subregion (mm)', change_mm, label,
+    ('RdBu', -span, span, 'change (mm)', 'black'),
+  )  # fmt: skip
+
+
+def _subregion_panels(path, maps, side, title, fill, label, style) -> str:
+  """One panel per plate map of `maps`: its cells (or, with `fill`, each subregion filled
+  with fill[name]), every subregion outlined and labelled `label(name, map, mask)`; style:
+  (colormap, vmin, vmax, colour bar label, outline colour)."""
+  from imask_jax.metrics import subregions
+
+  cmap_name, vmin, vmax, unit, line = style
+  plates = [(k, maps.get(k)) for k in ('femoral', 'tibial') if maps.get(k) is not None]
   figure = _new_figure(6.0 * max(len(plates), 1), 5.0)
   axes = np.atleast_1d(figure.subplots(1, max(len(plates), 1)))
   for ax, (plate, m) in zip(axes, plates):
     find = subregions.femoral_regions if plate == 'femoral' else subregions.tibial_regions
+    # The subregions, not the plates they make up (MT, LT, cMF, cLF).
     regions = {
-      n: mask
-      for n, mask in find(m, side).items()
-      if len(n) > 2 and n not in ('cMF', 'cLF') and mask.any()
+      n: mask for n, mask in find(m, side).items() if len(n) > 2 and n not in ('cMF', 'cLF')
     }
-    values = np.full(m.thickness_mm.shape, np.nan)
-    for name, mask in regions.items():
-      values[mask] = change_mm.get(name, math.nan)
-    extent = (m.col_edges[0], m.col_edges[-1], m.row_edges[0], m.row_edges[-1])
-    image = ax.imshow(
-      np.ma.masked_invalid(values),
-      origin='lower',
-      extent=extent,
-      aspect='auto',
-      cmap=cmap,
-      vmin=-span,
-      vmax=span,
-      interpolation='nearest',
-    )
+    regions = {n: mask for n, mask in regions.items() if mask.any()}
+    values = m.thickness_mm
+    if fill is not None:
+      values = np.full(m.thickness_mm.shape, np.nan)
+      for name, mask in regions.items():
+        values[mask] = fill.get(name, math.nan)
+    _draw_map(figure, ax, values, m, cmap_name, vmin, vmax, f'{plate} ({side} knee)', unit)
     x, y = np.meshgrid(m.col_centers, m.row_centers)
     for name, mask in regions.items():
-      ax.contour(x, y, mask.astype(float), levels=[0.5], colors='black', linewidths=0.5)
-      value = change_mm.get(name, math.nan)
-      label = f'{name}\n{value:+.3f}' if math.isfinite(value) else name
-      ax.text(x[mask].mean(), y[mask].mean(), label, fontsize=6, ha='center', va='center')
-    ax.set_xlabel(m.col_name, fontsize=8)
-    ax.set_ylabel(m.row_name, fontsize=8)
-    ax.set_title(f'{plate} ({side} knee)', fontsize=9)
-    ax.tick_params(labelsize=7)
-    figure.colorbar(image, ax=ax, shrink=0.85).set_label('change (mm)', fontsize=8)
-    if plate == 'femoral':
+      ax.contour(x, y, mask.astype(float), levels=[0.5], colors=line, linewidths=0.6)
+      ax.text(
+        x[mask].mean(), y[mask].mean(), label(name, m, mask), color=line, fontsize=6,
+        ha='center', va='center',
+      )  # fmt: skip
+    if plate == 'femoral':  # only the rows with cartilage
       rows = np.flatnonzero(np.isfinite(m.thickness_mm).any(axis=1))
       if rows.size:
         ax.set_ylim(m.row_edges[rows[0]], m.row_edges[rows[-1] + 1])
-  figure.suptitle(f'{title}: ThCcAB change by subregion (mm)', fontsize=10)
+  figure.suptitle(title, fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.94))
   return _save(figure, path)
 
