@@ -162,23 +162,15 @@ def series_tags(folder: str | os.PathLike, tags: Sequence[str]) -> dict[str, dic
   keys, 'gggg|eeee', e.g. '0020|0060' Laterality): tag -> {value (stripped of padding): the
   name of the first file holding it}, in slice order; a tag no file holds, or holds empty, maps
   to {}. Headers only (no pixel data); a DataError as `series_files` raises one."""
-  files = series_files(folder)
   found: dict[str, dict[str, str]] = {tag: {} for tag in tags}
-  reader = sitk.ImageFileReader()
-  with _quiet_itk():
-    for path in files:
-      reader.SetFileName(path)
+  for path, reader in _headers(series_files(folder)):
+    for tag in tags:
       try:
-        reader.ReadImageInformation()
-      except RuntimeError as error:
-        raise DataError(path, f'cannot read the DICOM header: {_reason(error)}') from error
-      for tag in tags:
-        try:
-          value = reader.GetMetaData(tag).strip(' \x00') if reader.HasMetaDataKey(tag) else ''
-        except (RuntimeError, UnicodeDecodeError):  # a value that is not text: not a side
-          value = ''
-        if value:
-          found[tag].setdefault(value, os.path.basename(path))
+        value = reader.GetMetaData(tag).strip(' \x00') if reader.HasMetaDataKey(tag) else ''
+      except (RuntimeError, UnicodeDecodeError):  # a value that is not text: not a side
+        value = ''
+      if value:
+        found[tag].setdefault(value, os.path.basename(path))
   return found
 
 
@@ -203,15 +195,10 @@ class SliceHeaders:
   positions: np.ndarray
 
 
-def _reason(error: Exception) -> str:
-  return str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-
-
-def _check_headers(folder: str, files: tuple[str, ...]) -> SliceHeaders:
-  """Reads every file's header (no pixel data) and checks the slices against each other."""
+def _headers(files: Sequence[str]) -> Iterator[tuple[str, sitk.ImageFileReader]]:
+  """(path, a reader holding that file's header) for each file, headers only (no pixel
+  data); an unreadable header is a DataError naming the file."""
   reader = sitk.ImageFileReader()
-  first: SliceHeaders | None = None
-  positions = []
   with _quiet_itk():
     for path in files:
       reader.SetFileName(path)
@@ -219,54 +206,66 @@ def _check_headers(folder: str, files: tuple[str, ...]) -> SliceHeaders:
         reader.ReadImageInformation()
       except RuntimeError as error:
         raise DataError(path, f'cannot read the DICOM header: {_reason(error)}') from error
-      if reader.GetNumberOfComponents() != 1:
-        raise DataError(
-          path,
-          'not a grey-scale image',
-          found=f'{reader.GetNumberOfComponents()} components per pixel',
-          expected='1',
-        )
-      size = tuple(int(n) for n in reader.GetSize())
-      if any(n != 1 for n in size[2:]):
-        raise DataError(
-          path,
-          'a multi-frame DICOM file',
-          found=f'{int(np.prod(size[2:]))} frames',
-          expected='one slice per file (convert multi-frame DICOM to NIfTI, e.g. with dcm2niix)',
-        )
-      direction = np.asarray(reader.GetDirection(), dtype=np.float64)
-      if len(size) != 3 or direction.size != 9:
-        raise DataError(path, 'not a slice with a 3D position and orientation', found=size)
-      headers = SliceHeaders(
-        size[:2],
-        tuple(float(s) for s in reader.GetSpacing()[:2]),
-        direction.reshape(3, 3),
-        np.zeros((0, 3)),
+      yield path, reader
+
+
+def _reason(error: Exception) -> str:
+  return str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+
+
+def _check_headers(folder: str, files: tuple[str, ...]) -> SliceHeaders:
+  """Reads every file's header (no pixel data) and checks the slices against each other."""
+  first: SliceHeaders | None = None
+  positions = []
+  for path, reader in _headers(files):
+    if reader.GetNumberOfComponents() != 1:
+      raise DataError(
+        path,
+        'not a grey-scale image',
+        found=f'{reader.GetNumberOfComponents()} components per pixel',
+        expected='1',
       )
-      first = first or headers
-      name, first_name = os.path.basename(path), os.path.basename(files[0])
-      if headers.size != first.size:
-        raise DataError(
-          folder,
-          'slices of different sizes',
-          found=f'{headers.size} in {name}',
-          expected=f'{first.size} as in {first_name}',
-        )
-      if not np.allclose(headers.spacing, first.spacing, rtol=PIXEL_SPACING_RTOL, atol=0):
-        raise DataError(
-          folder,
-          'slices of different pixel spacing',
-          found=f'{headers.spacing} mm in {name}',
-          expected=f'{first.spacing} mm as in {first_name}',
-        )
-      if np.abs(headers.direction - first.direction).max() > ORIENTATION_ATOL:
-        raise DataError(
-          folder,
-          'slices of different orientations (ImageOrientationPatient)',
-          found=name,
-          expected=f'the orientation of {first_name}',
-        )
-      positions.append(np.asarray(reader.GetOrigin(), dtype=np.float64))
+    size = tuple(int(n) for n in reader.GetSize())
+    if any(n != 1 for n in size[2:]):
+      raise DataError(
+        path,
+        'a multi-frame DICOM file',
+        found=f'{int(np.prod(size[2:]))} frames',
+        expected='one slice per file (convert multi-frame DICOM to NIfTI, e.g. with dcm2niix)',
+      )
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64)
+    if len(size) != 3 or direction.size != 9:
+      raise DataError(path, 'not a slice with a 3D position and orientation', found=size)
+    headers = SliceHeaders(
+      size[:2],
+      tuple(float(s) for s in reader.GetSpacing()[:2]),
+      direction.reshape(3, 3),
+      np.zeros((0, 3)),
+    )
+    first = first or headers
+    name, first_name = os.path.basename(path), os.path.basename(files[0])
+    if headers.size != first.size:
+      raise DataError(
+        folder,
+        'slices of different sizes',
+        found=f'{headers.size} in {name}',
+        expected=f'{first.size} as in {first_name}',
+      )
+    if not np.allclose(headers.spacing, first.spacing, rtol=PIXEL_SPACING_RTOL, atol=0):
+      raise DataError(
+        folder,
+        'slices of different pixel spacing',
+        found=f'{headers.spacing} mm in {name}',
+        expected=f'{first.spacing} mm as in {first_name}',
+      )
+    if np.abs(headers.direction - first.direction).max() > ORIENTATION_ATOL:
+      raise DataError(
+        folder,
+        'slices of different orientations (ImageOrientationPatient)',
+        found=name,
+        expected=f'the orientation of {first_name}',
+      )
+    positions.append(np.asarray(reader.GetOrigin(), dtype=np.float64))
   if len(files) < 2:
     raise DataError(
       folder,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import nifti_io, orientation, phantoms, tissues
-from imask_jax import evaluate, metrics, report, subregion_tables
+from imask_jax import evaluate, evaluate_knee, metrics, report, subregion_tables
 
 
 @pytest.fixture(scope='module')
@@ -81,11 +81,11 @@ def test_evaluation_names_the_sides_from_a_sidecar_or_the_truths_anatomy(knee, t
   image = tmp_path / 'knee_0000_0000.nii.gz'
   image.write_bytes(b'')  # only its name matters: the sidecar is found beside it
   case = readers.Case('knee_0000', str(image))
-  estimated = evaluate.case_side(case, volume, scheme)
+  estimated = evaluate_knee.case_side(case, volume, scheme)
   assert estimated[0] == side and estimated[1].startswith('estimated from the truth label map')
   other = 'left' if side == 'right' else 'right'
   (tmp_path / 'knee_0000_0000.json').write_text(json.dumps({'side': other}))
-  declared = evaluate.case_side(case, volume, scheme)
+  declared = evaluate_knee.case_side(case, volume, scheme)
   assert declared[0] == other and declared[1].startswith('declared: sidecar')
 
 

@@ -297,7 +297,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
   knee's side (the layout puts 5 at smaller R: a right knee's lateral plate is at larger R, so
   these read as a left knee), and the geometric MT / LT split agrees with it voxel for voxel
   but for the few that project outside both plates."""
-  from imask_jax import evaluate
+  from imask_jax import evaluate, evaluate_knee
 
   config = experiment_config('oai', 'oaizib_cm')
   config.data.manual_dir = str(prepared_cm)
@@ -309,7 +309,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
   assert set(np.unique(stored.labels)) == {0, 1, 2, 3, 4, 5}
   volume = source.canonical(stored)
   scheme = tissues.LabelScheme.from_config(config)
-  side = evaluate.case_side(case, volume, scheme, stored, source)
+  side = evaluate_knee.case_side(case, volume, scheme, stored, source)
   assert side[0] == 'left' and side[1].startswith('from the labels: medial tibial cartilage (4)')
   prediction = type('Prediction', (), {'canonical': volume.labels, 'plane': 'sagittal'})()
   result = evaluate.evaluate_case(
@@ -319,11 +319,11 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
     scheme,
     volume.spacing,
     side=side,
-    label_split=evaluate.tibial_label_split(stored, source),
+    label_split=evaluate_knee.tibial_label_split(stored, source),
   )
   # The layout cut the plates at the median R of the cartilage voxels, not at the gap between
   # them: the voxels of the larger plate beyond the median disagree, and only those.
-  labels, medial, lateral = evaluate.tibial_label_split(stored, source)
+  labels, medial, lateral = evaluate_knee.tibial_label_split(stored, source)
   i = np.nonzero((labels == medial) | (labels == lateral))[0]
   occupied = np.unique(i)
   gap = occupied[np.argmax(np.diff(occupied))] + 0.5  # the widest empty run of R slabs
