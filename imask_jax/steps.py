@@ -22,9 +22,10 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from imask_jax import host_memory, parallel, pretrained
+from imask_jax import host_memory, parallel
 from imask_jax.models import mask_rcnn
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
+from imask_jax.weights import pretrained
 
 MODEL_INPUT_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')
 

@@ -1,4 +1,4 @@
-"""Builds the torchvision reference fixtures of tests/test_convert_weights.py.
+"""Builds the torchvision reference fixtures of tests/weights/test_convert.py.
 
 Needs torch and torchvision (not project dependencies; use a separate venv):
 
@@ -44,7 +44,7 @@ widths weigh 45-170 MB a model):
 
 With --full the same outputs are written for the published architectures (resnet50,
 resnet101, densenet121, densenet169, maskrcnn_resnet50_fpn; about 500 MB), for
-`IMASK_TORCHVISION_FIXTURES=<dir> pytest tests/test_convert_weights.py`.
+`IMASK_TORCHVISION_FIXTURES=<dir> pytest tests/weights/test_convert.py`.
 """
 
 from __future__ import annotations

@@ -29,13 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imask_jax import convert_weights, pretrained, torch_checkpoint
+from imask_jax import convert_weights
 from imask_jax.models import mask_rcnn
 from imask_jax.models.densenet import DenseNet
 from imask_jax.models.resnet import ResNet
 from imask_jax.ops import roi_align as roi_ops
+from imask_jax.weights import convert as conversion
+from imask_jax.weights import pretrained, torch_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORED = os.path.join(HERE, 'fixtures', 'torchvision')
 FIXTURES = os.environ.get('IMASK_TORCHVISION_FIXTURES', STORED)
 
@@ -73,13 +75,13 @@ def assert_matches(ours, reference: np.ndarray, torch_float32_error: float, what
   )
 
 
-def convert(name: str, arch: str, **kwargs) -> convert_weights.Converted:
+def convert(name: str, arch: str, **kwargs) -> conversion.Converted:
   state = torch_checkpoint.read_state_dict(os.path.join(FIXTURES, f'{name}.pth'))
-  return convert_weights.convert_state_dict(state, arch, source=name, **kwargs)
+  return conversion.convert_state_dict(state, arch, source=name, **kwargs)
 
 
-def body_variables(converted: convert_weights.Converted) -> dict:
-  variables = convert_weights.to_variables(converted)
+def body_variables(converted: conversion.Converted) -> dict:
+  variables = conversion.to_variables(converted)
   return {c: variables[c]['backbone']['body'] for c in ('params', 'batch_stats')}
 
 
@@ -101,7 +103,7 @@ def body_apply(meta_json: str):
   return jax.jit(lambda variables, images: module.apply(variables, images, train=False))
 
 
-def run_body(meta: dict, converted: convert_weights.Converted, images: np.ndarray) -> dict:
+def run_body(meta: dict, converted: conversion.Converted, images: np.ndarray) -> dict:
   return body_apply(json.dumps(meta, sort_keys=True))(body_variables(converted), images)
 
 
@@ -203,8 +205,8 @@ def test_grey_input_with_folded_imagenet_normalisation(name):
   arrays, meta = load_fixture(name)
   grey = nhwc(arrays['grey'])  # [1, H, W, 1] in [0, 1]
   unfolded = convert(name, meta['arch'], input_channels=3, input_normalization='none')
-  mean = np.asarray(convert_weights.IMAGENET_MEAN, np.float32)
-  std = np.asarray(convert_weights.IMAGENET_STD, np.float32)
+  mean = np.asarray(conversion.IMAGENET_MEAN, np.float32)
+  std = np.asarray(conversion.IMAGENET_STD, np.float32)
   levels = run_body(meta, unfolded, np.broadcast_to((grey - mean) / std, grey.shape[:3] + (3,)))
   for level in ('C2', 'C3', 'C4', 'C5'):
     assert_matches(
@@ -215,7 +217,7 @@ def test_grey_input_with_folded_imagenet_normalisation(name):
     )
 
   folded = convert(name, meta['arch'])  # the CLI defaults: 1 channel, imagenet
-  assert folded.params[convert_weights.BODY + ('stem_conv', 'kernel')].shape[2] == 1
+  assert folded.params[conversion.BODY + ('stem_conv', 'kernel')].shape[2] == 1
   levels = run_body(meta, folded, grey)
   # Exact away from the border only: torchvision pads the normalised image with zeros, we pad
   # the raw one. Stem outputs 0 and 1 see the padding (7x7/2, pad 3); after the 3x3/2 max pool
@@ -243,8 +245,8 @@ def test_densenet_old_layer_names_convert_identically(name):
     k.replace('.norm1.', '.norm.1.').replace('.conv2.', '.conv.2.'): v for k, v in state.items()
   }
   assert old.keys() != state.keys()
-  a = convert_weights.convert_state_dict(state, meta['arch'])
-  b = convert_weights.convert_state_dict(old, meta['arch'])
+  a = conversion.convert_state_dict(state, meta['arch'])
+  b = conversion.convert_state_dict(old, meta['arch'])
   for key in a.params:
     np.testing.assert_array_equal(a.params[key], b.params[key])
 
@@ -265,9 +267,9 @@ def maskrcnn_spec(meta: dict, image_size, **overrides) -> mask_rcnn.ModelSpec:
     box_head_dim=meta['box_head_dim'],
     mask_head='standard',
     mask_head_dim=meta['mask_head_dim'],
-    anchor_sizes=convert_weights.TORCHVISION_ANCHOR_SIZES,
+    anchor_sizes=conversion.TORCHVISION_ANCHOR_SIZES,
     anchor_ratios=tuple(meta['anchor_ratios']),
-    roi_level_canonical=convert_weights.TORCHVISION_ROI_CANONICAL,
+    roi_level_canonical=conversion.TORCHVISION_ROI_CANONICAL,
   )
   fields.update(overrides)
   return mask_rcnn.ModelSpec(**fields)
@@ -294,7 +296,7 @@ def test_maskrcnn_matches_torchvision(name, tmp_path):
     keep_class_layers=True,
   )
   path = str(tmp_path / 'coco.msgpack')
-  convert_weights.save(converted, path)
+  conversion.save(converted, path)
   # Through the trainer's loader: frozen_batch moves scale / bias into batch_stats.
   variables, report = pretrained.merge(
     random_variables(model), path, anchor_ratios=model.spec.anchor_ratios
@@ -349,7 +351,7 @@ def test_roi_align_differs_from_torchvision_by_half_a_stride(name):
       output,
       sampling_ratio=2,
       canonical_level=4,
-      canonical_size=convert_weights.TORCHVISION_ROI_CANONICAL,
+      canonical_size=conversion.TORCHVISION_ROI_CANONICAL,
       batch_index=jnp.asarray(arrays['roi_batch']),
     )
     assert_matches(ours, nhwc(arrays[key]), meta['float32_error'][key], f'ROIAlign {key}')
@@ -372,20 +374,20 @@ def shapes_of(tree: dict) -> dict[str, tuple]:
 
 @pytest.mark.parametrize('arch', [a for a in sorted(FULL) if a != 'maskrcnn_resnet50_fpn'])
 def test_published_classifier_maps_onto_our_body_exactly(arch):
-  converted = convert_weights.convert_state_dict(zeros_state(arch), arch)
+  converted = conversion.convert_state_dict(zeros_state(arch), arch)
   if arch.startswith('resnet'):
     module = ResNet(depth=int(arch[6:]), norm='batch')
   else:
     module = DenseNet(depth=int(arch[8:]), norm='batch')
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)))
-  ours = convert_weights.to_variables(converted)
+  ours = conversion.to_variables(converted)
   for collection in ('params', 'batch_stats'):
     assert shapes_of(ours[collection]['backbone']['body']) == shapes_of(shapes[collection])
 
 
 def test_published_maskrcnn_maps_onto_our_model_exactly():
   arch = 'maskrcnn_resnet50_fpn'
-  converted = convert_weights.convert_state_dict(
+  converted = conversion.convert_state_dict(
     zeros_state(arch), arch, input_channels=3, keep_class_layers=True
   )
   spec = maskrcnn_spec(
@@ -402,10 +404,10 @@ def test_published_maskrcnn_maps_onto_our_model_exactly():
   )
   model = mask_rcnn.MaskRCNN(spec)
   shapes = jax.eval_shape(lambda k: mask_rcnn.init_variables(model, k), jax.random.PRNGKey(0))
-  ours = convert_weights.to_variables(converted)
+  ours = conversion.to_variables(converted)
   for collection in ('params', 'batch_stats'):
     assert shapes_of(ours[collection]) == shapes_of(shapes[collection])
-  dropped = convert_weights.convert_state_dict(zeros_state(arch), arch).dropped
+  dropped = conversion.convert_state_dict(zeros_state(arch), arch).dropped
   assert sorted(dropped) == sorted(
     f'roi_heads.{m}.{n}.{p}'
     for m, n in (
@@ -420,9 +422,9 @@ def test_published_maskrcnn_maps_onto_our_model_exactly():
 def test_wrong_arch_is_refused_naming_the_file():
   state = torch_checkpoint.read_state_dict(os.path.join(STORED, 'resnet18_w4.pth'))
   with pytest.raises(ValueError, match=r'resnet18_w4.*layer1\.0\.conv3'):
-    convert_weights.convert_state_dict(state, 'resnet50', source='resnet18_w4.pth')
+    conversion.convert_state_dict(state, 'resnet50', source='resnet18_w4.pth')
   with pytest.raises(ValueError, match=r'resnet18_w4.*no place in resnet18.*extra'):
-    convert_weights.convert_state_dict(
+    conversion.convert_state_dict(
       dict(state, extra=np.zeros(3)), 'resnet18', source='resnet18_w4.pth'
     )
 
@@ -480,7 +482,7 @@ def test_init_from_replaces_the_body_and_keeps_the_rest(resnet18_file, norm):
     state['layer4.1.bn1.running_var'],
   )
   # Grey stem: sum over R, G, B of weight / std (computed in float64, stored in float32).
-  std = np.asarray(convert_weights.IMAGENET_STD, np.float64)
+  std = np.asarray(conversion.IMAGENET_STD, np.float64)
   grey = (state['conv1.weight'].astype(np.float64) / std[None, :, None, None]).sum(1)
   np.testing.assert_allclose(
     merged['params']['backbone']['body']['stem_conv']['kernel'][:, :, 0, :],
@@ -596,7 +598,7 @@ def test_init_from_errors_name_the_file_and_the_path(resnet18_file, tmp_path):
 def test_converted_file_is_plain_msgpack(resnet18_file):
   with open(resnet18_file, 'rb') as f:
     record = flax.serialization.msgpack_restore(f.read())
-  assert record['format'] == convert_weights.FORMAT and record['arch'] == 'resnet18'
+  assert record['format'] == conversion.FORMAT and record['arch'] == 'resnet18'
   assert record['covers'] == ['backbone/body'] and record['dropped'] == ['fc.weight', 'fc.bias']
   assert record['source'] == 'resnet18_w4.pth' and len(record['source_sha256']) == 64
   assert record['input_channels'] == 1 and record['input_normalization'] == 'imagenet'

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from imask_jax import run_log
-from imask_jax.convert_weights import FORMAT, FORMAT_VERSION
 from imask_jax.models.norm import freeze_batch_norm_variables
+from imask_jax.weights.convert import FORMAT, FORMAT_VERSION
 
 COLLECTIONS = ('params', 'batch_stats')
 Path = tuple[str, ...]
