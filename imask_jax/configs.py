@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   # How a case id names its subject, so that splits never separate one person's scans: a
   # regex with a named group 'subject' (data_pipelines/datasets/params.py); '' = one per case.
   d.subject_pattern = ''
+  # A JSON file naming the case ids of each split (data_pipelines/datasets/split_file.py,
+  # docs/data.md); it replaces the computed split. '' = split by subject hash.
+  d.split_file = ''
   d.instance_mode = 'per_class'  # per_class or components
   d.min_instance_pixels = 4
   d.empty_slice_rate = 0.1  # fraction of slices without any instance that are kept

@@ -173,10 +173,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config, data_dir, 'validation', max_examples=int(config.eval.max_val_slices)
       )
     else:
+      why = (
+        f'data.split_file={config.data.split_file!r}'
+        if config.data.get('split_file')
+        else f'data.split_fractions={tuple(config.data.split_fractions)}, '
+        f'{params_lib.pattern_note(str(config.data.get("subject_pattern", "") or ""))}'
+      )
       log.message(
-        f'{builder.data_dir}: no validation split (data.split_fractions='
-        f'{tuple(config.data.split_fractions)}, '
-        f'{params_lib.pattern_note(str(config.data.get("subject_pattern", "") or ""))}): '
+        f'{builder.data_dir}: no validation split ({why}): '
         'no validation, and only the latest checkpoints are kept'
       )
     loop = _Loop(config, mesh, model, tx, schedule, manager, log, val_ds)

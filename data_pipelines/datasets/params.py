@@ -10,6 +10,9 @@ stable hash and cuts that order by the split fractions (of subjects), so all sca
 are in exactly one split, whatever order cases are listed or processed in, and the split does
 not depend on any seed (runs with different seeds are evaluated on the same cases).
 
+A split file (config `data.split_file`, `split_file.py`) replaces the computed split: its lists
+of case ids are the splits, and its ids (not its path) are part of the dataset's digest.
+
 Subject ids come from the case ids (the file names, `imagesTr/<case id>_0000.nii.gz`) through
 `DatasetParams.subject_pattern` (config `data.subject_pattern`), a regular expression that must
 match the WHOLE case id and has a named group `subject` and optionally `timepoint`:
@@ -91,7 +94,10 @@ class DatasetParams:
   instead of refusing them. mask_axcodes: oai_zib only, the anatomical direction each MetaImage
   mask axis points to (readers.MaskAlignment). official_test: an nnU-Net folder's labelled
   `imagesTs/` + `labelsTs/` is the test split (sources.split_assignment); False cuts every split
-  from `imagesTr/`.
+  from `imagesTr/`. split_file / split_ids: a split file (`split_file.py`, config
+  `data.split_file`): its absolute path and its case ids per split (SPLITS order, sorted), which
+  replace the computed split (split_fractions and official_test then have no effect); None when
+  the splits are computed.
   """
 
   dataset: str
@@ -114,6 +120,8 @@ class DatasetParams:
   allow_missing_pose: bool = False
   mask_axcodes: str = DEFAULT_MASK_AXCODES
   official_test: bool = True
+  split_file: str | None = None
+  split_ids: tuple[tuple[str, ...], ...] | None = None
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -149,6 +157,13 @@ class DatasetParams:
       raise ValueError(f'config data.context_slices={self.context_slices}; expected >= 0')
     check_fractions(self.split_fractions)
     check_subject_pattern(self.subject_pattern)
+    if (self.split_file is None) != (self.split_ids is None) or (
+      self.split_ids is not None and len(self.split_ids) != len(SPLITS)
+    ):
+      raise ValueError(
+        f'split_file={self.split_file!r} with split_ids of {self.split_ids and len(self.split_ids)}'
+        f' splits; expected both None, or a path and one tuple of case ids per split {SPLITS}'
+      )
     if self.is_phantom:
       if self.phantom_preset is None or self.num_volumes is None or self.num_volumes < 1:
         raise ValueError(
@@ -213,20 +228,33 @@ class DatasetParams:
       del fields['mask_axcodes']
     if self.is_phantom:  # phantom folders have no imagesTs/; a manual one may have gained it
       del fields['official_test']
+    # A split file: its case ids decide the splits (not its path: a moved or copied file
+    # names the same slices), and the computed split's settings have no effect.
+    del fields['split_file']
+    if self.split_ids is None:
+      del fields['split_ids']
+    else:
+      fields.pop('official_test', None)
+      del fields['split_fractions']
     fields = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(fields.encode('utf-8')).hexdigest()[:12]
     return f'{self.plane}_ctx{self.context_slices}_{digest}'
 
   def describe(self) -> str:
-    return ', '.join(
+    out = ', '.join(
       f'{k}={v!r}'
       for k, v in dataclasses.asdict(self).items()
       if v is not None
+      and k != 'split_ids'  # hundreds of ids: the counts below say enough
       and not (k == 'subject_pattern' and not v)
       and not (k == 'allow_missing_pose' and not v)
       and not (k == 'mask_axcodes' and v == DEFAULT_MASK_AXCODES)
       and not (k == 'official_test' and self.is_phantom)
     )
+    if self.split_ids is not None:
+      counts = ' / '.join(f'{len(ids)} {name}' for name, ids in zip(SPLITS, self.split_ids))
+      out += f', split file cases: {counts}'
+    return out
 
 
 def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParams:
@@ -266,7 +294,20 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
     allow_missing_pose=bool(d.get('allow_missing_pose', False)),
     mask_axcodes=str(d.get('mask_axcodes', '') or DEFAULT_MASK_AXCODES).upper(),
     official_test=bool(d.get('official_test', True)),
+    **split_file_fields(d),
   )
+
+
+def split_file_fields(d: Any) -> dict[str, Any]:
+  """DatasetParams' split_file and split_ids from config `data` (read and checked now, so a
+  bad split file stops a job before any work)."""
+  path = str(d.get('split_file', '') or '')
+  if not path:
+    return {}
+  from data_pipelines.datasets import split_file  # it imports this module
+
+  read = split_file.read(path, str(d.get('subject_pattern', '') or ''))
+  return {'split_file': read.path, 'split_ids': read.splits}
 
 
 def generator_version(dataset: str) -> str:

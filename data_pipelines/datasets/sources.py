@@ -15,8 +15,11 @@ Raw folders:
 Splits: an nnU-Net folder with an official labelled test set (`imagesTs/` + `labelsTs/`, as
 OAIZIB-CM ships) has that set as its 'test' split, and `imagesTr/` is divided into 'train' and
 'validation' in the ratio of their fractions (`DatasetParams.official_test`); otherwise every
-split is cut from the labelled cases by subject (`assign_splits`). `VolumeSource.origin` says
-which, for reports.
+split is cut from the labelled cases by subject (`assign_splits`). A split file
+(`DatasetParams.split_ids`, config `data.split_file`) replaces both: its ids name the cases of
+each split, drawn from all labelled cases of the folder (an official test set's included); an id
+that is not one is an error, and labelled cases no split names are left out and reported.
+`VolumeSource.origin` says which, for reports.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+
+from absl import logging
 
 from data_pipelines import readers, tissues
 from data_pipelines.datasets.params import (
@@ -208,6 +213,8 @@ def split_assignment(params: DatasetParams, folder: Folder) -> dict[str, tuple[r
   """Split name -> its cases (each labelled case in exactly one split, every scan of a subject
   in the same one; see `assign_splits` and `DatasetParams.subject_pattern`)."""
   cases = {case.case_id: case for case in labelled_cases(params, folder)}
+  if params.split_ids is not None:
+    return split_file_assignment(params, folder, cases)
   test_cases = official_test_cases(params, folder, cases)
   fractions = params.split_fractions
   if test_cases is not None:  # imagesTr/ holds train and validation only
@@ -228,13 +235,71 @@ def split_assignment(params: DatasetParams, folder: Folder) -> dict[str, tuple[r
   return out
 
 
+# How many ids a message about a split file lists before it counts the rest.
+LISTED_IDS = 5
+
+
+def split_file_assignment(
+  params: DatasetParams, folder: Folder, train_cases: Mapping[str, readers.Case]
+) -> dict[str, tuple[readers.Case, ...]]:
+  """Split name -> the cases the split file names (`params.split_ids`), from the folder's
+  labelled cases: `train_cases` (imagesTr/ or OAI-ZIB's masked images) and an nnU-Net folder's
+  labelled official test set. An id that names none of them is a DataError naming the file;
+  labelled cases no split names are logged as one warning (and said in `split_origin`)."""
+  available = dict(train_cases)
+  if isinstance(folder, readers.NnunetFolder) and folder.has_labelled_test:
+    for case in folder.cases('test'):
+      if case.case_id in available:
+        raise DataError(
+          os.path.join(folder.root, 'imagesTs'),
+          f'case id {case.case_id!r} is in both imagesTr/ and imagesTs/',
+          expected='each case id once, so that the split file names one scan',
+        )
+      available[case.case_id] = case
+  out = {}
+  for split, ids in zip(SPLITS, params.split_ids):
+    missing = [case_id for case_id in ids if case_id not in available]
+    if missing:
+      more = f' and {len(missing) - 1} more' if len(missing) > 1 else ''
+      raise DataError(
+        params.split_file,
+        f'case id {missing[0]!r}{more} of split {split!r} is not a labelled case of {folder.root}',
+        expected=f'ids among its {len(available)} labelled cases, e.g. {sorted(available)[:3]}',
+      )
+    out[split] = tuple(available[case_id] for case_id in ids)
+  unlisted = unlisted_cases(params, available)
+  if unlisted:
+    logging.warning(
+      '%s: %d labelled case(s) of %s are in no split and are not used: %s',
+      params.split_file,
+      len(unlisted),
+      folder.root,
+      named_ids(unlisted),
+    )
+  return out
+
+
+def unlisted_cases(params: DatasetParams, available: Mapping[str, object]) -> list[str]:
+  """The labelled case ids that no split of the split file names, sorted."""
+  listed = {case_id for ids in params.split_ids for case_id in ids}
+  return sorted(set(available) - listed)
+
+
+def named_ids(ids: list[str]) -> str:
+  shown = ', '.join(ids[:LISTED_IDS])
+  return shown + (f' and {len(ids) - LISTED_IDS} more' if len(ids) > LISTED_IDS else '')
+
+
 def official_test_cases(
   params: DatasetParams, folder: Folder, train_cases: Mapping[str, readers.Case]
 ) -> tuple[readers.Case, ...] | None:
   """The official labelled test set of an nnU-Net folder (`imagesTs/` + `labelsTs/`), or None
   when there is none or `params.official_test` is off. A subject in both sets is an error."""
   if not (
-    params.official_test and isinstance(folder, readers.NnunetFolder) and folder.has_labelled_test
+    params.official_test
+    and params.split_ids is None
+    and isinstance(folder, readers.NnunetFolder)
+    and folder.has_labelled_test
   ):
     return None
   cases = tuple(folder.cases('test'))
@@ -266,6 +331,9 @@ def official_test_cases(
 
 def split_origin(params: DatasetParams, folder: Folder, split: str) -> str:
   """Where the cases of `split` come from, in words (written into evaluation summaries)."""
+  if params.split_ids is not None:
+    count = len(params.split_ids[SPLITS.index(split)])
+    return f'the split file {params.split_file} ({count} cases in {split!r})'
   official = official_test_cases(params, folder, {}) is not None
   if official and split == 'test':
     return 'the official test set (imagesTs/ with labelsTs/)'
@@ -320,6 +388,13 @@ def empty_split_error(
   """The one-line error for a split without cases: the cases of every split, the subjects
   they form under the subject pattern, and what to change."""
   counts = ', '.join(f'{name} {len(by_split[name].cases)}' for name in SPLITS)
+  if params.split_ids is not None:
+    return DataError(
+      params.split_file,
+      f'split {split!r} has no cases',
+      found=f'cases per split: {counts} (config data.split_file)',
+      expected=f"case ids in the file's {split!r} list, or another split",
+    )
   case_ids = [case.case_id for source in by_split.values() for case in source.cases]
   subjects = sorted({subject_and_timepoint(c, params.subject_pattern)[0] for c in case_ids})
   named = f' ({", ".join(repr(s) for s in subjects)})' if len(subjects) <= 3 else ''
