@@ -85,6 +85,25 @@ def default_config() -> ml_collections.ConfigDict:
       # x factor drawn log-uniformly, clipped to [0, 1] (1, 1: off): what another field of
       # view does to the percentile normalisation (the 99.5th percentile moves with the fluid)
       intensity_scale_range=(1.0, 1.0),
+      # Contrast randomisation (imask_jax/contrast_augment.py): each tissue's intensity, the
+      # unlabelled rest, bias field, blur, resolution, noise and gamma drawn per example, so
+      # that a model learns shapes, not one contrast. Ranges in normalised intensity, pixels.
+      contrast=ml_collections.ConfigDict(
+        dict(
+          enabled=False,
+          rate=1.0,  # share of training examples randomised
+          tissues=True,
+          tissue_mean_range=(0.0, 1.0),
+          tissue_texture_range=(0.5, 2.0),
+          background_knots=4,
+          air_level=0.05,
+          bias_max=0.4,
+          blur_sigma_max=1.0,
+          downsample_max=3.0,
+          noise_std_max=0.04,
+          gamma_range=(0.7, 1.4),
+        )
+      ),
     )
   )
 

@@ -18,7 +18,9 @@ Per example (`prepare_example`, shared by training, evaluation and `volume_input
      a network-input pixel (r, c) sits at source pixel ((r + 0.5) / scale_y - 0.5, ...).
 Training then augments (`augment_example`) at network-input resolution: flips (where the
 config allows) within the valid extent, rotation and scale about the extent's centre applied to
-image (bilinear) and masks (nearest pixel) together, gamma and Gaussian noise on the image.
+image (bilinear) and masks (nearest pixel) together, gamma and Gaussian noise on the image;
+with `data.augment.contrast.enabled`, first the contrast randomisation of contrast_augment.py
+(per-tissue intensities from the masks, bias field, blur, resolution, noise, gamma).
 Masks are resampled per instance (not as a label map), so an instance keeps one mask through
 resampling, cropping and warping (a pixel two neighbouring instances both keep after
 resampling stays in both masks).
@@ -52,6 +54,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import readers, slice_examples
 from data_pipelines.datasets import builders
 from data_pipelines.datasets import params as params_lib
+from imask_jax import contrast_augment
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -100,6 +103,7 @@ class AugmentSettings:
   gamma_range: tuple[float, float]
   noise_std: float
   intensity_scale_range: tuple[float, float] = (1.0, 1.0)
+  contrast: contrast_augment.ContrastSettings | None = None  # None: off
 
   def __post_init__(self):
     lo, hi = self.scale_range
@@ -188,6 +192,7 @@ def augment_settings(config: Any) -> AugmentSettings:
     gamma_range=tuple(float(g) for g in a.gamma_range),
     noise_std=float(a.noise_std),
     intensity_scale_range=tuple(float(g) for g in a.intensity_scale_range),
+    contrast=contrast_augment.contrast_settings(a.get('contrast')),
   )
 
 
@@ -442,8 +447,8 @@ def warp(image: tf.Tensor, masks: tf.Tensor, transform: tf.Tensor) -> tuple[tf.T
 def augment_example(
   example: dict[str, tf.Tensor], seed: tf.Tensor, augment: AugmentSettings
 ) -> dict[str, tf.Tensor]:
-  """Random flips, rotation, scale (image and masks together), intensity scale, gamma and noise.
-  seed: int32 [2]."""
+  """Random flips, rotation, scale (image and masks together), contrast randomisation (when
+  set), intensity scale, gamma and noise. seed: int32 [2]."""
   seeds = tf.random.experimental.stateless_split(seed, num=6)
 
   def draw(i: int, low: float, high: float) -> tf.Tensor:
@@ -461,6 +466,16 @@ def augment_example(
   image, masks, extent = example['image'], example['gt_masks'], example['image_extent']
   height, width, _ = image.shape
   image, masks = warp(image, masks, _inverse_warp(extent, angle, zoom, flip_x, flip_y))
+  if augment.contrast is not None:
+    # Its own seed (folded in), so the other draws stay those of runs without it.
+    image = contrast_augment.randomize_contrast(
+      image,
+      masks,
+      example['gt_classes'],
+      extent,
+      tf.random.experimental.stateless_fold_in(seed, CONTRAST_SEED_TAG),
+      augment.contrast,
+    )
   if augment.intensity_scale_range != (1.0, 1.0):
     # Its own seed (folded in), so the other draws stay those of runs without it.
     lo, hi = (math.log(v) for v in augment.intensity_scale_range)
@@ -514,6 +529,8 @@ def finish_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 # The crop's seed is folded from the example's seed with this tag, so that the augmentation
 # draws (from the example's seed itself) are those of a resize-to-fit run.
 CROP_SEED_TAG = 1
+# The contrast randomisation's seed: the example's seed folded with this tag.
+CONTRAST_SEED_TAG = 7
 
 
 # --- datasets --------------------------------------------------------------------------------
