@@ -10,6 +10,9 @@ Variants (comma-separated in the config argument):
   cartilage       the cartilage experiment of issue 11: a knee coil's 140 mm field of view at
                   0.5 mm per network pixel (random 192 x 192 crops), 9000 steps on the same 24
                   phantoms (docs/results/cartilage.md)
+  unet            a semantic 2D U-Net (models/unet.py, model.kind='unet') on the same data,
+                  pixel size, steps and post-processing instead of the iMaskRCNN: the baseline
+                  of issue 35 (docs/results/baselines.md)
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, seed=N,
   mask_dice=W (0 trains with the paper's mask BCE alone), points=False (no point head)
 """
@@ -70,8 +73,19 @@ def get_config(arg: str | None = None):
     c.train.steps = 9000
     c.train.eval_every = 3000
     c.train.checkpoint_every = 500
+  unet = args.pop('unet', False)
+  if unet:
+    # nnU-Net's 2D layout at the quick start's size: 5 levels take a 128 px crop down to 8 x 8;
+    # width 16 (nnU-Net: 32) keeps a step near the iMaskRCNN's on 2 CPU cores. Instance norm,
+    # Dice + CE and deep supervision are the model.unet defaults.
+    c.model.kind = 'unet'
+    c.model.unet.depth = 5
+    c.model.unet.width = 16
   if args.pop('smoke', False):
     configs.shrink_for_smoke(c)
+    if unet:
+      c.model.unet.depth = 4
+      c.model.unet.width = 8
     # Six steps leave every score far below 0.5: paint all kept detections so that the rest of
     # the job (metrics, figures, predictions) has something to work on.
     c.model.label_score_threshold = c.model.test_score_threshold

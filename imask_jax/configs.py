@@ -109,6 +109,20 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- model ------------------------------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
+  # 'maskrcnn' (instances: Mask R-CNN / iMaskRCNN, the fields below) or 'unet' (a semantic
+  # U-Net, models/unet.py: model.unet, model.norm, model.dtype and the painting rules after it).
+  m.kind = 'maskrcnn'
+  m.unet = ml_collections.ConfigDict(
+    dict(
+      depth=5,  # resolution levels, the bottleneck included (inputs padded to 2^(depth - 1))
+      width=32,  # channels of the first level, doubled per level (nnU-Net's 32)
+      max_width=512,  # cap on a level's channels (nnU-Net's 2D cap)
+      norm_groups=0,  # with model.norm 'group': 0 = instance norm (nnU-Net's), else groups
+      deep_supervision=True,  # 1x1 heads at the coarser decoder levels in the loss
+      dice_weight=1.0,  # soft Dice (foreground classes) + ...
+      ce_weight=1.0,  # ... cross-entropy, nnU-Net's 1 : 1
+    )
+  )
   m.backbone = 'resnet50'  # resnet18/50/101, densenet121/169
   m.norm = 'group'  # batch, frozen_batch, group
   m.width = 64  # backbone base width (64 = published)
@@ -470,6 +484,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
   paint_slots_per_class(config)
   mask_threshold(config)
+  model_kind(config)
   for name in ('rpn_positive_fraction', 'roi_positive_fraction', 'roi_hard_negative_fraction'):
     value = config.model[name]
     if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
@@ -485,6 +500,23 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       f'config train.best_metric={t.best_metric!r}; expected one of '
       f'{validation_metric_names(config)}'
     )
+
+
+MODEL_KINDS = ('maskrcnn', 'unet')
+
+
+def model_kind(config: ml_collections.ConfigDict) -> str:
+  """config model.kind, refused unless one of MODEL_KINDS (and a U-Net without
+  model.init_from: converted weights are Mask R-CNN's)."""
+  kind = str(config.model.get('kind', 'maskrcnn'))
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'config model.kind={kind!r}; expected one of {MODEL_KINDS}')
+  if kind == 'unet' and str(config.model.init_from or ''):
+    raise ValueError(
+      f'config model.init_from={config.model.init_from!r} is set but model.kind=unet: '
+      'converted weights are for Mask R-CNN; drop one of them'
+    )
+  return kind
 
 
 def paint_slots_per_class(config: ml_collections.ConfigDict) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, input_pipeline, parallel, postprocess
+from imask_jax import configs, input_pipeline, parallel, postprocess, semantic
 from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
@@ -121,7 +121,7 @@ def load_model(
   model = steps_lib.build_model(config, data_parallel=False)
   # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
   template = jax.eval_shape(
-    functools.partial(mask_rcnn.init_variables, model), jax.random.PRNGKey(int(config.seed))
+    functools.partial(steps_lib.init_variables, model), jax.random.PRNGKey(int(config.seed))
   )
   manager = workdir_lib.checkpoint_manager(workdir, config)
   try:
@@ -146,7 +146,7 @@ def initialised_model(
   mesh = parallel.data_mesh()
   batch_size = _eval_batch_size(config)
   model = steps_lib.build_model(config, data_parallel=False)
-  init = jax.jit(functools.partial(mask_rcnn.init_variables, model))
+  init = jax.jit(functools.partial(steps_lib.init_variables, model))
   variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
   paint_only = paint_only and configs.paint_slots_per_class(config) > 0
   return _loaded('', config, 0, model, variables, mesh, batch_size, paint_only)
@@ -373,6 +373,22 @@ def predict_volume(
     chunk_scale[:real] = scale[start:stop]
     out = jax.device_get(model.detect(model.variables, parallel.shard_batch(chunk, model.mesh)))
     out = {k: np.asarray(v) for k, v in out.items()}
+    if 'probs' in out:  # a U-Net's class probabilities (semantic.py)
+      probs, labels = semantic.probs_to_source(out['probs'], chunk_scale, source_size)
+      class_slices[start:stop] = labels[:real]
+      if keep_instances:
+        for i in range(real):
+          instances.append(
+            slice_instances(
+              *semantic.slice_regions(
+                labels[i],
+                probs[i],
+                int(model.config.model.num_classes),
+                str(model.config.data.instance_mode),
+              )
+            )
+          )
+      continue
     labels, masks = detections_to_source(
       out,
       chunk_scale,

@@ -22,9 +22,10 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from imask_jax import host_memory, parallel
-from imask_jax.models import mask_rcnn
+from imask_jax import host_memory, parallel, semantic
+from imask_jax.models import mask_rcnn, unet
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
+from imask_jax.models.unet import UNet, UNetSpec
 from imask_jax.weights import pretrained
 
 MODEL_INPUT_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')
@@ -40,19 +41,33 @@ class TrainState:
   nonfinite_total: jax.Array  # int32
 
 
-def build_model(config: ml_collections.ConfigDict, *, data_parallel: bool = True) -> MaskRCNN:
-  """The model of `config`; batch norm averages its statistics over the `data` axis."""
+def build_model(
+  config: ml_collections.ConfigDict, *, data_parallel: bool = True
+) -> MaskRCNN | UNet:
+  """The model of `config` (model.kind); batch norm averages its statistics over the `data`
+  axis."""
   axis = parallel.DATA_AXIS if data_parallel and config.model.norm == 'batch' else None
+  if config.model.kind == 'unet':
+    return UNet(UNetSpec.from_config(config, axis_name=axis))
   return MaskRCNN(ModelSpec.from_config(config, axis_name=axis))
 
 
+def init_variables(model: MaskRCNN | UNet, key: jax.Array) -> dict[str, Any]:
+  """The model's initial variables (`mask_rcnn.init_variables` or `unet.init_variables`)."""
+  if isinstance(model, UNet):
+    return unet.init_variables(model, key)
+  return mask_rcnn.init_variables(model, key)
+
+
 def init_state(
-  model: MaskRCNN, tx: optax.GradientTransformation, seed: int, init_from: str = ''
+  model: MaskRCNN | UNet, tx: optax.GradientTransformation, seed: int, init_from: str = ''
 ) -> TrainState:
   """Fresh state on the host (the same on every process: it depends only on the seed and on
-  `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained)."""
-  variables = jax.jit(functools.partial(mask_rcnn.init_variables, model))(jax.random.PRNGKey(seed))
-  variables = pretrained.init_from(variables, init_from, anchor_ratios=model.spec.anchor_ratios)
+  `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained;
+  Mask R-CNN only)."""
+  variables = jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(seed))
+  if isinstance(model, MaskRCNN):
+    variables = pretrained.init_from(variables, init_from, anchor_ratios=model.spec.anchor_ratios)
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -81,7 +96,7 @@ def example_keys(seed: int, step: jax.Array, first_index: jax.Array, count: int)
 
 
 def make_train_step(
-  model: MaskRCNN,
+  model: MaskRCNN | UNet,
   tx: optax.GradientTransformation,
   mesh: jax.sharding.Mesh,
   seed: int,
@@ -110,7 +125,7 @@ def make_train_step(
         targets,
         keys,
         True,
-        method=MaskRCNN.losses,
+        method=type(model).losses,
         mutable=['batch_stats'],
       )
       return loss, (terms, updates)
@@ -205,8 +220,13 @@ class Detector:
     return self.for_size(images.shape[1:3]).lower(variables, images)
 
 
-def make_detect_fn(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool = False) -> Detector:
-  """The model's detection for any input size (`Detector`)."""
+def make_detect_fn(
+  model: MaskRCNN | UNet, mesh: jax.sharding.Mesh, paint_only: bool = False
+) -> Detector | semantic.Segmenter:
+  """The model's detection for any input size (`Detector`); a U-Net's segmentation
+  (`semantic.Segmenter`: probs and label_map; paint_only does not apply)."""
+  if isinstance(model, UNet):
+    return semantic.Segmenter(model, mesh)
   return Detector(model, mesh, paint_only)
 
 

@@ -1,0 +1,223 @@
+"""The semantic U-Net (models/unet.py) and its Dice + CE loss (models/semantic_losses.py):
+output shapes for several depths, widths and odd sizes, the loss against a plain NumPy
+reference, and an overfit on two knee phantom slices to a stated Dice."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imask_jax  # noqa: F401  (sets the PRNG implementation)
+from data_pipelines import orientation
+from data_pipelines.phantoms import generate_knee
+from imask_jax.models import semantic_losses
+from imask_jax.models.unet import UNet, UNetSpec, init_variables
+
+
+def tiny(depth: int, width: int, size, **kwargs) -> tuple[UNet, dict]:
+  spec = UNetSpec(image_size=tuple(size), num_classes=4, depth=depth, width=width, **kwargs)
+  model = UNet(spec)
+  return model, jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(0))
+
+
+# --- shapes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'depth, width, size',
+  [
+    (1, 8, (9, 13)),
+    (2, 8, (64, 64)),
+    pytest.param(3, 16, (67, 65), marks=pytest.mark.slow),
+    pytest.param(4, 8, (95, 72), marks=pytest.mark.slow),
+    pytest.param(5, 8, (64, 81), marks=pytest.mark.slow),
+  ],
+)
+def test_outputs_cover_every_input_pixel_at_each_level(depth, width, size):
+  model, variables = tiny(depth, width, size)
+  images = jnp.zeros((2, *size, 1), jnp.float32)
+  full = model.apply(variables, images, False)
+  assert [o.shape for o in full] == [(2, *size, 5)]
+  trained = model.apply(variables, images, True)
+  # Deep supervision: heads at decoder levels 1 .. depth - 3 (the coarsest, depth - 2, would
+  # carry weight 0 and has none), each at ceil(size / 2^level).
+  levels = range(0, max(depth - 2, 1))
+  assert [o.shape for o in trained] == [
+    (2, -(-size[0] // 2**i), -(-size[1] // 2**i), 5) for i in levels
+  ]
+  probs = model.apply(variables, images, method=UNet.segment)
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+
+
+def test_widths_double_per_level_up_to_the_cap():
+  spec = UNetSpec(image_size=(64, 64), num_classes=1, depth=6, width=32, max_width=256)
+  assert spec.widths() == (32, 64, 128, 256, 256, 256)
+  assert spec.size_multiple == 32
+
+
+@pytest.mark.slow
+def test_padding_inside_the_net_leaves_the_valid_region_alone():
+  """The net pads an input to a multiple of 2^(depth - 1) with zeros and crops the output back:
+  a 61 x 61 image gives the logits of the same image zero-padded to 64 x 64 by hand."""
+  model, variables = tiny(3, 8, (64, 64))
+  rng = np.random.default_rng(0)
+  image = np.zeros((1, 64, 64, 1), np.float32)
+  image[:, :61, :61] = rng.random((1, 61, 61, 1))
+  whole = model.apply(variables, jnp.asarray(image), False)[0]
+  cropped = model.apply(variables, jnp.asarray(image[:, :61, :61]), False)[0]
+  np.testing.assert_allclose(np.asarray(cropped), np.asarray(whole)[:, :61, :61], atol=1e-5)
+
+
+def test_a_bad_spec_or_input_is_refused_in_one_line():
+  with pytest.raises(ValueError, match='model.unet.depth=0'):
+    UNetSpec(image_size=(64, 64), num_classes=4, depth=0)
+  with pytest.raises(ValueError, match="model.norm='frozen_batch'"):
+    UNetSpec(image_size=(64, 64), num_classes=4, norm='frozen_batch')
+  model, variables = tiny(2, 8, (16, 16))
+  with pytest.raises(ValueError, match='NHWC'):
+    model.apply(variables, jnp.zeros((16, 16, 1)), False)
+
+
+# --- the loss against NumPy ----------------------------------------------------------------------
+
+
+def numpy_dice_ce(logits: np.ndarray, labels: np.ndarray, smooth: float = 1e-5):
+  """Plainly written: per image, the pixel-mean CE and 1 - mean over foreground classes of
+  (2 sum(p t) + s) / (sum p + sum t + s); both averaged over images."""
+  b, h, w, k = logits.shape
+  ce_images, dice_images = [], []
+  for i in range(b):
+    z = logits[i].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    p = np.exp(log_p)
+    ce = 0.0
+    for r in range(h):
+      for c in range(w):
+        ce -= log_p[r, c, labels[i, r, c]]
+    ce_images.append(ce / (h * w))
+    scores = []
+    for cls in range(1, k):
+      t = (labels[i] == cls).astype(np.float64)
+      scores.append((2 * (p[..., cls] * t).sum() + smooth) / (p[..., cls].sum() + t.sum() + smooth))
+    dice_images.append(1 - np.mean(scores))
+  return float(np.mean(dice_images)), float(np.mean(ce_images))
+
+
+def test_dice_and_cross_entropy_match_a_numpy_reference():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 2, (3, 7, 6, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, (3, 7, 6)).astype(np.int32)
+  labels[1] = 0  # an image without foreground: its Dice rewards predicting none
+  total, terms = semantic_losses.dice_ce_loss(
+    jnp.asarray(logits), jnp.asarray(labels), dice_weight=0.5, ce_weight=2.0
+  )
+  dice, ce = numpy_dice_ce(logits, labels)
+  np.testing.assert_allclose(float(terms['dice']), dice, rtol=1e-5)
+  np.testing.assert_allclose(float(terms['ce']), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(total), 0.5 * dice + 2.0 * ce, rtol=1e-5)
+
+
+def test_a_perfect_confident_prediction_has_almost_no_loss_and_a_wrong_one_a_large_one():
+  labels = np.zeros((1, 4, 4), np.int32)
+  labels[0, 1:3, 1:3] = 2
+  right = 50.0 * jax.nn.one_hot(labels, 3)
+  _, terms = semantic_losses.dice_ce_loss(right, jnp.asarray(labels))
+  assert float(terms['dice']) < 1e-4 and float(terms['ce']) < 1e-4
+  wrong = 50.0 * jax.nn.one_hot((labels + 1) % 3, 3)
+  _, terms = semantic_losses.dice_ce_loss(wrong, jnp.asarray(labels))
+  assert float(terms['dice']) > 0.99 and float(terms['ce']) > 40
+
+
+def test_the_label_map_of_padded_instances_matches_the_trainers():
+  from imask_jax.train import gt_label_map  # the host's version, used by validation
+
+  rng = np.random.default_rng(2)
+  masks = (rng.random((2, 4, 9, 8)) < 0.3).astype(np.uint8)
+  classes = rng.integers(1, 5, (2, 4)).astype(np.int32)
+  valid = rng.random((2, 4)) < 0.7
+  got = semantic_losses.label_map_from_instances(
+    jnp.asarray(classes), jnp.asarray(masks), jnp.asarray(valid)
+  )
+  np.testing.assert_array_equal(np.asarray(got), gt_label_map(classes, masks, valid))
+
+
+def test_deep_supervision_weights_are_nnunets():
+  # nnU-Net: 1 / 2^i, the lowest resolution 0, normalised.
+  np.testing.assert_allclose(
+    semantic_losses.deep_supervision_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75
+  )
+  assert semantic_losses.deep_supervision_weights(1) == (1.0,)
+
+
+# --- overfit on two phantom slices ---------------------------------------------------------------
+
+CROP = 96
+OVERFIT_STEPS = 150
+OVERFIT_DICE = 0.9  # per class, on the two training slices (measured 0.995-0.999)
+
+
+def phantom_slices() -> tuple[np.ndarray, np.ndarray]:
+  """Two sagittal 96 x 96 crops of knee phantom 0 around the joint (the two slices with the
+  most tibial cartilage of those 7 apart), normalised: images [2, 96, 96, 1], class ids
+  [2, 96, 96] (femur 1, femoral cartilage 2, tibia 3, tibial cartilage 4)."""
+  ph = generate_knee(0)
+  grid = orientation.SourceGrid.from_affine(ph.image.shape, ph.affine)
+  images = orientation.volume_to_slices(grid.to_canonical(ph.image), 'sagittal')
+  labels = orientation.volume_to_slices(grid.to_canonical(ph.labels), 'sagittal')
+  labels = np.where(labels <= 4, labels, 0)
+  lo, hi = np.percentile(ph.image, [0.5, 99.5])
+  order = np.argsort([-(s == 4).sum() for s in labels], kind='stable')
+  out_images, out_labels = [], []
+  for i in (order[0], order[6]):
+    r, c = np.argwhere(np.isin(labels[i], [2, 4])).mean(0).astype(int)
+    r0 = int(np.clip(r - CROP // 2, 0, labels.shape[1] - CROP))
+    c0 = int(np.clip(c - CROP // 2, 0, labels.shape[2] - CROP))
+    window = np.s_[r0 : r0 + CROP, c0 : c0 + CROP]
+    out_images.append(np.clip((images[i] - lo) / (hi - lo), 0, 1)[window][..., None])
+    out_labels.append(labels[i][window])
+  return np.stack(out_images).astype(np.float32), np.stack(out_labels).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_overfits_two_phantom_slices():
+  images, labels = phantom_slices()
+  assert all((labels == c).any() for c in range(1, 5))
+  model, variables = tiny(4, 8, (CROP, CROP))
+  # The trainer's targets: one instance slot per class.
+  masks = np.stack([(labels == c) for c in range(1, 5)], axis=1).astype(np.uint8)
+  targets = dict(
+    gt_classes=jnp.tile(jnp.arange(1, 5, dtype=jnp.int32), (2, 1)),
+    gt_masks=jnp.asarray(masks),
+    gt_valid=jnp.ones((2, 4), bool),
+  )
+  x = jnp.asarray(images)
+  tx = optax.adam(3e-3)
+  params = variables['params']
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss_fn = lambda p: model.apply({'params': p}, x, targets, None, True, method=UNet.losses)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  first = None
+  for _ in range(OVERFIT_STEPS):
+    params, opt_state, loss = step(params, opt_state)
+    first = float(loss) if first is None else first
+  probs = model.apply({'params': params}, x, method=UNet.segment)
+  pred = np.asarray(jnp.argmax(probs, -1))
+  dice = [
+    2 * np.sum((pred == c) & (labels == c)) / (np.sum(pred == c) + np.sum(labels == c))
+    for c in range(1, 5)
+  ]
+  print('loss', first, '->', float(loss), 'dice per class', np.round(dice, 3))
+  assert float(loss) < 0.25 * first
+  assert min(dice) >= OVERFIT_DICE, dice
