@@ -22,6 +22,7 @@ import math
 import sys
 import time
 
+from data_pipelines.phantoms import contrast as contrast_lib
 from data_pipelines.phantoms import writer
 
 
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument('--preview', help='PNG of a few slices of the first volume')
   parser.add_argument(
+    '--contrast',
+    choices=list(contrast_lib.CONTRASTS),
+    help="knees: the tissue signal table (default: the generator's, dess); iw_fs and t1 are "
+    'held-out contrasts for judging a model, never for training (docs/phantoms.md)',
+  )
+  parser.add_argument(
     '--visits',
     type=int,
     default=1,
@@ -97,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       parser.error(f'{flag} {value}: expected a number of mm > 0')
   if args.visits < 1:
     parser.error(f'--visits {args.visits}: expected at least 1')
+  if args.contrast is not None and args.kind != 'knee':
+    parser.error(f'--contrast {args.contrast}: contrasts are drawn for knees only')
   if args.visits > 1 and args.kind != 'knee':
     parser.error(f'--visits {args.visits}: follow-ups are drawn for knees only')
   try:
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
       fov_mm=args.fov,
       visits=args.visits,
       thinning=args.thinning,
+      contrast=args.contrast,
     )
   except ValueError as error:  # a refused --out or grid: the message says why, no traceback
     print(error, file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import tissues
+from data_pipelines.phantoms import contrast as contrast_lib
 from data_pipelines.phantoms import knee_regions, mri, scene, sdf
 
 Array = np.ndarray
@@ -585,11 +586,14 @@ def _scaled(fn, s: float):
   return lambda x, y, z: s32 * fn(x / s32, y / s32, z / s32)
 
 
-def build_layers(model: KneeModel, sc: scene.Scene) -> tuple[list[scene.Layer], list[str]]:
-  """Tissue layers in priority order, and the names of the effusion pockets among them."""
+def build_layers(
+  model: KneeModel, sc: scene.Scene, signal: dict[str, float] | None = None
+) -> tuple[list[scene.Layer], list[str]]:
+  """Tissue layers in priority order, and the names of the effusion pockets among them.
+  signal: tissue -> scanner units (`contrast.signal_table`; default `mri.DESS`)."""
   s = model.s
   tex = sc.textures
-  c = mri.DESS
+  c = mri.DESS if signal is None else signal
   h = sc.ramp_mm
 
   def field_layer(name, label, box, fn, intensity):
@@ -981,6 +985,7 @@ def generate_knee(
   fov_mm: float | None = None,
   visit: int | None = None,
   thinning: dict[str, float] | None = None,
+  contrast: str = 'dess',
   **anatomy_options: Any,
 ) -> scene.Phantom:
   """One sagittal DESS-like knee volume; identical output for identical arguments.
@@ -1004,7 +1009,13 @@ def generate_knee(
   from the seed sequence [seed, visit], and its cartilage is thinned by `thinning`
   ({region: mm}, names of knee_regions.THINNABLE, e.g. {'cMF': 0.1}; the change from the
   baseline, not from the previous visit). Without thinning a follow-up is a test-retest rescan.
+
+  contrast: the tissue -> signal table (`contrast.CONTRASTS`): 'dess' (the default, every
+  training set's) or a held-out one for judging ('iw_fs', 't1'); the same anatomy, texture,
+  bias and noise draws, so only the signal changes. A held-out contrast is recorded in the
+  sidecar ('contrast', and 'sequence' names it); with 'dess' the sidecar is unchanged.
   """
+  signal = contrast_lib.signal_table(contrast)
   p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
   ref = PRESETS[preset]
   thinning = knee_regions.check_thinning(thinning, 'generate_knee')
@@ -1031,7 +1042,7 @@ def generate_knee(
   grid = make_grid(anatomy, preset, spacing_mm, fov_mm, pose_change)
   sc = scene.Scene(grid, ramp_mm=float(np.mean(p['spacing'][:2])))
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
-  layers, pockets = build_layers(model, sc)
+  layers, pockets = build_layers(model, sc, signal)
   rendered = scene.render(sc, layers, background=0.0)
   image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
   # The coil is fixed in space: its profile spans the preset's field of view.
@@ -1042,6 +1053,9 @@ def generate_knee(
   image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3, reach=reach)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
   truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset, p)
+  if contrast != 'dess':
+    truth['sequence'] = contrast_lib.SEQUENCE_NAMES[contrast]
+    truth['contrast'] = {'name': contrast, 'signal': dict(signal)}
   if visit is not None:
     truth['visit'] = {
       'visit': int(visit),
