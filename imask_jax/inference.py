@@ -16,6 +16,10 @@ network-resolution label map, so the output is as sharp as the mask head allows 
 input scale. Overlapping masks and the score cut follow `mask_rcnn.detections_to_label_map`, as
 at network resolution.
 
+A U-Net (`model.kind = 'unet'`) gives class probabilities at network pixels instead of
+detections: `semantic.probs_to_source` resamples them to the source slice before the argmax,
+and each slice's classes (or their connected components) become its scored instances.
+
 Class ids (1..K, the model's output) become the config's label values
 (`data.class_label_values`) only at the end, in `LabelScheme.to_label_values`.
 """
