@@ -23,7 +23,7 @@ import sys
 import time
 
 from data_pipelines.phantoms import contrast as contrast_lib
-from data_pipelines.phantoms import writer
+from data_pipelines.phantoms import knee_shapes, writer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     'held-out contrasts for judging a model, never for training (docs/phantoms.md)',
   )
   parser.add_argument(
+    '--shape-family',
+    choices=list(knee_shapes.FAMILIES),
+    help="knees: the anatomy's shape family (default: the generator's, default); varied "
+    'widens the shapes for training, held_out draws them outside those ranges for judging',
+  )
+  parser.add_argument(
     '--visits',
     type=int,
     default=1,
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error(f'--visits {args.visits}: expected at least 1')
   if args.contrast is not None and args.kind != 'knee':
     parser.error(f'--contrast {args.contrast}: contrasts are drawn for knees only')
+  if args.shape_family is not None and args.kind != 'knee':
+    parser.error(f'--shape-family {args.shape_family}: shape families are drawn for knees only')
   if args.visits > 1 and args.kind != 'knee':
     parser.error(f'--visits {args.visits}: follow-ups are drawn for knees only')
   try:
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
       visits=args.visits,
       thinning=args.thinning,
       contrast=args.contrast,
+      shape_family=args.shape_family,
     )
   except ValueError as error:  # a refused --out or grid: the message says why, no traceback
     print(error, file=sys.stderr)

@@ -23,7 +23,7 @@ import numpy as np
 
 from data_pipelines import tissues
 from data_pipelines.phantoms import contrast as contrast_lib
-from data_pipelines.phantoms import knee_regions, mri, scene, sdf
+from data_pipelines.phantoms import knee_regions, knee_shapes, mri, scene, sdf
 
 Array = np.ndarray
 GENERATOR_VERSION = '1.0'
@@ -50,7 +50,7 @@ ANATOMY_OPTIONS = (
   'num_defects',
   'joint_gap_mm',
   'pose',
-)
+) + knee_shapes.SHAPE_OPTIONS
 
 
 @dataclasses.dataclass
@@ -73,6 +73,12 @@ class KneeAnatomy:
   patellar_modes: Array  # [K, 4]
   pocket_wobble: Array  # [3, 6] wobble phases per pocket
   effusion_split: Array  # [3] fraction per pocket
+  # Shape beyond the default family's draws (knee_shapes.py); these defaults are its shape.
+  notch_half_width_mm: float = knee_shapes.DEFAULT_NOTCH_HALF_WIDTH_MM
+  condyle_scale: dict[str, tuple[float, float, float]] | None = None
+  plateau_tilt_deg: float = 0.0
+  shape_family: str = 'default'
+  shaped: bool = False  # True when a family or a shape option set any of the above
 
 
 def sample_anatomy(rng: np.random.Generator, **options: Any) -> KneeAnatomy:
@@ -118,6 +124,9 @@ def sample_anatomy(rng: np.random.Generator, **options: Any) -> KneeAnatomy:
     elif key == 'pose':
       if not value:
         anatomy.pose_deg, anatomy.pose_shift_mm = (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
+    elif key in knee_shapes.SHAPE_OPTIONS:
+      setattr(anatomy, key, knee_shapes.check_option(key, value))
+      anatomy.shaped = True
     else:
       setattr(anatomy, key, value)
   if anatomy.side not in ('right', 'left'):
@@ -187,6 +196,16 @@ class KneeModel:
         c=np.array([-21.0, -7.0, 21.0]), r=np.array([14.0, 29.5, 21.0]) * (1 + j[3:6])
       ),
     }
+    # Half-widths (base mm about each condyle's centre) where its cartilage cover ends.
+    self.cover = {'lateral': (11.5, 8.5), 'medial': (12.5, 9.5)}
+    if anatomy.condyle_scale is not None:
+      for name, factors in anatomy.condyle_scale.items():
+        self.cond[name]['r'] = self.cond[name]['r'] * np.asarray(factors, np.float64)
+        self.cover[name] = tuple(w * float(factors[0]) for w in self.cover[name])
+    self.notch_half = float(anatomy.notch_half_width_mm)
+    # Base mm added to the boxes the joint's layers are rendered in: a shaped knee's tilted
+    # plateau and larger condyles reach past the default family's boxes.
+    self.box_margin = 4.0 if anatomy.shaped else 0.0
     self.axis_yz = np.array([-6.0, 22.0])  # femoral theta axis (y, z), base units
     self.tib_top = -2.4
     self.patella_c = np.array([3.0, 36.0, 30.0])
@@ -219,7 +238,7 @@ class KneeModel:
     d = sdf.smooth_union(d, epi, 5.0)
     # Intercondylar notch: a wedge under Blumensaat's line, open posteriorly and distally.
     roof = (z - (8.0 + 0.5 * (8.0 - y))) / np.float32(math.sqrt(1.25))
-    notch = np.maximum(np.abs(x + 1.0) - 9.5, roof)
+    notch = np.maximum(np.abs(x + 1.0) - self.notch_half, roof)
     d = sdf.smooth_subtract(d, notch, 2.5)
     # Trochlear groove: a cylinder along the anterior femur, slightly lateral.
     axis = np.array([0.0, 0.22, 1.0])
@@ -238,6 +257,10 @@ class KneeModel:
     z = np.float32(self.tib_top) + slope * y
     dzx = np.zeros_like(x + y)
     dzy = slope + dzx
+    if self.a.plateau_tilt_deg:  # varus > 0: the medial (x < 0) side lower
+      tilt = np.float32(math.tan(math.radians(self.a.plateau_tilt_deg)))
+      z = z + tilt * x
+      dzx = dzx + tilt
     # Medial plateau concave (a shallow bowl), lateral convex front to back.
     terms = [
       (-1.6, -20.0, -3.0, 13.0, 17.0),
@@ -296,12 +319,12 @@ class KneeModel:
     xb = x / np.float32(self.s)
     lat_c, med_c = self.cond['lateral']['c'][0], self.cond['medial']['c'][0]
     w_lat = (
-      sdf.smoothstep(11.5, 8.5, np.abs(xb - lat_c))
+      sdf.smoothstep(*self.cover['lateral'], np.abs(xb - lat_c))
       * sdf.smoothstep(-127.0, -113.0, theta)
       * sdf.smoothstep(80.0, 62.0, theta)
     )
     w_med = (
-      sdf.smoothstep(12.5, 9.5, np.abs(xb - med_c))
+      sdf.smoothstep(*self.cover['medial'], np.abs(xb - med_c))
       * sdf.smoothstep(-129.0, -115.0, theta)
       * sdf.smoothstep(80.0, 62.0, theta)
     )
@@ -627,8 +650,9 @@ def build_layers(
 
     return scene.Layer(name, label, box, sample)
 
-  femur_box = ((-48 * s, -45 * s, -8 * s), (48 * s, 35 * s, 120 * s))
-  tibia_box = ((-46 * s, -36 * s, -130 * s), (46 * s, 30 * s, 12 * s))
+  m = model.box_margin
+  femur_box = ((-48 * s, (-45 - m) * s, (-8 - m) * s), (48 * s, 35 * s, 120 * s))
+  tibia_box = ((-46 * s, -36 * s, -130 * s), (46 * s, 30 * s, (12 + m) * s))
   pc, pr = model.patella_c, model.patella_r
   patella_box = _box(pc, pr + 2, s)
   fibula_box = ((26 * s, -30 * s, -130 * s), (50 * s, -4 * s, -6 * s))
@@ -638,10 +662,18 @@ def build_layers(
 
   layers = [
     cartilage_layer(
-      'femoral_cartilage', 2, 'femur', ((-42 * s, -42 * s, -6 * s), (42 * s, 34 * s, 62 * s)), 3.5
+      'femoral_cartilage',
+      2,
+      'femur',
+      ((-42 * s, (-42 - m) * s, (-6 - m) * s), (42 * s, 34 * s, 62 * s)),
+      3.5,
     ),
     cartilage_layer(
-      'tibial_cartilage', 4, 'tibia', ((-40 * s, -30 * s, -12 * s), (40 * s, 24 * s, 12 * s)), 3.5
+      'tibial_cartilage',
+      4,
+      'tibia',
+      ((-40 * s, -30 * s, (-12 - m) * s), (40 * s, 24 * s, (12 + m) * s)),
+      3.5,
     ),
     cartilage_layer('patellar_cartilage', 0, 'patella', patella_box, 4.5),
   ]
@@ -692,10 +724,18 @@ def build_layers(
   men_lat = meniscus(20.0, -4.0, 14.5, 18.0, 7.0, 180.0, 14.0)
   layers += [
     field_layer(
-      'medial_meniscus', 0, _box((-20, -3, 3), (17, 23, 9), s), _scaled(men_med, s), c['fibrous']
+      'medial_meniscus',
+      0,
+      _box((-20, -3, 3), (17, 23, 9), s, 2.0 + m * s),
+      _scaled(men_med, s),
+      c['fibrous'],
     ),
     field_layer(
-      'lateral_meniscus', 0, _box((20, -4, 3), (16, 20, 9), s), _scaled(men_lat, s), c['fibrous']
+      'lateral_meniscus',
+      0,
+      _box((20, -4, 3), (16, 20, 9), s, 2.0 + m * s),
+      _scaled(men_lat, s),
+      c['fibrous'],
     ),
   ]
 
@@ -986,6 +1026,7 @@ def generate_knee(
   visit: int | None = None,
   thinning: dict[str, float] | None = None,
   contrast: str = 'dess',
+  shape_family: str = 'default',
   **anatomy_options: Any,
 ) -> scene.Phantom:
   """One sagittal DESS-like knee volume; identical output for identical arguments.
@@ -1014,8 +1055,14 @@ def generate_knee(
   training set's) or a held-out one for judging ('iw_fs', 't1'); the same anatomy, texture,
   bias and noise draws, so only the signal changes. A held-out contrast is recorded in the
   sidecar ('contrast', and 'sequence' names it); with 'dess' the sidecar is unchanged.
+
+  shape_family: 'default' (sample_anatomy's shapes), 'varied' (wider, for training) or
+  'held_out' (outside the varied ranges, for judging); knee_shapes.py. The shape options
+  (tibial_slope_deg, notch_half_width_mm, plateau_tilt_deg, condyle_scale) set one parameter
+  in any family. Either is recorded in the sidecar ('anatomy' 'shape'), else it is unchanged.
   """
   signal = contrast_lib.signal_table(contrast)
+  shape = knee_shapes.draw_shape(seed, shape_family)
   p = mri.acquisition(PRESETS, preset, spacing_mm, fov_mm, 'generate_knee')
   ref = PRESETS[preset]
   thinning = knee_regions.check_thinning(thinning, 'generate_knee')
@@ -1028,6 +1075,8 @@ def generate_knee(
     )
   rng = np.random.default_rng(seed)
   anatomy = sample_anatomy(rng, **anatomy_options)
+  if shape is not None:
+    knee_shapes.apply_shape(anatomy, shape, keep=set(anatomy_options))
   model = KneeModel(anatomy)
   pose_change = change_info = regions = None
   if visit is not None:
@@ -1053,6 +1102,8 @@ def generate_knee(
   image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3, reach=reach)
   image = mri.quantise(mri.rician(image, p['noise'], rng))
   truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset, p)
+  if anatomy.shaped:
+    truth['anatomy']['shape'] = knee_shapes.describe(anatomy)
   if contrast != 'dess':
     truth['sequence'] = contrast_lib.SEQUENCE_NAMES[contrast]
     truth['contrast'] = {'name': contrast, 'signal': dict(signal)}

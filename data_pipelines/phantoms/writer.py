@@ -32,7 +32,7 @@ import numpy as np
 from data_pipelines.atomic import atomic_dir, atomic_path, remove_stale_temporaries
 from data_pipelines.datasets import params
 from data_pipelines.phantoms import contrast as contrast_lib
-from data_pipelines.phantoms import hip, knee, knee_regions, mri, scene
+from data_pipelines.phantoms import hip, knee, knee_regions, knee_shapes, mri, scene
 
 KINDS = {'knee': knee, 'hip': hip}
 # Written into every dataset folder the generator makes; a folder is replaced only if it holds
@@ -64,13 +64,15 @@ def generate(
   visit: int | None = None,
   thinning: Mapping[str, float] | None = None,
   contrast: str | None = None,
+  shape_family: str | None = None,
 ) -> scene.Phantom:
   """The phantom of `kind` ('knee' or 'hip') for one seed.
 
   spacing_mm, fov_mm: optional in-plane pixel spacing and field of view (mm) instead of the
   preset's (see `mri.acquisition`; ValueError when out of range). visit, thinning (knees only):
   that visit of the knee, thinned (knee.generate_knee). contrast (knees only): the tissue
-  signal table (`contrast.CONTRASTS`; None: the generator's default, DESS).
+  signal table (`contrast.CONTRASTS`; None: the generator's default, DESS). shape_family
+  (knees only): `knee_shapes.FAMILIES` (None: the default family).
   """
   if kind not in KINDS:
     raise ValueError(f'phantoms: kind={kind!r}; expected one of {sorted(KINDS)}')
@@ -78,11 +80,13 @@ def generate(
     extra = {} if visit is None else dict(visit=visit, thinning=thinning)
     if contrast is not None:
       extra['contrast'] = contrast
+    if shape_family is not None:
+      extra['shape_family'] = shape_family
     return knee.generate_knee(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm, **extra)
   if visit is not None or thinning:
     raise ValueError('phantoms: visits and thinning are drawn for knees only')
-  if contrast is not None:
-    raise ValueError(f'phantoms: contrast={contrast!r} is drawn for knees only')
+  if contrast is not None or shape_family is not None:
+    raise ValueError('phantoms: contrasts and shape families are drawn for knees only')
   return hip.generate_hip(seed, preset, spacing_mm=spacing_mm, fov_mm=fov_mm)
 
 
@@ -147,12 +151,13 @@ def dataset_json(
   visits: int = 1,
   thinning: Mapping[str, float] | None = None,
   contrast: str | None = None,
+  shape_family: str | None = None,
 ) -> dict[str, Any]:
   """nnU-Net v2 dataset.json plus our keys (plane, readers, the case list, provenance).
 
   The in-plane overrides are recorded (as 'spacing_mm', 'fov_mm', after 'preset') only when
-  given, 'visits', 'thinning_mm_per_visit' only for a longitudinal dataset and 'contrast' only
-  when given, so a preset's dataset.json is what it was before they existed.
+  given, 'visits', 'thinning_mm_per_visit' only for a longitudinal dataset and 'contrast',
+  'shape_family' only when given, so a preset's dataset.json is what it was before they existed.
   """
   module = KINDS[kind]
   sequence = module.SEQUENCE if contrast is None else contrast_lib.SEQUENCE_NAMES[contrast]
@@ -177,6 +182,8 @@ def dataset_json(
   if contrast is not None:
     out['contrast'] = contrast
     out['channel_names'] = {'0': sequence}
+  if shape_family is not None:
+    out['shape_family'] = shape_family
   if visits > 1:
     out['visits'] = int(visits)
     out['thinning_mm_per_visit'] = dict(thinning or {})
@@ -201,6 +208,7 @@ def write_dataset(
   visits: int = 1,
   thinning: Mapping[str, float] | None = None,
   contrast: str | None = None,
+  shape_family: str | None = None,
 ) -> dict[str, Any]:
   """Writes `num` phantoms (volume i from seed + i, id '<kind>_<i:04d>') into folder `out`.
 
@@ -215,7 +223,8 @@ def write_dataset(
   preset's; checked (> 0, 16 to 2048 pixels in-plane) before anything is written.
 
   contrast (knees only): the tissue signal table (`contrast.CONTRASTS`, e.g. 'iw_fs', a
-  held-out contrast for judging); recorded in dataset.json when given.
+  held-out contrast for judging); shape_family (knees only): `knee_shapes.FAMILIES` ('varied'
+  for training, 'held_out' for judging); each recorded in dataset.json when given.
 
   The folder is assembled beside `out` and moved into place whole. An existing `out` is
   replaced only when the generator wrote it (it holds the MARKER file) or it is an empty
@@ -242,6 +251,12 @@ def write_dataset(
     if kind != 'knee':
       raise ValueError(f'phantoms: contrast={contrast!r} is drawn for knees only, not {kind!r}')
     contrast_lib.signal_table(contrast)  # ValueError naming the choices
+  if shape_family is not None:
+    if kind != 'knee':
+      raise ValueError(
+        f'phantoms: shape_family={shape_family!r} is drawn for knees only, not {kind!r}'
+      )
+    knee_shapes.draw_shape(0, shape_family)  # ValueError naming the choices
   thinning = knee_regions.check_thinning(thinning, 'phantoms')
   # The last visit's thinning must be in range too; checked before anything is written.
   knee_regions.check_thinning({k: v * (visits - 1) for k, v in thinning.items()}, 'phantoms')
@@ -257,18 +272,38 @@ def write_dataset(
     for i in chosen:
       for v in range(visits):
         if visits == 1:
-          ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm, contrast=contrast)
+          ph = generate(
+            kind,
+            int(seed) + i,
+            preset,
+            spacing_mm,
+            fov_mm,
+            contrast=contrast,
+            shape_family=shape_family,
+          )
           case_id = f'{kind}_{i:04d}'
         else:
           drawn = {k: round(mm * v, 6) for k, mm in thinning.items()} if v else None
-          ph = generate(kind, int(seed) + i, preset, spacing_mm, fov_mm, v, drawn, contrast)
+          ph = generate(
+            kind, int(seed) + i, preset, spacing_mm, fov_mm, v, drawn, contrast, shape_family
+          )
           case_id = f'{kind}_{i:04d}_v{v}'
         cases.append((case_id, write_case(tmp, case_id, ph)))
         readers = sorted(ph.reader_labels)
         if first is None:
           first = ph
     meta = dataset_json(
-      kind, cases, seed, preset, readers, spacing_mm, fov_mm, visits, thinning, contrast
+      kind,
+      cases,
+      seed,
+      preset,
+      readers,
+      spacing_mm,
+      fov_mm,
+      visits,
+      thinning,
+      contrast,
+      shape_family,
     )
     _write_bytes(os.path.join(tmp, 'dataset.json'), _json_bytes(meta))
     _write_bytes(os.path.join(tmp, MARKER), _json_bytes({'generator': MARKER_TEXT, 'kind': kind}))
