@@ -110,7 +110,8 @@ def stage_means(log: str) -> tuple[float, float, float]:
 
 
 def in_process(workdir: str, volumes: str, scratch: str, count: int, repeats: int) -> list[dict]:
-  from imask_jax import inference, predict
+  from imask_jax import inference
+  from imask_jax.predict.command import predict_command
 
   model = inference.load_model(workdir)
   # Compile (and load the training reference) on one volume first.
@@ -118,7 +119,7 @@ def in_process(workdir: str, volumes: str, scratch: str, count: int, repeats: in
   started = time.perf_counter()
   out = os.path.join(scratch, 'out_warmup')
   shutil.rmtree(out, ignore_errors=True)
-  predict.predict_command(workdir, warm, out, model=model, stream=io.StringIO())
+  predict_command(workdir, warm, out, model=model, stream=io.StringIO())
   print(f'in-process warm-up (compile + 1 volume): {time.perf_counter() - started:.1f} s')
   rows, outputs = [], {}
   modes = [('sequential', False), ('pipelined', True)] * repeats
@@ -127,9 +128,7 @@ def in_process(workdir: str, volumes: str, scratch: str, count: int, repeats: in
     shutil.rmtree(out, ignore_errors=True)
     stream = io.StringIO()
     started, cpu = time.perf_counter(), cpu_seconds()
-    status = predict.predict_command(
-      workdir, volumes, out, model=model, stream=stream, pipeline=pipeline
-    )
+    status = predict_command(workdir, volumes, out, model=model, stream=stream, pipeline=pipeline)
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     assert status == 0, stream.getvalue()
     outputs[name] = {n: open(os.path.join(out, n), 'rb').read() for n in sorted(os.listdir(out))}

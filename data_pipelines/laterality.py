@@ -22,7 +22,7 @@ says (its basis names what it overrides); within a scan, two sources that disagr
 'R' and a series description "..._LEFT", two files of one series, a sidecar's "side" and its
 "SeriesDescription") raise `SideConflict`, one line naming both. predict does not fail the scan
 for that: it records the conflict, takes the anatomical estimate and flags the scan
-(imask_jax/quality.py, `side_conflict`); `--side` settles it.
+(imask_jax/predict/quality.py, `side_conflict`); `--side` settles it.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def write_rows(stream: Any, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _column_order(column: str) -> tuple[int, str]:
-  from imask_jax.subregion_tables import ORDER
+  from imask_jax.evaluation.report.subregion_tables import ORDER
 
   region = column.split('_', 1)[0]
   return (ORDER.index(region) if region in ORDER else len(ORDER), column)
@@ -230,7 +230,7 @@ def _column_order(column: str) -> tuple[int, str]:
 
 def pair_text(baseline: Visit, followup: Visit) -> str:
   """The per-region table of one interval, for the terminal."""
-  from imask_jax.subregion_tables import ORDER
+  from imask_jax.evaluation.report.subregion_tables import ORDER
 
   delta = change(baseline, followup)
   lines = [

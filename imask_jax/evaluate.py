@@ -48,7 +48,8 @@ from data_pipelines.datasets import sources
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, evaluate_knee, metrics, report, viz
+from imask_jax import configs, evaluate_knee, metrics, viz
+from imask_jax.evaluation import report
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
   from imask_jax import inference

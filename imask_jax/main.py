@@ -32,6 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.errors import DataError
+from imask_jax import exit_status
 
 # The job's modules (JAX, orbax, ...) are imported in main(), after the flags are parsed, so
 # that --help and a flag mistake answer at once.
@@ -52,7 +53,6 @@ _VERBOSE = flags.DEFINE_boolean(
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_FAILED, EXIT_REFUSED = 1, 2
 # Flags that modules of the job define when imported (orbax's): given on the command line,
 # those modules are imported before parsing, so that the flags are known.
 JOB_FLAG_PREFIXES = ('experimental_orbax_',)
@@ -93,7 +93,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     else:
       text = f'a --config override does not fit the config: {text}'
     print(f'{PROG}: {text}', file=sys.stderr)
-    sys.exit(EXIT_REFUSED)
+    sys.exit(exit_status.REFUSED)
 
 
 def explicit_steps_win(config, argv: Sequence[str]) -> None:
@@ -110,7 +110,7 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
       'steps alone replaces the epochs)',
       file=sys.stderr,
     )
-    sys.exit(EXIT_REFUSED)
+    sys.exit(exit_status.REFUSED)
   run_log.say(
     f"train.steps={config.train.steps} from the command line: the config's "
     f'train.epochs={config.train.epochs} is not used'

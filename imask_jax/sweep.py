@@ -433,15 +433,6 @@ def tissue_abbreviation(tissue: str) -> str:
   return ''.join(part[0].upper() for part in tissue.split('_') if part)
 
 
-def _mean_sd(values: Sequence[float], digits: int) -> str:
-  values = [v for v in values if math.isfinite(v)]
-  if not values:
-    return 'n/a'
-  if len(values) == 1:
-    return f'{values[0]:.{digits}f}'
-  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
-
-
 def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> str:
   """Mean ± SD over the (volume, seed) rows of one variant and tissue; volumes where the
   structure is missed or falsely found enter the Dice, and are counted (never averaged away)
@@ -451,7 +442,9 @@ def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> 
   s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
   if s.n == 0:
     return 'n/a'
-  text = _mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
+  from imask_jax.evaluation.report import finite_mean_sd
+
+  text = finite_mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
   missing = s.n - s.n_finite
   return f'{text} ({missing} of {s.n} not found)' if missing else text
 
@@ -498,7 +491,7 @@ def summary_markdown(
   ap_by_run: Mapping[str, Mapping[str, float]],
   missing: Sequence[str],
 ) -> str:
-  from imask_jax.report import markdown_table
+  from imask_jax.evaluation.report import finite_mean_sd, markdown_table
 
   tissues = list(dict.fromkeys(r['tissue'] for r in rows))
   variants = [str(v[0]) for v in sweep.variants]
@@ -535,7 +528,7 @@ def summary_markdown(
       for tissue in tissues:
         if column == 'ap':
           cells.append(
-            _mean_sd(
+            finite_mean_sd(
               [
                 ap_by_run[f'{variant}/seed{s}'].get(tissue, math.nan)
                 for s in seeds
@@ -597,7 +590,7 @@ def aggregate(
 ) -> tuple[str, list[str]]:
   """Writes DIR/summary.csv and DIR/summary.md from the finished runs; returns the markdown
   and the names of runs not finished."""
-  from imask_jax.report import write_csv, write_text
+  from imask_jax.evaluation.report import write_csv, write_text
 
   rows, ap_by_run, missing = [], {}, []
   for run in runs:

@@ -25,7 +25,9 @@ import SimpleITK as sitk
 from data_pipelines import dicom_io, readers
 from data_pipelines.errors import DataError
 from data_pipelines.phantoms import generate_knee
-from imask_jax import predict
+from imask_jax import exit_status
+from imask_jax.predict import plan as predict_plan
+from imask_jax.predict.command import predict_command
 
 SHAPE = (12, 20, 16)  # [i, j, k]: 16 slices of 20 rows x 12 columns
 # i -> anterior 0.5 mm, j -> superior 0.75 mm, k -> right 2 mm: a right-handed permutation,
@@ -205,17 +207,15 @@ def test_a_folder_of_two_series_one_slice_or_none_is_refused(tmp_path):
 def test_predict_reads_a_series_folder_or_a_folder_of_series(tmp_path):
   # (c) one series folder: itself the input, the output named after it.
   series = write_series(tmp_path / 'knee_0007_0000', _volume(), PERMUTED)
-  assert predict.list_inputs(series) == ([series], [])
-  (job,) = predict.plan_jobs(series, [series], str(tmp_path / 'out'))
+  assert predict_plan.list_inputs(series) == ([series], [])
+  (job,) = predict_plan.plan_jobs(series, [series], str(tmp_path / 'out'))
   assert job.label_map == str(tmp_path / 'out' / 'knee_0007_0000.nii.gz')
-  (job,) = predict.plan_jobs(series, [series], str(tmp_path / 'out' / 'seg.nii.gz'))
+  (job,) = predict_plan.plan_jobs(series, [series], str(tmp_path / 'out' / 'seg.nii.gz'))
   assert job.report == str(tmp_path / 'out' / 'seg.json')
   # Never among the slices: the folder would then be read as a NIfTI folder.
   for output in (series, os.path.join(series, 'seg.nii.gz')):
     stream = io.StringIO()
-    assert (
-      predict.predict_command('/nonexistent', series, output, stream=stream) == predict.EXIT_REFUSED
-    )
+    assert predict_command('/nonexistent', series, output, stream=stream) == exit_status.REFUSED
     assert f'is inside the DICOM series folder {series}' in stream.getvalue()
   assert len(os.listdir(series)) == SHAPE[2]
   # (d) a folder of series folders; other entries are skipped.
@@ -223,23 +223,20 @@ def test_predict_reads_a_series_folder_or_a_folder_of_series(tmp_path):
   paths = [write_series(root / name, _volume(), PERMUTED) for name in ('sag_pd', 'sag_t2')]
   (root / 'empty').mkdir()
   (root / 'notes.txt').write_text('not a scan\n')
-  assert predict.list_inputs(str(root)) == (paths, ['empty', 'notes.txt'])
-  jobs = predict.plan_jobs(str(root), paths, str(tmp_path / 'out'))
+  assert predict_plan.list_inputs(str(root)) == (paths, ['empty', 'notes.txt'])
+  jobs = predict_plan.plan_jobs(str(root), paths, str(tmp_path / 'out'))
   assert [os.path.basename(j.label_map) for j in jobs] == ['sag_pd.nii.gz', 'sag_t2.nii.gz']
   stream = io.StringIO()
-  assert (
-    predict.predict_command('/nonexistent', str(root), paths[0], stream=stream)
-    == predict.EXIT_REFUSED
-  )
+  assert predict_command('/nonexistent', str(root), paths[0], stream=stream) == exit_status.REFUSED
   assert f'is inside the DICOM series folder {paths[0]}' in stream.getvalue()
   # (b) NIfTI files first: a folder holding one reads only that, the series is skipped.
   nib.save(nib.Nifti1Image(_volume(), PERMUTED), str(root / 'scan.nii.gz'))
-  assert predict.list_inputs(str(root)) == (
+  assert predict_plan.list_inputs(str(root)) == (
     [str(root / 'scan.nii.gz')],
     ['empty', 'notes.txt', 'sag_pd', 'sag_t2'],
   )
   with pytest.raises(ValueError, match='holds no NIfTI file .* no DICOM files'):
-    predict.list_inputs(str(root / 'empty'))
+    predict_plan.list_inputs(str(root / 'empty'))
 
 
 # The knee crop of tests/test_predict.py: axes P, I, L (left-handed), 8 slices of 64 x 64.
@@ -255,10 +252,10 @@ def test_predict_on_a_series_writes_the_label_map_of_the_same_nifti(smoke_model,
   series = write_series(tmp_path / 'study' / 'knee_a', knee, AFFINE_A)
   for source, out in ((nifti, 'from_nifti'), (str(tmp_path / 'study'), 'from_dicom')):
     assert (
-      predict.predict_command(
+      predict_command(
         smoke_model.workdir, source, str(tmp_path / out), model=smoke_model, stream=io.StringIO()
       )
-      == predict.EXIT_OK
+      == exit_status.OK
     )
   from_nifti = nib.load(str(tmp_path / 'from_nifti' / 'knee_a.nii.gz'))
   from_dicom = nib.load(str(tmp_path / 'from_dicom' / 'knee_a.nii.gz'))

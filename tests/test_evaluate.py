@@ -15,7 +15,8 @@ import pytest
 from data_pipelines import instances, readers, tissues
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from imask_jax import configs, evaluate, inference, metrics, report
+from imask_jax import configs, evaluate, inference, metrics
+from imask_jax.evaluation import report
 from imask_jax.metrics import CaseStatus
 
 

@@ -17,7 +17,11 @@ import pytest
 
 from conftest import POSED_AFFINE
 from data_pipelines.phantoms import generate_knee
-from imask_jax import metrics, predict, scan_report
+from imask_jax import exit_status, metrics
+from imask_jax.predict import plan as predict_plan
+from imask_jax.predict import scan_report
+from imask_jax.predict.command import main as predict_main
+from imask_jax.predict.command import predict_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,11 +66,11 @@ def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_fil
   folder, paths = scans
   out = tmp_path / 'out'
   stream = io.StringIO()
-  status = predict.predict_command(
+  status = predict_command(
     smoke_model.workdir, str(folder), str(out), model=smoke_model, stream=stream
   )
   log = stream.getvalue()
-  assert status == predict.EXIT_FAILED_INPUTS
+  assert status == exit_status.FAILED
   assert f'FAILED DataError: {paths["bad"]}: cannot read' in log
   assert 'skipped notes.txt' in log
   assert '2 of 3 volumes written' in log
@@ -126,21 +130,19 @@ def test_output_equal_to_an_input_is_refused(scans, tmp_path):
   stream = io.StringIO()
   # Refused before the model is needed: the workdir is never read.
   assert (
-    predict.predict_command('/nonexistent', paths['a'], paths['a'], stream=stream)
-    == predict.EXIT_REFUSED
+    predict_command('/nonexistent', paths['a'], paths['a'], stream=stream) == exit_status.REFUSED
   )
   assert f'output {paths["a"]} is the input {paths["a"]}' in stream.getvalue()
   assert (os.path.getmtime(paths['a']), os.path.getsize(paths['a'])) == before
   stream = io.StringIO()
   assert (
-    predict.predict_command('/nonexistent', str(folder), str(folder), stream=stream)
-    == predict.EXIT_REFUSED
+    predict_command('/nonexistent', str(folder), str(folder), stream=stream) == exit_status.REFUSED
   )
   assert 'is the input folder' in stream.getvalue()
   # The CLI entry point gives the same status.
   assert (
-    predict.main(['--workdir', '/nonexistent', '--input', paths['a'], '--output', paths['a']])
-    == predict.EXIT_REFUSED
+    predict_main(['--workdir', '/nonexistent', '--input', paths['a'], '--output', paths['a']])
+    == exit_status.REFUSED
   )
 
 
@@ -148,16 +150,16 @@ def test_plan_names_outputs_like_nnunet_and_refuses_collisions(tmp_path):
   inputs = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'y.nii')]
   for path in inputs:
     open(path, 'w').close()
-  jobs = predict.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
+  jobs = predict_plan.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
   assert [(os.path.basename(j.label_map), os.path.basename(j.report)) for j in jobs] == [
     ('x.nii.gz', 'x.json'),
     ('y.nii.gz', 'y.json'),
   ]
-  single = predict.plan_jobs(inputs[0], inputs[:1], str(tmp_path / 'o' / 'seg.nii.gz'))
+  single = predict_plan.plan_jobs(inputs[0], inputs[:1], str(tmp_path / 'o' / 'seg.nii.gz'))
   assert single[0].report == str(tmp_path / 'o' / 'seg.json')
   clash = [str(tmp_path / 'x_0000.nii.gz'), str(tmp_path / 'x.nii.gz')]
   with pytest.raises(ValueError, match='would both write'):
-    predict.plan_jobs(str(tmp_path), clash, str(tmp_path / 'out'))
+    predict_plan.plan_jobs(str(tmp_path), clash, str(tmp_path / 'out'))
 
 
 # --- never overwrite what predict did not write; refuse an unwritable output up front ----------
@@ -181,8 +183,8 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   before = _bytes(neighbour)
   stream = io.StringIO()
   # Refused before the model is needed: the workdir is never read.
-  status = predict.predict_command('/nonexistent', source, str(tmp_path), stream=stream)
-  assert status == predict.EXIT_REFUSED
+  status = predict_command('/nonexistent', source, str(tmp_path), stream=stream)
+  assert status == exit_status.REFUSED
   assert (
     f'output {neighbour} exists and is not an earlier prediction of {source}' in stream.getvalue()
   )
@@ -194,8 +196,7 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   (tmp_path / 'scan.json').write_text('{"note": "my own file"}\n')
   stream = io.StringIO()
   assert (
-    predict.predict_command('/nonexistent', source, str(tmp_path), stream=stream)
-    == predict.EXIT_REFUSED
+    predict_command('/nonexistent', source, str(tmp_path), stream=stream) == exit_status.REFUSED
   )
   assert f'output {tmp_path / "scan.json"} exists' in stream.getvalue()
   assert (tmp_path / 'scan.json').read_text() == '{"note": "my own file"}\n'
@@ -205,19 +206,15 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
   source = _scan(tmp_path / 'scan_0000.nii.gz', 1.0)
   out = tmp_path / 'out'
   assert (
-    predict.predict_command(
-      smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO()
-    )
-    == predict.EXIT_OK
+    predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO())
+    == exit_status.OK
   )
   report = json.loads((out / 'scan.json').read_text())
   assert report['input'] == source and report['label_map'] == str(out / 'scan.nii.gz')
   # A second run over its own earlier prediction replaces it.
   assert (
-    predict.predict_command(
-      smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO()
-    )
-    == predict.EXIT_OK
+    predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO())
+    == exit_status.OK
   )
   # The same names, but a report of another input: not this scan's prediction.
   other = _scan(tmp_path / 'other.nii.gz', 2.0)
@@ -226,25 +223,25 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
   label_before = _bytes(out / 'scan.nii.gz')
   stream = io.StringIO()
   assert (
-    predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
-    == predict.EXIT_REFUSED
+    predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
+    == exit_status.REFUSED
   )
   assert 'is not an earlier prediction' in stream.getvalue()
   assert _bytes(out / 'scan.nii.gz') == label_before
   # --overwrite replaces it.
   assert (
-    predict.predict_command(
+    predict_command(
       smoke_model.workdir, source, str(out), model=smoke_model, overwrite=True, stream=io.StringIO()
     )
-    == predict.EXIT_OK
+    == exit_status.OK
   )
   assert json.loads((out / 'scan.json').read_text())['input'] == source
   # The flag never lets an input be replaced (refused before the workdir is read).
   assert (
-    predict.main(
+    predict_main(
       ['--workdir', '/nonexistent', '--input', source, '--output', source, '--overwrite']
     )
-    == predict.EXIT_REFUSED
+    == exit_status.REFUSED
   )
 
 
@@ -257,8 +254,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     stream = io.StringIO()
     # '/nonexistent' as the workdir: no model is loaded before the refusal.
     assert (
-      predict.predict_command('/nonexistent', source, str(output), stream=stream)
-      == predict.EXIT_REFUSED
+      predict_command('/nonexistent', source, str(output), stream=stream) == exit_status.REFUSED
     )
     assert (
       f'predict: refused: --output {blocker / "out"}: cannot create the output folder, '
@@ -268,10 +264,10 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
   # A folder that is created but the model then fails to load is removed again.
   stream = io.StringIO()
   assert (
-    predict.predict_command(
+    predict_command(
       str(tmp_path / 'no_workdir'), source, str(tmp_path / 'new' / 'out'), stream=stream
     )
-    == predict.EXIT_REFUSED
+    == exit_status.REFUSED
   )
   assert stream.getvalue() == (
     f'predict: refused: NotAWorkdirError: '
@@ -308,8 +304,8 @@ def test_the_temporary_of_a_killed_predict_is_removed_by_the_next_run(smoke_mode
   (out / '.scan.nii.gz.notes').write_text('not ours\n')  # another naming: kept
   stream = io.StringIO()
   assert (
-    predict.predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
-    == predict.EXIT_OK
+    predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
+    == exit_status.OK
   )
   assert f'removed {out / leftover}' in stream.getvalue()
   assert sorted(os.listdir(out)) == ['.scan.nii.gz.notes', 'scan.json', 'scan.nii.gz']
@@ -408,13 +404,13 @@ def test_a_scan_that_lost_its_pose_is_refused_unless_allowed(smoke_model, tmp_pa
   source = tmp_path / 'lost.nii.gz'
   nib.save(nib.Nifti1Image(np.full((6, 5, 4), 1.0, np.float32), np.eye(4)), str(source))
   stream = io.StringIO()
-  status = predict.predict_command(
+  status = predict_command(
     smoke_model.workdir, str(source), str(tmp_path / 'out'), model=smoke_model, stream=stream
   )
-  assert status == predict.EXIT_FAILED_INPUTS
+  assert status == exit_status.FAILED
   assert f'{source}: image has no scanner pose: the affine is the identity' in stream.getvalue()
   assert not (tmp_path / 'out' / 'lost.nii.gz').exists()
-  status = predict.predict_command(
+  status = predict_command(
     smoke_model.workdir,
     str(source),
     str(tmp_path / 'out'),
@@ -422,7 +418,7 @@ def test_a_scan_that_lost_its_pose_is_refused_unless_allowed(smoke_model, tmp_pa
     stream=io.StringIO(),
     allow_missing_pose=True,
   )
-  assert status == predict.EXIT_OK
+  assert status == exit_status.OK
   assert nib.load(tmp_path / 'out' / 'lost.nii.gz').shape == (6, 5, 4)
   assert not smoke_model.config.data.allow_missing_pose  # the shared model is untouched
 
@@ -446,10 +442,10 @@ def test_the_report_says_which_knee_and_why(smoke_model, tmp_path):
       (scans / f'{name}.json').write_text(json.dumps(sidecar))
 
   def run(source, out, **kwargs):
-    status = predict.predict_command(
+    status = predict_command(
       smoke_model.workdir, str(source), str(out), model=smoke_model, stream=io.StringIO(), **kwargs
     )
-    assert status == predict.EXIT_OK
+    assert status == exit_status.OK
     return {
       name: json.loads(path.read_text())
       for name, path in ((p.name[: -len('.json')], p) for p in out.glob('*.json'))
@@ -507,7 +503,7 @@ def test_the_report_says_which_knee_and_why(smoke_model, tmp_path):
   )
   # A --side that is not a side is refused before any work.
   stream = io.StringIO()
-  status = predict.predict_command(
+  status = predict_command(
     smoke_model.workdir,
     str(scans),
     str(tmp_path / 'x'),
@@ -515,6 +511,6 @@ def test_the_report_says_which_knee_and_why(smoke_model, tmp_path):
     stream=stream,
     side='up',
   )
-  assert status == predict.EXIT_REFUSED
+  assert status == exit_status.REFUSED
   assert stream.getvalue() == "predict: refused: --side 'up': expected left or right\n"
   assert not (tmp_path / 'x').exists()

@@ -18,7 +18,11 @@ import pytest
 from conftest import POSED_AFFINE
 from data_pipelines import nifti_io
 from data_pipelines.phantoms import generate_knee
-from imask_jax import predict
+from imask_jax import exit_status
+from imask_jax.predict import plan as predict_plan
+from imask_jax.predict import stages as predict_stages
+from imask_jax.predict.command import main as predict_main
+from imask_jax.predict.command import predict_command
 
 # Axes P, I, L with anisotropic voxels (as in tests/test_predict.py).
 AFFINE = np.array(
@@ -60,21 +64,22 @@ def test_shards_partition_the_plan_exactly(tmp_path):
   names = [f'scan_{i:02d}.nii.gz' for i in range(11)]
   for i in np.random.default_rng(0).permutation(len(names)):
     (tmp_path / names[i]).write_bytes(b'')
-  inputs, _ = predict.list_inputs(str(tmp_path))
-  plan = predict.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
+  inputs, _ = predict_plan.list_inputs(str(tmp_path))
+  plan = predict_plan.plan_jobs(str(tmp_path), inputs, str(tmp_path / 'out'))
   assert [os.path.basename(j.input) for j in plan] == names
   for size in range(len(plan) + 1):
     jobs = plan[:size]
     for n in range(1, 8):
-      shards = [predict.shard_jobs(jobs, (k, n)) for k in range(n)]
-      assert shards == [predict.shard_jobs(list(jobs), (k, n)) for k in range(n)]  # deterministic
+      shards = [predict_plan.shard_jobs(jobs, (k, n)) for k in range(n)]
+      # deterministic
+      assert shards == [predict_plan.shard_jobs(list(jobs), (k, n)) for k in range(n)]
       flat = [j.input for shard in shards for j in shard]
       assert sorted(flat) == sorted(j.input for j in jobs)  # union is the plan, no job twice
       assert len(set(flat)) == len(flat)
       assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
       for k, shard in enumerate(shards):
         assert shard == [j for i, j in enumerate(jobs) if i % n == k]
-  assert predict.shard_jobs(plan, None) == plan
+  assert predict_plan.shard_jobs(plan, None) == plan
 
 
 @pytest.mark.parametrize(
@@ -84,7 +89,7 @@ def test_a_malformed_shard_is_refused_in_one_line_with_exit_2(text, tmp_path, ca
   source = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), POSED_AFFINE), str(source))
   argv = ['--workdir', '/nonexistent', '--input', str(source), '--output', str(tmp_path / 'o')]
-  assert predict.main([*argv, f'--shard={text}']) == predict.EXIT_REFUSED
+  assert predict_main([*argv, f'--shard={text}']) == exit_status.REFUSED
   err = capsys.readouterr().err
   assert err == (
     f'predict: refused: --shard {text!r}: expected K/N with 0 <= K < N (K counts from 0: the '
@@ -92,20 +97,20 @@ def test_a_malformed_shard_is_refused_in_one_line_with_exit_2(text, tmp_path, ca
   )
   assert sorted(os.listdir(tmp_path)) == ['scan.nii.gz']  # nothing created
   with pytest.raises(ValueError, match='expected K/N'):
-    predict.parse_shard(text)
+    predict_plan.parse_shard(text)
 
 
 def test_well_formed_shards_parse_and_a_bad_tuple_is_refused(tmp_path):
-  assert predict.parse_shard('0/1') == (0, 1)
-  assert predict.parse_shard('1/2') == (1, 2)
-  assert predict.parse_shard('9/10') == (9, 10)
+  assert predict_plan.parse_shard('0/1') == (0, 1)
+  assert predict_plan.parse_shard('1/2') == (1, 2)
+  assert predict_plan.parse_shard('9/10') == (9, 10)
   source = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), POSED_AFFINE), str(source))
   stream = io.StringIO()
-  status = predict.predict_command(
+  status = predict_command(
     '/nonexistent', str(source), str(tmp_path / 'o'), shard=(2, 2), stream=stream
   )
-  assert status == predict.EXIT_REFUSED
+  assert status == exit_status.REFUSED
   assert stream.getvalue().startswith("predict: refused: --shard '2/2': expected K/N")
 
 
@@ -160,17 +165,17 @@ class FakeStages:
     self._log('end', 'write', i)
     if i in self.bad_write:
       raise OSError('disk full')
-    return predict.Outcome(model['jobs'][i], {'scan': i})
+    return predict_stages.Outcome(model['jobs'][i], {'scan': i})
 
 
 def _fake_run(monkeypatch, count, **fails):
   stages = FakeStages(**fails)
-  monkeypatch.setattr(predict, 'read_scan', stages.read)
-  monkeypatch.setattr(predict, 'segment_scan', stages.segment)
-  monkeypatch.setattr(predict, 'write_scan', stages.write)
-  jobs = [predict.Job(str(i), f'{i}.nii.gz', f'{i}.json') for i in range(count)]
+  monkeypatch.setattr(predict_stages, 'read_scan', stages.read)
+  monkeypatch.setattr(predict_stages, 'segment_scan', stages.segment)
+  monkeypatch.setattr(predict_stages, 'write_scan', stages.write)
+  jobs = [predict_plan.Job(str(i), f'{i}.nii.gz', f'{i}.json') for i in range(count)]
   model = {'count': count, 'jobs': jobs}
-  outcomes = list(predict.run_pipelined(model, jobs))
+  outcomes = list(predict_stages.run_pipelined(model, jobs))
   return stages, jobs, outcomes
 
 
@@ -214,7 +219,7 @@ def test_pipelined_shards_and_sequential_write_the_same_files_and_a_corrupt_scan
   for mode, pipeline in (('sequential', False), ('pipelined', True)):
     out = tmp_path / mode
     stream = io.StringIO()
-    status = predict.predict_command(
+    status = predict_command(
       smoke_model.workdir,
       str(cohort),
       str(out),
@@ -223,7 +228,7 @@ def test_pipelined_shards_and_sequential_write_the_same_files_and_a_corrupt_scan
       pipeline=pipeline,
     )
     log = stream.getvalue()
-    assert status == predict.EXIT_FAILED_INPUTS, log
+    assert status == exit_status.FAILED, log
     bad = str(cohort / 'knee_3_broken.nii.gz')
     assert f'predict: FAILED DataError: {bad}: cannot read' in log
     assert '4 of 5 volumes written' in log
@@ -256,11 +261,11 @@ def test_pipelined_shards_and_sequential_write_the_same_files_and_a_corrupt_scan
   for k in range(3):
     before = _files(out) if out.exists() else {}
     stream = io.StringIO()
-    status = predict.predict_command(
+    status = predict_command(
       smoke_model.workdir, str(cohort), str(out), model=smoke_model, stream=stream, shard=(k, 3)
     )
     mine = plan[k::3]
-    assert status == (predict.EXIT_FAILED_INPUTS if 'knee_3_broken.nii.gz' in mine else 0)
+    assert status == (exit_status.FAILED if 'knee_3_broken.nii.gz' in mine else 0)
     assert f'predict: shard {k}/3: {len(mine)} of the 5 scans' in stream.getvalue()
     assert _progress(stream.getvalue()) == mine
     after = _files(out)
@@ -295,11 +300,11 @@ def test_a_label_map_that_cannot_be_written_fails_alone_and_leaves_its_report_as
 
   monkeypatch.setattr(nifti_io, 'save_nifti', failing_save)
   stream = io.StringIO()
-  status = predict.predict_command(
+  status = predict_command(
     smoke_model.workdir, str(cohort), str(out), model=smoke_model, stream=stream
   )
   log = stream.getvalue()
-  assert status == predict.EXIT_FAILED_INPUTS
+  assert status == exit_status.FAILED
   for name in ('knee_2', 'knee_4'):
     assert f'FAILED OSError: {cohort / name}.nii.gz: [Errno 28] No space left on device' in log
   assert sorted(os.listdir(out)) == [
@@ -312,6 +317,6 @@ def test_a_label_map_that_cannot_be_written_fails_alone_and_leaves_its_report_as
   assert json.loads((out / 'knee_4.json').read_text()) == earlier
   # A report without its label map (what another shard may see mid-write) is an earlier
   # prediction: a late shard does not refuse it.
-  predict.check_overwrites(
-    [predict.Job(earlier['input'], earlier['label_map'], str(out / 'knee_4.json'))]
+  predict_plan.check_overwrites(
+    [predict_plan.Job(earlier['input'], earlier['label_map'], str(out / 'knee_4.json'))]
   )

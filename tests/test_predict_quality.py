@@ -16,8 +16,10 @@ import pytest
 from data_pipelines.datasets import params as dataset_params
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, predict, quality, scan_report
+from imask_jax import configs, exit_status
 from imask_jax import workdir as workdir_lib
+from imask_jax.predict import quality, scan_report
+from imask_jax.predict.command import predict_command
 
 # A reference as compute_reference writes it: 10 training volumes.
 REFERENCE = {
@@ -155,10 +157,8 @@ def test_predict_flags_a_blank_and_a_tiny_scan(smoke_model, tmp_path):
   out = tmp_path / 'out'
   stream = io.StringIO()
   assert (
-    predict.predict_command(
-      smoke_model.workdir, str(scans), str(out), model=smoke_model, stream=stream
-    )
-    == predict.EXIT_OK
+    predict_command(smoke_model.workdir, str(scans), str(out), model=smoke_model, stream=stream)
+    == exit_status.OK
   )
   log = stream.getvalue()
   blank = json.loads((out / 'blank.json').read_text())['quality']
@@ -209,10 +209,8 @@ def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(
   nib.save(nib.Nifti1Image(crop, affine), str(scans / 'knee.nii.gz'))
   full = tmp_path / 'full'
   assert (
-    predict.predict_command(
-      smoke_workdir, str(scans), str(full), model=smoke_model, stream=io.StringIO()
-    )
-    == predict.EXIT_OK
+    predict_command(smoke_workdir, str(scans), str(full), model=smoke_model, stream=io.StringIO())
+    == exit_status.OK
   )
   for slots in (int(smoke_model.config.model.max_detections), 1):
     workdir = tmp_path / f'run_{slots}'
@@ -221,8 +219,8 @@ def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(
     config['model']['paint_slots_per_class'] = slots
     (workdir / 'config.json').write_text(json.dumps(config))
     out = tmp_path / f'out_{slots}'
-    status = predict.predict_command(str(workdir), str(scans), str(out), stream=io.StringIO())
-    assert status == predict.EXIT_OK
+    status = predict_command(str(workdir), str(scans), str(out), stream=io.StringIO())
+    assert status == exit_status.OK
     codes = [f['code'] for f in json.loads((out / 'knee.json').read_text())['quality']['flags']]
     if slots > 1:
       labels = [np.asarray(nib.load(str(d / 'knee.nii.gz')).dataobj) for d in (out, full)]

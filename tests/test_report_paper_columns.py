@@ -15,7 +15,8 @@ from scipy import ndimage
 
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.tissues import LabelScheme
-from imask_jax import evaluate, metrics, report
+from imask_jax import evaluate, metrics
+from imask_jax.evaluation import report
 from imask_jax.metrics import CaseStatus
 
 KNEE = LabelScheme(('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage'), (1, 2, 3, 4))

@@ -9,7 +9,8 @@ import pytest
 
 from data_pipelines import laterality, orientation
 from data_pipelines.phantoms import generate_knee
-from imask_jax import metrics, quality, scan_report
+from imask_jax import metrics
+from imask_jax.predict import quality, scan_report
 
 KNEE = metrics.KneeLabelValues()
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from data_pipelines.tissues import LabelScheme
-from imask_jax import metrics, report
+from imask_jax import metrics
+from imask_jax.evaluation import report
 from imask_jax.metrics import CaseStatus
 
 KNEE = LabelScheme(('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage'), (1, 2, 3, 4))

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from imask_jax import metrics, report
+from imask_jax import metrics
+from imask_jax.evaluation import report
 from imask_jax.metrics.overlap import CaseStatus
 
 NAN = math.nan

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import nifti_io, orientation, phantoms, tissues
-from imask_jax import evaluate, evaluate_knee, metrics, report, subregion_tables
+from imask_jax import evaluate, evaluate_knee, metrics
+from imask_jax.evaluation import report
+from imask_jax.evaluation.report import subregion_tables
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +92,7 @@ def test_evaluation_names_the_sides_from_a_sidecar_or_the_truths_anatomy(knee, t
 
 
 def test_predicts_report_block_names_regions_by_side_and_is_strict_json(knee):
-  from imask_jax import scan_report
+  from imask_jax.predict import scan_report
 
   canonical, spacing, side = knee
   knee_values = tissues.KneeLabelValues()

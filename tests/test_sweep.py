@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, experiment_config
-from imask_jax import report, sweep
+from imask_jax import sweep
 from imask_jax import workdir as workdir_lib
+from imask_jax.evaluation import report
 
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
 TISSUES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')

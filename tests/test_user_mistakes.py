@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import POSED_AFFINE
-from imask_jax import evaluate, inference, predict, train
+from imask_jax import evaluate, exit_status, inference, train
 from imask_jax import workdir as workdir_lib
+from imask_jax.predict.command import main as predict_main
+from imask_jax.predict.command import predict_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,11 +89,11 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   _truncate_data_files(step6)
   scan = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), POSED_AFFINE), str(scan))
-  status = predict.main(
+  status = predict_main(
     ['--workdir', copy, '--input', str(scan), '--output', str(tmp_path / 'out')]
   )
   err = capsys.readouterr().err
-  assert status == predict.EXIT_REFUSED
+  assert status == exit_status.REFUSED
   (line,) = [x for x in err.splitlines() if x.startswith('predict: refused')]
   assert line.startswith(
     f'predict: refused: CheckpointError: checkpoint {step6}: cannot be restored: OUT_OF_RANGE: '
@@ -278,10 +280,8 @@ def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(
   scan = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), POSED_AFFINE), str(scan))
   assert (
-    predict.predict_command(
-      smoke_workdir, str(scan), str(tmp_path / 'out'), checkpoint=999, stream=stream
-    )
-    == predict.EXIT_REFUSED
+    predict_command(smoke_workdir, str(scan), str(tmp_path / 'out'), checkpoint=999, stream=stream)
+    == exit_status.REFUSED
   )
   assert stream.getvalue() == (
     f'predict: refused: MissingCheckpointError: {smoke_workdir}/'

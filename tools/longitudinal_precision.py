@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from imask_jax import change
-from imask_jax.subregion_tables import ORDER
+from imask_jax.evaluation.report.subregion_tables import ORDER
 
 
 def pairs(table: str, **options) -> list[tuple[change.Visit, change.Visit]]:

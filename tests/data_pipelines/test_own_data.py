@@ -262,7 +262,8 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
   """Evaluation of a five-class scheme: the tibial plate measured from both parts joined, as a
   four-class scheme measures the same map, and each part as a plate of its own, as the
   thickness map of that part alone measures it; thickness.csv has a row for each."""
-  from imask_jax import evaluate, metrics, report
+  from imask_jax import evaluate, metrics
+  from imask_jax.evaluation import report
 
   _, labels, affine = knees['knee_0000']
   grid = orientation_grid(labels.shape, affine)

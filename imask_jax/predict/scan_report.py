@@ -1,5 +1,5 @@
 """The JSON report of one predicted scan: tissue volumes, cartilage thickness by region,
-effusion by side, and the quality flags (imask_jax/quality.py).
+effusion by side, and the quality flags (imask_jax/predict/quality.py).
 
 Regional thickness (`cartilage_thickness`): the femoral map (rows = angle around the condylar
 cylinder, 0 deg inferior, +90 anterior; columns = mm along its rightward axis) is cut into
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import laterality, nifti_io, orientation, tissues
-from imask_jax import configs, inference, metrics, quality
+from imask_jax import configs, inference, metrics
 from imask_jax.inference import VolumePrediction
 from imask_jax.metrics import side as side_metrics
+from imask_jax.predict import quality
 
 FEMORAL_BANDS_DEG = {
   'posterior': (-180.0, -45.0),
@@ -125,7 +126,7 @@ def volume_report(
   declared_side: laterality.DeclaredSide | None = None,
   side_conflict: str | None = None,
 ) -> dict[str, Any]:
-  """The JSON report of one predicted volume (imask_jax/predict.py's docstring lists its
+  """The JSON report of one predicted volume (docs/predict.md lists its
   fields): `input_path` and `label_map_path` are recorded as given; `reference`: the training
   reference of quality.py (None skips the checks that need it); image_constant: whether every
   voxel of the input has one value; declared_side, side_conflict: what the scan (or --side)
@@ -170,7 +171,7 @@ def volume_report(
       report['cartilage_thickness'][part] = measure[plate](alone, spacing, scheme.knee, method)
     report['cartilage_thickness'].update(
       method=method,
-      regions='patient right/left (not medial/lateral); see imask_jax/scan_report.py',
+      regions='patient right/left (not medial/lateral); see imask_jax/predict/scan_report.py',
     )
   if scheme.knee is not None:
     # Left or right knee: declared (--side, DICOM tags, a sidecar) and estimated (the anatomy).

@@ -8,8 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
+from imask_jax.evaluation.report.cells import finite_mean_sd
 from imask_jax.metrics import subregions
 
 # The order OA papers list them: plates with their subregions, the weight-bearing condyles
@@ -53,14 +52,13 @@ def csv_rows(
 
 
 def _mean_sd(values: Sequence[float], digits: int) -> str:
-  finite = np.asarray([v for v in values if math.isfinite(v)], float)
-  if not finite.size:
-    return 'n/a'
-  text = f'{finite.mean():.{digits}f}'
-  if finite.size > 1:
-    text += f' ± {finite.std(ddof=1):.{digits}f}'
-  missing = len(values) - finite.size
-  return text + (f' (n={finite.size}, {missing} without)' if missing else f' (n={finite.size})')
+  """finite_mean_sd with the count of volumes that have a value (and of those without)."""
+  text = finite_mean_sd(values, digits)
+  if text == 'n/a':
+    return text
+  n = sum(math.isfinite(v) for v in values)
+  missing = len(values) - n
+  return text + (f' (n={n}, {missing} without)' if missing else f' (n={n})')
 
 
 def summary_table(

@@ -20,7 +20,7 @@ one line on screen per flagged scan). The rules, with FAR = 2 and the training r
   A scale-true model (data.pixel_spacing_mm) resamples the slices' two in-plane axes to its own
   pixel size: along those axes only the extent is checked, not the voxel size or count.
 
-Knee models, from the report's "side" block (imask_jax/scan_report.py, `side_report`):
+Knee models, from the report's "side" block (imask_jax/predict/scan_report.py, `side_report`):
 
   side_unknown         neither a declared side (--side, the DICOM tags, a sidecar:
                        data_pipelines/laterality.py) nor the anatomical estimate
