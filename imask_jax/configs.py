@@ -166,6 +166,10 @@ def default_config() -> ml_collections.ConfigDict:
       fuse_convs=1,  # 3x3 convs after the skip concatenation
       skip_sampling_ratio=0,  # samples per bin axis of the skip ROIAlign; 0 = adaptive:
       # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
+      # Layers the paper does not name (heads.IMaskHead): the 1x1 conv + ReLU to fine_dim
+      # before the decoder, and the 1x1 conv on the skip's level + ReLU after its ROIAlign.
+      reduce=True,
+      skip_projection=True,
     )
   )
   # PointRend-style boundary refinement (imask_jax/models/point_head.py): the mask is
@@ -223,6 +227,10 @@ def default_config() -> ml_collections.ConfigDict:
   # steps = ceil(epochs * train slices / batch_size) once the dataset is prepared and writes
   # that number into the workdir's config.json.
   t.epochs = 0.0
+  # With train.epochs > 0, what an epoch is: 0 = one full pass over the training slices (the
+  # step count above); N > 0 = N steps, whatever the dataset's size (Matterport Mask R-CNN's
+  # convention, STEPS_PER_EPOCH = 1000): steps = ceil(epochs * steps_per_epoch).
+  t.steps_per_epoch = 0
   t.batch_size = 8  # global, split over all devices of all hosts
   t.optimizer = 'adam'  # adam or sgd
   t.learning_rate = 1e-3
@@ -461,6 +469,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   ):
     if int(t[name]) < 1:
       raise ValueError(f'config train.{name}={t[name]}; expected an integer >= 1')
+  steps_per_epoch(config)
   if float(t.epochs) < 0 or (float(t.epochs) == 0 and int(t.steps) < 1):
     raise ValueError(
       f'config train.steps={t.steps}, train.epochs={t.epochs}; expected '
@@ -551,8 +560,24 @@ def thickness_method(config: ml_collections.ConfigDict) -> str:
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-  """train.steps, or with train.epochs > 0: ceil(epochs * train slices / global batch)."""
+  """train.steps, or with train.epochs > 0: ceil(epochs * train.steps_per_epoch) when that is
+  set (fixed-length epochs, Matterport's convention), else ceil(epochs * train slices / global
+  batch) (full passes over the training slices)."""
   epochs = float(config.train.epochs)
   if epochs <= 0:
     return int(config.train.steps)
+  per_epoch = steps_per_epoch(config)
+  if per_epoch:
+    return max(1, math.ceil(epochs * per_epoch))
   return max(1, math.ceil(epochs * num_train_examples / int(config.train.batch_size)))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """config train.steps_per_epoch (0: an epoch is a full pass), refused unless an integer >= 0."""
+  value = config.train.get('steps_per_epoch', 0)
+  if isinstance(value, bool) or int(value) != value or int(value) < 0:
+    raise ValueError(
+      f'config train.steps_per_epoch={value!r}; expected an integer >= 0 (0: an epoch is one '
+      'pass over the training slices; N: an epoch is N steps, as in Matterport Mask R-CNN)'
+    )
+  return int(value)

@@ -136,14 +136,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # the paper's 300 epochs are millions of steps on a full OAI set.
   steps, batch = int(config.train.steps), int(config.train.batch_size)
   epochs = float(config.train.epochs)
-  say(
-    f'{steps:,} steps of {batch} slices: '
-    + (
-      f'{epochs:g} epochs (train.epochs) of the {num_train:,} training slices'
-      if epochs > 0
-      else f'{steps * batch / max(num_train, 1):.3g} passes over the {num_train:,} training slices'
+  passes = f'{steps * batch / max(num_train, 1):.3g} passes over the {num_train:,} training slices'
+  per_epoch = configs.steps_per_epoch(config)
+  if epochs > 0 and per_epoch:
+    what = (
+      f'{epochs:g} epochs (train.epochs) of {per_epoch:,} steps (train.steps_per_epoch), {passes}'
     )
-  )
+  elif epochs > 0:
+    what = f'{epochs:g} epochs (train.epochs) of the {num_train:,} training slices'
+  else:
+    what = passes
+  say(f'{steps:,} steps of {batch} slices: {what}')
   workdir_lib.save_config(config, workdir)
 
   mesh = parallel.data_mesh()

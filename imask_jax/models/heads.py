@@ -177,6 +177,14 @@ class IMaskHead(nn.Module):
   `skip=False` drops the second ROIAlign (the fusion conv stays, so the comparison isolates
   the skip features). S = `skip_size` (28, 56 or 112) with the skip, 56 without it.
 
+  Layers the paper does not name, each switchable: `reduce` (the 1x1 conv + ReLU taking the
+  trunk's D channels to `fine_dim` before the decoder; off: the decoder reads the D channels),
+  `skip_projection` (the 1x1 conv to `fine_dim` on the skip's pyramid level and the ReLU after
+  its ROIAlign; off: the skip is the ROIAligned level itself, at the pyramid's width) and
+  `fuse_convs` (0: the logits read the concatenation directly). With all three off and
+  `fine_dim` = D the head is the paper's text and nothing more: trunk, one transposed conv,
+  the 56x56 ROIAlign concatenated, 1x1 logits.
+
   Call: (roi features `[N, 14, 14, C]`, pyramid `{level: [B, H, W, C]}`, rois `[N, 4]` in input
   pixels, batch index `[N]`) -> `[N, S, S, K]` float32 logits.
   """
@@ -190,6 +198,8 @@ class IMaskHead(nn.Module):
   fine_dim: int = 32
   fuse_convs: int = 1
   skip_sampling_ratio: int = 1
+  reduce: bool = True
+  skip_projection: bool = True
   dtype: Dtype = jnp.float32
 
   @property
@@ -219,7 +229,8 @@ class IMaskHead(nn.Module):
         '(0, adaptive, is resolved by ModelSpec from the input size)'
       )
     x = MaskTrunk(self.dim, self.dtype, name='trunk')(roi_features)  # [N, 28, 28, D]
-    x = nn.relu(self._conv(self.fine_dim, 1, 'reduce')(x))  # [N, 28, 28, F]
+    if self.reduce:
+      x = nn.relu(self._conv(self.fine_dim, 1, 'reduce')(x))  # [N, 28, 28, F]
     if self.decoder:
       # The learnable decoder: stride-2 transposed convs up to S (a 3x3 conv when S = 28).
       for i in range(int(math.log2(size // 28))):
@@ -238,16 +249,20 @@ class IMaskHead(nn.Module):
       # at fine_dim channels instead of the full pyramid width. skip_sampling_ratio samples
       # per bin axis (adaptive_sampling_ratio: 1 where bins are smaller than a map pixel).
       level = int(self.skip_level.lstrip('P'))
-      projected = self._conv(self.fine_dim, 1, 'skip_proj')(pyramid[self.skip_level])
+      source = pyramid[self.skip_level]
+      if self.skip_projection:
+        source = self._conv(self.fine_dim, 1, 'skip_proj')(source)
       skip = roi_align_ops.multilevel_roi_align(
-        {self.skip_level: projected},
+        {self.skip_level: source},
         jax.lax.stop_gradient(rois),
         size,
         sampling_ratio=self.skip_sampling_ratio,
         level=level,
         batch_index=batch_index,
       )
-      skip = nn.relu(skip.astype(self.dtype))
+      skip = skip.astype(self.dtype)
+      if self.skip_projection:
+        skip = nn.relu(skip)
       x = jnp.concatenate([x, skip], axis=-1)
     for i in range(self.fuse_convs):
       x = nn.relu(self._conv(self.fine_dim, 3, f'fuse{i + 1}')(x))
@@ -271,6 +286,8 @@ class IMaskSpec:
   # Bilinear samples per bin axis of the skip ROIAlign; 0 = adaptive (`adaptive_sampling_ratio`,
   # resolved by the model, which knows the input size).
   skip_sampling_ratio: int = 0
+  reduce: bool = True
+  skip_projection: bool = True
 
 
 def adaptive_sampling_ratio(image_size: tuple[int, int], skip_level: str, skip_size: int) -> int:
