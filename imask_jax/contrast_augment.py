@@ -11,7 +11,8 @@ crop and the geometric warp of `input_pipeline.augment_example`), in this order:
      `tissue_texture_range`; instances of one class share it (a tissue, not an instance);
   2. the unlabelled rest (fat, muscle, menisci, air): one random piecewise-linear curve g of
      intensity: identity up to `air_level` (air stays dark: it has no signal in any MR
-     contrast), then knots at `background_knots` quantiles of the unlabelled pixels above it,
+     contrast), then knots at `background_knots` quantiles of the unlabelled pixels above it
+     (read off a histogram of QUANTILE_BINS bins over (air_level, 1]: within one bin),
      each mapped to a value drawn uniformly in [0, 1], so that intensity clusters (fat,
      muscle, fibrous tissue) each get their own, possibly reordered, brightness;
      the two are blended with soft weights: each class's mask smoothed by a 5-tap binomial
@@ -51,6 +52,9 @@ _BIAS_TERMS = tuple((i, j) for i in range(4) for j in range(4) if 1 <= i + j <= 
 # Seeds split per example: 0 the rate, 1-3 tissues and curve, 4-5 bias, 6 blur, 7 resolution,
 # 8-9 noise, 10 gamma.
 _STAGES = 11
+# Histogram bins the unlabelled curve's quantiles are read from (a sort of every pixel costs
+# several times the rest of the stage).
+QUANTILE_BINS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +137,6 @@ def inside_extent(shape: tuple[int, int], extent: tf.Tensor) -> tf.Tensor:
   return rows & cols
 
 
-def class_masks(masks: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
-  """masks [H, W, M] uint8, classes [M] int32 -> float32 [H, W, MAX_CLASSES]: channel k - 1
-  is 1 where some instance of class k covers the pixel (the union of that tissue)."""
-  onehot = tf.one_hot(classes - 1, MAX_CLASSES, dtype=tf.float32)  # class 0 -> all zeros
-  counts = tf.einsum('hwm,mk->hwk', tf.cast(masks, tf.float32), onehot)
-  return tf.cast(counts > 0, tf.float32)
-
-
 def smooth(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
   """Separable, zero-padded 'same' convolution of x [H, W, K] by the 1-D kernel along both
   axes (each channel on its own)."""
@@ -152,11 +148,11 @@ def smooth(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
   return tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], 'SAME')[0]
 
 
-def tissue_weights(union: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """union [H, W, K] -> (weights [H, W, K] of each class, background weight [H, W]): the
-  unions smoothed by the binomial kernel, scaled down where they sum above 1 (overlaps), the
+def tissue_weights(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """masks [H, W, M] float -> (weights [H, W, M], background weight [H, W]): the masks
+  smoothed by the binomial kernel, scaled down where they sum above 1 (overlaps), the
   background taking the rest; the weights of a pixel sum to 1."""
-  soft = smooth(union, tf.constant(_BINOMIAL, tf.float32))
+  soft = smooth(masks, tf.constant(_BINOMIAL, tf.float32))
   total = tf.reduce_sum(soft, axis=-1, keepdims=True)
   soft = soft / tf.maximum(total, 1.0)
   return soft, 1.0 - tf.reduce_sum(soft, axis=-1)
@@ -179,17 +175,20 @@ def background_knots(
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """The unlabelled curve's knots: (0, 0), (air, air), then the quantiles at levels
   i / n (i = 1 .. n, n = background_knots) of the unlabelled pixels brighter than air
-  (unlabelled [H, W] bool; all channels), each mapped to a uniform draw in [0, 1]. Without
-  such pixels the quantile positions spread evenly over (air, 1]."""
+  (unlabelled [H, W] bool; all channels), each mapped to a uniform draw in [0, 1]. A quantile
+  is the upper edge of the histogram bin (QUANTILE_BINS over (air, 1]) where the cumulative
+  count first reaches level x count. Without such pixels the positions spread evenly."""
   n = settings.background_knots
   air = settings.air_level
   values = tf.boolean_mask(image, unlabelled)  # [P, C]
-  values = tf.sort(tf.boolean_mask(values, values > air))
-  size = tf.shape(values)[0]
+  values = tf.boolean_mask(values, values > air)
+  counts = tf.histogram_fixed_width(values, [air, 1.0], nbins=QUANTILE_BINS)
+  cumulative = tf.cast(tf.cumsum(counts), tf.float32)
+  size = cumulative[-1]
   levels = tf.range(1, n + 1, dtype=tf.float32) / n
-  index = tf.cast(tf.round(levels * tf.cast(tf.maximum(size - 1, 0), tf.float32)), tf.int32)
-  padded = tf.concat([values, [1.0]], axis=0)  # index 0 reads 1.0 when there is none
-  positions = tf.where(size > 0, tf.gather(padded, index), air + levels * (1.0 - air))
+  first = tf.searchsorted(cumulative, levels * size, side='left')  # bin reaching each level
+  edges = air + (1.0 - air) * tf.cast(first + 1, tf.float32) / QUANTILE_BINS
+  positions = tf.where(size > 0, tf.minimum(edges, 1.0), air + levels * (1.0 - air))
   knots_x = tf.concat([[0.0, air], positions], axis=0)
   knots_y = tf.concat([[0.0, air], tf.random.stateless_uniform([n], seed)], axis=0)
   return knots_x, knots_y
@@ -241,20 +240,34 @@ def remap_tissues(
   seeds: tf.Tensor,
 ) -> tf.Tensor:
   """Steps 1-2 of the module doc: each class's affine map and the unlabelled curve, blended
-  by the soft weights. seeds: int32 [3, 2]."""
-  union = class_masks(masks, classes)  # [H, W, K]
-  weights, background = tissue_weights(union)
-  count = tf.reduce_sum(union, axis=[0, 1])  # [K]
-  channel_mean = tf.reduce_mean(image, axis=-1, keepdims=True)
-  mean = tf.reduce_sum(union * channel_mean, axis=[0, 1]) / tf.maximum(count, 1.0)
+  by the soft weights. seeds: int32 [3, 2].
+
+  Worked per instance slot (M of them, fewer than the classes' table) with each slot's class
+  parameters gathered: the blend sum_i w_i (m_k(i) + b_k(i) (x - mean_k(i))) is A + B x with
+  per-pixel A, B, never an [H, W, C, K] tensor. A class's mean is over its instances' pixels
+  (a pixel two instances share counts twice); an instance of class 0 or above MAX_CLASSES
+  belongs to the unlabelled rest."""
+  known = tf.cast((classes >= 1) & (classes <= MAX_CLASSES), tf.float32)  # [M]
+  hard = tf.cast(masks, tf.float32) * known  # [H, W, M]
+  weights, background = tissue_weights(hard)
+  onehot = tf.one_hot(classes - 1, MAX_CLASSES, dtype=tf.float32)  # [M, K]; 0 -> zero row
+  channel_mean = tf.reduce_mean(image, axis=-1)
+  sums = tf.reduce_sum(hard * channel_mean[..., None], axis=[0, 1])  # [M]
+  counts = tf.reduce_sum(hard, axis=[0, 1])
+  mean = tf.linalg.matvec(onehot, sums, transpose_a=True) / tf.maximum(
+    tf.linalg.matvec(onehot, counts, transpose_a=True), 1.0
+  )  # [K]
   target = tf.random.stateless_uniform([MAX_CLASSES], seeds[0], *settings.tissue_mean_range)
   lo, hi = (math.log(v) for v in settings.tissue_texture_range)
   gain = tf.exp(tf.random.stateless_uniform([MAX_CLASSES], seeds[1], lo, hi))
-  mapped = target + gain * (image[..., None] - mean)  # [H, W, C, K]
-  unlabelled = inside & (tf.reduce_sum(union, axis=-1) == 0)
+  slot_offset = tf.linalg.matvec(onehot, target - gain * mean)  # [M]
+  slot_gain = tf.linalg.matvec(onehot, gain)
+  offset = tf.tensordot(weights, slot_offset, axes=1)[..., None]  # [H, W, 1]
+  slope = tf.tensordot(weights, slot_gain, axes=1)[..., None]
+  unlabelled = inside & (tf.reduce_sum(hard, axis=-1) == 0)
   knots_x, knots_y = background_knots(image, unlabelled, settings, seeds[2])
   curve = interpolate(image, knots_x, knots_y)
-  return background[..., None] * curve + tf.einsum('hwck,hwk->hwc', mapped, weights)
+  return background[..., None] * curve + offset + slope * image
 
 
 def randomize_contrast(
@@ -295,8 +308,10 @@ def randomize_contrast(
       sigma = uniform(9, 0.0, settings.noise_std_max)
       out = tf.sqrt(tf.square(out + sigma * noise[0]) + tf.square(sigma * noise[1]))
     out = tf.where(inside[..., None], out, 0.0)
-    flat = tf.sort(tf.reshape(tf.boolean_mask(out, inside), [-1]))
-    top = tf.gather(flat, tf.cast(0.995 * tf.cast(tf.size(flat) - 1, tf.float32), tf.int32))
+    flat = tf.reshape(tf.boolean_mask(out, inside), [-1])
+    # The 99.5th percentile: the smallest of the top 0.5 % (top_k, not a sort of every pixel).
+    above = tf.maximum(tf.cast(0.005 * tf.cast(tf.size(flat), tf.float32), tf.int32), 1)
+    top = tf.reduce_min(tf.math.top_k(flat, above, sorted=False).values)
     out = tf.clip_by_value(out / tf.maximum(top, 1.0), 0.0, 1.0)
     if settings.gamma_range != (1.0, 1.0):
       lo, hi = (math.log(v) for v in settings.gamma_range)
