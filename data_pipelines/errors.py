@@ -1,9 +1,14 @@
-"""The one error type for bad input data: it always names the file and what is wrong with it."""
+"""The one error type for bad input data (it always names the file and what is wrong with it),
+and the exit status of every command, data_pipelines' and imask_jax's alike."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+EXIT_OK = 0  # all done
+EXIT_FAILED = 1  # some work failed: each failure named on stderr, the rest done
+EXIT_REFUSED = 2  # refused before any work: a user mistake, said in one line
 
 
 class DataError(ValueError):

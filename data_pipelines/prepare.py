@@ -31,6 +31,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from data_pipelines.errors import EXIT_OK, EXIT_REFUSED, DataError
+
 RELEASES = ('oaizib-cm', 'oai-zib')
 REPORT_FILE = 'prepare_report.json'
 # A case whose voxel size differs from the median by more than this share on an axis is listed
@@ -82,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='cases read at once')
   args = parser.parse_args(argv)
-  from data_pipelines.errors import DataError  # after parsing: --help stays light
 
   try:
     report = prepare(
@@ -96,16 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
   except DataError as error:
     print(f'{parser.prog}: {error}', file=sys.stderr)
-    return 1
+    return EXIT_REFUSED
   print(summary_text(report))
   if report['errors']:
     print(
       f'{parser.prog}: nothing written: {len(report["errors"])} case(s) with errors',
       file=sys.stderr,
     )
-    return 1
+    return EXIT_REFUSED
   print(f'written to {os.path.abspath(args.dst)} (report: {REPORT_FILE})')
-  return 0
+  return EXIT_OK
 
 
 def prepare(

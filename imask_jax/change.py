@@ -30,6 +30,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from data_pipelines.errors import EXIT_OK, EXIT_REFUSED
+
 REGION_MEASURES = (
   'thickness_cab_mm',
   'thickness_tab_mm',
@@ -285,13 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       rows = cohort_rows(read_table(args.table), **options)
       if not args.out:
         write_rows(sys.stdout, rows)
-        return 0
+        return EXIT_OK
       from data_pipelines.atomic import atomic_path
 
       with atomic_path(args.out) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         write_rows(f, rows)
       print(f'{len(rows)} interval(s) written to {args.out}')
-      return 0
+      return EXIT_OK
     if len(args.files) < 2:
       parser.error('give at least two visits')
     visits = [read_visit(f, **options) for f in args.files]
@@ -310,10 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       title = f'{os.path.basename(visits[0].path)} -> {os.path.basename(visits[1].path)}'
       viz.save_change_figure(args.figure, visits[0].maps, visits[0].side, per_region, title)
       print(f'figure written to {args.figure}')
-    return 0
-  except (ValueError, OSError) as error:
+    return EXIT_OK
+  except (ValueError, OSError) as error:  # a file that cannot be read or measured
     print(f'{parser.prog}: {error}', file=sys.stderr)
-    return 1
+    return EXIT_REFUSED
 
 
 if __name__ == '__main__':

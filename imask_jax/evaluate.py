@@ -45,10 +45,9 @@ from data_pipelines import orientation, readers, tissues
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import save_nifti
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, evaluate_knee, metrics, viz
+from imask_jax import configs, errors, evaluate_knee, metrics, viz
 from imask_jax.evaluation import report
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
@@ -404,8 +403,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     help='show the traceback of a user mistake, not only its message',
   )
   args = parser.parse_args(argv)
-  from imask_jax import workdir as workdir_lib
-
   try:
     report = evaluate_workdir(
       args.workdir,
@@ -413,15 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.split,
       progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-  except workdir_lib.USER_ERRORS + (DataError,) as error:
+  except errors.USER_ERRORS as error:
     if args.verbose:
       raise
     # One line (no workdir, no such checkpoint, one that cannot be restored, bad data).
     print(f'{parser.prog}: {type(error).__name__}: {error}', file=sys.stderr)
-    return 1
+    return errors.EXIT_REFUSED
   print(report.summary)
   print(f'written to {report.out_dir}')
-  return 0
+  return errors.EXIT_OK
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ import numpy as np
 from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, input_pipeline, parallel, postprocess, semantic
+from imask_jax import configs, errors, input_pipeline, parallel, postprocess, semantic
 from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
@@ -110,14 +110,14 @@ def load_model(
   paint_only = paint_only and configs.paint_slots_per_class(config) > 0
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise workdir_lib.MissingCheckpointError(
+    raise errors.MissingCheckpointError(
       f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train first with python -m '
       f'imask_jax.main --workdir {workdir})'
     )
   if step is None:
     step = steps[-1]
   elif int(step) not in steps:
-    raise workdir_lib.MissingCheckpointError(
+    raise errors.MissingCheckpointError(
       f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: {steps}'
     )
   mesh = parallel.data_mesh()
@@ -130,9 +130,9 @@ def load_model(
   manager = workdir_lib.checkpoint_manager(workdir, config)
   try:
     variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
-  except workdir_lib.CheckpointError as error:
+  except errors.CheckpointError as error:
     others = [s for s in steps if s != int(step)]
-    raise workdir_lib.CheckpointError(
+    raise errors.CheckpointError(
       f'{error}'
       + (f' (other stored steps: {others}; choose one with --checkpoint STEP)' if others else '')
     ) from error

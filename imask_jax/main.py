@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_pipelines.errors import DataError
-from imask_jax import exit_status
+from imask_jax import errors
 
 # The job's modules (JAX, orbax, ...) are imported in main(), after the flags are parsed, so
 # that --help and a flag mistake answer at once.
@@ -93,7 +92,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     else:
       text = f'a --config override does not fit the config: {text}'
     print(f'{PROG}: {text}', file=sys.stderr)
-    sys.exit(exit_status.REFUSED)
+    sys.exit(errors.EXIT_REFUSED)
 
 
 def explicit_steps_win(config, argv: Sequence[str]) -> None:
@@ -110,7 +109,7 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
       'steps alone replaces the epochs)',
       file=sys.stderr,
     )
-    sys.exit(exit_status.REFUSED)
+    sys.exit(errors.EXIT_REFUSED)
   run_log.say(
     f"train.steps={config.train.steps} from the command line: the config's "
     f'train.epochs={config.train.epochs} is not used'
@@ -121,9 +120,8 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from imask_jax import parallel, run_log, train, workdir
+  from imask_jax import parallel, run_log, train
 
-  user_errors = workdir.USER_ERRORS + (train.NonFiniteLossError, DataError)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   log_file = run_log.log_to_workdir(_WORKDIR.value)
   run_log.say(f'training {_WORKDIR.value} (the full log: {log_file})')
@@ -132,12 +130,15 @@ def main(argv):
   logging.info('config:\n%s', config)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except user_errors as e:
+  except errors.USER_ERRORS + (train.NonFiniteLossError,) as e:
     if _VERBOSE.value:
       raise
-    # The message, on stderr, with exit status 1 (the full traceback is in the log file).
+    # The message on stderr (the full traceback is in the log file): a mistake in what was
+    # asked is refused (2); a run that diverged failed (1).
     logging.info('stopped', exc_info=True)
-    sys.exit(f'{type(e).__name__}: {e}')
+    print(f'{type(e).__name__}: {e}', file=sys.stderr)
+    failed = isinstance(e, train.NonFiniteLossError)
+    sys.exit(errors.EXIT_FAILED if failed else errors.EXIT_REFUSED)
   run_log.say(f'training finished: {_WORKDIR.value}')
 
 

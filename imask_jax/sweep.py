@@ -43,7 +43,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.atomic import atomic_path
-from imask_jax import configs
+from imask_jax import configs, errors
+from imask_jax.errors import SettingsChangedError, SweepLockedError
 
 SUMMARY_COLUMNS = (
   'variant',
@@ -214,10 +215,6 @@ def finished_eval_dir(run: Run, split: str) -> str | None:
 # --- running ---------------------------------------------------------------------------------
 
 
-class SweepLockedError(RuntimeError):
-  """Another sweep, or a run it started, still works in the folder."""
-
-
 class SweepLock:
   """An exclusive lock on DIR/.sweep.lock for as long as this sweep or a run it started lives:
   the runs inherit the open lock file, so even after the sweep itself is killed, a second
@@ -273,10 +270,6 @@ def _run_logged(
 def _tail(path: str, lines: int = 15) -> str:
   with open(path, encoding='utf-8', errors='replace') as f:
     return ''.join(f.readlines()[-lines:])
-
-
-class SettingsChangedError(RuntimeError):
-  """A run's settings differ from those the sweep recorded when it first started."""
 
 
 def run_settings(sweep: ml_collections.ConfigDict, run: Run) -> dict[str, Any]:
@@ -656,7 +649,7 @@ def main(argv: Sequence[str]) -> int:
   if _DRY_RUN.value:
     sweep_flags = shlex.join(_flags_without(sys.argv[1:], ('dry_run', 'nodry_run', 'workdir')))
     print('\n'.join(dry_run_commands(sweep, workdir, runs, sweep_flags)))
-    return 0
+    return errors.EXIT_OK
   os.makedirs(workdir, exist_ok=True)
   with atomic_path(os.path.join(workdir, 'sweep.json')) as tmp:
     with open(tmp, 'w') as f:
@@ -673,14 +666,15 @@ def main(argv: Sequence[str]) -> int:
         echo=lambda line: None if quiet and line.startswith('  ') else print(line, flush=True),
       )
     except (SettingsChangedError, SweepLockedError) as error:
-      sys.exit(f'{type(error).__name__}: {error}')
+      print(f'{type(error).__name__}: {error}', file=sys.stderr)
+      return errors.EXIT_REFUSED
   text, _ = aggregate(sweep, workdir, runs)
   print(text)
   print(f'written: {os.path.join(workdir, "summary.md")} and summary.csv beside it')
   if failed:
     print(f'failed runs: {", ".join(failed)}', file=sys.stderr)
-    return 1
-  return 0
+    return errors.EXIT_FAILED
+  return errors.EXIT_OK
 
 
 if __name__ == '__main__':

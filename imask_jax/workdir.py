@@ -31,39 +31,17 @@ from data_pipelines import tissues
 from data_pipelines.atomic import atomic_path
 from data_pipelines.datasets import params as dataset_params
 from imask_jax import configs, parallel
+from imask_jax.errors import (
+  CheckpointError,
+  DataMissingError,
+  MissingCheckpointError,
+  NotAWorkdirError,
+  SettingsChangedError,
+)
 
 DOCS_DATA = 'docs/data.md'
 
 
-class DataMissingError(FileNotFoundError):
-  """An experiment's raw data folder is missing; the message says where and what to do."""
-
-
-class NotAWorkdirError(FileNotFoundError):
-  """The folder given as a workdir has no config.json (it was not made by a training run)."""
-
-
-class SettingsChangedError(ValueError):
-  """A run would resume checkpoints made with settings they cannot take."""
-
-
-class MissingCheckpointError(FileNotFoundError):
-  """No checkpoint at the requested step (or none at all); the message lists what there is."""
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be restored (a truncated or corrupt file); the message names its
-  folder and the first problem found."""
-
-
-# The mistakes the command-line tools report as one line (the traceback only with --verbose).
-USER_ERRORS = (
-  DataMissingError,
-  NotAWorkdirError,
-  SettingsChangedError,
-  MissingCheckpointError,
-  CheckpointError,
-)
 UNRESTORABLE_DIR = 'checkpoints_unrestorable'  # where training sets a broken checkpoint aside
 
 

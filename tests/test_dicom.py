@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from data_pipelines import dicom_io, readers
 from data_pipelines.errors import DataError
 from data_pipelines.phantoms import generate_knee
-from imask_jax import exit_status
+from imask_jax import errors
 from imask_jax.predict import plan as predict_plan
 from imask_jax.predict.command import predict_command
 
@@ -215,7 +215,7 @@ def test_predict_reads_a_series_folder_or_a_folder_of_series(tmp_path):
   # Never among the slices: the folder would then be read as a NIfTI folder.
   for output in (series, os.path.join(series, 'seg.nii.gz')):
     stream = io.StringIO()
-    assert predict_command('/nonexistent', series, output, stream=stream) == exit_status.REFUSED
+    assert predict_command('/nonexistent', series, output, stream=stream) == errors.EXIT_REFUSED
     assert f'is inside the DICOM series folder {series}' in stream.getvalue()
   assert len(os.listdir(series)) == SHAPE[2]
   # (d) a folder of series folders; other entries are skipped.
@@ -227,7 +227,7 @@ def test_predict_reads_a_series_folder_or_a_folder_of_series(tmp_path):
   jobs = predict_plan.plan_jobs(str(root), paths, str(tmp_path / 'out'))
   assert [os.path.basename(j.label_map) for j in jobs] == ['sag_pd.nii.gz', 'sag_t2.nii.gz']
   stream = io.StringIO()
-  assert predict_command('/nonexistent', str(root), paths[0], stream=stream) == exit_status.REFUSED
+  assert predict_command('/nonexistent', str(root), paths[0], stream=stream) == errors.EXIT_REFUSED
   assert f'is inside the DICOM series folder {paths[0]}' in stream.getvalue()
   # (b) NIfTI files first: a folder holding one reads only that, the series is skipped.
   nib.save(nib.Nifti1Image(_volume(), PERMUTED), str(root / 'scan.nii.gz'))
@@ -255,7 +255,7 @@ def test_predict_on_a_series_writes_the_label_map_of_the_same_nifti(smoke_model,
       predict_command(
         smoke_model.workdir, source, str(tmp_path / out), model=smoke_model, stream=io.StringIO()
       )
-      == exit_status.OK
+      == errors.EXIT_OK
     )
   from_nifti = nib.load(str(tmp_path / 'from_nifti' / 'knee_a.nii.gz'))
   from_dicom = nib.load(str(tmp_path / 'from_dicom' / 'knee_a.nii.gz'))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import tissues
-from imask_jax import configs, inference, postprocess
+from imask_jax import configs, errors, inference, postprocess
 from imask_jax import workdir as workdir_lib
 from tests.conftest import box_painting_model, experiment_config
 
@@ -152,7 +152,7 @@ def test_inference_only_settings_may_change_on_resume(tmp_path):
   changed.model.label_score_threshold = 0.3
   workdir_lib.check_resumable(changed, str(tmp_path))  # no error
   changed.model.fpn_dim += 8
-  with pytest.raises(workdir_lib.SettingsChangedError, match=r'\(model.fpn_dim: 16 -> 24\)'):
+  with pytest.raises(errors.SettingsChangedError, match=r'\(model.fpn_dim: 16 -> 24\)'):
     workdir_lib.check_resumable(changed, str(tmp_path))
   with open(os.path.join(tmp_path, 'config.json')) as f:
     assert json.load(f)['model']['keep_largest_component'] == ['femur', 'tibia']

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import POSED_AFFINE
 from data_pipelines.phantoms import generate_knee
-from imask_jax import exit_status, metrics
+from imask_jax import errors, metrics
 from imask_jax.predict import plan as predict_plan
 from imask_jax.predict import scan_report
 from imask_jax.predict.command import main as predict_main
@@ -70,7 +70,7 @@ def test_predict_folder_writes_exact_grids_and_reports_and_names_the_corrupt_fil
     smoke_model.workdir, str(folder), str(out), model=smoke_model, stream=stream
   )
   log = stream.getvalue()
-  assert status == exit_status.FAILED
+  assert status == errors.EXIT_FAILED
   assert f'FAILED DataError: {paths["bad"]}: cannot read' in log
   assert 'skipped notes.txt' in log
   assert '2 of 3 volumes written' in log
@@ -130,19 +130,19 @@ def test_output_equal_to_an_input_is_refused(scans, tmp_path):
   stream = io.StringIO()
   # Refused before the model is needed: the workdir is never read.
   assert (
-    predict_command('/nonexistent', paths['a'], paths['a'], stream=stream) == exit_status.REFUSED
+    predict_command('/nonexistent', paths['a'], paths['a'], stream=stream) == errors.EXIT_REFUSED
   )
   assert f'output {paths["a"]} is the input {paths["a"]}' in stream.getvalue()
   assert (os.path.getmtime(paths['a']), os.path.getsize(paths['a'])) == before
   stream = io.StringIO()
   assert (
-    predict_command('/nonexistent', str(folder), str(folder), stream=stream) == exit_status.REFUSED
+    predict_command('/nonexistent', str(folder), str(folder), stream=stream) == errors.EXIT_REFUSED
   )
   assert 'is the input folder' in stream.getvalue()
   # The CLI entry point gives the same status.
   assert (
     predict_main(['--workdir', '/nonexistent', '--input', paths['a'], '--output', paths['a']])
-    == exit_status.REFUSED
+    == errors.EXIT_REFUSED
   )
 
 
@@ -184,7 +184,7 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   stream = io.StringIO()
   # Refused before the model is needed: the workdir is never read.
   status = predict_command('/nonexistent', source, str(tmp_path), stream=stream)
-  assert status == exit_status.REFUSED
+  assert status == errors.EXIT_REFUSED
   assert (
     f'output {neighbour} exists and is not an earlier prediction of {source}' in stream.getvalue()
   )
@@ -196,7 +196,7 @@ def test_a_neighbour_named_like_the_prediction_is_refused_not_overwritten(tmp_pa
   (tmp_path / 'scan.json').write_text('{"note": "my own file"}\n')
   stream = io.StringIO()
   assert (
-    predict_command('/nonexistent', source, str(tmp_path), stream=stream) == exit_status.REFUSED
+    predict_command('/nonexistent', source, str(tmp_path), stream=stream) == errors.EXIT_REFUSED
   )
   assert f'output {tmp_path / "scan.json"} exists' in stream.getvalue()
   assert (tmp_path / 'scan.json').read_text() == '{"note": "my own file"}\n'
@@ -207,14 +207,14 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
   out = tmp_path / 'out'
   assert (
     predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO())
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   report = json.loads((out / 'scan.json').read_text())
   assert report['input'] == source and report['label_map'] == str(out / 'scan.nii.gz')
   # A second run over its own earlier prediction replaces it.
   assert (
     predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=io.StringIO())
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   # The same names, but a report of another input: not this scan's prediction.
   other = _scan(tmp_path / 'other.nii.gz', 2.0)
@@ -224,7 +224,7 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
   stream = io.StringIO()
   assert (
     predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
-    == exit_status.REFUSED
+    == errors.EXIT_REFUSED
   )
   assert 'is not an earlier prediction' in stream.getvalue()
   assert _bytes(out / 'scan.nii.gz') == label_before
@@ -233,7 +233,7 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
     predict_command(
       smoke_model.workdir, source, str(out), model=smoke_model, overwrite=True, stream=io.StringIO()
     )
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   assert json.loads((out / 'scan.json').read_text())['input'] == source
   # The flag never lets an input be replaced (refused before the workdir is read).
@@ -241,7 +241,7 @@ def test_earlier_predictions_are_replaced_others_need_overwrite(smoke_model, tmp
     predict_main(
       ['--workdir', '/nonexistent', '--input', source, '--output', source, '--overwrite']
     )
-    == exit_status.REFUSED
+    == errors.EXIT_REFUSED
   )
 
 
@@ -254,7 +254,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     stream = io.StringIO()
     # '/nonexistent' as the workdir: no model is loaded before the refusal.
     assert (
-      predict_command('/nonexistent', source, str(output), stream=stream) == exit_status.REFUSED
+      predict_command('/nonexistent', source, str(output), stream=stream) == errors.EXIT_REFUSED
     )
     assert (
       f'predict: refused: --output {blocker / "out"}: cannot create the output folder, '
@@ -267,7 +267,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     predict_command(
       str(tmp_path / 'no_workdir'), source, str(tmp_path / 'new' / 'out'), stream=stream
     )
-    == exit_status.REFUSED
+    == errors.EXIT_REFUSED
   )
   assert stream.getvalue() == (
     f'predict: refused: NotAWorkdirError: '
@@ -305,7 +305,7 @@ def test_the_temporary_of_a_killed_predict_is_removed_by_the_next_run(smoke_mode
   stream = io.StringIO()
   assert (
     predict_command(smoke_model.workdir, source, str(out), model=smoke_model, stream=stream)
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   assert f'removed {out / leftover}' in stream.getvalue()
   assert sorted(os.listdir(out)) == ['.scan.nii.gz.notes', 'scan.json', 'scan.nii.gz']
@@ -407,7 +407,7 @@ def test_a_scan_that_lost_its_pose_is_refused_unless_allowed(smoke_model, tmp_pa
   status = predict_command(
     smoke_model.workdir, str(source), str(tmp_path / 'out'), model=smoke_model, stream=stream
   )
-  assert status == exit_status.FAILED
+  assert status == errors.EXIT_FAILED
   assert f'{source}: image has no scanner pose: the affine is the identity' in stream.getvalue()
   assert not (tmp_path / 'out' / 'lost.nii.gz').exists()
   status = predict_command(
@@ -418,7 +418,7 @@ def test_a_scan_that_lost_its_pose_is_refused_unless_allowed(smoke_model, tmp_pa
     stream=io.StringIO(),
     allow_missing_pose=True,
   )
-  assert status == exit_status.OK
+  assert status == errors.EXIT_OK
   assert nib.load(tmp_path / 'out' / 'lost.nii.gz').shape == (6, 5, 4)
   assert not smoke_model.config.data.allow_missing_pose  # the shared model is untouched
 
@@ -445,7 +445,7 @@ def test_the_report_says_which_knee_and_why(smoke_model, tmp_path):
     status = predict_command(
       smoke_model.workdir, str(source), str(out), model=smoke_model, stream=io.StringIO(), **kwargs
     )
-    assert status == exit_status.OK
+    assert status == errors.EXIT_OK
     return {
       name: json.loads(path.read_text())
       for name, path in ((p.name[: -len('.json')], p) for p in out.glob('*.json'))
@@ -511,6 +511,6 @@ def test_the_report_says_which_knee_and_why(smoke_model, tmp_path):
     stream=stream,
     side='up',
   )
-  assert status == exit_status.REFUSED
+  assert status == errors.EXIT_REFUSED
   assert stream.getvalue() == "predict: refused: --side 'up': expected left or right\n"
   assert not (tmp_path / 'x').exists()

@@ -18,7 +18,7 @@ import pytest
 from conftest import POSED_AFFINE
 from data_pipelines import nifti_io
 from data_pipelines.phantoms import generate_knee
-from imask_jax import exit_status
+from imask_jax import errors
 from imask_jax.predict import plan as predict_plan
 from imask_jax.predict import stages as predict_stages
 from imask_jax.predict.command import main as predict_main
@@ -89,7 +89,7 @@ def test_a_malformed_shard_is_refused_in_one_line_with_exit_2(text, tmp_path, ca
   source = tmp_path / 'scan.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), POSED_AFFINE), str(source))
   argv = ['--workdir', '/nonexistent', '--input', str(source), '--output', str(tmp_path / 'o')]
-  assert predict_main([*argv, f'--shard={text}']) == exit_status.REFUSED
+  assert predict_main([*argv, f'--shard={text}']) == errors.EXIT_REFUSED
   err = capsys.readouterr().err
   assert err == (
     f'predict: refused: --shard {text!r}: expected K/N with 0 <= K < N (K counts from 0: the '
@@ -110,7 +110,7 @@ def test_well_formed_shards_parse_and_a_bad_tuple_is_refused(tmp_path):
   status = predict_command(
     '/nonexistent', str(source), str(tmp_path / 'o'), shard=(2, 2), stream=stream
   )
-  assert status == exit_status.REFUSED
+  assert status == errors.EXIT_REFUSED
   assert stream.getvalue().startswith("predict: refused: --shard '2/2': expected K/N")
 
 
@@ -228,7 +228,7 @@ def test_pipelined_shards_and_sequential_write_the_same_files_and_a_corrupt_scan
       pipeline=pipeline,
     )
     log = stream.getvalue()
-    assert status == exit_status.FAILED, log
+    assert status == errors.EXIT_FAILED, log
     bad = str(cohort / 'knee_3_broken.nii.gz')
     assert f'predict: FAILED DataError: {bad}: cannot read' in log
     assert '4 of 5 volumes written' in log
@@ -265,7 +265,7 @@ def test_pipelined_shards_and_sequential_write_the_same_files_and_a_corrupt_scan
       smoke_model.workdir, str(cohort), str(out), model=smoke_model, stream=stream, shard=(k, 3)
     )
     mine = plan[k::3]
-    assert status == (exit_status.FAILED if 'knee_3_broken.nii.gz' in mine else 0)
+    assert status == (errors.EXIT_FAILED if 'knee_3_broken.nii.gz' in mine else 0)
     assert f'predict: shard {k}/3: {len(mine)} of the 5 scans' in stream.getvalue()
     assert _progress(stream.getvalue()) == mine
     after = _files(out)
@@ -304,7 +304,7 @@ def test_a_label_map_that_cannot_be_written_fails_alone_and_leaves_its_report_as
     smoke_model.workdir, str(cohort), str(out), model=smoke_model, stream=stream
   )
   log = stream.getvalue()
-  assert status == exit_status.FAILED
+  assert status == errors.EXIT_FAILED
   for name in ('knee_2', 'knee_4'):
     assert f'FAILED OSError: {cohort / name}.nii.gz: [Errno 28] No space left on device' in log
   assert sorted(os.listdir(out)) == [

@@ -16,7 +16,7 @@ import pytest
 from data_pipelines.datasets import params as dataset_params
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, exit_status
+from imask_jax import configs, errors
 from imask_jax import workdir as workdir_lib
 from imask_jax.predict import quality, scan_report
 from imask_jax.predict.command import predict_command
@@ -158,7 +158,7 @@ def test_predict_flags_a_blank_and_a_tiny_scan(smoke_model, tmp_path):
   stream = io.StringIO()
   assert (
     predict_command(smoke_model.workdir, str(scans), str(out), model=smoke_model, stream=stream)
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   log = stream.getvalue()
   blank = json.loads((out / 'blank.json').read_text())['quality']
@@ -210,7 +210,7 @@ def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(
   full = tmp_path / 'full'
   assert (
     predict_command(smoke_workdir, str(scans), str(full), model=smoke_model, stream=io.StringIO())
-    == exit_status.OK
+    == errors.EXIT_OK
   )
   for slots in (int(smoke_model.config.model.max_detections), 1):
     workdir = tmp_path / f'run_{slots}'
@@ -220,7 +220,7 @@ def test_predict_paints_from_the_painting_slots_and_flags_what_did_not_fit(
     (workdir / 'config.json').write_text(json.dumps(config))
     out = tmp_path / f'out_{slots}'
     status = predict_command(str(workdir), str(scans), str(out), stream=io.StringIO())
-    assert status == exit_status.OK
+    assert status == errors.EXIT_OK
     codes = [f['code'] for f in json.loads((out / 'knee.json').read_text())['quality']['flags']]
     if slots > 1:
       labels = [np.asarray(nib.load(str(d / 'knee.nii.gz')).dataobj) for d in (out, full)]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, experiment_config
-from imask_jax import sweep
+from imask_jax import errors, sweep
 from imask_jax import workdir as workdir_lib
 from imask_jax.evaluation import report
 
@@ -348,7 +348,7 @@ def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):
 
   c.base_arg = 'smoke,steps=4'
   with pytest.raises(
-    sweep.SettingsChangedError,
+    errors.SettingsChangedError,
     match=r'standard-resnet18/seed0: train.steps: 3 -> 4.*delete .*sweep_plan',
   ):
     sweep.check_plan(c, workdir, sweep.plan(c, workdir))

@@ -31,7 +31,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import REPO, experiment_config
-from imask_jax import configs, optim, parallel, steps, train
+from imask_jax import configs, errors, optim, parallel, steps, train
 from imask_jax import workdir as workdir_lib
 
 SMOKE = 'experiments/phantom_knee.py:smoke'
@@ -340,7 +340,7 @@ def test_checkpoints_keep_the_latest_and_the_best_across_a_restart(tmp_path):
 # --- the missing-data message --------------------------------------------------------------------
 
 
-def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
+def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch, capsys):
   """experiments/oai.py with an empty folder: DataMissingError before any build or compile,
   naming the folder, the layout, docs/data.md and the phantom experiment; main.py turns it
   into exit status 1 with that message."""
@@ -361,7 +361,7 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
 
   jax.monitoring.register_event_duration_secs_listener(on_event)
   try:
-    with pytest.raises(workdir_lib.DataMissingError) as error:
+    with pytest.raises(errors.DataMissingError) as error:
       train.train_and_evaluate(config, str(tmp_path / 'run'))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
@@ -393,7 +393,8 @@ def test_oai_without_data_stops_at_once_with_directions(tmp_path, monkeypatch):
       main.main(['main'])
   finally:
     flags.FLAGS.unparse_flags()
-  assert str(exit_.value.code).startswith('DataMissingError: ' + str(tmp_path / 'oai'))
+  assert exit_.value.code == errors.EXIT_REFUSED
+  assert capsys.readouterr().err.startswith('DataMissingError: ' + str(tmp_path / 'oai'))
 
 
 # --- optimiser -----------------------------------------------------------------------------------

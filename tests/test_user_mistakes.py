@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import POSED_AFFINE
-from imask_jax import evaluate, exit_status, inference, train
+from imask_jax import errors, evaluate, inference, train
 from imask_jax import workdir as workdir_lib
 from imask_jax.predict.command import main as predict_main
 from imask_jax.predict.command import predict_command
@@ -73,7 +73,7 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   metadata = os.path.join(step6, 'state', '_METADATA')
   with open(metadata, 'r+b') as f:
     f.truncate(500)
-  with pytest.raises(workdir_lib.CheckpointError) as info:
+  with pytest.raises(errors.CheckpointError) as info:
     inference.load_model(copy)
   message = str(info.value)
   assert message.startswith(
@@ -93,20 +93,20 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
     ['--workdir', copy, '--input', str(scan), '--output', str(tmp_path / 'out')]
   )
   err = capsys.readouterr().err
-  assert status == exit_status.REFUSED
+  assert status == errors.EXIT_REFUSED
   (line,) = [x for x in err.splitlines() if x.startswith('predict: refused')]
   assert line.startswith(
     f'predict: refused: CheckpointError: checkpoint {step6}: cannot be restored: OUT_OF_RANGE: '
   )
   assert 'is not valid for value of size' in line
   assert not (tmp_path / 'out').exists()
-  assert evaluate.main(['--workdir', copy]) == 1
+  assert evaluate.main(['--workdir', copy]) == errors.EXIT_REFUSED
   err = capsys.readouterr().err
   assert (
     f'python -m imask_jax.evaluate: CheckpointError: checkpoint {step6}: cannot be restored' in err
     and 'Traceback' not in err
   )
-  with pytest.raises(workdir_lib.CheckpointError):
+  with pytest.raises(errors.CheckpointError):
     evaluate.main(['--workdir', copy, '--verbose'])
 
 
@@ -154,7 +154,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(smoke_workdir, tmp_path):
   before = _snapshot(os.path.join(copy, 'checkpoints'))
   config = workdir_lib.load_config(copy)
   with pytest.raises(
-    workdir_lib.CheckpointError,
+    errors.CheckpointError,
     match=r'checkpoint .*/checkpoints/6: cannot '
     r'be restored: state/_METADATA is not valid JSON .*no older checkpoint '
     r'restores either: \[3\]; nothing was moved',
@@ -251,7 +251,7 @@ def test_a_changed_setting_on_resume_is_one_line(smoke_workdir, tmp_path):
     '--workdir',
     copy,
   )
-  assert done.returncode == 1
+  assert done.returncode == errors.EXIT_REFUSED
   assert done.stderr.strip().splitlines()[-1] == (
     f'SettingsChangedError: {copy}: its checkpoints were trained with other settings '
     f'(model.width: 8 -> 12); resume with the settings of {copy}/config.json or start a new '
@@ -263,14 +263,14 @@ def test_a_changed_setting_on_resume_is_one_line(smoke_workdir, tmp_path):
 def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(
   smoke_workdir, tmp_path, capsys
 ):
-  assert evaluate.main(['--workdir', str(tmp_path)]) == 1
+  assert evaluate.main(['--workdir', str(tmp_path)]) == errors.EXIT_REFUSED
   err = capsys.readouterr().err
   assert err == (
     f'python -m imask_jax.evaluate: NotAWorkdirError: {tmp_path}/config.json: no '
     f"config.json in the workdir; is '{tmp_path}' a training workdir (made by "
     'python -m imask_jax.main)?\n'
   )
-  assert evaluate.main(['--workdir', smoke_workdir, '--checkpoint', '999']) == 1
+  assert evaluate.main(['--workdir', smoke_workdir, '--checkpoint', '999']) == errors.EXIT_REFUSED
   err = capsys.readouterr().err
   assert err == (
     f'python -m imask_jax.evaluate: MissingCheckpointError: {smoke_workdir}/'
@@ -281,7 +281,7 @@ def test_evaluate_without_config_and_a_missing_checkpoint_are_one_line(
   nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.float32), POSED_AFFINE), str(scan))
   assert (
     predict_command(smoke_workdir, str(scan), str(tmp_path / 'out'), checkpoint=999, stream=stream)
-    == exit_status.REFUSED
+    == errors.EXIT_REFUSED
   )
   assert stream.getvalue() == (
     f'predict: refused: MissingCheckpointError: {smoke_workdir}/'

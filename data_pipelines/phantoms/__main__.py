@@ -22,6 +22,7 @@ import math
 import sys
 import time
 
+from data_pipelines.errors import EXIT_OK, EXIT_REFUSED
 from data_pipelines.phantoms import contrast as contrast_lib
 from data_pipelines.phantoms import knee_shapes, writer
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
       ]
       writer.save_preview(phantoms, args.preview)
       print(f'wrote {args.preview} ({time.perf_counter() - start:.1f} s)')
-      return 0
+      return EXIT_OK
     meta = writer.write_dataset(
       args.kind,
       args.num,
@@ -170,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     )
   except ValueError as error:  # a refused --out or grid: the message says why, no traceback
     print(error, file=sys.stderr)
-    return 2
+    return EXIT_REFUSED
   print(
     f'wrote {meta["numTraining"]} {args.kind} volumes to {args.out} '
     f'({time.perf_counter() - start:.1f} s)' + (f'; preview {args.preview}' if args.preview else '')
   )
-  return 0
+  return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from data_pipelines import laterality
 from data_pipelines.atomic import remove_stale_temporaries
 from data_pipelines.errors import DataError
-from imask_jax.exit_status import FAILED, OK, REFUSED
+from imask_jax import errors
 from imask_jax.predict import quality
 from imask_jax.predict.plan import (
   check_overwrites,
@@ -111,7 +111,7 @@ def predict_command(
     created = prepare_output_folders(plan)
   except ValueError as error:
     stream.write(f'predict: refused: {error}\n')
-    return REFUSED
+    return errors.EXIT_REFUSED
   jobs = [dataclasses.replace(job, side=side) for job in shard_jobs(plan, shard)]
   kind = 'a DICOM series folder' if os.path.isdir(inputs[0]) else 'a NIfTI file'
   for name in skipped:
@@ -128,19 +128,18 @@ def predict_command(
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
     from imask_jax import inference
-    from imask_jax import workdir as workdir_lib
 
     try:
       # The mask head on the painting detections only (model.paint_slots_per_class).
       model = inference.load_model(workdir, checkpoint, paint_only=True)
-    except workdir_lib.USER_ERRORS as error:
+    except errors.USER_ERRORS as error:
       # No workdir there, no such checkpoint, or one that cannot be restored: refused, in one
       # line (predict's main shows the traceback with --verbose).
       remove_empty_folders(created)
       if verbose:
         raise
       stream.write(f'predict: refused: {type(error).__name__}: {error}\n')
-      return REFUSED
+      return errors.EXIT_REFUSED
     except BaseException:
       remove_empty_folders(created)
       raise
@@ -190,8 +189,8 @@ def predict_command(
     stream.write(
       f'predict: {len(failures)} failed:\n' + ''.join(f'  {message}\n' for message in failures)
     )
-    return FAILED
-  return OK
+    return errors.EXIT_FAILED
+  return errors.EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shard = None if args.shard is None else parse_shard(args.shard)
   except ValueError as error:
     sys.stderr.write(f'predict: refused: {error}\n')
-    return REFUSED
+    return errors.EXIT_REFUSED
   return predict_command(
     args.workdir,
     args.input,

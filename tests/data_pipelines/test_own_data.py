@@ -16,7 +16,7 @@ from conftest import experiment_config
 from data_pipelines import nifti_io, phantoms, prepare, readers, tissues
 from data_pipelines.datasets import builders, sources
 from data_pipelines.datasets import params as params_lib
-from data_pipelines.errors import DataError
+from data_pipelines.errors import EXIT_REFUSED, DataError
 from data_pipelines.metaimage import write_metaimage
 
 NUM = 4  # phantoms: 3 in imagesTr/, 1 in imagesTs/
@@ -216,7 +216,7 @@ def test_an_image_that_lost_its_pose_is_refused_and_nothing_is_written(oai_zib, 
     affine = np.eye(4) if case == 'knee_0001' else data.affine
     nib.save(nib.Nifti1Image(np.asarray(data.dataobj), affine), root / 'images' / f'{case}.nii.gz')
   dst = tmp_path / 'prepared'
-  assert prepare.main(['oai-zib', str(root), str(dst)]) == 1
+  assert prepare.main(['oai-zib', str(root), str(dst)]) == EXIT_REFUSED
   assert not dst.exists() and os.listdir(tmp_path) == ['posed_lost']
   report = prepare.prepare('oai-zib', str(root), str(tmp_path / 'again'))
   assert list(report['errors']) == ['knee_0001']
