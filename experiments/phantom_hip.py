@@ -9,6 +9,8 @@ Variants (comma-separated in the config argument):
   smoke           shrinks images, widths, data and steps: the whole job in about a minute
   reader=NAME     train on one simulated reader's labels (reader1, reader2) instead of the
                   phantom's truth
+  unet            a semantic 2D U-Net (models/unet.py, model.kind='unet') on the same data,
+                  pixel size, steps and cluster rule: the baseline of issue 35
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, epochs=N,
   seed=N, decoder=, skip=, skip_size=   (see configs.apply_common_args)
 
@@ -75,8 +77,17 @@ def get_config(arg: str | None = None):
 
   if 'reader' in args:
     d.reader = str(args.pop('reader'))
+  unet = args.pop('unet', False)
+  if unet:
+    # nnU-Net's 2D layout: 6 levels take a 256 px crop down to 8 x 8; width 16 as the knee's.
+    m.kind = 'unet'
+    m.unet.depth = 6
+    m.unet.width = 16
   if args.pop('smoke', False):
     configs.shrink_for_smoke(c)
     m.anchor_sizes = (4, 8, 16, 32, 64)
+    if unet:
+      m.unet.depth = 4
+      m.unet.width = 8
   configs.apply_common_args(c, args)
   return c

@@ -34,6 +34,23 @@ def test_the_unet_variant_builds_a_unet_and_the_default_stays_mask_rcnn():
   assert isinstance(steps.build_model(experiment_config('phantom_knee')), MaskRCNN)
 
 
+@pytest.mark.parametrize(
+  'name, arg, depth, width, size',
+  [
+    ('phantom_hip', 'unet', 6, 16, (256, 256)),
+    ('phantom_hip', 'unet,smoke', 4, 8, (64, 64)),
+    ('phantom_knee', 'unet,smoke', 4, 8, (64, 64)),
+  ],
+)
+def test_unet_variants_of_the_phantom_experiments(name, arg, depth, width, size):
+  config = experiment_config(name, arg)
+  configs.check_train_config(config)
+  spec = steps.build_model(config).spec
+  assert (spec.depth, spec.width, spec.image_size) == (depth, width, size)
+  # The crop is a whole number of the net's coarsest cells: training never pads inside it.
+  assert size[0] % spec.size_multiple == 0 == size[1] % spec.size_multiple
+
+
 def test_a_workdir_saved_before_model_kind_loads_as_mask_rcnn(tmp_path):
   saved = json.loads(experiment_config('phantom_knee', 'smoke').to_json())
   del saved['model']['kind']
