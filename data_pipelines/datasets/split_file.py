@@ -15,7 +15,8 @@ the file name without its suffixes (`imagesTr/<case id>_0000.nii.gz`, OAI-ZIB's
 folder's cases the ids must name, and what happens to cases no split names, is the business of
 `sources.split_assignment`.
 
-Every problem is one `DataError` line that names the file, the id and the split.
+Every problem is one `DataError` line that names the file, the id and the split. `write` makes
+such a file (tools/write_split_file.py: the split a run used).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 
+from data_pipelines import atomic
 from data_pipelines.datasets.params import SPLITS, subject_and_timepoint
 from data_pipelines.errors import DataError
 
@@ -111,6 +114,31 @@ def read(path: str | os.PathLike, subject_pattern: str = '') -> SplitFile:
   if subject_pattern:
     check_subjects(path, split_of, subject_pattern)
   return SplitFile(path=path, splits=tuple(splits))
+
+
+def write(
+  path: str | os.PathLike, splits: Mapping[str, Sequence[str]], description: str = ''
+) -> str:
+  """Writes a split file (atomically: whole or not at all) with the case ids of each split in
+  SPLITS order, sorted, one id per line; returns the absolute path. Checked as `read` checks:
+  an id in two splits or a split name not in SPLITS is a ValueError, nothing written."""
+  unknown = sorted(set(splits) - set(SPLITS))
+  if unknown:
+    raise ValueError(f'split file {path}: unknown split(s) {unknown}; expected {list(SPLITS)}')
+  seen: dict[str, str] = {}
+  for split in SPLITS:
+    for case_id in splits.get(split, ()):
+      if seen.setdefault(case_id, split) != split:
+        raise ValueError(
+          f'split file {path}: case id {case_id!r} in {seen[case_id]!r} and {split!r}'
+        )
+  content = {'description': description} if description else {}
+  content.update({split: sorted(splits.get(split, ())) for split in SPLITS})
+  path = os.path.abspath(os.fspath(path))
+  with atomic.atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(content, f, indent=1)
+    f.write('\n')
+  return path
 
 
 def check_subjects(path: str, split_of: dict[str, str], subject_pattern: str) -> None:

@@ -254,3 +254,43 @@ def test_the_stored_slices_come_from_the_listed_cases(hip_folder, tmp_path):
     ds = builder.as_dataset(split=split)
     seen = {example['case_id'].decode() for example in tfds.as_numpy(ds)}
     assert seen == expected, split
+
+
+# --- writing the split a run used -----------------------------------------------------------------
+
+
+def test_a_runs_split_written_out_and_read_back_is_the_same_split(hip_folder, tmp_path, capsys):
+  """tools/write_split_file.py on a workdir trained with the computed split: the file lists
+  each split's cases, and a run given the file gets exactly those splits."""
+  import importlib.util
+
+  from imask_jax import workdir as workdir_lib
+  from tests.conftest import REPO
+
+  spec = importlib.util.spec_from_file_location(
+    'write_split_file', os.path.join(REPO, 'tools', 'write_split_file.py')
+  )
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  config = hip_config(hip_folder)
+  workdir = str(tmp_path / 'run')
+  workdir_lib.save_config(config, workdir)
+  out = tmp_path / 'splits' / 'frozen.json'
+  assert tool.main(['--workdir', workdir, '--out', str(out)]) == 0
+  computed = case_ids(
+    sources.volume_sources(params_lib.params_from_config(config, tmp_path), tmp_path)
+  )
+  written = json.loads(out.read_text())
+  assert {split: tuple(written[split]) for split in params_lib.SPLITS} == computed
+  assert written['description'].startswith(f'the split of {workdir} (nifti_folder, ')
+  frozen = params_lib.params_from_config(hip_config(hip_folder, out), tmp_path)
+  assert case_ids(sources.volume_sources(frozen, tmp_path)) == computed
+  assert capsys.readouterr().out.startswith(f'{out}: train ')
+
+
+def test_writing_refuses_an_id_in_two_splits_and_unknown_splits(tmp_path):
+  with pytest.raises(ValueError, match="case id 'a' in 'train' and 'test'"):
+    split_file_lib.write(tmp_path / 'x.json', {'train': ['a'], 'test': ['a']})
+  with pytest.raises(ValueError, match=r"unknown split\(s\) \['tests'\]"):
+    split_file_lib.write(tmp_path / 'x.json', {'tests': ['a']})
+  assert not os.path.exists(tmp_path / 'x.json')
