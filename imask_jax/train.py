@@ -121,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if 'train' not in builder.info.splits:
     raise ValueError(
       f'{builder.data_dir}: the dataset has no training split (config '
-      f'data.split_fractions={tuple(config.data.split_fractions)})'
+      f'{params_lib.split_note(config.data)})'
     )
   num_train = builder.info.splits['train'].num_examples
   say(
@@ -176,14 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config, data_dir, 'validation', max_examples=int(config.eval.max_val_slices)
       )
     else:
-      why = (
-        f'data.split_file={config.data.split_file!r}'
-        if config.data.get('split_file')
-        else f'data.split_fractions={tuple(config.data.split_fractions)}, '
-        f'{params_lib.pattern_note(str(config.data.get("subject_pattern", "") or ""))}'
-      )
       log.message(
-        f'{builder.data_dir}: no validation split ({why}): '
+        f'{builder.data_dir}: no validation split ({params_lib.split_note(config.data)}): '
         'no validation, and only the latest checkpoints are kept'
       )
     loop = _Loop(config, mesh, model, tx, schedule, manager, log, val_ds)

@@ -419,6 +419,16 @@ def pattern_note(pattern: str) -> str:
   return "data.subject_pattern='' (one case per subject)"
 
 
+def split_note(d: Any) -> str:
+  """How a message names what decided a config's splits (config `data`): its split file, or
+  its fractions and subject pattern."""
+  if d.get('split_file'):
+    return f'data.split_file={d.split_file!r}'
+  return f'data.split_fractions={tuple(d.split_fractions)}, ' + pattern_note(
+    str(d.get('subject_pattern', '') or '')
+  )
+
+
 def split_warnings(
   by_subject: dict[str, Sequence[str]],
   splits: dict[str, Sequence[str]],

@@ -294,3 +294,12 @@ def test_writing_refuses_an_id_in_two_splits_and_unknown_splits(tmp_path):
   with pytest.raises(ValueError, match=r"unknown split\(s\) \['tests'\]"):
     split_file_lib.write(tmp_path / 'x.json', {'tests': ['a']})
   assert not os.path.exists(tmp_path / 'x.json')
+
+
+def test_messages_about_a_split_name_the_split_file_when_there_is_one():
+  config = hip_config('/data/hips')
+  assert params_lib.split_note(config.data) == (
+    f'data.split_fractions=(0.7, 0.1, 0.2), data.subject_pattern={VISIT!r}'
+  )
+  config.data.split_file = '/data/splits.json'
+  assert params_lib.split_note(config.data) == "data.split_file='/data/splits.json'"
