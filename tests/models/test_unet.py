@@ -32,7 +32,7 @@ def tiny(depth: int, width: int, size, **kwargs) -> tuple[UNet, dict]:
   'depth, width, size',
   [
     (1, 8, (9, 13)),
-    (2, 8, (64, 64)),
+    pytest.param(2, 8, (64, 64), marks=pytest.mark.slow),
     pytest.param(3, 16, (67, 65), marks=pytest.mark.slow),
     pytest.param(4, 8, (95, 72), marks=pytest.mark.slow),
     pytest.param(5, 8, (64, 81), marks=pytest.mark.slow),
@@ -52,6 +52,32 @@ def test_outputs_cover_every_input_pixel_at_each_level(depth, width, size):
   ]
   probs = model.apply(variables, images, method=UNet.segment)
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_without_deep_supervision_training_returns_the_full_resolution_logits_only():
+  model, variables = tiny(4, 8, (32, 32), deep_supervision=False)
+  outputs = model.apply(variables, jnp.zeros((1, 32, 32, 1)), True)
+  assert [o.shape for o in outputs] == [(1, 32, 32, 5)]
+  assert not any(name.startswith('head') and name != 'head0' for name in variables['params'])
+
+
+@pytest.mark.slow
+def test_batch_norm_trains_on_batch_statistics_and_infers_on_running_ones():
+  model, variables = tiny(2, 8, (16, 16), norm='batch')
+  assert 'batch_stats' in variables
+  images = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 1)) + 5.0
+  targets = dict(
+    gt_classes=jnp.ones((2, 1), jnp.int32),
+    gt_masks=jnp.ones((2, 1, 16, 16), jnp.uint8),
+    gt_valid=jnp.ones((2, 1), bool),
+  )
+  _, updates = model.apply(
+    variables, images, targets, None, True, method=UNet.losses, mutable=['batch_stats']
+  )
+  before = jax.tree.leaves(variables['batch_stats'])
+  after = jax.tree.leaves(updates['batch_stats'])
+  assert any(not np.allclose(a, b) for a, b in zip(after, before))
 
 
 def test_widths_double_per_level_up_to_the_cap():
