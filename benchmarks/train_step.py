@@ -178,8 +178,8 @@ def model_spec(
 ) -> Any:
   """Our ModelSpec with the settings of the module docstring."""
   from imask_jax import parallel
-  from imask_jax.models.heads import IMaskSpec
   from imask_jax.models.mask_rcnn import ModelSpec
+  from imask_jax.models.spec import IMaskSpec
 
   return ModelSpec(
     image_size=(size, size),

@@ -13,10 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from data_pipelines.errors import DataError
-
 MODES = ('per_class', 'components')
-OVERFLOW_POLICIES = ('error', 'keep_largest')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,19 +33,6 @@ class Instances:
   def areas(self) -> np.ndarray:
     """Pixel count of each mask, int64 [N]."""
     return self.masks.reshape(len(self), -1).sum(axis=1)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PaddedInstances:
-  """Static-shape instances. classes: int32 [M] (0 = padding); boxes: float32 [M, 4] (zeros for
-  padding); masks: uint8 [M, H, W]; valid: bool [M]; num_dropped: instances left out by the
-  'keep_largest' overflow policy."""
-
-  classes: np.ndarray
-  boxes: np.ndarray
-  masks: np.ndarray
-  valid: np.ndarray
-  num_dropped: int = 0
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
@@ -108,45 +92,6 @@ def extract_instances(
     boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
     masks=np.array(masks, dtype=bool).reshape(-1, height, width),
   )
-
-
-def pad_instances(
-  instances: Instances, max_instances: int, *, overflow: str = 'error', source: str = 'slice'
-) -> PaddedInstances:
-  """Pads (or trims) `instances` to exactly `max_instances` rows.
-
-  overflow: what to do with more than `max_instances` instances. 'error' raises a DataError
-    naming `source` (e.g. 'case knee_0001 slice 37'); 'keep_largest' keeps the largest masks
-    (ties: earlier first), in their original order, and reports how many were dropped.
-  """
-  if overflow not in OVERFLOW_POLICIES:
-    raise ValueError(f'overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}')
-  if max_instances < 1:
-    raise ValueError(f'max_instances must be >= 1, got {max_instances}')
-  count = len(instances)
-  keep = np.arange(count)
-  if count > max_instances:
-    if overflow == 'error':
-      raise DataError(
-        source,
-        'more instances than the static maximum',
-        found=count,
-        expected=f'at most max_instances = {max_instances} (raise it, or use '
-        "overflow='keep_largest')",
-      )
-    by_size = np.argsort(-instances.areas, kind='stable')[:max_instances]
-    keep = np.sort(by_size)
-  kept = len(keep)
-  height, width = instances.masks.shape[1:]
-  classes = np.zeros([max_instances], np.int32)
-  boxes = np.zeros([max_instances, 4], np.float32)
-  masks = np.zeros([max_instances, height, width], np.uint8)
-  valid = np.zeros([max_instances], bool)
-  classes[:kept] = instances.classes[keep]
-  boxes[:kept] = instances.boxes[keep]
-  masks[:kept] = instances.masks[keep]
-  valid[:kept] = True
-  return PaddedInstances(classes, boxes, masks, valid, num_dropped=count - kept)
 
 
 def select_slices(

@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import zlib
 
 import numpy as np
 import SimpleITK as sitk
 
-from data_pipelines.atomic import remove_stale_temporaries
 from data_pipelines.errors import DataError
 
 ELEMENT_TYPES: dict[str, np.dtype] = {
@@ -48,21 +45,6 @@ ELEMENT_TYPES: dict[str, np.dtype] = {
   'MET_ULONG_LONG': np.dtype(np.uint64),
   'MET_FLOAT': np.dtype(np.float32),
   'MET_DOUBLE': np.dtype(np.float64),
-}
-_WRITABLE = {
-  np.dtype(t)
-  for t in (
-    np.int8,
-    np.uint8,
-    np.int16,
-    np.uint16,
-    np.int32,
-    np.uint32,
-    np.int64,
-    np.uint64,
-    np.float32,
-    np.float64,
-  )
 }
 _REQUIRED_KEYS = ('NDims', 'DimSize', 'ElementType', 'ElementDataFile')
 _MAX_HEADER_BYTES = 1 << 16
@@ -103,55 +85,6 @@ def read_metaimage(path: str | os.PathLike) -> MetaImage:
       expected=f'{dtype} {dims}',
     )
   return MetaImage(path, data, tuple(float(s) for s in image.GetSpacing()), header)
-
-
-def write_metaimage(
-  path: str | os.PathLike,
-  data: np.ndarray,
-  spacing: tuple[float, ...] | None = None,
-  *,
-  compressed: bool = False,
-) -> str:
-  """Writes `data` ([x, y, z], DimSize order) as `path` (.mhd) plus a data file beside it.
-
-  The data file is `<stem>.raw` (`<stem>.zraw` when `compressed`, zlib), little-endian. Both
-  are written by SimpleITK into a hidden folder beside `path`, then moved into place data
-  first, so a header never points at missing data. Returns the header path.
-  """
-  path = os.fspath(path)
-  if not path.endswith('.mhd'):
-    raise DataError(path, 'MetaImage header name must end in .mhd', found=os.path.basename(path))
-  data = np.asarray(data)
-  if data.dtype == bool:
-    data = data.astype(np.uint8)
-  native = data.dtype.newbyteorder('=')
-  if native not in _WRITABLE:
-    raise DataError(
-      path,
-      'unsupported array type for MetaImage',
-      found=data.dtype,
-      expected=', '.join(sorted(str(t) for t in _WRITABLE)),
-    )
-  spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * data.ndim
-  if len(spacing) != data.ndim:
-    raise DataError(
-      path, 'spacing does not match the array', found=spacing, expected=f'{data.ndim} values'
-    )
-  image = sitk.GetImageFromArray(np.ascontiguousarray(data.astype(native).transpose()))
-  image.SetSpacing(spacing)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  name = os.path.basename(path)
-  data_name = name[: -len('.mhd')] + ('.zraw' if compressed else '.raw')
-  remove_stale_temporaries(os.path.join(directory, name))
-  tmp = tempfile.mkdtemp(prefix=f'.{name}.{os.getpid()}-', suffix='.tmp', dir=directory)
-  try:
-    sitk.WriteImage(image, os.path.join(tmp, name), useCompression=bool(compressed))
-    os.replace(os.path.join(tmp, data_name), os.path.join(directory, data_name))
-    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return path
 
 
 # --- the header check ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from data_pipelines.errors import EXIT_OK, EXIT_REFUSED
+from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, THICKNESS_METHODS
 
 REGION_MEASURES = (
   'thickness_cab_mm',
@@ -78,7 +79,7 @@ def visit_from_label_map(
   *,
   label_values: Sequence[int] = (1, 2, 3, 4),
   side: str | None = None,
-  thickness_method: str = 'normal',
+  thickness_method: str = DEFAULT_THICKNESS_METHOD,
 ) -> Visit:
   """A knee label map's subregions, measured as predict measures a scan."""
   from data_pipelines import laterality, nifti_io, orientation
@@ -266,7 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     default='1,2,3,4',
     help='label maps: femur, femoral cartilage, tibia, tibial cartilage values',
   )
-  parser.add_argument('--thickness_method', default='normal', choices=('normal', 'nearest'))
+  parser.add_argument(
+    '--thickness_method',
+    default=DEFAULT_THICKNESS_METHOD,
+    choices=THICKNESS_METHODS,
+  )
   parser.add_argument(
     '--figure',
     help='one knee: a PNG of the baseline maps with each subregion filled with its change '

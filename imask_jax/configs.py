@@ -9,13 +9,26 @@ input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluate.py).
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
+import os
 
 import ml_collections
 
 from data_pipelines import tissues
 from imask_jax import postprocess
-from imask_jax.metrics.thickness import THICKNESS_METHODS
+from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, THICKNESS_METHODS
+from imask_jax.models import spec
+
+
+def load_experiment(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an experiment file such as experiments/oai.py (experiments/ is not a
+  package, so the file is loaded by its path); '' or None: the file's default config."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'_experiment_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -123,83 +136,11 @@ def default_config() -> ml_collections.ConfigDict:
       ce_weight=1.0,  # ... cross-entropy, nnU-Net's 1 : 1
     )
   )
-  m.backbone = 'resnet50'  # resnet18/50/101, densenet121/169
-  m.norm = 'group'  # batch, frozen_batch, group
-  m.width = 64  # backbone base width (64 = published)
+  # The network's fields at their defaults, each described where it is defined:
+  # models/spec.py (ModelSpec, with the model.imask and model.point_head groups).
+  m.update(spec.config_defaults())
   m.init_from = ''  # convert_weights file to start from ('' = random init)
-  m.fpn_dim = 256
-  # Recompute the backbone body's activations block by block in the backward pass instead of
-  # keeping them: less memory at large inputs for one more forward through the body.
-  m.remat = False
-  m.dtype = 'float32'  # compute dtype: float32 or bfloat16 (params stay float32)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
-  m.anchor_sizes = (16, 32, 64, 128, 256)  # one per level P2-P6, in input pixels
-  m.anchor_ratios = (0.25, 0.5, 1.0, 2.0, 4.0)  # height / width; thin cartilage bands need extremes
-  m.rpn_pre_nms_topk_train = 1000  # per level
-  m.rpn_post_nms_topk_train = 512
-  m.rpn_pre_nms_topk_test = 500
-  m.rpn_post_nms_topk_test = 256
-  m.rpn_nms_threshold = 0.7
-  m.rpn_batch_size = 256
-  m.rpn_positive_fraction = 0.5
-  m.roi_batch_size = 128
-  m.roi_positive_fraction = 0.25
-  # Share of the box head's negative ROIs taken as the negative proposals of highest RPN
-  # objectness (bright look-alikes: bladder, bowel, oedema) instead of drawn at random.
-  m.roi_hard_negative_fraction = 0.0
-  m.mask_rois_per_image = 32  # cap on mask-head ROIs (the first, positive, slots)
-  m.roi_iou_threshold = 0.5
-  m.roi_level_k0 = 4
-  m.roi_level_canonical = 64.0  # MRI inputs are smaller than COCO's (224 there)
-  m.roi_sampling_ratio = 2
-  m.box_head = 'fc'  # fc (2 x 1024 fc) or conv (4 conv + 1 fc)
-  m.box_head_dim = 1024
-  m.mask_head = 'imask'  # standard or imask
-  m.mask_head_dim = 256
-  m.imask = ml_collections.ConfigDict(
-    dict(
-      decoder=True,  # learnable transposed conv 28 -> 56
-      skip=True,  # second ROIAlign concatenated through the skip connection
-      skip_size=56,  # 28, 56 or 112
-      skip_level='P2',  # the pyramid level the skip ROIAlign reads
-      fine_dim=32,  # channels of the 56x56 part (decoder, skip, fusion)
-      fuse_convs=1,  # 3x3 convs after the skip concatenation
-      skip_sampling_ratio=0,  # samples per bin axis of the skip ROIAlign; 0 = adaptive:
-      # 1 at 128 px, 3 at the paper's 1024 px (heads.py)
-      # Layers the paper does not name (heads.IMaskHead): the 1x1 conv + ReLU to fine_dim
-      # before the decoder, and the 1x1 conv on the skip's level + ReLU after its ROIAlign.
-      reduce=True,
-      skip_projection=True,
-    )
-  )
-  # PointRend-style boundary refinement (imask_jax/models/point_head.py): the mask is
-  # predicted again at the coarse grid's most uncertain points from features read there.
-  m.point_head = ml_collections.ConfigDict(
-    dict(
-      enabled=False,
-      level='P2',  # pyramid level read at each point
-      image_patch=3,  # side of the input-image patch read around each point (0: none)
-      dim=64,  # width of the point MLP
-      num_fc=3,
-      train_points=196,  # points per mask ROI in training
-      oversample=3.0,  # importance sampling: candidates per point ...
-      importance=0.75,  # ... and the share of points taken from the most uncertain
-      subdivision_steps=1,  # inference: 2x refinements of the mask grid (56 -> 112)
-      subdivision_points=784,  # inference: cells predicted again per refinement
-      loss_weight=1.0,
-    )
-  )
-  m.boundary_loss_weight = 0.0  # optional boundary-weighted mask BCE (0 = off)
-  m.mask_dice_weight = 0.0  # optional soft-Dice term added to the mask BCE (0 = off)
-  m.test_score_threshold = 0.05  # detections kept (mask AP counts them all)
-  # Pixels painted into label maps, 'union' or 'each' (mask_rcnn.detections_to_label_map).
-  m.paint_rule = 'union'
-  # Detections painted into label maps (Dice, surfaces, predict.py's NIfTIs): 0.5 rather than
-  # 0.05 keeps unsure duplicates and look-alikes (patellar cartilage) out of the segmentation.
-  m.label_score_threshold = 0.5
-  # A pasted pixel belongs to a painted detection where its mask probability is >= this (Mask
-  # R-CNN's 0.5); an experiment may choose another on its validation split.
-  m.mask_threshold = 0.5
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
   # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
   m.keep_largest_component = ()
@@ -212,13 +153,6 @@ def default_config() -> ml_collections.ConfigDict:
   m.cluster_radius_mm = 40.0
   m.cluster_per_side = False
   m.cluster_min_ml = 0.0
-  m.test_nms_threshold = 0.5
-  m.max_detections = 16
-  # predict: the mask head runs only on each class's best `paint_slots_per_class` detections
-  # scoring >= label_score_threshold (the ones that paint), not on all max_detections; a scan
-  # where more would have painted is flagged in its report. 0 = all (evaluate always runs all:
-  # mask AP ranks every detection).
-  m.paint_slots_per_class = 0
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
@@ -252,11 +186,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.batch_size = 8
   e.max_val_slices = 256
   # Cartilage thickness measure of evaluate and predict (metrics.thickness, docs/metrics.md):
-  # 'normal' (along the normals of the smoothed surfaces: within about 1 % of the phantoms'
-  # analytic thickness, and the same on any grid) or 'nearest' (distance to the nearest
-  # articular face: reads voxel staircases 5-7 % thin, by an amount that depends on the grid;
-  # what workdirs made before this field measured).
-  e.thickness_method = 'normal'
+  # 'normal' (along the normals of the smoothed surfaces; the same on any grid) or 'nearest'
+  # (distance to the nearest articular face; reads voxel staircases thin).
+  e.thickness_method = DEFAULT_THICKNESS_METHOD
   return c
 
 
@@ -292,7 +224,6 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
   m.rpn_post_nms_topk_test = 500
   m.roi_batch_size = 128
   m.mask_head = 'imask'
-  m.max_detections = 16
   t.optimizer = 'adam'
   t.learning_rate = 1e-3
   t.schedule = 'constant'

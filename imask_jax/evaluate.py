@@ -78,15 +78,17 @@ def evaluate_case(
   scheme: LabelScheme,
   spacing: Sequence[float],
   reader_maps: Mapping[str, np.ndarray] | None = None,
-  thickness_method: str = 'nearest',
+  *,
+  thickness_method: str,
   side: tuple[str, str] | None = None,
   label_split: tuple[np.ndarray, int, int] | None = None,
 ) -> report.CaseResult:
   """Measures one volume. truth / prediction.canonical: canonical label maps (label values)
   with `spacing` (mm, canonical axis order); reader_maps: each reader's canonical label map,
-  for effusion volumes; side: the knee's side ('left' / 'right') and its basis, which names
-  the medial and lateral subregions (None: no subregions); label_split: the stored labels with
-  their medial and lateral tibial cartilage values, to compare with the geometric split."""
+  for effusion volumes; thickness_method: the config's eval.thickness_method; side: the
+  knee's side ('left' / 'right') and its basis, which names the medial and lateral subregions
+  (None: no subregions); label_split: the stored labels with their medial and lateral tibial
+  cartilage values, to compare with the geometric split."""
   pred = prediction.canonical
   values = scheme.label_values
   overlap = metrics.overlap_per_label(pred, truth, values)

@@ -70,20 +70,6 @@ def _hide_gpus_from_tensorflow() -> None:
 
 _hide_gpus_from_tensorflow()
 
-BATCH_KEYS = (
-  'image',
-  'gt_boxes',
-  'gt_classes',
-  'gt_masks',
-  'gt_valid',
-  'case_id',
-  'slice_index',
-  'scale',
-  'image_extent',
-  'pixel_spacing',
-  'example_valid',
-)
-
 
 # --- settings ----------------------------------------------------------------------------------
 

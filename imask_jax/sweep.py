@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
-import importlib.util
 import json
 import math
 import os
@@ -100,14 +99,6 @@ class Run:
     return f'{self.variant}/seed{self.seed}'
 
 
-def load_experiment(path: str, arg: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of an experiment file (experiments/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('_sweep_experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def check_run_config(config: ml_collections.ConfigDict) -> None:
   """What can be checked of a run's config without data: the training settings and the
   backbone and mask head names."""
@@ -157,7 +148,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
     for seed in sweep.seeds:
       arg = ','.join(a for a in (str(sweep.base_arg), str(variant_arg), f'seed={int(seed)}') if a)
       try:
-        config = load_experiment(str(sweep.experiment), arg)
+        config = configs.load_experiment(str(sweep.experiment), arg)
         check_run_config(config)
       except Exception as error:  # noqa: BLE001 -- named and re-raised with its cause
         raise ValueError(
@@ -274,7 +265,7 @@ def _tail(path: str, lines: int = 15) -> str:
 
 def run_settings(sweep: ml_collections.ConfigDict, run: Run) -> dict[str, Any]:
   """The experiment config the run trains with, as JSON types (what main.py will load)."""
-  return json.loads(load_experiment(str(sweep.experiment), run.arg).to_json())
+  return json.loads(configs.load_experiment(str(sweep.experiment), run.arg).to_json())
 
 
 def check_plan(

@@ -8,7 +8,6 @@ restores its latest checkpoint once, so the detection function compiles once per
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -43,11 +42,9 @@ def pytest_collection_modifyitems(config, items):
 
 def experiment_config(name: str, arg: str | None = None):
   """`get_config(arg)` of experiments/<name>.py (the experiments folder is not a package)."""
-  path = os.path.join(REPO, 'experiments', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from imask_jax import configs
+
+  return configs.load_experiment(os.path.join(REPO, 'experiments', f'{name}.py'), arg)
 
 
 def box_painting_model(config, boxes):

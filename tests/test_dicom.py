@@ -239,7 +239,8 @@ def test_predict_reads_a_series_folder_or_a_folder_of_series(tmp_path):
     predict_plan.list_inputs(str(root / 'empty'))
 
 
-# The knee crop of tests/test_predict.py: axes P, I, L (left-handed), 8 slices of 64 x 64.
+# The knee crop of tests/predict/test_predict_command.py: axes P, I, L (left-handed), 8 slices
+# of 64 x 64.
 AFFINE_A = np.array(
   [[0.0, 0.0, -1.5, 20.0], [-0.5, 0.0, 0.0, 30.0], [0.0, -0.5, 0.0, 40.0], [0.0, 0.0, 0.0, 1.0]]
 )

@@ -18,6 +18,21 @@ from data_pipelines.datasets import builders
 from imask_jax import configs
 from imask_jax import input_pipeline as ip
 
+# Every key of a batch the pipeline yields.
+BATCH_KEYS = (
+  'image',
+  'gt_boxes',
+  'gt_classes',
+  'gt_masks',
+  'gt_valid',
+  'case_id',
+  'slice_index',
+  'scale',
+  'image_extent',
+  'pixel_spacing',
+  'example_valid',
+)
+
 # Volumes stored [column (to posterior), row (to inferior), slice (to left)]; a sagittal slice
 # is [rows, columns] = [shape[1], shape[0]]. Slices 22x30 and 40x12 shrink into 24 x 24,
 # 9x10 and 20x16 grow.
@@ -180,7 +195,7 @@ def test_train_batches_have_the_promised_static_shapes_and_dtypes(dataset):
     'pixel_spacing': ((d, b, 2), np.float32),
     'example_valid': ((d, b), np.bool_),
   }
-  assert set(batch) == set(ip.BATCH_KEYS) == set(expected)
+  assert set(batch) == set(BATCH_KEYS) == set(expected)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
   assert batch['example_valid'].all()
@@ -241,14 +256,14 @@ def test_same_seed_gives_the_same_batches_and_resumes_exactly(dataset):
     take(ip.create_train_dataset(config, data_dir, seed=s), n) for s, n in ((7, 6), (7, 3), (8, 3))
   )
   for a, b in zip(first, again):
-    for key in ip.BATCH_KEYS:
+    for key in BATCH_KEYS:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   assert any(not np.array_equal(a['image'], c['image']) for a, c in zip(first, other))
   # A run resumed at step 5 (past the end of the first epoch) continues the same stream:
   # shuffle order and augmentation.
   assert 5 * 4 > builders.prepare(config, data_dir).info.splits['train'].num_examples
   resumed = take(ip.create_train_dataset(config, data_dir, seed=7, start_step=5), 1)[0]
-  for key in ip.BATCH_KEYS:
+  for key in BATCH_KEYS:
     np.testing.assert_array_equal(resumed[key], first[5][key], err_msg=key)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, experiment_config
-from imask_jax import errors, sweep
+from imask_jax import configs, errors, sweep
 from imask_jax import workdir as workdir_lib
 from imask_jax.evaluation import report
 
@@ -41,7 +41,7 @@ def test_paper_study_is_two_heads_by_two_backbones_each_head_against_standard():
   assert tuple(c.seeds) == (0,)
   # Every argument loads into the experiment it names, with the settings it says.
   for _, arg, _ in c.variants:
-    config = sweep.load_experiment(c.experiment, arg)
+    config = configs.load_experiment(c.experiment, arg)
     assert (config.model.mask_head, config.model.backbone) == tuple(
       part.split('=')[1] for part in arg.split(',')[:2]
     )
@@ -53,15 +53,15 @@ def test_head_and_skip_studies_switch_the_parts_they_name():
   assert tuple(c.seeds) == (0, 4) and c.base_arg == 'smoke,steps=3'
   by_name = {name: (arg, baseline) for name, arg, baseline in c.variants}
   assert set(by_name) == {'standard', 'imask', 'decoder_only', 'skip_only'}
-  decoder_only = sweep.load_experiment(c.experiment, by_name['decoder_only'][0])
-  skip_only = sweep.load_experiment(c.experiment, by_name['skip_only'][0])
+  decoder_only = configs.load_experiment(c.experiment, by_name['decoder_only'][0])
+  skip_only = configs.load_experiment(c.experiment, by_name['skip_only'][0])
   assert (decoder_only.model.imask.decoder, decoder_only.model.imask.skip) == (True, False)
   assert (skip_only.model.imask.decoder, skip_only.model.imask.skip) == (False, True)
   assert all(b == 'standard' for n, (_, b) in by_name.items() if n != 'standard')
 
   skips = experiment_config('ablations', 'study=skip_size')
   sizes = {
-    n: sweep.load_experiment(skips.experiment, a).model.imask.skip_size
+    n: configs.load_experiment(skips.experiment, a).model.imask.skip_size
     for n, a, _ in skips.variants
     if 'skip' in n
   }
@@ -72,16 +72,15 @@ def test_head_and_skip_studies_switch_the_parts_they_name():
   # the paper's heads, without the point head the knee quick start turns on
   for study in ('paper', 'heads', 'skip_size', 'all'):
     c = experiment_config('ablations', f'study={study}')
-    assert not any(
-      sweep.load_experiment(c.experiment, arg).model.point_head.enabled for _, arg, _ in c.variants
-    )
+    models = [configs.load_experiment(c.experiment, arg).model for _, arg, _ in c.variants]
+    assert not any(model.point_head.enabled for model in models)
 
 
 def test_cartilage_study_switches_the_mask_grid_and_the_point_head_against_imask():
   c = experiment_config('ablations', 'study=cartilage')
   levers = {}
   for name, arg, baseline in c.variants:
-    model = sweep.load_experiment(c.experiment, arg).model
+    model = configs.load_experiment(c.experiment, arg).model
     levers[name] = (model.mask_head, model.imask.skip_size, model.point_head.enabled, baseline)
   assert levers == {
     'imask': ('imask', 56, False, ''),

@@ -34,6 +34,7 @@ from imask_jax.metrics.surface import (
   surface_voxels,
 )
 from imask_jax.metrics.thickness import (  # noqa: F401, E501
+  DEFAULT_THICKNESS_METHOD,
   THICKNESS_METHODS,
   Cylinder,
   InterfaceThickness,

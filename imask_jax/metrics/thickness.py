@@ -14,14 +14,15 @@ Thickness (docs/metrics.md has the reasoning and the measured accuracy):
                articular surface: centres of the faces shared by a cartilage voxel and a
                  voxel of any other label (background, fluid, the other plate's cartilage).
                  Faces on the array's edge are neither: a cut field of view is not a surface.
-  thickness    method='nearest' (the default): at each BCI point, the Euclidean distance (mm)
+  thickness    method='nearest': at each BCI point, the Euclidean distance (mm)
                to the nearest articular-surface point (minimal distance from the bone side; the
                paper measures "the distance between the cartilage bony surface and the
                articular [surface]"), found with a k-d tree over the surface points. It reads
                low on staircase surfaces (docs/results/thickness_measure.md).
-               method='normal': the 3D surface-normal method. The bone indicator and the
-               bone-or-cartilage indicator are smoothed with a Gaussian (isotropic, SD the
-               coarsest spacing by default); their 0.5 iso-surfaces (trilinear) are the
+               method='normal' (the default): the 3D surface-normal method. The bone
+               indicator and the bone-or-cartilage indicator are smoothed with a Gaussian
+               (isotropic, SD the coarsest spacing by default); their 0.5 iso-surfaces
+               (trilinear) are the
                sub-voxel BCI and articular surface. Each BCI face centre is moved onto the
                smoothed BCI, and the thickness is the distance (mm) along the BCI's outward
                normal (the gradient of the bone indicator smoothed twice as much) to where the
@@ -58,9 +59,11 @@ from imask_jax.metrics.overlap import CaseStatus, as_label_map, as_spacing, case
 # should not drag the axis.
 _CYLINDER_LOSS_SCALE_MM = 2.0
 
-# Thickness methods (module docstring): 'nearest' is the default and stays so, so that every
-# existing map and table is unchanged; 'normal' is the staircase-robust surface-normal method.
+# Thickness methods (module docstring). The default, here and in the config
+# (eval.thickness_method), is the staircase-robust surface-normal method; 'nearest' reads voxel
+# staircases thin by an amount that depends on the grid (docs/results/thickness_measure.md).
 THICKNESS_METHODS = ('nearest', 'normal')
+DEFAULT_THICKNESS_METHOD = 'normal'
 # Surface-normal method. Farthest a ray from the BCI is followed (mm): cartilage is at most
 # about 5 mm thick, a ray near a plate's rim can run obliquely for longer; one that stays in
 # the cartilage that far is dropped.
@@ -201,18 +204,18 @@ def interface_thickness(
   bone_label: int,
   cartilage_label: int,
   *,
-  method: str = 'nearest',
+  method: str = DEFAULT_THICKNESS_METHOD,
   smoothing_mm: float | Sequence[float] | None = None,
 ) -> InterfaceThickness:
   """Cartilage thickness (mm) at every bone-cartilage interface face of one plate.
 
-  method 'nearest' (default): positions are the BCI face centres [N, 3] (array mm), thickness
-  the distance to the nearest articular face centre. method 'normal': positions are the face
-  centres moved onto the smoothed BCI, thickness the distance along its normal to the smoothed
-  articular surface (module docstring); `smoothing_mm` is the Gaussian's SD in mm, one value or
-  one per axis (default: default_smoothing_mm(spacing), the coarsest spacing on every axis;
-  the normals use an isotropic SD twice the largest);
-  'nearest' does not use it. A ray still inside the cartilage after _NORMAL_REACH_MM drops its
+  method 'normal' (the default): positions are the BCI face centres moved onto the smoothed
+  BCI, thickness the distance along its normal to the smoothed articular surface (module
+  docstring); `smoothing_mm` is the Gaussian's SD in mm, one value or one per axis (default:
+  default_smoothing_mm(spacing), the coarsest spacing on every axis; the normals use an
+  isotropic SD twice the largest). method 'nearest': positions are the BCI face centres
+  [N, 3] (array mm), thickness the distance to the nearest articular face centre; it does not
+  use `smoothing_mm`. A ray still inside the cartilage after _NORMAL_REACH_MM drops its
   point (none does on the phantoms' truth maps).
   """
   where = 'interface_thickness'
@@ -493,7 +496,7 @@ def femoral_thickness_map(
   angle_bin_deg: float = 1.0,
   axial_bin_mm: float | None = None,
   axial_range_mm: tuple[float, float] | None = None,
-  method: str = 'nearest',
+  method: str = DEFAULT_THICKNESS_METHOD,
 ) -> ThicknessMap:
   """Femoral cartilage map: rows = angle (deg, -180..180), cols = position along the
   cylinder axis (mm). `cylinder` defaults to the fit on this label map's femoral BCI;
@@ -538,7 +541,7 @@ def tibial_thickness_map(
   bin_mm: float | None = None,
   anterior_range_mm: tuple[float, float] | None = None,
   right_range_mm: tuple[float, float] | None = None,
-  method: str = 'nearest',
+  method: str = DEFAULT_THICKNESS_METHOD,
 ) -> ThicknessMap:
   """Tibial cartilage map, projected axially: rows = anterior position (axis 1, mm), cols =
   rightward position (axis 0, mm). `bin_mm` defaults to 1 mm or the coarsest spacing of axes
@@ -609,7 +612,7 @@ def compare_thickness(
   angle_bin_deg: float = 1.0,
   axial_bin_mm: float | None = None,
   tibial_bin_mm: float | None = None,
-  method: str = 'nearest',
+  method: str = DEFAULT_THICKNESS_METHOD,
 ) -> dict[str, PlateComparison]:
   """Femoral and tibial maps of prediction and truth on shared grids (the cylinder fitted on
   the truth, ranges covering both), with prediction - truth differences.

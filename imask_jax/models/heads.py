@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from imask_jax.models import layers
+from imask_jax.models.spec import IMaskSpec
 from imask_jax.ops import roi_align as roi_align_ops
 
 Array = jax.Array
@@ -271,33 +272,6 @@ class IMaskHead(nn.Module):
 
 
 # --- choosing a mask head by name ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class IMaskSpec:
-  """The iMask head's switches (config `model.imask`), named as `IMaskHead`'s fields."""
-
-  decoder: bool = True
-  skip: bool = True
-  skip_size: int = 56
-  skip_level: str = 'P2'
-  fine_dim: int = 32
-  fuse_convs: int = 1
-  # Bilinear samples per bin axis of the skip ROIAlign; 0 = adaptive (`adaptive_sampling_ratio`,
-  # resolved by the model, which knows the input size).
-  skip_sampling_ratio: int = 0
-  reduce: bool = True
-  skip_projection: bool = True
-
-
-def adaptive_sampling_ratio(image_size: tuple[int, int], skip_level: str, skip_size: int) -> int:
-  """Samples per bin axis of the skip ROIAlign such that a box half the input wide (a femur on
-  a knee slice) still gets a sample for every pixel of the level it reads, so the S x S crop
-  does not alias: ceil(max(H, W) / 2 / stride / S), at least 1. 1 on 128-pixel inputs at P2
-  and S = 56 (bins smaller than a map pixel); 3 on the paper's 1024-pixel inputs, where a
-  600-pixel femur box is 150 P2 pixels, 2.7 per 56-bin cell."""
-  stride = 2 ** int(skip_level.lstrip('P'))
-  return max(1, math.ceil(max(image_size) / 2 / stride / skip_size))
 
 
 # config `model.mask_head` -> constructor(num_classes, dim, imask spec, dtype, **module kwargs).

@@ -16,9 +16,7 @@ The pure-array work (anchors, proposals, target sampling, ROIAlign, NMS) is done
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import typing
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 
 from imask_jax.models import heads, losses, point_head
 from imask_jax.models.backbones import build_backbone
+from imask_jax.models.spec import ModelSpec
 from imask_jax.ops import anchors as anchor_ops
 from imask_jax.ops import boxes as box_ops
 from imask_jax.ops import masks as mask_ops
@@ -40,158 +39,6 @@ Array = jax.Array
 RPN_LEVELS = ('P2', 'P3', 'P4', 'P5', 'P6')
 ROI_MIN_LEVEL, ROI_MAX_LEVEL = 2, 5
 STRIDES = (4, 8, 16, 32, 64)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """Everything that fixes the network and its static shapes (hashable, so jit can key on it)."""
-
-  image_size: tuple[int, int]
-  num_classes: int
-  input_channels: int = 1
-  backbone: str = 'resnet50'
-  norm: str = 'group'
-  width: int = 64  # backbone base width (64 = the published networks)
-  fpn_dim: int = 256
-  # Recompute the backbone body's activations block by block in the backward pass: less
-  # memory for one more forward through the body (the same values and parameters).
-  remat: bool = False
-  dtype: str = 'float32'
-  axis_name: str | None = None
-  anchor_sizes: tuple[float, ...] = (16, 32, 64, 128, 256)
-  anchor_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-  rpn_pre_nms_topk_train: int = 1000
-  rpn_post_nms_topk_train: int = 512
-  rpn_pre_nms_topk_test: int = 500
-  rpn_post_nms_topk_test: int = 256
-  rpn_nms_threshold: float = 0.7
-  rpn_batch_size: int = 256
-  rpn_positive_fraction: float = 0.5
-  roi_batch_size: int = 128
-  roi_positive_fraction: float = 0.25
-  roi_hard_negative_fraction: float = 0.0
-  mask_rois_per_image: int = 32
-  roi_iou_threshold: float = 0.5
-  roi_level_k0: int = 4
-  roi_level_canonical: float = 64.0
-  roi_sampling_ratio: int = 2
-  box_head: str = 'fc'
-  box_head_dim: int = 1024
-  mask_head: str = 'imask'
-  mask_head_dim: int = 256
-  imask: heads.IMaskSpec = heads.IMaskSpec()
-  # PointRend-style boundary refinement on top of the mask head (off: the paper's models).
-  point_head: point_head.PointSpec = point_head.PointSpec()
-  boundary_loss_weight: float = 0.0
-  mask_dice_weight: float = 0.0
-  test_score_threshold: float = 0.05
-  test_nms_threshold: float = 0.5
-  max_detections: int = 16
-  label_score_threshold: float = 0.5
-  mask_threshold: float = 0.5  # detections_to_label_map's threshold
-  paint_rule: str = 'union'  # detections_to_label_map
-  # detect(paint_only=True): mask-head slots per class for the detections that paint label
-  # maps (`paint_slots`); 0 = the mask head runs on all max_detections.
-  paint_slots_per_class: int = 0
-
-  @classmethod
-  def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
-    """The spec of a full experiment config: every field is read by its own name from
-    `config.model` (`imask` from the `model.imask` group), converted to the field's type;
-    the input shape comes from `config.data`."""
-    d = config.data
-    fixed = dict(
-      image_size=tuple(int(v) for v in d.image_size),
-      input_channels=2 * int(d.context_slices) + 1,
-      axis_name=axis_name,
-    )
-    return cls(**fixed, **_fields_from(cls, config.model, 'model', exclude=fixed))
-
-  @property
-  def compute_dtype(self) -> Any:
-    if self.dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    return jnp.bfloat16 if self.dtype == 'bfloat16' else jnp.float32
-
-  @property
-  def mask_size(self) -> int:
-    """Resolution of the mask head's output (and of its targets); with the point head the
-    detections' masks come back finer (`detection_mask_size`)."""
-    # A free-standing (parentless) head: the spec may be asked inside the model's methods.
-    return self.build_mask_head(parent=None).output_size
-
-  @property
-  def detection_mask_size(self) -> int:
-    """Side of `Detections.mask_probs`: the mask head's, refined by the point head's
-    subdivision steps when it is on."""
-    return self.point_head.output_size(self.mask_size)
-
-  @property
-  def resolved_imask(self) -> heads.IMaskSpec:
-    """`imask` with an adaptive (0) skip sampling ratio turned into samples per bin axis."""
-    if self.imask.skip_sampling_ratio:
-      return self.imask
-    return dataclasses.replace(
-      self.imask,
-      skip_sampling_ratio=heads.adaptive_sampling_ratio(
-        self.image_size, self.imask.skip_level, self.imask.skip_size
-      ),
-    )
-
-  def at_size(self, image_size: tuple[int, int]) -> ModelSpec:
-    """The same network for inputs of another (H, W): the parameters do not depend on the
-    input size; anchors and box clipping follow it. The skip ROIAlign's adaptive sampling
-    ratio stays that of this spec's size, so a whole-slice canvas larger than the training
-    crop samples each ROI as training did (structures have the same size in pixels)."""
-    image_size = tuple(int(n) for n in image_size)
-    if image_size == self.image_size:
-      return self
-    return dataclasses.replace(self, image_size=image_size, imask=self.resolved_imask)
-
-  def build_mask_head(self, **module_kwargs: Any) -> nn.Module:
-    return heads.build_mask_head(
-      self.mask_head,
-      num_classes=self.num_classes,
-      dim=self.mask_head_dim,
-      imask=self.resolved_imask,
-      dtype=self.compute_dtype,
-      **module_kwargs,
-    )
-
-  @property
-  def num_mask_rois(self) -> int:
-    """Mask-head ROIs per image in training: the first slots of the ROI sample, which hold
-    its positives (in random order), capped at `mask_rois_per_image`. The mask head's cost
-    grows with this static count whether or not the slots hold positives, and a slice of
-    MRI has a handful of objects, so a random subset of 32 positives loses little."""
-    positives = sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
-    return min(positives, self.mask_rois_per_image)
-
-
-def _fields_from(cls: type, section: Any, where: str, exclude: Any = ()) -> dict[str, Any]:
-  """The fields of dataclass `cls`, each read from `section[name]` (a config group) and converted
-  to the field's annotated type: a nested dataclass from a nested group, a tuple element by
-  element. `where` names the group in errors."""
-  hints = typing.get_type_hints(cls)
-  out = {}
-  for field in dataclasses.fields(cls):
-    if field.name in exclude:
-      continue
-    if field.name not in section:
-      raise ValueError(f'config {where}.{field.name} is missing')
-    out[field.name] = _as_type(hints[field.name], section[field.name], f'{where}.{field.name}')
-  return out
-
-
-def _as_type(hint: Any, value: Any, where: str) -> Any:
-  if dataclasses.is_dataclass(hint):
-    return hint(**_fields_from(hint, value, where))
-  if typing.get_origin(hint) is tuple:
-    element = typing.get_args(hint)[0]
-    return tuple(element(v) for v in value)
-  if hint is bool and not isinstance(value, (bool, int)):
-    raise ValueError(f'config {where}={value!r}; expected True or False')
-  return hint(value)
 
 
 @functools.lru_cache(maxsize=16)

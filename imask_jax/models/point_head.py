@@ -21,7 +21,6 @@ the masks come back at `m * 2^steps`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -29,47 +28,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from imask_jax.models.spec import PointSpec
 from imask_jax.ops import points as point_ops
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class PointSpec:
-  """The point head's settings (config `model.point_head`)."""
-
-  enabled: bool = False
-  level: str = 'P2'  # pyramid level read at each point
-  image_patch: int = 3  # side of the input-image patch read around each point (0: none)
-  dim: int = 64  # MLP width
-  num_fc: int = 3
-  train_points: int = 196  # points per ROI in training (14 x 14 in the paper)
-  oversample: float = 3.0
-  importance: float = 0.75
-  subdivision_steps: int = 1  # inference: 2x upsampling rounds of the mask grid
-  subdivision_points: int = 784  # inference: cells predicted again per round (28 x 28)
-  loss_weight: float = 1.0
-
-  def __post_init__(self):
-    problems = []
-    if self.level not in ('P2', 'P3', 'P4', 'P5'):
-      problems.append(f"level={self.level!r} (expected 'P2'..'P5')")
-    for name in ('dim', 'num_fc', 'train_points', 'subdivision_points'):
-      if getattr(self, name) < 1:
-        problems.append(f'{name}={getattr(self, name)} (expected >= 1)')
-    for name in ('image_patch', 'subdivision_steps'):
-      if getattr(self, name) < 0:
-        problems.append(f'{name}={getattr(self, name)} (expected >= 0)')
-    if self.oversample < 1:
-      problems.append(f'oversample={self.oversample} (expected >= 1)')
-    if not 0 <= self.importance <= 1:
-      problems.append(f'importance={self.importance} (expected a share in [0, 1])')
-    if problems:
-      raise ValueError('config model.point_head: ' + '; '.join(problems))
-
-  def output_size(self, coarse_size: int) -> int:
-    """Side of the refined masks for a mask head of side `coarse_size`."""
-    return coarse_size * 2**self.subdivision_steps if self.enabled else coarse_size
 
 
 class PointMLP(nn.Module):

@@ -46,7 +46,7 @@ def femoral_thickness(
   label_map: np.ndarray,
   spacing: Sequence[float],
   knee: metrics.KneeLabelValues,
-  method: str = 'nearest',
+  method: str,
   maps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Mean and regional femoral cartilage thickness (mm) of a canonical label map, measured
@@ -85,7 +85,7 @@ def tibial_thickness(
   label_map: np.ndarray,
   spacing: Sequence[float],
   knee: metrics.KneeLabelValues,
-  method: str = 'nearest',
+  method: str,
   maps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Mean and right/left tibial cartilage thickness (mm) of a canonical label map, measured

@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.testing import data_path
+from support import write_metaimage
 
 from conftest import POSED_AFFINE
-from data_pipelines import instances, readers
+from data_pipelines import readers
 from data_pipelines.errors import DataError
-from data_pipelines.metaimage import write_metaimage
 from data_pipelines.nifti_io import load_nifti_image, load_nifti_labels
 
 SHAPE = (4, 5, 3)
@@ -266,18 +266,6 @@ def test_several_readers_and_none_chosen(tmp_path):
   assert _message(lambda: readers.load_volume(case, plane='coronal', label_values=(1,))) == (
     "case hip_0003: several readers and none chosen (found ['reader1', 'reader2']; "
     'expected reader=<one of them>)'
-  )
-
-
-def test_too_many_instances_for_the_static_maximum():
-  label_slice = np.zeros((5, 9), np.uint8)
-  label_slice[2, ::2] = 1  # five separate single-pixel components
-  found = instances.extract_instances(label_slice, {1: 1}, mode='components')
-  with pytest.raises(DataError) as info:
-    instances.pad_instances(found, 3, source='case hip_0001 slice 12')
-  assert str(info.value).startswith(
-    'case hip_0001 slice 12: more instances than the static '
-    'maximum (found 5; expected at most max_instances = 3'
   )
 
 

@@ -6,6 +6,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+import support
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -125,7 +126,7 @@ def test_empty_slice_gives_no_instances_with_the_right_shapes():
   found = instances.extract_instances(np.zeros((4, 5), np.uint8), KNEE)
   assert len(found) == 0
   assert found.boxes.shape == (0, 4) and found.masks.shape == (0, 4, 5)
-  padded = instances.pad_instances(found, 3)
+  padded = support.pad_instances(found, 3)
   assert not padded.valid.any() and padded.classes.tolist() == [0, 0, 0]
 
 
@@ -136,7 +137,7 @@ def test_pad_instances_shapes_padding_and_keep_largest():
   label_slice[7, 3:7] = 3  # area 4
   label_slice[0:2, 8:10] = 4  # area 4
   found = instances.extract_instances(label_slice, KNEE)
-  padded = instances.pad_instances(found, 6)
+  padded = support.pad_instances(found, 6)
   assert padded.classes.dtype == np.int32 and padded.boxes.dtype == np.float32
   assert padded.masks.dtype == np.uint8 and padded.valid.dtype == bool
   assert padded.masks.shape == (6, 8, 10)
@@ -145,12 +146,12 @@ def test_pad_instances_shapes_padding_and_keep_largest():
   np.testing.assert_array_equal(padded.boxes[:4], found.boxes)
   np.testing.assert_array_equal(padded.masks[:4], found.masks.astype(np.uint8))
   assert not padded.boxes[4:].any() and not padded.masks[4:].any()
-  trimmed = instances.pad_instances(found, 2, overflow='keep_largest')
+  trimmed = support.pad_instances(found, 2, overflow='keep_largest')
   # Largest: class 2 (9 px), then classes 3 and 4 tie at 4 px -> the earlier one, class 3.
   assert trimmed.classes.tolist() == [2, 3] and trimmed.num_dropped == 2
   assert trimmed.valid.all()
   with pytest.raises(DataError, match='slice: more instances than the static maximum'):
-    instances.pad_instances(found, 2)
+    support.pad_instances(found, 2)
 
 
 def test_select_slices_is_deterministic_and_keeps_the_requested_share():

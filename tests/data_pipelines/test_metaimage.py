@@ -9,9 +9,10 @@ import zlib
 
 import numpy as np
 import pytest
+from support import write_metaimage
 
 from data_pipelines.errors import DataError
-from data_pipelines.metaimage import read_metaimage, write_metaimage
+from data_pipelines.metaimage import read_metaimage
 
 # A small volume indexed [x, y, z] with a distinct value per voxel.
 DIMS = (4, 3, 2)

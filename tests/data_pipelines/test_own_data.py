@@ -11,13 +11,13 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from support import write_metaimage
 
 from conftest import experiment_config
 from data_pipelines import nifti_io, phantoms, prepare, readers, tissues
 from data_pipelines.datasets import builders, sources
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.errors import EXIT_REFUSED, DataError
-from data_pipelines.metaimage import write_metaimage
 
 NUM = 4  # phantoms: 3 in imagesTr/, 1 in imagesTs/
 
@@ -273,7 +273,7 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
   five = tissues.LabelScheme.from_values(names, (1, 2, 3, 4, 5))
   four = tissues.LabelScheme.from_values(tissues.KNEE_CLASSES, (1, 2, 3, (4, 5)))
   prediction = type('Prediction', (), {'canonical': truth, 'plane': 'sagittal'})()
-  result = evaluate.evaluate_case('k', truth, prediction, five, spacing)
+  result = evaluate.evaluate_case('k', truth, prediction, five, spacing, thickness_method='nearest')
   assert list(result.thickness) == [
     'femoral',
     'tibial',
@@ -281,11 +281,11 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
     tissues.LATERAL_TIBIAL_CARTILAGE,
   ]
   merged = four.to_canonical(truth)
-  whole = metrics.tibial_thickness_map(merged, spacing, labels=four.knee)
+  whole = metrics.tibial_thickness_map(merged, spacing, labels=four.knee, method='nearest')
   assert result.thickness['tibial'].truth.mean_thickness_mm == whole.mean_thickness_mm
   for part, value in ((tissues.MEDIAL_TIBIAL_CARTILAGE, 4), (tissues.LATERAL_TIBIAL_CARTILAGE, 5)):
     alone = np.where((truth == 4) | (truth == 5), np.where(truth == value, 4, 0), truth)
-    want = metrics.tibial_thickness_map(alone, spacing, labels=four.knee)
+    want = metrics.tibial_thickness_map(alone, spacing, labels=four.knee, method='nearest')
     got = result.thickness[part].truth
     assert got.mean_thickness_mm == want.mean_thickness_mm
     assert 0 < got.points.thickness_mm.size < whole.points.thickness_mm.size
@@ -321,6 +321,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
     volume.spacing,
     side=side,
     label_split=evaluate_knee.tibial_label_split(stored, source),
+    thickness_method='nearest',
   )
   # The layout cut the plates at the median R of the cartilage voxels, not at the gap between
   # them: the voxels of the larger plate beyond the median disagree, and only those.
@@ -348,6 +349,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
     volume.spacing,
     side=side,
     label_split=(at_gap.astype(np.uint8), medial, lateral),
+    thickness_method='nearest',
   )
   assert at_gap_result.split_agreement == 1.0
   assert result.subregions['truth']['MT'] == result.subregions['prediction']['MT']

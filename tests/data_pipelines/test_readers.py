@@ -9,10 +9,10 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from support import write_metaimage
 
 from data_pipelines import readers
 from data_pipelines.errors import DataError
-from data_pipelines.metaimage import write_metaimage
 from data_pipelines.nifti_io import load_nifti_labels, save_nifti
 
 SHAPE = (7, 6, 5)  # stored as (columns, rows, slices) of a sagittal DICOM series

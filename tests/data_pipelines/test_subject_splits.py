@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from data_pipelines.errors import DataError
+from data_pipelines.errors import EXIT_REFUSED, DataError
 from imask_jax import configs
 
 PATTERN = params_lib.SUBJECT_TIMEPOINT_PATTERN
@@ -187,16 +187,12 @@ def test_a_stiho_style_folder_is_split_by_subject(tmp_path):
 
 
 def test_the_stiho_experiment_splits_by_subject_and_its_phantom_smoke_by_scan():
-  import importlib.util
+  from conftest import experiment_config
 
-  path = os.path.join(os.path.dirname(__file__), '..', '..', 'experiments', 'stiho.py')
-  spec = importlib.util.spec_from_file_location('stiho_experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.get_config().data.subject_pattern == params_lib.SUBJECT_VISIT_PATTERN
+  assert experiment_config('stiho').data.subject_pattern == params_lib.SUBJECT_VISIT_PATTERN
   # Phantom ids such as 'hip_0003' name no visit: read as <subject>_<timepoint> they would
   # all be subject 'hip', one split holding everything.
-  assert module.get_config('smoke').data.subject_pattern == ''
+  assert experiment_config('stiho', 'smoke').data.subject_pattern == ''
 
 
 # --- issue 30.5: single-visit names, split warnings, an empty split in one line ------------------
@@ -362,7 +358,7 @@ def test_evaluate_on_an_empty_split_is_one_line(tmp_path, capsys, monkeypatch):
       batch_size=1,
     ),
   )
-  assert evaluate.main(['--workdir', workdir, '--split', 'test']) == 1
+  assert evaluate.main(['--workdir', workdir, '--split', 'test']) == EXIT_REFUSED
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('python -m imask_jax.evaluate: DataError: ')
   for part in (

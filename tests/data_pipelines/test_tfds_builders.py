@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import write_metaimage
 
 from data_pipelines import instances, readers
 from data_pipelines.datasets import builders, sources
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.errors import DataError
-from data_pipelines.metaimage import write_metaimage
 from data_pipelines.slice_examples import PERCENTILE_LEVELS
 from imask_jax import configs
 

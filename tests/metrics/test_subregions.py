@@ -149,7 +149,7 @@ def test_a_flat_plateau_label_map_measures_its_drawn_thickness():
   labels[:, :, :20] = 3  # tibia, its surface at z = 20 voxels
   labels[5:45, 5:55, 20:24] = 4  # the plate at smaller R: 4 voxels
   labels[65:105, 5:55, 20:26] = 4  # the plate at larger R: 6 voxels
-  m = thickness.tibial_thickness_map(labels, spacing, labels=KneeLabelValues())
+  m = thickness.tibial_thickness_map(labels, spacing, labels=KneeLabelValues(), method='nearest')
   regions = subregions.knee_subregions(None, m, 'left')  # left knee: lateral at smaller R
   assert regions['cLT'].thickness_cab_mm == 2.0
   assert regions['cMT'].thickness_cab_mm == 3.0

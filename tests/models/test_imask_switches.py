@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from imask_jax.models import heads
+from imask_jax.models.spec import adaptive_sampling_ratio
 
 IMAGE = 64
 FINE = 4  # fine_dim
@@ -288,11 +289,11 @@ def test_skip_takes_its_sampling_ratio_samples_per_bin(ratio):
 
 def test_adaptive_sampling_ratio_follows_the_input_size():
   # ceil(max(H, W) / 2 / stride / S): a box half the input wide gets a sample per map pixel.
-  assert heads.adaptive_sampling_ratio((128, 128), 'P2', 56) == 1  # 0.29
-  assert heads.adaptive_sampling_ratio((512, 384), 'P2', 56) == 2  # 1.14
-  assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 56) == 3  # 2.29: the paper's input
-  assert heads.adaptive_sampling_ratio((1024, 1024), 'P3', 28) == 3  # 2.29
-  assert heads.adaptive_sampling_ratio((1024, 1024), 'P2', 112) == 2  # 1.14
+  assert adaptive_sampling_ratio((128, 128), 'P2', 56) == 1  # 0.29
+  assert adaptive_sampling_ratio((512, 384), 'P2', 56) == 2  # 1.14
+  assert adaptive_sampling_ratio((1024, 1024), 'P2', 56) == 3  # 2.29: the paper's input
+  assert adaptive_sampling_ratio((1024, 1024), 'P3', 28) == 3  # 2.29
+  assert adaptive_sampling_ratio((1024, 1024), 'P2', 112) == 2  # 1.14
   with pytest.raises(ValueError, match='skip_sampling_ratio=0'):
     pyramid = coordinate_pyramid()
     head = make_head(skip=True, skip_sampling_ratio=0)

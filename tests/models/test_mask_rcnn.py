@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import support
 
 import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import instances, orientation
 from data_pipelines.phantoms import generate_knee
-from imask_jax.models import heads, point_head
+from imask_jax.models import heads
 from imask_jax.models.mask_rcnn import (
   Detections,
   MaskRCNN,
@@ -28,6 +29,7 @@ from imask_jax.models.mask_rcnn import (
   init_variables,
   paint_slots,
 )
+from imask_jax.models.spec import IMaskSpec, PointSpec
 from imask_jax.ops import masks as mask_ops
 
 NUM_CLASSES = 4
@@ -39,7 +41,7 @@ TINY = dict(
   fpn_dim=32,
   box_head_dim=128,
   mask_head_dim=32,
-  imask=heads.IMaskSpec(fine_dim=16),
+  imask=IMaskSpec(fine_dim=16),
   rpn_pre_nms_topk_train=300,
   rpn_post_nms_topk_train=64,
   rpn_pre_nms_topk_test=200,
@@ -279,7 +281,7 @@ def phantom_batch() -> dict[str, np.ndarray]:
   middle = images.shape[0] // 2
   out = {k: [] for k in ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')}
   for i in (middle - 4, middle + 4):
-    padded = instances.pad_instances(
+    padded = support.pad_instances(
       instances.extract_instances(labels[i], {1: 1, 2: 2, 3: 3, 4: 4}), MAX_INSTANCES
     )
     out['image'].append(np.clip((images[i] - lo) / (hi - lo), 0, 1)[..., None])
@@ -303,7 +305,7 @@ STEPS = 300
 
 
 # The point head (PointRend-style refinement) on the imask head, small enough for the test.
-TINY_POINTS = point_head.PointSpec(enabled=True, dim=16, train_points=64, subdivision_points=256)
+TINY_POINTS = PointSpec(enabled=True, dim=16, train_points=64, subdivision_points=256)
 
 
 @pytest.fixture(scope='module', params=['standard', 'imask', 'imask+points'])
@@ -313,7 +315,7 @@ def trained(request):
   spec = ModelSpec(
     image_size=batch['image'].shape[1:3],
     mask_head=head,
-    point_head=TINY_POINTS if points else point_head.PointSpec(),
+    point_head=TINY_POINTS if points else PointSpec(),
     **TINY,
   )
   model = MaskRCNN(spec)

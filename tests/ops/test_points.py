@@ -12,6 +12,7 @@ import pytest
 
 import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from imask_jax.models import point_head
+from imask_jax.models.spec import PointSpec
 from imask_jax.ops import masks as mask_ops
 from imask_jax.ops import points as point_ops
 
@@ -139,7 +140,7 @@ def test_point_targets_read_the_matched_ground_truth_mask():
 
 @pytest.fixture(scope='module')
 def head_and_inputs():
-  spec = point_head.PointSpec(enabled=True, dim=8, num_fc=2, image_patch=3, subdivision_steps=1)
+  spec = PointSpec(enabled=True, dim=8, num_fc=2, image_patch=3, subdivision_steps=1)
   head = point_head.PointHead(spec, num_classes=3)
   rng = np.random.default_rng(5)
   pyramid = {'P2': jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)}
@@ -204,4 +205,4 @@ def test_subdivision_predicts_the_chosen_cells_and_keeps_the_rest_upsampled(head
 )
 def test_bad_point_head_settings_name_the_config_field(field, value):
   with pytest.raises(ValueError, match=f'model.point_head: {field}='):
-    point_head.PointSpec(enabled=True, **{field: value})
+    PointSpec(enabled=True, **{field: value})

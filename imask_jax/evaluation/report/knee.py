@@ -23,7 +23,7 @@ THICKNESS_METHOD_TEXT = {
 }
 
 
-def thickness_table(results: Sequence[CaseResult], method: str = 'nearest') -> list[str]:
+def thickness_table(results: Sequence[CaseResult], method: str) -> list[str]:
   """Table 5: prediction - truth thickness map differences, averaged over volumes; `method`
   is the thickness measure both maps were made with (metrics.interface_thickness)."""
   lines = [

@@ -29,7 +29,7 @@ def summary_markdown(
   ap: Mapping[int, metrics.ClassAP],
   ap_per_case: Mapping[str, Mapping[int, metrics.ClassAP]],
   *,
-  thickness_method: str = 'nearest',
+  thickness_method: str,
 ) -> str:
   lines = [
     f'# Evaluation: {header["workdir"]} at step {header["checkpoint_step"]}, '
