@@ -20,6 +20,7 @@ import pytest
 
 from imask_jax.metrics.overlap import CaseStatus
 from imask_jax.metrics.thickness import (
+  DEFAULT_THICKNESS_METHOD,
   THICKNESS_METHODS,
   ThicknessCoverage,
   ThicknessDifference,
@@ -100,16 +101,19 @@ def mean_thickness(labels, spacing, method, margin_mm=None) -> float:
 # ----------------------------------------------------------------------------- 3D thickness
 
 
-def test_default_method_is_unchanged():
-  # Every existing figure and table uses the nearest-neighbour method unless asked otherwise.
+def test_the_functions_and_the_config_share_one_default_method():
+  # One home: what a researcher gets calling the metrics is what evaluate and predict measure.
+  from imask_jax import configs
+
   assert THICKNESS_METHODS == ('nearest', 'normal')
+  assert configs.default_config().eval.thickness_method == DEFAULT_THICKNESS_METHOD == 'normal'
   for function in (
     interface_thickness,
     femoral_thickness_map,
     tibial_thickness_map,
     compare_thickness,
   ):
-    assert inspect.signature(function).parameters['method'].default == 'nearest'
+    assert inspect.signature(function).parameters['method'].default == DEFAULT_THICKNESS_METHOD
 
 
 def test_flat_layer_of_n_voxels_measures_exactly_n_spacings_along_the_normal():
