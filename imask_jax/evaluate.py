@@ -367,6 +367,7 @@ def evaluate_workdir(
     'checkpoint_step': model.step,
     'split': split,
     'dataset': str(config.data.dataset),
+    'model_kind': configs.model_kind(config),
     'mask_head': str(config.model.mask_head),
     'backbone': str(config.model.backbone),
     'data_dir': os.path.abspath(data_dir),

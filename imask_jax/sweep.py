@@ -101,11 +101,16 @@ class Run:
 
 def check_run_config(config: ml_collections.ConfigDict) -> None:
   """What can be checked of a run's config without data: the training settings and the
-  backbone and mask head names."""
+  network's fields (a U-Net's, or the backbone and mask head names)."""
   from imask_jax.models.backbones import build_backbone
   from imask_jax.models.mask_rcnn import ModelSpec
 
   configs.check_train_config(config)
+  if configs.model_kind(config) == 'unet':
+    from imask_jax.models.unet import UNetSpec
+
+    UNetSpec.from_config(config)
+    return
   build_backbone(str(config.model.backbone), norm=str(config.model.norm))
   # Every model field present and typed, and a mask head the registry knows:
   ModelSpec.from_config(config).build_mask_head(parent=None)

@@ -360,3 +360,11 @@ def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):
   assert grown['decoder_only-resnet18/seed0']['model']['imask']['skip'] is False
   with open(tmp_path / 'sweep_plan.json') as f:
     assert len(json.load(f)) == 3
+
+
+def test_a_unet_run_is_checked_by_its_own_spec():
+  config = experiment_config('phantom_knee', 'unet')
+  sweep.check_run_config(config)
+  config.model.unet.depth = 0
+  with pytest.raises(ValueError, match='model.unet.depth=0'):
+    sweep.check_run_config(config)

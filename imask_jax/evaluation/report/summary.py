@@ -37,8 +37,8 @@ def summary_markdown(
     '',
     f'{len(results)} volume{"s" if len(results) != 1 else ""}: '
     f'{", ".join(r.case_id for r in results)}. Dataset '
-    f'{header["dataset"]}, mask head {header["mask_head"]}, backbone '
-    f"{header['backbone']}. Distances in mm from each volume's voxel spacing; "
+    f'{header["dataset"]}, {_model_text(header)}. '
+    f"Distances in mm from each volume's voxel spacing; "
     f"Hausdorff also in voxels (the paper's Table 3 unit). Mask AP at "
     f'{AP_RESOLUTION}. Empty-mask rules: docs/metrics.md (a missed structure has Dice 0 '
     f'and infinite distances; distance means are then given over the finite cases, '
@@ -69,3 +69,10 @@ def summary_markdown(
     ) + ['']
   lines += missing_structures(results, scheme)
   return '\n'.join(lines) + '\n'
+
+
+def _model_text(header: Mapping[str, Any]) -> str:
+  """The model in the summary's first lines: a semantic U-Net, or the mask head and backbone."""
+  if header.get('model_kind') == 'unet':
+    return 'a semantic U-Net (model.kind unet)'
+  return f'mask head {header["mask_head"]}, backbone {header["backbone"]}'

@@ -445,3 +445,21 @@ def test_table7_with_one_volume_has_means_and_no_agreement():
     assert row[1:] == [f'{right[k]:.2f}', f'{left[k]:.2f}', f'{total[k]:.2f}']
   assert lines[-1] == 'Agreement statistics need >= 2 volumes; the split has 1.'
   assert not any('ICC' in line for line in lines)
+
+
+def test_the_summary_names_a_unet_or_the_mask_head_and_backbone(knee_summary):
+  assert 'mask head imask, backbone resnet18.' in knee_summary[2]
+  results = knee_results()
+  ap = {c: _ap(v) for c, v in AP_ALL.items()}
+  header = dict(
+    workdir='w',
+    checkpoint_step=6,
+    split='test',
+    dataset='d',
+    model_kind='unet',
+    mask_head='imask',
+    backbone='resnet18',
+  )
+  lines = report.summary_markdown(header, results, KNEE, ap, {}, thickness_method='nearest')
+  first = lines.splitlines()[2]
+  assert 'a semantic U-Net (model.kind unet).' in first and 'mask head' not in first
