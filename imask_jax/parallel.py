@@ -180,3 +180,31 @@ def sync_processes(name: str, timeout_seconds: float = 6 * 3600) -> None:
 
   client = orbax_multihost.get_jax_distributed_client()
   client.wait_at_barrier(name, int(timeout_seconds * 1000))
+
+
+class ProgramsBySize:
+  """One jitted program per input size (H, W), built on first use by `build(image_size)`:
+  whole scale-true slices come in a handful of bucketed sizes. Called as the program of the
+  images' size; `lower` is jit's, for ahead-of-time compiling; `sizes` lists those built."""
+
+  def __init__(self):
+    self._by_size: dict[tuple[int, int], Any] = {}
+
+  def build(self, image_size: tuple[int, int]) -> Any:
+    raise NotImplementedError
+
+  @property
+  def sizes(self) -> list[tuple[int, int]]:
+    return sorted(self._by_size)
+
+  def for_size(self, image_size: tuple[int, int]) -> Any:
+    image_size = tuple(int(n) for n in image_size)
+    if image_size not in self._by_size:
+      self._by_size[image_size] = self.build(image_size)
+    return self._by_size[image_size]
+
+  def __call__(self, variables, images):
+    return self.for_size(images.shape[1:3])(variables, images)
+
+  def lower(self, variables, images):
+    return self.for_size(images.shape[1:3]).lower(variables, images)

@@ -19,7 +19,6 @@ resampled, so class borders fall between network pixels where the probabilities 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,31 +30,18 @@ from imask_jax import parallel
 from imask_jax.models.unet import UNet
 
 
-class Segmenter:
+class Segmenter(parallel.ProgramsBySize):
   """jit(shard_map(segment)): (variables, images [N, H, W, C]) -> {'probs' float32 [N, H, W,
-  K + 1], 'label_map' int32 [N, H, W]}: `steps.Detector`'s interface (one program per input
-  size, `lower` for ahead-of-time compiling, `sizes` built so far)."""
+  K + 1], 'label_map' int32 [N, H, W]}: `steps.Detector`'s interface, one program per input
+  size (the net takes any size)."""
 
   def __init__(self, model: UNet, mesh: jax.sharding.Mesh):
+    super().__init__()
     self.model = model
     self.mesh = mesh
-    self._by_size: dict[tuple[int, int], Any] = {}
 
-  @property
-  def sizes(self) -> list[tuple[int, int]]:
-    return sorted(self._by_size)
-
-  def for_size(self, image_size: tuple[int, int]):
-    image_size = tuple(int(n) for n in image_size)
-    if image_size not in self._by_size:
-      self._by_size[image_size] = _jitted_segment(self.model, self.mesh)
-    return self._by_size[image_size]
-
-  def __call__(self, variables, images):
-    return self.for_size(images.shape[1:3])(variables, images)
-
-  def lower(self, variables, images):
-    return self.for_size(images.shape[1:3]).lower(variables, images)
+  def build(self, image_size: tuple[int, int]):
+    return _jitted_segment(self.model, self.mesh)
 
 
 def _jitted_segment(model: UNet, mesh: jax.sharding.Mesh):

@@ -185,39 +185,20 @@ def make_train_step(
   return jax.jit(sharded, donate_argnums=0)
 
 
-class Detector:
+class Detector(parallel.ProgramsBySize):
   """jit(shard_map(detect + paste)): (variables, images [N, H, W, C]) -> dict of per-example
   arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs;
   with `paint_only` (`MaskRCNN.detect`) only the detections that paint, and unpainted [N].
-
-  One program per input size (H, W), built on first use with the model `at_size` (H, W): whole
-  scale-true slices come in a handful of bucketed sizes. `lower` is jit's, for ahead-of-time
-  compiling; `sizes` lists the sizes built so far.
-  """
+  One program per input size, built with the model `at_size` (H, W)."""
 
   def __init__(self, model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool = False):
+    super().__init__()
     self.model = model
     self.mesh = mesh
     self.paint_only = paint_only
-    self._by_size: dict[tuple[int, int], Any] = {}
 
-  @property
-  def sizes(self) -> list[tuple[int, int]]:
-    return sorted(self._by_size)
-
-  def for_size(self, image_size: tuple[int, int]):
-    image_size = tuple(int(n) for n in image_size)
-    if image_size not in self._by_size:
-      self._by_size[image_size] = _jitted_detect(
-        MaskRCNN(self.model.spec.at_size(image_size)), self.mesh, self.paint_only
-      )
-    return self._by_size[image_size]
-
-  def __call__(self, variables, images):
-    return self.for_size(images.shape[1:3])(variables, images)
-
-  def lower(self, variables, images):
-    return self.for_size(images.shape[1:3]).lower(variables, images)
+  def build(self, image_size: tuple[int, int]):
+    return _jitted_detect(MaskRCNN(self.model.spec.at_size(image_size)), self.mesh, self.paint_only)
 
 
 def make_detect_fn(
