@@ -13,6 +13,9 @@ Arguments (comma-separated; lists joined with '+'):
                     cartilage  the boundary levers of thin structures on the imask head: a
                                112 x 112 mask grid, the PointRend-style point head, both
                     all        heads x backbones, plus the skip sizes on the first backbone
+                    baselines  the semantic U-Net of the base experiment's `unet` variant
+                               beside Mask R-CNN and iMaskRCNN on one backbone (the
+                               comparison the field asks for; docs/results/baselines.md)
   backbones=A+B   backbones of the study (paper, all: resnet50+resnet101+densenet121 for all,
                   resnet101+densenet121 for paper; heads, skip_size: the base experiment's)
   seeds=N         seeds 0..N-1 (default 1); or seeds=0+3+7 for those seeds
@@ -37,7 +40,7 @@ import ml_collections
 
 from imask_jax import configs
 
-STUDIES = ('paper', 'heads', 'skip_size', 'cartilage', 'all')
+STUDIES = ('paper', 'heads', 'skip_size', 'cartilage', 'baselines', 'all')
 # (variant name prefix, config arguments) of each mask head in the `heads` study.
 HEADS = (
   ('standard', 'head=standard'),
@@ -111,6 +114,11 @@ def variants(study: str, backbones: tuple[str, ...] | None) -> list[tuple[str, s
     head_rows(HEADS, backbones[0] if backbones else None)
   elif study == 'skip_size':
     skip_rows(backbones[0] if backbones else None)
+  elif study == 'baselines':
+    backbone = backbones[0] if backbones else None
+    head_rows(HEADS[:2], backbone)
+    # The U-Net has no backbone or mask head: the base experiment's `unet` variant as it is.
+    out.append(('unet', 'unet', named('imask', backbone)))
   elif study == 'cartilage':
     backbone = backbones[0] if backbones else None
     out.append((named('imask', backbone), with_backbone('head=imask,points=False', backbone), ''))

@@ -368,3 +368,14 @@ def test_a_unet_run_is_checked_by_its_own_spec():
   config.model.unet.depth = 0
   with pytest.raises(ValueError, match='model.unet.depth=0'):
     sweep.check_run_config(config)
+
+
+def test_baselines_study_sets_the_unet_beside_both_heads_against_imask():
+  c = experiment_config('ablations', 'dataset=phantom_knee,study=baselines')
+  by_name = {name: (arg, baseline) for name, arg, baseline in c.variants}
+  assert list(by_name) == ['standard', 'imask', 'unet']
+  assert by_name['imask'][1] == 'standard' and by_name['unet'][1] == 'imask'
+  kinds = {n: configs.load_experiment(c.experiment, a).model for n, (a, _) in by_name.items()}
+  assert kinds['unet'].kind == 'unet'
+  assert [kinds[n].kind for n in ('standard', 'imask')] == ['maskrcnn', 'maskrcnn']
+  assert [kinds[n].mask_head for n in ('standard', 'imask')] == ['standard', 'imask']
