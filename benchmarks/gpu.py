@@ -181,8 +181,9 @@ def timed_calls(call, warmup: int, repeats: int) -> dict[str, Any]:
 def compiled_train_step(config: Any, batch_size: int, size: int) -> tuple[Any, Any, Any, float]:
   """The trainer's step for `config` on a synthetic batch, compiled as the trainer compiles it
   (`steps.compile_together`): (compiled step, its train state, device batch, compile s)."""
-  from imask_jax import optim, parallel
-  from imask_jax import steps as steps_lib
+  from imask_jax import parallel
+  from imask_jax.training import optim
+  from imask_jax.training import steps as steps_lib
 
   mesh = parallel.data_mesh()
   model = steps_lib.build_model(config)

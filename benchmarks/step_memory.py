@@ -92,9 +92,10 @@ def cost_flops(stage) -> float:
 def step_flops(config, batch_size: int, size: int) -> float:
   """FLOPs of the trainer's step for `config` (module docstring, `--flops`): the step of
   `gpu.compiled_train_step` lowered with every kernel gradient on lax's rule, no scan."""
-  from imask_jax import optim, parallel
-  from imask_jax import steps as steps_lib
+  from imask_jax import parallel
   from imask_jax.ops import conv as conv_ops
+  from imask_jax.training import optim
+  from imask_jax.training import steps as steps_lib
 
   saved = conv_ops.MIN_CHANNEL_PRODUCT
   conv_ops.MIN_CHANNEL_PRODUCT = float('inf')  # read at trace time by prefers_product

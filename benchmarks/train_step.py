@@ -6,11 +6,11 @@ Run (from the repository root):
 What is timed, for each image size (`--sizes`, 256 and 512) at batch `--batch` (2):
 
 * "train": one training step, forward + backward + Adam update (lr 1e-4, nothing else).
-  Ours: `imask_jax.steps.make_train_step` (jit of shard_map over a 1-device mesh, with its
+  Ours: `imask_jax.training.steps.make_train_step` (jit of shard_map over a 1-device mesh, with its
   non-finite guard), compiled ahead of time. torchvision: `model(images, targets)`, the sum
   of its losses, `backward()`, `Adam.step()`.
 * "infer": one inference pass on the batch, masks pasted into the image. Ours:
-  `imask_jax.steps.make_detect_fn` (detect + per-slice label map). torchvision:
+  `imask_jax.training.steps.make_detect_fn` (detect + per-slice label map). torchvision:
   `model.eval()(images)` under `torch.no_grad()` (detections + `paste_masks_in_image`).
 
 Models, the same settings on both sides (torchvision's Mask R-CNN defaults where it has one):
@@ -235,8 +235,9 @@ def jax_worker(
   import jax
   import optax
 
-  from imask_jax import host_memory, parallel, steps
+  from imask_jax import host_memory, parallel
   from imask_jax.models.mask_rcnn import MaskRCNN
+  from imask_jax.training import steps
 
   data = dict(np.load(data_path))
   size = int(data['image'].shape[1])
@@ -341,8 +342,9 @@ def jax_pieces(
   import jax.numpy as jnp
   import optax
 
-  from imask_jax import parallel, steps
+  from imask_jax import parallel
   from imask_jax.models.mask_rcnn import MaskRCNN
+  from imask_jax.training import steps
 
   data = {k: jnp.asarray(v) for k, v in np.load(data_path).items() if k in steps.MODEL_INPUT_KEYS}
   b, size = data['image'].shape[:2]

@@ -41,9 +41,9 @@ from data_pipelines import orientation, readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
 from imask_jax import configs, errors, input_pipeline, parallel, postprocess, semantic
-from imask_jax import steps as steps_lib
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import mask_rcnn
+from imask_jax.training import steps as steps_lib
 
 # --- the model from a workdir --------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   typo, a value of the wrong kind) reported in one line and exit status 2."""
   names = [a.lstrip('-').removeprefix('no') for a in argv[1:] if a.startswith('--')]
   if any(name.startswith(JOB_FLAG_PREFIXES) for name in names):
-    from imask_jax import train  # noqa: F401 -- its imports define them
+    from imask_jax.training import train  # noqa: F401 -- its imports define them
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -120,7 +120,8 @@ def explicit_steps_win(config, argv: Sequence[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from imask_jax import parallel, run_log, train
+  from imask_jax import parallel, run_log
+  from imask_jax.training import train
 
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   log_file = run_log.log_to_workdir(_WORKDIR.value)

@@ -84,7 +84,7 @@ def box_painting_model(config, boxes):
 @pytest.fixture(scope='session')
 def smoke_workdir(tmp_path_factory) -> str:
   """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""
-  from imask_jax import train
+  from imask_jax.training import train
 
   base = tmp_path_factory.mktemp('smoke')
   config = experiment_config('phantom_knee', 'smoke')

@@ -146,7 +146,7 @@ def test_the_recommended_settings_keep_full_passes_and_their_extras():
 def test_the_strict_head_trains_end_to_end(tmp_path):
   """oai.py:paper,smoke: the strict settings (resize to fit, no reduction, logits on the
   concatenation, no clipping or warm-up) through the trainer on knee phantoms."""
-  from imask_jax import train
+  from imask_jax.training import train
 
   c = experiment_config('oai', 'paper,smoke')
   assert c.data.pixel_spacing_mm == 0 and not c.model.imask.reduce

@@ -31,8 +31,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import REPO, experiment_config
-from imask_jax import configs, errors, optim, parallel, steps, train
+from imask_jax import configs, errors, parallel
 from imask_jax import workdir as workdir_lib
+from imask_jax.training import optim, steps, train
 
 SMOKE = 'experiments/phantom_knee.py:smoke'
 

@@ -16,10 +16,11 @@ import pytest
 
 from conftest import REPO, experiment_config
 from data_pipelines import readers, tissues
-from imask_jax import configs, inference, parallel, semantic, steps
+from imask_jax import configs, inference, parallel, semantic
 from imask_jax import workdir as workdir_lib
 from imask_jax.models.mask_rcnn import MaskRCNN
 from imask_jax.models.unet import UNet
+from imask_jax.training import steps
 
 # --- the switch ----------------------------------------------------------------------------------
 

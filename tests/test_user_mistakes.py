@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from conftest import POSED_AFFINE
-from imask_jax import errors, evaluate, inference, train
+from imask_jax import errors, evaluate, inference
 from imask_jax import workdir as workdir_lib
 from imask_jax.predict.command import main as predict_main
 from imask_jax.predict.command import predict_command
+from imask_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

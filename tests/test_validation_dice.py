@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imask_jax import parallel, train
+from imask_jax import parallel
+from imask_jax.training import train
 
 H = W = 6
 M = 3  # instance slots

@@ -161,7 +161,7 @@ def test_a_perfect_confident_prediction_has_almost_no_loss_and_a_wrong_one_a_lar
 
 
 def test_the_label_map_of_padded_instances_matches_the_trainers():
-  from imask_jax.train import gt_label_map  # the host's version, used by validation
+  from imask_jax.training.train import gt_label_map  # the host's version, used by validation
 
   rng = np.random.default_rng(2)
   masks = (rng.random((2, 4, 9, 8)) < 0.3).astype(np.uint8)

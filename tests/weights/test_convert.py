@@ -611,7 +611,8 @@ def test_init_state_starts_from_the_file(resnet18_file, capsys):
   '' is the random initialisation)."""
   import optax
 
-  from imask_jax import configs, steps
+  from imask_jax import configs
+  from imask_jax.training import steps
 
   assert configs.default_config().model.init_from == ''
   model = mask_rcnn.MaskRCNN(small_spec(norm='frozen_batch'))

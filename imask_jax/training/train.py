@@ -24,10 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipelines.datasets import params as params_lib
-from imask_jax import configs, optim, parallel, viz
+from imask_jax import configs, parallel, viz
 from imask_jax import workdir as workdir_lib
 from imask_jax.run_log import RunLog, format_duration, say, summarize_window
-from imask_jax.steps import (
+from imask_jax.training import optim
+from imask_jax.training.steps import (
   MODEL_INPUT_KEYS,
   TrainState,
   build_model,
