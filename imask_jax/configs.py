@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   # In-plane mm per network-input pixel (scale-true slices, input_pipeline.py): every slice is
   # resampled to it in training, evaluation and prediction; training takes random image_size
   # crops, inference whole slices padded up to a multiple of inference_size_multiple. 0: resize
-  # every slice to fit image_size whatever its spacing (workdirs made before this field).
+  # every slice to fit image_size whatever its spacing (the paper's way: experiments' `paper`).
   d.pixel_spacing_mm = 0.0
   d.inference_size_multiple = 64  # bucket of whole-slice input sizes: one compile per bucket
   d.crop_foreground_rate = 0.5  # share of training crops placed over a labelled pixel

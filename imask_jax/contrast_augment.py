@@ -102,7 +102,7 @@ class ContrastSettings:
 
 def contrast_settings(config_dict: Any) -> ContrastSettings | None:
   """`data.augment.contrast` (a ConfigDict or None) -> settings, or None when absent or not
-  enabled (workdirs made before the option have no such field)."""
+  enabled (a config may lack the group)."""
   if config_dict is None or not bool(config_dict.get('enabled', False)):
     return None
   fields = {f.name: f for f in dataclasses.fields(ContrastSettings)}

@@ -12,7 +12,7 @@ Per example (`prepare_example`, shared by training, evaluation and `volume_input
        window, over a random labelled pixel with probability `data.crop_foreground_rate`);
        evaluation and prediction take whole slices padded up to a multiple of
        `data.inference_size_multiple` (`bucket_size`: one compiled program per bucket);
-     * resize to fit (`data.pixel_spacing_mm` 0, workdirs made before the option): keeping
+     * resize to fit (`data.pixel_spacing_mm` 0, the paper's way): keeping
        the aspect ratio to fit `data.image_size`, padded to it.
      `image_extent` = the resized (valid) H, W and `scale` = extent / source size per axis, so
      a network-input pixel (r, c) sits at source pixel ((r + 0.5) / scale_y - 0.5, ...).

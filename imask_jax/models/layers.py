@@ -28,9 +28,8 @@ class UpConv2x2(nn.Module):
   shuffle: at stride 2 the 2x2 taps do not overlap, so each input pixel's channels map to its
   2x2 output block by a [C, 2 * 2 * O] matrix. The same parameters (kernel [2, 2, C, O], bias
   [O]) and values as Flax's; its gradients are plain matrix products, where XLA:CPU's
-  transposed-convolution kernel gradient is slow (see `ops.conv`): 8-25x faster forward +
-  gradients at 16-64 channels (benchmarks/README.md, "Convolution gradients"), so unlike
-  `Conv` it has no width rule.
+  transposed-convolution kernel gradient is slow (see `ops.conv`; the measured speed-up is in
+  benchmarks/README.md, "Convolution gradients"), so unlike `Conv` it has no width rule.
 
   Call: `[N, H, W, C]` -> `[N, 2H, 2W, O]`.
   """

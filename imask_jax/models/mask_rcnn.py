@@ -557,9 +557,10 @@ def detections_to_label_map(
     'union'  where the probability that some painted detection covers the pixel,
              1 - prod(1 - p) over their pasted mask probabilities p (as if independent), is
              >= `threshold`;
-    'each'   where some painted detection's own p is >= `threshold` (workdirs made before
-             'union'). Two touching structures whose masks are each unsure of their common
-             edge (p = 0.3-0.45 on both sides) leave a background seam between them, and a
+    'each'   where some painted detection's own p is >= `threshold` (the older rule, kept for
+             the workdirs that ran with it: workdir.LEGACY_VALUES). Two touching structures
+             whose masks are each unsure of their common edge (p = 0.3-0.45 on both sides)
+             leave a background seam between them, and a
              seam between bone and cartilage reads as articular surface: the cartilage
              measures thinner, the more so the finer the grid it is pasted on.
   A painted pixel takes the class of the painted detection with the highest score x mask

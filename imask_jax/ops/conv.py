@@ -4,9 +4,9 @@
 takes it as its `conv_general_dilated`) and the same values and gradients. What differs is how
 the kernel's gradient is computed for the common case (NHWC input, HWIO kernel, no dilation, one
 group): XLA:CPU lowers jax's own rule, a convolution whose "kernel" is the output gradient
-over the whole image, to a slow path that takes 3-9x the forward's time (and most of a training
-step's); here it is one matrix product per kernel tap, of that tap's window of the input with
-the output gradient. The forward and the input's gradient are XLA's own convolutions, which run
+over the whole image, to a slow path that takes several times the forward's time; here it is
+one matrix product per kernel tap, of that tap's window of the input with the output
+gradient. The forward and the input's gradient are XLA's own convolutions, which run
 at full speed. benchmarks/README.md ("Convolution gradients") has the measurements. Any other
 case, and narrow convolutions wider than 1 x 1 (`prefers_product`), are passed to lax
 unchanged.
@@ -166,7 +166,7 @@ def kernel_gradient(
     return carry, product
 
   # A scan, not a Python loop: it makes the taps run one after the other, so one window copy
-  # is alive at a time. Unrolled, XLA:CPU kept many alive (2 GiB more temporaries in the
-  # paper's 1024-pixel step) and ran 1.3-2x slower (benchmarks/README.md).
+  # is alive at a time. Unrolled, XLA:CPU kept many alive and ran slower (benchmarks/README.md
+  # has both measurements).
   _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
   return taps.reshape(kh, kw, c, o)
