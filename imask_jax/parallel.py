@@ -13,6 +13,7 @@ batch-sharded result.
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any
 
@@ -182,16 +183,18 @@ def sync_processes(name: str, timeout_seconds: float = 6 * 3600) -> None:
   client.wait_at_barrier(name, int(timeout_seconds * 1000))
 
 
-class ProgramsBySize:
-  """One jitted program per input size (H, W), built on first use by `build(image_size)`:
-  whole scale-true slices come in a handful of bucketed sizes. Called as the program of the
-  images' size; `lower` is jit's, for ahead-of-time compiling; `sizes` lists those built."""
+class ProgramsBySize(abc.ABC):
+  """One jitted program per input size (H, W), built on first use by the subclass's
+  `build(image_size)`: whole scale-true slices come in a handful of bucketed sizes. Called as
+  the program of the images' size; `lower` is jit's, for ahead-of-time compiling; `sizes`
+  lists those built."""
 
   def __init__(self):
     self._by_size: dict[tuple[int, int], Any] = {}
 
+  @abc.abstractmethod
   def build(self, image_size: tuple[int, int]) -> Any:
-    raise NotImplementedError
+    """The jitted program for inputs of `image_size` (H, W)."""
 
   @property
   def sizes(self) -> list[tuple[int, int]]:
