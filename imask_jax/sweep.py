@@ -417,27 +417,6 @@ def pooled_ap(eval_dir: str) -> dict[str, float]:
     return {row['tissue']: _float(row['ap']) for row in csv.DictReader(f) if row['scope'] == 'all'}
 
 
-def tissue_abbreviation(tissue: str) -> str:
-  """femoral_cartilage -> FC, femur -> F (the paper's column names)."""
-  return ''.join(part[0].upper() for part in tissue.split('_') if part)
-
-
-def table3_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> str:
-  """Mean ± SD over the (volume, seed) rows of one variant and tissue; volumes where the
-  structure is missed or falsely found enter the Dice, and are counted (never averaged away)
-  for the distances, which are infinite there."""
-  from imask_jax import metrics
-
-  s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
-  if s.n == 0:
-    return 'n/a'
-  from imask_jax.evaluation.report import finite_mean_sd
-
-  text = finite_mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
-  missing = s.n - s.n_finite
-  return f'{text} ({missing} of {s.n} not found)' if missing else text
-
-
 def wilcoxon(differences: Sequence[float]) -> float:
   """Two-sided Wilcoxon signed-rank p of paired differences (exact for small n without ties;
   1.0 when every difference is zero; NaN for fewer than two pairs)."""
@@ -481,6 +460,7 @@ def summary_markdown(
   missing: Sequence[str],
 ) -> str:
   from imask_jax.evaluation.report import finite_mean_sd, markdown_table
+  from imask_jax.evaluation.report.cells import rows_cell, tissue_abbreviation
 
   tissues = list(dict.fromkeys(r['tissue'] for r in rows))
   variants = [str(v[0]) for v in sweep.variants]
@@ -527,7 +507,7 @@ def summary_markdown(
             )
           )
         else:
-          cells.append(table3_cell([r for r in own if r['tissue'] == tissue], column, digits))
+          cells.append(rows_cell([r for r in own if r['tissue'] == tissue], column, digits))
     table.append(cells)
   lines += markdown_table(header, table)
   lines += [

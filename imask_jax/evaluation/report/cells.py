@@ -1,11 +1,12 @@
 """Table cells: mean ± SD texts (the one formatter of every table), summaries of one
-tissue's measure over volumes, Matterport's per-slice mAP@0.5 cell, Markdown tables."""
+tissue's measure over volumes (from measurements, or from the CSV rows an evaluation wrote),
+Matterport's per-slice mAP@0.5 cell, the paper's tissue abbreviations, Markdown tables."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +51,24 @@ def format_summary(s: Summary, digits: int = 3) -> str:
     if k
   ]
   return text + (f'; {", ".join(counts)}' if counts else '')
+
+
+def rows_cell(rows: Sequence[Mapping[str, Any]], column: str, digits: int) -> str:
+  """Mean ± SD of `column` over CSV-style rows (one per volume, or per volume and seed; each
+  with its empty-mask `status`): volumes where the structure is missed or falsely found enter
+  the Dice, and are counted (never averaged away) for the distances, which are infinite
+  there. The sweep's Table 3 and the paper tables (evaluation/paper/) use it."""
+  s = metrics.summarize_values([r[column] for r in rows], [r['status'] for r in rows])
+  if s.n == 0:
+    return 'n/a'
+  text = finite_mean_sd([r[column] for r in rows if r['status'] != 'both_empty'], digits)
+  missing = s.n - s.n_finite
+  return f'{text} ({missing} of {s.n} not found)' if missing else text
+
+
+def tissue_abbreviation(tissue: str) -> str:
+  """femoral_cartilage -> FC, femur -> F (the paper's column names)."""
+  return ''.join(part[0].upper() for part in tissue.split('_') if part)
 
 
 def tissue_summary(results: Sequence[CaseResult], value: int, field: str) -> Summary:
