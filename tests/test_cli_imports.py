@@ -23,6 +23,7 @@ COMMANDS = {
   'data_pipelines.phantoms': '--num',
   'data_pipelines.prepare': '--mask_axcodes',
   'imask_jax.change': '--table',
+  'imask_jax.evaluation.paper': '--run',
 }
 
 
