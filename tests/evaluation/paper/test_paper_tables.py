@@ -1,12 +1,13 @@
 """The paper command's tables and figures (imask_jax/evaluation/paper/) against plain NumPy.
 
-Tables 3-5 and Figures 7-8: knee phantoms evaluated once per module by the real
+Tables 3-5 and Figures 6-8: knee phantoms evaluated once per module by the real
 `evaluate.evaluate_source` with three known predictors standing in for trained models (the
 truth shifted one voxel forwards or backwards: 'mask_rcnn' at two "seeds"; the femoral
 cartilage grown by one voxel: 'imask'), each written into a workdir's eval/<step>/ as
 `python -m imask_jax.evaluate` writes it. Every expected cell is computed here from those
-CSVs with NumPy (mean, sample SD over volumes x seeds). Table 7: two hip evaluations' volumes.csv
-written with the report's own CSV writer, joined on the case id; expected per-hip means, SDs,
+CSVs with NumPy (mean, sample SD over volumes x seeds). Tables 6-7: two hip evaluations'
+metrics.csv, ap.csv and volumes.csv written with the report's own CSV writer from known numbers
+(Table 7 joined on the case id); expected Dice and mAP@0.5 cells, per-hip means, SDs,
 |differences| and CoVs from the definitions; the command refuses evaluations whose cases or
 reader volumes differ."""
 
@@ -238,7 +239,7 @@ def test_table4_and_table5_side_by_side(knee, tmp_path):
 
 
 @pytest.mark.slow
-def test_figures_7_and_8_in_the_papers_convention(knee, tmp_path):
+def test_figures_6_to_8_in_the_papers_convention(knee, tmp_path):
   loaded = [
     runs.load_run('mask_rcnn', knee['mask_rcnn'][0]),
     runs.load_run('imask', knee['imask'][0]),
@@ -267,7 +268,7 @@ def test_figures_7_and_8_in_the_papers_convention(knee, tmp_path):
   )  # fmt: skip
   assert femoral.pred.mean_thickness_mm == pytest.approx(float(row['pred_mean_mm']))
   assert femoral.difference.mean_mm == pytest.approx(float(row['difference_mean_mm']))
-  for number in (7, 8):
+  for number in (6, 7, 8):
     argv = ['--figure', str(number), '--out', str(tmp_path), '--case', 'knee_0001']
     argv += ['--run', f'mask_rcnn={knee["mask_rcnn"][0]}', '--run', f'imask={knee["imask"][0]}']
     assert command.main(argv) == 0
@@ -288,6 +289,10 @@ MODELS = {
 }
 
 
+DICE_2D = {'mask_rcnn': (0.61, 0.72, 0.55), 'imask': (0.64, 0.70, 0.69)}
+MAP50 = {'mask_rcnn': (0.8, 0.9, 0.4), 'imask': (0.75, 0.85, 0.7)}
+
+
 def _hip_eval(folder, model, cases=tuple(READERS), readers_override=None):
   os.makedirs(folder)
   rows = []
@@ -298,14 +303,18 @@ def _hip_eval(folder, model, cases=tuple(READERS), readers_override=None):
       for rater, (right, left) in raters.items()
     ]
   report.write_csv(os.path.join(folder, 'volumes.csv'), report.VOLUME_COLUMNS, rows)
-  metric_rows = [
-    {
-      c: {'case_id': case, 'tissue': 'effusion', 'status': 'ok'}.get(c, 0.5)
-      for c in report.METRICS_COLUMNS
-    }
-    for case in cases
-  ]
+  # metrics.csv and ap.csv with a known Dice and mAP@0.5 per volume (Table 6).
+  metric_rows, ap_rows = [], []
+  for k, case in enumerate(cases):
+    numbers = {'dice_2d': DICE_2D[model][k], 'dice': DICE_2D[model][k] - 0.05}
+    row = {c: numbers.get(c, 0.5) for c in report.METRICS_COLUMNS}
+    metric_rows.append(dict(row, case_id=case, tissue='effusion', status='ok'))
+    ap_rows.append(dict.fromkeys(report.AP_COLUMNS, 1.0))
+    ap_rows[-1].update(scope=case, tissue='effusion', map50_per_image=MAP50[model][k])
+  ap_rows.append(dict.fromkeys(report.AP_COLUMNS, 1.0))
+  ap_rows[-1].update(scope='all', tissue='effusion', ap=0.25)
   report.write_csv(os.path.join(folder, 'metrics.csv'), report.METRICS_COLUMNS, metric_rows)
+  report.write_csv(os.path.join(folder, 'ap.csv'), report.AP_COLUMNS, ap_rows)
   report.write_text(
     os.path.join(folder, 'eval.json'),
     '{"split": "test", "subject_pattern": "(?P<subject>s\\\\d+)_(?P<timepoint>v\\\\d+)"}',
@@ -353,6 +362,26 @@ def test_table7_four_raters_from_two_evaluations(tmp_path):
     assert f'| {x} | ' + ' | '.join(diffs) + ' |' in text
     assert f'| {x} | ' + ' | '.join(covs) + ' |' in text
   assert '3 of 3 scans, one per subject' in text
+
+
+def test_table6_effusion_side_by_side(tmp_path):
+  a = _hip_eval(tmp_path / 'a', 'mask_rcnn')
+  b = _hip_eval(tmp_path / 'b', 'imask')
+  out = tmp_path / 'out'
+  argv = ['--table', '6', '--run', f'mask_rcnn={a}', '--run', f'imask={b}', '--out', str(out)]
+  assert command.main(argv) == 0
+  text = (out / 'table6.md').read_text()
+  dice = _cells(text, '### Dice, 2D per slice')
+  map50 = _cells(
+    text, "### Average precision: Matterport's mAP@0.5 per slice, mean ± SD over volumes"
+  )
+  for name, label in (('mask_rcnn', 'Mask R-CNN'), ('imask', 'iMaskRCNN')):
+    assert dice[label] == [_expected(DICE_2D[name], 3)]
+    assert map50[label] == [_expected(MAP50[name], 3)]
+    assert _cells(text, '### Dice, 3D')[label] == [_expected(np.subtract(DICE_2D[name], 0.05), 3)]
+  # Table 3 is refused on hip evaluations, in one line.
+  argv[1] = '3'
+  assert command.main(argv) == 2
 
 
 def test_table7_refuses_evaluations_of_different_cases(tmp_path, capsys):
