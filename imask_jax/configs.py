@@ -45,6 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.phantom_preset = 'cpu'  # phantom resolution preset: cpu or full
   d.phantom_spacing_mm = 0.0  # phantoms' in-plane spacing, mm (0: the preset's)
   d.phantom_fov_mm = 0.0  # phantoms' in-plane field of view, mm (0: the preset's)
+  # Knee phantoms only: the anatomy's shape family (knee_shapes.FAMILIES; '': the default
+  # family) and the tissue signal table (contrast.CONTRASTS; '': DESS). docs/phantoms.md.
+  d.phantom_shape_family = ''
+  d.phantom_contrast = ''
   d.num_volumes = 24  # phantom volumes to generate (train+val+test)
   d.split_fractions = (0.7, 0.1, 0.2)  # train, validation, test by subject
   d.seed = 0  # dataset seed (phantoms, empty-slice draw), apart from c.seed

@@ -87,9 +87,12 @@ class DatasetParams:
   test. phantom_preset / num_volumes: phantoms only (None otherwise); phantom_spacing_mm /
   phantom_fov_mm: the phantoms' in-plane spacing and field of view when not the preset's (None:
   the preset's); phantom_generator_version: the generator's GENERATOR_VERSION, so that phantoms of
-  a changed generator never reuse a stored dataset. source_dir: the raw folder of a manual
-  dataset, absolute (None for phantoms, whose folder lives in the data_dir). subject_pattern: how
-  a case id names its subject (module docstring; '' = one case per subject). allow_missing_pose:
+  a changed generator never reuse a stored dataset. phantom_shape_family / phantom_contrast:
+  knee phantoms only, the shape family (knee_shapes.FAMILIES) and the signal table
+  (contrast.CONTRASTS) when not the generator's default ('default', 'dess'; None then).
+  source_dir: the raw folder of a manual dataset, absolute (None for phantoms, whose folder
+  lives in the data_dir). subject_pattern: how a case id names its subject (module docstring;
+  '' = one case per subject). allow_missing_pose:
   read images whose affine is missing or the identity (a converter that lost the scanner pose)
   instead of refusing them. mask_axcodes: oai_zib only, the anatomical direction each MetaImage
   mask axis points to (readers.MaskAlignment). official_test: an nnU-Net folder's labelled
@@ -122,6 +125,8 @@ class DatasetParams:
   official_test: bool = True
   split_file: str | None = None
   split_ids: tuple[tuple[str, ...], ...] | None = None
+  phantom_shape_family: str | None = None
+  phantom_contrast: str | None = None
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -177,6 +182,20 @@ class DatasetParams:
           raise ValueError(f'config data.{name}={value}; expected mm > 0, or 0 for the preset')
     elif not self.source_dir:
       raise ValueError(f'{self.dataset}: no raw data folder; set config data.manual_dir')
+    for name in ('phantom_shape_family', 'phantom_contrast'):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      choices = phantom_choices(name)
+      if self.dataset != 'phantom_knee':
+        raise ValueError(
+          f"{self.dataset}: config data.{name}={value!r}; only phantom_knee draws one (leave it '')"
+        )
+      if value not in choices:
+        raise ValueError(
+          f"config data.{name}={value!r}; expected one of {list(choices)}, or '' for the "
+          "generator's default"
+        )
 
   @property
   def is_phantom(self) -> bool:
@@ -218,7 +237,13 @@ class DatasetParams:
       # (and their stored datasets) valid.
       del fields['subject_pattern']
     # likewise: the preset's grid; a manual dataset has no generator
-    for key in ('phantom_spacing_mm', 'phantom_fov_mm', 'phantom_generator_version'):
+    for key in (
+      'phantom_spacing_mm',
+      'phantom_fov_mm',
+      'phantom_generator_version',
+      'phantom_shape_family',
+      'phantom_contrast',
+    ):
       if fields[key] is None:
         del fields[key]
     # likewise: fields added later, at the values that read as before
@@ -291,11 +316,20 @@ def params_from_config(config: Any, data_dir: str | os.PathLike) -> DatasetParam
     phantom_spacing_mm=(float(d.get('phantom_spacing_mm') or 0) or None) if phantom else None,
     phantom_fov_mm=(float(d.get('phantom_fov_mm') or 0) or None) if phantom else None,
     phantom_generator_version=generator_version(dataset) if phantom else None,
+    phantom_shape_family=_phantom_choice(d, 'phantom_shape_family', 'default'),
+    phantom_contrast=_phantom_choice(d, 'phantom_contrast', 'dess'),
     allow_missing_pose=bool(d.get('allow_missing_pose', False)),
     mask_axcodes=str(d.get('mask_axcodes', '') or DEFAULT_MASK_AXCODES).upper(),
     official_test=bool(d.get('official_test', True)),
     **split_file_fields(d),
   )
+
+
+def _phantom_choice(d: Any, name: str, default: str) -> str | None:
+  """Config data.<name> as a DatasetParams field: None when unset ('') or the generator's
+  default, so that datasets made before the field existed keep their digest."""
+  value = str(d.get(name, '') or '')
+  return None if value in ('', default) else value
 
 
 def split_file_fields(d: Any) -> dict[str, Any]:
@@ -308,6 +342,18 @@ def split_file_fields(d: Any) -> dict[str, Any]:
 
   read = split_file.read(path, str(d.get('subject_pattern', '') or ''))
   return {'split_file': read.path, 'split_ids': read.splits}
+
+
+def phantom_choices(name: str) -> tuple[str, ...]:
+  """The values of DatasetParams.phantom_shape_family or .phantom_contrast (the knee
+  generator's modules, imported only when asked for)."""
+  if name == 'phantom_shape_family':
+    from data_pipelines.phantoms import knee_shapes
+
+    return tuple(knee_shapes.FAMILIES)
+  from data_pipelines.phantoms import contrast
+
+  return tuple(contrast.CONTRASTS)
 
 
 def generator_version(dataset: str) -> str:

@@ -7,10 +7,10 @@ or tuning); their tables come from the spin-echo signal equation
 
   S = PD (1 - exp(-TR / T1)) exp(-TE / T2)
 
-with 3 T relaxation times of knee tissues (Gold et al., AJR 2004;183:343-351, "Musculoskeletal
-MRI at 3.0 T: relaxation times and image contrast": cartilage, synovial fluid, muscle, marrow)
-and relative proton densities from water content (an approximation, docs/phantoms.md), scaled
-so that the brightest tissue reads BRIGHTEST scanner units (DESS's fluid: 900):
+with 3 T relaxation times of knee tissues (sources and what could be checked against them:
+docs/phantoms.md, "Contrasts") and relative proton densities from water content (an
+approximation), scaled so that the brightest tissue reads BRIGHTEST scanner units (DESS's
+fluid: 900):
 
   iw_fs  intermediate-weighted turbo spin echo with fat suppression, OAI's sagittal IW TSE FS
          (TR 3200 ms, TE 30 ms; Peterfy et al., Osteoarthritis Cartilage 2008;16:1433-41):
@@ -33,16 +33,18 @@ CONTRASTS = ('dess', 'iw_fs', 't1')
 # What the truth sidecar's 'sequence' says for each.
 SEQUENCE_NAMES = {'dess': 'DESS-like', 'iw_fs': 'IW-TSE-FS-like', 't1': 'T1-SE-like'}
 
-# Tissue: (T1 ms, T2 ms, relative proton density). Cartilage, fluid, muscle and marrow: Gold
-# et al. 2004 at 3 T; subcutaneous fat takes fatty marrow's (both are mostly fat); skin takes
-# muscle's times; menisci, tendons ("fibrous") and ligaments have T2 of about 10-15 ms, so they
-# are dark in every sequence here whatever their T1.
+# Tissue: (T1 ms, T2 ms, relative proton density) at 3 T, each figure's source in
+# docs/phantoms.md ("Contrasts"): the T2 of cartilage, muscle and marrow from published 3 T
+# measurements that could be read; the T1s and the fluid's T2 as attributed to Gold et al. 2004,
+# whose table could not be read (unverified). Subcutaneous fat takes fatty marrow's times (both
+# are mostly fat); skin takes muscle's; menisci, tendons ("fibrous") and ligaments have T2 of
+# about 10-15 ms, so they are dark in every sequence here whatever their T1.
 RELAXATION_3T = {
   'fluid': (3620.0, 767.0, 1.0),
-  'cartilage': (1240.0, 36.9, 0.75),
-  'muscle': (1420.0, 31.7, 0.75),
-  'marrow': (371.0, 133.0, 0.9),
-  'fat': (371.0, 133.0, 0.9),
+  'cartilage': (1240.0, 36.4, 0.75),
+  'muscle': (1420.0, 34.1, 0.75),
+  'marrow': (371.0, 124.0, 0.9),
+  'fat': (371.0, 124.0, 0.9),
   'skin': (1420.0, 31.7, 0.7),
   'fibrous': (1000.0, 10.0, 0.6),
   'ligament': (1000.0, 15.0, 0.6),

@@ -40,16 +40,16 @@ def test_dess_is_the_default_table_and_the_default_output():
 
 def test_tables_follow_the_spin_echo_equation_and_the_physics_of_each_contrast():
   """Ratios to the brightest tissue by hand: IW FS (TR 3200, TE 30): fluid brightest,
-  cartilage / fluid = 0.75 (1 - e^(-3200/1240)) e^(-30/36.9) / ((1 - e^(-3200/3620))
+  cartilage / fluid = 0.75 (1 - e^(-3200/1240)) e^(-30/36.4) / ((1 - e^(-3200/3620))
   e^(-30/767)); fat suppressed below muscle. T1 SE (TR 600, TE 15): fat and marrow brightest,
   fluid below muscle below cartilage. Spin echoes: vessels a flow void, cortex the floor."""
   iw, t1 = contrast.signal_table('iw_fs'), contrast.signal_table('t1')
   fluid_iw = (1 - math.exp(-3200 / 3620)) * math.exp(-30 / 767)
-  cart_iw = 0.75 * (1 - math.exp(-3200 / 1240)) * math.exp(-30 / 36.9)
+  cart_iw = 0.75 * (1 - math.exp(-3200 / 1240)) * math.exp(-30 / 36.4)
   assert iw['fluid'] == max(iw.values()) == 900.0
   assert iw['cartilage'] / iw['fluid'] == pytest.approx(cart_iw / fluid_iw, abs=2e-4)
   assert iw['cartilage'] > iw['muscle'] > iw['fat'] and iw['marrow'] < 0.2 * iw['fluid']
-  fat_t1 = 0.9 * (1 - math.exp(-600 / 371)) * math.exp(-15 / 133)
+  fat_t1 = 0.9 * (1 - math.exp(-600 / 371)) * math.exp(-15 / 124)
   fluid_t1 = (1 - math.exp(-600 / 3620)) * math.exp(-15 / 767)
   assert t1['fat'] == t1['marrow'] == max(t1.values()) == 900.0
   assert t1['fluid'] / t1['fat'] == pytest.approx(fluid_t1 / fat_t1, abs=2e-4)
