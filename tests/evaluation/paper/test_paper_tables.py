@@ -384,6 +384,58 @@ def test_table6_effusion_side_by_side(tmp_path):
   assert command.main(argv) == 2
 
 
+@pytest.mark.slow
+def test_table7_from_real_hip_evaluations(tmp_path):
+  """Two hip phantom evaluations by the real evaluate (the truth moved 2 voxels; the truth
+  grown by one): the readers and both models per hip, as their volumes.csv holds them."""
+  from data_pipelines import tissues
+  from imask_jax import configs
+
+  config = configs.default_config()
+  config.data.dataset = 'phantom_hip'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.num_volumes = 3
+  config.data.split_fractions = (0.0, 0.0, 1.0)
+  config.data.plane = 'coronal'
+  config.data.class_names = tissues.HIP_CLASSES
+  config.data.class_label_values = (1,)
+  config.data.instance_mode = 'components'
+  config.model.num_classes = 1
+  data_dir = config.data.data_dir
+  source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir, 'test')
+  scheme = LabelScheme.from_config(config)
+  changes = {
+    'mask_rcnn': _shifted(2),
+    'imask': lambda labels: ndimage.binary_dilation(labels == 1).astype(labels.dtype),
+  }
+  folders = {}
+  for name, change in changes.items():
+    folders[name] = str(tmp_path / name / 'eval' / '1')
+    header = {'workdir': str(tmp_path / name), 'checkpoint_step': 1, 'split': 'test'}
+    header.update(dataset='phantom_hip', mask_head=name, backbone='none', subject_pattern='')
+    evaluate.evaluate_source(
+      config, source, lambda v: _prediction(v, change(v.labels), scheme), folders[name], header
+    )
+  argv = ['--table', '7', '--out', str(tmp_path / 'out')]
+  argv += ['--run', f'mask_rcnn={tmp_path / "mask_rcnn"}', '--run', f'imask={tmp_path / "imask"}']
+  assert command.main(argv) == 0
+  text = (tmp_path / 'out' / 'table7.md').read_text()
+  assert '| Rater | reader1 | reader2 | Mask R-CNN | iMaskRCNN |' in text
+  for rater, name, folder in (
+    ('reader1', 'reader1', folders['mask_rcnn']),
+    ('reader2', 'reader2', folders['imask']),
+    ('Mask R-CNN', 'model', folders['mask_rcnn']),
+    ('iMaskRCNN', 'model', folders['imask']),
+  ):
+    rows = [r for r in _csv(os.path.join(folder, 'volumes.csv')) if r['rater'] == name]
+    right = np.array([float(r['right_ml']) for r in rows])
+    left = np.array([float(r['left_ml']) for r in rows])
+    assert len(rows) == 3 and right.sum() + left.sum() > 0
+    overall = np.stack([right, left], axis=1).ravel()
+    line = f'| {rater} | {_expected(right, 2)} | {_expected(left, 2)} | {_expected(overall, 2)} |'
+    assert line in text, line
+
+
 def test_table7_refuses_evaluations_of_different_cases(tmp_path, capsys):
   a = _hip_eval(tmp_path / 'a', 'mask_rcnn')
   b = _hip_eval(tmp_path / 'b', 'imask', cases=('s1_v1', 's2_v1'))
