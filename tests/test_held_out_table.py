@@ -1,10 +1,12 @@
 """tools/held_out_table.py: Dice and thickness offsets against a held-out folder's truth, on a
 phantom knee whose 'prediction' is its truth (Dice 1, offsets 0) or the truth with half of the
-femur's voxels removed (femur Dice 2/3, the other classes 1)."""
+femur's voxels removed (femur Dice 2/3, the other classes 1); the flags' calibration table
+counts the flagged and unflagged scans and those of them below the aims (Dice 2/3 < 0.95)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import nibabel as nib
@@ -51,3 +53,26 @@ def test_rows_against_known_predictions(tmp_path, capsys):
   assert cells[0][2:6] == ['1.000 (1.00)'] * 4 and cells[0][6:] == ['+0 %', '+0 %']
   assert float(cells[1][2].split()[0]) == pytest.approx(2 / 3, abs=1e-3)
   assert cells[1][3:6] == ['1.000 (1.00)'] * 3
+
+  # --flags: the halved femur's report carries a 'size' flag, the exact one none; truths paired.
+  for folder, flags in ((same, []), (half, ['size'])):
+    report = {
+      'quality': {'review': bool(flags), 'flags': [{'code': c, 'message': ''} for c in flags]}
+    }
+    with open(os.path.join(folder, 'knee_0000.json'), 'w') as f:
+      json.dump(report, f)
+  args = ['--truth', str(truth_dir), '--pred', same, '--truth', str(truth_dir), '--pred', half]
+  assert tool.main([*args, '--flags']) == 0
+  out = capsys.readouterr().out
+  table = {
+    cells[0]: cells[1:]
+    for cells in ([c.strip() for c in line.split('|')[1:-1]] for line in out.splitlines())
+    if cells and cells[0] in ('size', '(any flag)', '(no flag)')
+  }
+  assert table == {
+    'size': ['1', '1', '100%'],
+    '(any flag)': ['1', '1', '100%'],
+    '(no flag)': ['1', '0', '0%'],
+  }
+  with pytest.raises(SystemExit):
+    tool.main(['--truth', 'a', '--truth', 'b', '--pred', same, '--pred', half, '--pred', same])
