@@ -19,12 +19,12 @@ What is timed, each in its own process (so that its peak memory is its own):
   input shapes (`train_step.synthetic_batch`: 4 ellipses of 4 classes per image, cut to the
   config's channels and instance slots). "first s" is the first call, then `--warmup` - 1
   more, then the median of `--steps` timed calls; images/s = global batch / median.
-* "infer": `inference.predict_volume`, the path of evaluate and predict (slices prepared by
+* "infer": `whole_volume.predict_volume`, the path of evaluate and predict (slices prepared by
   the input pipeline, detection, masks pasted at source resolution, the bones' largest 3D
   component), on a synthetic volume of `--volume` ROWS COLS SLICES (384 x 384 x 160: an OAI
   DESS knee) at `--volume_spacing` mm (0.3646 in-plane, 0.7 between sagittal slices, so that
   each slice becomes a 1024 x 1024 network input at 0.1367 mm). The model is freshly
-  initialised and held in memory as an `inference.LoadedModel` (no checkpoint is written or
+  initialised and held in memory as an `loading.LoadedModel` (no checkpoint is written or
   read; `load_model` would restore the same variables from a workdir). Batches of `--batch`
   slices. "prep s" is `input_pipeline.volume_inputs` alone (host, tf.data), "first s" the
   first whole volume (compiles included: jit compiles on first use), then the median of
@@ -182,11 +182,12 @@ def compiled_train_step(config: Any, batch_size: int, size: int) -> tuple[Any, A
   """The trainer's step for `config` on a synthetic batch, compiled as the trainer compiles it
   (`steps.compile_together`): (compiled step, its train state, device batch, compile s)."""
   from imask_jax import parallel
+  from imask_jax.models import build
   from imask_jax.training import optim
   from imask_jax.training import steps as steps_lib
 
   mesh = parallel.data_mesh()
-  model = steps_lib.build_model(config)
+  model = build.build_model(config, batch_stats_axis=parallel.DATA_AXIS)
   tx = optim.make_optimizer(config.train)
   seed = int(config.seed)
   state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)
@@ -254,15 +255,16 @@ def synthetic_volume(shape: tuple[int, int, int], spacing: tuple[float, ...], pl
 
 def time_inference(config: Any, run: dict[str, Any]) -> dict[str, Any]:
   """Times predict_volume on a synthetic volume (module docstring)."""
-  from imask_jax import inference, input_pipeline
+  from imask_jax import input_pipeline
+  from imask_jax.inference import loading, whole_volume
 
   # predict's path: the mask head on the painting slots where the experiment sets them.
-  model = inference.initialised_model(config, paint_only=True)
+  model = loading.initialised_model(config, paint_only=True)
   volume = synthetic_volume(tuple(run['volume']), tuple(run['volume_spacing']), config.data.plane)
   labelled = []
 
   def call() -> None:
-    prediction = inference.predict_volume(model, volume)
+    prediction = whole_volume.predict_volume(model, volume)
     labelled.append(int(np.count_nonzero(prediction.label_map)))
 
   timing = timed_calls(call, 1, run['volume_repeats'])

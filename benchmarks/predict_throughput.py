@@ -110,10 +110,10 @@ def stage_means(log: str) -> tuple[float, float, float]:
 
 
 def in_process(workdir: str, volumes: str, scratch: str, count: int, repeats: int) -> list[dict]:
-  from imask_jax import inference
+  from imask_jax.inference import loading
   from imask_jax.predict.command import predict_command
 
-  model = inference.load_model(workdir)
+  model = loading.load_model(workdir)
   # Compile (and load the training reference) on one volume first.
   warm = first_volumes(volumes, 1, scratch)
   started = time.perf_counter()

@@ -93,6 +93,7 @@ def step_flops(config, batch_size: int, size: int) -> float:
   """FLOPs of the trainer's step for `config` (module docstring, `--flops`): the step of
   `gpu.compiled_train_step` lowered with every kernel gradient on lax's rule, no scan."""
   from imask_jax import parallel
+  from imask_jax.models import build
   from imask_jax.ops import conv as conv_ops
   from imask_jax.training import optim
   from imask_jax.training import steps as steps_lib
@@ -101,7 +102,7 @@ def step_flops(config, batch_size: int, size: int) -> float:
   conv_ops.MIN_CHANNEL_PRODUCT = float('inf')  # read at trace time by prefers_product
   try:
     mesh = parallel.data_mesh()
-    model = steps_lib.build_model(config)
+    model = build.build_model(config, batch_stats_axis=parallel.DATA_AXIS)
     tx = optim.make_optimizer(config.train)
     seed = int(config.seed)
     state = parallel.replicate(steps_lib.init_state(model, tx, seed), mesh)

@@ -10,7 +10,7 @@ What is timed, for each image size (`--sizes`, 256 and 512) at batch `--batch` (
   non-finite guard), compiled ahead of time. torchvision: `model(images, targets)`, the sum
   of its losses, `backward()`, `Adam.step()`.
 * "infer": one inference pass on the batch, masks pasted into the image. Ours:
-  `imask_jax.training.steps.make_detect_fn` (detect + per-slice label map). torchvision:
+  `imask_jax.inference.programs.make_detect_fn` (detect + per-slice label map). torchvision:
   `model.eval()(images)` under `torch.no_grad()` (detections + `paste_masks_in_image`).
 
 Models, the same settings on both sides (torchvision's Mask R-CNN defaults where it has one):
@@ -236,6 +236,7 @@ def jax_worker(
   import optax
 
   from imask_jax import host_memory, parallel
+  from imask_jax.inference import programs
   from imask_jax.models.mask_rcnn import MaskRCNN
   from imask_jax.training import steps
 
@@ -249,7 +250,7 @@ def jax_worker(
     fn = steps.make_train_step(model, tx, mesh, SEED)
     args = [state, parallel.shard_batch({k: data[k] for k in steps.MODEL_INPUT_KEYS}, mesh)]
   else:
-    fn = steps.make_detect_fn(
+    fn = programs.make_detect_fn(
       MaskRCNN(model_spec(size, head, data_parallel=False, **spec_kwargs)),
       mesh,
       paint_only=spec_kwargs.get('paint_slots_per_class', 0) > 0,

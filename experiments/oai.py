@@ -33,7 +33,7 @@ line of docs/reproducing.md ("What the recommended settings add to the paper"):
     channels.
 
 Not in the paper, learnt on the knee phantoms: the soft-Dice mask term
-(model.mask_dice_weight), each bone's largest 3D component (postprocess.py), the painting score
+(model.mask_dice_weight), each bone's largest 3D component (inference/postprocess.py), the painting score
 0.5 with the union rule and 2 painting slots per tissue. The `paper` variant has none of them.
 
 Data: the original OAI-ZIB release (images as NIfTI + ZIB MetaImage masks, `oai_zib`), or with
@@ -121,7 +121,7 @@ def get_config(arg: str | None = None):
   # exactly the paper's 1024 x 1024 input; other protocols keep the anatomy at the same scale.
   d.pixel_spacing_mm = round(0.3646 * 384 / 1024, 4)
   c.model.num_classes = len(tissues.KNEE_CLASSES)
-  # Not in the paper: each bone keeps its largest 3D component (imask_jax/postprocess.py),
+  # Not in the paper: each bone keeps its largest 3D component (imask_jax/inference/postprocess.py),
   # and the soft-Dice term keeps the mask BCE from trading a thin band's edges for background
   # (both measured on the knee phantoms: docs/results/knee_phantom.md).
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)

@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from data_pipelines import tissues
-from imask_jax import postprocess
+from imask_jax.inference import postprocess
 from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, THICKNESS_METHODS
 from imask_jax.models import spec
 
@@ -146,12 +146,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_from = ''  # convert_weights file to start from ('' = random init)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
-  # object in every scan, like a bone; imask_jax/postprocess.py). () keeps every component.
+  # object in every scan, like a bone; imask_jax/inference/postprocess.py). () keeps every component.
   m.keep_largest_component = ()
   # Tissue names that keep only their largest cluster of 3D components (components linked by
   # gaps of at most cluster_radius_mm; the linked group of largest volume), on each side of
   # the mid-sagittal plane with cluster_per_side, and nothing of a cluster under
-  # cluster_min_ml (the effusion pockets of one joint; imask_jax/postprocess.py). () keeps
+  # cluster_min_ml (the effusion pockets of one joint; imask_jax/inference/postprocess.py). () keeps
   # every component.
   m.keep_largest_cluster = ()
   m.cluster_radius_mm = 40.0

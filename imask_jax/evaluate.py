@@ -3,7 +3,7 @@
   python -m imask_jax.evaluate --workdir DIR [--checkpoint STEP] [--split test]
 
 Reads DIR/config.json, restores the checkpoint (latest by default), segments every volume of
-the split slice by slice (`inference.predict_volume`), puts the label maps back on each file's
+the split slice by slice (`whole_volume.predict_volume`), puts the label maps back on each file's
 grid, and measures them against the truth (the config's reader) with `imask_jax.metrics`.
 Everything is a function of the checkpoint, the config and the data: run it again and the
 same files come out.
@@ -22,7 +22,7 @@ column:
   figures/       overlays, thickness and difference maps, Bland-Altman plots (PNG)
 
 Mask AP is computed at SOURCE slice resolution: detections are pasted into the original slice
-(`inference.detections_to_source`) and compared with the truth instances of that slice
+(`whole_volume.detections_to_source`) and compared with the truth instances of that slice
 (`instances.extract_instances` with the config's instance mode, every truth pixel kept).
 """
 
@@ -51,8 +51,8 @@ from imask_jax import configs, errors, evaluate_knee, metrics, viz
 from imask_jax.evaluation import report
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
-  from imask_jax import inference
-  from imask_jax.inference import VolumePrediction
+  from imask_jax.inference import loading
+  from imask_jax.inference.whole_volume import VolumePrediction
 
 REFERENCE_RATER = 'reference'  # the default reader (labelsTr/) of a multi-reader dataset
 
@@ -341,17 +341,17 @@ def evaluate_workdir(
   step: int | None = None,
   split: str | None = None,
   *,
-  model: inference.LoadedModel | None = None,
+  model: loading.LoadedModel | None = None,
   progress: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
   """Evaluates checkpoint `step` (latest by default) of `workdir` on `split` (default: the
   config's eval.split). `model`: an already loaded checkpoint of this workdir (saves the
   restore and the compile when evaluating twice in one process)."""
-  from imask_jax import inference
   from imask_jax import workdir as workdir_lib
+  from imask_jax.inference import loading, whole_volume
 
   if model is None:
-    model = inference.load_model(workdir, step)
+    model = loading.load_model(workdir, step)
   elif step is not None and int(step) != model.step:
     raise ValueError(
       f'evaluate_workdir: step {step} requested but the model given is step {model.step}'
@@ -377,7 +377,7 @@ def evaluate_workdir(
   return evaluate_source(
     config,
     source,
-    lambda volume: inference.predict_volume(model, volume, keep_instances=True),
+    lambda volume: whole_volume.predict_volume(model, volume, keep_instances=True),
     eval_dir(workdir, model.step, split, config),
     header,
     progress=progress,

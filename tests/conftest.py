@@ -48,13 +48,14 @@ def experiment_config(name: str, arg: str | None = None):
 
 
 def box_painting_model(config, boxes):
-  """An `inference.LoadedModel` whose detector finds, in every slice, one class-1 detection
+  """A `loading.LoadedModel` whose detector finds, in every slice, one class-1 detection
   per box (network pixels [y1, x1, y2, x2]) with mask probability 1 over the box and score
   0.9: what it paints is known exactly, for tests of the steps after the network."""
   import numpy as np
 
   from data_pipelines import tissues
-  from imask_jax import inference, parallel
+  from imask_jax import parallel
+  from imask_jax.inference import loading
 
   boxes = np.asarray(boxes, np.float32)
   n = len(boxes)
@@ -69,7 +70,7 @@ def box_painting_model(config, boxes):
       'mask_probs': np.ones((batch, n, 28, 28), np.float32),
     }
 
-  return inference.LoadedModel(
+  return loading.LoadedModel(
     workdir='fake',
     config=config,
     scheme=tissues.LabelScheme.from_config(config),
@@ -97,7 +98,7 @@ def smoke_workdir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='session')
 def smoke_model(smoke_workdir):
-  """The latest checkpoint of `smoke_workdir`, restored (inference.LoadedModel)."""
-  from imask_jax import inference
+  """The latest checkpoint of `smoke_workdir`, restored (loading.LoadedModel)."""
+  from imask_jax.inference import loading
 
-  return inference.load_model(smoke_workdir)
+  return loading.load_model(smoke_workdir)

@@ -15,8 +15,9 @@ import pytest
 from data_pipelines import instances, readers, tissues
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from imask_jax import configs, evaluate, inference, metrics
+from imask_jax import configs, evaluate, metrics
 from imask_jax.evaluation import report
+from imask_jax.inference import whole_volume
 from imask_jax.metrics import CaseStatus
 
 
@@ -148,7 +149,7 @@ def _square(top, left, size=10, shape=(40, 40)):
 def _instance(class_id, score, mask):
   rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
   crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-  return inference.Instance(class_id, score, int(rows[0]), int(cols[0]), crop)
+  return whole_volume.Instance(class_id, score, int(rows[0]), int(cols[0]), crop)
 
 
 def test_format_summary_counts_missing_structures():
@@ -193,7 +194,7 @@ def _oracle(scheme, instance_mode):
       found.append(
         tuple(_instance(int(c), 1.0, m) for c, m in zip(extracted.classes, extracted.masks))
       )
-    return inference.assemble(volume, class_slices, scheme, found)
+    return whole_volume.assemble(volume, class_slices, scheme, found)
 
   return predict
 

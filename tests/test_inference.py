@@ -1,6 +1,6 @@
 """Whole-volume inference: detections pasted back at source resolution and reassembled on the
 file's own grid (non-canonical orientations), the label-value mapping, effusion sides, and the
-smoke model's predictions against the network-resolution label map of steps.make_detect_fn."""
+smoke model's predictions against the network-resolution label map of programs.make_detect_fn."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 
 from data_pipelines import instances, orientation, readers, tissues
 from data_pipelines.phantoms import generate_hip, generate_knee
-from imask_jax import configs, inference, input_pipeline, metrics, parallel
+from imask_jax import configs, input_pipeline, metrics, parallel
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading, whole_volume
 from imask_jax.ops import masks as mask_ops
 
 # File axes point Posterior, Inferior, Left (a sagittal series as scanners store it), with
@@ -96,8 +97,8 @@ def test_truth_boxes_round_trip_exactly_onto_a_non_canonical_grid(tmp_path):
   # A box-filling mask pastes to exactly its box, so rectangles come back voxel for voxel.
   det = _truth_detections(stack, scale, scheme, mask_size=8, max_detections=4)
   det['mask_probs'][:] = 1.0
-  class_maps, pasted = inference.detections_to_source(det, scale, stack.images.shape[1:])
-  prediction = inference.assemble(volume, class_maps, scheme)
+  class_maps, pasted = whole_volume.detections_to_source(det, scale, stack.images.shape[1:])
+  prediction = whole_volume.assemble(volume, class_maps, scheme)
 
   assert prediction.label_map.shape == labels.shape == volume.grid.shape
   np.testing.assert_array_equal(prediction.label_map, labels)
@@ -119,8 +120,8 @@ def test_truth_masks_round_trip_on_a_knee_phantom(tmp_path):
   scale = input_pipeline.volume_inputs(volume, config)['scale']
   np.testing.assert_allclose(scale, 0.5)
   det = _truth_detections(stack, scale, scheme, mask_size=56, max_detections=6)
-  class_maps, _ = inference.detections_to_source(det, scale, stack.images.shape[1:])
-  prediction = inference.assemble(volume, class_maps, scheme)
+  class_maps, _ = whole_volume.detections_to_source(det, scale, stack.images.shape[1:])
+  prediction = whole_volume.assemble(volume, class_maps, scheme)
 
   assert prediction.label_map.shape == phantom.labels.shape
   for value in (1, 2, 3, 4):
@@ -168,14 +169,14 @@ def test_effusion_sides_split_the_middle_column_in_half():
 
 
 def test_missing_checkpoint_step_lists_the_stored_ones(smoke_workdir):
-  steps = inference.checkpoint_steps(smoke_workdir)
+  steps = loading.checkpoint_steps(smoke_workdir)
   assert steps and steps[-1] == 6
   with pytest.raises(
     FileNotFoundError,
     match=rf'no checkpoint at step 999; stored steps: '
     rf'\[.*{steps[-1]}\]',
   ):
-    inference.load_model(smoke_workdir, 999)
+    loading.load_model(smoke_workdir, 999)
 
 
 def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, smoke_model):
@@ -187,7 +188,7 @@ def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, 
   saved = json.loads((workdir / 'config.json').read_text())
   saved['model'].update(mask_threshold=0.2, keep_largest_component=[])
   (workdir / 'config.json').write_text(json.dumps(saved))
-  lower = inference.load_model(str(workdir))
+  lower = loading.load_model(str(workdir))
   config = smoke_model.config.copy_and_resolve_references()
   config.model.keep_largest_component = ()
   at_half = dataclasses.replace(smoke_model, config=config)
@@ -200,7 +201,7 @@ def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, 
   )
   painted = {}
   for name, model in (('half', at_half), ('lower', lower)):
-    slices = inference.predict_volume(model, volume).class_slices
+    slices = whole_volume.predict_volume(model, volume).class_slices
     images = input_pipeline.volume_inputs(volume, model.config)['image']
     network = model.detect(model.variables, parallel.shard_batch(images, model.mesh))
     np.testing.assert_array_equal(slices, np.asarray(network['label_map']), err_msg=name)
@@ -212,7 +213,7 @@ def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, 
 
 def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smoke_model):
   """Slices of exactly the network size (scale 1): the source-resolution paste must equal the
-  label map steps.make_detect_fn pastes at network resolution, slice for slice, through the
+  label map programs.make_detect_fn pastes at network resolution, slice for slice, through the
   batching and padding of a slice count (10) that is not a multiple of the batch size (4).
   The largest-component rule, a step on the stacked volume, is off here
   (tests/test_largest_component.py tests it through predict_volume)."""
@@ -228,7 +229,7 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   affine[1, 0] = affine[2, 1] = -pixel_mm
   case = _write_case(tmp_path, crop, None, affine)
   volume = readers.load_volume(case, plane='sagittal', label_values=None)
-  prediction = inference.predict_volume(smoke_model, volume, keep_instances=True)
+  prediction = whole_volume.predict_volume(smoke_model, volume, keep_instances=True)
   assert prediction.label_map.shape == crop.shape
   assert prediction.class_slices.shape == (10, 64, 64)
 

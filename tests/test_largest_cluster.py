@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage
 
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, inference, postprocess
+from imask_jax import configs
+from imask_jax.inference import loading, postprocess, whole_volume
 from tests.conftest import box_painting_model, experiment_config
 
 SPACING = (1.0, 1.5, 2.0)
@@ -129,7 +130,7 @@ def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
   image = np.random.default_rng(0).gamma(2.0, 100.0, (64, 4, 64)).astype(np.float32)
   path = os.path.join(tmp_path, 'hips.nii.gz')
   nib.save(nib.Nifti1Image(image, np.diag([mm, 3.0, mm, 1.0])), path)
-  scan = inference.load_image(path, 'coronal')
+  scan = loading.load_image(path, 'coronal')
   config.model.cluster_radius_mm = 8 * mm  # in pixels: a gap of 4 is near, 18 far
   boxes = [
     [2, 2, 22, 22],  # the largest pocket (its side: image columns < 32)
@@ -142,7 +143,7 @@ def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
   def painted(names, per_side):
     config.model.keep_largest_cluster = names
     config.model.cluster_per_side = per_side
-    return inference.predict_volume(box_painting_model(config, boxes), scan).label_map == 1
+    return whole_volume.predict_volume(box_painting_model(config, boxes), scan).label_map == 1
 
   everything = painted((), False)
   assert everything.sum() == 4 * sum(area)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import tissues
-from imask_jax import configs, errors, inference, postprocess
+from imask_jax import configs, errors
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading, postprocess, whole_volume
 from tests.conftest import box_painting_model, experiment_config
 
 
@@ -129,13 +130,13 @@ def test_predict_volume_applies_the_rule_of_the_config(tmp_path):
   image = np.random.default_rng(0).gamma(2.0, 100.0, (4, 64, 64)).astype(np.float32)
   path = os.path.join(tmp_path, 'scan.nii.gz')
   nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.6, 1.6, 1.0])), path)
-  scan = inference.load_image(path, 'sagittal')
+  scan = loading.load_image(path, 'sagittal')
   femur = tissues.KNEE_PHANTOM_LABELS[tissues.FEMUR]
 
   config.model.keep_largest_component = ()
-  both = inference.predict_volume(_fake_model(config), scan).label_map == femur
+  both = whole_volume.predict_volume(_fake_model(config), scan).label_map == femur
   config.model.keep_largest_component = (tissues.FEMUR,)
-  largest = inference.predict_volume(_fake_model(config), scan).label_map == femur
+  largest = whole_volume.predict_volume(_fake_model(config), scan).label_map == femur
   # Each slice paints a 20 x 20 and a 6 x 6 square; only the large one survives.
   assert both.sum() == 4 * (20 * 20 + 6 * 6)
   assert largest.sum() == 4 * 20 * 20

@@ -15,8 +15,9 @@ import tensorflow as tf
 
 from data_pipelines import instances, readers
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, inference, input_pipeline
+from imask_jax import configs, input_pipeline
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading, whole_volume
 from imask_jax.models import mask_rcnn
 from tests.conftest import experiment_config
 
@@ -67,7 +68,7 @@ def knee(tmp_path_factory):
 
 def _round_trip(stack, index, target_mm):
   """Truth instances of slice `index` -> prepare_example at `target_mm` -> pasted back onto the
-  slice by inference.detections_to_source (each instance one detection whose box is the whole
+  slice by whole_volume.detections_to_source (each instance one detection whose box is the whole
   network canvas and whose mask is its network-resolution mask) -> class ids [h, w]."""
   found = instances.extract_instances(stack.labels[index], KNEE_CLASS_MAP)
   example = _stored_example(stack.images[index], found.classes, found.masks, stack.pixel_spacing)
@@ -85,7 +86,7 @@ def _round_trip(stack, index, target_mm):
     'valid': (classes > 0)[None],
     'mask_probs': canvas[None],
   }
-  label_map, _ = inference.detections_to_source(
+  label_map, _ = whole_volume.detections_to_source(
     det, np.asarray(out['scale'])[None], stack.images.shape[1:]
   )
   return label_map[0], np.asarray(out['image_extent'])
@@ -233,7 +234,7 @@ def untrained_model():
   """The smoke experiment's tiny network, scale-true at 1.6 mm, freshly initialised."""
   config = experiment_config('phantom_knee', 'smoke')
   assert config.data.pixel_spacing_mm == pytest.approx(1.6)
-  return inference.initialised_model(config)
+  return loading.initialised_model(config)
 
 
 def _scan(folder, rows, cols, spacing_mm, slices=3):
@@ -243,7 +244,7 @@ def _scan(folder, rows, cols, spacing_mm, slices=3):
   image = np.random.default_rng(rows).gamma(2.0, 100.0, (slices, cols, rows)).astype(np.float32)
   path = os.path.join(folder, f'scan_{rows}_{cols}.nii.gz')
   nib.save(nib.Nifti1Image(image, np.diag([1.5, spacing_mm, spacing_mm, 1.0])), path)
-  return inference.load_image(path, 'sagittal')
+  return loading.load_image(path, 'sagittal')
 
 
 @pytest.mark.slow
@@ -254,7 +255,7 @@ def test_bucketed_inference_compiles_once_per_bucket(untrained_model, tmp_path):
     for rows, cols, mm in [(60, 60, 1.6), (100, 99, 1.0), (90, 90, 2.0), (61, 58, 1.6)]
   ]
   for scan in scans:
-    prediction = inference.predict_volume(untrained_model, scan)
+    prediction = whole_volume.predict_volume(untrained_model, scan)
     stack = readers.slices(scan)
     assert prediction.class_slices.shape == stack.images.shape
     assert prediction.label_map.shape == scan.grid.shape  # back on the scan's grid

@@ -33,6 +33,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from conftest import REPO, experiment_config
 from imask_jax import configs, errors, parallel
 from imask_jax import workdir as workdir_lib
+from imask_jax.models import build
 from imask_jax.training import optim, steps, train
 
 SMOKE = 'experiments/phantom_knee.py:smoke'
@@ -101,7 +102,7 @@ def reference(xla_cache, smoke_workdir):
 def restore(workdir: str, step: int | None = None) -> steps.TrainState:
   """Checkpoint `step` (default latest) of a workdir, restored onto this process's devices."""
   config = workdir_lib.load_config(workdir)
-  model = steps.build_model(config)
+  model = build.build_model(config, batch_stats_axis=parallel.DATA_AXIS)
   tx = optim.make_optimizer(config.train)
   template = jax.eval_shape(lambda: steps.init_state(model, tx, int(config.seed)))
   manager = workdir_lib.checkpoint_manager(workdir, config)

@@ -1,5 +1,5 @@
 """The U-Net in the project's harness (`model.kind = 'unet'`): the config switch and old
-workdirs, the probabilities' way back to the scan's own grid (semantic.py) against NumPy
+workdirs, the probabilities' way back to the scan's own grid (inference/semantic.py) against NumPy
 truth, predict_volume's label maps and instances, and train -> resume -> evaluate through
 the real commands."""
 
@@ -16,11 +16,12 @@ import pytest
 
 from conftest import REPO, experiment_config
 from data_pipelines import readers, tissues
-from imask_jax import configs, inference, parallel, semantic
+from imask_jax import configs, parallel
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading, semantic, whole_volume
+from imask_jax.models import build
 from imask_jax.models.mask_rcnn import MaskRCNN
 from imask_jax.models.unet import UNet
-from imask_jax.training import steps
 
 # --- the switch ----------------------------------------------------------------------------------
 
@@ -29,10 +30,10 @@ def test_the_unet_variant_builds_a_unet_and_the_default_stays_mask_rcnn():
   unet = experiment_config('phantom_knee', 'unet')
   assert unet.model.kind == 'unet'
   configs.check_train_config(unet)
-  model = steps.build_model(unet)
+  model = build.build_model(unet)
   assert isinstance(model, UNet)
   assert model.spec.image_size == (128, 128) and model.spec.width == 16
-  assert isinstance(steps.build_model(experiment_config('phantom_knee')), MaskRCNN)
+  assert isinstance(build.build_model(experiment_config('phantom_knee')), MaskRCNN)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_the_unet_variant_builds_a_unet_and_the_default_stays_mask_rcnn():
 def test_unet_variants_of_the_phantom_experiments(name, arg, depth, width, size):
   config = experiment_config(name, arg)
   configs.check_train_config(config)
-  spec = steps.build_model(config).spec
+  spec = build.build_model(config).spec
   assert (spec.depth, spec.width, spec.image_size) == (depth, width, size)
   # The crop is a whole number of the net's coarsest cells: training never pads inside it.
   assert size[0] % spec.size_multiple == 0 == size[1] % spec.size_multiple
@@ -60,7 +61,7 @@ def test_a_workdir_saved_before_model_kind_loads_as_mask_rcnn(tmp_path):
     json.dump(saved, f)
   loaded = workdir_lib.load_config(str(tmp_path))
   assert loaded.model.kind == 'maskrcnn'
-  assert isinstance(steps.build_model(loaded), MaskRCNN)
+  assert isinstance(build.build_model(loaded), MaskRCNN)
 
 
 def test_an_unknown_kind_or_converted_weights_for_a_unet_are_refused():
@@ -160,7 +161,7 @@ def test_regions_are_scored_by_their_mean_class_probability():
 
 
 def half_class_model(config, boundary_rows: int):
-  """An `inference.LoadedModel` whose U-Net output is certain: class 1 on network rows
+  """An `loading.LoadedModel` whose U-Net output is certain: class 1 on network rows
   < boundary_rows, background below (what it paints at any source spacing is known)."""
   k = int(config.model.num_classes) + 1
 
@@ -170,7 +171,7 @@ def half_class_model(config, boundary_rows: int):
     probs = np.broadcast_to(np.eye(k, dtype=np.float32)[labels], (b, h, w, k))
     return {'probs': probs, 'label_map': np.broadcast_to(labels, (b, h, w))}
 
-  return inference.LoadedModel(
+  return loading.LoadedModel(
     workdir='fake',
     config=config,
     scheme=tissues.LabelScheme.from_config(config),
@@ -191,8 +192,8 @@ def test_a_unet_label_map_lands_on_the_scans_own_grid(tmp_path):
   image = np.random.default_rng(0).gamma(2.0, 100.0, (3, 70, 80)).astype(np.float32)
   path = str(tmp_path / 'scan.nii.gz')
   nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.0, 1.0, 1.0])), path)
-  volume = inference.load_image(path, 'sagittal')
-  prediction = inference.predict_volume(model, volume, keep_instances=True)
+  volume = loading.load_image(path, 'sagittal')
+  prediction = whole_volume.predict_volume(model, volume, keep_instances=True)
   stack = readers.slices(volume)
   assert prediction.label_map.shape == volume.grid.shape
   # Source row r (centre r + 0.5 mm) is class 1 where the centre lies above 51.2 mm.
@@ -227,7 +228,7 @@ def test_unet_trains_resumes_and_evaluates_through_the_commands(tmp_path):
   run_module('imask_jax.main', *config, data, '--workdir', workdir)
   saved = workdir_lib.load_config(workdir)
   assert saved.model.kind == 'unet'
-  assert inference.checkpoint_steps(workdir)[-1] == 6
+  assert loading.checkpoint_steps(workdir)[-1] == 6
   log = run_module('imask_jax.main', *config, data, '--config.train.steps=8', '--workdir', workdir)
   assert 'resumed from the checkpoint of step 6' in log
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

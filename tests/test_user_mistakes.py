@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from conftest import POSED_AFFINE
-from imask_jax import errors, evaluate, inference
+from imask_jax import errors, evaluate
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading
 from imask_jax.predict.command import main as predict_main
 from imask_jax.predict.command import predict_command
 from imask_jax.training import train
@@ -75,7 +76,7 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   with open(metadata, 'r+b') as f:
     f.truncate(500)
   with pytest.raises(errors.CheckpointError) as info:
-    inference.load_model(copy)
+    loading.load_model(copy)
   message = str(info.value)
   assert message.startswith(
     f'checkpoint {step6}: cannot be restored: state/_METADATA is not valid JSON ('
@@ -83,7 +84,7 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
   assert message.endswith('(other stored steps: [3]; choose one with --checkpoint STEP)')
   assert '\n' not in message
   # The other stored step still loads.
-  assert inference.load_model(copy, 3).step == 3
+  assert loading.load_model(copy, 3).step == 3
 
   # A truncated data file: TensorStore's own one-line reason, which names the file.
   shutil.copy(os.path.join(smoke_workdir, 'checkpoints', '6', 'state', '_METADATA'), metadata)
@@ -128,8 +129,8 @@ def test_training_resumes_from_the_newest_checkpoint_that_restores(
   assert warning.startswith(f'checkpoint {step6}: cannot be restored: OUT_OF_RANGE')
   assert warning.endswith(f'moved to {aside}; resuming from the checkpoint of step 3')
   # Steps 4-6 were trained again from step 3: the same parameters as the uninterrupted run.
-  assert inference.checkpoint_steps(copy) == [3, 6]
-  recovered = inference.load_model(copy)
+  assert loading.checkpoint_steps(copy) == [3, 6]
+  recovered = loading.load_model(copy)
   assert recovered.step == 6
   for a, b in zip(jax.tree.leaves(recovered.variables), jax.tree.leaves(smoke_model.variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

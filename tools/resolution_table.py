@@ -30,8 +30,9 @@ from data_pipelines import readers
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import writer
-from imask_jax import evaluate, inference
+from imask_jax import evaluate
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference import loading, whole_volume
 
 
 def regenerate_test_split(config, data_dir: str, folder: str, spacing: float, fov: float):
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     help="cartilage thickness measure (default: the workdir's eval.thickness_method)",
   )
   args = parser.parse_args(argv)
-  model = inference.load_model(args.workdir, args.checkpoint)
+  model = loading.load_model(args.workdir, args.checkpoint)
   config = model.config
   target = args.pixel_spacing_mm or config.data.get('pixel_spacing_mm')
   if not target:
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
       report = evaluate.evaluate_source(
         mode_model.config,
         source,
-        lambda volume, m=mode_model: inference.predict_volume(m, volume, keep_instances=True),
+        lambda volume, m=mode_model: whole_volume.predict_volume(m, volume, keep_instances=True),
         os.path.join(root, tag, name + suffix),
         {
           'workdir': os.path.abspath(args.workdir),

@@ -28,7 +28,7 @@ from imask_jax.predict.plan import (
 from imask_jax.predict.stages import run_pipelined, run_sequential
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
-  from imask_jax import inference
+  from imask_jax.inference import loading
 
 
 class ProgressBar:
@@ -53,7 +53,7 @@ class ProgressBar:
     self.stream.flush()
 
 
-def load_reference(model: inference.LoadedModel, stream: TextIO) -> dict[str, Any] | None:
+def load_reference(model: loading.LoadedModel, stream: TextIO) -> dict[str, Any] | None:
   """The training reference of quality.py for `model`, saying on `stream` where it came from;
   None (and why) when there is none."""
   from imask_jax import workdir as workdir_lib
@@ -81,7 +81,7 @@ def predict_command(
   overwrite: bool = False,
   shard: tuple[int, int] | None = None,
   pipeline: bool = True,
-  model: inference.LoadedModel | None = None,
+  model: loading.LoadedModel | None = None,
   stream: TextIO | None = None,
   verbose: bool = False,
   allow_missing_pose: bool = False,
@@ -127,11 +127,11 @@ def predict_command(
     for leftover in remove_stale_temporaries(job.label_map) + remove_stale_temporaries(job.report):
       stream.write(f'predict: removed {leftover} (the temporary of a run that was killed)\n')
   if model is None:
-    from imask_jax import inference
+    from imask_jax.inference import loading
 
     try:
       # The mask head on the painting detections only (model.paint_slots_per_class).
-      model = inference.load_model(workdir, checkpoint, paint_only=True)
+      model = loading.load_model(workdir, checkpoint, paint_only=True)
     except errors.USER_ERRORS as error:
       # No workdir there, no such checkpoint, or one that cannot be restored: refused, in one
       # line (predict's main shows the traceback with --verbose).

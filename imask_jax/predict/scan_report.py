@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import laterality, nifti_io, orientation, tissues
-from imask_jax import configs, inference, metrics
-from imask_jax.inference import VolumePrediction
+from imask_jax import configs, metrics
+from imask_jax.inference import loading
+from imask_jax.inference.whole_volume import VolumePrediction
 from imask_jax.metrics import side as side_metrics
 from imask_jax.predict import quality
 
@@ -117,7 +118,7 @@ def tibial_thickness(
 
 def volume_report(
   prediction: VolumePrediction,
-  model: inference.LoadedModel,
+  model: loading.LoadedModel,
   *,
   input_path: str,
   label_map_path: str,

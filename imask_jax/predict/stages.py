@@ -20,8 +20,8 @@ from data_pipelines.atomic import atomic_path
 from imask_jax.predict.plan import Job, output_stem
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
-  from imask_jax import inference
-  from imask_jax.inference import VolumePrediction
+  from imask_jax.inference import loading
+  from imask_jax.inference.whole_volume import VolumePrediction
 
 
 def write_json(path: str, obj: Any) -> str:
@@ -71,12 +71,12 @@ class Outcome:
   write_s: float = 0.0
 
 
-def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
+def read_scan(model: loading.LoadedModel, job: Job) -> Scan:
   """Stage 1 (no model, runs beside the segmentation of another scan): reads the input."""
-  from imask_jax import inference
+  from imask_jax.inference import loading
 
   started = time.perf_counter()
-  volume = inference.load_image(
+  volume = loading.load_image(
     job.input,
     str(model.config.data.plane),
     case_id=output_stem(job.input),
@@ -92,12 +92,12 @@ def read_scan(model: inference.LoadedModel, job: Job) -> Scan:
   return Scan(job, volume, constant, time.perf_counter() - started, declared, conflict)
 
 
-def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
+def segment_scan(model: loading.LoadedModel, scan: Scan) -> Segmented:
   """Stage 2 (the model; in the calling thread): the label map on the input's grid."""
-  from imask_jax import inference
+  from imask_jax.inference import whole_volume
 
   started = time.perf_counter()
-  prediction = inference.predict_volume(model, scan.volume, keep_instances=True)
+  prediction = whole_volume.predict_volume(model, scan.volume, keep_instances=True)
   if prediction.label_map.shape != scan.volume.grid.shape:
     raise AssertionError(
       f'{scan.job.input}: label map shape {prediction.label_map.shape} differs '
@@ -115,7 +115,7 @@ def segment_scan(model: inference.LoadedModel, scan: Scan) -> Segmented:
 
 
 def write_scan(
-  model: inference.LoadedModel, segmented: Segmented, reference: dict[str, Any] | None = None
+  model: loading.LoadedModel, segmented: Segmented, reference: dict[str, Any] | None = None
 ) -> Outcome:
   """Stage 3 (no model, runs beside the segmentation of another scan): measures the report,
   then writes it and the label map, each atomically. The report goes first, so that a label
@@ -180,7 +180,7 @@ def _failed(job: Job, error: Exception) -> Outcome:
 
 
 def run_sequential(
-  model: inference.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
+  model: loading.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
 ) -> Iterator[Outcome]:
   """Each job's outcome, in job order, one stage after the other in this thread."""
   for job in jobs:
@@ -191,7 +191,7 @@ def run_sequential(
 
 
 def run_pipelined(
-  model: inference.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
+  model: loading.LoadedModel, jobs: Sequence[Job], reference: dict[str, Any] | None = None
 ) -> Iterator[Outcome]:
   """Each job's outcome, in job order, from the same three stages as `run_sequential` (so the
   same files), overlapped: while this thread segments scan i, one background thread reads

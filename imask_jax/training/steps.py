@@ -1,7 +1,7 @@
-"""The train state and the jitted, data-parallel functions of a model: the training step and
-detection.
+"""The train state and the jitted, data-parallel training step (the detection and
+segmentation programs that validation runs are in inference/programs.py).
 
-Each is per-device code in `jax.shard_map` inside `jax.jit` over the 1-D `data` mesh (pmap
+The step is per-device code in `jax.shard_map` inside `jax.jit` over the 1-D `data` mesh (pmap
 semantics; see parallel.py): gradients, losses and batch statistics are averaged with
 `lax.pmean`. Randomness is a pure function of (seed, step, global example index), so a run is
 repeatable and independent of the device count.
@@ -18,14 +18,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from imask_jax import host_memory, parallel, semantic
-from imask_jax.models import mask_rcnn, unet
-from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
-from imask_jax.models.unet import UNet, UNetSpec
+from imask_jax import host_memory, parallel
+from imask_jax.models.build import init_variables
+from imask_jax.models.mask_rcnn import MaskRCNN
+from imask_jax.models.unet import UNet
 from imask_jax.weights import pretrained
 
 MODEL_INPUT_KEYS = ('image', 'gt_boxes', 'gt_classes', 'gt_masks', 'gt_valid')
@@ -39,24 +38,6 @@ class TrainState:
   opt_state: Any
   nonfinite_in_a_row: jax.Array  # int32: consecutive skipped (non-finite) updates
   nonfinite_total: jax.Array  # int32
-
-
-def build_model(
-  config: ml_collections.ConfigDict, *, data_parallel: bool = True
-) -> MaskRCNN | UNet:
-  """The model of `config` (model.kind); batch norm averages its statistics over the `data`
-  axis."""
-  axis = parallel.DATA_AXIS if data_parallel and config.model.norm == 'batch' else None
-  if config.model.kind == 'unet':
-    return UNet(UNetSpec.from_config(config, axis_name=axis))
-  return MaskRCNN(ModelSpec.from_config(config, axis_name=axis))
-
-
-def init_variables(model: MaskRCNN | UNet, key: jax.Array) -> dict[str, Any]:
-  """The model's initial variables (`mask_rcnn.init_variables` or `unet.init_variables`)."""
-  if isinstance(model, UNet):
-    return unet.init_variables(model, key)
-  return mask_rcnn.init_variables(model, key)
 
 
 def init_state(
@@ -183,65 +164,6 @@ def make_train_step(
     check_vma=False,
   )
   return jax.jit(sharded, donate_argnums=0)
-
-
-class Detector(parallel.ProgramsBySize):
-  """jit(shard_map(detect + paste)): (variables, images [N, H, W, C]) -> dict of per-example
-  arrays: label_map int32 [N, H, W] (class ids), boxes, scores, classes, valid, mask_probs;
-  with `paint_only` (`MaskRCNN.detect`) only the detections that paint, and unpainted [N].
-  One program per input size, built with the model `at_size` (H, W)."""
-
-  def __init__(self, model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool = False):
-    super().__init__()
-    self.model = model
-    self.mesh = mesh
-    self.paint_only = paint_only
-
-  def build(self, image_size: tuple[int, int]):
-    return _jitted_detect(MaskRCNN(self.model.spec.at_size(image_size)), self.mesh, self.paint_only)
-
-
-def make_detect_fn(
-  model: MaskRCNN | UNet, mesh: jax.sharding.Mesh, paint_only: bool = False
-) -> Detector | semantic.Segmenter:
-  """The model's detection for any input size (`Detector`); a U-Net's segmentation
-  (`semantic.Segmenter`: probs and label_map; paint_only does not apply)."""
-  if isinstance(model, UNet):
-    return semantic.Segmenter(model, mesh)
-  return Detector(model, mesh, paint_only)
-
-
-def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
-  def per_device(variables, images):
-    det = model.apply(variables, images, paint_only, method=MaskRCNN.detect)
-    label_map, _ = mask_rcnn.detections_to_label_map(
-      det,
-      model.spec.image_size,
-      threshold=model.spec.mask_threshold,
-      min_score=model.spec.label_score_threshold,
-      paint_rule=model.spec.paint_rule,
-    )
-    out = dict(
-      label_map=label_map,
-      boxes=det.boxes,
-      scores=det.scores,
-      classes=det.classes,
-      valid=det.valid,
-      mask_probs=det.mask_probs,
-    )
-    if det.unpainted is not None:
-      out['unpainted'] = det.unpainted
-    return out
-
-  return jax.jit(
-    jax.shard_map(
-      per_device,
-      mesh=mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS)),
-      out_specs=P(parallel.DATA_AXIS),
-      check_vma=False,
-    )
-  )
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:

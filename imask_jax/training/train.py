@@ -1,8 +1,8 @@
 """The trainer: the training loop, periodic validation and checkpointing.
 
 `train_and_evaluate(config, workdir)` is the whole main job; nothing else imports this module
-(loading a trained model goes through workdir.py and steps.py). The workdir's layout is in
-workdir.py, the step functions in steps.py, the log in run_log.py.
+(loading a trained model goes through workdir.py and inference/loading.py). The workdir's layout
+is in workdir.py, the step function in steps.py, the log in run_log.py.
 
 Training resumes exactly after a kill: the input stream restarts at the restored step and
 metrics.jsonl is cut back to it. `train.max_nonfinite_in_a_row` skipped (non-finite) steps in a
@@ -26,15 +26,15 @@ import orbax.checkpoint as ocp
 from data_pipelines.datasets import params as params_lib
 from imask_jax import configs, parallel, viz
 from imask_jax import workdir as workdir_lib
+from imask_jax.inference.programs import make_detect_fn
+from imask_jax.models.build import build_model
 from imask_jax.run_log import RunLog, format_duration, say, summarize_window
 from imask_jax.training import optim
 from imask_jax.training.steps import (
   MODEL_INPUT_KEYS,
   TrainState,
-  build_model,
   compile_together,
   init_state,
-  make_detect_fn,
   make_train_step,
   model_variables,
 )
@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir_lib.save_config(config, workdir)
 
   mesh = parallel.data_mesh()
-  model = build_model(config)
+  model = build_model(config, batch_stats_axis=parallel.DATA_AXIS)
   tx = optim.make_optimizer(config.train)
   schedule = optim.learning_rate_schedule(config.train)
   seed = int(config.seed)
@@ -207,7 +207,7 @@ class _Loop:
     self.global_batch = int(config.train.batch_size)
     self.max_in_a_row = int(config.train.max_nonfinite_in_a_row)
     self.train_step = make_train_step(model, tx, mesh, int(config.seed), schedule)
-    self.detect_fn = make_detect_fn(build_model(config, data_parallel=False), mesh)
+    self.detect_fn = make_detect_fn(build_model(config), mesh)
     self.compiled_step = self.compiled_detect = None
 
   def run(self, state: TrainState, train_iter) -> TrainState:

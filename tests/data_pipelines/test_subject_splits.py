@@ -335,8 +335,9 @@ def test_a_case_id_the_pattern_does_not_match_names_the_pattern(tmp_path):
 def test_evaluate_on_an_empty_split_is_one_line(tmp_path, capsys, monkeypatch):
   """`python -m imask_jax.evaluate` on a split without cases: one line naming the split, the
   cases of every split, the subject pattern and what to change; exit status 1, no traceback."""
-  from imask_jax import evaluate, inference
+  from imask_jax import evaluate
   from imask_jax import workdir as workdir_lib
+  from imask_jax.inference import loading
 
   raw = hip_phantoms_named(tmp_path / 'raw', HIPS)
   config = stiho_config(raw, tmp_path / 'tfds')
@@ -345,9 +346,9 @@ def test_evaluate_on_an_empty_split_is_one_line(tmp_path, capsys, monkeypatch):
   workdir_lib.save_config(config, workdir)
   # No model is run: the split is refused first. A stand-in for the restored checkpoint.
   monkeypatch.setattr(
-    inference,
+    loading,
     'load_model',
-    lambda wd, step=None, **kw: inference.LoadedModel(
+    lambda wd, step=None, **kw: loading.LoadedModel(
       workdir=wd,
       config=workdir_lib.load_config(wd),
       scheme=None,

@@ -23,41 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from data_pipelines import instances as instances_lib
-from imask_jax import parallel
-from imask_jax.models.unet import UNet
-
-
-class Segmenter(parallel.ProgramsBySize):
-  """jit(shard_map(segment)): (variables, images [N, H, W, C]) -> {'probs' float32 [N, H, W,
-  K + 1], 'label_map' int32 [N, H, W]}: `steps.Detector`'s interface, one program per input
-  size (the net takes any size)."""
-
-  def __init__(self, model: UNet, mesh: jax.sharding.Mesh):
-    super().__init__()
-    self.model = model
-    self.mesh = mesh
-
-  def build(self, image_size: tuple[int, int]):
-    return _jitted_segment(self.model, self.mesh)
-
-
-def _jitted_segment(model: UNet, mesh: jax.sharding.Mesh):
-  def per_device(variables, images):
-    probs = model.apply(variables, images, method=UNet.segment)
-    return dict(probs=probs, label_map=jnp.argmax(probs, axis=-1).astype(jnp.int32))
-
-  return jax.jit(
-    jax.shard_map(
-      per_device,
-      mesh=mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS)),
-      out_specs=P(parallel.DATA_AXIS),
-      check_vma=False,
-    )
-  )
 
 
 @functools.partial(jax.jit, static_argnames=('source_size',))

@@ -1,6 +1,6 @@
 """Whole volume -> label map on the original grid: the inference path of evaluate and predict.
 
-  checkpoint + config.json  --load_model-->  LoadedModel (variables, jitted detect, batch size)
+  LoadedModel (loading.py)  +
   Volume (canonical RAS+)   --volume_inputs-->  slices prepared as evaluation prepares them
                             --detect-->  per-slice detections at network-input resolution
                             --detections_to_source-->  masks pasted at SOURCE slice resolution
@@ -28,156 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from data_pipelines import orientation, readers
-from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, errors, input_pipeline, parallel, postprocess, semantic
-from imask_jax import workdir as workdir_lib
+from imask_jax import input_pipeline, parallel
+from imask_jax.inference import postprocess, semantic
+from imask_jax.inference.loading import LoadedModel
 from imask_jax.models import mask_rcnn
-from imask_jax.training import steps as steps_lib
-
-# --- the model from a workdir --------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LoadedModel:
-  """A restored checkpoint ready for inference.
-
-  detect: jit(shard_map) of (variables, images [B, H, W, C]) -> per-example detections
-  (steps.make_detect_fn; with paint_only, only the detections that paint label maps:
-  `MaskRCNN.detect`); batch_size: B, the config's eval.batch_size (a multiple of the
-  device count); step: the checkpoint's training step.
-  """
-
-  workdir: str
-  config: ml_collections.ConfigDict
-  scheme: LabelScheme
-  step: int
-  variables: Any
-  detect: Any
-  mesh: jax.sharding.Mesh
-  batch_size: int
-
-  @property
-  def image_size(self) -> tuple[int, int]:
-    return tuple(int(n) for n in self.config.data.image_size)
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-  """The steps of the checkpoints stored in `workdir`/checkpoints (sorted)."""
-  folder = os.path.join(os.fspath(workdir), 'checkpoints')
-  if not os.path.isdir(folder):
-    return []
-  return sorted(
-    int(name)
-    for name in os.listdir(folder)
-    if name.isdigit() and os.path.isdir(os.path.join(folder, name))
-  )
-
-
-def load_model(
-  workdir: str | os.PathLike, step: int | None = None, *, paint_only: bool = False
-) -> LoadedModel:
-  """Reads `workdir`/config.json and restores checkpoint `step` (default: the latest).
-
-  paint_only: with model.paint_slots_per_class > 0, the mask head runs only on the detections
-  that paint label maps (`MaskRCNN.detect`): the label maps are the same as long as no class
-  has more of them in a slice than its slots (`VolumePrediction.unpainted_detections`), but the
-  instances lack the low-scoring detections that mask AP ranks. For predict, not evaluate.
-  One process only: evaluation and prediction read whole volumes on the host that runs them.
-  """
-  workdir = os.fspath(workdir)
-  if jax.process_count() > 1:
-    raise RuntimeError(
-      f'inference runs on one process; this is process {jax.process_index()}'
-      f' of {jax.process_count()}'
-    )
-  config = workdir_lib.load_config(workdir)
-  scheme = LabelScheme.from_config(config)
-  postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
-  postprocess.cluster_rule(scheme, config.model)
-  configs.thickness_method(config)
-  configs.mask_threshold(config)
-  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise errors.MissingCheckpointError(
-      f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train first with python -m '
-      f'imask_jax.main --workdir {workdir})'
-    )
-  if step is None:
-    step = steps[-1]
-  elif int(step) not in steps:
-    raise errors.MissingCheckpointError(
-      f'{os.path.join(workdir, "checkpoints")}: no checkpoint at step {step}; stored steps: {steps}'
-    )
-  mesh = parallel.data_mesh()
-  batch_size = _eval_batch_size(config)
-  model = steps_lib.build_model(config, data_parallel=False)
-  # The restore template only needs shapes and dtypes: trace the initialisation, don't run it.
-  template = jax.eval_shape(
-    functools.partial(steps_lib.init_variables, model), jax.random.PRNGKey(int(config.seed))
-  )
-  manager = workdir_lib.checkpoint_manager(workdir, config)
-  try:
-    variables = workdir_lib.restore_variables(manager, template, mesh, int(step))
-  except errors.CheckpointError as error:
-    others = [s for s in steps if s != int(step)]
-    raise errors.CheckpointError(
-      f'{error}'
-      + (f' (other stored steps: {others}; choose one with --checkpoint STEP)' if others else '')
-    ) from error
-  finally:
-    manager.close()
-  return _loaded(workdir, config, int(step), model, variables, mesh, batch_size, paint_only)
-
-
-def initialised_model(
-  config: ml_collections.ConfigDict, *, paint_only: bool = False
-) -> LoadedModel:
-  """The config's model freshly initialised (seed config.seed), assembled as load_model
-  assembles a restored one (paint_only as there): for tests and benchmarks that need the real
-  network without a checkpoint. Its workdir is '' and its step 0."""
-  mesh = parallel.data_mesh()
-  batch_size = _eval_batch_size(config)
-  model = steps_lib.build_model(config, data_parallel=False)
-  init = jax.jit(functools.partial(steps_lib.init_variables, model))
-  variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
-  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
-  return _loaded('', config, 0, model, variables, mesh, batch_size, paint_only)
-
-
-def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
-  batch_size = int(config.eval.batch_size)
-  if batch_size < 1 or batch_size % jax.device_count():
-    raise ValueError(
-      f'config eval.batch_size={batch_size} must be a positive multiple of the '
-      f'device count ({jax.device_count()})'
-    )
-  return batch_size
-
-
-def _loaded(workdir, config, step, model, variables, mesh, batch_size, paint_only) -> LoadedModel:
-  return LoadedModel(
-    workdir=workdir,
-    config=config,
-    scheme=LabelScheme.from_config(config),
-    step=step,
-    variables=variables,
-    detect=steps_lib.make_detect_fn(model, mesh, paint_only),
-    mesh=mesh,
-    batch_size=batch_size,
-  )
-
 
 # --- detections -> source resolution ------------------------------------------------------------
 
@@ -434,30 +297,3 @@ def predict_volume(
     network_size=tuple(int(n) for n in images.shape[1:3]),
     unpainted_detections=unpainted,
   )
-
-
-def load_image(
-  path: str | os.PathLike,
-  plane: str,
-  case_id: str | None = None,
-  *,
-  allow_missing_pose: bool = False,
-) -> readers.Volume:
-  """An unlabelled scan, a NIfTI file or a DICOM series folder, as a canonical `Volume` to be
-  sliced along `plane`; a NIfTI file without its scanner pose is refused unless
-  `allow_missing_pose` (readers.load_image_file)."""
-  path = os.fspath(path)
-  if case_id is None:
-    case_id = os.path.basename(os.path.normpath(path))
-    for suffix in ('.nii.gz', '.nii'):
-      if case_id.endswith(suffix):
-        case_id = case_id[: -len(suffix)]
-  volume = readers.load_volume(
-    readers.Case(case_id, path),
-    plane=plane,
-    label_values=None,
-    allow_missing_pose=allow_missing_pose,
-  )
-  if min(volume.image.shape) < 1:
-    raise DataError(path, 'image has an empty axis', found=volume.image.shape)
-  return volume
