@@ -20,7 +20,7 @@ ifeq ($(JAX_ACCELERATOR),cpu)
 export CUDA_VISIBLE_DEVICES ?=
 endif
 
-.PHONY: install test test-fast lint format demo hip bench clean
+.PHONY: install test test-fast lint format demo hip bench clean knee-model
 
 install: $(STAMP)
 
@@ -77,6 +77,29 @@ HIP_DIR ?= demo_out/hip
 hip: $(STAMP)
 	$(PY) -m imask_jax.main --config experiments/phantom_hip.py --workdir $(HIP_DIR)
 	$(PY) -m imask_jax.evaluate --workdir $(HIP_DIR)
+
+KNEE_DATA ?= data/knee_general/varied
+KNEE_RUN ?= workdirs/knee_general
+KNEE_MODEL ?= models/knee_general
+
+# The general knee model (issue 36; models/knee_general/MODEL_CARD.md): writes 40 knee
+# phantoms of the varied shape family at 140 mm / 0.5 mm, trains experiments/knee_general.py on
+# them (contrast randomisation on; resumes if KNEE_RUN has a checkpoint), then copies what
+# predict --workdir needs into KNEE_MODEL: config.json, the last checkpoint, the training
+# record and the quality flags' training reference (so predict needs no training data).
+knee-model: $(STAMP)
+	$(PY) -m data_pipelines.phantoms knee --shape-family varied --num 40 --seed 1000 \
+	    --fov 140 --spacing 0.5 --out $(KNEE_DATA)
+	$(PY) -m imask_jax.main --config experiments/knee_general.py:data=$(KNEE_DATA) --workdir $(KNEE_RUN)
+	rm -rf $(KNEE_MODEL)/checkpoints $(KNEE_MODEL)/training_reference.json
+	mkdir -p $(KNEE_MODEL)/checkpoints
+	cp $(KNEE_RUN)/config.json $(KNEE_RUN)/metrics.jsonl $(KNEE_MODEL)/
+	cp -r $(KNEE_RUN)/checkpoints/$$(ls $(KNEE_RUN)/checkpoints | grep -x '[0-9]*' | sort -n | tail -1) \
+	    $(KNEE_MODEL)/checkpoints/
+	$(PY) -c "import sys; from imask_jax import workdir as w; from imask_jax.predict import quality; \
+	    from data_pipelines.tissues import LabelScheme; d = sys.argv[1]; c = w.load_config(d); \
+	    print(quality.training_reference(d, c, w.data_dir_for(c, d), \
+	    LabelScheme.from_config(c).names_by_merged_value)[1])" $(KNEE_MODEL)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -10,6 +10,9 @@ are written once by the phantom CLI and read as an nnU-Net folder:
       --fov 140 --spacing 0.5 --out data/knee_general/varied
   python -m imask_jax.main --config experiments/knee_general.py --workdir runs/knee_general
 
+`make knee-model` runs both (into workdirs/knee_general) and copies the trained model to
+models/knee_general, the shipped model (its MODEL_CARD.md).
+
 Judged on folders it never sees in training or tuning (other seeds; the held-out shape family
 draws every shape parameter outside the varied ranges; iw_fs and t1 are held-out contrasts):
 
@@ -17,6 +20,7 @@ draws every shape parameter outside the varied ranges; iw_fs and t1 are held-out
       (add --shape-family varied)
   ... --shape-family held_out                 --out data/knee_general/held_out_shapes
   ... --shape-family varied --contrast iw_fs  --out data/knee_general/held_out_contrast
+  ... --shape-family varied --contrast t1     --out data/knee_general/held_out_contrast_t1
   ... --shape-family held_out --contrast t1   --out data/knee_general/held_out_both
 
 Variants (comma-separated in the config argument):
