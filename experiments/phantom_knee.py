@@ -12,7 +12,9 @@ Variants (comma-separated in the config argument):
                   phantoms (docs/results/cartilage.md)
   unet            a semantic 2D U-Net (models/unet.py, model.kind='unet') on the same data,
                   pixel size, steps and post-processing instead of the iMaskRCNN: the baseline
-                  of issue 35 (docs/results/baselines.md)
+                  of issue 35 (docs/results/baselines.md); with encoder=resnet18 (or another
+                  backbone name) the U-Net's encoder is that body at model.width (the
+                  iMaskRCNN's ResNet-18 at width 16), 6 levels
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, seed=N,
   mask_dice=W (0 trains with the paper's mask BCE alone), points=False (no point head)
 """
@@ -74,6 +76,9 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 3000
     c.train.checkpoint_every = 500
   unet = args.pop('unet', False)
+  encoder = args.pop('encoder', None)
+  if encoder and not unet:
+    raise ValueError(f'experiments/phantom_knee.py: encoder={encoder} applies to the unet variant')
   if unet:
     # nnU-Net's 2D layout at the quick start's size: 5 levels take a 128 px crop down to 8 x 8;
     # width 16 (nnU-Net: 32) keeps a step near the iMaskRCNN's on 2 CPU cores. Instance norm,
@@ -81,10 +86,13 @@ def get_config(arg: str | None = None):
     c.model.kind = 'unet'
     c.model.unet.depth = 5
     c.model.unet.width = 16
+    if encoder:
+      c.model.unet.encoder = str(encoder)
+      c.model.unet.depth = 6  # full resolution, the stem and C2-C5
   if args.pop('smoke', False):
     configs.shrink_for_smoke(c)
     if unet:
-      c.model.unet.depth = 4
+      c.model.unet.depth = 6 if encoder else 4
       c.model.unet.width = 8
     # Six steps leave every score far below 0.5: paint all kept detections so that the rest of
     # the job (metrics, figures, predictions) has something to work on.

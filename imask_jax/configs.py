@@ -138,6 +138,14 @@ def default_config() -> ml_collections.ConfigDict:
       deep_supervision=True,  # 1x1 heads at the coarser decoder levels in the loss
       dice_weight=1.0,  # soft Dice (foreground classes) + ...
       ce_weight=1.0,  # ... cross-entropy, nnU-Net's 1 : 1
+      # 'plain' (nnU-Net's encoder) or a backbone name (resnet18 ... densenet169: its stem and
+      # C2-C5 as levels 1-5, base width model.width; depth must be 6), models/unet.py
+      encoder='plain',
+      # Slices larger than data.image_size run in windows of that size (nnU-Net's inference:
+      # overlap 0.5, Gaussian importance weights; inference/sliding_window.py), else whole.
+      sliding_window=True,
+      window_overlap=0.5,  # share of a window its neighbour overlaps (nnU-Net's 0.5)
+      window_gaussian=True,  # Gaussian importance map (nnU-Net's), else uniform weights
     )
   )
   # The network's fields at their defaults, each described where it is defined:

@@ -105,6 +105,9 @@ INFERENCE_ONLY_FIELDS = (
   'model.label_score_threshold',
   'model.mask_threshold',
   'model.paint_rule',
+  'model.unet.sliding_window',
+  'model.unet.window_overlap',
+  'model.unet.window_gaussian',
   'model.paint_slots_per_class',
   'model.keep_largest_component',
   'model.keep_largest_cluster',
@@ -156,7 +159,8 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 # Fields whose default for new runs is not the behaviour of workdirs saved before the field
 # existed: such a workdir gets the value it ran with, so it evaluates and predicts as before.
 LEGACY_VALUES = {
-  'model': {'paint_rule': 'each'},
+  # a U-Net ran whole bucketed slices however large (models/unet.py, sliding_window)
+  'model': {'paint_rule': 'each', 'unet': {'sliding_window': False}},
   'eval': {'thickness_method': 'nearest'},
   # an nnU-Net folder's imagesTs/ + labelsTs/ were never read as the test split before
   'data': {'official_test': False},

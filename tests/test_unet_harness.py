@@ -42,6 +42,8 @@ def test_the_unet_variant_builds_a_unet_and_the_default_stays_mask_rcnn():
     ('phantom_hip', 'unet', 6, 16, (256, 256)),
     ('phantom_hip', 'unet,smoke', 4, 8, (64, 64)),
     ('phantom_knee', 'unet,smoke', 4, 8, (64, 64)),
+    ('phantom_knee', 'unet,encoder=resnet18', 6, 16, (128, 128)),
+    ('phantom_knee', 'unet,encoder=resnet18,smoke', 6, 8, (64, 64)),
   ],
 )
 def test_unet_variants_of_the_phantom_experiments(name, arg, depth, width, size):
@@ -49,6 +51,8 @@ def test_unet_variants_of_the_phantom_experiments(name, arg, depth, width, size)
   configs.check_train_config(config)
   spec = build.build_model(config).spec
   assert (spec.depth, spec.width, spec.image_size) == (depth, width, size)
+  assert spec.encoder == (arg.split('encoder=')[1].split(',')[0] if 'encoder=' in arg else 'plain')
+  assert spec.encoder_width == int(config.model.width)
   # The crop is a whole number of the net's coarsest cells: training never pads inside it.
   assert size[0] % spec.size_multiple == 0 == size[1] % spec.size_multiple
 
@@ -62,6 +66,25 @@ def test_a_workdir_saved_before_model_kind_loads_as_mask_rcnn(tmp_path):
   loaded = workdir_lib.load_config(str(tmp_path))
   assert loaded.model.kind == 'maskrcnn'
   assert isinstance(build.build_model(loaded), MaskRCNN)
+
+
+def test_a_unet_workdir_saved_before_encoders_and_windows_loads_as_it_ran(tmp_path):
+  """A U-Net workdir without model.unet.encoder / sliding_window: the plain encoder and whole
+  slices however large (workdir.LEGACY_VALUES); a new config windows by default."""
+  config = experiment_config('phantom_knee', 'unet')
+  assert config.model.unet.sliding_window and config.model.unet.encoder == 'plain'
+  saved = json.loads(config.to_json())
+  for field in ('encoder', 'sliding_window', 'window_overlap', 'window_gaussian'):
+    del saved['model']['unet'][field]
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  loaded = workdir_lib.load_config(str(tmp_path))
+  assert loaded.model.unet.encoder == 'plain' and not loaded.model.unet.sliding_window
+  spec = build.build_model(loaded).spec
+  assert spec.encoder == 'plain' and not spec.sliding_window
+  # Switching windows on or off when resuming is allowed: it shapes no checkpoint array.
+  os.makedirs(tmp_path / 'checkpoints')
+  workdir_lib.check_resumable(config, str(tmp_path))
 
 
 def test_an_unknown_kind_or_converted_weights_for_a_unet_are_refused():
@@ -206,6 +229,55 @@ def test_a_unet_label_map_lands_on_the_scans_own_grid(tmp_path):
     assert [inst.class_id for inst in found] == [1]
     np.testing.assert_array_equal(found[0].full_mask(expected.shape), expected == 1)
     assert 0.9 < found[0].score <= 1.0
+
+
+def test_a_unet_report_speaks_of_regions_and_probabilities_not_detections(tmp_path):
+  """predict's report (scan_report.volume_report) of a U-Net: its quality block names painted
+  regions and class probabilities; nothing in it speaks of detections or mask slots, and an
+  all-background prediction is flagged as an empty label map."""
+  from imask_jax.predict import scan_report
+
+  config = experiment_config('phantom_knee', 'unet,smoke')
+  config.model.keep_largest_component = ()
+  image = np.random.default_rng(0).gamma(2.0, 100.0, (3, 70, 80)).astype(np.float32)
+  path = str(tmp_path / 'scan.nii.gz')
+  nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.0, 1.0, 1.0])), path)
+  volume = loading.load_image(path, 'sagittal')
+  for rows, empty in ((32, False), (0, True)):
+    model = half_class_model(config, boundary_rows=rows)
+    prediction = whole_volume.predict_volume(model, volume, keep_instances=True)
+    assert prediction.unpainted_detections is None
+    report = scan_report.volume_report(
+      prediction, model, input_path=path, label_map_path=str(tmp_path / 'out.nii.gz')
+    )
+    block = report['quality']
+    text = json.dumps(report).lower()
+    assert 'detection' not in text and 'slot' not in text, text
+    assert {'mean_region_probability', 'painted_regions'} <= set(block)
+    codes = [f['code'] for f in block['flags']]
+    if empty:
+      assert 'empty_label_map' in codes and block['painted_regions'] == 0
+      assert block['mean_region_probability'] is None
+    else:
+      # One class-1 region per slice, certain: probability 1, nothing flagged about it.
+      assert block['painted_regions'] == 3 and block['mean_region_probability'] > 0.99
+      assert not {'empty_label_map', 'low_probability'} & set(codes)
+  # A low mean probability in the U-Net's words (and Mask R-CNN's block as it was).
+  raw = {
+    'review': True,
+    'flags': [{'code': 'low_detection_score', 'message': 'mean detection score ...'}],
+    'mean_detection_score': 0.6,
+    'painting_detections': 4,
+  }
+  out = scan_report.semantic_quality(raw)
+  assert out['flags'] == [
+    {
+      'code': 'low_probability',
+      'message': 'mean class probability 0.600 < 0.75 over the 4 painted regions (a tissue in '
+      'a slice)',
+    }
+  ]
+  assert (out['mean_region_probability'], out['painted_regions'], out['review']) == (0.6, 4, True)
 
 
 # --- the real commands ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from imask_jax import parallel
+from imask_jax.inference import sliding_window
 from imask_jax.models import mask_rcnn
 from imask_jax.models.mask_rcnn import MaskRCNN
 from imask_jax.models.unet import UNet
@@ -80,20 +81,40 @@ def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
 class Segmenter(parallel.ProgramsBySize):
   """jit(shard_map(segment)): (variables, images [N, H, W, C]) -> {'probs' float32 [N, H, W,
   K + 1], 'label_map' int32 [N, H, W]}: `Detector`'s interface, one program per input
-  size (the net takes any size)."""
+  size (the net takes any size). With the spec's `sliding_window`, an input larger than the
+  trained crop (`spec.image_size`) in either axis is run in windows of that size
+  (`sliding_window.window_logits`); one that fits runs whole, as without it."""
 
   def __init__(self, model: UNet, mesh: jax.sharding.Mesh):
     super().__init__()
     self.model = model
     self.mesh = mesh
 
+  def windowed(self, image_size: tuple[int, int]) -> bool:
+    """Whether inputs of `image_size` (H, W) run in sliding windows."""
+    s = self.model.spec
+    return bool(s.sliding_window) and any(n > w for n, w in zip(image_size, s.image_size))
+
   def build(self, image_size: tuple[int, int]):
-    return _jitted_segment(self.model, self.mesh)
+    return _jitted_segment(self.model, self.mesh, self.windowed(image_size))
 
 
-def _jitted_segment(model: UNet, mesh: jax.sharding.Mesh):
+def _jitted_segment(model: UNet, mesh: jax.sharding.Mesh, windowed: bool = False):
+  s = model.spec
+
   def per_device(variables, images):
-    probs = model.apply(variables, images, method=UNet.segment)
+    if windowed:
+      logits = sliding_window.window_logits(
+        lambda crop: model.apply(variables, crop, False)[0],
+        images,
+        s.image_size,
+        s.window_overlap,
+        multiple=s.size_multiple,
+        gaussian=s.window_gaussian,
+      )
+      probs = jax.nn.softmax(logits, axis=-1)
+    else:
+      probs = model.apply(variables, images, method=UNet.segment)
     return dict(probs=probs, label_map=jnp.argmax(probs, axis=-1).astype(jnp.int32))
 
   return jax.jit(

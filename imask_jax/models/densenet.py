@@ -75,6 +75,8 @@ class DenseNet(nn.Module):
     axis_name: data-parallel axis over which batch statistics are averaged (or None).
     remat: recompute each dense layer's norm, ReLU and bottleneck activations in the backward
       pass (`remat.recomputed`) instead of keeping them: only the concatenated features stay alive.
+    stem_skip: also return the stem's activation (stride 2: after its norm and ReLU, before
+      the max pool) under 'stem', for the U-Net's encoder (models/unet.py).
     num_classes: when set, adds the classification top (global average pool of C5 + dense
       layer), returned under 'logits'. Only used to compare parameter counts.
     dtype: activation/compute dtype; norms compute statistics in float32.
@@ -93,6 +95,7 @@ class DenseNet(nn.Module):
   norm: str = 'batch'
   axis_name: str | None = None
   remat: bool = False
+  stem_skip: bool = False
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -146,9 +149,9 @@ class DenseNet(nn.Module):
     x = images.astype(self.dtype)
     x = conv(self.num_init_features, 7, stride=2, name='stem_conv', **kw)(x)
     x = nn.relu(norm(name='stem_norm')(x))
+    features = {'stem': x} if self.stem_skip else {}
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    features = {}
     for k, num_layers in enumerate(blocks):
       for index in range(num_layers):
         layer = DenseLayer(

@@ -150,6 +150,8 @@ class ResNet(nn.Module):
       keeping them (`remat.recomputed`): only the blocks' inputs stay alive between the
       forward and the backward, at the cost of a second forward through the body. The values
       and the parameter tree are the same.
+    stem_skip: also return the stem's activation (stride 2: after its norm and ReLU, before
+      the max pool) under 'stem', for the U-Net's encoder (models/unet.py).
     num_classes: when set, adds a classification top (global average pool of C5 + dense
       layer) whose output is returned under 'logits'. Only used to compare parameter
       counts with the published networks.
@@ -167,6 +169,7 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   zero_init_residual: bool = True
   remat: bool = False
+  stem_skip: bool = False
   num_classes: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -201,9 +204,9 @@ class ResNet(nn.Module):
     x = images.astype(self.dtype)
     x = conv(self.width, 7, stride=2, name='stem_conv', **kw)(x)
     x = nn.relu(norm(name='stem_norm')(x))
+    features = {'stem': x} if self.stem_skip else {}
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    features = {}
     for stage, num_blocks in enumerate(stage_sizes):
       planes = self.width * 2**stage
       for index in range(num_blocks):

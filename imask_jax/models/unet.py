@@ -3,7 +3,8 @@
 An encoder of `depth` resolution levels and a decoder back up, joined by skip connections;
 every pixel of the input gets K + 1 class logits (0 = background). Fully convolutional: any
 input size works (it is padded inside to a multiple of 2^(depth - 1) and the output cropped
-back), so inference takes the whole padded slice, as Mask R-CNN does.
+back), so inference can take the whole padded slice, as Mask R-CNN does, or windows of the
+trained size (`sliding_window`).
 
 nnU-Net's published 2D choices (Isensee et al. 2021, Nature Methods, and its code) taken:
   * per level two 3x3 conv -> norm -> LeakyReLU(0.01) blocks; downsampling by the first conv's
@@ -15,11 +16,23 @@ nnU-Net's published 2D choices (Isensee et al. 2021, Nature Methods, and its cod
   * loss soft Dice (foreground classes, smooth 1e-5) + cross-entropy, weights 1 : 1
     (`semantic_losses`), with deep supervision: a 1x1 head at each decoder level but the
     coarsest, weights 1 / 2^i normalised with the coarsest set to 0, nearest-neighbour targets.
+  * sliding-window inference with Gaussian weighting (`model.unet.sliding_window`, windows of
+    the trained crop, inference/sliding_window.py; off for workdirs saved without the field).
 Not taken: batch Dice (the Dice is per image so the loss does not depend on the device count,
 `semantic_losses`), its patch size and depth rules (the config's `data.image_size` and
 `model.unet.depth`), its SGD + poly schedule (the project's optimiser config), its
-augmentation (the project's input pipeline), sliding-window inference with Gaussian weighting
-(whole bucketed slices instead).
+augmentation (the project's input pipeline), test-time mirroring.
+
+Encoders (`model.unet.encoder`). 'plain' is the above. A backbone name ('resnet18' ...
+'resnet152', 'densenet121', 'densenet169') puts the project's body (models/resnet.py,
+densenet.py, base width `model.width`, norm `model.norm` with the backbones' group count for
+'group') in place of levels 1-5: its stem activation (stride 2) and C2-C5 (strides 4-32) are
+the skips of levels 1-5, C5 the bottleneck; level 0 stays a plain block at full resolution
+(the stem has no stride-1 activation), and the decoder is the plain one. `depth` must then be 6.
+The body's variables live under backbone/body/, the path and names of Mask R-CNN's body, so
+a convert_weights file of an ImageNet classifier (`covers` backbone/body: torchvision's
+resnet18-152, densenet121/169 at width 64, model.norm 'batch') fits them name for name; level
+0, the decoder and the heads have no pretrained counterpart.
 
 Shapes: images float [B, H, W, C] -> logits float32 [B, H, W, K + 1] (and, with deep
 supervision, [B, ceil(H / 2^i), ceil(W / 2^i), K + 1] for i = 1 .. depth - 2).
@@ -36,8 +49,10 @@ import jax
 import jax.numpy as jnp
 
 from imask_jax.models import layers, semantic_losses
+from imask_jax.models.backbones import BACKBONE_NAMES
+from imask_jax.models.densenet import DenseNet
 from imask_jax.models.norm import make_norm
-from imask_jax.models.resnet import check_images
+from imask_jax.models.resnet import ResNet, check_images
 
 Array = jax.Array
 
@@ -45,6 +60,8 @@ NEGATIVE_SLOPE = 0.01
 # He-normal for LeakyReLU(a): gain 2 / (1 + a^2), fan-in (PyTorch's kaiming_normal_ default).
 HE_LEAKY = nn.initializers.variance_scaling(2.0 / (1.0 + NEGATIVE_SLOPE**2), 'fan_in', 'normal')
 UNET_NORMS = ('group', 'batch')
+ENCODERS = ('plain',) + BACKBONE_NAMES
+ENCODER_DEPTH = 6  # full resolution, the stem (stride 2) and C2-C5 (strides 4-32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +74,11 @@ class UNetSpec:
   norm: 'group' (group or instance norm, see norm_groups) or 'batch' (model.norm).
   norm_groups: groups of group norm; 0 = instance norm (a group per channel).
   deep_supervision: extra 1x1 heads at the coarser decoder levels in the loss.
+  encoder: 'plain' or a backbone name (see the module docstring); encoder_width: its base
+    width (model.width).
+  sliding_window: run inputs larger than image_size in windows of image_size
+    (inference/sliding_window.py), overlapping by window_overlap, weighted by a Gaussian
+    importance map (window_gaussian) or uniformly.
   """
 
   image_size: tuple[int, int]
@@ -70,6 +92,11 @@ class UNetSpec:
   deep_supervision: bool = True
   dice_weight: float = 1.0
   ce_weight: float = 1.0
+  encoder: str = 'plain'
+  encoder_width: int = 64
+  sliding_window: bool = False
+  window_overlap: float = 0.5
+  window_gaussian: bool = True
   dtype: str = 'float32'
   axis_name: str | None = None
 
@@ -85,6 +112,20 @@ class UNetSpec:
       raise ValueError(f'config model.norm={self.norm!r}; the U-Net takes one of {UNET_NORMS}')
     if self.norm_groups < 0:
       raise ValueError(f'config model.unet.norm_groups={self.norm_groups}; expected >= 0')
+    if self.encoder not in ENCODERS:
+      raise ValueError(f'config model.unet.encoder={self.encoder!r}; expected one of {ENCODERS}')
+    if self.encoder != 'plain' and self.depth != ENCODER_DEPTH:
+      raise ValueError(
+        f'config model.unet.depth={self.depth} with model.unet.encoder={self.encoder!r}: a '
+        f'backbone encoder has {ENCODER_DEPTH} levels (strides 1 to 32); set '
+        f'model.unet.depth={ENCODER_DEPTH}'
+      )
+    if self.encoder_width < 1:
+      raise ValueError(f'config model.width={self.encoder_width}; expected >= 1')
+    if not 0.0 <= self.window_overlap < 1.0:
+      raise ValueError(
+        f'config model.unet.window_overlap={self.window_overlap}; expected 0 <= overlap < 1'
+      )
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"config model.dtype={self.dtype!r}; expected 'float32' or 'bfloat16'")
 
@@ -106,6 +147,11 @@ class UNetSpec:
       deep_supervision=bool(u.deep_supervision),
       dice_weight=float(u.dice_weight),
       ce_weight=float(u.ce_weight),
+      encoder=str(u.encoder),
+      encoder_width=int(m.width),
+      sliding_window=bool(u.sliding_window),
+      window_overlap=float(u.window_overlap),
+      window_gaussian=bool(u.window_gaussian),
       dtype=str(m.dtype),
       axis_name=axis_name,
     )
@@ -157,6 +203,30 @@ class ConvBlock(nn.Module):
     return x
 
 
+class Encoder(nn.Module):
+  """A backbone body as the U-Net's encoder, named so that its variables sit at backbone/body/
+  as Mask R-CNN's do. [B, H, W, C] (H, W multiples of 32) -> [stem (H / 2), C2 (H / 4), ...,
+  C5 (H / 32)]."""
+
+  spec: UNetSpec
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: Array) -> list[Array]:
+    s = self.spec
+    common = dict(
+      norm=s.norm, axis_name=s.axis_name, dtype=s.compute_dtype, stem_skip=True, name='body'
+    )
+    depth = int(s.encoder.removeprefix('resnet').removeprefix('densenet'))
+    if s.encoder.startswith('resnet'):
+      body = ResNet(depth=depth, width=s.encoder_width, **common)
+    else:
+      growth = max(s.encoder_width // 2, 1)  # backbones.build_backbone's rule
+      body = DenseNet(depth=depth, growth_rate=growth, num_init_features=s.encoder_width, **common)
+    levels = body(x, train=self.train)
+    return [levels[name] for name in ('stem', 'C2', 'C3', 'C4', 'C5')]
+
+
 class UNet(nn.Module):
   """The U-Net of `spec`. Call: (images [B, H, W, C], train) -> list of logits float32, the
   full-resolution [B, H, W, K + 1] first, then (deep supervision, train only) the coarser
@@ -174,9 +244,14 @@ class UNet(nn.Module):
     x = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))).astype(s.compute_dtype)
     widths = s.widths()
     skips = []
-    for level, features in enumerate(widths):
-      x = ConvBlock(features, 1 if level == 0 else 2, s, train, name=f'down{level}')(x)
-      skips.append(x)
+    if s.encoder == 'plain':
+      for level, features in enumerate(widths):
+        x = ConvBlock(features, 1 if level == 0 else 2, s, train, name=f'down{level}')(x)
+        skips.append(x)
+    else:
+      skips.append(ConvBlock(widths[0], 1, s, train, name='down0')(x))
+      skips += Encoder(s, train, name='backbone')(x)
+      x = skips[-1]
     outputs = []
     for level in range(s.depth - 2, -1, -1):
       x = layers.UpConv2x2(

@@ -190,19 +190,53 @@ def volume_report(
       prediction.canonical, spacing, scheme.effusion_value
     )
   scores = [inst.score for slice_ in prediction.instances or () for inst in slice_]
+  unet = str(model.config.model.get('kind', 'maskrcnn')) == 'unet'
   report['quality'] = quality.quality_flags(
     image_constant=image_constant,
     volumes_ml=report['volumes_ml'],
     spacing=spacing,
     shape=prediction.canonical.shape,
     scores=scores,
-    score_threshold=float(model.config.model.label_score_threshold),
+    # A U-Net paints every region its argmax gives, whatever the region's score.
+    score_threshold=0.0 if unet else float(model.config.model.label_score_threshold),
     reference=reference,
     resampled_axes=resampled_axes(model.config),
     unpainted=prediction.unpainted_detections,
     side=report.get('side'),
   )
+  if unet:
+    report['quality'] = semantic_quality(report['quality'])
   return report
+
+
+# A U-Net's flags in its own words: it has no detections, scores or mask slots; its "instances"
+# are the regions of one class in one slice (inference/semantic.py `slice_regions`), each scored
+# by its mean class probability.
+SEMANTIC_CODES = {'no_detections': 'empty_label_map', 'low_detection_score': 'low_probability'}
+
+
+def semantic_quality(block: dict[str, Any]) -> dict[str, Any]:
+  """quality.quality_flags' block of a U-Net (scores: its slice regions' mean class
+  probabilities, all painting) in the U-Net's words: 'no_detections' becomes 'empty_label_map'
+  (no pixel of any slice took a tissue), 'low_detection_score' 'low_probability' (the mean over
+  the regions of their mean class probability is below quality.LOW_MEAN_SCORE), and the fields
+  'mean_detection_score' and 'painting_detections' become 'mean_region_probability' and
+  'painted_regions'. Other flags are the same for both models."""
+  count, mean = block['painting_detections'], block['mean_detection_score']
+  messages = {
+    'empty_label_map': 'no pixel of any slice was given a tissue; the label map is empty',
+    'low_probability': (
+      f'mean class probability {mean or 0.0:.3f} < {quality.LOW_MEAN_SCORE} over the {count} '
+      'painted regions (a tissue in a slice)'
+    ),
+  }
+  flags = []
+  for flag in block['flags']:
+    code = SEMANTIC_CODES.get(flag['code'], flag['code'])
+    flags.append({'code': code, 'message': messages.get(code, flag['message'])})
+  out = {k: v for k, v in block.items() if k not in ('mean_detection_score', 'painting_detections')}
+  out.update(flags=flags, mean_region_probability=mean, painted_regions=count)
+  return out
 
 
 def subregion_report(maps: dict[str, Any], side: str | None) -> dict[str, Any]:

@@ -1,11 +1,16 @@
 """The semantic U-Net (models/unet.py) and its Dice + CE loss (models/semantic_losses.py):
 output shapes for several depths, widths and odd sizes, the loss against a plain NumPy
-reference, and an overfit on two knee phantom slices to a stated Dice."""
+reference, and an overfit on two knee phantom slices to a stated Dice; with a backbone encoder
+(`model.unet.encoder`): the shapes of every level, the names and shapes of torchvision's
+ImageNet bodies converted, a converted file filling the encoder only, and the same overfit."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +21,7 @@ import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import orientation
 from data_pipelines.phantoms import generate_knee
 from imask_jax.models import semantic_losses
-from imask_jax.models.unet import UNet, UNetSpec, init_variables
+from imask_jax.models.unet import Encoder, UNet, UNetSpec, init_variables
 
 
 def tiny(depth: int, width: int, size, **kwargs) -> tuple[UNet, dict]:
@@ -247,3 +252,142 @@ def test_overfits_two_phantom_slices():
   print('loss', first, '->', float(loss), 'dice per class', np.round(dice, 3))
   assert float(loss) < 0.25 * first
   assert min(dice) >= OVERFIT_DICE, dice
+
+
+# --- backbone encoders ---------------------------------------------------------------------------
+
+TORCHVISION = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'fixtures', 'torchvision')
+
+
+def encoder_spec(encoder: str, size=(64, 96), **kwargs) -> UNetSpec:
+  fields = dict(image_size=size, num_classes=4, depth=6, width=8, encoder=encoder)
+  fields.update(kwargs)
+  return UNetSpec(**fields)
+
+
+@pytest.mark.parametrize(
+  'encoder, channels',
+  [
+    # The stem at stride 2 with the base width w, C2-C5 at strides 4-32: ResNet w x 2^k x
+    # expansion; DenseNet (growth w / 2, 4 layers per unit of bn_size): its level_channels.
+    ('resnet18', [4, 4, 8, 16, 32]),
+    ('resnet50', [4, 16, 32, 64, 128]),
+    ('densenet121', [4, 4 + 6 * 2, 8 + 12 * 2, 16 + 24 * 2, 32 + 16 * 2]),
+  ],
+)
+def test_a_backbone_encoder_gives_its_levels_and_the_decoder_every_pixel(encoder, channels):
+  """Shapes only (jax.eval_shape: nothing compiled)."""
+  spec = encoder_spec(encoder, encoder_width=4)
+  model = UNet(spec)
+  variables = jax.eval_shape(functools.partial(init_variables, model), jax.random.PRNGKey(0))
+  levels = jax.eval_shape(
+    Encoder(spec, False).apply,
+    {k: v['backbone'] for k, v in variables.items()},
+    jnp.zeros((2, 64, 96, 1)),
+  )
+  assert [lv.shape for lv in levels] == [
+    (2, 64 // 2**i, 96 // 2**i, c) for i, c in zip(range(1, 6), channels)
+  ]
+  images = jnp.zeros((2, 50, 90, 1), jnp.float32)  # padded inside to 64 x 96
+  full = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+  assert [o.shape for o in full] == [(2, 50, 90, 5)]
+  trained = jax.eval_shape(
+    functools.partial(model.apply, train=True, mutable=['batch_stats']), variables, images
+  )[0]
+  # Deep supervision at decoder levels 1 .. depth - 3 = 3.
+  assert [o.shape for o in trained] == [(2, -(-50 // 2**i), -(-90 // 2**i), 5) for i in range(4)]
+  params = variables['params']
+  assert {'backbone', 'down0'} <= set(params) and 'down1' not in params
+  assert set(params['backbone']) == {'body'}
+
+
+def test_an_encoder_needs_six_levels_and_a_known_name():
+  with pytest.raises(ValueError, match='model.unet.depth=6'):
+    encoder_spec('resnet18', depth=5)
+  with pytest.raises(ValueError, match="model.unet.encoder='vgg16'"):
+    encoder_spec('vgg16')
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'resnet101', 'densenet121'])
+def test_the_encoder_body_has_the_names_and_shapes_of_imagenet_files(arch):
+  """Every array of torchvision's published ImageNet classifier, converted, has its place in
+  the encoder's backbone/body at width 64, and the body has nothing else (shapes only)."""
+  from imask_jax.weights import convert
+
+  with open(os.path.join(TORCHVISION, 'full_architectures.json')) as f:
+    published = json.load(f)[arch]
+  zeros = {k: np.broadcast_to(np.float32(0), shape) for k, shape in published.items()}
+  converted = convert.to_variables(convert.convert_state_dict(zeros, arch))
+  model = UNet(encoder_spec(arch, size=(64, 64), encoder_width=64, norm='batch'))
+  shapes = jax.eval_shape(functools.partial(init_variables, model), jax.random.PRNGKey(0))
+
+  def flat(tree):
+    return {p: tuple(v.shape) for p, v in flax.traverse_util.flatten_dict(tree).items()}
+
+  for collection in ('params', 'batch_stats'):
+    assert flat(converted[collection]['backbone']['body']) == flat(
+      shapes[collection]['backbone']['body']
+    )
+
+
+def test_init_from_a_converted_resnet18_fills_the_encoder_and_nothing_else(tmp_path):
+  from imask_jax import convert_weights
+  from imask_jax.weights import pretrained, torch_checkpoint
+
+  path = str(tmp_path / 'resnet18_w4.msgpack')
+  source = os.path.join(TORCHVISION, 'resnet18_w4.pth')
+  assert convert_weights.main(['--from', source, '--arch', 'resnet18', '--out', path]) == 0
+  model = UNet(encoder_spec('resnet18', size=(32, 32), encoder_width=4, norm='batch'))
+  shapes = jax.eval_shape(functools.partial(init_variables, model), jax.random.PRNGKey(0))
+  initial = jax.tree.map(lambda v: np.full(v.shape, 7, v.dtype), shapes)
+  merged, report = pretrained.merge(initial, path)
+  state = torch_checkpoint.read_state_dict(source)
+  np.testing.assert_array_equal(
+    merged['batch_stats']['backbone']['body']['stage4_block1']['norm1']['var'],
+    state['layer4.1.bn1.running_var'],
+  )
+  assert all(p.split('/')[1:3] == ['backbone', 'body'] for p in report.loaded)
+  assert report.reinitialised and not any('backbone' in p for p in report.reinitialised)
+  np.testing.assert_array_equal(merged['params']['head0']['kernel'], 7)
+  np.testing.assert_array_equal(merged['params']['down0']['conv0']['kernel'], 7)
+
+
+RESNET_OVERFIT_DICE = 0.9  # per class, on the two training slices (measured 0.993-0.999)
+
+
+@pytest.mark.slow
+def test_a_resnet18_encoder_overfits_two_phantom_slices():
+  images, labels = phantom_slices()
+  model = UNet(encoder_spec('resnet18', size=(CROP, CROP), encoder_width=8))
+  variables = jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(0))
+  masks = np.stack([(labels == c) for c in range(1, 5)], axis=1).astype(np.uint8)
+  targets = dict(
+    gt_classes=jnp.tile(jnp.arange(1, 5, dtype=jnp.int32), (2, 1)),
+    gt_masks=jnp.asarray(masks),
+    gt_valid=jnp.ones((2, 4), bool),
+  )
+  x = jnp.asarray(images)
+  tx = optax.adam(3e-3)
+  params = variables['params']
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss_fn = lambda p: model.apply({'params': p}, x, targets, None, True, method=UNet.losses)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  first = None
+  for _ in range(OVERFIT_STEPS):
+    params, opt_state, loss = step(params, opt_state)
+    first = float(loss) if first is None else first
+  probs = model.apply({'params': params}, x, method=UNet.segment)
+  pred = np.asarray(jnp.argmax(probs, -1))
+  dice = [
+    2 * np.sum((pred == c) & (labels == c)) / (np.sum(pred == c) + np.sum(labels == c))
+    for c in range(1, 5)
+  ]
+  print('resnet18 encoder: loss', first, '->', float(loss), 'dice per class', np.round(dice, 3))
+  assert float(loss) < 0.25 * first
+  assert min(dice) >= RESNET_OVERFIT_DICE, dice
