@@ -143,7 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
       encoder='plain',
       # Slices larger than data.image_size run in windows of that size (nnU-Net's inference:
       # overlap 0.5, Gaussian importance weights; inference/sliding_window.py), else whole.
-      sliding_window=True,
+      # Off: a net trained on whole slices missed bone far from the joint in windows
+      # (docs/results/baselines.md); for nets trained on crops of larger slices, as nnU-Net's.
+      sliding_window=False,
       window_overlap=0.5,  # share of a window its neighbour overlaps (nnU-Net's 0.5)
       window_gaussian=True,  # Gaussian importance map (nnU-Net's), else uniform weights
     )

@@ -159,8 +159,7 @@ def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
 # Fields whose default for new runs is not the behaviour of workdirs saved before the field
 # existed: such a workdir gets the value it ran with, so it evaluates and predicts as before.
 LEGACY_VALUES = {
-  # a U-Net ran whole bucketed slices however large (models/unet.py, sliding_window)
-  'model': {'paint_rule': 'each', 'unet': {'sliding_window': False}},
+  'model': {'paint_rule': 'each'},
   'eval': {'thickness_method': 'nearest'},
   # an nnU-Net folder's imagesTs/ + labelsTs/ were never read as the test split before
   'data': {'official_test': False},

@@ -180,7 +180,8 @@ def test_uniform_weights_average_the_windows():
 
 def test_the_segmenter_windows_only_slices_larger_than_the_crop():
   config = experiment_config('phantom_knee', 'unet,smoke')  # 64 x 64 crop, depth 4, width 8
-  assert config.model.unet.sliding_window
+  assert not config.model.unet.sliding_window  # whole slices by default
+  config.model.unet.sliding_window = True
   model = build.build_model(config)
   mesh = parallel.data_mesh()
   variables = jax.jit(functools.partial(build.init_variables, model))(jax.random.PRNGKey(0))

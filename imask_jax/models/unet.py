@@ -17,7 +17,9 @@ nnU-Net's published 2D choices (Isensee et al. 2021, Nature Methods, and its cod
     (`semantic_losses`), with deep supervision: a 1x1 head at each decoder level but the
     coarsest, weights 1 / 2^i normalised with the coarsest set to 0, nearest-neighbour targets.
   * sliding-window inference with Gaussian weighting (`model.unet.sliding_window`, windows of
-    the trained crop, inference/sliding_window.py; off for workdirs saved without the field).
+    the trained crop, inference/sliding_window.py), off by default: it suits a net trained on
+    crops of larger slices, as nnU-Net's patches are (docs/results/baselines.md measured a
+    net trained on whole slices).
 Not taken: batch Dice (the Dice is per image so the loss does not depend on the device count,
 `semantic_losses`), its patch size and depth rules (the config's `data.image_size` and
 `model.unet.depth`), its SGD + poly schedule (the project's optimiser config), its
