@@ -33,8 +33,9 @@ line of docs/reproducing.md ("What the recommended settings add to the paper"):
     channels.
 
 Not in the paper, learnt on the knee phantoms: the soft-Dice mask term
-(model.mask_dice_weight), each bone's largest 3D component (inference/postprocess.py), the painting score
-0.5 with the union rule and 2 painting slots per tissue. The `paper` variant has none of them.
+(model.mask_dice_weight), each bone's largest 3D component (inference/postprocess.py), the
+painting score 0.5 with the union rule and 2 painting slots per tissue. The `paper` variant
+has none of them.
 
 Data: the original OAI-ZIB release (images as NIfTI + ZIB MetaImage masks, `oai_zib`), or with
 the `nifti` / `oaizib_cm` variants an nnU-Net-style NIfTI folder (`nifti_folder`), such as the

@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
   # from trading the band's edges for background (its effect: docs/results/knee_phantom.md).
   c.model.mask_dice_weight = 1.0
   # A femur and a tibia are one object each: blobs painted apart from them (outer slices of a
-  # wide field of view) are dropped (imask_jax/inference/postprocess.py; measured in docs/evaluation.md).
+  # wide field of view) are dropped (imask_jax/inference/postprocess.py; measured in
+  # docs/evaluation.md).
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
   # The PointRend-style point head refines the 56 x 56 masks at their uncertain points from
   # the input and P2 (cartilage Dice +0.02-0.03 and a smoother thickness map on the test

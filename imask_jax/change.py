@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.figure:
       if visits[0].maps is None:
         parser.error('--figure needs label-map inputs (reports hold no thickness maps)')
-      from imask_jax import viz
+      from imask_jax.evaluation import viz
 
       delta = change(visits[0], visits[1])
       per_region = {

@@ -3,7 +3,7 @@
 Experiments in `experiments/` start from `default_config()` and change what differs; the
 resolved config is written into the workdir as JSON, and evaluation reads it back from there.
 Fields are grouped by the part of the system that reads them: `data` (data_pipelines and
-input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluate.py).
+input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluation/).
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_from = ''  # convert_weights file to start from ('' = random init)
   m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
-  # object in every scan, like a bone; imask_jax/inference/postprocess.py). () keeps every component.
+  # object in every scan, like a bone; imask_jax/inference/postprocess.py). () keeps every
+  # component.
   m.keep_largest_component = ()
   # Tissue names that keep only their largest cluster of 3D components (components linked by
   # gaps of at most cluster_radius_mm; the linked group of largest volume), on each side of

@@ -198,13 +198,13 @@ def evaluate_command(sweep: ml_collections.ConfigDict, run: Run) -> list[str]:
 def finished_eval_dir(run: Run, split: str) -> str | None:
   """The run's evaluation of its last training step on `split`, if it exists (an evaluation
   folder appears whole or not at all), else None."""
-  from imask_jax import evaluate
   from imask_jax import workdir as workdir_lib
+  from imask_jax.evaluation import held_out
 
   if not os.path.exists(os.path.join(run.workdir, 'config.json')):
     return None
   config = workdir_lib.load_config(run.workdir)
-  folder = evaluate.eval_dir(run.workdir, int(config.train.steps), split, config)
+  folder = held_out.eval_dir(run.workdir, int(config.train.steps), split, config)
   return folder if os.path.exists(os.path.join(folder, 'metrics.csv')) else None
 
 

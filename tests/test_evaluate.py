@@ -15,8 +15,8 @@ import pytest
 from data_pipelines import instances, readers, tissues
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
-from imask_jax import configs, evaluate, metrics
-from imask_jax.evaluation import report
+from imask_jax import configs, metrics
+from imask_jax.evaluation import held_out, report
 from imask_jax.inference import whole_volume
 from imask_jax.metrics import CaseStatus
 
@@ -31,7 +31,7 @@ def _read_csv(path):
 
 
 def test_evaluate_smoke_workdir_writes_what_it_promises(smoke_workdir, smoke_model):
-  result = evaluate.evaluate_workdir(smoke_workdir, model=smoke_model)
+  result = held_out.evaluate_workdir(smoke_workdir, model=smoke_model)
   out = result.out_dir
   assert out == os.path.join(smoke_workdir, 'eval', '6')
   config = smoke_model.config
@@ -216,7 +216,7 @@ def test_effusion_tables_with_an_oracle_model(tmp_path):
     'backbone': 'none',
   }
   out = str(tmp_path / 'eval')
-  result = evaluate.evaluate_source(config, source, _oracle(scheme, 'components'), out, header)
+  result = held_out.evaluate_source(config, source, _oracle(scheme, 'components'), out, header)
 
   _, rows = _read_csv(os.path.join(out, 'metrics.csv'))
   assert len(rows) == 3 and all(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imask_jax import viz
+from imask_jax.evaluation import viz
 from imask_jax.metrics import CaseStatus
-from imask_jax.metrics.thickness import PlateComparison, ThicknessDifference, ThicknessMap
+from imask_jax.metrics.thickness_maps import PlateComparison, ThicknessDifference, ThicknessMap
 
 GREY = 0.4
 N = 24  # slice size
@@ -63,13 +63,13 @@ def test_overlay_rgb_blends_the_paper_colours_at_each_pixel():
 def captured(monkeypatch):
   """The figures viz writes, kept so that their axes can be located in the PNG."""
   figures = []
-  real_save = viz._save
+  real_save = viz.save
 
   def save(figure, path):
     figures.append(figure)
     return real_save(figure, path)
 
-  monkeypatch.setattr(viz, '_save', save)
+  monkeypatch.setattr(viz, 'save', save)
   return figures
 
 

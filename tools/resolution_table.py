@@ -30,8 +30,8 @@ from data_pipelines import readers
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import writer
-from imask_jax import evaluate
 from imask_jax import workdir as workdir_lib
+from imask_jax.evaluation import held_out
 from imask_jax.inference import loading, whole_volume
 
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     print(f'{tag}: {len(source.cases)} test volumes ready ({time.time() - started:.0f} s)')
     for name, mode_model in modes.items():
       started = time.time()
-      report = evaluate.evaluate_source(
+      report = held_out.evaluate_source(
         mode_model.config,
         source,
         lambda volume, m=mode_model: whole_volume.predict_volume(m, volume, keep_instances=True),

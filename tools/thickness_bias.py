@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines import orientation  # noqa: E402
 from data_pipelines.phantoms import knee, mri, scene  # noqa: E402
-from imask_jax.metrics import thickness  # noqa: E402
+from imask_jax.metrics import thickness, thickness_maps  # noqa: E402
 
 METHODS = thickness.THICKNESS_METHODS
 FINE_SPACING = tuple(knee.PRESETS['full']['spacing'])  # (0.3646, 0.3646, 0.7) along I, P, L
@@ -231,18 +231,18 @@ def _maps(k, plate, points, t):
   analytic = thickness.InterfaceThickness(points.positions_mm, t)
   where = 'tools/thickness_bias.py'
   if plate == 'femoral':
-    cylinder = thickness.fit_cylinder(points.positions_mm)
-    axial_bin = thickness._default_bin_mm(k.spacing, axes=(0,), where=where)
-    angle_bin = thickness.femoral_angle_bin_deg(k.spacing)
-    axial_range = thickness._extent(
-      thickness.cylinder_coordinates(points.positions_mm, cylinder)[1]
+    cylinder = thickness_maps.fit_cylinder(points.positions_mm)
+    axial_bin = thickness_maps._default_bin_mm(k.spacing, axes=(0,), where=where)
+    angle_bin = thickness_maps.femoral_angle_bin_deg(k.spacing)
+    axial_range = thickness_maps._extent(
+      thickness_maps.cylinder_coordinates(points.positions_mm, cylinder)[1]
     )
     return [
-      thickness._femoral_map(p, cylinder, angle_bin, axial_bin, axial_range, where)
+      thickness_maps._femoral_map(p, cylinder, angle_bin, axial_bin, axial_range, where)
       for p in (points, analytic)
     ]
-  bin_mm = thickness._default_bin_mm(k.spacing, axes=(0, 1), where=where)
-  return [thickness._tibial_map(p, bin_mm, None, None, where) for p in (points, analytic)]
+  bin_mm = thickness_maps._default_bin_mm(k.spacing, axes=(0, 1), where=where)
+  return [thickness_maps._tibial_map(p, bin_mm, None, None, where) for p in (points, analytic)]
 
 
 def phantom_table(grid_kind, seeds):

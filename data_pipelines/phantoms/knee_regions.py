@@ -130,7 +130,8 @@ def region_masks(grids: Mapping[str, SurfaceGrid]) -> dict[str, tuple[str, Array
   pLF and TrF. Coverage is the unthinned thickness > 0 (thinning never uncovers a node, so
   every visit of a knee has the same masks)."""
   from imask_jax.metrics import subregions
-  from imask_jax.metrics.thickness import InterfaceThickness, ThicknessMap
+  from imask_jax.metrics.thickness import InterfaceThickness
+  from imask_jax.metrics.thickness_maps import ThicknessMap
 
   def as_map(thickness: Array, rows: Array, cols: Array) -> ThicknessMap:
     return ThicknessMap(

@@ -33,11 +33,15 @@ from imask_jax.metrics.surface import (
   surface_metrics_per_label,
   surface_voxels,
 )
-from imask_jax.metrics.thickness import (  # noqa: F401, E501
+from imask_jax.metrics.thickness import (  # noqa: F401
   DEFAULT_THICKNESS_METHOD,
   THICKNESS_METHODS,
-  Cylinder,
   InterfaceThickness,
+  default_smoothing_mm,
+  interface_thickness,
+)
+from imask_jax.metrics.thickness_maps import (  # noqa: F401
+  Cylinder,
   KneeLabelValues,
   PlateComparison,
   ThicknessCoverage,
@@ -45,11 +49,9 @@ from imask_jax.metrics.thickness import (  # noqa: F401, E501
   ThicknessMap,
   compare_thickness,
   cylinder_coordinates,
-  default_smoothing_mm,
   femoral_angle_bin_deg,
   femoral_thickness_map,
   fit_cylinder,
-  interface_thickness,
   thickness_difference,
   tibial_thickness_map,
 )

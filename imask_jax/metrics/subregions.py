@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from imask_jax.metrics.thickness import ThicknessMap
+from imask_jax.metrics.thickness_maps import ThicknessMap
 
 SIDES = ('left', 'right')
 # Wirth & Eckstein 2008: the central tibial subregion is an ellipse of 20 % of the plate's tAB

@@ -24,8 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipelines.datasets import params as params_lib
-from imask_jax import configs, parallel, viz
+from imask_jax import configs, parallel
 from imask_jax import workdir as workdir_lib
+from imask_jax.evaluation import viz
 from imask_jax.inference.programs import make_detect_fn
 from imask_jax.models.build import build_model
 from imask_jax.run_log import RunLog, format_duration, say, summarize_window

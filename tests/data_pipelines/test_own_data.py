@@ -262,8 +262,8 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
   """Evaluation of a five-class scheme: the tibial plate measured from both parts joined, as a
   four-class scheme measures the same map, and each part as a plate of its own, as the
   thickness map of that part alone measures it; thickness.csv has a row for each."""
-  from imask_jax import evaluate, metrics
-  from imask_jax.evaluation import report
+  from imask_jax import metrics
+  from imask_jax.evaluation import case_metrics, report
 
   _, labels, affine = knees['knee_0000']
   grid = orientation_grid(labels.shape, affine)
@@ -273,7 +273,9 @@ def test_tibial_parts_are_measured_whole_and_apart(knees):
   five = tissues.LabelScheme.from_values(names, (1, 2, 3, 4, 5))
   four = tissues.LabelScheme.from_values(tissues.KNEE_CLASSES, (1, 2, 3, (4, 5)))
   prediction = type('Prediction', (), {'canonical': truth, 'plane': 'sagittal'})()
-  result = evaluate.evaluate_case('k', truth, prediction, five, spacing, thickness_method='nearest')
+  result = case_metrics.evaluate_case(
+    'k', truth, prediction, five, spacing, thickness_method='nearest'
+  )
   assert list(result.thickness) == [
     'femoral',
     'tibial',
@@ -298,7 +300,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
   knee's side (the layout puts 5 at smaller R: a right knee's lateral plate is at larger R, so
   these read as a left knee), and the geometric MT / LT split agrees with it voxel for voxel
   but for the few that project outside both plates."""
-  from imask_jax import evaluate, evaluate_knee
+  from imask_jax.evaluation import case_metrics, knee_steps
 
   config = experiment_config('oai', 'oaizib_cm')
   config.data.manual_dir = str(prepared_cm)
@@ -310,22 +312,22 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
   assert set(np.unique(stored.labels)) == {0, 1, 2, 3, 4, 5}
   volume = source.canonical(stored)
   scheme = tissues.LabelScheme.from_config(config)
-  side = evaluate_knee.case_side(case, volume, scheme, stored, source)
+  side = knee_steps.case_side(case, volume, scheme, stored, source)
   assert side[0] == 'left' and side[1].startswith('from the labels: medial tibial cartilage (4)')
   prediction = type('Prediction', (), {'canonical': volume.labels, 'plane': 'sagittal'})()
-  result = evaluate.evaluate_case(
+  result = case_metrics.evaluate_case(
     case.case_id,
     volume.labels,
     prediction,
     scheme,
     volume.spacing,
     side=side,
-    label_split=evaluate_knee.tibial_label_split(stored, source),
+    label_split=knee_steps.tibial_label_split(stored, source),
     thickness_method='nearest',
   )
   # The layout cut the plates at the median R of the cartilage voxels, not at the gap between
   # them: the voxels of the larger plate beyond the median disagree, and only those.
-  labels, medial, lateral = evaluate_knee.tibial_label_split(stored, source)
+  labels, medial, lateral = knee_steps.tibial_label_split(stored, source)
   i = np.nonzero((labels == medial) | (labels == lateral))[0]
   occupied = np.unique(i)
   gap = occupied[np.argmax(np.diff(occupied))] + 0.5  # the widest empty run of R slabs
@@ -341,7 +343,7 @@ def test_oaizib_cm_labels_name_the_side_and_agree_with_the_geometric_split(prepa
   assert 0 < result.split_agreement < 1
   assert result.split_agreement == pytest.approx(1 - wrongly, abs=0.005)
   # Cut at the gap, the labels and the geometric split agree.
-  at_gap_result = evaluate.evaluate_case(
+  at_gap_result = case_metrics.evaluate_case(
     case.case_id,
     volume.labels,
     prediction,

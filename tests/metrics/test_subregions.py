@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.tissues import KneeLabelValues
-from imask_jax.metrics import subregions, thickness
-from imask_jax.metrics.thickness import Cylinder, InterfaceThickness, ThicknessMap
+from imask_jax.metrics import subregions, thickness_maps
+from imask_jax.metrics.thickness import InterfaceThickness
+from imask_jax.metrics.thickness_maps import Cylinder, ThicknessMap
 
 NO_POINTS = InterfaceThickness(np.zeros((0, 3)), np.zeros(0))
 
@@ -149,7 +150,9 @@ def test_a_flat_plateau_label_map_measures_its_drawn_thickness():
   labels[:, :, :20] = 3  # tibia, its surface at z = 20 voxels
   labels[5:45, 5:55, 20:24] = 4  # the plate at smaller R: 4 voxels
   labels[65:105, 5:55, 20:26] = 4  # the plate at larger R: 6 voxels
-  m = thickness.tibial_thickness_map(labels, spacing, labels=KneeLabelValues(), method='nearest')
+  m = thickness_maps.tibial_thickness_map(
+    labels, spacing, labels=KneeLabelValues(), method='nearest'
+  )
   regions = subregions.knee_subregions(None, m, 'left')  # left knee: lateral at smaller R
   assert regions['cLT'].thickness_cab_mm == 2.0
   assert regions['cMT'].thickness_cab_mm == 3.0

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from imask_jax.metrics.overlap import CaseStatus
-from imask_jax.metrics.thickness import (
+from imask_jax.metrics.thickness import interface_thickness
+from imask_jax.metrics.thickness_maps import (
   Cylinder,
   KneeLabelValues,
   compare_thickness,
   cylinder_coordinates,
   femoral_thickness_map,
   fit_cylinder,
-  interface_thickness,
   thickness_difference,
   tibial_thickness_map,
 )

@@ -22,13 +22,15 @@ from imask_jax.metrics.overlap import CaseStatus
 from imask_jax.metrics.thickness import (
   DEFAULT_THICKNESS_METHOD,
   THICKNESS_METHODS,
+  default_smoothing_mm,
+  interface_thickness,
+)
+from imask_jax.metrics.thickness_maps import (
   ThicknessCoverage,
   ThicknessDifference,
   ThicknessMap,
   compare_thickness,
-  default_smoothing_mm,
   femoral_thickness_map,
-  interface_thickness,
   thickness_difference,
   tibial_thickness_map,
 )

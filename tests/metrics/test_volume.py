@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from imask_jax.evaluation.viz import save_bland_altman_figure
 from imask_jax.metrics.volume import (
   ScanVolumes,
   baseline_scans,
@@ -22,7 +23,6 @@ from imask_jax.metrics.volume import (
   volume_ml,
   volumes_ml_per_label,
 )
-from imask_jax.viz import save_bland_altman_figure
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; published ICC(2,1) = .29,
 # ICC(3,1) = .71, and mean squares BMS = 11.24, JMS = 32.49, EMS = 1.02.

@@ -1,5 +1,5 @@
 """The paper's Figures 6-8 for one case of evaluated runs (label_maps.py reads and measures;
-this module only draws, with viz.py's canvas, map panel and atomic writer).
+this module only draws, with viz's canvas, map panel and atomic writer).
 
 Conventions (`convention`), the paper's the default of the paper command:
   'paper'  Figure 8's difference maps are truth - prediction on a blue-white-red scale, so red
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from imask_jax import viz
+from imask_jax.evaluation import viz
 from imask_jax.evaluation.paper.label_maps import CaseMaps, signed_surface_points
 from imask_jax.evaluation.paper.runs import display_name
 from imask_jax.evaluation.paper.thickness import CONVENTIONS
-from imask_jax.metrics.thickness import PlateComparison, ThicknessMap
+from imask_jax.metrics.thickness_maps import PlateComparison, ThicknessMap
 
 MAX_POINTS = 20000  # surface points drawn per panel of Figure 6 (an even subsample beyond)
 
@@ -76,12 +76,12 @@ def figure7(
   first = next(iter(femoral.values()))
   panels = [('truth', first.truth)] + [(display_name(n), c.pred) for n, c in femoral.items()]
   top = _top([m.thickness_mm for _, m in panels])
-  figure = viz._new_figure(5.0 * len(panels), 4.2)
+  figure = viz.new_figure(5.0 * len(panels), 4.2)
   axes = np.atleast_1d(figure.subplots(1, len(panels)))
   for ax, (label, m) in zip(axes, panels):
     shown = _oriented(m, 'femoral', maps.spacing, convention)
     title = f'{label}: mean {m.mean_thickness_mm:.2f} mm'
-    viz._draw_map(figure, ax, m.thickness_mm, shown, 'viridis', 0.0, top, title, 'thickness (mm)')
+    viz.draw_map(figure, ax, m.thickness_mm, shown, 'viridis', 0.0, top, title, 'thickness (mm)')
     _cartilage_rows(ax, shown)
   axis = 'slice number' if convention == 'paper' else 'position along the cylinder axis (mm)'
   figure.suptitle(
@@ -90,7 +90,7 @@ def figure7(
     fontsize=10,
   )
   figure.tight_layout(rect=(0, 0, 1, 0.93))
-  return viz._save(figure, path)
+  return viz.save(figure, path)
 
 
 def figure8(
@@ -100,7 +100,7 @@ def figure8(
   plates = ('femoral', 'tibial')
   names = list(comparisons)
   columns = 1 + 2 * len(names)
-  figure = viz._new_figure(4.2 * columns, 3.6 * len(plates))
+  figure = viz.new_figure(4.2 * columns, 3.6 * len(plates))
   axes = np.atleast_2d(figure.subplots(len(plates), columns))
   if convention == 'paper':
     legend = 'difference = truth - prediction: red = under-estimation, blue = over-estimation'
@@ -122,12 +122,12 @@ def figure8(
       )
     for ax, (grid, values, cmap, vmin, vmax, title, unit) in zip(row, panels):
       shown = _oriented(grid, plate, maps.spacing, convention)
-      viz._draw_map(figure, ax, values, shown, cmap, vmin, vmax, f'{plate}: {title}', unit)
+      viz.draw_map(figure, ax, values, shown, cmap, vmin, vmax, f'{plate}: {title}', unit)
       if plate == 'femoral':
         _cartilage_rows(ax, shown)
   figure.suptitle(f'{maps.case_id}: cartilage thickness maps (mm); {legend}', fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.95))
-  return viz._save(figure, path)
+  return viz.save(figure, path)
 
 
 def _subsample(points: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +164,7 @@ def figure6(path: str, maps: CaseMaps, tissues: Sequence[int] | None = None) -> 
     signed = np.concatenate([s for _, s in parts])
     panels.append((display_name(name), *_subsample(points, signed)))
   span = max([float(np.percentile(np.abs(s), 95)) for _, _, s in panels if s.size] + [0.5])
-  figure = viz._new_figure(4.8 * (len(panels) + 1), 4.6)
+  figure = viz.new_figure(4.8 * (len(panels) + 1), 4.6)
 
   spacing = np.asarray(maps.spacing, float)
   present = [v for v in values if (maps.truth == v).any()]
@@ -196,7 +196,7 @@ def figure6(path: str, maps: CaseMaps, tissues: Sequence[int] | None = None) -> 
     'white = no difference',
     fontsize=10,
   )
-  return viz._save(figure, path)
+  return viz.save(figure, path)
 
 
 def write(

@@ -1,7 +1,7 @@
 """The paper command's tables and figures (imask_jax/evaluation/paper/) against plain NumPy.
 
 Tables 3-5 and Figures 6-8: knee phantoms evaluated once per module by the real
-`evaluate.evaluate_source` with three known predictors standing in for trained models (the
+`held_out.evaluate_source` with three known predictors standing in for trained models (the
 truth shifted one voxel forwards or backwards: 'mask_rcnn' at two "seeds"; the femoral
 cartilage grown by one voxel: 'imask'), each written into a workdir's eval/<step>/ as
 `python -m imask_jax.evaluate` writes it. Every expected cell is computed here from those
@@ -27,15 +27,10 @@ from data_pipelines import instances, readers
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.tissues import LabelScheme
-from imask_jax import evaluate
 from imask_jax import workdir as workdir_lib
-from imask_jax.evaluation import report
+from imask_jax.evaluation import held_out, report
 from imask_jax.evaluation.paper import command, figures, label_maps, runs
-
-try:  # the inference package (imask_jax/inference/whole_volume.py), or the module before it
-  from imask_jax.inference import whole_volume
-except ImportError:  # pragma: no cover
-  from imask_jax import inference as whole_volume
+from imask_jax.inference import whole_volume
 
 STEP = 7
 TISSUES = ('femur', 'tibia', 'femoral_cartilage', 'tibial_cartilage')  # the paper's order
@@ -86,11 +81,11 @@ def _evaluated_workdir(base, name, config, source, change):
     'subject_pattern': '',
     'split_origin': source.origin,
   }
-  evaluate.evaluate_source(
+  held_out.evaluate_source(
     config,
     source,
     lambda volume: _prediction(volume, change(volume.labels), scheme),
-    evaluate.eval_dir(workdir, STEP, 'test', config),
+    held_out.eval_dir(workdir, STEP, 'test', config),
     header,
   )
   return workdir
@@ -413,7 +408,7 @@ def test_table7_from_real_hip_evaluations(tmp_path):
     folders[name] = str(tmp_path / name / 'eval' / '1')
     header = {'workdir': str(tmp_path / name), 'checkpoint_step': 1, 'split': 'test'}
     header.update(dataset='phantom_hip', mask_head=name, backbone='none', subject_pattern='')
-    evaluate.evaluate_source(
+    held_out.evaluate_source(
       config, source, lambda v: _prediction(v, change(v.labels), scheme), folders[name], header
     )
   argv = ['--table', '7', '--out', str(tmp_path / 'out')]

@@ -15,8 +15,8 @@ from scipy import ndimage
 
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.tissues import LabelScheme
-from imask_jax import evaluate, metrics
-from imask_jax.evaluation import report
+from imask_jax import metrics
+from imask_jax.evaluation import case_metrics, report
 from imask_jax.metrics import CaseStatus
 
 KNEE = LabelScheme(('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage'), (1, 2, 3, 4))
@@ -47,7 +47,7 @@ def test_evaluate_case_writes_the_paper_columns_equal_to_direct_calls(tmp_path):
   truth = blob(rng, shape).astype(np.uint8)
   pred = blob(rng, shape).astype(np.uint8)
   prediction = types.SimpleNamespace(canonical=pred, plane='sagittal')  # slices along X
-  result = evaluate.evaluate_case(
+  result = case_metrics.evaluate_case(
     's7_v1', truth, prediction, HIP, spacing, {'reader1': truth}, thickness_method='nearest'
   )
   (row,) = report.metrics_rows(result, HIP)

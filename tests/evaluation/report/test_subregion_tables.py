@@ -1,4 +1,4 @@
-"""Evaluation's subregion outputs (evaluate.evaluate_case, subregion_tables, report): on a knee
+"""Evaluation's subregion outputs (case_metrics.evaluate_case, subregion_tables, report): on a knee
 phantom's truth given as its own prediction every difference is 0, the CSV holds one column per
 region x measure with the values of metrics.subregions on the same maps, and a knee without a
 known side gets a note instead of numbers."""
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import nifti_io, orientation, phantoms, tissues
-from imask_jax import evaluate, evaluate_knee, metrics
-from imask_jax.evaluation import report
+from imask_jax import metrics
+from imask_jax.evaluation import case_metrics, knee_steps, report
 from imask_jax.evaluation.report import subregion_tables
 
 
@@ -32,7 +32,7 @@ def test_truth_as_its_own_prediction_has_zero_differences(knee, tmp_path):
   canonical, spacing, side = knee
   scheme = tissues.LabelScheme.from_values(tissues.KNEE_CLASSES, (1, 2, 3, 4))
   prediction = type('Prediction', (), {'canonical': canonical, 'plane': 'sagittal'})()
-  result = evaluate.evaluate_case(
+  result = case_metrics.evaluate_case(
     'knee_0000',
     canonical,
     prediction,
@@ -71,13 +71,13 @@ def test_without_a_side_there_are_no_subregions_and_a_note(knee):
   scheme = tissues.LabelScheme.from_values(tissues.KNEE_CLASSES, (1, 2, 3, 4))
   prediction = type('Prediction', (), {'canonical': canonical, 'plane': 'sagittal'})()
   empty = np.where(np.isin(canonical, (2, 4)), 0, canonical).astype(np.uint8)
-  result = evaluate.evaluate_case(
+  result = case_metrics.evaluate_case(
     'k', canonical, prediction, scheme, spacing, thickness_method='nearest'
   )
   assert result.subregions == {} and 'side is not known' in result.subregion_note
   # A prediction without cartilage: the truth's subregions, none for the prediction, and why.
   missing = type('Prediction', (), {'canonical': empty, 'plane': 'sagittal'})()
-  result = evaluate.evaluate_case(
+  result = case_metrics.evaluate_case(
     'k', canonical, missing, scheme, spacing, side=('left', 'x'), thickness_method='nearest'
   )
   assert 'truth' in result.subregions and 'prediction' not in result.subregions
@@ -93,11 +93,11 @@ def test_evaluation_names_the_sides_from_a_sidecar_or_the_truths_anatomy(knee, t
   image = tmp_path / 'knee_0000_0000.nii.gz'
   image.write_bytes(b'')  # only its name matters: the sidecar is found beside it
   case = readers.Case('knee_0000', str(image))
-  estimated = evaluate_knee.case_side(case, volume, scheme)
+  estimated = knee_steps.case_side(case, volume, scheme)
   assert estimated[0] == side and estimated[1].startswith('estimated from the truth label map')
   other = 'left' if side == 'right' else 'right'
   (tmp_path / 'knee_0000_0000.json').write_text(json.dumps({'side': other}))
-  declared = evaluate_knee.case_side(case, volume, scheme)
+  declared = knee_steps.case_side(case, volume, scheme)
   assert declared[0] == other and declared[1].startswith('declared: sidecar')
 
 

@@ -1,6 +1,6 @@
 """The knee endpoints of an evaluation: which side the knee is (what its image declares, its
 labels' medial / lateral split, or the anatomy), the femorotibial subregions of truth and
-prediction, and how the labels' split agrees with the geometric one. evaluate.py calls these
+prediction, and how the labels' split agrees with the geometric one. `case_metrics` calls these
 per volume; the definitions live in metrics/ (side.py, subregions.py)."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from data_pipelines.atomic import atomic_path
-from imask_jax.metrics.thickness import PlateComparison, ThicknessMap
+from imask_jax.metrics.thickness_maps import PlateComparison, ThicknessMap
 from imask_jax.metrics.volume import BlandAltman
 
 TRUTH_ONLY = np.array([0.0, 0.85, 0.0])  # green
@@ -63,7 +63,7 @@ def overlay_rgb(
   return np.round(rgb * 255).astype(np.uint8)
 
 
-def _new_figure(width: float, height: float, dpi: int = 120):
+def new_figure(width: float, height: float, dpi: int = 120):
   # The Figure/Agg canvas pair needs no pyplot state or display, so it is safe in workers.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -73,7 +73,7 @@ def _new_figure(width: float, height: float, dpi: int = 120):
   return figure
 
 
-def _save(figure, path: str | os.PathLike) -> str:
+def save(figure, path: str | os.PathLike) -> str:
   path = os.fspath(path)
   if not path.lower().endswith('.png'):
     raise ValueError(f'figure path {path!r} must end in .png')
@@ -93,7 +93,7 @@ def save_overlay_figure(
   """One slice: the image, then one overlay panel per tissue (label value -> name), each with
   its slice Dice. image float [h, w] in [0, 1]; label maps int [h, w]. Returns the path."""
   panels = len(names_by_value) + 1
-  figure = _new_figure(2.6 * panels, 3.0)
+  figure = new_figure(2.6 * panels, 3.0)
   axes = figure.subplots(1, panels, squeeze=False)[0]
   axes[0].imshow(image, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
   axes[0].set_title('image', fontsize=9)
@@ -107,10 +107,10 @@ def save_overlay_figure(
     ax.set_axis_off()
   figure.suptitle(f'{title}   green = truth only, red = model only, blue = both', fontsize=9)
   figure.tight_layout(rect=(0, 0, 1, 0.92))
-  return _save(figure, path)
+  return save(figure, path)
 
 
-def _draw_map(
+def draw_map(
   figure,
   ax,
   values: np.ndarray,
@@ -158,9 +158,9 @@ def save_thickness_figure(
   top = max([float(v.max()) for v in finite if v.size] + [1e-3])
   diffs = diff.difference_mm[np.isfinite(diff.difference_mm)]
   span = float(np.max(np.abs(diffs))) if diffs.size else 1.0
-  figure = _new_figure(13.0, 4.0)
+  figure = new_figure(13.0, 4.0)
   axes = figure.subplots(1, 3)
-  _draw_map(
+  draw_map(
     figure,
     axes[0],
     truth.thickness_mm,
@@ -171,7 +171,7 @@ def save_thickness_figure(
     f'truth: mean {truth.mean_thickness_mm:.2f} mm',
     'thickness (mm)',
   )
-  _draw_map(
+  draw_map(
     figure,
     axes[1],
     pred.thickness_mm,
@@ -182,7 +182,7 @@ def save_thickness_figure(
     f'prediction: mean {pred.mean_thickness_mm:.2f} mm',
     'thickness (mm)',
   )
-  _draw_map(
+  draw_map(
     figure,
     axes[2],
     diff.difference_mm,
@@ -195,7 +195,7 @@ def save_thickness_figure(
   )
   figure.suptitle(f'{title}: {plate} cartilage thickness ({comparison.status})', fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.94))
-  return _save(figure, path)
+  return save(figure, path)
 
 
 def save_subregion_figure(
@@ -255,7 +255,7 @@ def _subregion_panels(path, maps, side, title, fill, label, style) -> str:
 
   cmap_name, vmin, vmax, unit, line = style
   plates = [(k, maps.get(k)) for k in ('femoral', 'tibial') if maps.get(k) is not None]
-  figure = _new_figure(6.0 * max(len(plates), 1), 5.0)
+  figure = new_figure(6.0 * max(len(plates), 1), 5.0)
   axes = np.atleast_1d(figure.subplots(1, max(len(plates), 1)))
   for ax, (plate, m) in zip(axes, plates):
     find = subregions.femoral_regions if plate == 'femoral' else subregions.tibial_regions
@@ -269,7 +269,7 @@ def _subregion_panels(path, maps, side, title, fill, label, style) -> str:
       values = np.full(m.thickness_mm.shape, np.nan)
       for name, mask in regions.items():
         values[mask] = fill.get(name, math.nan)
-    _draw_map(figure, ax, values, m, cmap_name, vmin, vmax, f'{plate} ({side} knee)', unit)
+    draw_map(figure, ax, values, m, cmap_name, vmin, vmax, f'{plate} ({side} knee)', unit)
     x, y = np.meshgrid(m.col_centers, m.row_centers)
     for name, mask in regions.items():
       ax.contour(x, y, mask.astype(float), levels=[0.5], colors=line, linewidths=0.6)
@@ -283,7 +283,7 @@ def _subregion_panels(path, maps, side, title, fill, label, style) -> str:
         ax.set_ylim(m.row_edges[rows[0]], m.row_edges[rows[-1] + 1])
   figure.suptitle(title, fontsize=10)
   figure.tight_layout(rect=(0, 0, 1, 0.94))
-  return _save(figure, path)
+  return save(figure, path)
 
 
 def save_bland_altman_figure(
@@ -303,7 +303,7 @@ def save_bland_altman_figure(
   path = os.fspath(path)
   if not path.lower().endswith('.png'):
     raise ValueError(f'save_bland_altman_figure: path {path!r} must end in .png.')
-  figure = _new_figure(5.0, 4.0, dpi=150)
+  figure = new_figure(5.0, 4.0, dpi=150)
   axes = figure.add_subplot()
   axes.scatter(stats.means, stats.differences, s=18, color='tab:blue', alpha=0.8)
   lines = [
