@@ -216,7 +216,7 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   label map programs.make_detect_fn pastes at network resolution, slice for slice, through the
   batching and padding of a slice count (10) that is not a multiple of the batch size (4).
   The largest-component rule, a step on the stacked volume, is off here
-  (tests/test_largest_component.py tests it through predict_volume)."""
+  (test_largest_component.py tests it through predict_volume)."""
   config = smoke_model.config.copy_and_resolve_references()
   config.model.keep_largest_component = ()
   smoke_model = dataclasses.replace(smoke_model, config=config)
