@@ -144,8 +144,8 @@ def training_batch(config: Any, batch: int, size: int) -> dict[str, np.ndarray]:
 
   image float32 [B, S, S, C] (C = 2 * data.context_slices + 1: the first channel of
   train_step.synthetic_batch, repeated), gt_boxes float32 [B, M, 4], gt_classes int32 [B, M]
-  (wrapped into 1..model.num_classes), gt_masks uint8 [B, M, S, S], gt_valid bool [B, M], with
-  M = data.max_instances.
+  (wrapped into 1..K, K = len(data.class_names)), gt_masks uint8 [B, M, S, S], gt_valid bool
+  [B, M], with M = data.max_instances.
   """
   raw = train_step.synthetic_batch(batch, size, SEED)
   channels = 2 * int(config.data.context_slices) + 1
@@ -155,7 +155,7 @@ def training_batch(config: Any, batch: int, size: int) -> dict[str, np.ndarray]:
   return dict(
     image=np.repeat(raw['image'][..., :1], channels, axis=-1),
     gt_boxes=fit_slots(raw['gt_boxes'], slots),
-    gt_classes=np.where(valid, (classes - 1) % int(config.model.num_classes) + 1, 0).astype(
+    gt_classes=np.where(valid, (classes - 1) % len(config.data.class_names) + 1, 0).astype(
       np.int32
     ),
     gt_masks=fit_slots(raw['gt_masks'], slots),

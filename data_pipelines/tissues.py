@@ -170,12 +170,16 @@ class LabelScheme:
 
   @classmethod
   def from_config(cls, config: Any) -> LabelScheme:
-    """The scheme of an experiment config (`data.class_names`, `data.class_label_values`)."""
+    """The scheme of an experiment config (`data.class_names`, `data.class_label_values`).
+    The model predicts one class per name; an experiment file that still sets
+    `model.num_classes` must agree with the names."""
     scheme = cls.from_values(config.data.class_names, config.data.class_label_values)
-    if len(scheme.class_names) != int(config.model.num_classes):
+    declared = config.model.get('num_classes') if 'model' in config else None
+    if declared is not None and int(declared) != len(scheme.class_names):
       raise ValueError(
-        f'config model.num_classes={config.model.num_classes} but '
-        f'data.class_names has {len(scheme.class_names)} classes'
+        f'config model.num_classes={declared} but data.class_names has '
+        f'{len(scheme.class_names)} classes; the number of classes follows from '
+        'data.class_names, leave model.num_classes out'
       )
     return scheme
 

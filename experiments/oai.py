@@ -121,7 +121,6 @@ def get_config(arg: str | None = None):
   # to 1024: 0.1367 mm per network pixel. Scale-true at that spacing, an OAI slice becomes
   # exactly the paper's 1024 x 1024 input; other protocols keep the anatomy at the same scale.
   d.pixel_spacing_mm = round(0.3646 * 384 / 1024, 4)
-  c.model.num_classes = len(tissues.KNEE_CLASSES)
   # Not in the paper: each bone keeps its largest 3D component (imask_jax/inference/postprocess.py),
   # and the soft-Dice term keeps the mask BCE from trading a thin band's edges for background
   # (both measured on the knee phantoms: docs/results/knee_phantom.md).
@@ -158,7 +157,6 @@ def get_config(arg: str | None = None):
     d.class_names = KNEE_PARTS_CLASSES
     d.class_label_values = (1, 2, 3, 4, 5)
     d.max_instances = 5
-    c.model.num_classes = len(KNEE_PARTS_CLASSES)
   if args.pop('small', False):
     configs.use_small_network(c)
     # The cartilage experiment's field of view and network pixel (docs/results/cartilage.md):

@@ -50,7 +50,6 @@ def get_config(arg: str | None = None):
   d.augment.flip_lr = True  # both hips: a left-right mirror is another plausible scan
 
   m = c.model
-  m.num_classes = len(tissues.HIP_CLASSES)
   # The knee quick start's network (configs.use_small_network): a step takes a fraction of the
   # time of widths 32/64/256/64, which is what lets the false-positive levers of
   # docs/results/hip.md be measured on 2 cores. Anchors 16-256 px: pockets of a few to a few

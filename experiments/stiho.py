@@ -79,7 +79,6 @@ def get_config(arg: str | None = None):
   # Assuming 384 pixels across (a 350 mm field of view): 0.3412 mm per network pixel, at which
   # such a slice becomes exactly a 1024 x 1024 input.
   d.pixel_spacing_mm = round(0.91 * 384 / 1024, 4)
-  c.model.num_classes = len(tissues.HIP_CLASSES)
   # Not in the paper, learnt on the hip phantoms (docs/results/hip.md; docs/reproducing.md):
   # half the effusion-free slices kept as negatives, half the box head's negatives taken from
   # the proposals the RPN rates highest (bright look-alikes: bladder, bowel, oedema), painting

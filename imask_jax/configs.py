@@ -154,7 +154,6 @@ def default_config() -> ml_collections.ConfigDict:
   # models/spec.py (ModelSpec, with the model.imask and model.point_head groups).
   m.update(spec.config_defaults())
   m.init_from = ''  # convert_weights file to start from ('' = random init)
-  m.num_classes = len(tissues.KNEE_CLASSES)  # foreground classes
   # Tissue names whose painted volume keeps only its largest 3D connected component (one
   # object in every scan, like a bone; imask_jax/inference/postprocess.py). () keeps every
   # component.
@@ -422,14 +421,13 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       'steps >= 1, or epochs > 0 (steps then follow from the dataset size)'
     )
   names = list(config.data.class_names)
-  tissues.LabelScheme.from_values(names, config.data.class_label_values)  # values well formed
-  if not len(names) == int(config.model.num_classes) == len(config.data.class_label_values):
+  if len(names) != len(config.data.class_label_values):
     raise ValueError(
       f'config data.class_names={tuple(names)}, data.class_label_values='
-      f'{tuple(config.data.class_label_values)}, model.num_classes='
-      f'{config.model.num_classes}; expected one label value per class and '
-      'num_classes = the number of classes'
+      f'{tuple(config.data.class_label_values)}; expected one label value (or tuple of values) '
+      'per class'
     )
+  tissues.LabelScheme.from_config(config)  # values well formed, no stale model.num_classes
   thickness_method(config)
   postprocess.class_ids(
     tissues.LabelScheme.from_config(config),
@@ -461,15 +459,16 @@ MODEL_KINDS = ('maskrcnn', 'unet')
 
 
 def model_kind(config: ml_collections.ConfigDict) -> str:
-  """config model.kind, refused unless one of MODEL_KINDS (and a U-Net without
-  model.init_from: converted weights are Mask R-CNN's)."""
+  """config model.kind, refused unless one of MODEL_KINDS (and a U-Net with model.init_from
+  only when its encoder is a backbone: converted weights fill backbone/body)."""
   kind = str(config.model.get('kind', 'maskrcnn'))
   if kind not in MODEL_KINDS:
     raise ValueError(f'config model.kind={kind!r}; expected one of {MODEL_KINDS}')
-  if kind == 'unet' and str(config.model.init_from or ''):
+  if kind == 'unet' and str(config.model.init_from or '') and config.model.unet.encoder == 'plain':
     raise ValueError(
-      f'config model.init_from={config.model.init_from!r} is set but model.kind=unet: '
-      'converted weights are for Mask R-CNN; drop one of them'
+      f'config model.init_from={config.model.init_from!r} is set but the U-Net has the plain '
+      'encoder, which no converted file fits; set model.unet.encoder to the backbone the file '
+      'holds (e.g. resnet50) or drop model.init_from'
     )
   return kind
 

@@ -164,6 +164,11 @@ LEGACY_VALUES = {
   # an nnU-Net folder's imagesTs/ + labelsTs/ were never read as the test split before
   'data': {'official_test': False},
 }
+# Fields a config no longer holds because their value follows from another: a workdir saved
+# with one keeps loading (and resuming) if the value agrees, and is refused if not.
+RETIRED_FIELDS = {
+  'model': ('num_classes',),  # one class per data.class_names (tissues.LabelScheme.from_config)
+}
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -180,7 +185,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = json.load(f)
   defaults = _merged(configs.default_config().to_dict(), LEGACY_VALUES)
-  return ml_collections.ConfigDict(_tuples(_merged(defaults, saved)))
+  config = ml_collections.ConfigDict(_tuples(_merged(defaults, saved)))
+  retired = [(g, n) for g, names in RETIRED_FIELDS.items() for n in names if n in config[g]]
+  if retired:
+    try:
+      tissues.LabelScheme.from_config(config)
+    except ValueError as error:
+      raise SettingsChangedError(f'{path}: {error}') from error
+    for group, name in retired:
+      del config[group][name]
+  return config
 
 
 # --- data ----------------------------------------------------------------------------------------

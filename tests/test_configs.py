@@ -16,7 +16,7 @@ from conftest import REPO, experiment_config
 from data_pipelines import tissues
 from data_pipelines.datasets.params import params_from_config
 from data_pipelines.phantoms import hip, knee
-from imask_jax import configs
+from imask_jax import configs, errors
 from imask_jax import workdir as workdir_lib
 from imask_jax.models.mask_rcnn import ModelSpec
 
@@ -88,7 +88,8 @@ def test_phantom_hip_fits_the_hip_phantoms():
   assert c.data.pixel_spacing_mm == preset['spacing'][0] / 2 == preset['spacing'][1] / 2
   extent_mm = np.array([rows, cols]) * np.array(preset['spacing'][:2])
   assert np.all(np.array(c.data.image_size) * c.data.pixel_spacing_mm <= extent_mm)
-  assert c.model.num_classes == 1 and c.data.dataset == 'phantom_hip'
+  assert len(c.data.class_names) == 1 and c.data.dataset == 'phantom_hip'
+  assert 'num_classes' not in c.model and ModelSpec.from_config(c).num_classes == 1
   assert experiment_config('phantom_hip', 'reader=reader2').data.reader == 'reader2'
 
 
@@ -311,3 +312,25 @@ def test_practical_is_the_docstrings_one_gpu_recipe_and_combines_with_oaizib_cm(
   for other in ('smoke', 'small'):
     with pytest.raises(ValueError, match=f'practical and {other}|{other} and practical'):
       experiment_config('oai', f'practical,{other}')
+
+
+def test_a_workdir_saved_with_model_num_classes_loads_and_resumes_without_it(tmp_path):
+  """model.num_classes follows from data.class_names: a config.json that still holds it (every
+  workdir saved before) loads without it and resumes under today's config; one whose count
+  disagrees with its class names is refused, naming the file."""
+  config = experiment_config('phantom_knee', 'smoke')
+  saved = json.loads(config.to_json())
+  saved['model']['num_classes'] = len(saved['data']['class_names'])
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  loaded = workdir_lib.load_config(str(tmp_path))
+  assert 'num_classes' not in loaded.model
+  assert workdir_lib.changed_fields(loaded.to_dict(), config.to_dict()) == []
+  workdir_lib.check_resumable(config, str(tmp_path))  # no SettingsChangedError
+
+  saved['model']['num_classes'] = 3
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(
+    errors.SettingsChangedError, match=r'config\.json: config model\.num_classes=3'
+  ):
+    workdir_lib.load_config(str(tmp_path))

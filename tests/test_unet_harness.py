@@ -94,8 +94,10 @@ def test_an_unknown_kind_or_converted_weights_for_a_unet_are_refused():
     configs.check_train_config(config)
   config = experiment_config('phantom_knee', 'unet')
   config.model.init_from = 'weights.npz'
-  with pytest.raises(ValueError, match='model.init_from'):
+  with pytest.raises(ValueError, match='model.init_from.*plain encoder'):
     configs.check_train_config(config)
+  config.model.unet.encoder = 'resnet18'  # a backbone encoder takes converted weights
+  assert configs.model_kind(config) == 'unet'
 
 
 # --- probabilities back to the source grid -------------------------------------------------------
@@ -186,7 +188,7 @@ def test_regions_are_scored_by_their_mean_class_probability():
 def half_class_model(config, boundary_rows: int):
   """An `loading.LoadedModel` whose U-Net output is certain: class 1 on network rows
   < boundary_rows, background below (what it paints at any source spacing is known)."""
-  k = int(config.model.num_classes) + 1
+  k = len(config.data.class_names) + 1
 
   def detect(variables, images):
     b, h, w, _ = images.shape

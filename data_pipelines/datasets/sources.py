@@ -201,7 +201,7 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
       'train; their voxels would silently become background',
       found=untrained,
       expected='every declared value trained as a class (data.class_names, '
-      'data.class_label_values, model.num_classes), or relabelled in '
+      'data.class_label_values), or relabelled in '
       'the label files and dropped from dataset.json',
     )
   if params.reader and params.reader not in folder.readers:

@@ -250,7 +250,7 @@ def predict_volume(
               *semantic.slice_regions(
                 labels[i],
                 probs[i],
-                int(model.config.model.num_classes),
+                len(model.scheme.class_names),
                 str(model.config.data.instance_mode),
               )
             )

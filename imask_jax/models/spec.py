@@ -16,9 +16,10 @@ from typing import Any
 
 import ml_collections
 
-# Fields a config does not hold: they follow from config.data (input shape) or from how the
-# model is run (the data-parallel axis of batch norm).
-FROM_DATA = ('image_size', 'input_channels', 'axis_name')
+# Fields a config does not hold: they follow from config.data (input shape, the number of
+# classes: one per data.class_names) or from how the model is run (the data-parallel axis of
+# batch norm).
+FROM_DATA = ('image_size', 'input_channels', 'num_classes', 'axis_name')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class PointSpec:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Everything that fixes the network and its static shapes (hashable, so jit can key on it).
-  Fields without a default come from the data (`FROM_DATA`) or the tissues (num_classes)."""
+  Fields without a default come from the data (`FROM_DATA`)."""
 
   image_size: tuple[int, int]
   num_classes: int  # foreground classes
@@ -157,11 +158,12 @@ class ModelSpec:
   def from_config(cls, config: Any, *, axis_name: str | None = None) -> ModelSpec:
     """The spec of a full experiment config: every field is read by its own name from
     `config.model` (`imask` from the `model.imask` group), converted to the field's type;
-    the input shape comes from `config.data`."""
+    the input shape and the number of classes (data.class_names) come from `config.data`."""
     d = config.data
     fixed = dict(
       image_size=tuple(int(v) for v in d.image_size),
       input_channels=2 * int(d.context_slices) + 1,
+      num_classes=len(d.class_names),
       axis_name=axis_name,
     )
     return cls(**fixed, **_fields_from(cls, config.model, 'model', exclude=fixed))
@@ -235,8 +237,8 @@ class ModelSpec:
 
 def config_defaults() -> ml_collections.ConfigDict:
   """`config.model`'s network fields at ModelSpec's defaults (nested groups for `imask` and
-  `point_head`), without the fields that come from the data (`FROM_DATA`, num_classes)."""
-  return ml_collections.ConfigDict(_defaults(ModelSpec, exclude=(*FROM_DATA, 'num_classes')))
+  `point_head`), without the fields that come from the data (`FROM_DATA`)."""
+  return ml_collections.ConfigDict(_defaults(ModelSpec, exclude=FROM_DATA))
 
 
 def _defaults(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:

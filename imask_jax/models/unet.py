@@ -133,13 +133,13 @@ class UNetSpec:
 
   @classmethod
   def from_config(cls, config: Any, *, axis_name: str | None = None) -> UNetSpec:
-    """The spec of a full experiment config: `config.model.unet`, model.norm, num_classes and
-    dtype; the input shape from `config.data`."""
+    """The spec of a full experiment config: `config.model.unet`, model.norm and dtype; the
+    input shape and the number of classes (data.class_names) from `config.data`."""
     d, m = config.data, config.model
     u = m.unet
     return cls(
       image_size=tuple(int(v) for v in d.image_size),
-      num_classes=int(m.num_classes),
+      num_classes=len(d.class_names),
       input_channels=2 * int(d.context_slices) + 1,
       depth=int(u.depth),
       width=int(u.width),

@@ -44,11 +44,11 @@ def init_state(
   model: MaskRCNN | UNet, tx: optax.GradientTransformation, seed: int, init_from: str = ''
 ) -> TrainState:
   """Fresh state on the host (the same on every process: it depends only on the seed and on
-  `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained;
-  Mask R-CNN only)."""
+  `init_from`, a convert_weights file whose arrays replace the initial ones, see pretrained:
+  Mask R-CNN's backbone and heads, or a U-Net's backbone encoder)."""
   variables = jax.jit(functools.partial(init_variables, model))(jax.random.PRNGKey(seed))
-  if isinstance(model, MaskRCNN):
-    variables = pretrained.init_from(variables, init_from, anchor_ratios=model.spec.anchor_ratios)
+  ratios = model.spec.anchor_ratios if isinstance(model, MaskRCNN) else None
+  variables = pretrained.init_from(variables, init_from, anchor_ratios=ratios)
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),

@@ -339,7 +339,7 @@ class _Loop:
       )
       self.compiled_detect = compile_together(self.detect_fn, (variables, images), 'detection')
     dice, example = slice_dice(
-      self.compiled_detect, variables, self.val_ds, self.mesh, int(self.config.model.num_classes)
+      self.compiled_detect, variables, self.val_ds, self.mesh, len(self.config.data.class_names)
     )
     names = configs.validation_metric_names(self.config)
     values = dict(zip(names, [float(d) for d in dice] + [mean_dice(dice)]))

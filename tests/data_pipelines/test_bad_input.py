@@ -331,8 +331,8 @@ def test_declared_label_values_the_config_does_not_train_are_refused(tmp_path):
     f'{tmp_path / "other" / "dataset.json"}: the dataset declares label values that config '
     'data.class_label_values=(1, 2, 3, (4, 5)) does not train; their voxels would silently '
     "become background (found {'meniscus': 6}; expected every declared value trained "
-    'as a class (data.class_names, data.class_label_values, model.num_classes), or relabelled '
-    'in the label files and dropped from dataset.json)'
+    'as a class (data.class_names, data.class_label_values), or relabelled in the label files '
+    'and dropped from dataset.json)'
   )
   # A tissue of the vocabulary that the config leaves out is background on purpose (the knee
   # phantoms' effusion, 5), and is read.

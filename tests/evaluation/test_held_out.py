@@ -176,7 +176,6 @@ def _hip_config(data_dir):
   c.data.class_names = tissues.HIP_CLASSES
   c.data.class_label_values = (1,)
   c.data.instance_mode = 'components'
-  c.model.num_classes = 1
   return c
 
 

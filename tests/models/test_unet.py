@@ -352,6 +352,31 @@ def test_init_from_a_converted_resnet18_fills_the_encoder_and_nothing_else(tmp_p
   np.testing.assert_array_equal(merged['params']['down0']['conv0']['kernel'], 7)
 
 
+def test_the_trainer_starts_a_resnet18_encoder_unet_from_a_converted_file(tmp_path):
+  """training.steps.init_state with model.init_from: the U-Net's encoder holds the file's
+  arrays (what the trainer restores from), the decoder its own initialisation."""
+  from imask_jax import convert_weights
+  from imask_jax.training import steps
+  from imask_jax.weights import torch_checkpoint
+
+  path = str(tmp_path / 'resnet18_w4.msgpack')
+  source = os.path.join(TORCHVISION, 'resnet18_w4.pth')
+  assert convert_weights.main(['--from', source, '--arch', 'resnet18', '--out', path]) == 0
+  model = UNet(encoder_spec('resnet18', size=(32, 32), encoder_width=4, norm='batch'))
+  fresh = steps.init_state(model, optax.sgd(0.1), seed=0)
+  started = steps.init_state(model, optax.sgd(0.1), seed=0, init_from=path)
+  state = torch_checkpoint.read_state_dict(source)
+  np.testing.assert_array_equal(
+    started.params['backbone']['body']['stage4_block1']['conv1']['kernel'],
+    np.transpose(state['layer4.1.conv1.weight'], (2, 3, 1, 0)),
+  )
+  np.testing.assert_array_equal(
+    started.batch_stats['backbone']['body']['stage4_block1']['norm1']['var'],
+    state['layer4.1.bn1.running_var'],
+  )
+  np.testing.assert_array_equal(started.params['head0']['kernel'], fresh.params['head0']['kernel'])
+
+
 RESNET_OVERFIT_DICE = 0.9  # per class, on the two training slices (measured 0.993-0.999)
 
 

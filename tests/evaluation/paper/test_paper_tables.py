@@ -395,7 +395,6 @@ def test_table7_from_real_hip_evaluations(tmp_path):
   config.data.class_names = tissues.HIP_CLASSES
   config.data.class_label_values = (1,)
   config.data.instance_mode = 'components'
-  config.model.num_classes = 1
   data_dir = config.data.data_dir
   source = sources.volume_source(params_lib.params_from_config(config, data_dir), data_dir, 'test')
   scheme = LabelScheme.from_config(config)
