@@ -3,7 +3,7 @@
 A model trained on one phantom contrast learns that contrast. This stage, a training option
 (`data.augment.contrast`, off by default), redraws an example's contrast from its own label
 masks, so that only the shapes stay informative. On a network-input example (after the
-crop and the geometric warp of `input_pipeline.augment_example`), in this order:
+crop and the geometric warp of `slice_transforms.augment_example`), in this order:
 
   1. tissues: every labelled class k gets one affine map of intensity per example,
      f_k(x) = m_k + b_k (x - mean_k), mean_k its mean intensity in the example, m_k drawn

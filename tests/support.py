@@ -1,5 +1,5 @@
 """What tests build their inputs with and the package itself never needs: static-shape padding
-of a slice's instances (the input pipeline pads in tf.data, `input_pipeline.select_instances`)
+of a slice's instances (the input pipeline pads in tf.data, `slice_transforms.select_instances`)
 and a MetaImage writer (the original OAI-ZIB masks are .mhd files; the package only reads
 them)."""
 

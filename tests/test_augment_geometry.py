@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imask_jax import input_pipeline as ip
+from imask_jax import slice_transforms
 
 H, W = 30, 40  # the padded network input
 EXTENT = (26, 32)  # the valid extent (a resized slice), top-left
@@ -71,14 +71,14 @@ def axis_difference(a, b):
 
 def warp(angle, zoom, flip_x=False, flip_y=False):
   image, masks = probes()
-  transform = ip._inverse_warp(
+  transform = slice_transforms._inverse_warp(
     tf.constant(EXTENT),
     tf.constant(angle, tf.float32),
     tf.constant(zoom, tf.float32),
     tf.constant(flip_x),
     tf.constant(flip_y),
   )
-  out_image, out_masks = ip.warp(tf.constant(image), tf.constant(masks), transform)
+  out_image, out_masks = slice_transforms.warp(tf.constant(image), tf.constant(masks), transform)
   return out_image.numpy()[..., 0], out_masks.numpy()[..., 0]
 
 
@@ -122,16 +122,16 @@ def test_rotation_is_about_the_valid_extent_not_the_padded_image():
   ys, xs = np.mgrid[0:H, 0:W]
   image[..., 0] = np.exp(-((xs - CENTRE[0]) ** 2 + (ys - CENTRE[1]) ** 2) / (2 * 1.3**2))
   masks = np.zeros((H, W, 1), np.uint8)
-  transform = ip._inverse_warp(
+  transform = slice_transforms._inverse_warp(
     tf.constant(EXTENT), tf.constant(0.6), tf.constant(1.3), tf.constant(False), tf.constant(False)
   )
-  out, _ = ip.warp(tf.constant(image), tf.constant(masks), transform)
+  out, _ = slice_transforms.warp(tf.constant(image), tf.constant(masks), transform)
   np.testing.assert_allclose(centroid(out.numpy()[..., 0]), CENTRE, atol=0.25)
   padded_centre = np.array([(W - 1) / 2, (H - 1) / 2])
   assert np.linalg.norm(padded_centre - CENTRE) > 4
 
 
-def only(**on) -> ip.AugmentSettings:
+def only(**on) -> slice_transforms.AugmentSettings:
   """Augmentation settings with every part off but the ones given."""
   off = dict(
     flip_lr=False,
@@ -142,7 +142,7 @@ def only(**on) -> ip.AugmentSettings:
     noise_std=0.0,
     intensity_scale_range=(1.0, 1.0),
   )
-  return ip.AugmentSettings(**{**off, **on})
+  return slice_transforms.AugmentSettings(**{**off, **on})
 
 
 def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range():
@@ -158,7 +158,7 @@ def test_augment_example_keeps_image_and_masks_together_within_the_drawn_range()
   }
   turns = []
   for seed in range(4):
-    out = ip.augment_example(example, tf.constant([seed, 7], tf.int32), settings)
+    out = slice_transforms.augment_example(example, tf.constant([seed, 7], tf.int32), settings)
     spot = centroid(out['image'].numpy()[..., 0])
     before, after = SPOT - CENTRE, spot - CENTRE
     assert np.linalg.norm(after) == pytest.approx(1.25 * np.linalg.norm(before), abs=0.25)
@@ -192,7 +192,9 @@ def test_intensity_scale_multiplies_within_the_drawn_range_and_clips_like_normal
 
   factors = []
   for seed in range(6):
-    out = ip.augment_example(example, tf.constant([seed, 3], tf.int32), settings((0.8, 1.25)))
+    out = slice_transforms.augment_example(
+      example, tf.constant([seed, 3], tf.int32), settings((0.8, 1.25))
+    )
     got = out['image'].numpy()
     np.testing.assert_array_equal(out['gt_masks'].numpy(), masks)
     unclipped = image > 0.05
@@ -201,9 +203,13 @@ def test_intensity_scale_multiplies_within_the_drawn_range_and_clips_like_normal
     np.testing.assert_allclose(got, np.clip(image * factor, 0.0, 1.0), atol=1e-5)
     factors.append(factor)
   assert max(factors) - min(factors) > 0.1  # drawn, not fixed
-  fixed = ip.augment_example(example, tf.constant([0, 3], tf.int32), settings((2.0, 2.0)))
+  fixed = slice_transforms.augment_example(
+    example, tf.constant([0, 3], tf.int32), settings((2.0, 2.0))
+  )
   np.testing.assert_allclose(fixed['image'].numpy(), np.clip(2.0 * image, 0.0, 1.0), atol=1e-6)
-  off = ip.augment_example(example, tf.constant([0, 3], tf.int32), settings((1.0, 1.0)))
+  off = slice_transforms.augment_example(
+    example, tf.constant([0, 3], tf.int32), settings((1.0, 1.0))
+  )
   np.testing.assert_allclose(off['image'].numpy(), image, atol=1e-6)
   with pytest.raises(ValueError, match='intensity_scale_range'):
     settings((1.2, 0.9))

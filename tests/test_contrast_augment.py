@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from imask_jax import configs
+from imask_jax import configs, slice_transforms
 from imask_jax import contrast_augment as ca
 from imask_jax import input_pipeline as ip
 
@@ -288,24 +288,27 @@ def test_in_augment_example_the_geometric_draws_stay_and_off_is_the_old_augmenta
     gamma_range=(0.8, 1.25),
     noise_std=0.03,
   )
-  off = ip.AugmentSettings(**base)
-  on = ip.AugmentSettings(**base, contrast=ca.ContrastSettings())
+  off = slice_transforms.AugmentSettings(**base)
+  on = slice_transforms.AugmentSettings(**base, contrast=ca.ContrastSettings())
   example = example_for_augment()
   for seed in range(3):
     key = tf.constant([seed, 5], tf.int32)
-    plain, randomised = ip.augment_example(example, key, off), ip.augment_example(example, key, on)
+    plain, randomised = (
+      slice_transforms.augment_example(example, key, off),
+      slice_transforms.augment_example(example, key, on),
+    )
     np.testing.assert_array_equal(plain['gt_masks'].numpy(), randomised['gt_masks'].numpy())
     assert np.abs(plain['image'].numpy() - randomised['image'].numpy()).mean() > 0.01
-    again = ip.augment_example(example, key, dataclasses.replace(on, contrast=None))
+    again = slice_transforms.augment_example(example, key, dataclasses.replace(on, contrast=None))
     np.testing.assert_array_equal(again['image'].numpy(), plain['image'].numpy())
 
 
 def test_config_switch_is_off_by_default_and_names_bad_fields():
   config = configs.default_config()
-  assert ip.augment_settings(config).contrast is None
+  assert slice_transforms.augment_settings(config).contrast is None
   config.data.augment.contrast.enabled = True
   config.data.augment.contrast.bias_max = 0.2
-  settings = ip.augment_settings(config).contrast
+  settings = slice_transforms.augment_settings(config).contrast
   assert settings == dataclasses.replace(ca.ContrastSettings(), bias_max=0.2)
   # A workdir made before the option has no contrast field: off.
   old = ml_collections.ConfigDict(config.data.augment.to_dict())
@@ -313,11 +316,11 @@ def test_config_switch_is_off_by_default_and_names_bad_fields():
   assert ca.contrast_settings(old.get('contrast')) is None
   config.data.augment.contrast.tissue_mean_range = (0.6, 0.2)
   with pytest.raises(ValueError, match='data.augment.contrast.tissue_mean_range'):
-    ip.augment_settings(config)
+    slice_transforms.augment_settings(config)
   config.data.augment.contrast.tissue_mean_range = (0.0, 1.0)
   config.data.augment.contrast.downsample_max = 0.5
   with pytest.raises(ValueError, match='data.augment.contrast.downsample_max'):
-    ip.augment_settings(config)
+    slice_transforms.augment_settings(config)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from data_pipelines import instances, readers
 from data_pipelines.datasets import builders
-from imask_jax import configs
+from imask_jax import configs, slice_transforms
 from imask_jax import input_pipeline as ip
 
 # Every key of a batch the pipeline yields.
@@ -423,14 +423,16 @@ def test_warp_samples_like_the_tensorflow_projective_transform():
   rng = np.random.default_rng(5)
   image = rng.random((13, 17, 2)).astype(np.float32)
   masks = (rng.random((13, 17, 3)) < 0.4).astype(np.uint8)
-  transform = ip._inverse_warp(
+  transform = slice_transforms._inverse_warp(
     tf.constant([11, 15]),
     tf.constant(0.4),
     tf.constant(1.17),
     tf.constant(True),
     tf.constant(False),
   )
-  warped_image, warped_masks = ip.warp(tf.constant(image), tf.constant(masks), transform)
+  warped_image, warped_masks = slice_transforms.warp(
+    tf.constant(image), tf.constant(masks), transform
+  )
   reference = tf.raw_ops.ImageProjectiveTransformV3(
     images=masks[None].astype(np.float32),
     transforms=transform[None],

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from data_pipelines import instances, readers
 from data_pipelines.phantoms import generate_knee
-from imask_jax import configs, input_pipeline
+from imask_jax import configs, input_pipeline, slice_transforms
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import loading, whole_volume
 from imask_jax.models import mask_rcnn
@@ -25,10 +25,10 @@ KNEE_CLASS_MAP = {1: 1, 2: 2, 3: 3, 4: 4}
 
 
 def _settings(target_mm, image_size=(64, 64), **kw):
-  return input_pipeline.PrepareSettings(
+  return slice_transforms.PrepareSettings(
     image_size=image_size,
     max_instances=8,
-    percentile_indices=(0, len(input_pipeline.slice_examples.PERCENTILE_LEVELS) - 1),
+    percentile_indices=(0, len(slice_transforms.slice_examples.PERCENTILE_LEVELS) - 1),
     pixel_spacing_mm=target_mm,
     **kw,
   )
@@ -44,7 +44,7 @@ def _stored_example(image, classes, masks, pixel_spacing):
     'slice_index': tf.constant(0, tf.int32),
     'pixel_spacing': tf.constant(pixel_spacing, tf.float32),
     'intensity_percentiles': tf.constant(
-      np.linspace(0, 1000, len(input_pipeline.slice_examples.PERCENTILE_LEVELS)), tf.float32
+      np.linspace(0, 1000, len(slice_transforms.slice_examples.PERCENTILE_LEVELS)), tf.float32
     ),
   }
 
@@ -72,7 +72,7 @@ def _round_trip(stack, index, target_mm):
   network canvas and whose mask is its network-resolution mask) -> class ids [h, w]."""
   found = instances.extract_instances(stack.labels[index], KNEE_CLASS_MAP)
   example = _stored_example(stack.images[index], found.classes, found.masks, stack.pixel_spacing)
-  out = input_pipeline.prepare_example(example, _settings(target_mm))
+  out = slice_transforms.prepare_example(example, _settings(target_mm))
   net_masks = np.asarray(out['gt_masks'])  # [h', w', M]
   side = max(net_masks.shape[:2])
   count = net_masks.shape[-1]
@@ -130,15 +130,15 @@ def test_round_trip_elsewhere_differs_only_within_one_network_pixel_of_a_boundar
 
 def test_spacing_extent_rounds_the_physical_size_to_whole_pixels():
   for size, spacing, target in [(384, 0.3646, 0.8), (128, 0.8, 0.8), (160, 2.2, 0.5), (7, 3.0, 50)]:
-    got = input_pipeline.spacing_extent(size, size + 1, tf.constant([spacing, spacing]), target)
+    got = slice_transforms.spacing_extent(size, size + 1, tf.constant([spacing, spacing]), target)
     expected = [max(1, round(n * spacing / target)) for n in (size, size + 1)]
     assert [int(g) for g in got] == expected
 
 
 def test_buckets_round_each_side_up_to_the_multiple():
-  assert input_pipeline.bucket_size((175, 64), 64) == (192, 64)
-  assert input_pipeline.bucket_size((1, 129), 64) == (64, 192)
-  assert input_pipeline.bucket_size((0, 32), 32) == (32, 32)
+  assert slice_transforms.bucket_size((175, 64), 64) == (192, 64)
+  assert slice_transforms.bucket_size((1, 129), 64) == (64, 192)
+  assert slice_transforms.bucket_size((0, 32), 32) == (32, 32)
 
 
 # --- training crops ------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_crops_are_windows_of_the_slice_padded_where_it_is_smaller():
   example = _coordinate_example(50, 40, labelled=[(10, 10)])
   lefts, tops = set(), set()
   for s in range(60):
-    out = input_pipeline.crop_example(example, tf.constant([s, 7], tf.int32), settings)
+    out = slice_transforms.crop_example(example, tf.constant([s, 7], tf.int32), settings)
     top, left, rows, cols = _window(out)
     assert (rows, cols) == (32, 40)  # 50 rows cropped to 32; 40 columns padded to 48
     np.testing.assert_array_equal(out['image_extent'], [32, 40])
@@ -195,7 +195,7 @@ def test_foreground_crops_hold_a_labelled_pixel():
   settings = _settings(0.8, image_size=(16, 16), crop_foreground_rate=1.0)
   example = _coordinate_example(100, 90, labelled=[(80, 5), (3, 70)])
   for s in range(40):
-    out = input_pipeline.crop_example(example, tf.constant([s, 1], tf.int32), settings)
+    out = slice_transforms.crop_example(example, tf.constant([s, 1], tf.int32), settings)
     _window(out)
     assert np.asarray(out['gt_masks'])[..., 0].sum() >= 1, s
   # At rate 0.5 about half the crops are placed over a labelled pixel; a free 16 x 16 window
@@ -203,7 +203,7 @@ def test_foreground_crops_hold_a_labelled_pixel():
   settings = _settings(0.8, image_size=(16, 16), crop_foreground_rate=0.5)
   held = [
     np.asarray(
-      input_pipeline.crop_example(example, tf.constant([s, 2], tf.int32), settings)['gt_masks']
+      slice_transforms.crop_example(example, tf.constant([s, 2], tf.int32), settings)['gt_masks']
     )[..., 0].any()
     for s in range(200)
   ]
@@ -217,9 +217,9 @@ def test_a_slice_at_the_target_spacing_and_crop_size_trains_as_resize_to_fit():
   masks = np.zeros((3, 128, 128), np.uint8)
   masks[0, 10:40, 20:90] = masks[1, 50:52, 5:120] = masks[2, 100:128, 0:30] = 1
   example = _stored_example(rng.gamma(2, 100, (128, 128)), [1, 2, 3], masks, [0.8, 0.8])
-  fit = input_pipeline.prepare_example(example, _settings(None, image_size=(128, 128)))
-  true_scale = input_pipeline.prepare_example(example, _settings(0.8, image_size=(128, 128)))
-  cropped = input_pipeline.crop_example(
+  fit = slice_transforms.prepare_example(example, _settings(None, image_size=(128, 128)))
+  true_scale = slice_transforms.prepare_example(example, _settings(0.8, image_size=(128, 128)))
+  cropped = slice_transforms.crop_example(
     true_scale, tf.constant([3, 4], tf.int32), _settings(0.8, image_size=(128, 128))
   )
   for key in ('image', 'gt_masks', 'gt_classes', 'image_extent', 'scale'):
@@ -291,7 +291,7 @@ def test_a_workdir_saved_before_scale_true_slices_still_resizes_to_fit_and_paint
   assert loaded.data.pixel_spacing_mm == 0.0
   # ... and paints as it did (new runs paint the union, mask_rcnn.detections_to_label_map).
   assert (loaded.model.paint_rule, config.model.paint_rule) == ('each', 'union')
-  assert not input_pipeline.prepare_settings(loaded).scale_true
+  assert not slice_transforms.prepare_settings(loaded).scale_true
   inputs = input_pipeline.volume_inputs(_scan(tmp_path, 90, 45, 1.0), loaded)
   # 90 x 45 slices fit 64 x 64 at 64 x 32, whatever their spacing; padded to image_size.
   assert inputs['image'].shape[1:3] == tuple(loaded.data.image_size) == (64, 64)
@@ -308,8 +308,8 @@ def test_bad_scale_true_settings_name_the_config_field():
     bad = configs.default_config()
     bad.data[field] = value
     with pytest.raises(ValueError, match=f'data.{field}'):
-      input_pipeline.prepare_settings(bad)
-  assert input_pipeline.prepare_settings(config).size_multiple == 64
+      slice_transforms.prepare_settings(bad)
+  assert slice_transforms.prepare_settings(config).size_multiple == 64
 
 
 def test_phantoms_at_another_grid_get_their_own_folder_and_dataset(tmp_path):
