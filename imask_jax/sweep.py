@@ -17,68 +17,38 @@ data.data_dir).
 Then DIR/summary.csv (a row per variant, seed, test volume and tissue) and DIR/summary.md:
 the paper's Table 3 layout (Dice, Hausdorff in pixels, average symmetric surface distance in mm
 as the boundary measure, mask AP; mean ± SD over volumes and seeds) and paired Wilcoxon
-signed-rank tests of each variant against its baseline over the same volumes and seeds.
+signed-rank tests of each variant against its baseline over the same volumes and seeds
+(evaluation/sweep_summary.py).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.atomic import atomic_path
 from imask_jax import configs, errors
 from imask_jax.errors import SettingsChangedError, SweepLockedError
+from imask_jax.evaluation.sweep_summary import (
+  SUMMARY_COLUMNS,
+  pooled_ap,
+  run_rows,
+  summary_markdown,
+)
 
-SUMMARY_COLUMNS = (
-  'variant',
-  'seed',
-  'case_id',
-  'tissue',
-  'status',
-  'dice',
-  'precision',
-  'recall',
-  'hausdorff_voxels',
-  'average_hausdorff_voxels',
-  'hausdorff_mm',
-  'hd95_mm',
-  'assd_mm',
-  'signed_mean_mm',
-  'ap',
-)
-# Columns that evaluations made before they existed lack: read as NaN ('n/a' in the tables).
-LATER_COLUMNS = ('average_hausdorff_voxels',)
-# (column, label, digits) of the Table 3 layout, tissues across within each: the paper's
-# columns with the paper's definitions (Ave. Hausdorff: ITK's average Hausdorff distance).
-TABLE3_METRICS = (
-  ('dice', 'Dice', 3),
-  ('hausdorff_voxels', 'Hausdorff (px)', 2),
-  ('average_hausdorff_voxels', 'Ave. Hausdorff (px)', 3),
-  ('assd_mm', 'ASSD (mm)', 3),
-  ('ap', 'AP', 3),
-)
-# (column, label, digits) compared pairwise between a variant and its baseline.
-PAIRED_METRICS = (
-  ('dice', 'Dice', 4),
-  ('assd_mm', 'ASSD (mm)', 3),
-  ('hausdorff_voxels', 'Hausdorff (px)', 2),
-)
 LOG_NAME = 'sweep.log'
 PLAN_NAME = 'sweep_plan.json'
 
@@ -383,175 +353,6 @@ def dry_run_commands(
 
 
 # --- aggregation -----------------------------------------------------------------------------
-
-
-def _float(text: str) -> float:
-  return float(text) if text != '' else math.nan
-
-
-def run_rows(run: Run, eval_dir: str) -> list[dict[str, Any]]:
-  """The summary.csv rows of one finished run: its metrics.csv rows with the volume's AP."""
-  with open(os.path.join(eval_dir, 'ap.csv'), newline='') as f:
-    ap = {(row['scope'], row['tissue']): _float(row['ap']) for row in csv.DictReader(f)}
-  rows = []
-  with open(os.path.join(eval_dir, 'metrics.csv'), newline='') as f:
-    for row in csv.DictReader(f):
-      out = {
-        'variant': run.variant,
-        'seed': run.seed,
-        'case_id': row['case_id'],
-        'tissue': row['tissue'],
-        'status': row['status'],
-        'ap': ap.get((row['case_id'], row['tissue']), math.nan),
-      }
-      for column in SUMMARY_COLUMNS:
-        if column not in out:
-          out[column] = _float(row.get(column, '') if column in LATER_COLUMNS else row[column])
-      rows.append(out)
-  return rows
-
-
-def pooled_ap(eval_dir: str) -> dict[str, float]:
-  """COCO mask AP per tissue over all slices of the run's split (ap.csv scope 'all')."""
-  with open(os.path.join(eval_dir, 'ap.csv'), newline='') as f:
-    return {row['tissue']: _float(row['ap']) for row in csv.DictReader(f) if row['scope'] == 'all'}
-
-
-def wilcoxon(differences: Sequence[float]) -> float:
-  """Two-sided Wilcoxon signed-rank p of paired differences (exact for small n without ties;
-  1.0 when every difference is zero; NaN for fewer than two pairs)."""
-  from scipy import stats
-
-  d = np.asarray(differences, float)
-  if d.size < 2:
-    return math.nan
-  if np.all(d == 0):
-    return 1.0
-  return float(stats.wilcoxon(d).pvalue)
-
-
-def paired_comparison(
-  rows: Sequence[Mapping[str, Any]], variant: str, baseline: str, tissue: str, column: str
-) -> tuple[int, float, float, int]:
-  """Pairs of (seed, case) values of `variant` and `baseline` for one tissue and metric.
-
-  Returns (pairs, mean of variant - baseline, Wilcoxon p, pairs dropped because a value is
-  not finite, e.g. a distance to a structure one of them missed)."""
-
-  def values(name):
-    return {
-      (r['seed'], r['case_id']): r[column]
-      for r in rows
-      if r['variant'] == name and r['tissue'] == tissue and r['status'] != 'both_empty'
-    }
-
-  a, b = values(variant), values(baseline)
-  keys = sorted(set(a) & set(b))
-  finite = [k for k in keys if math.isfinite(a[k]) and math.isfinite(b[k])]
-  d = [a[k] - b[k] for k in finite]
-  return len(d), (float(np.mean(d)) if d else math.nan), wilcoxon(d), len(keys) - len(finite)
-
-
-def summary_markdown(
-  sweep: ml_collections.ConfigDict,
-  runs: Sequence[Run],
-  rows: Sequence[Mapping[str, Any]],
-  ap_by_run: Mapping[str, Mapping[str, float]],
-  missing: Sequence[str],
-) -> str:
-  from imask_jax.evaluation.report import finite_mean_sd, markdown_table
-  from imask_jax.evaluation.report.cells import rows_cell, tissue_abbreviation
-
-  tissues = list(dict.fromkeys(r['tissue'] for r in rows))
-  variants = [str(v[0]) for v in sweep.variants]
-  seeds = list(sweep.seeds)
-  lines = [
-    '# Sweep summary',
-    '',
-    f'- base experiment: `{sweep.experiment}` with `{sweep.base_arg or "(no argument)"}`',
-    f'- study: {sweep.get("study", "")}; seeds: {", ".join(str(s) for s in seeds)}; '
-    f'split: {sweep.split}',
-    f'- runs finished: {len(runs) - len(missing)} of {len(runs)}'
-    + (f' (not yet: {", ".join(missing)})' if missing else ''),
-    '',
-    "## Segmentation (laid out like the paper's Table 3)",
-    '',
-    "Mean ± SD over test volumes and seeds (3D, on each volume's grid). Hausdorff and "
-    'Ave. Hausdorff in pixels (voxels, unit spacing) as in the paper; Ave. Hausdorff is '
-    "ITK's average Hausdorff distance, the paper's definition (docs/metrics.md). ASSD, "
-    'the average symmetric surface distance in mm, is our boundary measure and no paper '
-    "column. Per-slice (2D) figures: each run's summary.md. AP: COCO mask AP (IoU "
-    '0.50:0.95) over all test slices of a run, mean ± SD over seeds.',
-    '',
-  ]
-  header = ['Variant'] + [
-    f'{label} {tissue_abbreviation(t)}' for _, label, _ in TABLE3_METRICS for t in tissues
-  ]
-  table = []
-  for variant in variants:
-    own = [r for r in rows if r['variant'] == variant]
-    if not own:
-      continue
-    cells = [variant]
-    for column, _, digits in TABLE3_METRICS:
-      for tissue in tissues:
-        if column == 'ap':
-          cells.append(
-            finite_mean_sd(
-              [
-                ap_by_run[f'{variant}/seed{s}'].get(tissue, math.nan)
-                for s in seeds
-                if f'{variant}/seed{s}' in ap_by_run
-              ],
-              digits,
-            )
-          )
-        else:
-          cells.append(rows_cell([r for r in own if r['tissue'] == tissue], column, digits))
-    table.append(cells)
-  lines += markdown_table(header, table)
-  lines += [
-    '',
-    'Tissues: ' + ', '.join(f'{tissue_abbreviation(t)} = {t}' for t in tissues),
-    '',
-    '## Paired comparisons',
-    '',
-    'Each variant against its baseline over the same test volumes and seeds: the mean '
-    'difference (variant − baseline; Dice higher is better, distances lower) and the '
-    'two-sided Wilcoxon signed-rank p. With n pairs the smallest possible p is '
-    '2 / 2^n (0.0625 for 5), so a handful of volumes cannot reach 0.05 whatever the '
-    'effect: add seeds or volumes for a test with power.',
-    '',
-  ]
-  header = ['Variant', 'Baseline', 'Tissue', 'n'] + [
-    f'{h} {label}' for _, label, _ in PAIRED_METRICS for h in ('Δ', 'p')
-  ]
-  table = []
-  for name, _, baseline in sweep.variants:
-    if not baseline:
-      continue
-    for tissue in tissues:
-      cells, count, dropped = [], 0, 0
-      for column, _, digits in PAIRED_METRICS:
-        n, mean, p, lost = paired_comparison(rows, name, baseline, tissue, column)
-        count, dropped = max(count, n), max(dropped, lost)
-        cells += ['n/a' if not n else f'{mean:+.{digits}f}', 'n/a' if math.isnan(p) else f'{p:.3g}']
-      if count:
-        table.append(
-          [
-            name,
-            baseline,
-            tissue_abbreviation(tissue),
-            f'{count}' + (f' ({dropped} dropped)' if dropped else ''),
-          ]
-          + cells
-        )
-  lines += (
-    markdown_table(header, table)
-    if table
-    else ['No comparison has finished runs on both sides yet.']
-  )
-  return '\n'.join(lines) + '\n'
 
 
 def aggregate(

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, experiment_config
 from imask_jax import configs, errors, sweep
-from imask_jax.evaluation import report
+from imask_jax.evaluation import report, sweep_summary
 
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
 TISSUES = ('femur', 'femoral_cartilage', 'tibia', 'tibial_cartilage')
@@ -206,9 +206,9 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   assert f'{with_miss.mean():.3f} ± {with_miss.std(ddof=1):.3f}' in imask_row
   assert '(1 of 5 not found)' in imask_row
 
-  n, mean, p, dropped = sweep.paired_comparison(
-    sweep.run_rows(standard, sweep.finished_eval_dir(standard, 'test'))
-    + sweep.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
+  n, mean, p, dropped = sweep_summary.paired_comparison(
+    sweep_summary.run_rows(standard, sweep.finished_eval_dir(standard, 'test'))
+    + sweep_summary.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
     'imask',
     'standard',
     'femoral_cartilage',
@@ -216,8 +216,10 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   )
   assert (n, dropped) == (4, 1) and math.isclose(mean, -0.1)
   assert math.isclose(p, 2 / 2**4)  # four pairs, all negative
-  assert sweep.wilcoxon(gains) == pytest.approx(2 / 2**5)
-  assert sweep.wilcoxon([0.0, 0.0, 0.0]) == 1.0 and math.isnan(sweep.wilcoxon([0.1]))
+  assert sweep_summary.wilcoxon(gains) == pytest.approx(2 / 2**5)
+  assert sweep_summary.wilcoxon([0.0, 0.0, 0.0]) == 1.0 and math.isnan(
+    sweep_summary.wilcoxon([0.1])
+  )
   compare = next(line for line in text.splitlines() if line.startswith('| imask | standard'))
   assert '| FC | 5 (1 dropped) |' in compare
 
@@ -227,13 +229,13 @@ def test_evaluations_made_before_the_average_hausdorff_column_read_as_missing(tm
     tmp_path, 'standard', 0, {'c0': {'femur': ('ok', 0.9, 3.0, 0.5, 0.2)}}, {'femur': 0.25}
   )
   metrics_csv = os.path.join(run.workdir, 'eval', '10', 'metrics.csv')
-  rows = sweep.run_rows(run, os.path.dirname(metrics_csv))
+  rows = sweep_summary.run_rows(run, os.path.dirname(metrics_csv))
   assert rows[0]['average_hausdorff_voxels'] == 0.0 and rows[0]['hausdorff_voxels'] == 3.0
   old = [c for c in report.METRICS_COLUMNS if c != 'average_hausdorff_voxels']
   with open(metrics_csv, newline='') as f:
     kept = [{c: r[c] for c in old} for r in csv.DictReader(f)]
   report.write_csv(metrics_csv, old, kept)
-  (row,) = sweep.run_rows(run, os.path.dirname(metrics_csv))
+  (row,) = sweep_summary.run_rows(run, os.path.dirname(metrics_csv))
   assert math.isnan(row['average_hausdorff_voxels']) and row['dice'] == 0.9
 
 

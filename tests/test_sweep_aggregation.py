@@ -19,6 +19,7 @@ import pytest
 from scipy import stats
 
 from imask_jax import sweep
+from imask_jax.evaluation import sweep_summary
 
 FC, TC = 'femoral_cartilage', 'tibial_cartilage'
 
@@ -49,7 +50,7 @@ IMASK = {
 
 def _row(variant, seed, case, tissue, dice, status='ok'):
   """A summary.csv row; distances follow the Dice so that each metric has its own numbers."""
-  row = {c: math.nan for c in sweep.SUMMARY_COLUMNS}
+  row = {c: math.nan for c in sweep_summary.SUMMARY_COLUMNS}
   row.update(
     variant=variant,
     seed=seed,
@@ -108,44 +109,46 @@ def test_pairs_are_matched_by_seed_and_case_and_zero_differences_are_dropped():
   # W- = 1, and of the 32 sign patterns of 5 ranks, 2 have a sum <= 1 ({} and {1}) and 2 more
   # mirror them: p = 4 / 32.
   assert exact_two_sided_p(differences) == 4 / 32
-  n, mean, p, dropped = sweep.paired_comparison(rows, 'imask', 'standard', FC, 'dice')
+  n, mean, p, dropped = sweep_summary.paired_comparison(rows, 'imask', 'standard', FC, 'dice')
   assert (n, dropped) == (7, 0)
   assert mean == pytest.approx(np.mean(differences), abs=1e-12)
   assert mean == pytest.approx(0.13 / 7, abs=1e-12)
   assert p == pytest.approx(4 / 32, abs=1e-12)
   assert p == pytest.approx(stats.wilcoxon(differences, zero_method='wilcox').pvalue, abs=1e-12)
   # Distances pair the same way; lower is better, so their differences have the other sign.
-  n, mean, p, _ = sweep.paired_comparison(rows, 'imask', 'standard', FC, 'assd_mm')
+  n, mean, p, _ = sweep_summary.paired_comparison(rows, 'imask', 'standard', FC, 'assd_mm')
   assert n == 7 and mean == pytest.approx(-2 * np.mean(differences), abs=1e-9)
   assert p == pytest.approx(4 / 32, abs=1e-12)
   # Tibial cartilage: the pair empty in both is not a pair.
-  n, mean, p, dropped = sweep.paired_comparison(rows, 'imask', 'standard', TC, 'dice')
+  n, mean, p, dropped = sweep_summary.paired_comparison(rows, 'imask', 'standard', TC, 'dice')
   assert (n, dropped) == (6, 0)
   assert mean == pytest.approx(np.mean(differences[1:]), abs=1e-9)
 
 
 def test_wilcoxon_zero_rules_by_hand_and_scipy():
   # Zeros only: no evidence either way.
-  assert sweep.wilcoxon([0.0, 0.0, 0.0, 0.0]) == 1.0
+  assert sweep_summary.wilcoxon([0.0, 0.0, 0.0, 0.0]) == 1.0
   # One zero among five positives: the zero is dropped, leaving 5 positives: p = 2 / 2^5.
-  assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
-  assert sweep.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(
+  assert sweep_summary.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)
+  assert sweep_summary.wilcoxon([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(
     exact_two_sided_p([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
   )
   # Three zeros dropped (Wilcoxon), not ranked (Pratt, which gives 0.0625 here): seven left,
   # -0.3 with rank 3; subsets of 1..7 with sum <= 3: {}, {1}, {2}, {3}, {1, 2}: p = 2 * 5 / 128.
   d = [0.0, 0.0, 0.0, 0.1, 0.2, -0.3, 0.4, 0.5, 0.6, 0.7]
   assert exact_two_sided_p(d) == 10 / 128
-  assert sweep.wilcoxon(d) == pytest.approx(10 / 128)
+  assert sweep_summary.wilcoxon(d) == pytest.approx(10 / 128)
   # A single nonzero difference among zeros: p = 1 (one sign pattern of two is as extreme).
-  assert sweep.wilcoxon([0.0, 0.0, 0.3]) == pytest.approx(exact_two_sided_p([0.0, 0.0, 0.3]))
+  assert sweep_summary.wilcoxon([0.0, 0.0, 0.3]) == pytest.approx(
+    exact_two_sided_p([0.0, 0.0, 0.3])
+  )
   assert exact_two_sided_p([0.0, 0.0, 0.3]) == 1.0
   # Mixed signs, no zeros: |d| ranks 1 (+), 2 (-), 3..6 (+): W- = 2; subsets of 1..6 with sum
   # <= 2: {}, {1}, {2}: p = 2 * 3 / 64.
   d = [0.1, -0.2, 0.3, 0.4, 0.5, 0.6]
-  assert sweep.wilcoxon(d) == pytest.approx(6 / 64)
-  assert sweep.wilcoxon(d) == pytest.approx(stats.wilcoxon(d).pvalue)
-  assert math.isnan(sweep.wilcoxon([0.2]))
+  assert sweep_summary.wilcoxon(d) == pytest.approx(6 / 64)
+  assert sweep_summary.wilcoxon(d) == pytest.approx(stats.wilcoxon(d).pvalue)
+  assert math.isnan(sweep_summary.wilcoxon([0.2]))
 
 
 def _cells(text, first, width):
@@ -179,7 +182,7 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
     'imask/seed0': {FC: 0.40, TC: 0.20},
     'imask/seed1': {FC: 0.45, TC: 0.30},
   }
-  text = sweep.summary_markdown(config, runs, rows, ap_by_run, [])
+  text = sweep_summary.summary_markdown(config, runs, rows, ap_by_run, [])
   assert 'runs finished: 4 of 4' in text
 
   (header,) = _cells(text, ('Variant', 'Dice FC'), 11)
