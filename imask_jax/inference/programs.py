@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from imask_jax import parallel
 from imask_jax.inference import sliding_window
-from imask_jax.models import mask_rcnn
+from imask_jax.models import detections
 from imask_jax.models.mask_rcnn import MaskRCNN
 from imask_jax.models.unet import UNet
 
@@ -48,7 +48,7 @@ def make_detect_fn(
 def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
   def per_device(variables, images):
     det = model.apply(variables, images, paint_only, method=MaskRCNN.detect)
-    label_map, _ = mask_rcnn.detections_to_label_map(
+    label_map, _ = detections.detections_to_label_map(
       det,
       model.spec.image_size,
       threshold=model.spec.mask_threshold,

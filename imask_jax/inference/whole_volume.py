@@ -11,9 +11,9 @@ Back-mapping. The input pipeline resizes a [h, w] slice by `scale` = extent / (h
 bottom/right, so a continuous network-input coordinate y_net is the source coordinate
 y_src = y_net / scale_y (pixel edges at integers in both). Boxes are therefore divided by the
 scale and the detections' m x m mask probabilities are pasted straight into the [h, w] source
-slice (`mask_rcnn.detections_to_label_map` at the source size): no resampling of a
+slice (`detections.detections_to_label_map` at the source size): no resampling of a
 network-resolution label map, so the output is as sharp as the mask head allows whatever the
-input scale. Overlapping masks and the score cut follow `mask_rcnn.detections_to_label_map`, as
+input scale. Overlapping masks and the score cut follow `detections.detections_to_label_map`, as
 at network resolution.
 
 A U-Net (`model.kind = 'unet'`) gives class probabilities at network pixels instead of
@@ -40,7 +40,7 @@ from data_pipelines.tissues import LabelScheme
 from imask_jax import input_pipeline, parallel
 from imask_jax.inference import postprocess, semantic
 from imask_jax.inference.loading import LoadedModel
-from imask_jax.models import mask_rcnn
+from imask_jax.models import detections
 
 # --- detections -> source resolution ------------------------------------------------------------
 
@@ -81,8 +81,8 @@ def _paste_at_source(
   paint_rule,
 ):
   divisor = jnp.tile(scale.astype(jnp.float32), 2)[:, None, :]  # (sy, sx, sy, sx) per example
-  det = mask_rcnn.Detections(boxes / divisor, scores, classes, valid, mask_probs)
-  return mask_rcnn.detections_to_label_map(det, source_size, mask_threshold, min_score, paint_rule)
+  det = detections.Detections(boxes / divisor, scores, classes, valid, mask_probs)
+  return detections.detections_to_label_map(det, source_size, mask_threshold, min_score, paint_rule)
 
 
 def detections_to_source(
@@ -102,12 +102,12 @@ def detections_to_source(
     source_size: (h, w) of the source slices.
     min_score: detections scoring below this are left out of the class ids (the config's
       model.label_score_threshold); they stay in the instance masks.
-    paint_rule: which pixels are painted (model.paint_rule, mask_rcnn.detections_to_label_map).
+    paint_rule: which pixels are painted (model.paint_rule, detections.detections_to_label_map).
     mask_threshold: the mask probability from which a pasted pixel is the detection's
       (model.mask_threshold).
   Returns:
     class ids int32 [B, h, w] (0 = background; a pixel several detections claim goes to the
-    highest score x mask probability, `mask_rcnn.detections_to_label_map`) and the pasted
+    highest score x mask probability, `detections.detections_to_label_map`) and the pasted
     instance masks bool [B, D, h, w] (False for invalid detections).
   """
   label_map, masks = _paste_at_source(

@@ -146,7 +146,7 @@ class ModelSpec:
   # A pasted pixel belongs to a painted detection where its mask probability is >= this (Mask
   # R-CNN's 0.5); an experiment may choose another on its validation split.
   mask_threshold: float = 0.5
-  # Pixels painted into label maps, 'union' or 'each' (mask_rcnn.detections_to_label_map).
+  # Pixels painted into label maps, 'union' or 'each' (detections.detections_to_label_map).
   paint_rule: str = 'union'
   # predict: the mask head runs only on each class's best `paint_slots_per_class` detections
   # scoring >= label_score_threshold (the ones that paint), not on all max_detections; a scan

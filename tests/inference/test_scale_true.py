@@ -289,7 +289,7 @@ def test_a_workdir_saved_before_scale_true_slices_still_resizes_to_fit_and_paint
     json.dump(saved, f)
   loaded = workdir_lib.load_config(str(tmp_path))
   assert loaded.data.pixel_spacing_mm == 0.0
-  # ... and paints as it did (new runs paint the union, mask_rcnn.detections_to_label_map).
+  # ... and paints as it did (new runs paint the union, detections.detections_to_label_map).
   assert (loaded.model.paint_rule, config.model.paint_rule) == ('each', 'union')
   assert not slice_transforms.prepare_settings(loaded).scale_true
   inputs = input_pipeline.volume_inputs(_scan(tmp_path, 90, 45, 1.0), loaded)

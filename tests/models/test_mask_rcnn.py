@@ -21,14 +21,8 @@ import imask_jax  # noqa: F401  (sets the PRNG implementation)
 from data_pipelines import instances, orientation
 from data_pipelines.phantoms import generate_knee
 from imask_jax.models import heads
-from imask_jax.models.mask_rcnn import (
-  Detections,
-  MaskRCNN,
-  ModelSpec,
-  detections_to_label_map,
-  init_variables,
-  paint_slots,
-)
+from imask_jax.models.detections import Detections, detections_to_label_map, paint_slots
+from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec, init_variables
 from imask_jax.models.spec import IMaskSpec, PointSpec
 from imask_jax.ops import masks as mask_ops
 
@@ -440,6 +434,31 @@ def test_paint_slots_keep_each_class_best_painting_detections(per_class):
       assert np.all(np.diff(scores[b][mine]) <= 0)
 
 
+# The painting cases below share one full pass per trained model: a full pass (paint_only
+# False) reads neither paint_slots_per_class nor label_score_threshold, so it is computed once,
+# with the most restrictive of the cases' values (1 slot per class, min_score 0.5), and must
+# still return every NMS survivor (checked in each case: a full pass cut to the painting slots,
+# or by the painting score, would leave some of the 8 slots empty).
+FULL_PASS_PAINTING = dict(paint_slots_per_class=1, label_score_threshold=0.5)
+
+
+def full_detections(trained) -> Detections:
+  """The trained model's full pass over its two slices with every NMS survivor a detection
+  (test_score_threshold 0: all 8 slots filled), computed once per trained model."""
+  if 'full' not in trained:
+    import dataclasses
+
+    spec = dataclasses.replace(
+      trained['model'].spec, test_score_threshold=0.0, **FULL_PASS_PAINTING
+    )
+    trained['full'] = jax.device_get(
+      jax.jit(lambda p, x: MaskRCNN(spec).apply({'params': p}, x, method=MaskRCNN.detect))(
+        trained['params'], jnp.asarray(trained['batch']['image'])
+      )
+    )
+  return trained['full']
+
+
 @pytest.mark.e2e  # uses the trained tiny model
 @pytest.mark.parametrize('per_class, min_score', [(1, 0.5), (1, 0.0), (2, 0.05)])
 def test_paint_only_detection_is_the_full_detection_cut_to_its_painting_slots(
@@ -457,20 +476,16 @@ def test_paint_only_detection_is_the_full_detection_cut_to_its_painting_slots(
     test_score_threshold=0.0,
   )
   images = jnp.asarray(batch['image'])
-  full = jax.device_get(
-    jax.jit(lambda p, x: MaskRCNN(spec).apply({'params': p}, x, method=MaskRCNN.detect))(
-      params, images
-    )
-  )
+  full = full_detections(trained)
   slots = jax.device_get(
     jax.jit(lambda p, x: MaskRCNN(spec).apply({'params': p}, x, True, method=MaskRCNN.detect))(
       params, images
     )
   )
-  assert full.unpainted is None
+  assert full.unpainted is None and np.all(full.valid)
   assert slots.boxes.shape[1] == NUM_CLASSES * per_class
   if min_score == 0.0:  # 8 painting detections, at most 4 * per_class slots
-    assert np.all(full.valid) and np.all(slots.unpainted >= 8 - NUM_CLASSES * per_class)
+    assert np.all(slots.unpainted >= 8 - NUM_CLASSES * per_class)
   for b in range(images.shape[0]):
     kept, unpainted = kept_for_painting(
       full.scores[b], full.classes[b], full.valid[b], min_score, per_class

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from imask_jax.models.mask_rcnn import propose, select_detections
+from imask_jax.models.detections import propose, select_detections
 from imask_jax.ops import anchors as anchor_ops
 
 IMAGE = (32, 40)
