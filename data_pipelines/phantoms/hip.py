@@ -812,14 +812,9 @@ def generate_hip(
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets, bones = build_layers(model, sc)
   rendered = scene.render(sc, layers, background=0.0)
-  image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
-  # The coil is fixed in space: its profile spans the preset's field of view.
-  reach = tuple(
-    (n - 1) * s / ((n0 - 1) * s0)
-    for n, s, n0, s0 in zip(p['shape'], p['spacing'], ref['shape'], ref['spacing'])
+  image = mri.scanner_image(
+    rendered.image, grid.spacing, p, ref, rng, bias_strength=0.12, coil_falloff=0.25
   )
-  image *= mri.bias_field(grid.shape, rng, 0.12, coil_axis=0, coil_falloff=0.25, reach=reach)
-  image = mri.quantise(mri.rician(image, p['noise'], rng))
   names = [layer.name for layer in layers]
   blocked = np.isin(rendered.owner, bones)
   readers, reader_info = hip_readers.reader_labels(
@@ -876,13 +871,7 @@ def hip_truth(
     'preset': preset,
     'sequence': 'STIR-like',
     'plane': PLANE,
-    'shape': list(grid.shape),
-    'spacing_mm': list(grid.spacing),
-    'fov_mm': list(acq['fov_mm']),
-    'psf_fwhm_mm': list(acq['fwhm']),
-    'axis_codes': list(AXIS_CODES),
-    'affine': grid.affine.tolist(),
-    'model_to_world': grid.model_to_world.tolist(),
+    **truth_lib.grid_entries(grid, acq, AXIS_CODES),
     'labels': LABELS,
     'tissues': truth_lib.tissue_volumes(rendered, layers, grid, LABELS),
     'effusion': effusion,

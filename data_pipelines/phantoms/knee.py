@@ -1093,14 +1093,9 @@ def generate_knee(
   sc.textures = make_textures(grid.shape, grid.spacing, rng)
   layers, pockets = build_layers(model, sc, signal)
   rendered = scene.render(sc, layers, background=0.0)
-  image = mri.psf_blur(rendered.image, grid.spacing, p['fwhm'])
-  # The coil is fixed in space: its profile spans the preset's field of view.
-  reach = tuple(
-    (n - 1) * s / ((n0 - 1) * s0)
-    for n, s, n0, s0 in zip(p['shape'], p['spacing'], ref['shape'], ref['spacing'])
+  image = mri.scanner_image(
+    rendered.image, grid.spacing, p, ref, rng, bias_strength=0.1, coil_falloff=0.3
   )
-  image *= mri.bias_field(grid.shape, rng, 0.1, coil_axis=0, coil_falloff=0.3, reach=reach)
-  image = mri.quantise(mri.rician(image, p['noise'], rng))
   truth = knee_truth(model, grid, layers, rendered, pockets, seed, preset, p)
   if anatomy.shaped:
     truth['anatomy']['shape'] = knee_shapes.describe(anatomy)
@@ -1155,13 +1150,7 @@ def knee_truth(
     'preset': preset,
     'sequence': 'DESS-like',
     'plane': 'sagittal',
-    'shape': list(grid.shape),
-    'spacing_mm': list(grid.spacing),
-    'fov_mm': list(acq['fov_mm']),
-    'psf_fwhm_mm': list(acq['fwhm']),
-    'axis_codes': list(AXIS_CODES),
-    'affine': grid.affine.tolist(),
-    'model_to_world': grid.model_to_world.tolist(),
+    **truth_lib.grid_entries(grid, acq, AXIS_CODES),
     'labels': LABELS,
     'tissues': tissues,
     'effusion': effusion,

@@ -223,6 +223,44 @@ def quantise(image: Array, max_value: float = 4095.0) -> Array:
   return np.clip(np.rint(image), 0, max_value).astype(np.float32)
 
 
+def coil_reach(acquired: dict[str, Any], reference: dict[str, Any]) -> tuple[float, ...]:
+  """The grid's half-extent per axis in units of the reference preset's (`bias_field`'s
+  `reach`): the coil is fixed in space, so its profile spans the preset's field of view
+  whatever field of view an acquisition override gives."""
+  return tuple(
+    (n - 1) * s / ((n0 - 1) * s0)
+    for n, s, n0, s0 in zip(
+      acquired['shape'], acquired['spacing'], reference['shape'], reference['spacing']
+    )
+  )
+
+
+def scanner_image(
+  rendered: Array,
+  spacing: tuple[float, float, float],
+  acquired: dict[str, Any],
+  reference: dict[str, Any],
+  rng: np.random.Generator,
+  *,
+  bias_strength: float,
+  coil_falloff: float,
+) -> Array:
+  """What the scanner records of a rendered signal volume, float32 [X, Y, Z] in whole units:
+  the PSF blur (`acquired['fwhm']`), the coil's bias field (along array axis 0, the limb's
+  long axis in both phantoms; `coil_reach` of the preset `reference`), Rician noise of
+  `acquired['noise']` and 12-bit quantisation. Draws from `rng` in that order (bias, noise)."""
+  image = psf_blur(rendered, spacing, acquired['fwhm'])
+  image *= bias_field(
+    rendered.shape,
+    rng,
+    bias_strength,
+    coil_axis=0,
+    coil_falloff=coil_falloff,
+    reach=coil_reach(acquired, reference),
+  )
+  return quantise(rician(image, acquired['noise'], rng))
+
+
 def depth_mix(
   depth: Array, thickness: Array | float, outer: float, inner: Array | float, width: float
 ) -> Array:

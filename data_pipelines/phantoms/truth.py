@@ -22,6 +22,21 @@ def _r(v: float, digits: int = 4) -> float:
   return float(round(float(v), digits))
 
 
+def grid_entries(grid: scene.Grid, acquisition: dict[str, Any], axis_codes: Any) -> dict[str, Any]:
+  """The sidecar's grid and acquisition keys, in the order both phantoms write them: shape,
+  spacing, field of view, PSF FWHM, axis codes, the voxel -> world affine and the model ->
+  world pose."""
+  return {
+    'shape': list(grid.shape),
+    'spacing_mm': list(grid.spacing),
+    'fov_mm': list(acquisition['fov_mm']),
+    'psf_fwhm_mm': list(acquisition['fwhm']),
+    'axis_codes': list(axis_codes),
+    'affine': grid.affine.tolist(),
+    'model_to_world': grid.model_to_world.tolist(),
+  }
+
+
 def tissue_volumes(
   rendered: scene.Rendered, layers: list[scene.Layer], grid: scene.Grid, labels: dict[str, int]
 ) -> dict[str, dict[str, float]]:
