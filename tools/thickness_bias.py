@@ -42,7 +42,7 @@ from scipy import spatial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines import orientation  # noqa: E402
-from data_pipelines.phantoms import knee, mri, scene  # noqa: E402
+from data_pipelines.phantoms import knee, knee_anatomy, knee_layers, mri, scene  # noqa: E402
 from imask_jax.metrics import thickness, thickness_maps  # noqa: E402
 
 METHODS = thickness.THICKNESS_METHODS
@@ -152,8 +152,8 @@ class Knee:
 
   def __init__(self, seed, grid_kind):
     self.seed = seed
-    anatomy = knee.sample_anatomy(np.random.default_rng(seed))  # generate_knee's first draw
-    self.model = knee.KneeModel(anatomy)
+    anatomy = knee_anatomy.sample_anatomy(np.random.default_rng(seed))  # generate_knee's first draw
+    self.model = knee_anatomy.KneeModel(anatomy)
     if grid_kind == 'cpu':
       phantom = knee.generate_knee(seed, 'cpu')
       labels, affine = phantom.labels, phantom.affine
@@ -182,7 +182,7 @@ class Knee:
     sc = scene.Scene(grid, ramp_mm=float(np.mean(FINE_SPACING[:2])))
     # Textures only shade the image; the labels do not depend on them.
     sc.textures = {k: np.zeros(shape, np.float32) for k in ('fine', 'coarse', 'striated', 'septa')}
-    layers, _ = knee.build_layers(self.model, sc)
+    layers, _ = knee_layers.build_layers(self.model, sc)
     last = max(i for i, layer in enumerate(layers) if layer.label in (1, 2, 3, 4))
     return scene.render(sc, layers[: last + 1]).labels, affine, placed.model_to_world
 

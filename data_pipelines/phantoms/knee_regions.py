@@ -93,7 +93,7 @@ class SurfaceGrid:
 
 
 def surface_grids(model) -> dict[str, SurfaceGrid]:
-  """The femoral and tibial grids of `model` (a knee.KneeModel), thickness unthinned."""
+  """The femoral and tibial grids of `model` (a knee_anatomy.KneeModel), thickness unthinned."""
   saved = model.thinning
   model.thinning = None
   try:

@@ -1,6 +1,6 @@
 """Shape families of the knee phantom: the default, a varied one for training, a held-out one.
 
-The default family is what `knee.sample_anatomy` draws (docs/phantoms.md, "Knee"); its knees
+The default family is what `knee_anatomy.sample_anatomy` draws (docs/phantoms.md, "Knee"); its knees
 are unchanged by this module. 'varied' widens the shape parameters towards published adult
 ranges (for training a general model); 'held_out' draws every one of them outside the varied
 ranges, on either side, for judging a model on anatomy it was never trained on (never for
@@ -8,7 +8,7 @@ training or tuning). The draws come from their own stream, the seed sequence
 [seed, SHAPE_STREAM], so the rest of a knee (effusion, cartilage fields, OA, defects, pose,
 texture, noise) is the default family's knee of the same seed.
 
-Parameters (base-size mm are mm at scale 1; see the top of knee.py for the model frame):
+Parameters (base-size mm are mm at scale 1; see the top of knee_anatomy.py for the model frame):
 
   scale                 subject size (isotropic; cartilage thickness is not scaled)
   tibial_slope_deg      posterior slope of the tibial plateau
@@ -130,7 +130,7 @@ def check_option(name: str, value: Any) -> Any:
 
 
 def apply_shape(anatomy: Any, draw: ShapeDraw, keep: set[str]) -> None:
-  """Sets the draw's parameters on a knee.KneeAnatomy, except those named in `keep` (options
+  """Sets the draw's parameters on a knee_anatomy.KneeAnatomy, except those named in `keep` (options
   the caller gave explicitly, which win)."""
   for field in dataclasses.fields(ShapeDraw):
     if field.name != 'family' and field.name not in keep:
@@ -140,7 +140,7 @@ def apply_shape(anatomy: Any, draw: ShapeDraw, keep: set[str]) -> None:
 
 
 def describe(anatomy: Any) -> dict[str, Any]:
-  """The sidecar's 'anatomy' 'shape' block of a knee.KneeAnatomy: its family and the shape
+  """The sidecar's 'anatomy' 'shape' block of a knee_anatomy.KneeAnatomy: its family and the shape
   parameters beyond the default sidecar's (scale and joint_gap_mm are recorded there)."""
   scale = anatomy.condyle_scale
   return {

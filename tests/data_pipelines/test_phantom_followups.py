@@ -15,7 +15,7 @@ from scipy import ndimage
 from data_pipelines import orientation
 from data_pipelines.datasets import params
 from data_pipelines.phantoms import __main__ as cli
-from data_pipelines.phantoms import generate_knee, knee, knee_regions, write_dataset
+from data_pipelines.phantoms import generate_knee, knee_anatomy, knee_regions, write_dataset
 from imask_jax import metrics
 
 SEED = 0
@@ -180,7 +180,7 @@ def test_thinning_cmf_lowers_the_analytic_cmf_only(visits):
 
   # Node by node on the analytic grids: exactly 0.1 mm less wherever cMF's cartilage is at least
   # 0.2 mm thick, half as thick where thinner; the lateral condyle and the tibia untouched.
-  model = knee.KneeModel(knee.sample_anatomy(np.random.default_rng(SEED)))
+  model = knee_anatomy.KneeModel(knee_anatomy.sample_anatomy(np.random.default_rng(SEED)))
   grids = knee_regions.surface_grids(model)
   masks = knee_regions.region_masks(grids)
   model.thinning = knee_regions.thinning_zones(grids, masks, {'cMF': 0.1}, model.s)

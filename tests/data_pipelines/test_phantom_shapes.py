@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.phantoms import __main__ as cli
-from data_pipelines.phantoms import knee, knee_shapes, writer
+from data_pipelines.phantoms import knee, knee_anatomy, knee_shapes, writer
 
 GRID = dict(spacing_mm=0.8, fov_mm=72.0)
 # docs/phantoms.md, "Shape families": the varied (training) family's ranges.
@@ -111,8 +111,8 @@ def test_the_notch_is_as_wide_as_its_parameter_where_it_carves_the_condyles():
   z 10 mm), the femur's free interval about the notch's centre is 2 x half-width x scale wide
   (within 0.6 mm, the smooth subtraction's blend) for half-widths 11.5 and 13 mm."""
   for half in (11.5, 13.0):
-    anatomy = knee.sample_anatomy(np.random.default_rng(4), notch_half_width_mm=half)
-    model = knee.KneeModel(anatomy)
+    anatomy = knee_anatomy.sample_anatomy(np.random.default_rng(4), notch_half_width_mm=half)
+    model = knee_anatomy.KneeModel(anatomy)
     s = model.s
     x = np.arange(-30.0, 30.0, 0.02, dtype=np.float32) * s
     free = model.femur(x, np.full_like(x, -10.0 * s), np.full_like(x, 10.0 * s)) > 0

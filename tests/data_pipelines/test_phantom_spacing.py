@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.phantoms import __main__ as cli
-from data_pipelines.phantoms import hip, knee, mri, writer
+from data_pipelines.phantoms import hip, knee, knee_anatomy, mri, writer
 
 KNEE_FOV = 72.0  # mm: 90 pixels at 0.8 mm, 60 at 1.2 mm (the cpu preset: 102.4 mm)
 KNEE_SPACINGS = (0.8, 1.2)
@@ -86,7 +86,7 @@ def test_acquisition_resolves_overrides():
 
 def test_knee_grid_shape_affine_and_centre(knees):
   cpu = knee.PRESETS['cpu']
-  preset_grid = knee.make_grid(knee.sample_anatomy(np.random.default_rng(0)), 'cpu')
+  preset_grid = knee.make_grid(knee_anatomy.sample_anatomy(np.random.default_rng(0)), 'cpu')
   for sp, ph in knees.items():
     n = round(KNEE_FOV / sp)
     assert ph.image.shape == ph.labels.shape == (n, n, cpu['shape'][2])

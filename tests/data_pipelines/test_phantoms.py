@@ -15,6 +15,7 @@ from data_pipelines.phantoms import (
   generate_hip,
   generate_knee,
   knee,
+  knee_anatomy,
   save_preview,
   scene,
   sdf,
@@ -272,7 +273,9 @@ def test_thickness_from_label_map_matches_field(knee0, plate, value):
 
 
 def test_oa_options_thin_the_cartilage():
-  model = lambda **kw: knee.KneeModel(knee.sample_anatomy(np.random.default_rng(7), **kw))
+  model = lambda **kw: knee_anatomy.KneeModel(
+    knee_anatomy.sample_anatomy(np.random.default_rng(7), **kw)
+  )
   healthy = model(oa_thinning=0.0, num_defects=0).femoral_grid()['thickness']
   worn = model(oa_thinning=0.8, num_defects=0).femoral_grid()['thickness']
   holed = model(oa_thinning=0.0, num_defects=2).femoral_grid()['thickness']
@@ -325,7 +328,7 @@ def test_knee_cartilage_shells_do_not_overlap():
   """Continuous check on a dense random sample around the joint, plus the label map."""
   rng = np.random.default_rng(0)
   for seed in (0, 1):
-    model = knee.KneeModel(knee.sample_anatomy(np.random.default_rng(seed)))
+    model = knee_anatomy.KneeModel(knee_anatomy.sample_anatomy(np.random.default_rng(seed)))
     p = rng.uniform((-40.0, -35.0, -8.0), (40.0, 30.0, 10.0), (150_000, 3)).astype(np.float32)
     fem = model.cartilage_inside('femur', *p.T)
     tib = model.cartilage_inside('tibia', *p.T)
@@ -335,10 +338,10 @@ def test_knee_cartilage_shells_do_not_overlap():
 
 def test_left_knee_is_mirrored():
   right = knee.make_grid(
-    knee.sample_anatomy(np.random.default_rng(1), side='right', pose=False), 'cpu'
+    knee_anatomy.sample_anatomy(np.random.default_rng(1), side='right', pose=False), 'cpu'
   )
   left = knee.make_grid(
-    knee.sample_anatomy(np.random.default_rng(1), side='left', pose=False), 'cpu'
+    knee_anatomy.sample_anatomy(np.random.default_rng(1), side='left', pose=False), 'cpu'
   )
   # Model +x (lateral, the fibula side) points to the patient's right for a right knee, to the
   # left for a left knee (RAS x: +right).
