@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.phantoms import __main__ as cli
-from data_pipelines.phantoms import hip, knee, knee_anatomy, mri, writer
+from data_pipelines.phantoms import hip, hip_anatomy, knee, knee_anatomy, mri, writer
 
 KNEE_FOV = 72.0  # mm: 90 pixels at 0.8 mm, 60 at 1.2 mm (the cpu preset: 102.4 mm)
 KNEE_SPACINGS = (0.8, 1.2)
@@ -203,7 +203,7 @@ def test_cli_writes_a_dataset_at_the_requested_grid(tmp_path):
   assert meta['spacing_mm'] == 3.0 and meta['fov_mm'] == 120.0 and meta['preset'] == 'cpu'
   slices = hip.PRESETS['cpu']['shape'][2], hip.PRESETS['cpu']['spacing'][2]
   rng = np.random.default_rng(4)  # generate_hip's draws: the model, then the grid's pose
-  hip.HipModel(rng)
+  hip_anatomy.HipModel(rng)
   preset_grid = hip.make_grid(rng, 'cpu')
   for path in ('imagesTr/hip_0000_0000.nii.gz', 'labelsTr/hip_0000.nii.gz'):
     img = nib.load(out / path)
