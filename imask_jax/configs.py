@@ -252,8 +252,9 @@ def use_paper_settings(c: ml_collections.ConfigDict, *, estimated_train_slices: 
 def use_small_network(c: ml_collections.ConfigDict) -> None:
   """The quick start's network (experiments/phantom_knee.py, phantom_hip.py): ResNet-18-FPN
   at width 16 with group norm and narrow heads, anchors 16-256 pixels, and its training
-  rhythm (batch 4, Adam 1e-3 with 100 warm-up steps). It trains at 0.1-0.25 s per step on two
-  CPU cores, where the paper's ResNet-101 at 1024 x 1024 takes minutes (benchmarks/)."""
+  rhythm (batch 4, Adam 1e-3 with 100 warm-up steps): a fraction of a second per step on two
+  CPU cores, where the paper's ResNet-101 at 1024 x 1024 takes minutes (docs/training_cost.md,
+  benchmarks/README.md)."""
   m, t = c.model, c.train
   m.backbone = 'resnet18'
   m.norm = 'group'

@@ -107,7 +107,7 @@ def create_train_dataset(
 
   start_step: the first batch is batch `start_step` of the stream a fresh iterator (same seed)
   gives, so a resumed run sees exactly the data it would have seen. The skipped examples are
-  read and prepared again, but not augmented (about 1 ms of CPU each at 128 x 128).
+  read and prepared again, but not augmented (the cheap part of an example).
   """
   if start_step < 0:
     raise ValueError(f'start_step={start_step}; expected >= 0')

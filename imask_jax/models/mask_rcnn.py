@@ -405,8 +405,8 @@ def init_variables(model: MaskRCNN, key: Array) -> dict[str, Any]:
   """Initial variables (every parameter and batch statistic of the model).
 
   The parameters are drawn with the 'rbg' generator seeded from `key`: its initialisers
-  compile about 5x faster on CPU than threefry's (a ResNet-FPN init took 18 s to compile with
-  threefry and 3.7 s with rbg on the project's 2-core machine). Only initialisation uses it;
+  compile several times faster on CPU than threefry's (benchmarks/README.md, "Initialisation").
+  Only initialisation uses it;
   the sampling keys of training stay threefry, whose values do not change under `vmap` (rbg's
   do), so that results do not depend on how a batch is split over devices.
   """

@@ -21,35 +21,23 @@ Conventions (detectron2's `ROIAlign(aligned=True)`):
   detectron2 and torchvision, whose kernels give boxes no gradient); `jax.grad` with respect
   to boxes is zero.
 
-Layout of the computation, and why (measured on the project's 2-core CPU, jax 0.10.2, P2-P5
-of a 256 x 256 input with 256 channels, 512 ROIs at 7x7):
+Layout of the computation (why, with the measurements that chose it: benchmarks/README.md,
+"ROIAlign"):
 
-* The separable form -- per ROI a `[h, H]` row-weight and a `[w, W]` column-weight matrix,
-  two matmuls -- lost. XLA:CPU runs batched small matmuls at about 9 GFLOP/s here (one large
-  GEMM at about 35); over the whole map it costs `N h H W C` multiply-adds (3.8 G on P2,
-  ~200 ms for the first matmul alone); and a fixed window per ROI is wrong for long thin
-  boxes (a cartilage box spans most of P2 along one axis) unless it is as large as the map.
-* What wins is the direct form: each output is a weighted sum of `(2 g)^2` pixel vectors
-  (2 taps per sample and axis) read from one flat `[pixels, C]` table that holds every
-  pyramid level of every image, so a ROI reads only its own level and no work is spent on
-  levels it does not use. The sum over taps is unrolled, which lets XLA fuse all gathers and
-  multiply-adds into one loop that writes only the output (2-3x faster than one gather
-  followed by a contraction).
-* Memory traffic decides the rest: a fresh buffer above 32 MiB is page-faulted in at about
-  2 GB/s on this machine, and the transpose of the gathers is a scatter-add of `(2 g)^2`
-  weighted copies of the output gradient (400 MB for this case; building it took ~200 ms).
-  So the backward pass (a `custom_vjp`) is a `lax.scan` over chunks of output rows (about a
-  million gathered values each) whose carry is the table gradient: each step scatter-adds
-  its few thousand rows in place, about 20 ms in all when the machine is quiet. Plain
-  autodiff of a chunked forward scan gave 1.5-3x slower backward passes (per-tap residuals,
-  one scatter per tap). The forward itself is chunked only where it must be: it writes only
-  its output, and a scan's zero-filled stacked output made it 15-25% slower; beyond
-  `_MAX_UNROLLED_TAPS` a step gathers all taps at once, and beyond `_MAX_UNCHUNKED_BYTES` of
-  gathered values (where XLA:CPU, inside a whole training step, materialised them all)
-  the unrolled sum runs in large steps. A table of 2x2 pixel patches
-  (4x fewer, wider gathers and scatters) was 3x slower.
+* The direct form: each output is a weighted sum of `(2 g)^2` pixel vectors (2 taps per
+  sample and axis) read from one flat `[pixels, C]` table that holds every pyramid level of
+  every image, so a ROI reads only its own level; the sum over taps is unrolled so that XLA
+  fuses all gathers and multiply-adds into one loop that writes only the output. (Separable
+  row and column weight matrices cost a contraction over the whole map and a fixed window is
+  wrong for long thin boxes.)
+* The backward pass is a `custom_vjp`: a `lax.scan` over chunks of output rows whose carry
+  is the table gradient, each step scatter-adding its rows in place, instead of autodiff's
+  scatter of every tap's weighted copy of the output gradient. The forward is chunked only
+  where it must be: beyond `_MAX_UNROLLED_TAPS` a step gathers all taps at once, and beyond
+  `_MAX_UNCHUNKED_BYTES` of gathered values (which XLA:CPU materialised inside a whole
+  training step) the unrolled sum runs in large steps.
 * The price of `custom_vjp`: reverse mode only (`jax.jvp` / `jacfwd` raise). `jit`, `vmap`
-  and `grad` work. Timings against TensorFlow and torchvision: `benchmarks/README.md`.
+  and `grad` work.
 """
 
 from __future__ import annotations
