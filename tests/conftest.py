@@ -4,10 +4,15 @@ module that needs a trained checkpoint.
 `smoke_workdir` trains experiments/phantom_knee.py:smoke (5 knee phantoms, 64 x 64 inputs, 6
 steps) once per test session into a temporary folder, its TFDS data beside it; `smoke_model`
 restores its latest checkpoint once, so the detection function compiles once per session.
+The smoke run writes its compiled programs to a session-wide persistent compilation cache
+(`xla_cache_dir`), so that later runs of the same config (tests/e2e/test_train.py's
+subprocesses, the resumed runs of tests/test_user_mistakes.py) load them instead of compiling
+them again, whichever test module asks for the smoke run first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -82,8 +87,49 @@ def box_painting_model(config, boxes):
   )
 
 
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str):
+  """JAX's persistent compilation cache in `path` for every compile inside the block (all
+  programs, however small), then the settings as they were. A program loaded from the cache is
+  the compiled executable itself: results are bit for bit those of a fresh compile."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = (
+    'jax_compilation_cache_dir',
+    'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes',
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  compilation_cache.reset_cache()  # this process may have decided "no cache" already
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  try:
+    yield path
+  finally:
+    compilation_cache.reset_cache()
+    for name, value in saved.items():
+      jax.config.update(name, value)
+
+
+def subprocess_cache_env(path: str) -> dict[str, str]:
+  """The environment variables that give a subprocess the same persistent cache."""
+  return dict(
+    JAX_COMPILATION_CACHE_DIR=path,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+
+
 @pytest.fixture(scope='session')
-def smoke_workdir(tmp_path_factory) -> str:
+def xla_cache_dir(tmp_path_factory) -> str:
+  """The session's persistent compilation cache folder (filled by the smoke run)."""
+  return str(tmp_path_factory.mktemp('xla_cache'))
+
+
+@pytest.fixture(scope='session')
+def smoke_workdir(tmp_path_factory, xla_cache_dir) -> str:
   """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""
   from imask_jax.training import train
 
@@ -92,7 +138,8 @@ def smoke_workdir(tmp_path_factory) -> str:
   # An explicit data_dir keeps the run independent of $IMASK_DATA_DIR.
   config.data.data_dir = str(base / 'tfds')
   workdir = str(base / 'run')
-  train.train_and_evaluate(config, workdir)
+  with persistent_compilation_cache(xla_cache_dir):
+    train.train_and_evaluate(config, workdir)
   return workdir
 
 

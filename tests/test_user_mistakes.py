@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import POSED_AFFINE
+from conftest import POSED_AFFINE, persistent_compilation_cache
 from imask_jax import errors, evaluate
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import loading
@@ -113,14 +113,15 @@ def test_a_corrupt_checkpoint_is_one_line_in_evaluate_and_predict(smoke_workdir,
 
 
 def test_training_resumes_from_the_newest_checkpoint_that_restores(
-  smoke_workdir, smoke_model, tmp_path, caplog
+  smoke_workdir, smoke_model, tmp_path, caplog, xla_cache_dir
 ):
   copy = _copy(smoke_workdir, tmp_path)
   step6 = os.path.join(copy, 'checkpoints', '6')
   _truncate_data_files(step6)
   broken = _snapshot(step6)
   config = workdir_lib.load_config(copy)
-  with caplog.at_level('WARNING'):
+  # The smoke run's compiled programs come from the session's cache (conftest).
+  with caplog.at_level('WARNING'), persistent_compilation_cache(xla_cache_dir):
     train.train_and_evaluate(config, copy)
   # The broken checkpoint is set aside byte for byte, and the run says so in one line.
   aside = os.path.join(copy, workdir_lib.UNRESTORABLE_DIR, '6')

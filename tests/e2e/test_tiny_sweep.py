@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, subprocess_cache_env
 from imask_jax import sweep
 from imask_jax import workdir as workdir_lib
 
@@ -29,13 +29,18 @@ def _sweep_command(workdir: str) -> list[str]:
   ]
 
 
-def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(tmp_path, smoke_workdir):
-  # The runs read the smoke dataset the session fixture already built.
+def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(
+  tmp_path, smoke_workdir, xla_cache_dir
+):
+  # The runs read the smoke dataset the session fixture already built. They share the
+  # session's persistent compilation cache (conftest): a program one of their processes
+  # compiled (a run's detection, then again in its evaluation) is loaded by the next.
   env = dict(
     os.environ,
     IMASK_DATA_DIR=os.path.join(os.path.dirname(smoke_workdir), 'tfds'),
     TF_CPP_MIN_LOG_LEVEL='2',
     CUDA_VISIBLE_DEVICES='',
+    **subprocess_cache_env(xla_cache_dir),
   )
   workdir = str(tmp_path / 'sweep')
   second_started = os.path.join(workdir, 'imask-resnet18', 'seed0', 'config.json')

@@ -9,7 +9,8 @@ schedule and the missing-data message.
 
 Time: the 2-device run and the two-process pair compile programs of their own, so they start
 in the background as soon as the reference exists and run while the other tests do. Runs of
-the one-device program share a persistent compilation cache: compiled once, loaded after.
+the one-device program share the session's persistent compilation cache (conftest), which the
+reference itself filled: compiled once, loaded after.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
-from conftest import REPO, experiment_config
+from conftest import REPO, experiment_config, persistent_compilation_cache, subprocess_cache_env
 from imask_jax import configs, errors, parallel
 from imask_jax import workdir as workdir_lib
 from imask_jax.models import build
@@ -68,23 +68,11 @@ PARALLEL_LOSS_RTOL = 1e-4
 
 
 @pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache for the one-device runs, in-process and in subprocesses."""
-  path = str(tmp_path_factory.mktemp('xla_cache'))
-  names = (
-    'jax_compilation_cache_dir',
-    'jax_persistent_cache_min_compile_time_secs',
-    'jax_persistent_cache_min_entry_size_bytes',
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()  # this process may have decided "no cache" already
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  yield path
-  compilation_cache.reset_cache()
-  for name, value in saved.items():
-    jax.config.update(name, value)
+def xla_cache(xla_cache_dir):
+  """The session's persistent compilation cache (conftest; the smoke run filled it), on for this
+  module's in-process runs and passed to the one-device subprocesses."""
+  with persistent_compilation_cache(xla_cache_dir):
+    yield xla_cache_dir
 
 
 @pytest.fixture(scope='module')
@@ -148,11 +136,7 @@ def subprocess_env(cache: str | None, devices: int = 1) -> dict[str, str]:
   for name in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR') + parallel.CLUSTER_ENV:
     env.pop(name, None)
   if cache:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=cache,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-    )
+    env.update(subprocess_cache_env(cache))
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
