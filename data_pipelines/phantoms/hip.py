@@ -1,17 +1,10 @@
-"""Coronal STIR-like phantom of both hips with joint effusion (the only labelled class).
+"""Coronal STIR-like phantom of both hips with joint effusion (the only labelled class), with
+bone-marrow oedema and synovial thickening as unlabelled findings in some hips. STIR contrast:
+fat and fatty marrow dark, fluid very bright.
 
-Model frame (mm): RAS-aligned, x towards the patient's right, y anterior, z superior; origin
-midway between the femoral head centres. Each hip has a femoral head, neck, trochanters and
-shaft, an acetabular cup in the pelvis with cartilage on both sides of a thin joint space, a
-labrum, a fibrous capsule around the neck and, inside the capsule, 0 to 3 effusion pockets
-(superior, inferior and anterior recesses). Around them: the rest of the pelvis (ilium,
-ischium, pubic rami, sacrum), bladder, rectum and bowel loops, vessels and lymph nodes,
-muscles, fat and skin. STIR contrast: fat and fatty marrow dark, fluid very bright.
-
-Findings beside the effusion, where the paper's readers disagreed most: bone-marrow oedema
-(an ill-defined bright region in the femoral marrow, under an effusion pocket or under the
-weight-bearing dome) in some hips, and synovial thickening (an intermediate-signal lining
-inside the capsule that takes the place of fluid) in others. Neither is labelled effusion.
+This module is the generator (presets, the scanner grid and pose, textures, `generate_hip`, the
+sidecar); the hips' parameters, model frame, findings and geometry are hip_anatomy.py, their
+render layers hip_layers.py, the scanner's part mri.py.
 
 Two simulated readers outline the effusion the way the paper's readers did (region drawn,
 Otsu threshold inside it, each with a habit of their own): `hip_readers.py`.

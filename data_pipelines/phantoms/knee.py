@@ -2,15 +2,9 @@
 patella with its cartilage, menisci, fibula, cruciate and collateral ligaments, tendons,
 muscles, vessels, fat and skin around them, unlabelled.
 
-Model frame (mm): x lateral (towards the fibula), y anterior, z superior; origin at the centre
-of the tibiofemoral joint line. A left knee is the mirror image, done by the model -> world
-transform. Anatomy is built from signed distance functions at a base size and scaled by
-`scale`; cartilage thickness is not scaled (it is given in mm by its thickness fields).
-
-Cartilage is the shell 0 < d_bone(p) <= t(params(foot(p))), where foot(p) = p - d n is the
-closest point on the bone surface and t a smooth thickness field over surface parameters:
-femur (theta, x) with theta the angle about a mediolateral axis through the condyles (0 distal,
-positive anterior, in degrees) and x the model mediolateral coordinate; tibia (x, y).
+This module is the generator (presets, the scanner grid and pose, textures, `generate_knee`, the
+sidecar); the knee's parameters, model frame and geometry are knee_anatomy.py, its render
+layers knee_layers.py, the scanner's part mri.py. Settings and ranges: docs/phantoms.md.
 """
 
 from __future__ import annotations

@@ -67,15 +67,7 @@ def _jitted_detect(model: MaskRCNN, mesh: jax.sharding.Mesh, paint_only: bool):
       out['unpainted'] = det.unpainted
     return out
 
-  return jax.jit(
-    jax.shard_map(
-      per_device,
-      mesh=mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS)),
-      out_specs=P(parallel.DATA_AXIS),
-      check_vma=False,
-    )
-  )
+  return _data_parallel(per_device, mesh)
 
 
 class Segmenter(parallel.ProgramsBySize):
@@ -117,6 +109,12 @@ def _jitted_segment(model: UNet, mesh: jax.sharding.Mesh, windowed: bool = False
       probs = model.apply(variables, images, method=UNet.segment)
     return dict(probs=probs, label_map=jnp.argmax(probs, axis=-1).astype(jnp.int32))
 
+  return _data_parallel(per_device, mesh)
+
+
+def _data_parallel(per_device, mesh: jax.sharding.Mesh):
+  """jit(shard_map(per_device)) over the data axis: (variables replicated, images split by
+  example) -> per-example outputs split the same way."""
   return jax.jit(
     jax.shard_map(
       per_device,
