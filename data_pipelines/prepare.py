@@ -233,9 +233,9 @@ def _oaizib_cm_cases(root: str) -> list[SourceCase]:
 
 
 def _oai_zib_cases(root: str, images: str, masks: str) -> list[SourceCase]:
-  from data_pipelines import readers
+  from data_pipelines import dataset_folders, readers
 
-  folder = readers.OaiZibFolder(root, images=images, masks=masks)
+  folder = dataset_folders.OaiZibFolder(root, images=images, masks=masks)
   train = [
     SourceCase(c.case_id, 'train', c.image, c.labels[readers.DEFAULT_READER])
     for c in folder.cases('train')

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import instances, readers
+from data_pipelines import dataset_folders, instances, readers
 from data_pipelines.datasets import builders
 from imask_jax import configs, slice_transforms
 from imask_jax import input_pipeline as ip
@@ -125,7 +125,7 @@ class Reference:
   """The prepared example of a slice computed in NumPy from readers + instances."""
 
   def __init__(self, root):
-    folder = readers.NnunetFolder(root)
+    folder = dataset_folders.NnunetFolder(root)
     self.volumes = {
       c.case_id: readers.load_volume(c, plane='sagittal', label_values=LABELS)
       for c in folder.cases()

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from data_pipelines import readers
+from data_pipelines import dataset_folders
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.phantoms import writer
@@ -54,7 +54,7 @@ def regenerate_test_split(config, data_dir: str, folder: str, spacing: float, fo
       fov_mm=fov,
       indices=indices,
     )
-  raw = readers.NnunetFolder(folder)
+  raw = dataset_folders.NnunetFolder(folder)
   return dataclasses.replace(test, cases=tuple(raw.cases('train')), label_values=dict(raw.labels))
 
 

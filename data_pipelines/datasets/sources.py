@@ -10,8 +10,10 @@ Raw folders:
   [_<contrast>]_n<num>_seed<seed>/` on
   first use (written whole
   or not at all) and reused after; read through `NnunetFolder` exactly like real data.
-* nifti_folder: an nnU-Net folder (`readers.NnunetFolder`) at `DatasetParams.source_dir`.
-* oai_zib: the original OAI-ZIB layout (`readers.OaiZibFolder`) at `DatasetParams.source_dir`.
+* nifti_folder: an nnU-Net folder (`dataset_folders.NnunetFolder`) at
+  `DatasetParams.source_dir`.
+* oai_zib: the original OAI-ZIB layout (`dataset_folders.OaiZibFolder`) at
+  `DatasetParams.source_dir`.
 
 Splits: an nnU-Net folder with an official labelled test set (`imagesTs/` + `labelsTs/`, as
 OAIZIB-CM ships) has that set as its 'test' split, and `imagesTr/` is divided into 'train' and
@@ -31,7 +33,7 @@ from collections.abc import Mapping
 
 from absl import logging
 
-from data_pipelines import readers, tissues
+from data_pipelines import dataset_folders, readers, tissues
 from data_pipelines.datasets.params import (
   PHANTOM_DATASETS,
   SPLITS,
@@ -42,7 +44,7 @@ from data_pipelines.datasets.params import (
 )
 from data_pipelines.errors import DataError
 
-Folder = readers.NnunetFolder | readers.OaiZibFolder
+Folder = dataset_folders.NnunetFolder | dataset_folders.OaiZibFolder
 # Tissue names a dataset may declare without the config training them (their voxels are then
 # background): the tissues of the vocabulary, data_pipelines/tissues.py.
 KNOWN_TISSUES = frozenset(tissues.KNEE_CLASSES + tissues.HIP_CLASSES)
@@ -142,7 +144,7 @@ def ensure_phantoms(params: DatasetParams, data_dir: str | os.PathLike) -> str:
 def open_folder(params: DatasetParams, data_dir: str | os.PathLike) -> Folder:
   """The raw dataset folder of `params` (phantoms are generated if missing)."""
   if params.is_phantom:
-    return readers.NnunetFolder(ensure_phantoms(params, data_dir))
+    return dataset_folders.NnunetFolder(ensure_phantoms(params, data_dir))
   if not os.path.isdir(params.source_dir):
     raise DataError(
       params.source_dir,
@@ -151,8 +153,8 @@ def open_folder(params: DatasetParams, data_dir: str | os.PathLike) -> Folder:
     )
   if params.dataset == 'oai_zib':
     alignment = readers.MaskAlignment(axcodes=tuple(params.mask_axcodes))
-    return readers.OaiZibFolder(params.source_dir, alignment=alignment)
-  return readers.NnunetFolder(params.source_dir)
+    return dataset_folders.OaiZibFolder(params.source_dir, alignment=alignment)
+  return dataset_folders.NnunetFolder(params.source_dir)
 
 
 def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
@@ -162,7 +164,7 @@ def labelled_cases(params: DatasetParams, folder: Folder) -> list[readers.Case]:
   missing = [v for v in trained if v not in declared]
   where = (
     os.path.join(folder.root, 'dataset.json')
-    if isinstance(folder, readers.NnunetFolder)
+    if isinstance(folder, dataset_folders.NnunetFolder)
     else folder.root
   )
   if missing:
@@ -254,7 +256,7 @@ def split_file_assignment(
   labelled official test set. An id that names none of them is a DataError naming the file;
   labelled cases no split names are logged as one warning (and said in `split_origin`)."""
   available = dict(train_cases)
-  if isinstance(folder, readers.NnunetFolder) and folder.has_labelled_test:
+  if isinstance(folder, dataset_folders.NnunetFolder) and folder.has_labelled_test:
     for case in folder.cases('test'):
       if case.case_id in available:
         raise DataError(
@@ -305,7 +307,7 @@ def official_test_cases(
   if not (
     params.official_test
     and params.split_ids is None
-    and isinstance(folder, readers.NnunetFolder)
+    and isinstance(folder, dataset_folders.NnunetFolder)
     and folder.has_labelled_test
   ):
     return None
@@ -346,7 +348,7 @@ def split_origin(params: DatasetParams, folder: Folder, split: str) -> str:
     return 'the official test set (imagesTs/ with labelsTs/)'
   fractions = dict(zip(SPLITS, params.split_fractions))
   pattern = params.subject_pattern or 'none: one case per subject'
-  where = 'imagesTr/' if isinstance(folder, readers.NnunetFolder) else 'the labelled cases'
+  where = 'imagesTr/' if isinstance(folder, dataset_folders.NnunetFolder) else 'the labelled cases'
   share = 'its share' if not official else 'its share of train + validation'
   return (
     f'{where} cut by subject hash ({share}: data.split_fractions {split}='

@@ -13,7 +13,7 @@ from nibabel.testing import data_path
 from support import write_metaimage
 
 from conftest import POSED_AFFINE
-from data_pipelines import readers
+from data_pipelines import dataset_folders, readers
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import load_nifti_image, load_nifti_labels
 
@@ -177,14 +177,14 @@ def test_non_invertible_affine(tmp_path):
 
 
 def test_dataset_json_missing(tmp_path):
-  assert _message(lambda: readers.NnunetFolder(tmp_path)) == (
+  assert _message(lambda: dataset_folders.NnunetFolder(tmp_path)) == (
     f'{tmp_path / "dataset.json"}: file not found'
   )
 
 
 def test_dataset_json_not_json(tmp_path):
   (tmp_path / 'dataset.json').write_text('{"labels": {"background": 0,')
-  assert _message(lambda: readers.NnunetFolder(tmp_path)).startswith(
+  assert _message(lambda: dataset_folders.NnunetFolder(tmp_path)).startswith(
     f'{tmp_path / "dataset.json"}: not valid JSON'
   )
 
@@ -208,7 +208,7 @@ def _nnunet(tmp_path, readers_key=None) -> None:
 
 def test_reader_label_file_missing(tmp_path):
   _nnunet(tmp_path, ['reader1'])
-  folder = readers.NnunetFolder(tmp_path)
+  folder = dataset_folders.NnunetFolder(tmp_path)
   assert _message(folder.cases) == (
     f"{tmp_path / 'labelsTr_reader1' / 'hip_0001.nii.gz'}: label file of reader 'reader1' "
     'not found (expected one label per image in imagesTr/)'
@@ -219,7 +219,7 @@ def test_label_file_without_an_image(tmp_path):
   _nnunet(tmp_path, ['reader1'])
   _save(tmp_path / 'labelsTr_reader1' / 'hip_0001.nii.gz', np.zeros(SHAPE, np.uint8))
   _save(tmp_path / 'labelsTr_reader1' / 'hip_0009.nii.gz', np.zeros(SHAPE, np.uint8))
-  assert _message(readers.NnunetFolder(tmp_path).cases) == (
+  assert _message(dataset_folders.NnunetFolder(tmp_path).cases) == (
     f'{tmp_path / "labelsTr_reader1" / "hip_0009.nii.gz"}: label file has no image in imagesTr/ '
     f"(found 1 such label file(s) for reader 'reader1'; expected "
     f'{tmp_path / "imagesTr" / "hip_0009"}_0000.nii.gz)'
@@ -228,7 +228,7 @@ def test_label_file_without_an_image(tmp_path):
 
 def test_reader_folder_listed_but_missing(tmp_path):
   _nnunet(tmp_path, ['reader1', 'reader2'])
-  assert _message(lambda: readers.NnunetFolder(tmp_path)) == (
+  assert _message(lambda: dataset_folders.NnunetFolder(tmp_path)) == (
     f"{tmp_path / 'labelsTr_reader2'}: label folder of reader 'reader2' (listed in "
     'dataset.json) not found'
   )
@@ -237,7 +237,7 @@ def test_reader_folder_listed_but_missing(tmp_path):
 def test_image_without_channel_suffix(tmp_path):
   _nnunet(tmp_path)
   _save(tmp_path / 'imagesTr' / 'loose.nii.gz', np.zeros(SHAPE, np.float32))
-  assert _message(readers.NnunetFolder(tmp_path).cases) == (
+  assert _message(dataset_folders.NnunetFolder(tmp_path).cases) == (
     f'{tmp_path / "imagesTr" / "loose.nii.gz"}: image name lacks the nnU-Net channel suffix '
     '(expected <case id>_0000.nii.gz)'
   )
@@ -251,7 +251,7 @@ def test_oai_zib_mask_that_does_not_fit_its_image(tmp_path):
     str(tmp_path / 'segmentation_masks' / '9001104.segmentation_masks.mhd'),
     np.zeros((5, 6, 6), np.uint8),
   )
-  (case,) = readers.OaiZibFolder(tmp_path).cases()
+  (case,) = dataset_folders.OaiZibFolder(tmp_path).cases()
   message = _message(lambda: readers.load_volume(case, plane='sagittal', label_values=KNEE_VALUES))
   assert message == (
     f'{mask}: mask does not fit its image {image} (image axes RAS) under the '
@@ -296,7 +296,7 @@ def _knee_folder(root, labels: dict[str, int], values=None):
     split_fractions=(0.5, 0.0, 0.5),
     source_dir=str(root),
   )
-  return params, readers.NnunetFolder(root)
+  return params, dataset_folders.NnunetFolder(root)
 
 
 def test_declared_label_values_the_config_does_not_train_are_refused(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from support import write_metaimage
 
 from conftest import experiment_config
-from data_pipelines import nifti_io, phantoms, prepare, readers, tissues
+from data_pipelines import dataset_folders, nifti_io, phantoms, prepare, readers, tissues
 from data_pipelines.datasets import builders, sources
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.errors import EXIT_REFUSED, DataError
@@ -201,7 +201,7 @@ def test_prepare_oai_zib_puts_each_mask_on_its_image_grid(oai_zib, knees, tmp_pa
     written = nifti_io.load_nifti_labels(dst / 'labelsTr' / f'{case}.nii.gz')
     np.testing.assert_array_equal(written.data, labels)
     np.testing.assert_allclose(written.affine, affine)
-  folder = readers.NnunetFolder(dst)
+  folder = dataset_folders.NnunetFolder(dst)
   assert [c.case_id for c in folder.cases()] == list(knees)
 
 
@@ -222,7 +222,7 @@ def test_an_image_that_lost_its_pose_is_refused_and_nothing_is_written(oai_zib, 
   assert list(report['errors']) == ['knee_0001']
   assert 'no scanner pose' in report['errors']['knee_0001'][0]
   # Training reads the same layout directly: refused there too, unless asked for.
-  case = readers.OaiZibFolder(root).cases()[1]
+  case = dataset_folders.OaiZibFolder(root).cases()[1]
   with pytest.raises(DataError, match='image has no scanner pose'):
     readers.load_volume(case, plane='sagittal', label_values=(1, 2, 3, 4))
   # Allowed, the array axes are read as R, A, S; here the mask then does not fit (the phantom's

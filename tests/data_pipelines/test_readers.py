@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from support import write_metaimage
 
-from data_pipelines import readers
+from data_pipelines import dataset_folders, readers
 from data_pipelines.errors import DataError
 from data_pipelines.nifti_io import load_nifti_labels, save_nifti
 
@@ -78,7 +78,7 @@ def _write_hip_dataset(root, *, readers_key=True, labels_style='v2') -> None:
 
 def test_nnunet_folder_lists_cases_readers_labels_and_plane(tmp_path):
   _write_hip_dataset(tmp_path)
-  folder = readers.NnunetFolder(tmp_path)
+  folder = dataset_folders.NnunetFolder(tmp_path)
   assert folder.labels == {'background': 0, 'effusion': 1}
   assert folder.plane == 'coronal'
   assert folder.readers == ('default', 'reader1', 'reader2')
@@ -96,14 +96,14 @@ def test_nnunet_folder_lists_cases_readers_labels_and_plane(tmp_path):
 
 def test_readers_are_found_without_the_readers_key_and_v1_labels_parse(tmp_path):
   _write_hip_dataset(tmp_path, readers_key=False, labels_style='v1')
-  folder = readers.NnunetFolder(tmp_path)
+  folder = dataset_folders.NnunetFolder(tmp_path)
   assert folder.readers == ('default', 'reader1', 'reader2')
   assert folder.labels == {'background': 0, 'effusion': 1}
 
 
 def test_load_volume_is_the_closest_canonical_image_and_the_chosen_reader(tmp_path):
   _write_hip_dataset(tmp_path)
-  case = readers.NnunetFolder(tmp_path).cases()[1]
+  case = dataset_folders.NnunetFolder(tmp_path).cases()[1]
   volume = readers.load_volume(case, plane='coronal', label_values={1: 1}, reader='reader2')
   image_file = nib.as_closest_canonical(nib.load(case.image))
   label_file = nib.as_closest_canonical(nib.load(case.labels['reader2']))
@@ -120,7 +120,7 @@ def test_load_volume_is_the_closest_canonical_image_and_the_chosen_reader(tmp_pa
   )
   assert default.reader == 'default' and default.label_path == case.labels['default']
   unlabelled = readers.load_volume(
-    readers.NnunetFolder(tmp_path).cases('test')[0], plane='coronal', label_values=[1]
+    dataset_folders.NnunetFolder(tmp_path).cases('test')[0], plane='coronal', label_values=[1]
   )
   assert unlabelled.labels is None and unlabelled.reader is None
 
@@ -128,7 +128,7 @@ def test_load_volume_is_the_closest_canonical_image_and_the_chosen_reader(tmp_pa
 @pytest.mark.parametrize('plane', ['sagittal', 'coronal', 'axial'])
 def test_slices_carry_spacing_and_predictions_go_back_to_the_original_grid(tmp_path, plane):
   _write_hip_dataset(tmp_path)
-  case = readers.NnunetFolder(tmp_path).cases()[0]
+  case = dataset_folders.NnunetFolder(tmp_path).cases()[0]
   volume = readers.load_volume(case, plane='coronal', label_values=[1])
   stack = readers.slices(volume, plane)
   axis = {'sagittal': 0, 'coronal': 1, 'axial': 2}[plane]
@@ -191,7 +191,7 @@ def test_oai_zib_masks_land_on_the_image_whatever_the_dicom_converter(tmp_path, 
     mask,
     (SLICE, IN_PLANE, IN_PLANE),
   )
-  folder = readers.OaiZibFolder(tmp_path)
+  folder = dataset_folders.OaiZibFolder(tmp_path)
   assert folder.labels == readers.OAI_ZIB_LABELS and folder.plane == 'sagittal'
   (case,) = folder.cases()
   volume = readers.load_volume(case, plane=folder.plane, label_values=[1, 2, 3, 4])
@@ -218,7 +218,7 @@ def test_oai_zib_explicit_axis_map_needs_no_affine(tmp_path):
   )
   # mask x -> image axis 2, mask y -> image axis 0, mask z -> image axis 1 reversed.
   alignment = readers.MaskAlignment(ornt=((2, 1), (0, 1), (1, -1)))
-  folder = readers.OaiZibFolder(tmp_path, images='img', masks='masks', alignment=alignment)
+  folder = dataset_folders.OaiZibFolder(tmp_path, images='img', masks='masks', alignment=alignment)
   assert folder.orphan_masks == (str(tmp_path / 'masks' / '9999999.segmentation_masks.mhd'),)
   (case,) = folder.cases()
   # A pose-less image is refused unless asked for: its slices' direction is unknown.
@@ -234,7 +234,7 @@ def test_oai_zib_images_without_masks_are_the_test_split(tmp_path):
   os.makedirs(tmp_path / 'images')
   os.makedirs(tmp_path / 'segmentation_masks')
   _save(tmp_path / 'images' / '9003406.nii.gz', _image(3), np.eye(4))
-  folder = readers.OaiZibFolder(tmp_path)
+  folder = dataset_folders.OaiZibFolder(tmp_path)
   assert folder.cases() == []
   (case,) = folder.cases('test')
   assert case.case_id == '9003406' and dict(case.labels) == {}

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import write_metaimage
 
-from data_pipelines import instances, readers
+from data_pipelines import dataset_folders, instances, readers
 from data_pipelines.datasets import builders, sources
 from data_pipelines.datasets import params as params_lib
 from data_pipelines.errors import DataError
@@ -206,7 +206,7 @@ def nifti_build(tmp_path_factory):
 def test_nifti_folder_examples_equal_readers_and_instances(nifti_build):
   config, data_dir, builder = nifti_build
   params = params_lib.params_from_config(config, data_dir)
-  folder = readers.NnunetFolder(config.data.manual_dir)
+  folder = dataset_folders.NnunetFolder(config.data.manual_dir)
   case_ids = [c.case_id for c in folder.cases()]
   seen_cases: dict[str, str] = {}
   for split in params_lib.SPLITS:
@@ -389,7 +389,7 @@ def test_phantom_builder_reads_generated_volumes_like_real_data(tmp_path, kind):
   params = params_lib.params_from_config(config, data_dir)
   folder = sources.phantom_dir(params, data_dir)
   assert os.path.isfile(os.path.join(folder, 'dataset.json'))
-  case_ids = sorted(c.case_id for c in readers.NnunetFolder(folder).cases())
+  case_ids = sorted(c.case_id for c in dataset_folders.NnunetFolder(folder).cases())
   assert len(case_ids) == config.data.num_volumes
   seen = {}
   for split in params_lib.SPLITS:
