@@ -5,6 +5,10 @@ readable prefix plus a digest of all fields) names the TFDS builder config, so t
 never share a cache. Settings the input pipeline applies on the fly (image size, augmentation,
 normalisation range) are not part of it.
 
+Over 500 lines because `DatasetParams` validates each of its fields where it is defined (so a
+stored dataset's name never comes from a setting that was not checked), and the split rules
+live beside it.
+
 Splits are by subject: `assign_splits` groups the case ids by subject, orders the subjects by a
 stable hash and cuts that order by the split fractions (of subjects), so all scans of one person
 are in exactly one split, whatever order cases are listed or processed in, and the split does
