@@ -12,7 +12,7 @@ Variants (comma-separated in the config argument):
   unet            a semantic 2D U-Net (models/unet.py, model.kind='unet') on the same data,
                   pixel size, steps and cluster rule: the baseline of issue 35
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, epochs=N,
-  seed=N, decoder=, skip=, skip_size=   (see configs.apply_common_args)
+  seed=N, decoder=, skip=, skip_size=, volumes=N   (see configs.apply_common_args)
 
 The cpu phantom preset stores 160 x 160 coronal slices (2.2 mm pixels); the network works at
 1.1 mm per pixel (data.pixel_spacing_mm): every slice, of these scans or of any other

@@ -16,7 +16,8 @@ Variants (comma-separated in the config argument):
                   backbone name) the U-Net's encoder is that body at model.width (the
                   iMaskRCNN's ResNet-18 at width 16), 6 levels
   head=standard|imask, backbone=resnet18|resnet50|resnet101|densenet121, steps=N, seed=N,
-  mask_dice=W (0 trains with the paper's mask BCE alone), points=False (no point head)
+  mask_dice=W (0 trains with the paper's mask BCE alone), points=False (no point head),
+  volumes=N (phantoms generated; a fifth are the test split)
 """
 
 from __future__ import annotations

@@ -391,10 +391,12 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict[str, object]) -> 
     c.model.mask_dice_weight = float(args.pop('mask_dice'))
   if 'points' in args:  # the PointRend-style point head on top of the mask head
     c.model.point_head.enabled = bool(args.pop('points'))
+  if 'volumes' in args:  # phantom volumes generated (train + validation + test)
+    c.data.num_volumes = int(args.pop('volumes'))
   if args:
     raise ValueError(
       f'unknown config arguments {sorted(args)}; known: smoke, full, head, '
-      'backbone, steps, epochs, seed, decoder, skip, skip_size, spacing, mask_dice, points'
+      'backbone, steps, epochs, seed, decoder, skip, skip_size, spacing, mask_dice, points, volumes'
     )
 
 

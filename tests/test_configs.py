@@ -213,6 +213,11 @@ def test_mask_dice_argument_sets_the_dice_term_weight():
   assert experiment_config('oai', 'mask_dice=0.5').model.mask_dice_weight == 0.5
 
 
+def test_volumes_argument_sets_how_many_phantoms_are_generated():
+  assert experiment_config('phantom_knee', 'volumes=48').data.num_volumes == 48
+  assert experiment_config('phantom_hip', 'volumes=50').data.num_volumes == 50
+
+
 def test_the_skip_sampling_ratio_is_adaptive_unless_set():
   oai = ModelSpec.from_config(experiment_config('oai'))
   knee = ModelSpec.from_config(experiment_config('phantom_knee'))
