@@ -206,7 +206,7 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   assert f'{with_miss.mean():.3f} ± {with_miss.std(ddof=1):.3f}' in imask_row
   assert '(1 of 5 not found)' in imask_row
 
-  n, mean, p, dropped = sweep_summary.paired_comparison(
+  n, mean, p, dropped, _ = sweep_summary.paired_comparison(
     sweep_summary.run_rows(standard, sweep.finished_eval_dir(standard, 'test'))
     + sweep_summary.run_rows(imask, sweep.finished_eval_dir(imask, 'test')),
     'imask',

@@ -109,18 +109,23 @@ def test_pairs_are_matched_by_seed_and_case_and_zero_differences_are_dropped():
   # W- = 1, and of the 32 sign patterns of 5 ranks, 2 have a sum <= 1 ({} and {1}) and 2 more
   # mirror them: p = 4 / 32.
   assert exact_two_sided_p(differences) == 4 / 32
-  n, mean, p, dropped = sweep_summary.paired_comparison(rows, 'imask', 'standard', FC, 'dice')
+  n, mean, p, dropped, (low, high) = sweep_summary.paired_comparison(
+    rows, 'imask', 'standard', FC, 'dice'
+  )
   assert (n, dropped) == (7, 0)
   assert mean == pytest.approx(np.mean(differences), abs=1e-12)
   assert mean == pytest.approx(0.13 / 7, abs=1e-12)
   assert p == pytest.approx(4 / 32, abs=1e-12)
   assert p == pytest.approx(stats.wilcoxon(differences, zero_method='wilcox').pvalue, abs=1e-12)
+  # The 95 % t-interval by hand: mean -+ t(0.975, n - 1) * s / sqrt(n).
+  half = stats.t.ppf(0.975, 6) * np.std(differences, ddof=1) / math.sqrt(7)
+  assert (low, high) == pytest.approx((mean - half, mean + half), abs=1e-12)
   # Distances pair the same way; lower is better, so their differences have the other sign.
-  n, mean, p, _ = sweep_summary.paired_comparison(rows, 'imask', 'standard', FC, 'assd_mm')
+  n, mean, p, _, _ = sweep_summary.paired_comparison(rows, 'imask', 'standard', FC, 'assd_mm')
   assert n == 7 and mean == pytest.approx(-2 * np.mean(differences), abs=1e-9)
   assert p == pytest.approx(4 / 32, abs=1e-12)
   # Tibial cartilage: the pair empty in both is not a pair.
-  n, mean, p, dropped = sweep_summary.paired_comparison(rows, 'imask', 'standard', TC, 'dice')
+  n, mean, p, dropped, _ = sweep_summary.paired_comparison(rows, 'imask', 'standard', TC, 'dice')
   assert (n, dropped) == (6, 0)
   assert mean == pytest.approx(np.mean(differences[1:]), abs=1e-9)
 
@@ -149,6 +154,14 @@ def test_wilcoxon_zero_rules_by_hand_and_scipy():
   assert sweep_summary.wilcoxon(d) == pytest.approx(6 / 64)
   assert sweep_summary.wilcoxon(d) == pytest.approx(stats.wilcoxon(d).pvalue)
   assert math.isnan(sweep_summary.wilcoxon([0.2]))
+
+
+def test_mean_interval_edge_cases():
+  assert all(math.isnan(v) for v in sweep_summary.mean_interval([0.3]))
+  assert sweep_summary.mean_interval([0.2, 0.2, 0.2]) == (0.2, 0.2)
+  d = [0.1, -0.2, 0.3, 0.4]
+  half = stats.t.ppf(0.975, 3) * np.std(d, ddof=1) / 2
+  assert sweep_summary.mean_interval(d) == pytest.approx((np.mean(d) - half, np.mean(d) + half))
 
 
 def _cells(text, first, width):
@@ -225,6 +238,12 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
   keys = sorted(set(STANDARD) & set(IMASK))
   d_fc = [IMASK[k] - STANDARD[k] for k in keys]
   d_tc = [IMASK[k] - STANDARD[k] for k in keys if k != (0, 'c0')]
+
+  def with_interval(d, scale, digits):
+    half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / math.sqrt(len(d))
+    low, high = sorted((scale * (np.mean(d) - half), scale * (np.mean(d) + half)))
+    return f'{scale * np.mean(d):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]'
+
   for tissue, d in (('FC', d_fc), ('TC', d_tc)):
     (cells,) = _cells(text, ('imask', 'standard', tissue), 10)
     p = exact_two_sided_p(d)
@@ -233,13 +252,20 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
       'standard',
       tissue,
       str(len(d)),
-      f'{np.mean(d):+.4f}',
+      with_interval(d, 1, 4),
       f'{p:.3g}',  # Dice
-      f'{-2 * np.mean(d):+.3f}',
+      with_interval(d, -2, 3),
       f'{p:.3g}',  # ASSD
-      f'{-20 * np.mean(d):+.2f}',
+      with_interval(d, -20, 2),
       f'{p:.3g}',
     ]  # Hausdorff (px)
     assert cells == want, tissue
+  # The paper's granularity: one mean difference per tissue, tested over the two tissues
+  # (with two values the exact two-sided p is at best 2 / 2^2 = 0.5; both positive here).
+  (cells,) = _cells(text, ('imask', 'standard', '2'), 9)
+  per_tissue = [np.mean(d_fc), np.mean(d_tc)]
+  assert cells[3:5] == [f'{np.mean(per_tissue):+.4f}', f'{exact_two_sided_p(per_tissue):.3g}']
+  assert exact_two_sided_p(per_tissue) == 0.5
+  assert cells[5] == f'{-2 * np.mean(per_tissue):+.3f}'
   # Tibial: 4 nonzero, -0.01 the smallest: W- = 1, 2 of 16 patterns as low, p = 2 * 2 / 16.
   assert exact_two_sided_p(d_tc) == pytest.approx(4 / 16)
