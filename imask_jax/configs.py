@@ -5,9 +5,11 @@ resolved config is written into the workdir as JSON, and evaluation reads it bac
 Fields are grouped by the part of the system that reads them: `data` (data_pipelines and
 input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluation/).
 
-Over 500 lines on purpose: `default_config` is the one place a user reads every setting with
-its comment (about 170 lines), beside the pieces experiments share and the checks of a
-resolved config that read those same fields.
+Nearly 500 lines on purpose: `default_config` is the one place a user reads every setting with
+its comment (about 170 lines), beside the pieces experiments share and `check_train_config`,
+the one check of a whole resolved config. A check of a single field lives with the code that
+reads the field (`models.spec.model_kind`, `metrics.thickness.known_method`, ...); the check
+here calls it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import ml_collections
 
 from data_pipelines import tissues
 from imask_jax.inference import postprocess
-from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, THICKNESS_METHODS
+from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, known_method
 from imask_jax.models import spec
 
 
@@ -435,16 +437,16 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       'per class'
     )
   tissues.LabelScheme.from_config(config)  # values well formed, no stale model.num_classes
-  thickness_method(config)
+  known_method(config.eval.thickness_method, 'config eval.thickness_method')
   postprocess.class_ids(
     tissues.LabelScheme.from_config(config),
     config.model.keep_largest_component,
     'model.keep_largest_component',
   )
   postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
-  paint_slots_per_class(config)
-  mask_threshold(config)
-  model_kind(config)
+  spec.paint_slots_per_class(config)
+  spec.mask_threshold(config)
+  spec.model_kind(config)
   for name in ('rpn_positive_fraction', 'roi_positive_fraction', 'roi_hard_negative_fraction'):
     value = config.model[name]
     if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
@@ -460,55 +462,6 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       f'config train.best_metric={t.best_metric!r}; expected one of '
       f'{validation_metric_names(config)}'
     )
-
-
-MODEL_KINDS = ('maskrcnn', 'unet')
-
-
-def model_kind(config: ml_collections.ConfigDict) -> str:
-  """config model.kind, refused unless one of MODEL_KINDS (and a U-Net with model.init_from
-  only when its encoder is a backbone: converted weights fill backbone/body)."""
-  kind = str(config.model.get('kind', 'maskrcnn'))
-  if kind not in MODEL_KINDS:
-    raise ValueError(f'config model.kind={kind!r}; expected one of {MODEL_KINDS}')
-  if kind == 'unet' and str(config.model.init_from or '') and config.model.unet.encoder == 'plain':
-    raise ValueError(
-      f'config model.init_from={config.model.init_from!r} is set but the U-Net has the plain '
-      'encoder, which no converted file fits; set model.unet.encoder to the backbone the file '
-      'holds (e.g. resnet50) or drop model.init_from'
-    )
-  return kind
-
-
-def paint_slots_per_class(config: ml_collections.ConfigDict) -> int:
-  """config model.paint_slots_per_class, refused unless 0 <= value <= model.max_detections."""
-  value, most = config.model.paint_slots_per_class, int(config.model.max_detections)
-  if isinstance(value, bool) or int(value) != value or not 0 <= int(value) <= most:
-    raise ValueError(
-      f'config model.paint_slots_per_class={value!r}; expected an integer from 0 (all '
-      f'detections) to model.max_detections={most}'
-    )
-  return int(value)
-
-
-def mask_threshold(config: ml_collections.ConfigDict) -> float:
-  """config model.mask_threshold, refused unless 0 < value <= 1 (a probability; at 0 every
-  pixel of every box would be painted)."""
-  value = config.model.mask_threshold
-  if isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-    raise ValueError(f'config model.mask_threshold={value!r}; expected a probability in (0, 1]')
-  return float(value)
-
-
-def thickness_method(config: ml_collections.ConfigDict) -> str:
-  """config eval.thickness_method, refused at once when it is not a method (a wrong name would
-  otherwise surface only as a 'not measured' note per case)."""
-  method = str(config.eval.thickness_method)
-  if method not in THICKNESS_METHODS:
-    raise ValueError(
-      f'config eval.thickness_method={method!r}; expected one of {THICKNESS_METHODS}'
-    )
-  return method
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -48,6 +48,7 @@ from imask_jax.evaluation.sweep_summary import (
   run_rows,
   summary_markdown,
 )
+from imask_jax.models.spec import model_kind
 
 LOG_NAME = 'sweep.log'
 PLAN_NAME = 'sweep_plan.json'
@@ -76,7 +77,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
   from imask_jax.models.mask_rcnn import ModelSpec
 
   configs.check_train_config(config)
-  if configs.model_kind(config) == 'unet':
+  if model_kind(config) == 'unet':
     from imask_jax.models.unet import UNetSpec
 
     UNetSpec.from_config(config)

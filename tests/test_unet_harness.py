@@ -21,6 +21,7 @@ from imask_jax import workdir as workdir_lib
 from imask_jax.inference import loading, semantic, whole_volume
 from imask_jax.models import build
 from imask_jax.models.mask_rcnn import MaskRCNN
+from imask_jax.models.spec import model_kind
 from imask_jax.models.unet import UNet
 
 # --- the switch ----------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_an_unknown_kind_or_converted_weights_for_a_unet_are_refused():
   with pytest.raises(ValueError, match='model.init_from.*plain encoder'):
     configs.check_train_config(config)
   config.model.unet.encoder = 'resnet18'  # a backbone encoder takes converted weights
-  assert configs.model_kind(config) == 'unet'
+  assert model_kind(config) == 'unet'
 
 
 # --- probabilities back to the source grid -------------------------------------------------------

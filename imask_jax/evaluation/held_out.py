@@ -21,9 +21,11 @@ from data_pipelines.datasets import params as params_lib
 from data_pipelines.datasets import sources
 from data_pipelines.nifti_io import save_nifti
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, metrics
+from imask_jax import metrics
 from imask_jax.evaluation import knee_steps, report, viz
 from imask_jax.evaluation.case_metrics import evaluate_case, truth_instances
+from imask_jax.metrics.thickness import known_method
+from imask_jax.models.spec import model_kind
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
   from imask_jax.inference import loading
@@ -75,7 +77,7 @@ def evaluate_source(
     raise ValueError(f'split {source.split!r} has no cases to evaluate')
   scheme = LabelScheme.from_config(config)
   instance_mode = str(config.data.instance_mode)
-  thickness_method = configs.thickness_method(config)
+  thickness_method = known_method(config.eval.thickness_method, 'config eval.thickness_method')
   mask_ap = metrics.MaskAP(
     {c: n for c, n in zip(range(1, len(scheme.class_names) + 1), scheme.class_names)}
   )
@@ -243,7 +245,7 @@ def evaluate_workdir(
     'checkpoint_step': model.step,
     'split': split,
     'dataset': str(config.data.dataset),
-    'model_kind': configs.model_kind(config),
+    'model_kind': model_kind(config),
     'mask_head': str(config.model.mask_head),
     'backbone': str(config.model.backbone),
     'data_dir': os.path.abspath(data_dir),

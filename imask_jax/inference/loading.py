@@ -20,10 +20,11 @@ import ml_collections
 from data_pipelines import readers
 from data_pipelines.errors import DataError
 from data_pipelines.tissues import LabelScheme
-from imask_jax import configs, errors, parallel
+from imask_jax import errors, parallel
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import postprocess, programs
-from imask_jax.models import build
+from imask_jax.metrics.thickness import known_method
+from imask_jax.models import build, spec
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,9 +84,9 @@ def load_model(
   scheme = LabelScheme.from_config(config)
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
   postprocess.cluster_rule(scheme, config.model)
-  configs.thickness_method(config)
-  configs.mask_threshold(config)
-  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
+  known_method(config.eval.thickness_method, 'config eval.thickness_method')
+  spec.mask_threshold(config)
+  paint_only = paint_only and spec.paint_slots_per_class(config) > 0
   steps = checkpoint_steps(workdir)
   if not steps:
     raise errors.MissingCheckpointError(
@@ -130,7 +131,7 @@ def initialised_model(
   model = build.build_model(config)
   init = jax.jit(functools.partial(build.init_variables, model))
   variables = parallel.replicate(jax.device_get(init(jax.random.PRNGKey(int(config.seed)))), mesh)
-  paint_only = paint_only and configs.paint_slots_per_class(config) > 0
+  paint_only = paint_only and spec.paint_slots_per_class(config) > 0
   return _loaded('', config, 0, model, variables, mesh, batch_size, paint_only)
 
 

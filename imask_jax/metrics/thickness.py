@@ -145,6 +145,17 @@ def check_method(method: str, where: str) -> None:
     raise ValueError(f'{where}: method={method!r}; expected one of {THICKNESS_METHODS}.')
 
 
+def known_method(method: Any, where: str) -> str:
+  """`method` as a string, refused unless one of THICKNESS_METHODS: for a setting checked
+  before anything is measured (a wrong name would otherwise surface only as a 'not measured'
+  note per case). `where` names the setting in the message '<where>=<method>; expected one of
+  ...' (e.g. 'config eval.thickness_method': the caller reads the config, not this module)."""
+  method = str(method)
+  if method not in THICKNESS_METHODS:
+    raise ValueError(f'{where}={method!r}; expected one of {THICKNESS_METHODS}')
+  return method
+
+
 def _smoothing(
   smoothing_mm: float | Sequence[float] | None, spacing: np.ndarray, where: str
 ) -> np.ndarray:

@@ -3,8 +3,10 @@ iMask head's switches (`IMaskSpec`) and the point head's settings (`PointSpec`).
 
 This is the one home of every model default: `configs.default_config()` builds `config.model`
 from these fields (`config_defaults`) and `ModelSpec.from_config` reads it back, each field by
-its own name. No JAX at import time (the commands' --help and the config checks stay light);
-the few properties that need the network's modules import them when asked.
+its own name. The checks of single `config.model` fields that the spec's own construction
+cannot make live here too (`model_kind`, `paint_slots_per_class`, `mask_threshold`). No JAX
+at import time (the commands' --help and the config checks stay light); the few properties that
+need the network's modules import them when asked.
 """
 
 from __future__ import annotations
@@ -233,6 +235,51 @@ class ModelSpec:
 
     positives = sampling.num_positives_wanted(self.roi_batch_size, self.roi_positive_fraction)
     return min(positives, self.mask_rois_per_image)
+
+
+# --- checks of single config.model fields ------------------------------------------------------
+# Read from the config as written, before any type conversion (ModelSpec.from_config would turn
+# 2.5 painting slots into 2 and True into 1), and for either model.kind: the U-Net, which builds
+# no ModelSpec, paints with model.mask_threshold too. configs.check_train_config calls all three
+# before training; loading a workdir (inference/loading.py), evaluate and sweep call those they
+# read.
+
+MODEL_KINDS = ('maskrcnn', 'unet')
+
+
+def model_kind(config: ml_collections.ConfigDict) -> str:
+  """config model.kind, refused unless one of MODEL_KINDS (and a U-Net with model.init_from
+  only when its encoder is a backbone: converted weights fill backbone/body)."""
+  kind = str(config.model.get('kind', 'maskrcnn'))
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'config model.kind={kind!r}; expected one of {MODEL_KINDS}')
+  if kind == 'unet' and str(config.model.init_from or '') and config.model.unet.encoder == 'plain':
+    raise ValueError(
+      f'config model.init_from={config.model.init_from!r} is set but the U-Net has the plain '
+      'encoder, which no converted file fits; set model.unet.encoder to the backbone the file '
+      'holds (e.g. resnet50) or drop model.init_from'
+    )
+  return kind
+
+
+def paint_slots_per_class(config: ml_collections.ConfigDict) -> int:
+  """config model.paint_slots_per_class, refused unless 0 <= value <= model.max_detections."""
+  value, most = config.model.paint_slots_per_class, int(config.model.max_detections)
+  if isinstance(value, bool) or int(value) != value or not 0 <= int(value) <= most:
+    raise ValueError(
+      f'config model.paint_slots_per_class={value!r}; expected an integer from 0 (all '
+      f'detections) to model.max_detections={most}'
+    )
+  return int(value)
+
+
+def mask_threshold(config: ml_collections.ConfigDict) -> float:
+  """config model.mask_threshold, refused unless 0 < value <= 1 (a probability; at 0 every
+  pixel of every box would be painted)."""
+  value = config.model.mask_threshold
+  if isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+    raise ValueError(f'config model.mask_threshold={value!r}; expected a probability in (0, 1]')
+  return float(value)
 
 
 def config_defaults() -> ml_collections.ConfigDict:
