@@ -1,33 +1,15 @@
 """A DICOM series folder -> the `NiftiVolume` a NIfTI file of the same scan gives.
 
-One folder holds one series: its files are grouped by SeriesInstanceUID and ordered by
-SimpleITK (GDCM); files it does not read as DICOM are ignored. A folder with several series is
-refused with their UIDs and file counts (put each series in a folder of its own), one with none
-as well.
+`load_dicom_series(folder)` reads the one series in a folder (files grouped by
+SeriesInstanceUID, ordered by SimpleITK / GDCM; a folder of several series, or none, is
+refused) as float32 [i, j, k] = [x, y, z] (x along a slice's rows, y down its columns, z along
+the slice normal) with its voxel -> RAS+ mm affine (SimpleITK's LPS geometry, x and y negated),
+so that everything after it treats the series as a NIfTI file. Every check fails with a
+DataError naming the folder or the file. `series_tags` reads named tags of every file of the
+series (headers only), e.g. the laterality data_pipelines/laterality.py reads.
 
-Axes and affine. SimpleITK gives the volume as [z, y, x] with an LPS geometry (ITK convention:
-point = origin + direction @ diag(spacing) @ (x, y, z)); x runs along a slice's rows
-(ImageOrientationPatient[:3]), y down its columns (IOP[3:]), z over the slices in the order of
-their position along the normal x cross y. The array is returned as NIfTI's [i, j, k] =
-[x, y, z], and the affine in RAS+ as nibabel gives it for a NIfTI file:
-RAS = diag(-1, -1, 1) @ LPS, for both the matrix and the origin. So `orientation.SourceGrid`,
-slicing and writing a label map back work unchanged, and a label map written with this affine
-overlays the series in ITK-SNAP or 3D Slicer. The k axis always runs along +normal, so it may
-run opposite to a dcm2niix conversion of the same series; the canonical volume is the same.
-
-Checks (a DataError naming the folder, or the file, and what is wrong). From the headers,
-before any pixel data is read: every file is one grey-scale frame (multi-frame files are
-refused); all slices share their size, pixel spacing and orientation; there are at least two;
-no two lie at one position along the normal, and each lies within SLICE_POSITION_RTOL of the
-spacing (or SLICE_POSITION_ATOL_MM, whichever is larger) of a uniform spacing from the first to
-the last (missing, moved or repeated slices; the gaps found are stated). After reading: every
-slice lies where the affine puts it, affine @ (0, 0, k) at its ImagePositionPatient to within
-that tolerance (slices not stacked along their normal, e.g. a gantry tilt, are refused); the
-pixel values as for NIfTI (`nifti_io.image_to_float32`: finite, within float32's range; rescale
-slope and intercept are applied by SimpleITK) and an invertible affine (`nifti_io.check_affine`).
-
-`series_tags` reads named tags of every file of the series (headers only), e.g. the laterality
-and series description data_pipelines/laterality.py reads the knee's side from.
+The axes and affine in full, and every check (from the headers before any pixel data is read,
+then after reading): docs/data.md, 'DICOM series'.
 """
 
 from __future__ import annotations
@@ -130,8 +112,8 @@ def series_files(folder: str | os.PathLike) -> tuple[str, ...]:
 
 
 def load_dicom_series(folder: str | os.PathLike) -> nifti_io.NiftiVolume:
-  """Reads the one DICOM series in `folder` (module docstring): float32 [i, j, k] and the
-  voxel -> RAS+ mm affine; `path` is the folder."""
+  """Reads the one DICOM series in `folder` (docs/data.md, 'DICOM series'): float32 [i, j, k]
+  and the voxel -> RAS+ mm affine; `path` is the folder."""
   folder = os.path.abspath(os.fspath(folder))
   files = series_files(folder)
   headers = _check_headers(folder, files)

@@ -1,38 +1,16 @@
 """Contrast randomisation of training examples (SynthSeg's lesson: randomise what must not matter).
 
-A model trained on one phantom contrast learns that contrast. This stage, a training option
-(`data.augment.contrast`, off by default), redraws an example's contrast from its own label
-masks, so that only the shapes stay informative. On a network-input example (after the
-crop and the geometric warp of `slice_transforms.augment_example`), in this order:
+A model trained on one phantom contrast learns that contrast. `randomize_contrast`, a training
+option (`data.augment.contrast`, off by default; `contrast_settings` reads it), redraws a
+network-input example's contrast from its own label masks, so that only the shapes stay
+informative: per-tissue intensities, the unlabelled rest, a bias field, blur, a resolution
+change, Rician noise and gamma, in that order. Each example is randomised with probability
+`rate`; randomness is stateless from the example's seed. Intensities are in units of the
+normalised [0, 1] image, sigmas in network pixels. Shapes: image [H, W, C] float32 in [0, 1],
+masks [H, W, M] uint8, classes [M] int32 (0 = padding), extent [2] int32 (valid rows, columns);
+H, W, C, M static.
 
-  1. tissues: every labelled class k gets one affine map of intensity per example,
-     f_k(x) = m_k + b_k (x - mean_k), mean_k its mean intensity in the example, m_k drawn
-     uniformly in `tissue_mean_range` and the texture gain b_k log-uniformly in
-     `tissue_texture_range`; instances of one class share it (a tissue, not an instance);
-  2. the unlabelled rest (fat, muscle, menisci, air): one random piecewise-linear curve g of
-     intensity: identity up to `air_level` (air stays dark: it has no signal in any MR
-     contrast), then knots at `background_knots` quantiles of the unlabelled pixels above it
-     (read off a histogram of QUANTILE_BINS bins over (air_level, 1]: within one bin),
-     each mapped to a value drawn uniformly in [0, 1], so that intensity clusters (fat,
-     muscle, fibrous tissue) each get their own, possibly reordered, brightness;
-     the two are blended with soft weights: each class's mask smoothed by a 5-tap binomial
-     kernel (2 px reach), so that partial-volume edges blend instead of jumping; a pixel 3 px
-     or more inside one class takes exactly f_k, one 3 px or more from every class exactly g;
-  3. a smooth multiplicative bias field exp(s t(u, v)), t a random polynomial of degree <= 3
-     over the valid extent scaled to max |t| = 1, s uniform in [0, bias_max];
-  4. a Gaussian blur of sigma uniform in [0, blur_sigma_max] network pixels;
-  5. a resolution change: down-sampled along one random axis (rows or columns) by a factor
-     uniform in [1, downsample_max] (antialiased) and interpolated back (bilinear);
-  6. Rician noise (magnitude of the image plus complex Gaussian noise) of sigma uniform in
-     [0, noise_std_max];
-  7. rescaled by max(1, its 99.5th percentile) and clipped to [0, 1], as the percentile
-     normalisation would, then x ** gamma, gamma log-uniform in `gamma_range`.
-
-Pixels outside the valid extent (padding) stay 0. With 2.5D context the neighbours' channels
-take the centre slice's tissue maps (masks exist for the centre slice only). Each example is
-randomised with probability `rate`; randomness is stateless from the example's seed.
-Shapes: image [H, W, C] float32 in [0, 1], masks [H, W, M] uint8, classes [M] int32 (0 =
-padding), extent [2] int32 (valid rows, columns); H, W, C, M static.
+The seven steps with their distributions and settings: docs/data.md, 'Contrast randomisation'.
 """
 
 from __future__ import annotations
@@ -59,8 +37,9 @@ QUANTILE_BINS = 1024
 
 @dataclasses.dataclass(frozen=True)
 class ContrastSettings:
-  """Ranges of the per-example draws (see the module doc); intensities in units of the
-  normalised [0, 1] image, sigmas in network pixels. tissues False skips steps 1-2."""
+  """Ranges of the per-example draws (docs/data.md, 'Contrast randomisation'); intensities in
+  units of the normalised [0, 1] image, sigmas in network pixels. tissues False skips steps
+  1-2."""
 
   rate: float = 1.0
   tissues: bool = True
@@ -239,8 +218,8 @@ def remap_tissues(
   settings: ContrastSettings,
   seeds: tf.Tensor,
 ) -> tf.Tensor:
-  """Steps 1-2 of the module doc: each class's affine map and the unlabelled curve, blended
-  by the soft weights. seeds: int32 [3, 2].
+  """Steps 1-2 of docs/data.md, 'Contrast randomisation': each class's affine map and the
+  unlabelled curve, blended by the soft weights. seeds: int32 [3, 2].
 
   Worked per instance slot (M of them, fewer than the classes' table) with each slot's class
   parameters gathered: the blend sum_i w_i (m_k(i) + b_k(i) (x - mean_k(i))) is A + B x with
@@ -278,8 +257,9 @@ def randomize_contrast(
   seed: tf.Tensor,
   settings: ContrastSettings,
 ) -> tf.Tensor:
-  """The module doc's steps 1-7 on one example, with probability settings.rate; image
-  [H, W, C] float32 in [0, 1] -> the same shape, 0 outside the valid extent. seed: int32 [2]."""
+  """Steps 1-7 of docs/data.md, 'Contrast randomisation', on one example, with probability
+  settings.rate; image [H, W, C] float32 in [0, 1] -> the same shape, 0 outside the valid
+  extent. seed: int32 [2]."""
   seeds = tf.random.experimental.stateless_split(seed, num=_STAGES)
   height, width, channels = image.shape
   inside = inside_extent((height, width), extent)

@@ -2,37 +2,14 @@
 
 `experiments/oai.py:paper` and `experiments/stiho.py:paper` start from the recommended
 settings (`configs.use_paper_settings` and the experiment's own) and call `use_strict_settings`,
-which turns off every setting the paper does not name and sets what it does name:
+which turns off every setting the paper does not name and sets what it does name: slices
+resized to fit 1024 x 1024, Adam at 0.001 from step 0, the mask loss BCE alone, the iMask head
+without the layers the paper does not name, the paper's split proportions with no validation
+split. Where the paper is silent and a value is unavoidable, an epoch is Matterport Mask R-CNN's
+(1000 steps at batch 2); `use_full_passes` makes it one pass over the training slices instead.
 
-  stated (section)                                   here
-  ResNet-101-FPN, DenseNet backbones (2.2, 2.3)      configs.use_paper_settings (unchanged)
-  "input images were resized to 1024x1024" (2.3)     data.pixel_spacing_mm = 0: each slice
-                                                     resized to fit 1024 x 1024 and padded
-  Adam, learning rate 0.001, 300 epochs (2.3)        constant rate from step 0: no warm-up,
-                                                     no gradient clipping, no weight decay
-  L = L_cls + L_bbox + L_mask (2.2, eq. 1)           mask loss BCE alone (no soft-Dice, no
-                                                     boundary or point terms)
-  a transposed conv decoder and the 56x56 ROIAlign   iMask head without the layers the paper
-  concatenated to it (2.2, Figure 2)                 does not name (`heads.IMaskHead`:
-                                                     reduce, skip_projection, fuse_convs off,
-                                                     the trunk's width throughout)
-  470 / 30 OAI and 125 / 50 STIHO scans (2.3)        a split file (data.split_file) if you
-                                                     have the ids; else those proportions,
-                                                     with no validation split (none is named)
-
-Silent, so off: augmentation (every transform), hard negatives, the anchors' 1:4 and 4:1
-aspect ratios (Mask R-CNN's 1:2, 1:1, 2:1 stay), post-processing of the painted volume (largest
-component, effusion clusters), and the painting extras (union rule, a painting score of its
-own, painting slots): every kept detection paints where its own mask is >= 0.5, as a Mask
-R-CNN mask is read. Slices without any structure are not trained on, as neither Mask R-CNN
-implementation the paper could have started from trains on images without objects.
-
-Silent, and a choice had to be made: what an epoch is and the batch. `train.steps_per_epoch =
-1000` at batch 2 are Matterport Mask R-CNN's defaults (STEPS_PER_EPOCH, IMAGES_PER_GPU for
-1024-pixel images on one GPU), the likeliest meaning of "300 epochs" on "one NVIDIA V100"
-(docs/reproducing.md, docs/training_cost.md); the `full_passes` variant makes an epoch one
-pass over the training slices instead. Group norm replaces the COCO pre-training the paper
-names (no COCO ResNet-101 Mask R-CNN can be loaded; docs/pretrained.md).
+What the paper states (with its sections) and every setting turned off, with the reasons:
+docs/reproducing.md, 'What the paper states', 'The strict variants', 'The paper's 300 epochs'.
 """
 
 from __future__ import annotations
@@ -55,8 +32,8 @@ def paper_fractions(train_scans: int, test_scans: int) -> tuple[float, float, fl
 
 def use_strict_settings(c: ml_collections.ConfigDict, *, train_scans: int, test_scans: int) -> None:
   """Turns `c` (an experiment's recommended paper config) into the strict reading of the paper
-  (module docstring). train_scans / test_scans: the paper's counts, for the split proportions
-  when no split file is given."""
+  (docs/reproducing.md, 'The strict variants'). train_scans / test_scans: the paper's counts,
+  for the split proportions when no split file is given."""
   d, m, t = c.data, c.model, c.train
   # Section 2.3: "The input images were resized to 1024x1024".
   d.pixel_spacing_mm = 0.0

@@ -1,35 +1,16 @@
 """Per-example transforms of the input pipeline (TensorFlow graph code) and their settings.
 
-Per example (`prepare_example`, shared by training, evaluation and
-`input_pipeline.volume_inputs`):
-  1. per-volume percentile normalisation: clip to the volume's stored intensity percentiles
-     `data.normalize_percentiles` and scale to [0, 1];
-  2. at most `data.max_instances` instances (the largest masks when there are more), padded;
-  3. resample (bilinear, antialiased when shrinking; masks resampled the same way and
-     thresholded at 0.5) and pad bottom/right with 0, in one of two ways:
-     * scale-true (`data.pixel_spacing_mm` set): to that many mm per pixel, whatever the
-       scan's own spacing (`spacing_extent`), so the network sees anatomy at one physical
-       scale. Training crops the resampled slice to `data.image_size` (`crop_example`: a random
-       window, over a random labelled pixel with probability `data.crop_foreground_rate`);
-       evaluation and prediction take whole slices padded up to a multiple of
-       `data.inference_size_multiple` (`bucket_size`: one compiled program per bucket);
-     * resize to fit (`data.pixel_spacing_mm` 0, the paper's way): keeping
-       the aspect ratio to fit `data.image_size`, padded to it.
-     `image_extent` = the resized (valid) H, W and `scale` = extent / source size per axis, so
-     a network-input pixel (r, c) sits at source pixel ((r + 0.5) / scale_y - 0.5, ...).
-Training then augments (`augment_example`) at network-input resolution: flips (where the
-config allows) within the valid extent, rotation and scale about the extent's centre applied to
-image (bilinear) and masks (nearest pixel) together, gamma and Gaussian noise on the image;
-with `data.augment.contrast.enabled`, first the contrast randomisation of contrast_augment.py
-(per-tissue intensities from the masks, bias field, blur, resolution, noise, gamma).
-Masks are resampled per instance (not as a label map), so an instance keeps one mask through
-resampling, cropping and warping (a pixel two neighbouring instances both keep after
-resampling stays in both masks).
-Per batch (`finish_batch`), tight boxes are recomputed from the final masks; an instance whose
-mask vanished is dropped (class 0, invalid) and valid instances are moved to the front.
+`prepare_example` (shared by training, evaluation and `input_pipeline.volume_inputs`) turns a
+stored example into a network-input one: per-volume percentile normalisation to [0, 1], at most
+`data.max_instances` instances, resampled to `data.pixel_spacing_mm` (scale-true) or resized to
+fit `data.image_size`, padded bottom/right with 0. Training then crops (`crop_example`) and
+augments (`augment_example`, with contrast_augment.py); `finish_batch` recomputes tight boxes per
+batch. Masks are per instance, channels-last [H, W, M] uint8 until `finish_batch` makes them
+[B, M, H, W]. TensorFlow is kept off every GPU (JAX owns them). Randomness is stateless: each
+transform draws from the seed it is given.
 
-TensorFlow is kept off every GPU (JAX owns them). Randomness is stateless: each transform
-draws from the seed it is given.
+Each step, where a network-input pixel sits in the source slice and the order of the
+augmentations: docs/data.md, 'Per-example transforms'.
 """
 
 from __future__ import annotations

@@ -1,41 +1,17 @@
 """What a stored slice dataset depends on, taken from the experiment config, and its splits.
 
-`DatasetParams` holds every setting that changes the stored examples; its `config_name` (a
-readable prefix plus a digest of all fields) names the TFDS builder config, so two settings
-never share a cache. Settings the input pipeline applies on the fly (image size, augmentation,
-normalisation range) are not part of it.
+`DatasetParams` (`params_from_config`) holds every setting that changes the stored examples;
+its `config_name` (a readable prefix plus a digest of all fields) names the TFDS builder config,
+so two settings never share a cache. Settings the input pipeline applies on the fly (image size,
+augmentation, normalisation range) are not part of it. `assign_splits` cuts the case ids into
+splits by subject (a stable hash of the subject ids, no seed); `subject_and_timepoint` reads a
+case id's subject and time point with `data.subject_pattern`; a split file (`data.split_file`,
+`split_file.py`) replaces the computed split, its ids (not its path) part of the digest.
 
 Over 500 lines because `DatasetParams` validates each of its fields where it is defined (so a
 stored dataset's name never comes from a setting that was not checked), and the split rules
-live beside it.
-
-Splits are by subject: `assign_splits` groups the case ids by subject, orders the subjects by a
-stable hash and cuts that order by the split fractions (of subjects), so all scans of one person
-are in exactly one split, whatever order cases are listed or processed in, and the split does
-not depend on any seed (runs with different seeds are evaluated on the same cases).
-
-A split file (config `data.split_file`, `split_file.py`) replaces the computed split: its lists
-of case ids are the splits, and its ids (not its path) are part of the dataset's digest.
-
-Subject ids come from the case ids (the file names, `imagesTr/<case id>_0000.nii.gz`) through
-`DatasetParams.subject_pattern` (config `data.subject_pattern`), a regular expression that must
-match the WHOLE case id and has a named group `subject` and optionally `timepoint`:
-  ''                        (the default) every case is its own subject: one scan per person
-                            (OAI-ZIB, phantoms). The split is then the same as it always was.
-  SUBJECT_VISIT_PATTERN     `<subject>[_<visit>]`: the text after the last underscore is a time
-                            point only when it is a visit code (VISIT_CODE, any case: v2, V00,
-                            visit1, tp0, t1, m12, month24, 00m, 12m, y1, w8, bl, baseline, fu1,
-                            followup, pre, post), the subject everything before it
-                            ('stiho_017_v2' -> subject 'stiho_017', time point 'v2'); any other
-                            case id is a single-visit scan, its own subject ('HIP_001'). For
-                            STIHO-style cohorts scanned at several visits (experiments/stiho.py).
-  SUBJECT_TIMEPOINT_PATTERN `<subject>_<timepoint>`, every case id: whatever follows the LAST
-                            underscore is the time point, so single-visit names such as
-                            'HIP_001' ... 'HIP_006' are all subject 'HIP'.
-A case id the pattern does not match is an error naming it (never silently its own subject:
-that is how two visits of one person would end up on both sides of a split). A split where all
-cases fall into one subject, a subject with more than MAX_CASES_PER_SUBJECT cases, and a split
-with a positive fraction left empty are warned about (`split_warnings`), naming the pattern.
+live beside it. The split rules, the subject patterns and the warnings: docs/data.md, 'Splits
+by subject' and 'Split files'.
 """
 
 from __future__ import annotations
@@ -95,8 +71,8 @@ class DatasetParams:
   knee phantoms only, the shape family (knee_shapes.FAMILIES) and the signal table
   (contrast.CONTRASTS) when not the generator's default ('default', 'dess'; None then).
   source_dir: the raw folder of a manual dataset, absolute (None for phantoms, whose folder
-  lives in the data_dir). subject_pattern: how a case id names its subject (module docstring;
-  '' = one case per subject). allow_missing_pose:
+  lives in the data_dir). subject_pattern: how a case id names its subject (docs/data.md,
+  'Splits by subject'; '' = one case per subject). allow_missing_pose:
   read images whose affine is missing or the identity (a converter that lost the scanner pose)
   instead of refusing them. mask_axcodes: oai_zib only, the anatomical direction each MetaImage
   mask axis points to (readers.MaskAlignment). official_test: an nnU-Net folder's labelled
@@ -416,8 +392,8 @@ def check_subject_pattern(pattern: str) -> None:
 
 
 def subject_and_timepoint(case_id: str, pattern: str = '') -> tuple[str, str | None]:
-  """(subject id, time point or None) of a case id under `subject_pattern` (module
-  docstring); with no pattern the case is its own subject with no time point."""
+  """(subject id, time point or None) of a case id under `subject_pattern` (docs/data.md,
+  'Splits by subject'); with no pattern the case is its own subject with no time point."""
   if not pattern:
     return case_id, None
   check_subject_pattern(pattern)

@@ -7,24 +7,9 @@ report as "mAP".
     ap.evaluate()            # {class id: ClassAP} over every slice
     ap.evaluate('case_7')    # over the slices of one volume
 
-Masks are bool [h, w] arrays of the slice; nothing here knows about models.
-
-Per-image AP at one IoU threshold (`image_average_precision`), Matterport's definition:
-  1. Detections are ranked by score, highest first (equal scores keep their input order).
-  2. Each detection in turn takes the not yet matched truth instance of ITS class with the
-     highest mask IoU, if that IoU is >= the threshold (ties: the first truth in input order);
-     otherwise it is a false positive. A truth instance is matched at most once.
-  3. After the k-th detection: precision_k = TP_k / k, recall_k = TP_k / n_truth.
-  4. The precision envelope p~_k = max over j >= k of precision_j (all-point interpolation,
-     as in PASCAL VOC 2010+); AP = sum over the ranks where recall rises of
-     (recall_k - recall_{k-1}) * p~_k. Recall never reached adds 0, so an image whose truth
-     is not all found loses that share.
-  An image without truth instances has no AP (Matterport divides by zero there): such images
-  are left out and counted. With truth and no detection, AP = 0.
-Per class (`ClassAP.map50_per_image`): the AP of each slice restricted to that class's truth
-and detections, at IoU 0.5, averaged over the slices holding a truth instance of the class.
-Unlike COCO AP, which pools every slice's detections into one ranking and interpolates at 101
-recall points, this weighs every slice equally and ignores detections on slices without truth.
+Masks are bool [h, w] arrays of the slice; nothing here knows about models. One image's AP at
+one IoU threshold: `image_average_precision`. Matterport's definition step by step, the per-class
+mean over slices and how it differs from COCO AP: docs/metrics.md, 'Mask AP'.
 """
 
 from __future__ import annotations
@@ -48,8 +33,8 @@ class ClassAP:
   ap = COCO's AP, the mean over IoU 0.50:0.05:0.95 and the 101 recall points; ap50 / ap75 the
   same at one IoU; NaN when the scope has no truth instance of the class. Counts are instances
   over the scope's slices. map50_per_image: Matterport's per-image AP at IoU 0.5 averaged over
-  the images_with_truth slices that hold a truth instance of the class (module docstring);
-  NaN when there is none.
+  the images_with_truth slices that hold a truth instance of the class (docs/metrics.md,
+  'Mask AP'); NaN when there is none.
   """
 
   ap: float
@@ -79,8 +64,9 @@ def image_average_precision(
   detections: Sequence[tuple[int, float, np.ndarray]],
   iou_threshold: float = MATTERPORT_IOU,
 ) -> float:
-  """Matterport's `compute_ap` of one image (module docstring): truth (class id, bool mask
-  [h, w]) per instance, detections (class id, score, bool mask [h, w]); NaN without truth."""
+  """Matterport's `compute_ap` of one image (docs/metrics.md, 'Mask AP'): truth (class id,
+  bool mask [h, w]) per instance, detections (class id, score, bool mask [h, w]); NaN without
+  truth."""
   ious = mask_iou([m for _, _, m in detections], [m for _, m in truth])
   return _matterport_ap(
     ious,
@@ -98,7 +84,7 @@ def _matterport_ap(
   truth_classes: Sequence[int],
   iou_threshold: float,
 ) -> float:
-  """AP of one image from its IoU matrix [n_detections, n_truth] (module docstring)."""
+  """AP of one image from its IoU matrix [n_detections, n_truth] (docs/metrics.md, 'Mask AP')."""
   n_truth = len(truth_classes)
   if n_truth == 0:
     return math.nan

@@ -1,38 +1,16 @@
 """Left or right knee, estimated from a canonical label map: the tibial cartilage plates.
 
-Which side of a knee is medial depends on whether it is a left or a right knee, which a NIfTI
-file does not record (data_pipelines/laterality.py reads what a scan declares). This module
-estimates it from the anatomy, for scans that declare nothing and to check those that do.
+A NIfTI file does not record which knee it holds, so which side is medial is unknown
+(data_pipelines/laterality.py reads what a scan declares); this estimates it from the anatomy,
+for scans that declare nothing and to check those that do. The cue: the medial tibial plateau
+is longer front to back and larger than the lateral one. `estimate_side(label_map, spacing)`
+splits the tibial cartilage into two plates along canonical axis 0 (RAS+: larger index =
+further right) and calls medial the plate that is longer and larger by at least MIN_LOG_RATIO
+in log ratio on each cue; medial at smaller R is a right knee. Its `SideEstimate` has the side
+(None, with the reason, when it cannot tell) and `margin`, the smaller of the two log ratios.
 
-The cue: the medial tibial plateau is longer from front to back and larger than the lateral one
-(the medial plateau is oval, the lateral smaller and rounder; morphometric studies of real knees
-agree, and the knee phantom draws its plates so: data_pipelines/phantoms/knee.py's tibial
-cartilage fields, 13.5 x 19 mm medial and 12.5 x 16.5 mm lateral half-axes at scale 1). So:
-
-1. The tibial cartilage voxels are split into two plates along the patient's left-right axis
-   (canonical axis 0, RAS+: larger index = further right) at Otsu's threshold of their
-   left-right positions; the split is refined once along the line through the two plates'
-   centroids (the knee's mediolateral axis, whatever its rotation in the axial plane).
-2. Each plate's front-to-back length (along the axial-plane perpendicular of that line, from
-   the 2nd to the 98th percentile of its voxels' positions, mm) and its area projected on the
-   axial plane (mm^2; holes in the projection, a denuded area inside the plate, count as
-   area) are measured.
-3. The plate that is both longer and larger is medial, by at least MIN_LOG_RATIO in log ratio
-   on each cue. Medial at smaller R (towards the patient's left) is a right knee; medial at
-   larger R a left knee.
-
-No side (None, with the reason) when the map has too little tibial cartilage, the cartilage is
-not two plates (parts of at least MIN_PLATE_FRACTION of it each, with a gap between them: near
-the cut no bin of the left-right histogram holds more than VALLEY_FRACTION of the smaller
-part's fullest bin), a plate touches the edge of the
-array across the knee (cut by the field of view), or the two cues disagree or differ by less
-than MIN_LOG_RATIO. `margin` is the smaller of the two cues' log ratios (medial over lateral):
-0.04 is about 4 %; on 120 cpu phantoms it is 0.058 to 0.188 (docs/evaluation.md, "Side";
-tools/side_accuracy.py).
-
-Not used: lateral tibial cartilage is thicker than medial in most knees and in the phantom
-(on 40 cpu phantoms by 1.5 % to 72 %), but thinning in OA (lateral in valgus knees) can reverse
-it; cues of the femur (the medial condyle longer, the notch, the trochlea) were not tried.
+The rule step by step, when it gives no side, its accuracy and the cues not used:
+docs/evaluation.md, 'Side'.
 """
 
 from __future__ import annotations
@@ -109,7 +87,8 @@ def estimate_side(
   knee: KneeLabelValues | None = None,
 ) -> SideEstimate:
   """The side of the knee in a canonical (RAS+) label map with voxel `spacing` (mm along its
-  axes), from its tibial cartilage (`knee.tibial_cartilage`); module docstring for the rule."""
+  axes), from its tibial cartilage (`knee.tibial_cartilage`); the rule: docs/evaluation.md,
+  'Side'."""
   knee = knee or KneeLabelValues()
   spacing = np.asarray(spacing, np.float64)
   voxels = np.argwhere(np.asarray(label_map) == knee.tibial_cartilage)

@@ -1,38 +1,16 @@
 """Per-slice (2D, in the slice plane) Dice, Hausdorff and average Hausdorff of a 3D structure,
 and their per-volume aggregate: what a 2D method's paper most likely reports.
 
-The 3D metrics (overlap.py, surface.py) measure across slices: a Hausdorff distance "in
-voxels" there counts one slice step (e.g. 0.7 mm) as one voxel, like one in-plane pixel
-(0.365 mm). Here every slice along `axis` is a 2D image with the in-plane spacing, and
-"pixels" means unit in-plane spacing.
+Entry points: `slice_metrics(pred, truth, axis, spacing)` and `slice_metrics_per_label`, each a
+`SliceMetrics` (`aggregate(name)`, `summary(name)`). Every slice along `axis` is a 2D image with
+the in-plane spacing (mm); the "px" values use unit in-plane spacing. A slice counts where the
+prediction or the truth holds the structure; a one-sided slice has Dice 0 and distances +inf.
+Aggregate over a volume: Dice = mean over the slices that count; distances = mean over the
+two-sided slices, with the one-sided ones counted beside it (n_missed_slices,
+n_false_positive_slices); the volume's own 3D status (CaseStatus) is kept.
 
-Per slice (2D definitions of the 3D modules, in the slice plane):
-  dice                2 TP / (|pred| + |truth|) of the slice's pixels.
-  hausdorff           surface.py's Hausdorff: max over both directions of the distance from a
-                      border pixel (face connectivity, 4 neighbours) to the other mask's
-                      nearest border pixel.
-  average hausdorff   ITK / SimpleITK's average Hausdorff distance (surface.py): the mean of
-                      the two directed means over every pixel of one mask of the distance to the
-                      nearest pixel of the other, 0 inside it.
-  each in mm (the in-plane spacing) and in pixels (unit spacing).
-
-Which slices count: those where the prediction OR the truth holds the structure. A slice where
-neither does is not a measurement (the 3D rule for both-empty cases). A slice where only one
-does ("one-sided": a missed or a false-positive slice) has Dice 0 and distances +inf, the 3D
-empty-mask rules applied slice by slice.
-
-Aggregate over one volume:
-  dice                mean over the slices that count; one-sided slices count as 0.
-  distances           mean over the slices where both masks hold the structure; the one-sided
-                      slices are counted beside it (n_missed_slices, n_false_positive_slices)
-                      rather than averaged in, since one +inf would make every such mean +inf.
-                      Without any two-sided slice: +inf if some slice counts (the structure is
-                      in one mask only, or never in both in the same slice), NaN if none does.
-  The volume's own 3D status (CaseStatus) is kept for summaries over volumes.
-
-Speed: the pixel counts of all slices at once; distances slice by slice on the bounding box of
-pred | truth in that slice grown by one pixel (exact, as in surface.py), two distance transforms
-per slice, or four where the in-plane spacing is not square (for the pixel distances).
+Definitions, the aggregate without a two-sided slice, speed and the reference comparison:
+docs/metrics.md, 'Per-slice 2D metrics'.
 """
 
 from __future__ import annotations
@@ -71,7 +49,8 @@ SLICE_VALUES = (
 @dataclasses.dataclass(frozen=True, eq=False)
 class SliceMetrics:
   """2D metrics of one structure in every slice along `axis` that holds it in the prediction
-  or the truth (n slices, in slice order); see the module docstring for the definitions.
+  or the truth (n slices, in slice order); the definitions: docs/metrics.md, 'Per-slice 2D
+  metrics'.
 
   axis: the slice axis of the 3D arrays; pixel_spacing: (mm, mm) of the two remaining axes in
   array order. index: int [n], the slices' positions along axis. status: CaseStatus per slice

@@ -1,49 +1,15 @@
-"""Distances between binary masks in mm: Hausdorff, HD95, ASSD, signed mean distance, and the
-average Hausdorff distance of ITK / SimpleITK (the paper's Table 3 "Ave. Hausdorff").
+"""Distances between binary masks in mm: Hausdorff, HD95, ASSD, signed mean / SD surface
+distance, and ITK / SimpleITK's average Hausdorff distance (the paper's Table 3 "Ave. Hausdorff").
 
-Definitions (docs/metrics.md has the reasoning and the comparison with medpy/SimpleITK):
+Entry points: `surface_metrics(pred, truth, spacing)` (a `SurfaceMetrics`; `voxel_hausdorff=True`
+adds the Hausdorff and average Hausdorff in voxels), `surface_metrics_per_label`,
+`hausdorff_voxels`, `average_hausdorff`, `directed_surface_distances`, `surface_voxels`. Masks
+are bool (or 0/1) arrays of one shape, 2D or 3D; `spacing` is mm per array axis. A mask's surface
+is its border voxels (face connectivity); a signed distance is + where the prediction lies
+outside the truth (over-estimation), - inside. Empty masks follow overlap.py's rules.
 
-  surface of a mask  its border voxels: voxels of the mask with at least one face neighbour
-                     (scipy connectivity 1: 6 neighbours in 3D, 4 in 2D) outside the mask.
-                     Outside the array counts as outside the mask, so voxels on the array's
-                     edge are border voxels.
-  d(a, B)            Euclidean distance in mm from the centre of border voxel a to the nearest
-                     border voxel centre of mask B, read from
-                     scipy.ndimage.distance_transform_edt(~border(B), sampling=spacing): one
-                     distance transform per direction, never pairwise point distances.
-  directed A -> B    the values d(a, B) over every border voxel a of A.
-  Hausdorff          max of both directed sets.
-  HD95               max of the two directed 95th percentiles (numpy's linear interpolation).
-                     Like the Hausdorff distance it is a max over the two directions, and it
-                     does not depend on which mask has more border voxels; medpy's hd95 takes
-                     the percentile of the pooled directed sets instead.
-  ASSD               mean of the pooled directed sets: (sum over A->B + sum over B->A) /
-                     (number of border voxels of A + of B).
-  signed distance    d with a sign: + where the prediction lies outside the truth
-                     (over-estimation), - where it lies inside (under-estimation). For a
-                     prediction border voxel: + if it is outside the truth mask; for a truth
-                     border voxel: + if it is inside the prediction mask. signed mean and
-                     signed SD are over the pooled signed sets; |signed| pooled averages to
-                     the ASSD.
-  average Hausdorff  ITK's HausdorffDistanceImageFilter::GetAverageHausdorffDistance: the mean of
-                     the two directed averages, where directed A -> B is the mean over EVERY
-                     voxel a of A (not only its border) of the distance from a's centre to the
-                     nearest voxel centre of B, 0 where a lies in B. Not a surface distance:
-                     for overlapping masks it is small (a fraction of a voxel), while the ASSD
-                     is about a voxel. It needs no transform of its own: the nearest voxel of B
-                     to a voxel outside B is always a border voxel of B (a step towards the
-                     outside voxel would otherwise be nearer and still in B), so the distance is
-                     the one already read from distance_transform_edt(~border(B)).
-
-Empty masks follow the rules in overlap.py: both empty -> NaN everywhere; prediction empty
-(missed) -> distances +inf (the average Hausdorff too) and signed mean -inf; truth empty (false
-positive) -> distances +inf and signed mean +inf. Signed SD is NaN whenever one mask is empty.
-(SimpleITK raises for an empty mask instead.)
-
-Speed: every computation runs on the bounding box of pred | truth grown by one voxel. That
-crop is exact, not an approximation: the one-voxel margin keeps each border voxel's outside
-neighbour inside the crop (or the crop ends where the array ends, as the full array would),
-and every border voxel, hence every nearest border voxel, lies inside it.
+Definitions, empty-mask values, the exact bounding-box crop and the comparison with medpy and
+SimpleITK: docs/metrics.md, 'Surface distances' and 'Empty-mask rules'.
 """
 
 from __future__ import annotations
@@ -76,7 +42,8 @@ HD_PERCENTILE = 95.0
 class SurfaceMetrics:
   """Surface distances between one prediction mask and one truth mask (mm unless noted).
 
-  average_hausdorff_mm is ITK's average Hausdorff distance (module docstring), not the ASSD.
+  average_hausdorff_mm is ITK's average Hausdorff distance (docs/metrics.md, 'Surface
+  distances'), not the ASSD.
   hausdorff_voxels / average_hausdorff_voxels are the same with unit spacing (voxels, or
   pixels in 2D; the paper's Table 3 unit); None unless requested.
   """

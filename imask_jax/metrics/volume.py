@@ -1,44 +1,14 @@
-"""Volumes in mL from masks, and agreement of volumes between readers or methods.
+"""Volumes in mL from masks, and agreement of volumes between readers or methods ("raters").
 
-Agreement statistics take paired measurements: two 1-D arrays `a`, `b` of one value per
-subject, or a table `measurements` of shape [n_subjects, k_raters] (a "rater" is a reader or a
-method). Formulas (docs/metrics.md gives the reasoning for which is used where):
+Entry points: `volume_ml`, `volumes_ml_per_label`; between raters `paired_difference`,
+`coefficient_of_variation` (RMS and mean CoV), `intraclass_correlation` (ICC(2,1), ICC(3,1)),
+`bland_altman` and `pairwise_agreement`; the paper's Table 7 (per hip, at baseline)
+`hip_volume_table(scans, baseline)` from every scan's `ScanVolumes`. Agreement takes paired
+measurements: two 1-D arrays `a`, `b` of one value per subject, or a table `measurements` of
+shape [n_subjects, k_raters]. Every SD is a sample SD (ddof = 1).
 
-  difference          d_i = a_i - b_i; bias = mean(d), sample SD (ddof=1); also the mean and
-                      SD of |d_i| (the paper's Table 7 "difference in volumes").
-  CoV per subject     CoV_i = SD_i / mean_i over the k measurements of subject i, with SD_i the
-                      sample SD (ddof=1); for k = 2, SD_i = |a_i - b_i| / sqrt(2).
-  RMS CoV             sqrt(mean_i CoV_i^2)  (the usual precision figure; it weighs large
-                      disagreements more).
-  mean CoV            mean_i CoV_i.
-  ICC(2,1)            two-way random effects, absolute agreement, single rater (Shrout & Fleiss
-                      1979; McGraw & Wong's ICC(A,1)):
-                      (BMS - EMS) / (BMS + (k-1) EMS + k (JMS - EMS) / n). Use it to compare a
-                      method with readers: a method that is systematically high is penalised.
-  ICC(3,1)            two-way mixed effects, consistency, single rater (McGraw & Wong's
-                      ICC(C,1)): (BMS - EMS) / (BMS + (k-1) EMS). Use it where a constant
-                      offset between raters does not matter (ranking subjects, test-retest
-                      with a known calibration offset).
-                      BMS, JMS, EMS: between-subjects, between-raters and residual mean squares
-                      of the two-way ANOVA without replication.
-  Bland-Altman        bias = mean(a - b), limits of agreement = bias -+ 1.96 SD(a - b).
-
-The paper's Table 7 layout (`hip_volume_table`), from per-scan (right, left) volumes of every
-rater with subject and time-point ids:
-  scans               one per subject, at baseline when the data name time points: the scan
-                      whose time point is `baseline`, or without it each subject's first time
-                      point in natural order ('v2' before 'v10'); other scans are left out
-                      (and listed). Without time points every scan is used, one per subject.
-  Right, Left         mean +- SD (ddof=1) over the right (left) hips of those scans.
-  Overall             mean +- SD over all their hips pooled, one value per hip: the paper's
-                      "Overall" (its rows: 7.72 right and 6.17 left give 6.94; with 50 scans
-                      the pooled SDs 5.85, 5.62, 3.73, 4.43 of all four rows follow from the
-                      right and left columns, and no per-scan mean of the two hips can have an
-                      SD that large).
-  differences, CoV    between two raters over the hips (unit = one hip of one subject at
-                      baseline): mean +- SD of |a - b| and CoV_i over the raters' values of
-                      hip i, as above.
-  scan total          right + left of each scan, mean +- SD: a named extra, not a paper column.
+Formulas, which ICC to use where, and the Table 7 layout with the paper's rows that fix it:
+docs/metrics.md, 'Volumes and agreement'.
 """
 
 from __future__ import annotations
@@ -326,7 +296,7 @@ class HipAgreement:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class HipVolumeTable:
-  """The paper's Table 7 from baseline scans (module docstring).
+  """The paper's Table 7 from baseline scans (docs/metrics.md, 'Volumes and agreement').
 
   raters: in input order. scans: the scans used, one per subject (sorted by subject).
   left_out: scans not used (later time points). subjects_without_baseline: subjects left out
@@ -404,8 +374,8 @@ def baseline_scans(
 
 
 def hip_volume_table(scans: Sequence[ScanVolumes], baseline: str | None = None) -> HipVolumeTable:
-  """Table 7 per hip at baseline (module docstring) from every scan's (right, left) volumes
-  in mL of every rater (readers and methods)."""
+  """Table 7 per hip at baseline (docs/metrics.md, 'Volumes and agreement') from every scan's
+  (right, left) volumes in mL of every rater (readers and methods)."""
   where = 'hip_volume_table'
   if not scans:
     raise ValueError(f'{where}: no scans given.')

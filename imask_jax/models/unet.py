@@ -1,43 +1,15 @@
 """A 2D semantic U-Net: the baseline the field uses, beside Mask R-CNN (`model.kind = 'unet'`).
 
 An encoder of `depth` resolution levels and a decoder back up, joined by skip connections;
-every pixel of the input gets K + 1 class logits (0 = background). Fully convolutional: any
-input size works (it is padded inside to a multiple of 2^(depth - 1) and the output cropped
-back), so inference can take the whole padded slice, as Mask R-CNN does, or windows of the
-trained size (`sliding_window`).
-
-nnU-Net's published 2D choices (Isensee et al. 2021, Nature Methods, and its code) taken:
-  * per level two 3x3 conv -> norm -> LeakyReLU(0.01) blocks; downsampling by the first conv's
-    stride 2 (no pooling); upsampling by a 2x2 stride-2 transposed conv, concatenated with the
-    skip;
-  * instance norm (`norm_groups = 0`: one group per channel, `norm.GroupNorm`), or group norm;
-  * widths `width * 2^level` capped at `max_width` (nnU-Net: 32 and 512 in 2D);
-  * He initialisation for LeakyReLU(0.01) (nnU-Net's InitWeights_He(1e-2));
-  * loss soft Dice (foreground classes, smooth 1e-5) + cross-entropy, weights 1 : 1
-    (`semantic_losses`), with deep supervision: a 1x1 head at each decoder level but the
-    coarsest, weights 1 / 2^i normalised with the coarsest set to 0, nearest-neighbour targets.
-  * sliding-window inference with Gaussian weighting (`model.unet.sliding_window`, windows of
-    the trained crop, inference/sliding_window.py), off by default: it suits a net trained on
-    crops of larger slices, as nnU-Net's patches are (docs/results/baselines.md measured a
-    net trained on whole slices).
-Not taken: batch Dice (the Dice is per image so the loss does not depend on the device count,
-`semantic_losses`), its patch size and depth rules (the config's `data.image_size` and
-`model.unet.depth`), its SGD + poly schedule (the project's optimiser config), its
-augmentation (the project's input pipeline), test-time mirroring.
-
-Encoders (`model.unet.encoder`). 'plain' is the above. A backbone name ('resnet18' ...
-'resnet152', 'densenet121', 'densenet169') puts the project's body (models/resnet.py,
-densenet.py, base width `model.width`, norm `model.norm` with the backbones' group count for
-'group') in place of levels 1-5: its stem activation (stride 2) and C2-C5 (strides 4-32) are
-the skips of levels 1-5, C5 the bottleneck; level 0 stays a plain block at full resolution
-(the stem has no stride-1 activation), and the decoder is the plain one. `depth` must then be 6.
-The body's variables live under backbone/body/, the path and names of Mask R-CNN's body, so
-a convert_weights file of an ImageNet classifier (`covers` backbone/body: torchvision's
-resnet18-152, densenet121/169 at width 64, model.norm 'batch') fits them name for name; level
-0, the decoder and the heads have no pretrained counterpart.
-
+every pixel gets K + 1 class logits (0 = background). Fully convolutional: any input size works
+(padded inside to a multiple of 2^(depth - 1), the output cropped back). `UNetSpec` fixes the
+net, `UNet` is the module, `init_variables` its variables; the encoder (`model.unet.encoder`) is
+'plain' or a ResNet / DenseNet body (then `depth` must be 6). Most choices are nnU-Net's 2D ones.
 Shapes: images float [B, H, W, C] -> logits float32 [B, H, W, K + 1] (and, with deep
 supervision, [B, ceil(H / 2^i), ceil(W / 2^i), K + 1] for i = 1 .. depth - 2).
+
+nnU-Net's choices taken and not taken, the backbone encoders and their pretrained weights:
+docs/architecture.md, 'The U-Net baseline'.
 """
 
 from __future__ import annotations
@@ -76,8 +48,8 @@ class UNetSpec:
   norm: 'group' (group or instance norm, see norm_groups) or 'batch' (model.norm).
   norm_groups: groups of group norm; 0 = instance norm (a group per channel).
   deep_supervision: extra 1x1 heads at the coarser decoder levels in the loss.
-  encoder: 'plain' or a backbone name (see the module docstring); encoder_width: its base
-    width (model.width).
+  encoder: 'plain' or a backbone name (docs/architecture.md, 'The U-Net baseline');
+  encoder_width: its base width (model.width).
   sliding_window: run inputs larger than image_size in windows of image_size
     (inference/sliding_window.py), overlapping by window_overlap, weighted by a Gaussian
     importance map (window_gaussian) or uniformly.

@@ -1,43 +1,16 @@
-"""ROIAlign (bilinear, half-pixel aligned) on one feature map or an FPN pyramid.
+"""ROIAlign on one feature map or an FPN pyramid: bilinear, half-pixel aligned (detectron2's
+`ROIAlign(aligned=True)`).
 
-Conventions (detectron2's `ROIAlign(aligned=True)`):
+`roi_align(features, rois, output_size, spatial_scale=...)` reads one map [H, W, C] (or
+[B, H, W, C] with `batch_index`); `multilevel_roi_align` a pyramid {'P2': ..., ...}, each ROI
+from its `assign_levels` level or from one given level. Boxes: [N, 4] `(y1, x1, y2, x2)` in
+continuous pixel coordinates of the network input; output [N, h, w, C] in the features' dtype.
+Gradients flow to the features only; the backward is a `custom_vjp`, so reverse mode only
+(`jax.jvp` / `jacfwd` raise; `jit`, `vmap` and `grad` work). Over 500 lines because it is one
+op: both entry points share the flat-table forward and its hand-written, chunked backward.
 
-* Boxes are `(y1, x1, y2, x2)` in continuous pixel coordinates of the network input. On a
-  map of stride `s` a box covers `[y1 / s - 0.5, y2 / s - 0.5]` in the map's pixel-centre
-  coordinates (pixel `k`'s centre is at `k`). No minimum size is imposed on a box.
-* Each of the `h x w` bins is sampled on a `g x g` grid of points at the centres of equal
-  sub-bins; the bin's value is the mean over those points of the bilinearly interpolated map.
-  `sampling_ratio=g > 0` fixes `g`; `sampling_ratio=0` is detectron2's adaptive choice
-  `g = ceil(box extent on the map / bins)` per box and axis, capped at the static
-  `max_sampling_ratio` so that shapes stay static (a box longer than
-  `max_sampling_ratio * bins` map pixels along an axis gets `max_sampling_ratio` samples per
-  bin there instead of more; a zero-size box gives zeros, as in detectron2).
-* Points outside the map, chosen to match detectron2 so that weights transfer: a point more
-  than one pixel outside (`y < -1` or `y > H`, likewise for x) contributes zero but still
-  counts in the mean; any other point is clamped to the border pixels (`y < 0 -> 0`,
-  `y > H - 1 -> H - 1`) and interpolated there. A point with a NaN coordinate contributes
-  zero.
-* Gradients flow to the features only. Box coordinates are treated as constants (as in
-  detectron2 and torchvision, whose kernels give boxes no gradient); `jax.grad` with respect
-  to boxes is zero.
-
-Layout of the computation (why, with the measurements that chose it: benchmarks/README.md,
-"ROIAlign"):
-
-* The direct form: each output is a weighted sum of `(2 g)^2` pixel vectors (2 taps per
-  sample and axis) read from one flat `[pixels, C]` table that holds every pyramid level of
-  every image, so a ROI reads only its own level; the sum over taps is unrolled so that XLA
-  fuses all gathers and multiply-adds into one loop that writes only the output. (Separable
-  row and column weight matrices cost a contraction over the whole map and a fixed window is
-  wrong for long thin boxes.)
-* The backward pass is a `custom_vjp`: a `lax.scan` over chunks of output rows whose carry
-  is the table gradient, each step scatter-adding its rows in place, instead of autodiff's
-  scatter of every tap's weighted copy of the output gradient. The forward is chunked only
-  where it must be: beyond `_MAX_UNROLLED_TAPS` a step gathers all taps at once, and beyond
-  `_MAX_UNCHUNKED_BYTES` of gathered values (which XLA:CPU materialised inside a whole
-  training step) the unrolled sum runs in large steps.
-* The price of `custom_vjp`: reverse mode only (`jax.jvp` / `jacfwd` raise). `jit`, `vmap`
-  and `grad` work.
+Sampling, points outside the map and the layout of the computation: docs/architecture.md,
+'ROIAlign'; the measurements that chose the layout: benchmarks/README.md, 'ROIAlign'.
 """
 
 from __future__ import annotations

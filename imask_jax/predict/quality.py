@@ -1,44 +1,16 @@
 """Per-scan quality flags for predict: which predictions are probably wrong and worth a look.
 
-A cohort of thousands of scans is screened by these flags (each report's "quality" entry, and
-one line on screen per flagged scan). The rules, with FAR = 2 and the training reference below:
+`quality_flags(...)` gives a report's "quality" entry (`review`, `flags` of `code` and
+`message`, the mean score of the painting detections), `side_flags` the knee side's flags; each
+flagged scan also gets one CHECK line on screen. The scan is compared with the training
+reference of `training_reference(...)`: per canonical (RAS+) axis the range of voxel sizes (mm),
+voxel counts and extents (mm), per tissue the number of training volumes holding it and the range
+of its volume (mL), kept in `<workdir>/training_reference.json`. A value is far from the training
+data when it lies outside [their smallest / FAR, their largest x FAR], FAR = 2.
 
-  blank_image          every voxel of the image has the same value (an all-zero scan)
-  no_detections        no detection reached model.label_score_threshold: the label map is empty
-  low_detection_score  the mean score of the detections that paint the label map (score >=
-                       model.label_score_threshold) is below LOW_MEAN_SCORE = 0.75
-  paint_slots_full     some detections that would have painted found no mask slot (more of
-                       one class in a slice than model.paint_slots_per_class): the label map
-                       lacks them
-  tissue_missing       a tissue that at least half of the training volumes hold has no voxel
-  tissue_volume        a tissue's volume is below (smallest non-zero training volume) / FAR or
-                       above (largest training volume) x FAR
-  spacing              the voxel size along a canonical (RAS+) axis is outside [smallest / FAR,
-                       largest x FAR] of the training volumes' voxel sizes along that axis
-  size                 the voxel count or the extent (mm) along a canonical axis is outside
-                       [smallest / FAR, largest x FAR] of the training volumes'
-  A scale-true model (data.pixel_spacing_mm) resamples the slices' two in-plane axes to its own
-  pixel size: along those axes only the extent is checked, not the voxel size or count.
-
-Knee models, from the report's "side" block (imask_jax/predict/scan_report.py, `side_report`):
-
-  side_unknown         neither a declared side (--side, the DICOM tags, a sidecar:
-                       data_pipelines/laterality.py) nor the anatomical estimate
-                       (imask_jax/metrics/side.py): which side is medial is not known
-  side_disagrees       the declared side and the anatomical estimate differ (the report keeps
-                       the declared one)
-  side_conflict        the scan's own declarations contradict each other (e.g. Laterality R
-                       and a series description ..._LEFT); the report takes the estimate
-
-The training reference holds, per canonical axis, the range of voxel sizes, voxel counts and
-extents, and per tissue the number of volumes holding it and the range of its volume (mL),
-over the training split of the run's own dataset (the split `sources.split_assignment` gives
-the trainer). It is computed from the label files and the image headers only (no image data),
-once, and kept in `<workdir>/training_reference.json` with a key made of the dataset settings
-and each label file's name, size and modification time; a later run recomputes it only when
-that key changes, and uses the stored one as is when the data is not on this machine. Without
-either (data gone and nothing stored) the tissue, spacing and size checks are skipped and the
-report says why.
+The rules (blank_image, no_detections, low_detection_score, paint_slots_full, tissue_missing,
+tissue_volume, spacing, size; side_unknown, side_disagrees, side_conflict) and how the reference
+is computed, stored and reused: docs/predict.md, 'Quality flags'.
 """
 
 from __future__ import annotations
@@ -126,7 +98,8 @@ def compute_reference(
   cases: Sequence[readers.Case],
   names_by_value: Mapping[int, str],
 ) -> dict[str, Any]:
-  """The reference (module docstring) of `cases`: image headers and label files only.
+  """The training reference (docs/predict.md, 'Quality flags') of `cases`: image headers and
+  label files only.
   names_by_value: label value (every merged one) -> class name; values of one class add up."""
   spacings, shapes, extents = [], [], []
   tissue_ml: dict[str, list[float]] = {name: [] for name in names_by_value.values()}
@@ -241,7 +214,7 @@ def quality_flags(
   unpainted: int | None = None,
   side: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """The "quality" entry of a report (module docstring for the rules).
+  """The "quality" entry of a report (the rules: docs/predict.md, 'Quality flags').
 
   volumes_ml: tissue name -> predicted volume (mL); spacing (mm) and shape (voxels): along the
   canonical X, Y, Z axes; scores: every detection's score (any order); resampled_axes: the
@@ -334,7 +307,7 @@ def quality_flags(
 
 
 def side_flags(side: Mapping[str, Any] | None) -> list[dict[str, str]]:
-  """The side rules (module docstring) on a report's "side" block."""
+  """The side rules (docs/predict.md, 'Quality flags') on a report's "side" block."""
   if side is None:
     return []
   flags = []
