@@ -222,6 +222,8 @@ def test_aggregation_means_counts_and_exact_wilcoxon(tmp_path):
   )
   compare = next(line for line in text.splitlines() if line.startswith('| imask | standard'))
   assert '| FC | 5 (1 dropped) |' in compare
+  # One tissue: no test over tissues (the paper's granularity needs two values or more).
+  assert "paper's granularity" not in text
 
 
 def test_evaluations_made_before_the_average_hausdorff_column_read_as_missing(tmp_path):

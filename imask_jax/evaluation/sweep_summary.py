@@ -270,6 +270,8 @@ def summary_markdown(
     lines.append('No comparison has finished runs on both sides yet.')
     return '\n'.join(lines) + '\n'
   lines += markdown_table(header, table)
+  if len(tissues) < 2:  # one value per tissue is no test
+    return '\n'.join(lines) + '\n'
   lines += [
     '',
     "## At the paper's granularity",
