@@ -36,14 +36,20 @@ endif
 	$(PY) -m pip install --quiet --no-deps -e .
 	echo $(JAX_ACCELERATOR) > $(STAMP)
 
+# Test workers (pytest-xdist), a test file on one worker so that its module-scoped models
+# compile once, files in the order tests/conftest.py sets (long runs first): two for CI's two
+# cores; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+TEST_ARGS = -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The whole suite: what CI runs.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(TEST_ARGS)
 
 # The quick tier for the edit-test loop: everything but the end-to-end runs (marked e2e: those
 # that train a model) and the slow unit tests (marked slow: 3 s or more each).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PY) -m pytest $(TEST_ARGS) -m "not e2e and not slow"
 
 # Lint (ruff check) and formatting (ruff format --check); settings in ruff.toml.
 lint: $(STAMP)

@@ -8,11 +8,16 @@ The smoke run writes its compiled programs to a session-wide persistent compilat
 (`xla_cache_dir`), so that later runs of the same config (tests/e2e/test_train.py's
 subprocesses, the resumed runs of tests/test_user_mistakes.py) load them instead of compiling
 them again, whichever test module asks for the smoke run first.
+
+`make test` runs two pytest-xdist workers, a test file on one worker (`--dist loadfile`): the
+smoke run and the compilation cache then live in the folder both workers share, the first
+worker to ask trains it under a file lock and the other waits for it and reuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -37,12 +42,35 @@ POSED_AFFINE = np.array(
 # Fixtures that train a model: a test that uses one is an end-to-end run (`-m e2e`), outside the
 # unit tier that `make test-fast` runs.
 TRAINED_FIXTURES = frozenset({'smoke_workdir', 'smoke_model', 'reference', 'parallel_jobs'})
+SMOKE_FIXTURES = frozenset({'smoke_workdir', 'smoke_model'})
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if TRAINED_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.e2e)
+
+  # Files with end-to-end runs first, then files with slow tests, then the rest (each file's
+  # tests kept together and in order): under pytest-xdist (`make test`: two workers, a file on
+  # one worker, --no-loadscope-reorder) the long runs start at once and the many short files
+  # even out the end, instead of one long run finishing alone. Among the end-to-end files, one
+  # that needs the smoke run comes first (its worker trains it) and the others after the files
+  # that do not (so the other worker has work while the smoke run trains).
+  def path(item):
+    return item.nodeid.split('::')[0]
+
+  rank: dict[str, tuple[int, int]] = {}
+  for item in items:
+    smoke = bool(SMOKE_FIXTURES.intersection(getattr(item, 'fixturenames', ())))
+    e2e, slow = item.get_closest_marker('e2e'), item.get_closest_marker('slow')
+    here = (0, 2 if smoke else 1) if e2e else (1, 0) if slow else (2, 0)
+    rank[path(item)] = min(rank.get(path(item), (2, 0)), here)
+  smoke_files = [p for p, r in rank.items() if r == (0, 2)]
+  if smoke_files:
+    rank[smoke_files[0]] = (0, 0)
+  order = {p: i for i, p in enumerate(dict.fromkeys(path(i) for i in items))}
+  items.sort(key=lambda i: (rank[path(i)], order[path(i)]))
 
 
 def experiment_config(name: str, arg: str | None = None):
@@ -122,10 +150,32 @@ def subprocess_cache_env(path: str) -> dict[str, str]:
   )
 
 
+def _shared_folder(tmp_path_factory, name: str):
+  """A session folder every xdist worker of this run sees (the workers' common base
+  temporary folder), or this session's own one without xdist."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+  """Holds an exclusive lock on the file `path` (created if missing) for the block."""
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope='session')
 def xla_cache_dir(tmp_path_factory) -> str:
   """The session's persistent compilation cache folder (filled by the smoke run)."""
-  return str(tmp_path_factory.mktemp('xla_cache'))
+  return str(_shared_folder(tmp_path_factory, 'xla_cache'))
 
 
 @pytest.fixture(scope='session')
@@ -133,13 +183,16 @@ def smoke_workdir(tmp_path_factory, xla_cache_dir) -> str:
   """A workdir trained with the knee smoke config (checkpoints, config.json, metrics)."""
   from imask_jax.training import train
 
-  base = tmp_path_factory.mktemp('smoke')
-  config = experiment_config('phantom_knee', 'smoke')
-  # An explicit data_dir keeps the run independent of $IMASK_DATA_DIR.
-  config.data.data_dir = str(base / 'tfds')
-  workdir = str(base / 'run')
-  with persistent_compilation_cache(xla_cache_dir):
-    train.train_and_evaluate(config, workdir)
+  base = _shared_folder(tmp_path_factory, 'smoke')
+  workdir, done = str(base / 'run'), base / 'trained'
+  with _exclusive(base / 'lock'):
+    if not done.exists():
+      config = experiment_config('phantom_knee', 'smoke')
+      # An explicit data_dir keeps the run independent of $IMASK_DATA_DIR.
+      config.data.data_dir = str(base / 'tfds')
+      with persistent_compilation_cache(xla_cache_dir):
+        train.train_and_evaluate(config, workdir)
+      done.touch()
   return workdir
 
 
