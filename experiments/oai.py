@@ -51,9 +51,8 @@ Variants (comma-separated in the config argument):
   tibial_parts    with oaizib_cm: medial and lateral tibial cartilage trained as two classes;
                   tibial thickness reported for the plate and for each part
   small           a first run on your own data (the quick start's network and rhythm at 0.5 mm
-                  per network pixel, 192 x 192 crops, point head, 6000 steps: about 35 min of
-                  training on 2 CPU cores at 0.32-0.35 s per step, docs/training_cost.md; a
-                  first look, not a converged model)
+                  per network pixel, 192 x 192 crops, point head, 6000 steps; its cost on 2
+                  CPU cores: docs/training_cost.md; a first look, not a converged model)
   practical       a model trained on one A100/H100-class GPU within a day: ResNet-50-FPN, the
                   iMask head with the point head, 512 x 512 inputs at 0.2734 mm per network pixel
                   (a whole OAI slice), the paper's anchors and FPN level rule halved, batch 8,
