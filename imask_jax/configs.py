@@ -8,7 +8,7 @@ input_pipeline), `model` (models/), `train` (train.py) and `eval` (evaluation/).
 Nearly 500 lines on purpose: `default_config` is the one place a user reads every setting with
 its comment (about 170 lines), beside the pieces experiments share and `check_train_config`,
 the one check of a whole resolved config. A check of a single field lives with the code that
-reads the field (`models.spec.model_kind`, `metrics.thickness.known_method`, ...); the check
+reads the field (`models.spec.model_kind`, `metrics.thickness.check_method`, ...); the check
 here calls it.
 """
 
@@ -23,7 +23,7 @@ import ml_collections
 
 from data_pipelines import tissues
 from imask_jax.inference import postprocess
-from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, known_method
+from imask_jax.metrics.thickness import DEFAULT_THICKNESS_METHOD, check_method
 from imask_jax.models import spec
 
 
@@ -437,7 +437,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       'per class'
     )
   tissues.LabelScheme.from_config(config)  # values well formed, no stale model.num_classes
-  known_method(config.eval.thickness_method, 'config eval.thickness_method')
+  check_method(config.eval.thickness_method, 'config eval.thickness_method')
   postprocess.class_ids(
     tissues.LabelScheme.from_config(config),
     config.model.keep_largest_component,

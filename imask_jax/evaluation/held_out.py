@@ -24,7 +24,7 @@ from data_pipelines.tissues import LabelScheme
 from imask_jax import metrics
 from imask_jax.evaluation import knee_steps, report, viz
 from imask_jax.evaluation.case_metrics import evaluate_case, truth_instances
-from imask_jax.metrics.thickness import known_method
+from imask_jax.metrics.thickness import check_method
 from imask_jax.models.spec import model_kind
 
 if TYPE_CHECKING:  # imported where used: `--help` answers without JAX and TensorFlow
@@ -77,7 +77,7 @@ def evaluate_source(
     raise ValueError(f'split {source.split!r} has no cases to evaluate')
   scheme = LabelScheme.from_config(config)
   instance_mode = str(config.data.instance_mode)
-  thickness_method = known_method(config.eval.thickness_method, 'config eval.thickness_method')
+  thickness_method = check_method(config.eval.thickness_method, 'config eval.thickness_method')
   mask_ap = metrics.MaskAP(
     {c: n for c, n in zip(range(1, len(scheme.class_names) + 1), scheme.class_names)}
   )

@@ -23,7 +23,7 @@ from data_pipelines.tissues import LabelScheme
 from imask_jax import errors, parallel
 from imask_jax import workdir as workdir_lib
 from imask_jax.inference import postprocess, programs
-from imask_jax.metrics.thickness import known_method
+from imask_jax.metrics.thickness import check_method
 from imask_jax.models import build, spec
 
 
@@ -84,7 +84,7 @@ def load_model(
   scheme = LabelScheme.from_config(config)
   postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
   postprocess.cluster_rule(scheme, config.model)
-  known_method(config.eval.thickness_method, 'config eval.thickness_method')
+  check_method(config.eval.thickness_method, 'config eval.thickness_method')
   spec.mask_threshold(config)
   paint_only = paint_only and spec.paint_slots_per_class(config) > 0
   steps = checkpoint_steps(workdir)

@@ -107,7 +107,7 @@ def interface_thickness(
   where = 'interface_thickness'
   label_map = as_volume(label_map, where)
   spacing = np.asarray(as_spacing(spacing, 3, where))
-  check_method(method, where)
+  check_method(method, f'{where}: method')
   if bone_label == cartilage_label:
     raise ValueError(
       f'{where}: bone_label and cartilage_label are both {bone_label}; '
@@ -139,17 +139,12 @@ def _default_smoothing(spacing: np.ndarray) -> np.ndarray:
   return np.full(3, float(np.max(spacing)))
 
 
-def check_method(method: str, where: str) -> None:
-  """Refuses a thickness method other than THICKNESS_METHODS, naming `where`."""
-  if method not in THICKNESS_METHODS:
-    raise ValueError(f'{where}: method={method!r}; expected one of {THICKNESS_METHODS}.')
-
-
-def known_method(method: Any, where: str) -> str:
-  """`method` as a string, refused unless one of THICKNESS_METHODS: for a setting checked
-  before anything is measured (a wrong name would otherwise surface only as a 'not measured'
-  note per case). `where` names the setting in the message '<where>=<method>; expected one of
-  ...' (e.g. 'config eval.thickness_method': the caller reads the config, not this module)."""
+def check_method(method: Any, where: str) -> str:
+  """`method` as a string, refused unless one of THICKNESS_METHODS, in the message
+  '<where>=<method>; expected one of ...'. `where` names the setting: a function's argument
+  ('interface_thickness: method') or a config field ('config eval.thickness_method', checked
+  before anything is measured, since a wrong name would otherwise surface only as a 'not
+  measured' note per case; the caller reads the config, not this module)."""
   method = str(method)
   if method not in THICKNESS_METHODS:
     raise ValueError(f'{where}={method!r}; expected one of {THICKNESS_METHODS}')

@@ -347,7 +347,7 @@ def compare_thickness(
       f'{truth_labels.shape}; both must be on the same voxel grid.'
     )
   spacing = as_spacing(spacing, 3, where)
-  check_method(method, where)
+  check_method(method, f'{where}: method')
   if axial_bin_mm is None:
     axial_bin_mm = _default_bin_mm(spacing, axes=(0,), where=where)
   if tibial_bin_mm is None:

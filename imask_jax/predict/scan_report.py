@@ -25,7 +25,7 @@ from imask_jax import metrics
 from imask_jax.inference import loading
 from imask_jax.inference.whole_volume import VolumePrediction
 from imask_jax.metrics import side as side_metrics
-from imask_jax.metrics.thickness import known_method
+from imask_jax.metrics.thickness import check_method
 from imask_jax.predict import quality
 
 FEMORAL_BANDS_DEG = {
@@ -159,7 +159,7 @@ def volume_report(
     'volumes_ml': {scheme.names_by_value[v]: ml for v, ml in volumes.items()},
   }
   if scheme.knee is not None:
-    method = known_method(model.config.eval.thickness_method, 'config eval.thickness_method')
+    method = check_method(model.config.eval.thickness_method, 'config eval.thickness_method')
     whole = scheme.with_parts_joined(prediction.canonical)  # parts trained apart, joined
     maps: dict[str, Any] = {}
     report['cartilage_thickness'] = {
