@@ -91,17 +91,18 @@ KNEE_MODEL ?= models/knee_general
 # The general knee model (issue 36; models/knee_general/MODEL_CARD.md): writes 40 knee
 # phantoms of the varied shape family at 140 mm / 0.5 mm, trains experiments/knee_general.py on
 # them (contrast randomisation on; resumes if KNEE_RUN has a checkpoint), then copies what
-# predict --workdir needs into KNEE_MODEL: config.json, the last checkpoint, the training
-# record and the quality flags' training reference (so predict needs no training data).
+# predict --workdir needs into KNEE_MODEL: config.json, the last checkpoint's variables
+# (without the optimiser's state: imask_jax/inference/export.py), the training record and the
+# quality flags' training reference (so predict needs no training data).
 knee-model: $(STAMP)
 	$(PY) -m data_pipelines.phantoms knee --shape-family varied --num 40 --seed 1000 \
 	    --fov 140 --spacing 0.5 --out $(KNEE_DATA)
 	$(PY) -m imask_jax.main --config experiments/knee_general.py:data=$(KNEE_DATA) --workdir $(KNEE_RUN)
-	rm -rf $(KNEE_MODEL)/checkpoints $(KNEE_MODEL)/training_reference.json
-	mkdir -p $(KNEE_MODEL)/checkpoints
-	cp $(KNEE_RUN)/config.json $(KNEE_RUN)/metrics.jsonl $(KNEE_MODEL)/
-	cp -r $(KNEE_RUN)/checkpoints/$$(ls $(KNEE_RUN)/checkpoints | grep -x '[0-9]*' | sort -n | tail -1) \
-	    $(KNEE_MODEL)/checkpoints/
+	rm -rf $(KNEE_MODEL)/checkpoints $(KNEE_MODEL)/training_reference.json $(KNEE_MODEL).export
+	$(PY) -m imask_jax.inference.export --workdir $(KNEE_RUN) --out $(KNEE_MODEL).export
+	mkdir -p $(KNEE_MODEL)
+	mv $(KNEE_MODEL).export/* $(KNEE_MODEL)/
+	rm -rf $(KNEE_MODEL).export $(KNEE_MODEL)/training_reference.json
 	$(PY) -c "import sys; from imask_jax import workdir as w; from imask_jax.predict import quality; \
 	    from data_pipelines.tissues import LabelScheme; d = sys.argv[1]; c = w.load_config(d); \
 	    print(quality.training_reference(d, c, w.data_dir_for(c, d), \
