@@ -14,9 +14,8 @@ from imask_jax.inference import export, loading
 
 
 def _bytes(folder: str) -> int:
-  return sum(
-    os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
-  )
+  walk = os.walk(folder)
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in walk for name in names)
 
 
 def test_exported_variables_restore_bit_for_bit_without_the_optimiser(
