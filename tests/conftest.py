@@ -45,7 +45,7 @@ TRAINED_FIXTURES = frozenset({'smoke_workdir', 'smoke_model', 'reference', 'para
 SMOKE_FIXTURES = frozenset({'smoke_workdir', 'smoke_model'})
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the e2e marks added here
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if TRAINED_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
