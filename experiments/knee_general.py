@@ -61,6 +61,7 @@ def get_config(arg: str | None = None):
   configs.use_small_network(c)
   c.model.mask_dice_weight = 1.0
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
+  c.model.keep_attached = (tissues.FEMORAL_CARTILAGE, tissues.TIBIAL_CARTILAGE)
   c.model.point_head.enabled = True
   c.model.paint_slots_per_class = 2
   c.train.steps = 9000

@@ -180,6 +180,8 @@ def get_config(arg: str | None = None):
     c.model.point_head.enabled = True
     c.train.epochs = 0.0
     c.train.steps = PRACTICAL_STEPS
+  # Cartilage lies on its bone: specks painted far from it go (docs/results/baselines.md).
+  c.model.keep_attached = tuple(n for n in d.class_names if n not in (tissues.FEMUR, tissues.TIBIA))
   strict = bool(args.pop('paper', False))
   if strict:
     # Not in the paper: the recommended settings' extras, all turned off (imask_jax/paper.py).

@@ -50,6 +50,9 @@ def get_config(arg: str | None = None):
   # wide field of view) are dropped (imask_jax/inference/postprocess.py; measured in
   # docs/evaluation.md).
   c.model.keep_largest_component = (tissues.FEMUR, tissues.TIBIA)
+  # Cartilage lies on its bone: specks painted far from it go (a U-Net's stray islands;
+  # docs/results/baselines.md).
+  c.model.keep_attached = (tissues.FEMORAL_CARTILAGE, tissues.TIBIAL_CARTILAGE)
   # The PointRend-style point head refines the 56 x 56 masks at their uncertain points from
   # the input and P2 (cartilage Dice +0.02-0.03 and a smoother thickness map on the test
   # knees, docs/results/cartilage.md); points=False is the paper's iMask head alone.

@@ -173,6 +173,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.cluster_radius_mm = 40.0
   m.cluster_per_side = False
   m.cluster_min_ml = 0.0
+  # Cartilage names whose 3D components are dropped when none of their voxels lies within
+  # attach_radius_mm of the bone the cartilage covers (specks far from the joint;
+  # imask_jax/inference/postprocess.py). () keeps every component. 5 mm: a touching component
+  # lies one voxel (0.3-1.5 mm) from its bone; the rest bridges a slice or two of missed bone.
+  m.keep_attached = ()
+  m.attach_radius_mm = 5.0
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
@@ -438,12 +444,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     )
   tissues.LabelScheme.from_config(config)  # values well formed, no stale model.num_classes
   check_method(config.eval.thickness_method, 'config eval.thickness_method')
-  postprocess.class_ids(
-    tissues.LabelScheme.from_config(config),
-    config.model.keep_largest_component,
-    'model.keep_largest_component',
-  )
-  postprocess.cluster_rule(tissues.LabelScheme.from_config(config), config.model)
+  postprocess.check_rules(tissues.LabelScheme.from_config(config), config.model)
   spec.paint_slots_per_class(config)
   spec.mask_threshold(config)
   spec.model_kind(config)

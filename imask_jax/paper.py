@@ -59,6 +59,7 @@ def use_strict_settings(c: ml_collections.ConfigDict, *, train_scans: int, test_
   m.imask.fine_dim = int(m.mask_head_dim)  # the trunk's width: no reduction anywhere
   m.keep_largest_component = ()
   m.keep_largest_cluster = ()
+  m.keep_attached = ()
   m.paint_rule = 'each'
   m.label_score_threshold = float(m.test_score_threshold)
   m.paint_slots_per_class = 0

@@ -249,8 +249,9 @@ def check_plan(
 ) -> dict[str, dict[str, Any]]:
   """Records every run's settings in DIR/sweep_plan.json at the sweep's first start and
   refuses to go on if a recorded run's settings have changed since (an edited experiment file,
-  another base_arg): the table would compare runs made with different settings. New variants
-  are added to the record. Returns the settings of `runs`."""
+  another base_arg): the table would compare runs made with different settings. A field the
+  code added since counts as recorded with its legacy value or default. New variants are added
+  to the record. Returns the settings of `runs`."""
   from imask_jax import workdir as workdir_lib
 
   path = os.path.join(workdir, PLAN_NAME)
@@ -259,10 +260,11 @@ def check_plan(
     with open(path) as f:
       recorded = json.load(f)
   current = {run.name: run_settings(sweep, run) for run in runs}
+  then = {name: workdir_lib.with_added_fields(settings) for name, settings in recorded.items()}
   changed = [
     f'{name}: {"; ".join(diff)}'
     for name, settings in current.items()
-    if name in recorded and (diff := workdir_lib.changed_fields(recorded[name], settings))
+    if name in then and (diff := workdir_lib.changed_fields(then[name], settings))
   ]
   if changed:
     raise SettingsChangedError(

@@ -114,6 +114,8 @@ INFERENCE_ONLY_FIELDS = (
   'model.cluster_radius_mm',
   'model.cluster_per_side',
   'model.cluster_min_ml',
+  'model.keep_attached',
+  'model.attach_radius_mm',
 )
 
 
@@ -171,6 +173,12 @@ RETIRED_FIELDS = {
 }
 
 
+def with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config dict saved by an older version with every field added since: its LEGACY_VALUES
+  entry, else its default."""
+  return _merged(_merged(configs.default_config().to_dict(), LEGACY_VALUES), saved)
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run wrote into `workdir`, equal to the one it ran with (JSON
   lists are turned back into tuples). Fields added to `configs.default_config()` after the
@@ -184,8 +192,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     )
   with open(path) as f:
     saved = json.load(f)
-  defaults = _merged(configs.default_config().to_dict(), LEGACY_VALUES)
-  config = ml_collections.ConfigDict(_tuples(_merged(defaults, saved)))
+  config = ml_collections.ConfigDict(_tuples(with_added_fields(saved)))
   retired = [(g, n) for g, names in RETIRED_FIELDS.items() for n in names if n in config[g]]
   if retired:
     try:

@@ -80,10 +80,11 @@ def experiment_config(name: str, arg: str | None = None):
   return configs.load_experiment(os.path.join(REPO, 'experiments', f'{name}.py'), arg)
 
 
-def box_painting_model(config, boxes):
-  """A `loading.LoadedModel` whose detector finds, in every slice, one class-1 detection
-  per box (network pixels [y1, x1, y2, x2]) with mask probability 1 over the box and score
-  0.9: what it paints is known exactly, for tests of the steps after the network."""
+def box_painting_model(config, boxes, classes=None):
+  """A `loading.LoadedModel` whose detector finds, in every slice, one detection per box
+  (network pixels [y1, x1, y2, x2]) of its class in `classes` (default: all class 1) with
+  mask probability 1 over the box and score 0.9: what it paints is known exactly, for tests
+  of the steps after the network."""
   import numpy as np
 
   from data_pipelines import tissues
@@ -92,13 +93,14 @@ def box_painting_model(config, boxes):
 
   boxes = np.asarray(boxes, np.float32)
   n = len(boxes)
+  class_ids = np.ones(n, np.int32) if classes is None else np.asarray(classes, np.int32)
 
   def detect(variables, images):
     batch = images.shape[0]
     return {
       'boxes': np.tile(boxes, (batch, 1, 1)),
       'scores': np.full((batch, n), 0.9, np.float32),
-      'classes': np.ones((batch, n), np.int32),
+      'classes': np.tile(class_ids, (batch, 1)),
       'valid': np.ones((batch, n), bool),
       'mask_probs': np.ones((batch, n, 28, 28), np.float32),
     }

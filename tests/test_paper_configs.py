@@ -40,7 +40,12 @@ STRICT_CHANGES = {
   'train.warmup_steps',
 }
 OWN_CHANGES = {
-  'oai': {'model.keep_largest_component', 'model.mask_dice_weight', 'model.paint_slots_per_class'},
+  'oai': {
+    'model.keep_attached',
+    'model.keep_largest_component',
+    'model.mask_dice_weight',
+    'model.paint_slots_per_class',
+  },
   'stiho': {
     'data.augment.flip_lr',
     'model.keep_largest_cluster',
@@ -112,7 +117,7 @@ def test_the_strict_variant_is_the_paper_and_nothing_else(name, train, test):
   assert a.scale_range == a.gamma_range == a.intensity_scale_range == (1.0, 1.0)
   assert not a.get('contrast', {}).get('enabled', False)
   assert m.mask_dice_weight == m.boundary_loss_weight == 0 and not m.point_head.enabled
-  assert m.keep_largest_component == m.keep_largest_cluster == ()
+  assert m.keep_largest_component == m.keep_largest_cluster == m.keep_attached == ()
   assert (m.paint_rule, m.paint_slots_per_class) == ('each', 0)
   assert m.label_score_threshold == m.test_score_threshold
   assert tuple(m.anchor_ratios) == (0.5, 1.0, 2.0) and m.roi_hard_negative_fraction == 0

@@ -289,6 +289,22 @@ def test_changed_run_settings_are_refused_and_new_variants_recorded(tmp_path):
   with open(tmp_path / 'sweep_plan.json') as f:
     assert len(json.load(f)) == 3
 
+  # A plan recorded before the code added a field: the field counts as its default there, so
+  # a default-valued field is no change; one the experiment sets otherwise still is.
+  with open(tmp_path / 'sweep_plan.json') as f:
+    recorded = json.load(f)
+  for settings in recorded.values():
+    del settings['model']['attach_radius_mm'], settings['model']['keep_attached']
+  with open(tmp_path / 'sweep_plan.json', 'w') as f:
+    json.dump(recorded, f)
+  with pytest.raises(errors.SettingsChangedError, match=r'model.keep_attached: \(\) -> '):
+    sweep.check_plan(c, workdir, sweep.plan(c, workdir))
+  for settings in recorded.values():
+    settings['model']['keep_attached'] = ['femoral_cartilage', 'tibial_cartilage']
+  with open(tmp_path / 'sweep_plan.json', 'w') as f:
+    json.dump(recorded, f)
+  assert sweep.check_plan(c, workdir, sweep.plan(c, workdir)) == grown
+
 
 def test_a_unet_run_is_checked_by_its_own_spec():
   config = experiment_config('phantom_knee', 'unet')

@@ -82,8 +82,7 @@ def load_model(
     )
   config = workdir_lib.load_config(workdir)
   scheme = LabelScheme.from_config(config)
-  postprocess.class_ids(scheme, config.model.keep_largest_component, 'model.keep_largest_component')
-  postprocess.cluster_rule(scheme, config.model)
+  postprocess.check_rules(scheme, config.model)
   check_method(config.eval.thickness_method, 'config eval.thickness_method')
   spec.mask_threshold(config)
   paint_only = paint_only and spec.paint_slots_per_class(config) > 0

@@ -13,6 +13,10 @@ components within a radius of each other, the cluster of largest volume, and in 
 scan one such cluster on each side of the mid-sagittal plane (one joint per side). Bright fluid
 elsewhere (bladder, bowel, vessels) is then dropped however confident the network was.
 Measured: docs/results/hip.md.
+
+Cartilage lies on its bone, so a cartilage component with no voxel near the bone it covers
+(a speck painted far from the joint) is dropped (`keep_attached`). Measured:
+docs/results/baselines.md.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from data_pipelines.tissues import LabelScheme
+from data_pipelines.tissues import PLATES, SUBCLASS_OF, LabelScheme
 
 # 26-connected in 3D: voxels touching at a corner are one object, so a thin bridge between
 # two parts of one bone never splits it.
@@ -42,6 +46,14 @@ def class_ids(scheme: LabelScheme, names: Sequence[str], field: str) -> tuple[in
       f'config {field}={tuple(names)}: {unknown} not among the classes {scheme.class_names}'
     )
   return tuple(scheme.class_names.index(n) + 1 for n in names)
+
+
+def check_rules(scheme: LabelScheme, model_config: Any) -> None:
+  """Every post-processing setting of a config's model section; ValueError naming the field
+  of the first that cannot work."""
+  class_ids(scheme, model_config.keep_largest_component, 'model.keep_largest_component')
+  cluster_rule(scheme, model_config)
+  attach_rule(scheme, model_config)
 
 
 def keep_largest_component(
@@ -184,3 +196,73 @@ def _single_linkage(
       a, b = root(i - 1), root(int(j))
       parent[max(a, b)] = min(a, b)
   return np.array([root(i) for i in range(count)])
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachRule:
+  """config model.keep_attached (as (cartilage class id, bone class id) pairs) and
+  attach_radius_mm: see `keep_attached`."""
+
+  pairs: tuple[tuple[int, int], ...]
+  radius_mm: float
+
+
+def attach_rule(scheme: LabelScheme, model_config: Any) -> AttachRule:
+  """The attachment rule of a config's model section: each cartilage name paired with the
+  bone it covers (`tissues.PLATES`; a part such as medial tibial cartilage with its tissue's
+  bone). ValueError naming the field when a name is no cartilage or its bone is no class."""
+  names = tuple(model_config.keep_attached)
+  ids = class_ids(scheme, names, 'model.keep_attached')
+  bone_of = {cartilage: bone for bone, cartilage in PLATES.values()}
+  pairs = []
+  for name, cartilage_id in zip(names, ids):
+    bone = bone_of.get(SUBCLASS_OF.get(name, name))
+    if bone is None:
+      raise ValueError(
+        f'config model.keep_attached={names}: {name!r} is not a cartilage '
+        f'(one of {tuple(bone_of)} or their parts)'
+      )
+    if bone not in scheme.class_names:
+      raise ValueError(
+        f'config model.keep_attached={names}: {name!r} lies on the {bone}, which is not '
+        f'among the classes {scheme.class_names}'
+      )
+    pairs.append((cartilage_id, scheme.class_names.index(bone) + 1))
+  radius = float(model_config.attach_radius_mm)
+  if not radius >= 0:  # also refuses NaN
+    raise ValueError(f'config model.attach_radius_mm={radius}; expected >= 0')
+  return AttachRule(tuple(pairs), radius)
+
+
+def keep_attached(
+  volume: np.ndarray,
+  pairs: Sequence[tuple[int, int]],
+  spacing: Sequence[float],
+  radius_mm: float,
+) -> np.ndarray:
+  """Sets to background each 26-connected component of a cartilage class whose nearest voxel
+  centre lies farther than `radius_mm` from every voxel of its bone class.
+
+  volume: int [X, Y, Z] class ids on a grid of `spacing` mm per axis. pairs: (cartilage class
+  id, bone class id). Where the bone class is absent the cartilage is left as it is (nothing to
+  judge it by). A component touching its bone lies one voxel from it, so radius_mm should
+  exceed the coarsest spacing; the default (configs) also bridges a slice or two of a missed
+  bone. Returns a new array.
+  """
+  volume = np.asarray(volume)
+  if volume.ndim != 3:
+    raise ValueError(f'class volume of shape {volume.shape}; expected 3 axes')
+  out = volume.copy()
+  sampling = tuple(float(v) for v in spacing)
+  for cartilage_id, bone_id in pairs:
+    bone = volume == bone_id
+    if not bone.any():
+      continue
+    components, count = ndi.label(volume == cartilage_id, structure=_FULL_CONNECTIVITY)
+    if count == 0:
+      continue
+    to_bone = ndi.distance_transform_edt(~bone, sampling=sampling)
+    nearest = np.asarray(ndi.minimum(to_bone, components, index=np.arange(1, count + 1)))
+    far = np.flatnonzero(nearest > radius_mm) + 1
+    out[np.isin(components, far)] = 0
+  return out

@@ -219,7 +219,9 @@ def predict_volume(
   The painted slices are stacked into a volume in which each tissue of
   model.keep_largest_component keeps only its largest 3D connected component
   (`postprocess.keep_largest_component`), and each of model.keep_largest_cluster its largest
-  cluster (per side with model.cluster_per_side; `postprocess.keep_largest_cluster`).
+  cluster (per side with model.cluster_per_side; `postprocess.keep_largest_cluster`); then each
+  cartilage of model.keep_attached loses the components far from its bone
+  (`postprocess.keep_attached`).
   keep_instances: also return each slice's detections as source-resolution `Instance`s (for
   mask AP; the detections as the network made them, before that rule).
   """
@@ -279,15 +281,16 @@ def predict_volume(
     ),
   )
   rule = postprocess.cluster_rule(model.scheme, model.config.model)
-  if rule.ids:
-    canonical = postprocess.keep_largest_cluster(
-      orientation.slices_to_volume(class_slices, stack.plane),
-      rule.ids,
-      stack.grid.canonical_spacing,
-      rule.radius_mm,
-      rule.per_side,
-      rule.min_ml,
-    )
+  attach = postprocess.attach_rule(model.scheme, model.config.model)
+  if rule.ids or attach.pairs:
+    canonical = orientation.slices_to_volume(class_slices, stack.plane)
+    spacing = stack.grid.canonical_spacing
+    if rule.ids:
+      canonical = postprocess.keep_largest_cluster(
+        canonical, rule.ids, spacing, rule.radius_mm, rule.per_side, rule.min_ml
+      )
+    if attach.pairs:
+      canonical = postprocess.keep_attached(canonical, attach.pairs, spacing, attach.radius_mm)
     class_slices = orientation.volume_to_slices(canonical, stack.plane)
   prediction = assemble(volume, class_slices, model.scheme, instances if keep_instances else None)
   return dataclasses.replace(
