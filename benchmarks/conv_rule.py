@@ -55,11 +55,11 @@ def main() -> None:
 
   import jax
 
-  from imask_jax import sweep
+  from imask_jax import configs
   from imask_jax.ops import conv as conv_ops
 
   path, _, arg = args.config.partition(':')
-  probe = sweep.load_experiment(path, arg)
+  probe = configs.load_experiment(path, arg)
   size = args.size or int(probe.data.image_size[0])
   batch = args.batch or int(probe.train.batch_size)
   config = gpu.load_config(

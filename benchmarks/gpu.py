@@ -6,7 +6,7 @@ Run (from the repository root, after `make install JAX_ACCELERATOR=cuda13`):
   .venv/bin/python benchmarks/gpu.py --smoke       # tiny, to check the script on CPU
 
 The model is the one `python -m imask_jax.main --config experiments/oai.py` trains: the
-config comes from the experiment file through `imask_jax.sweep.load_experiment` (what
+config comes from the experiment file through `imask_jax.configs.load_experiment` (what
 ml_collections' config_flags does for main), and only `--size` (data.image_size, the training
 crop), `--backbone` (model.backbone) and `--batch` (train.batch_size and eval.batch_size) are
 changed. By default: 1024 x 1024 crops at 0.1367 mm, ResNet-101-FPN with group norm, the
@@ -106,10 +106,10 @@ def restrict_devices(devices: str) -> None:
 def load_config(run: dict[str, Any]) -> Any:
   """The experiment's config (`--config PATH[:ARG]`, as main takes it) with the run's size,
   backbone and batch."""
-  from imask_jax import sweep
+  from imask_jax import configs
 
   path, _, arg = run['config'].partition(':')
-  config = sweep.load_experiment(str(REPO / path) if not os.path.isabs(path) else path, arg)
+  config = configs.load_experiment(str(REPO / path) if not os.path.isabs(path) else path, arg)
   config.data.image_size = (run['size'], run['size'])
   if run['backbone']:
     config.model.backbone = run['backbone']

@@ -143,10 +143,10 @@ def main() -> None:
 
   import jax
 
-  from imask_jax import sweep
+  from imask_jax import configs
 
   path, _, arg = args.config.partition(':')
-  probe = sweep.load_experiment(path, arg)
+  probe = configs.load_experiment(path, arg)
   size = args.size or int(probe.data.image_size[0])
   run = {'config': args.config, 'size': size, 'backbone': args.backbone, 'batch': args.batch}
   print(
