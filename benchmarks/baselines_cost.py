@@ -2,7 +2,7 @@
 iMaskRCNN and the semantic U-Net of one dataset, on the same machine in one run.
 
 Run (from the repository root):
-  TF_CPP_MIN_LOG_LEVEL=2 CUDA_VISIBLE_DEVICES= .venv/bin/python benchmarks/baselines_cost.py --dataset knee
+  TF_CPP_MIN_LOG_LEVEL=2 CUDA_VISIBLE_DEVICES= .venv/bin/python benchmarks/baselines_cost.py
   ... benchmarks/baselines_cost.py --dataset hip
   ... benchmarks/baselines_cost.py --dataset knee --smoke   # tiny, to check the script
 
