@@ -269,3 +269,109 @@ def test_summary_tables_cell_by_cell_over_seeds_and_differing_cases():
   assert cells[5] == f'{-2 * np.mean(per_tissue):+.3f}'
   # Tibial: 4 nonzero, -0.01 the smallest: W- = 1, 2 of 16 patterns as low, p = 2 * 2 / 16.
   assert exact_two_sided_p(d_tc) == pytest.approx(4 / 16)
+
+
+def _write_eval(folder, metrics, thickness, volumes):
+  """An evaluation folder as evaluate writes it, with the columns the sweep reads."""
+  import csv
+
+  folder.mkdir(parents=True)
+  metric_columns = [c for c in sweep_summary.SUMMARY_COLUMNS[5:14]]
+  with open(folder / 'metrics.csv', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['case_id', 'tissue', 'status', *metric_columns])
+    for case, tissue, hd95 in metrics:
+      w.writerow([case, tissue, 'ok', *[hd95 if c == 'hd95_mm' else 0.5 for c in metric_columns]])
+  with open(folder / 'ap.csv', 'w', newline='') as f:
+    f.write('scope,tissue,ap\nall,femur,0.5\n')
+  with open(folder / 'thickness.csv', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['case_id', 'plate', 'status', 'difference_mean_mm', 'difference_sd_mm'])
+    w.writerows(thickness)
+  with open(folder / 'volumes.csv', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['case_id', 'rater', 'right_ml', 'left_ml', 'total_ml'])
+    w.writerows(volumes)
+
+
+def test_thickness_and_effusion_endpoints_are_tabled_and_paired(tmp_path):
+  F, E = 'femur', 'effusion'
+  cases = ('c0', 'c1', 'c2')
+  hd95 = {'a': (1.0, 2.0, 4.0), 'b': (0.5, 1.5, 2.0)}
+  offset = {'a': (0.30, -0.20, 0.10), 'b': (0.10, 0.05, -0.40)}
+  cell_sd = {'a': (0.6, 0.5, 0.7), 'b': (0.3, 0.2, 0.4)}
+  model_ml = {'a': (3.0, 5.5, 1.0), 'b': (2.6, 5.1, 1.8)}
+  reference_ml = (2.5, 5.0, 1.5)
+  runs, rows = [], []
+  for variant, baseline in (('a', ''), ('b', 'a')):
+    run = sweep.Run(variant, 0, baseline, '', str(tmp_path / variant / 'seed0'))
+    runs.append(run)
+    folder = tmp_path / variant / 'eval'
+    _write_eval(
+      folder,
+      [(c, t, hd95[variant][i]) for i, c in enumerate(cases) for t in (F, FC, E)],
+      # Variant a's c2 plate could not be measured: its pair drops out of the thickness tests.
+      [
+        (c, 'femoral', 'no_pred' if (variant, c) == ('a', 'c2') else 'ok', o, s)
+        for c, o, s in zip(cases, offset[variant], cell_sd[variant])
+      ],
+      [
+        (c, r, v, 0.0, v)
+        for c, m, ref in zip(cases, model_ml[variant], reference_ml)
+        for r, v in (('reference', ref), ('reader1', ref + 1.0), ('model', m))
+      ],
+    )
+    rows += sweep_summary.run_rows(run, str(folder))
+  cart = {(r['variant'], r['case_id']): r for r in rows if r['tissue'] == FC}
+  assert cart['b', 'c2']['thickness_offset_mm'] == -0.40
+  assert cart['b', 'c2']['abs_thickness_offset_mm'] == 0.40
+  assert cart['b', 'c2']['thickness_sd_mm'] == 0.4
+  assert math.isnan(cart['a', 'c2']['thickness_offset_mm'])
+  assert all(math.isnan(r['thickness_offset_mm']) for r in rows if r['tissue'] != FC)
+  effusion = {(r['variant'], r['case_id']): r for r in rows if r['tissue'] == E}
+  assert effusion['a', 'c2']['volume_error_ml'] == pytest.approx(-0.5)
+  assert effusion['a', 'c2']['abs_volume_error_ml'] == pytest.approx(0.5)
+
+  config = ml_collections.ConfigDict(
+    dict(
+      experiment='x.py',
+      base_arg='',
+      study='baselines',
+      seeds=(0,),
+      split='test',
+      variants=(('a', 'head=standard', ''), ('b', 'head=imask', 'a')),
+    )
+  )
+  text = sweep_summary.summary_markdown(config, runs, rows, {}, [])
+
+  def mean_sd(values, digits):
+    return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
+
+  (header,) = _cells(text, ('Variant', 'HD95 (mm) F'), 7)
+  assert header[4:] == ['Thickness offset (mm) FC', 'Thickness SD (mm) FC', 'Volume error (mL) E']
+  (cells,) = _cells(text, ('b', mean_sd(hd95['b'], 2)), 7)
+  errors_b = [m - r for m, r in zip(model_ml['b'], reference_ml)]
+  assert cells[4:] == [mean_sd(offset['b'], 3), mean_sd(cell_sd['b'], 3), mean_sd(errors_b, 3)]
+  (cells,) = _cells(text, ('a', mean_sd(hd95['a'], 2)), 7)
+  assert cells[4] == f'{mean_sd(offset["a"][:2], 3)} (1 of 3 not found)'
+
+  def with_interval(d, digits):
+    half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / math.sqrt(len(d))
+    m = np.mean(d)
+    return f'{m:+.{digits}f} [{m - half:+.{digits}f}, {m + half:+.{digits}f}]'
+
+  width = 4 + 2 * 7  # Dice, ASSD, Hausdorff, HD95, thickness offset and SD, volume error
+  (cart_row,) = _cells(text, ('b', 'a', 'FC'), width)
+  assert cart_row[3] == '3 (1 dropped)'
+  d_abs = [abs(offset['b'][i]) - abs(offset['a'][i]) for i in range(2)]
+  d_sd = [cell_sd['b'][i] - cell_sd['a'][i] for i in range(2)]
+  assert cart_row[12] == with_interval(d_abs, 3)
+  assert cart_row[14] == with_interval(d_sd, 3)
+  assert cart_row[16:] == ['n/a', 'n/a']
+  (bone_row,) = _cells(text, ('b', 'a', 'F'), width)
+  assert bone_row[3] == '3' and bone_row[12:] == ['n/a'] * 6
+  assert bone_row[10] == with_interval([b - a for a, b in zip(hd95['a'], hd95['b'])], 2)
+  (fluid_row,) = _cells(text, ('b', 'a', 'E'), width)
+  errors_a = [m - r for m, r in zip(model_ml['a'], reference_ml)]
+  d_fluid = [abs(b) - abs(a) for a, b in zip(errors_a, errors_b)]
+  assert fluid_row[16] == with_interval(d_fluid, 3)

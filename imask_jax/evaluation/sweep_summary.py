@@ -35,7 +35,14 @@ SUMMARY_COLUMNS = (
   'assd_mm',
   'signed_mean_mm',
   'ap',
+  'thickness_offset_mm',
+  'abs_thickness_offset_mm',
+  'thickness_sd_mm',
+  'volume_error_ml',
+  'abs_volume_error_ml',
 )
+# Filled from thickness.csv (a cartilage's plate) and volumes.csv (effusion), NaN elsewhere.
+ENDPOINT_COLUMNS = SUMMARY_COLUMNS[-5:]
 # Columns that evaluations made before they existed lack: read as NaN ('n/a' in the tables).
 LATER_COLUMNS = ('average_hausdorff_voxels',)
 # (column, label, digits) of the Table 3 layout, tissues across within each: the paper's
@@ -52,6 +59,20 @@ PAIRED_METRICS = (
   ('dice', 'Dice', 4),
   ('assd_mm', 'ASSD (mm)', 3),
   ('hausdorff_voxels', 'Hausdorff (px)', 2),
+)
+# The endpoints beside the paper's columns: the table of each tissue that has them, and the
+# paired comparisons (a signed offset is compared by its size: closer to the truth is better).
+ENDPOINT_METRICS = (
+  ('hd95_mm', 'HD95 (mm)', 2),
+  ('thickness_offset_mm', 'Thickness offset (mm)', 3),
+  ('thickness_sd_mm', 'Thickness SD (mm)', 3),
+  ('volume_error_ml', 'Volume error (mL)', 3),
+)
+PAIRED_ENDPOINTS = (
+  ('hd95_mm', 'HD95 (mm)', 2),
+  ('abs_thickness_offset_mm', 'Abs. thickness offset (mm)', 3),
+  ('thickness_sd_mm', 'Thickness SD (mm)', 3),
+  ('abs_volume_error_ml', 'Abs. volume error (mL)', 3),
 )
 
 
@@ -75,10 +96,54 @@ def run_rows(run: Run, eval_dir: str) -> list[dict[str, Any]]:
         'ap': ap.get((row['case_id'], row['tissue']), math.nan),
       }
       for column in SUMMARY_COLUMNS:
-        if column not in out:
+        if column in ENDPOINT_COLUMNS:
+          out[column] = math.nan
+        elif column not in out:
           out[column] = _float(row.get(column, '') if column in LATER_COLUMNS else row[column])
       rows.append(out)
+  by_key = {(r['case_id'], r['tissue']): r for r in rows}
+  for (case_id, tissue), values in _endpoints(eval_dir).items():
+    if (case_id, tissue) in by_key:
+      by_key[case_id, tissue].update(values)
   return rows
+
+
+def _endpoints(eval_dir: str) -> dict[tuple[str, str], dict[str, float]]:
+  """(case, tissue) -> endpoint columns: each plate's thickness difference map (mean:
+  prediction - truth, mm; SD over its cells) on its cartilage's row, from thickness.csv; the
+  total effusion volume's error (model - reference, mL) on the effusion row, from
+  volumes.csv. Files an evaluation did not write give nothing."""
+  from data_pipelines.tissues import EFFUSION, PLATES
+
+  out: dict[tuple[str, str], dict[str, float]] = {}
+  path = os.path.join(eval_dir, 'thickness.csv')
+  if os.path.exists(path):
+    with open(path, newline='') as f:
+      for row in csv.DictReader(f):
+        if row['status'] != 'ok' or row['plate'] not in PLATES:
+          continue
+        offset = _float(row['difference_mean_mm'])
+        out[row['case_id'], PLATES[row['plate']][1]] = {
+          'thickness_offset_mm': offset,
+          'abs_thickness_offset_mm': abs(offset),
+          'thickness_sd_mm': _float(row['difference_sd_mm']),
+        }
+  path = os.path.join(eval_dir, 'volumes.csv')
+  if os.path.exists(path):
+    totals: dict[str, dict[str, float]] = {}
+    with open(path, newline='') as f:
+      for row in csv.DictReader(f):
+        totals.setdefault(row['case_id'], {})[row['rater']] = _float(row['total_ml'])
+    for case_id, by_rater in totals.items():
+      if 'model' in by_rater and 'reference' in by_rater:
+        error = by_rater['model'] - by_rater['reference']
+        out[case_id, EFFUSION] = {'volume_error_ml': error, 'abs_volume_error_ml': abs(error)}
+  return out
+
+
+def _has_values(rows: Sequence[Mapping[str, Any]], column: str, tissue: str | None = None) -> bool:
+  """Whether any row (of `tissue`) has a finite `column`: an endpoint a tissue has."""
+  return any(math.isfinite(r[column]) for r in rows if tissue is None or r['tissue'] == tissue)
 
 
 def pooled_ap(eval_dir: str) -> dict[str, float]:
@@ -225,6 +290,9 @@ def summary_markdown(
   lines += [
     '',
     'Tissues: ' + ', '.join(f'{tissue_abbreviation(t)} = {t}' for t in tissues),
+  ]
+  lines += _endpoint_table(variants, tissues, rows)
+  lines += [
     '',
     '## Paired comparisons',
     '',
@@ -240,8 +308,9 @@ def summary_markdown(
   def signed(value: float, digits: int) -> str:
     return 'n/a' if math.isnan(value) else f'{value:+.{digits}f}'
 
+  compared = PAIRED_METRICS + tuple(m for m in PAIRED_ENDPOINTS if _has_values(rows, m[0]))
   header = ['Variant', 'Baseline', 'Tissue', 'n'] + [
-    f'{h} {label}' for _, label, _ in PAIRED_METRICS for h in ('Δ', 'p')
+    f'{h} {label}' for _, label, _ in compared for h in ('Δ', 'p')
   ]
   table = []
   for name, _, baseline in sweep.variants:
@@ -249,7 +318,10 @@ def summary_markdown(
       continue
     for tissue in tissues:
       cells, count, dropped = [], 0, 0
-      for column, _, digits in PAIRED_METRICS:
+      for column, _, digits in compared:
+        if not _has_values(rows, column, tissue):  # an endpoint this tissue does not have
+          cells += ['n/a', 'n/a']
+          continue
         n, mean, p, lost, (low, high) = paired_comparison(rows, name, baseline, tissue, column)
         count, dropped = max(count, n), max(dropped, lost)
         delta = 'n/a' if not n else signed(mean, digits)
@@ -297,3 +369,45 @@ def summary_markdown(
       table.append([name, baseline, str(count)] + cells)
   lines += markdown_table(header, table)
   return '\n'.join(lines) + '\n'
+
+
+def _endpoint_table(
+  variants: Sequence[str], tissues: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> list[str]:
+  """Markdown lines of the endpoints each tissue has (mean ± SD over test volumes and seeds),
+  or none when no tissue has one."""
+  from imask_jax.evaluation.report import markdown_table
+  from imask_jax.evaluation.report.cells import rows_cell, tissue_abbreviation
+
+  columns = [
+    (column, label, digits, tissue)
+    for column, label, digits in ENDPOINT_METRICS
+    for tissue in tissues
+    if _has_values(rows, column, tissue)
+  ]
+  if not columns:
+    return []
+  header = ['Variant'] + [f'{label} {tissue_abbreviation(t)}' for _, label, _, t in columns]
+  table = []
+  for variant in variants:
+    own = [r for r in rows if r['variant'] == variant]
+    if own:
+      table.append(
+        [variant]
+        + [
+          rows_cell([r for r in own if r['tissue'] == t], column, digits)
+          for column, _, digits, t in columns
+        ]
+      )
+  return [
+    '',
+    '## Surface distance, thickness and volume',
+    '',
+    'Mean ± SD over test volumes and seeds. HD95: the 95th percentile of the symmetric '
+    "surface distances, mm. Thickness offset: the mean of a plate's prediction − truth "
+    "thickness difference map, mm (thickness.csv); thickness SD: that map's SD over its "
+    'cells. Volume error: predicted − reference total effusion volume, mL (volumes.csv). '
+    'The paired comparisons below compare an offset or a volume error by its size.',
+    '',
+    *markdown_table(header, table),
+  ]
