@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imask_jax.models import mask_rcnn, unet
+from imask_jax.models import mask_rcnn, spec, unet
 from imask_jax.models.mask_rcnn import MaskRCNN, ModelSpec
 from imask_jax.models.unet import UNet, UNetSpec
 
@@ -18,9 +18,10 @@ def build_model(
 ) -> MaskRCNN | UNet:
   """The model of `config` (model.kind). With model.norm = 'batch', batch statistics are
   averaged over the mesh axis `batch_stats_axis` (training passes its data axis; inference,
-  which uses the stored statistics, passes none)."""
+  which uses the stored statistics, passes none). ValueError naming model.kind when it is
+  none of `spec.MODEL_KINDS`."""
   axis = batch_stats_axis if config.model.norm == 'batch' else None
-  if config.model.kind == 'unet':
+  if spec.model_kind(config) == 'unet':
     return UNet(UNetSpec.from_config(config, axis_name=axis))
   return MaskRCNN(ModelSpec.from_config(config, axis_name=axis))
 

@@ -112,6 +112,14 @@ def test_a_bad_spec_or_input_is_refused_in_one_line():
   model, variables = tiny(2, 8, (16, 16))
   with pytest.raises(ValueError, match='NHWC'):
     model.apply(variables, jnp.zeros((16, 16, 1)), False)
+  # A config whose kind is neither model builds nothing (not a Mask R-CNN by default).
+  from imask_jax import configs
+  from imask_jax.models import build
+
+  config = configs.default_config()
+  config.model.kind = 'unett'
+  with pytest.raises(ValueError, match="model.kind='unett'"):
+    build.build_model(config)
 
 
 # --- the loss against NumPy ----------------------------------------------------------------------
