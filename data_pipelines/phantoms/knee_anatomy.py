@@ -62,6 +62,7 @@ class KneeAnatomy:
   notch_half_width_mm: float = knee_shapes.DEFAULT_NOTCH_HALF_WIDTH_MM
   condyle_scale: dict[str, tuple[float, float, float]] | None = None
   plateau_tilt_deg: float = 0.0
+  flexion_deg: float = 0.0  # knee flexion (deg); 0 = the extended knee
   shape_family: str = 'default'
   shaped: bool = False  # True when a family or a shape option set any of the above
 
@@ -195,7 +196,13 @@ class KneeModel:
     self.tib_top = -2.4
     self.patella_c = np.array([3.0, 36.0, 30.0])
     self.patella_r = np.array([22.0, 12.0, 20.0]) * (1 + j[6])
+    # The flexed tibia's pose: (R [3, 3], o [3] mm) with p_model = R q + o for a point q of
+    # the tibia's own (extended) frame; None for the extended knee, so that its arithmetic is
+    # untouched. The joint is fitted in extension, then flexed (`_fit_flexion`).
+    self.flex: tuple[Array, Array] | None = None
     self._fit_joint()
+    if float(anatomy.flexion_deg):
+      self._fit_flexion()
 
   # ---- bones (all return SDF in model mm) ---------------------------------------------------
 
@@ -233,8 +240,57 @@ class KneeModel:
     return sdf.smooth_subtract(d, dist - 10.0, 4.0)
 
   def tibia(self, x: Array, y: Array, z: Array) -> Array:
+    """The tibia's SDF (mm) at model-frame points, flexed with the knee."""
+    return self._tibia_rest(*self.to_tibia(x, y, z))
+
+  def _tibia_rest(self, x: Array, y: Array, z: Array) -> Array:
+    """The tibia's SDF (mm) in its own frame (the extended knee's)."""
     s = np.float32(self.s)
     return s * self._tibia_base(x / s, y / s, z / s)
+
+  # ---- flexion: the tibia and what moves with it ---------------------------------------------
+
+  def to_tibia(self, x: Array, y: Array, z: Array) -> tuple[Array, Array, Array]:
+    """Model-frame points (mm, any broadcastable shapes) in the tibia's own frame, q = R^T
+    (p - o): a rigid map, so an SDF evaluated there stays an exact distance. The inputs
+    themselves when the knee is extended."""
+    if self.flex is None:
+      return x, y, z
+    rot, origin = self.flex
+    return sdf.to_local(x, y, z, origin, rot)
+
+  def from_tibia(self, x: Array, y: Array, z: Array) -> tuple[Array, Array, Array]:
+    """Points of the tibia's own frame (mm) in the model frame, p = R q + o (the inputs when
+    the knee is extended)."""
+    if self.flex is None:
+      return x, y, z
+    r, o = self.flex
+    return tuple(r[i, 0] * x + r[i, 1] * y + r[i, 2] * z + o[i] for i in range(3))
+
+  def with_tibia(self, fn):
+    """A model-frame SDF fn(x, y, z) of the extended knee, moved with the flexed tibia (fn
+    itself when the knee is extended)."""
+    if self.flex is None:
+      return fn
+    return lambda x, y, z: fn(*self.to_tibia(x, y, z))
+
+  def tibia_box(self, box):
+    """The axis-aligned model-frame box ((lo xyz), (hi xyz), mm) holding `box`, a box of the
+    extended knee, moved with the tibia (`box` itself when the knee is extended)."""
+    if self.flex is None:
+      return box
+    lo, hi = np.asarray(box[0], np.float64), np.asarray(box[1], np.float64)
+    corners = np.array([[(lo, hi)[k >> i & 1][i] for i in range(3)] for k in range(8)])
+    moved = np.stack(self.from_tibia(*corners.T), 1)
+    return (tuple(moved.min(0)), tuple(moved.max(0)))
+
+  def tibia_point(self, point_base):
+    """A base-size point of the extended tibia (a tendon's insertion), moved with the tibia,
+    in base units (the point itself when the knee is extended)."""
+    if self.flex is None:
+      return point_base
+    p = np.asarray(point_base, np.float64) * self.s
+    return tuple(float(v) / self.s for v in self.from_tibia(*p))
 
   def tibial_top(self, x: Array, y: Array) -> tuple[Array, Array, Array]:
     """Base-size plateau height z(x, y) and its partial derivatives."""
@@ -285,6 +341,7 @@ class KneeModel:
     return s * sdf.smooth_intersect(d, ridge, 3.0)
 
   def fibula(self, x: Array, y: Array, z: Array) -> Array:
+    x, y, z = self.to_tibia(x, y, z)  # the fibula moves with the tibia
     s = np.float32(self.s)
     xb, yb, zb = x / s, y / s, z / s
     head = sdf.ellipsoid(xb, yb, zb, (37.0, -17.0, -20.0), (10.0, 10.0, 11.0))
@@ -401,7 +458,11 @@ class KneeModel:
     Euclidean distance to the foot point, found by projecting along the gradient until the
     bone's (approximate) SDF vanishes there; so thickness is exact along the surface normal.
     """
-    bone = {'femur': self.femur, 'tibia': self.tibia, 'patella': self.patella}[plate]
+    bone = {'femur': self.femur, 'tibia': self._tibia_rest, 'patella': self.patella}[plate]
+    if plate == 'tibia':
+      # In the tibia's own frame, where its thickness field and 'upward' plateau are defined;
+      # d (a distance) is the same in either frame.
+      x, y, z = self.to_tibia(x, y, z)
     if d is None:
       d = bone(x, y, z)
     x, y, z = (np.broadcast_to(c, d.shape) for c in (x, y, z))
@@ -497,6 +558,54 @@ class KneeModel:
       if abs(shift) < 0.02:
         break
 
+  def _fit_flexion(self) -> None:
+    """Flexes the knee: turns the tibia by flexion_deg about the mediolateral axis through the
+    condyles' centre (the mean of the two condyle ellipsoids' centres, fitted in extension),
+    its shaft swinging posteriorly, then slides it along its own long axis until the cartilage
+    surfaces clear each other by the joint gap again. The condyles are ellipsoids, longer
+    front to back than high, not circles about that axis, so the turn alone would close the
+    gap (by about 1 base mm at 30 degrees)."""
+    s = self.s
+    lat, med = self.cond['lateral']['c'], self.cond['medial']['c']
+    pivot = np.array([0.0, 0.5 * (lat[1] + med[1]), 0.5 * (lat[2] + med[2])]) * s
+    # rotation(rx) turns +z towards +y: a negative angle swings the shaft (-z) posteriorly.
+    rot = sdf.rotation(rx_deg=-float(self.a.flexion_deg))
+    slide = 0.0  # mm along the tibia's own +z
+    for _ in range(4):
+      self.flex = (rot, pivot + rot @ (np.array([0.0, 0.0, slide]) - pivot))
+      need = self._flexed_overlap(float(self.a.joint_gap_mm))
+      if abs(need) < 0.02:
+        break
+      slide -= need
+
+  def _flexed_overlap(self, gap: float) -> float:
+    """How far (mm, along the tibia's long axis) the flexed tibia's cartilage comes closer to
+    the femur's than the joint gap over both plateaus (negative: farther). Measured like
+    `_fit_joint`, with rays along the tibia's own vertical."""
+    up = np.array([0.0, 0.0, 1.0])
+
+    def femur_seen(x, y, z):  # the femur's SDF at points of the tibia's frame
+      return self.femur(*self.from_tibia(x, y, z))
+
+    need = -np.inf
+    for xc, yc in ((20.0, -4.0), (-20.0, -3.0)):
+      xs, ys = np.meshgrid(np.linspace(xc - 11, xc + 11, 16), np.linspace(yc - 16, yc + 14, 21))
+      xs, ys = xs.ravel() * self.s, ys.ravel() * self.s
+      ups = np.tile(up, (xs.size, 1))
+      lo_f, lo_t = -8.0 * self.s, 12.0 * self.s
+      start_f = np.stack([xs, ys, np.full_like(xs, lo_f)], 1)
+      zf = lo_f + sdf.ray_entry(femur_seen, start_f, ups, 40.0 * self.s, step=0.4)
+      start_t = np.stack([xs, ys, np.full_like(xs, lo_t)], 1)
+      zt = lo_t - sdf.ray_entry(self._tibia_rest, start_t, -ups, 25.0 * self.s, step=0.4)
+      ok = np.isfinite(zf) & np.isfinite(zt)
+      tf = self.femoral_thickness(*self.femoral_params(*self.from_tibia(xs, ys, zf)))
+      tt = self.tibial_thickness(xs, ys)
+      lack = (tf + tt + gap) - (zf - zt)
+      need = max(need, float(np.max(np.where(ok & (tf + tt > 0), lack, -np.inf))))
+    if not np.isfinite(need):
+      raise RuntimeError('knee phantom: no tibiofemoral contact found in flexion')
+    return need
+
   def femur_wall(self, xb: float, zb: float, anterior: bool) -> float:
     """Base-size y of the anterior (or posterior) femoral surface at base (x, z)."""
     sign = 1.0 if anterior else -1.0
@@ -537,9 +646,9 @@ class KneeModel:
     xx, yy = np.meshgrid(xs, ys, indexing='ij')
     origin = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, 12.0 * self.s)], 1)
     down = np.tile([0.0, 0.0, -1.0], (xx.size, 1))
-    r = sdf.ray_entry(self.tibia, origin, down, 40.0 * self.s, step=0.4)
+    r = sdf.ray_entry(self._tibia_rest, origin, down, 40.0 * self.s, step=0.4)
     pts = origin + r[:, None] * down
-    nz = sdf.gradient(self.tibia, *np.nan_to_num(pts).T)[2]
+    nz = sdf.gradient(self._tibia_rest, *np.nan_to_num(pts).T)[2]
     thick = np.where(
       np.isfinite(r),
       self.thinned(
@@ -550,6 +659,8 @@ class KneeModel:
       ),
       0.0,
     )
+    # Found in the tibia's own frame (vertical rays onto its plateau), reported in the model's.
+    pts = np.stack(self.from_tibia(*pts.T), 1)
     return self._grid_out(pts, thick, self.tibia, xx.shape, x_mm=xs, y_mm=ys)
 
   @staticmethod

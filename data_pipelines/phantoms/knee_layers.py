@@ -79,10 +79,12 @@ def build_layers(
 
   m = model.box_margin
   femur_box = ((-48 * s, (-45 - m) * s, (-8 - m) * s), (48 * s, 35 * s, 120 * s))
-  tibia_box = ((-46 * s, -36 * s, -130 * s), (46 * s, 30 * s, (12 + m) * s))
+  # What moves with a flexed tibia (KneeModel.to_tibia) gets its box moved with it: the tibia,
+  # its cartilage, the fibula, the menisci, the leg's muscles and the patellar tendon's insertion.
+  tibia_box = model.tibia_box(((-46 * s, -36 * s, -130 * s), (46 * s, 30 * s, (12 + m) * s)))
   pc, pr = model.patella_c, model.patella_r
   patella_box = _box(pc, pr + 2, s)
-  fibula_box = ((26 * s, -30 * s, -130 * s), (50 * s, -4 * s, -6 * s))
+  fibula_box = model.tibia_box(((26 * s, -30 * s, -130 * s), (50 * s, -4 * s, -6 * s)))
   sc.add_field('femur', model.femur, femur_box)
   sc.add_field('tibia', model.tibia, tibia_box)
   sc.add_field('patella', model.patella, patella_box)
@@ -99,7 +101,7 @@ def build_layers(
       'tibial_cartilage',
       4,
       'tibia',
-      ((-40 * s, -30 * s, (-12 - m) * s), (40 * s, 24 * s, (12 + m) * s)),
+      model.tibia_box(((-40 * s, -30 * s, (-12 - m) * s), (40 * s, 24 * s, (12 + m) * s))),
       3.5,
     ),
     cartilage_layer('patellar_cartilage', 0, 'patella', patella_box, 4.5),
@@ -153,15 +155,15 @@ def build_layers(
     field_layer(
       'medial_meniscus',
       0,
-      _box((-20, -3, 3), (17, 23, 9), s, 2.0 + m * s),
-      _scaled(men_med, s),
+      model.tibia_box(_box((-20, -3, 3), (17, 23, 9), s, 2.0 + m * s)),
+      model.with_tibia(_scaled(men_med, s)),
       c['fibrous'],
     ),
     field_layer(
       'lateral_meniscus',
       0,
-      _box((20, -4, 3), (16, 20, 9), s, 2.0 + m * s),
-      _scaled(men_lat, s),
+      model.tibia_box(_box((20, -4, 3), (16, 20, 9), s, 2.0 + m * s)),
+      model.with_tibia(_scaled(men_lat, s)),
       c['fibrous'],
     ),
   ]
@@ -173,6 +175,9 @@ def build_layers(
   lcl_a, lcl_b = (39.0, -8.0, 27.0), (42.0, -16.0, -14.0)
   inferior_pole = (pc[0], pc[1] + 1.0, pc[2] - pr[2] + 2.0)
   superior_pole = (pc[0], pc[1] + 1.0, pc[2] + pr[2] - 3.0)
+  # The patella stays with the femur (its fit is against the trochlea, which does not move);
+  # the patellar tendon's insertion on the tibial tuberosity follows the tibia.
+  tuberosity = model.tibia_point((4.0, 24.0, -31.0))
   lig = c['ligament']
   layers += [
     field_layer(
@@ -208,10 +213,10 @@ def build_layers(
     field_layer(
       'patellar_tendon',
       0,
-      _capsule_box(inferior_pole, (4.0, 24.0, -31.0), 15.0, s),
+      _capsule_box(inferior_pole, tuberosity, 15.0, s),
       _scaled(
         lambda x, y, z: sdf.flat_capsule(
-          x, y, z, inferior_pole, (4.0, 24.0, -31.0), 13.0, 3.2, (1.0, 0.0, 0.0)
+          x, y, z, inferior_pole, tuberosity, 13.0, 3.2, (1.0, 0.0, 0.0)
         ),
         s,
       ),
@@ -313,13 +318,17 @@ def build_layers(
 
     return fn
 
+  leg = ('soleus', 'tibialis_anterior')  # arise from the tibia and fibula: move with them
   for k, (name, a_, b_, ra, rb) in enumerate(muscles):
+    box, fn = _capsule_box(a_, b_, max(ra, rb), s), _scaled(_capsule_fn(a_, b_, ra, rb), s)
+    if name in leg:
+      box, fn = model.tibia_box(box), model.with_tibia(fn)
     layers.append(
       field_layer(
         name,
         0,
-        _capsule_box(a_, b_, max(ra, rb), s),
-        _scaled(_capsule_fn(a_, b_, ra, rb), s),
+        box,
+        fn,
         muscle_intensity(1 + 0.07 * math.sin(2.3 * k + 1.0)),
       )
     )
@@ -327,12 +336,14 @@ def build_layers(
     field_layer(
       'popliteus',
       0,
-      _box((0, -26, -24), (30, 14, 30), s),
-      _scaled(
-        lambda x, y, z: sdf.ellipsoid(
-          x, y, z, (0.0, -27.0, -24.0), (26.0, 7.0, 12.0), sdf.rotation(ry_deg=-25.0)
-        ),
-        s,
+      model.tibia_box(_box((0, -26, -24), (30, 14, 30), s)),
+      model.with_tibia(
+        _scaled(
+          lambda x, y, z: sdf.ellipsoid(
+            x, y, z, (0.0, -27.0, -24.0), (26.0, 7.0, 12.0), sdf.rotation(ry_deg=-25.0)
+          ),
+          s,
+        )
       ),
       muscle_intensity(0.95),
     )

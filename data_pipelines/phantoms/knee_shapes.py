@@ -22,6 +22,12 @@ Parameters (base-size mm are mm at scale 1; see the top of knee_anatomy.py for t
   plateau_tilt_deg      coronal tilt of the tibial plateau, positive = varus (medial side
                         lower; a medial proximal tibial angle of 90 - tilt degrees); the
                         condyles are lowered onto it, so the joint line tilts with it
+  flexion_deg           knee flexion (default 0, the extended knee): the tibia and what moves
+                        with it turn about a mediolateral axis through the condyles' centre,
+                        the shaft swinging posteriorly (knee_anatomy.KneeModel._fit_flexion).
+                        Drawn last, so a family's other draws are those of the unflexed
+                        knee; the held-out family holds out deeper flexion only (a knee in
+                        a coil is not hyperextended)
 """
 
 from __future__ import annotations
@@ -35,7 +41,13 @@ FAMILIES = ('default', 'varied', 'held_out')
 SHAPE_STREAM = 36  # the shape draws' seed sequence is [seed, SHAPE_STREAM]
 # Anatomy options (generate_knee keyword arguments) this module adds; with the default family
 # they default to the default family's shape.
-SHAPE_OPTIONS = ('tibial_slope_deg', 'notch_half_width_mm', 'plateau_tilt_deg', 'condyle_scale')
+SHAPE_OPTIONS = (
+  'tibial_slope_deg',
+  'notch_half_width_mm',
+  'plateau_tilt_deg',
+  'condyle_scale',
+  'flexion_deg',
+)
 DEFAULT_NOTCH_HALF_WIDTH_MM = 9.5
 
 # (low, high) of the varied (training) family, uniform; the held-out family draws from one of
@@ -47,6 +59,7 @@ VARIED = {
   'notch_half_width_mm': (9.5, 11.5),
   'condyle_scale': (0.88, 1.12),
   'plateau_tilt_deg': (-3.0, 5.0),
+  'flexion_deg': (0.0, 20.0),
 }
 HELD_OUT = {
   'scale': ((0.72, 0.79), (1.21, 1.28)),
@@ -55,6 +68,7 @@ HELD_OUT = {
   'notch_half_width_mm': ((12.0, 13.5),),  # wide only: see the module doc
   'condyle_scale': ((0.8, 0.86), (1.14, 1.2)),
   'plateau_tilt_deg': ((-6.0, -4.0), (6.0, 8.0)),
+  'flexion_deg': ((25.0, 35.0),),  # deep only: see the module doc
 }
 # Limits for explicit options (what the model's joint fitting is known to survive).
 LIMITS = {
@@ -62,6 +76,7 @@ LIMITS = {
   'notch_half_width_mm': (5.0, 14.0),
   'plateau_tilt_deg': (-10.0, 10.0),
   'condyle_scale': (0.7, 1.3),
+  'flexion_deg': (0.0, 40.0),
 }
 
 
@@ -77,6 +92,7 @@ class ShapeDraw:
   notch_half_width_mm: float
   condyle_scale: dict[str, tuple[float, float, float]]
   plateau_tilt_deg: float
+  flexion_deg: float
 
 
 def draw_shape(seed: int, family: str) -> ShapeDraw | None:
@@ -96,12 +112,10 @@ def draw_shape(seed: int, family: str) -> ShapeDraw | None:
   values = {name: one(name) for name in ('scale', 'tibial_slope_deg', 'joint_gap_mm')}
   values['notch_half_width_mm'] = one('notch_half_width_mm')
   condyles = {side: tuple(one('condyle_scale') for _ in range(3)) for side in ('lateral', 'medial')}
-  return ShapeDraw(
-    family=family,
-    condyle_scale=condyles,
-    plateau_tilt_deg=one('plateau_tilt_deg'),
-    **values,
-  )
+  values['plateau_tilt_deg'] = one('plateau_tilt_deg')
+  # Last: the draws above stay those of the family before flexion was a parameter.
+  values['flexion_deg'] = one('flexion_deg')
+  return ShapeDraw(family=family, condyle_scale=condyles, **values)
 
 
 def check_option(name: str, value: Any) -> Any:
@@ -149,4 +163,5 @@ def describe(anatomy: Any) -> dict[str, Any]:
     'notch_half_width_mm': float(anatomy.notch_half_width_mm),
     'condyle_scale': None if scale is None else {k: list(v) for k, v in scale.items()},
     'plateau_tilt_deg': float(anatomy.plateau_tilt_deg),
+    'flexion_deg': float(anatomy.flexion_deg),
   }
