@@ -149,8 +149,9 @@ def generate_knee(
 
   shape_family: 'default' (sample_anatomy's shapes), 'varied' (wider, for training) or
   'held_out' (outside the varied ranges, for judging); knee_shapes.py. The shape options
-  (tibial_slope_deg, notch_half_width_mm, plateau_tilt_deg, condyle_scale) set one parameter
-  in any family. Either is recorded in the sidecar ('anatomy' 'shape'), else it is unchanged.
+  (tibial_slope_deg, notch_half_width_mm, plateau_tilt_deg, condyle_scale, flexion_deg) set
+  one parameter in any family. Either is recorded in the sidecar ('anatomy' 'shape'), else it
+  is unchanged.
   """
   signal = contrast_lib.signal_table(contrast)
   shape = knee_shapes.draw_shape(seed, shape_family)
