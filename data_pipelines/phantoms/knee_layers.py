@@ -107,12 +107,15 @@ def build_layers(
     cartilage_layer('patellar_cartilage', 0, 'patella', patella_box, 4.5),
   ]
 
-  def bone_layer(name, label, box, cortex_of_z, scar_z):
+  def bone_layer(name, label, box, cortex_of_z, scar_z, frame=None):
+    """frame: model-frame points -> the bone's own frame, where its cortex profile and
+    physeal scar are given (KneeModel.to_tibia for the tibia and fibula; None: the model's)."""
     intensity = bone_intensity(cortex_of_z, scar_z)
 
     def sample(scn, sl, xyz):
       d = scn.field(name, sl)
-      return scene.LayerSample(d, intensity(scn, sl, xyz, d))
+      own = xyz if frame is None else frame(*xyz)
+      return scene.LayerSample(d, intensity(scn, sl, own, d))
 
     return scene.Layer(name, label, box, sample)
 
@@ -122,10 +125,22 @@ def build_layers(
   sc.add_field('fibula', model.fibula, fibula_box)
   layers += [
     bone_layer('femur', 1, femur_box, lambda z: 0.8 + 2.6 * sdf.smoothstep(38.0, 80.0, z), 31.0),
-    bone_layer('tibia', 3, tibia_box, lambda z: 0.8 + 2.4 * sdf.smoothstep(-30.0, -70.0, z), -19.0),
+    bone_layer(
+      'tibia',
+      3,
+      tibia_box,
+      lambda z: 0.8 + 2.4 * sdf.smoothstep(-30.0, -70.0, z),
+      -19.0,
+      model.to_tibia,
+    ),
     bone_layer('patella', 0, patella_box, lambda z: 1.0, no_scar),
     bone_layer(
-      'fibula', 0, fibula_box, lambda z: 1.2 + 1.5 * sdf.smoothstep(-30.0, -60.0, z), no_scar
+      'fibula',
+      0,
+      fibula_box,
+      lambda z: 1.2 + 1.5 * sdf.smoothstep(-30.0, -60.0, z),
+      no_scar,
+      model.to_tibia,
     ),
   ]
 
