@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from data_pipelines.phantoms import writer
+from data_pipelines.phantoms import generate_knee, writer
 
 MODEL = os.path.join(REPO, 'models', 'knee_general')
 SHIPPED = ('config.json', 'training_reference.json', 'MODEL_CARD.md', 'metrics.jsonl')
@@ -51,9 +51,10 @@ def test_the_shipped_model_segments_an_unseen_knee(tmp_path):
   # A copy: a training reference recomputed from local data must not touch the repository.
   model = tmp_path / 'model'
   shutil.copytree(MODEL, model)
-  writer.write_dataset(
-    'knee', 1, 3000, str(tmp_path / 'knee'), spacing_mm=0.5, fov_mm=140.0, shape_family='varied'
-  )
+  # The family the model was trained on: the varied shapes of before the flexion angle (the
+  # extended knee; the model card), the other draws of seed 3000 unchanged by it.
+  knee = generate_knee(3000, spacing_mm=0.5, fov_mm=140.0, shape_family='varied', flexion_deg=0.0)
+  writer.write_case(str(tmp_path / 'knee'), 'knee_0000', knee)
   image = nib.load(tmp_path / 'knee' / 'imagesTr' / 'knee_0000_0000.nii.gz')
   labels = nib.load(tmp_path / 'knee' / 'labelsTr' / 'knee_0000.nii.gz')
   # The 8 consecutive sagittal slices (the last array axis) holding the most cartilage.
