@@ -117,6 +117,25 @@ def box_painting_model(config, boxes, classes=None):
   )
 
 
+def noise_scan(folder, plane: str, mm: float, slices: int = 4, size: int = 64):
+  """A scan of noise, read back as predict reads it (`loading.load_image`): `slices` slices
+  along `plane`, 3 mm apart, each size x size pixels of `mm` (a scale-true model at that
+  spacing takes them as they are, so painted network pixels are the scan's pixels)."""
+  import nibabel as nib
+  import numpy as np
+
+  from data_pipelines import orientation
+  from imask_jax.inference import loading
+
+  axis = orientation.plane_axes(plane).slice_axis
+  shape, spacing = [size] * 3, [mm] * 3
+  shape[axis], spacing[axis] = slices, 3.0
+  image = np.random.default_rng(0).gamma(2.0, 100.0, shape).astype(np.float32)
+  path = os.path.join(folder, f'{plane}.nii.gz')
+  nib.save(nib.Nifti1Image(image, np.diag(spacing + [1.0])), path)
+  return loading.load_image(path, plane)
+
+
 @contextlib.contextmanager
 def persistent_compilation_cache(path: str):
   """JAX's persistent compilation cache in `path` for every compile inside the block (all

@@ -4,9 +4,6 @@ predict_volume."""
 
 from __future__ import annotations
 
-import os
-
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -14,8 +11,8 @@ from scipy import ndimage
 from data_pipelines import tissues
 from data_pipelines.tissues import LabelScheme
 from imask_jax import configs
-from imask_jax.inference import loading, postprocess, whole_volume
-from tests.conftest import box_painting_model, experiment_config
+from imask_jax.inference import postprocess, whole_volume
+from tests.conftest import box_painting_model, experiment_config, noise_scan
 
 BONE, CARTILAGE, OTHER = 1, 2, 3
 
@@ -115,11 +112,7 @@ def test_knee_experiments_drop_cartilage_away_from_bone():
 def test_predict_volume_drops_the_far_speck(tmp_path):
   config = experiment_config('phantom_knee', 'smoke')
   mm = float(config.data.pixel_spacing_mm)
-  # A canonical RAS+ grid whose sagittal slices are 64 x 64 network pixels as they are.
-  image = np.random.default_rng(0).gamma(2.0, 100.0, (4, 64, 64)).astype(np.float32)
-  path = os.path.join(tmp_path, 'knee.nii.gz')
-  nib.save(nib.Nifti1Image(image, np.diag([3.0, mm, mm, 1.0])), path)
-  scan = loading.load_image(path, 'sagittal')
+  scan = noise_scan(tmp_path, 'sagittal', mm)  # 64 x 64 network pixels a slice
   config.model.attach_radius_mm = 5 * mm
   boxes = [
     [4, 4, 24, 40],  # the femur

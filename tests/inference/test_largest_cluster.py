@@ -3,17 +3,14 @@ a brute-force NumPy reference and analytic balls, and its config checks."""
 
 from __future__ import annotations
 
-import os
-
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from data_pipelines.tissues import LabelScheme
 from imask_jax import configs
-from imask_jax.inference import loading, postprocess, whole_volume
-from tests.conftest import box_painting_model, experiment_config
+from imask_jax.inference import postprocess, whole_volume
+from tests.conftest import box_painting_model, experiment_config, noise_scan
 
 SPACING = (1.0, 1.5, 2.0)
 
@@ -126,11 +123,7 @@ def test_config_checks_name_the_field():
 def test_predict_volume_keeps_one_cluster_per_side(tmp_path):
   config = experiment_config('phantom_hip', 'smoke')
   mm = float(config.data.pixel_spacing_mm)
-  # A canonical RAS+ grid whose coronal slices are 64 x 64 network pixels as they are.
-  image = np.random.default_rng(0).gamma(2.0, 100.0, (64, 4, 64)).astype(np.float32)
-  path = os.path.join(tmp_path, 'hips.nii.gz')
-  nib.save(nib.Nifti1Image(image, np.diag([mm, 3.0, mm, 1.0])), path)
-  scan = loading.load_image(path, 'coronal')
+  scan = noise_scan(tmp_path, 'coronal', mm)  # 64 x 64 network pixels a slice
   config.model.cluster_radius_mm = 8 * mm  # in pixels: a gap of 4 is near, 18 far
   boxes = [
     [2, 2, 22, 22],  # the largest pocket (its side: image columns < 32)
