@@ -87,7 +87,9 @@ def test_tiny_sweep_trains_evaluates_survives_a_kill_and_aggregates(
   with open(os.path.join(workdir, 'summary.md')) as f:
     text = f.read()
   assert 'runs finished: 2 of 2' in text
-  assert [line.startswith('| standard-resnet18 |') for line in text.splitlines()].count(True) == 1
+  # One row in the Table 3 layout, one in the HD95 / thickness table.
+  assert [line.startswith('| standard-resnet18 |') for line in text.splitlines()].count(True) == 2
+  assert '## Surface distance, thickness and volume' in text
   assert '| imask-resnet18 | standard-resnet18 | FC |' in text
   # Both runs read the one shared dataset, and their configs say so.
   for run in (standard, imask):

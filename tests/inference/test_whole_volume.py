@@ -185,11 +185,11 @@ def test_mask_threshold_is_what_both_pastes_paint_from(tmp_path, smoke_workdir, 
   workdir = tmp_path / 'lower'
   shutil.copytree(smoke_workdir, workdir)
   saved = json.loads((workdir / 'config.json').read_text())
-  saved['model'].update(mask_threshold=0.2, keep_largest_component=[])
+  saved['model'].update(mask_threshold=0.2, keep_largest_component=[], keep_attached=[])
   (workdir / 'config.json').write_text(json.dumps(saved))
   lower = loading.load_model(str(workdir))
   config = smoke_model.config.copy_and_resolve_references()
-  config.model.keep_largest_component = ()
+  config.model.keep_largest_component = config.model.keep_attached = ()
   at_half = dataclasses.replace(smoke_model, config=config)
   crop = np.transpose(generate_knee(0).image[40:104, 30:94, 27:31], (1, 0, 2))
   pixel_mm = float(config.data.pixel_spacing_mm)
@@ -214,10 +214,10 @@ def test_predict_volume_equals_the_network_label_map_at_scale_one(tmp_path, smok
   """Slices of exactly the network size (scale 1): the source-resolution paste must equal the
   label map programs.make_detect_fn pastes at network resolution, slice for slice, through the
   batching and padding of a slice count (10) that is not a multiple of the batch size (4).
-  The largest-component rule, a step on the stacked volume, is off here
-  (test_largest_component.py tests it through predict_volume)."""
+  The largest-component and cartilage-on-bone rules, steps on the stacked volume, are off here
+  (test_largest_component.py and test_attached.py test them through predict_volume)."""
   config = smoke_model.config.copy_and_resolve_references()
-  config.model.keep_largest_component = ()
+  config.model.keep_largest_component = config.model.keep_attached = ()
   smoke_model = dataclasses.replace(smoke_model, config=config)
   phantom = generate_knee(0)
   # A 10-slice, 64 x 64 sagittal crop of the phantom, stored with the P, I, L axes.
